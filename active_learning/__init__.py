@@ -1,0 +1,1 @@
+"""Active learning: scores and review queues (built in the active-learning issue)."""

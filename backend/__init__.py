@@ -1,0 +1,1 @@
+"""Tandem: a Label Studio ML backend with an active-learning loop."""

@@ -1,0 +1,86 @@
+"""Keep each project's `model_version` equal to the version Tandem serves.
+
+Label Studio's "Prediction score" column and score sorting only count predictions whose version equals
+`project.model_version`, which connecting a backend sets to the backend's *title*. Label Studio also
+rejects a `model_version` no stored prediction carries yet, so the PATCH is retried in the background
+until the predictions of the current /predict call have been saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from label_studio_sdk import LabelStudio
+
+from backend.registry import Registry
+
+log = logging.getLogger("tandem.sync")
+
+
+@dataclass(frozen=True)
+class SyncRequest:
+    project_id: int
+    version: str
+    url: str
+    api_key: str
+
+
+class VersionSync:
+    def __init__(self, registry: Registry, delays: tuple[float, ...] = (0.5, 1, 2, 4, 8, 15)) -> None:
+        self._registry = registry
+        self._delays = delays
+        self._queue: queue.Queue[SyncRequest | None] = queue.Queue()
+        self._pending: set[tuple[int, str]] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="tandem-version-sync", daemon=True)
+        self._thread.start()
+
+    def schedule(self, request: SyncRequest) -> None:
+        key = (request.project_id, request.version)
+        if self._registry.synced_version(request.project_id) == request.version:
+            return
+        with self._lock:
+            if key in self._pending:
+                return
+            self._pending.add(key)
+        self._queue.put(request)
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """For tests and shutdown: True once nothing is pending."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._pending:
+                    return True
+            time.sleep(0.1)
+        return False
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (request := self._queue.get()) is not None:
+            try:
+                self._sync(request)
+            finally:
+                with self._lock:
+                    self._pending.discard((request.project_id, request.version))
+
+    def _sync(self, req: SyncRequest) -> None:
+        client = LabelStudio(base_url=req.url, api_key=req.api_key, timeout=10)
+        for delay in (0.0, *self._delays):
+            time.sleep(delay)
+            try:
+                project = client.projects.get(id=req.project_id)
+                if project.model_version != req.version:
+                    client.projects.update(id=req.project_id, model_version=req.version)
+                self._registry.record_synced(req.project_id, req.version)
+                log.info("project %s now shows model_version %s", req.project_id, req.version)
+                return
+            except Exception as exc:  # 400 until a prediction with this version is stored; network errors
+                last = exc
+        log.warning("could not set project %s model_version to %s: %s", req.project_id, req.version, last)

@@ -1,0 +1,140 @@
+"""Ultralytics YOLO (detect, segment, classify) behind the ModelAdapter protocol.
+
+The model is loaded once and kept; ultralytics' predictor is not thread-safe, so calls are serialised
+with a lock (concurrent task-open requests from Label Studio are common).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from pathlib import Path
+
+# Before ultralytics is imported: no connectivity probe, no pip auto-install.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "False")
+
+import numpy as np  # noqa: E402
+import supervision as sv  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from backend.errors import ModelLoadError  # noqa: E402
+from backend.models.base import ModelOutput, ModelTask  # noqa: E402
+
+
+def default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def file_digest(path: Path, length: int = 8) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+def _hub_reachable(host: str = "github.com", timeout: float = 1.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _resolve_weights(spec: str) -> str:
+    """A path is used as is; a bare ultralytics name ("yolov8n.pt") downloads only when the hub answers."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return str(path)
+    looks_like_name = path.name == spec and spec.endswith((".pt", ".yaml"))
+    if spec.endswith(".yaml"):
+        return spec  # an architecture from the package: random weights, no download
+    if not looks_like_name:
+        raise ModelLoadError(f"model weights not found: {spec}")
+    if os.environ.get("YOLO_OFFLINE", "1") not in ("0", "false", "False") and not _hub_reachable():
+        raise ModelLoadError(
+            f"'{spec}' is not a local file and the model hub cannot be reached (offline). "
+            "Pass a weights path, e.g. --model runs/detect/train/weights/best.pt"
+        )
+    os.environ["YOLO_OFFLINE"] = "0"
+    return spec
+
+
+class YoloAdapter:
+    """One YOLO checkpoint. `version` is `<stem>-<sha256[:8]>` so retrained weights never share a version."""
+
+    def __init__(
+        self,
+        weights: str | Path,
+        *,
+        device: str | None = None,
+        conf: float = 0.25,
+        iou: float = 0.7,
+        imgsz: int | None = None,
+        batch: int = 16,
+        name: str | None = None,
+    ) -> None:
+        from ultralytics import YOLO
+
+        resolved = _resolve_weights(str(weights))
+        try:
+            self._model = YOLO(resolved)
+        except Exception as exc:  # corrupt files raise anything from pickle errors to KeyError
+            raise ModelLoadError(f"cannot load YOLO weights {weights}: {type(exc).__name__}: {exc}") from exc
+        if self._model.task not in {t.value for t in ModelTask}:
+            raise ModelLoadError(f"unsupported YOLO task '{self._model.task}' in {weights}")
+        self.task = ModelTask(self._model.task)
+        names = self._model.names
+        self.class_names = tuple(names[i] for i in sorted(names))
+        self.device = device or default_device()
+        self.conf, self.iou, self.batch = conf, iou, batch
+        self.imgsz = imgsz or int(self._model.overrides.get("imgsz") or 640)
+        weights_path = Path(self._model.ckpt_path or resolved)
+        self.path = weights_path if weights_path.is_file() else None
+        stem = name or Path(resolved).stem
+        self.name = stem
+        self.version = f"{stem}-{file_digest(self.path)}" if self.path else stem
+        self._lock = threading.Lock()
+
+    def predict(self, images: list[Image.Image]) -> list[ModelOutput]:
+        if not images:
+            return []
+        arrays = [np.asarray(img.convert("RGB"))[:, :, ::-1] for img in images]  # ultralytics wants BGR arrays
+        outputs: list[ModelOutput] = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(arrays), self.batch):
+                results = self._model.predict(
+                    arrays[start : start + self.batch],
+                    conf=self.conf,
+                    iou=self.iou,
+                    imgsz=self.imgsz,
+                    device=self.device,
+                    half=self.device.startswith("cuda"),
+                    verbose=False,
+                )
+                outputs.extend(self._convert(r) for r in results)
+        return outputs
+
+    def _convert(self, result) -> ModelOutput:
+        if self.task is ModelTask.CLASSIFY:
+            probs = result.probs.data.detach().float().cpu().numpy().astype(np.float64)
+            return ModelOutput(probabilities=probs / probs.sum())
+        boxes = result.boxes
+        class_id = boxes.cls.cpu().numpy().astype(int)
+        detections = sv.Detections(
+            xyxy=boxes.xyxy.cpu().numpy().astype(np.float64),
+            confidence=boxes.conf.cpu().numpy().astype(np.float64),
+            class_id=class_id,
+            data={"class_name": np.array([self.class_names[i] for i in class_id], dtype=object)},
+        )
+        if self.task is ModelTask.SEGMENT:
+            polygons = np.empty(len(detections), dtype=object)
+            outlines = result.masks.xy if result.masks is not None else []
+            for i, outline in enumerate(outlines):
+                polygons[i] = np.asarray(outline, dtype=np.float64)
+            detections.data["polygon"] = polygons
+        return ModelOutput(detections=detections)

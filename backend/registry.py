@@ -1,0 +1,124 @@
+"""Model versions and server state in SQLite under TANDEM_HOME.
+
+The foundation records every version the server has served and every webhook event it received;
+the retraining issue adds metrics, parents and promotion on top of the same tables.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS model_versions (
+    version     TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    task        TEXT NOT NULL,
+    path        TEXT,
+    created_at  REAL NOT NULL,
+    served_at   REAL,
+    metrics     TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS webhook_events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id  INTEGER,
+    action      TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS project_versions (
+    project_id    INTEGER PRIMARY KEY,
+    model_version TEXT NOT NULL,
+    synced_at     REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: str
+    name: str
+    task: str
+    path: str | None
+    created_at: float
+    served_at: float | None
+    metrics: dict
+
+
+class Registry:
+    def __init__(self, db_path: Path) -> None:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def _tx(self):
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def record_served(self, version: str, name: str, task: str, path: str | None) -> None:
+        now = time.time()
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO model_versions(version, name, task, path, created_at, served_at) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT(version) DO UPDATE SET served_at=excluded.served_at",
+                (version, name, task, path, now, now),
+            )
+
+    def versions(self) -> list[ModelVersion]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT version, name, task, path, created_at, served_at, metrics FROM model_versions "
+                "ORDER BY created_at DESC"
+            ).fetchall()
+        return [ModelVersion(*row[:6], metrics=json.loads(row[6])) for row in rows]
+
+    def last_served(self) -> ModelVersion | None:
+        served = [v for v in self.versions() if v.served_at]
+        return max(served, key=lambda v: v.served_at) if served else None
+
+    def record_event(self, project_id: int | None, action: str) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO webhook_events(project_id, action, received_at) VALUES (?,?,?)",
+                (project_id, action, time.time()),
+            )
+
+    def event_counts(self, project_id: int | None = None) -> dict[str, int]:
+        query = "SELECT action, COUNT(*) FROM webhook_events"
+        args: tuple = ()
+        if project_id is not None:
+            query += " WHERE project_id = ?"
+            args = (project_id,)
+        with self._lock:
+            return dict(self._conn.execute(query + " GROUP BY action", args).fetchall())
+
+    def synced_version(self, project_id: int) -> str | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT model_version FROM project_versions WHERE project_id = ?", (project_id,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def record_synced(self, project_id: int, version: str) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO project_versions(project_id, model_version, synced_at) VALUES (?,?,?) "
+                "ON CONFLICT(project_id) DO UPDATE SET model_version=excluded.model_version, synced_at=excluded.synced_at",
+                (project_id, version, time.time()),
+            )
+
+    def close(self) -> None:
+        self._conn.close()

@@ -1,0 +1,163 @@
+"""The FastAPI app Label Studio talks to: /health, /setup, /predict, /webhook, /versions.
+
+Label Studio's timeouts shape it: /health (1 s) and /setup (3 s) never touch the model; /webhook (1 s)
+only records the event; /predict runs in the thread pool and returns one item per task.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from backend.errors import TandemError
+from backend.labelstudio.version_sync import SyncRequest, VersionSync
+from backend.media.fetch import MediaFetcher
+from backend.models.base import ModelAdapter
+from backend.predict import Predictor, plan_for
+from backend.registry import Registry
+from backend.server.protocol import (
+    HealthResponse,
+    PredictRequest,
+    PredictResponse,
+    SetupRequest,
+    SetupResponse,
+    VersionsResponse,
+    WebhookRequest,
+    project_id,
+)
+from backend.serving import ModelHolder
+from backend.settings import Settings
+
+log = logging.getLogger("tandem.server")
+
+PREDICT_WAIT_FOR_MODEL_S = 60.0
+
+
+def _basic_auth_dependency(settings: Settings):
+    expected = settings.basic_auth
+    security = HTTPBasic(auto_error=False)
+
+    def check(credentials: HTTPBasicCredentials | None = Depends(security)) -> None:
+        if expected is None:
+            return
+        ok = credentials is not None and (
+            secrets.compare_digest(credentials.username.encode(), expected[0].encode())
+            & secrets.compare_digest(credentials.password.encode(), expected[1].encode())
+        )
+        if not ok:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "basic auth required", {"WWW-Authenticate": "Basic"})
+
+    return check
+
+
+def create_app(settings: Settings, holder: ModelHolder, registry: Registry | None = None) -> FastAPI:
+    registry = registry or Registry(settings.db_path)
+    fetcher = MediaFetcher(settings.media())
+    sync = VersionSync(registry)
+    predictor = Predictor(fetcher)
+    setups: dict[int, tuple[str | None, str | None]] = {}  # project -> (hostname, legacy token) from /setup
+    label_maps: dict[int, dict[str, str]] = {}  # project -> label_map from the backend's extra_params
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        sync.close()
+        fetcher.close()
+
+    app = FastAPI(
+        title="Tandem",
+        version="0.1.0",
+        summary="Label Studio ML backend: YOLOv8 and VLM pre-annotations with an active-learning loop",
+        dependencies=[Depends(_basic_auth_dependency(settings))],
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.holder, app.state.registry, app.state.sync = settings, holder, registry, sync
+
+    @app.exception_handler(TandemError)
+    async def tandem_error(_: Request, exc: TandemError) -> JSONResponse:
+        log.warning("%s: %s", type(exc).__name__, exc)
+        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=exc.status_code)
+
+    def schedule_sync(pid: int | None, version: str) -> None:
+        if pid is None:
+            return
+        hostname, token = setups.get(pid, (None, None))
+        url = settings.label_studio_url or hostname
+        key = settings.label_studio_api_key or token
+        if url and key:
+            sync.schedule(SyncRequest(pid, version, url, key))
+
+    def on_loaded(adapter: ModelAdapter) -> None:
+        registry.record_served(adapter.version, adapter.name, adapter.task.value, str(getattr(adapter, "path", "")))
+
+    app.state.on_loaded = on_loaded
+    if holder.adapter is not None:
+        on_loaded(holder.adapter)
+
+    @app.get("/", response_model=HealthResponse, include_in_schema=False)
+    @app.get("/health", response_model=HealthResponse)
+    def health() -> HealthResponse:
+        """Always 200 while the process serves; `ready` says whether a model is loaded."""
+        adapter = holder.adapter
+        return HealthResponse(
+            status="UP",
+            ready=adapter is not None,
+            model_version=adapter.version if adapter else None,
+            model_task=adapter.task.value if adapter else None,
+            device=adapter.device if adapter else None,
+            error=holder.error,
+        )
+
+    @app.post("/setup", response_model=SetupResponse)
+    def setup(body: SetupRequest) -> SetupResponse:
+        """Answers from memory (Label Studio waits 3 s); a config the model cannot fill is a 422."""
+        pid = project_id(body.project)
+        label_map = _label_map(body.extra_params)
+        if pid is not None:
+            setups[pid] = (body.hostname if (body.hostname or "").startswith("http") else None, body.access_token)
+            label_maps[pid] = label_map
+        adapter = holder.adapter
+        if adapter is None:
+            last = registry.last_served()
+            return SetupResponse(model_version=last.version if last else "loading")
+        if body.schema_:
+            plan_for(adapter, body.schema_, label_map, settings.case_sensitive_labels)
+        schedule_sync(pid, adapter.version)
+        return SetupResponse(model_version=adapter.version)
+
+    def _label_map(extra: Any) -> dict[str, str]:
+        merged = dict(settings.label_map)
+        if isinstance(extra, dict) and isinstance(extra.get("label_map"), dict):
+            merged.update({str(k): str(v) for k, v in extra["label_map"].items()})
+        return merged
+
+    @app.post("/predict", response_model=PredictResponse)
+    async def predict(body: PredictRequest) -> PredictResponse:
+        adapter = await run_in_threadpool(holder.wait, PREDICT_WAIT_FOR_MODEL_S)
+        if not body.label_config:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "label_config is required")
+        pid = project_id(body.project)
+        label_map = label_maps.get(pid, settings.label_map) if pid is not None else settings.label_map
+        plan = plan_for(adapter, body.label_config, label_map, settings.case_sensitive_labels)
+        results = await run_in_threadpool(predictor.predict, adapter, body.tasks, plan)
+        schedule_sync(pid, adapter.version)
+        return PredictResponse(results=results, model_version=adapter.version)
+
+    @app.post("/webhook")
+    def webhook(body: WebhookRequest) -> dict[str, Any]:
+        """Label Studio gives annotation webhooks 1 s and ignores the answer: record, never work here."""
+        registry.record_event(project_id(body.project), body.action)
+        return {"status": "ok", "action": body.action}
+
+    @app.get("/versions", response_model=VersionsResponse)
+    def versions() -> VersionsResponse:
+        return VersionsResponse(versions=[v.version for v in registry.versions()])
+
+    return app

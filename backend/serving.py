@@ -1,0 +1,65 @@
+"""The model the server is serving right now.
+
+Loading runs in a background thread so /health and /setup answer at once; a failed load leaves the
+previously served model in place (or reports the error on /health when there is none).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from backend.errors import ModelLoadError, TandemError
+from backend.models.base import ModelAdapter
+
+log = logging.getLogger("tandem.serving")
+
+
+class ModelHolder:
+    def __init__(self, adapter: ModelAdapter | None = None) -> None:
+        self._adapter = adapter
+        self._ready = threading.Event()
+        self.error: str | None = None
+        if adapter is not None:
+            self._ready.set()
+
+    @property
+    def adapter(self) -> ModelAdapter | None:
+        return self._adapter
+
+    @property
+    def ready(self) -> bool:
+        return self._adapter is not None
+
+    def load_in_background(self, loader: Callable[[], ModelAdapter], on_loaded=None) -> threading.Thread:
+        def run() -> None:
+            try:
+                adapter = loader()
+            except TandemError as exc:
+                self.error = str(exc)
+                log.error("model load failed, still serving %s: %s", self._adapter and self._adapter.version, exc)
+            except Exception as exc:  # noqa: BLE001 - any loader crash must not kill the server
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("model load crashed")
+            else:
+                self.swap(adapter)
+                if on_loaded:
+                    on_loaded(adapter)
+            finally:
+                self._ready.set()
+
+        thread = threading.Thread(target=run, name="tandem-model-load", daemon=True)
+        thread.start()
+        return thread
+
+    def swap(self, adapter: ModelAdapter) -> None:
+        """Atomic: in-flight requests keep the adapter they already took."""
+        self._adapter = adapter
+        self.error = None
+
+    def wait(self, timeout: float) -> ModelAdapter:
+        self._ready.wait(timeout)
+        if self._adapter is None:
+            raise ModelLoadError(self.error or f"the model is still loading after {timeout:.0f} s; try again")
+        return self._adapter

@@ -1,0 +1,84 @@
+"""Runtime settings, read once from the environment (the names Label Studio's own backends use)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+
+from backend.media.fetch import MediaSettings
+
+
+def _env(*names: str) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return value
+    return None
+
+
+class Settings(BaseModel):
+    home: Path = Field(default_factory=lambda: Path("~/.tandem").expanduser())
+    model: str | None = None
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = None
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+    allowed_hosts: frozenset[str] = frozenset()
+    local_files_root: Path | None = None
+    label_map: dict[str, str] = Field(default_factory=dict)
+    case_sensitive_labels: bool = False
+    device: str | None = None
+    conf: float = 0.25
+    max_image_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 80_000_000
+
+    @field_validator("label_studio_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"LABEL_STUDIO_URL must start with http:// or https:// (got {value!r})")
+        return value.rstrip("/") if value else value
+
+    @classmethod
+    def from_env(cls, **overrides) -> Settings:
+        label_map = _env("TANDEM_LABEL_MAP")
+        values = {
+            "home": Path(_env("TANDEM_HOME") or "~/.tandem").expanduser(),
+            "model": _env("TANDEM_MODEL"),
+            "label_studio_url": _env("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"),
+            "label_studio_api_key": _env("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),
+            "basic_auth_user": _env("BASIC_AUTH_USER"),
+            "basic_auth_pass": _env("BASIC_AUTH_PASS"),
+            "allowed_hosts": frozenset(h.strip() for h in (_env("TANDEM_ALLOWED_HOSTS") or "").split(",") if h.strip()),
+            "local_files_root": _env("LOCAL_FILES_DOCUMENT_ROOT"),
+            "label_map": json.loads(label_map) if label_map else {},
+            "case_sensitive_labels": (_env("TANDEM_CASE_SENSITIVE_LABELS") or "").lower() in ("1", "true", "yes"),
+            "device": _env("TANDEM_DEVICE"),
+            "conf": float(_env("TANDEM_CONF") or 0.25),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        if self.basic_auth_user and self.basic_auth_pass:
+            return self.basic_auth_user, self.basic_auth_pass
+        return None
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "tandem.sqlite3"
+
+    def media(self) -> MediaSettings:
+        return MediaSettings(
+            label_studio_url=self.label_studio_url,
+            api_key=self.label_studio_api_key,
+            cache_dir=self.home / "cache" / "media",
+            allowed_hosts=self.allowed_hosts,
+            local_files_root=self.local_files_root,
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+        )

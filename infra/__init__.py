@@ -1,0 +1,1 @@
+"""Deployment: Docker, Modal."""

@@ -1,0 +1,78 @@
+"""Session fixtures: real models trained here, a real Label Studio, and ground truth to check against."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import supervision as sv
+
+from backend.datasets.shapes import ShapeSample
+from backend.models.starter import train_starter_model
+from backend.models.yolo import YoloAdapter
+from tests.harness import start_label_studio
+
+REPO = Path(__file__).resolve().parents[1]
+# Trained weights are reused across runs (delete the folder to retrain); CI starts without it.
+CACHE = Path(os.environ.get("TANDEM_TEST_CACHE", REPO / ".test-cache"))
+
+
+@pytest.fixture(scope="session")
+def detect_weights() -> Path:
+    return train_starter_model(CACHE / "home", "detect")
+
+
+@pytest.fixture(scope="session")
+def classify_weights() -> Path:
+    return train_starter_model(CACHE / "home", "classify")
+
+
+@pytest.fixture(scope="session")
+def segment_weights() -> Path:
+    return train_starter_model(CACHE / "home", "segment")
+
+
+@pytest.fixture(scope="session")
+def detect_adapter(detect_weights) -> YoloAdapter:
+    return YoloAdapter(detect_weights, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def classify_adapter(classify_weights) -> YoloAdapter:
+    return YoloAdapter(classify_weights, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def segment_adapter(segment_weights) -> YoloAdapter:
+    return YoloAdapter(segment_weights, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    ls = start_label_studio(tmp_path_factory.mktemp("label-studio"))
+    yield ls
+    ls.stop()
+
+
+def region_boxes(result: list[dict], width: int, height: int) -> tuple[np.ndarray, list[str]]:
+    """Rectangle regions of a Label Studio result back to pixel xyxy (the inverse of what Tandem sends)."""
+    rects = [r for r in result if r["type"] == "rectanglelabels"]
+    xyxy = np.array(
+        [[r["value"]["x"] * width / 100, r["value"]["y"] * height / 100,
+          (r["value"]["x"] + r["value"]["width"]) * width / 100, (r["value"]["y"] + r["value"]["height"]) * height / 100]
+         for r in rects]
+    ).reshape(-1, 4)
+    return xyxy, [r["value"]["rectanglelabels"][0] for r in rects]
+
+
+def assert_matches_truth(xyxy: np.ndarray, labels: list[str], truth: ShapeSample, min_iou: float = 0.5) -> None:
+    """Every ground-truth object is found by a box of the same label with IoU >= min_iou."""
+    gt = np.array([o.box for o in truth.objects])
+    assert len(xyxy), f"no boxes for {truth.name}"
+    iou = sv.box_iou_batch(gt, xyxy)
+    for i, obj in enumerate(truth.objects):
+        j = int(iou[i].argmax())
+        assert iou[i, j] >= min_iou, f"{truth.name}: {obj.label} best IoU {iou[i, j]:.2f}"
+        assert labels[j].lower() == obj.label, f"{truth.name}: expected {obj.label}, got {labels[j]}"

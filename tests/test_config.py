@@ -1,0 +1,46 @@
+import pytest
+
+from backend.errors import ConfigError
+from backend.labeling.config import ControlKind, parse_label_config
+
+RECT = """<View><Image name="img" value="$image"/>
+<RectangleLabels name="label" toName="img"><Label value="Car" predicted_values="car,automobile"/>
+<Label value="Person" alias="P"/></RectangleLabels>
+<TextArea name="notes" toName="img"/></View>"""
+
+
+def test_finds_image_control_and_labels():
+    cfg = parse_label_config(RECT)
+    assert len(cfg.controls) == 1
+    control = cfg.controls[0]
+    assert (control.name, control.kind, control.to_name, control.image_key) == (
+        "label", ControlKind.RECTANGLE, "img", "image")
+    car, person = control.labels
+    assert car.predicted_values == ("car", "automobile")
+    assert person.result_value == "P" and person.value == "Person"
+    assert cfg.ignored == ("TextArea 'notes'",)
+
+
+def test_several_controls_and_images():
+    xml = """<View><Image name="a" value="$left"/><Image name="b" value="$right"/>
+    <Choices name="cls" toName="a"><Choice value="ok"/><Choice value="bad"/></Choices>
+    <PolygonLabels name="poly" toName="b"><Label value="x"/></PolygonLabels></View>"""
+    cfg = parse_label_config(xml)
+    assert [(c.kind, c.image_key) for c in cfg.controls] == [(ControlKind.CHOICES, "left"), (ControlKind.POLYGON, "right")]
+    assert cfg.image_keys() == ["left", "right"]
+
+
+@pytest.mark.parametrize(
+    ("xml", "message"),
+    [
+        ("", "empty"),
+        ("<View><Image name='i' value='$i'/>", "not valid XML"),
+        ("<View><Text name='t' value='$t'/><Choices name='c' toName='t'><Choice value='a'/></Choices></View>", "no <Image>"),
+        ("<View><Image name='i' value='$i'/><TextArea name='t' toName='i'/></View>", "TextArea 't'"),
+        ("<View><Image name='i' value='$i'/><KeyPointLabels name='k' toName='i'><Label value='a'/></KeyPointLabels></View>",
+         "KeyPointLabels 'k'"),
+    ],
+)
+def test_unservable_configs_name_the_problem(xml, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_label_config(xml)

@@ -1,0 +1,106 @@
+import io
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.errors import MediaError
+from backend.media.fetch import MediaFetcher, MediaSettings
+
+
+def exif_rotated_jpeg_bytes(displayed: Image.Image) -> bytes:
+    """Store `displayed` rotated, with EXIF orientation 6, so a viewer shows `displayed` again."""
+    raw = displayed.transpose(Image.Transpose.ROTATE_90)  # undo the 90° clockwise a viewer applies
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    raw.save(buf, format="JPEG", exif=exif, quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def served_dir(tmp_path):
+    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    displayed = Image.new("RGB", (200, 100), "white")
+    displayed.paste((255, 0, 0), (150, 0, 200, 30))  # a red block at the top-right as the annotator sees it
+    (tmp_path / "rot.jpg").write_bytes(exif_rotated_jpeg_bytes(displayed))
+    fetcher = MediaFetcher(MediaSettings(local_files_root=tmp_path))
+    loaded = fetcher.load("/data/local-files/?d=rot.jpg")
+    assert loaded.size == (200, 100)
+    arr = np.asarray(loaded.image)
+    assert arr[10:20, 160:190, 0].mean() > 200 and arr[10:20, 160:190, 1].mean() < 60
+    assert arr[60:90, 10:40].mean() > 200  # bottom-left stays white
+
+
+def test_local_files_path_traversal_refused(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "secret.png").write_bytes(b"x")
+    fetcher = MediaFetcher(MediaSettings(local_files_root=root))
+    with pytest.raises(MediaError, match="outside LOCAL_FILES_DOCUMENT_ROOT"):
+        fetcher.load("/data/local-files/?d=../secret.png")
+    with pytest.raises(MediaError, match="outside"):
+        fetcher.load("/data/local-files/?d=%2E%2E%2Fsecret.png")
+
+
+def test_corrupt_and_non_image(served_dir):
+    root, base = served_dir
+    (root / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "text.png").write_text("hello")
+    fetcher = MediaFetcher(MediaSettings(label_studio_url=base, api_key="k"))
+    for name in ("bad.jpg", "text.png"):
+        with pytest.raises(MediaError, match="corrupt or not an image"):
+            fetcher.load(f"{base}/{name}")
+
+
+def test_missing_image_is_a_clear_error(served_dir):
+    _, base = served_dir
+    fetcher = MediaFetcher(MediaSettings(label_studio_url=base, api_key="k"))
+    with pytest.raises(MediaError, match="HTTP 404"):
+        fetcher.load("/data/upload/1/missing.png")
+
+
+def test_other_hosts_refused_unless_allowed(served_dir):
+    root, base = served_dir
+    Image.new("RGB", (8, 8)).save(root / "ok.png")
+    other = base.replace("127.0.0.1", "localhost")
+    strict = MediaFetcher(MediaSettings(label_studio_url="http://127.0.0.1:1", api_key="k"))
+    with pytest.raises(MediaError, match="refusing to fetch localhost"):
+        strict.load(f"{other}/ok.png")
+    allowed = MediaFetcher(MediaSettings(label_studio_url="http://127.0.0.1:1", allowed_hosts=frozenset({"localhost"})))
+    assert allowed.load(f"{other}/ok.png").size == (8, 8)
+
+
+def test_size_and_pixel_limits(served_dir):
+    root, base = served_dir
+    Image.new("RGB", (400, 400)).save(root / "big.png")
+    small_bytes = MediaFetcher(MediaSettings(label_studio_url=base, max_bytes=500))
+    with pytest.raises(MediaError, match="limit"):
+        small_bytes.load(f"{base}/big.png")
+    few_pixels = MediaFetcher(MediaSettings(label_studio_url=base, max_pixels=10_000))
+    with pytest.raises(MediaError, match="pixel limit"):
+        few_pixels.load(f"{base}/big.png")
+
+
+def test_downloads_are_cached(served_dir, tmp_path):
+    root, base = served_dir
+    Image.new("RGB", (10, 12)).save(root / "c.png")
+    fetcher = MediaFetcher(MediaSettings(label_studio_url=base, cache_dir=tmp_path / "cache"))
+    assert fetcher.load(f"{base}/c.png").size == (10, 12)
+    (root / "c.png").unlink()
+    assert fetcher.load(f"{base}/c.png").size == (10, 12)
+
+
+def test_label_studio_path_without_url_is_explained():
+    with pytest.raises(MediaError, match="LABEL_STUDIO_URL is not set"):
+        MediaFetcher(MediaSettings()).load("/data/upload/1/a.png")

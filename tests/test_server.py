@@ -1,0 +1,202 @@
+"""The ML backend over real HTTP with real trained models; media from LOCAL_FILES_DOCUMENT_ROOT."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import numpy as np
+import pytest
+import supervision as sv
+
+from backend.datasets.shapes import generate_samples
+from backend.server.app import create_app
+from backend.serving import ModelHolder
+from backend.settings import Settings
+from tests.conftest import assert_matches_truth, region_boxes
+from tests.harness import ServerThread
+from tests.test_media import exif_rotated_jpeg_bytes
+
+RECT = """<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">
+<Label value="Square"/><Label value="Circle"/><Label value="Triangle"/></RectangleLabels></View>"""
+POLY = """<View><Image name="image" value="$image"/><PolygonLabels name="poly" toName="image">
+<Label value="square"/><Label value="circle"/><Label value="triangle"/></PolygonLabels>
+<RectangleLabels name="box" toName="image"><Label value="square"/><Label value="circle"/><Label value="triangle"/></RectangleLabels></View>"""
+CHOICES = """<View><Image name="image" value="$image"/><Choices name="shape" toName="image">
+<Choice value="Square"/><Choice value="Circle"/><Choice value="Triangle"/></Choices></View>"""
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    items = generate_samples(6, seed=777)
+    for image, sample in items:
+        image.save(root / f"{sample.name}.png")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    return root, [s for _, s in items], items
+
+
+def _serve(tmp_path, root, adapter, **env):
+    settings = Settings(home=tmp_path / "home", local_files_root=root, **env)
+    return ServerThread(create_app(settings, ModelHolder(adapter)))
+
+
+def task(i, name):
+    return {"id": i, "data": {"image": f"/data/local-files/?d={name}"}}
+
+
+def test_health_setup_versions(tmp_path, samples, detect_adapter):
+    root, _, _ = samples
+    with _serve(tmp_path, root, detect_adapter) as srv:
+        health = httpx.get(f"{srv.url}/health").json()
+        assert health == {**health, "status": "UP", "ready": True, "device": "cpu", "model_task": "detect"}
+        assert health["model_version"] == detect_adapter.version
+        for extra in ({"conf": 0.3}, None, [1, 2], "x"):
+            t0 = time.perf_counter()
+            r = httpx.post(f"{srv.url}/setup", json={"project": "3.1700000000", "schema": RECT, "extra_params": extra})
+            assert r.status_code == 200 and time.perf_counter() - t0 < 1.0
+            assert r.json() == {"model_version": detect_adapter.version}
+        assert httpx.get(f"{srv.url}/versions").json() == {"versions": [detect_adapter.version]}
+
+
+def test_predict_boxes_match_ground_truth_and_bad_tasks_do_not_spoil_the_batch(tmp_path, samples, detect_adapter):
+    root, truth, _ = samples
+    tasks = [task(i, f"{s.name}.png") for i, s in enumerate(truth)]
+    tasks.insert(2, task(100, "corrupt.png"))
+    tasks.insert(4, task(101, "missing.png"))
+    tasks.insert(5, {"id": 102, "data": {"other": "x"}})
+    with _serve(tmp_path, root, detect_adapter) as srv:
+        r = httpx.post(f"{srv.url}/predict", json={"tasks": tasks, "label_config": RECT, "project": "3.17"}, timeout=60)
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert len(results) == len(tasks)
+    by_id = dict(zip([t["id"] for t in tasks], results, strict=True))
+    assert "result" not in by_id[100] and "corrupt or not an image" in by_id[100]["error"]
+    assert "result" not in by_id[101] and "not found" in by_id[101]["error"]
+    assert "result" not in by_id[102] and "no image URL" in by_id[102]["error"]
+    for i, sample in enumerate(truth):
+        item = by_id[i]
+        assert item["model_version"] == detect_adapter.version
+        assert 0 < item["score"] <= 1
+        for region in item["result"]:
+            assert region["from_name"] == "label" and region["to_name"] == "image"
+            assert (region["original_width"], region["original_height"]) == (320, 240)
+            assert region["value"]["rectanglelabels"][0] in {"Square", "Circle", "Triangle"}  # config's case
+        xyxy, labels = region_boxes(item["result"], 320, 240)
+        assert_matches_truth(xyxy, labels, sample)
+
+
+def test_exif_rotated_image_boxes_land_where_the_annotator_sees_them(tmp_path, samples, detect_adapter):
+    root, _, items = samples
+    image, sample = items[0]
+    (root / "rotated.jpg").write_bytes(exif_rotated_jpeg_bytes(image))
+    with _serve(tmp_path, root, detect_adapter) as srv:
+        item = httpx.post(f"{srv.url}/predict", json={"tasks": [task(1, "rotated.jpg")], "label_config": RECT},
+                          timeout=60).json()["results"][0]
+    assert {(r["original_width"], r["original_height"]) for r in item["result"]} == {(320, 240)}
+    xyxy, labels = region_boxes(item["result"], 320, 240)
+    assert_matches_truth(xyxy, labels, sample)
+
+
+def test_segment_model_fills_polygons_and_boxes(tmp_path, samples, segment_adapter):
+    root, truth, _ = samples
+    with _serve(tmp_path, root, segment_adapter) as srv:
+        results = httpx.post(f"{srv.url}/predict", json={"tasks": [task(i, f"{s.name}.png") for i, s in enumerate(truth)],
+                                                          "label_config": POLY}, timeout=60).json()["results"]
+    for item, sample in zip(results, truth, strict=True):
+        polys = [r for r in item["result"] if r["type"] == "polygonlabels"]
+        assert polys and all(r["from_name"] == "poly" and r["value"]["closed"] for r in polys)
+        hull = np.array([[np.min([p[0] for p in r["value"]["points"]]) * 3.2, np.min([p[1] for p in r["value"]["points"]]) * 2.4,
+                          np.max([p[0] for p in r["value"]["points"]]) * 3.2, np.max([p[1] for p in r["value"]["points"]]) * 2.4]
+                         for r in polys])
+        assert_matches_truth(hull, [r["value"]["polygonlabels"][0] for r in polys], sample)
+        xyxy, labels = region_boxes(item["result"], 320, 240)
+        assert_matches_truth(xyxy, labels, sample)
+
+
+def test_classify_model_fills_choices(tmp_path, classify_adapter):
+    from backend.datasets.shapes import generate_samples as gen
+
+    root = tmp_path / "cls"
+    root.mkdir()
+    items = gen(12, seed=4242, classification=True)
+    for image, sample in items:
+        image.save(root / f"{sample.name}.png")
+    with _serve(tmp_path, root, classify_adapter) as srv:
+        results = httpx.post(f"{srv.url}/predict", json={"tasks": [task(i, f"{s.name}.png") for i, (_, s) in enumerate(items)],
+                                                          "label_config": CHOICES}, timeout=60).json()["results"]
+    correct = 0
+    for item, (_, sample) in zip(results, items, strict=True):
+        (region,) = item["result"]
+        assert region["type"] == "choices" and region["from_name"] == "shape"
+        assert 1 / 3 <= region["score"] <= 1 and item["score"] == region["score"]
+        correct += region["value"]["choices"][0].lower() == sample.objects[0].label
+    assert correct >= 10, f"{correct}/12 correct"
+
+
+def test_unservable_configs_are_4xx_with_the_reason(tmp_path, samples, detect_adapter, classify_adapter):
+    root, truth, _ = samples
+    unknown_labels = RECT.replace("Square", "Car").replace("Circle", "Bus").replace("Triangle", "Person")
+    with _serve(tmp_path, root, detect_adapter) as srv:
+        r = httpx.post(f"{srv.url}/setup", json={"project": "1.1", "schema": unknown_labels})
+        assert r.status_code == 422 and "square, circle, triangle" in r.json()["detail"]
+        r = httpx.post(f"{srv.url}/predict", json={"tasks": [task(0, f"{truth[0].name}.png")], "label_config": CHOICES})
+        assert r.status_code == 422 and "cannot fill choices 'shape'" in r.json()["detail"]
+        no_control = '<View><Image name="i" value="$image"/><TextArea name="t" toName="i"/></View>'
+        r = httpx.post(f"{srv.url}/setup", json={"schema": no_control})
+        assert r.status_code == 422 and "no control Tandem can fill" in r.json()["detail"]
+        # an explicit label map (as the backend's extra_params) makes the same config servable
+        mapped = {"square": "Car", "circle": "Bus", "triangle": "Person"}
+        r = httpx.post(f"{srv.url}/setup", json={"project": "1.1", "schema": unknown_labels, "extra_params": {"label_map": mapped}})
+        assert r.status_code == 200
+        r = httpx.post(f"{srv.url}/predict", json={"project": "1.1", "tasks": [task(0, f"{truth[0].name}.png")],
+                                                   "label_config": unknown_labels}, timeout=60)
+        assert {reg["value"]["rectanglelabels"][0] for reg in r.json()["results"][0]["result"]} <= {"Car", "Bus", "Person"}
+        assert httpx.get(f"{srv.url}/health").json()["ready"]
+
+
+def test_malformed_bodies_are_rejected_and_server_keeps_serving(tmp_path, samples, detect_adapter):
+    root, truth, _ = samples
+    with _serve(tmp_path, root, detect_adapter) as srv:
+        bad = [b"{not json", b"[]", b'{"tasks": "nope"}', b'{"label_config": "<View/>"}']
+        for body in bad:
+            r = httpx.post(f"{srv.url}/predict", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 422, body
+        assert httpx.post(f"{srv.url}/predict", json={"tasks": [task(0, f"{truth[0].name}.png")]}).status_code == 422
+        r = httpx.post(f"{srv.url}/predict", json={"tasks": [task(0, f"{truth[0].name}.png")], "label_config": RECT}, timeout=60)
+        assert r.status_code == 200 and r.json()["results"][0]["result"]
+
+
+def test_webhook_answers_fast_for_any_action(tmp_path, samples, detect_adapter):
+    root, _, _ = samples
+    with _serve(tmp_path, root, detect_adapter) as srv:
+        for action in ("ANNOTATION_CREATED", "ANNOTATIONS_DELETED", "START_TRAINING", "SOMETHING_NEW"):
+            t0 = time.perf_counter()
+            r = httpx.post(f"{srv.url}/webhook", json={"action": action, "project": {"id": 5}})
+            assert r.status_code == 200 and time.perf_counter() - t0 < 0.5
+        assert httpx.post(f"{srv.url}/webhook", json={"no": "action"}).status_code == 422
+    from backend.registry import Registry
+
+    assert Registry(tmp_path / "home" / "tandem.sqlite3").event_counts(5) == {
+        "ANNOTATION_CREATED": 1, "ANNOTATIONS_DELETED": 1, "START_TRAINING": 1, "SOMETHING_NEW": 1}
+
+
+def test_basic_auth_guards_every_route(tmp_path, samples, detect_adapter):
+    root, _, _ = samples
+    with _serve(tmp_path, root, detect_adapter, basic_auth_user="u", basic_auth_pass="p") as srv:
+        calls = [("GET", "/health", None), ("GET", "/", None), ("GET", "/versions", None),
+                 ("POST", "/setup", {"schema": RECT}), ("POST", "/predict", {"tasks": [], "label_config": RECT}),
+                 ("POST", "/webhook", {"action": "X"})]
+        for method, path, body in calls:
+            assert httpx.request(method, srv.url + path, json=body).status_code == 401, path
+            assert httpx.request(method, srv.url + path, json=body, auth=("u", "wrong")).status_code == 401, path
+            assert httpx.request(method, srv.url + path, json=body, auth=("u", "p")).status_code == 200, path
+
+
+def test_iou_helper_is_not_vacuous():
+    """assert_matches_truth must fail on a shifted box (guards the guards used above)."""
+    _, sample = generate_samples(1, seed=3)[0]
+    boxes = np.array([o.box for o in sample.objects]) + 60
+    with pytest.raises(AssertionError):
+        assert_matches_truth(boxes, [o.label for o in sample.objects], sample)
+    assert sv.box_iou_batch(boxes, boxes).diagonal().min() == pytest.approx(1.0)

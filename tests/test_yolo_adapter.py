@@ -1,0 +1,51 @@
+import time
+
+import numpy as np
+import pytest
+
+from backend.datasets.shapes import generate_samples
+from backend.errors import ModelLoadError
+from backend.models.base import ModelTask
+from backend.models.yolo import YoloAdapter
+
+
+def test_missing_file_and_offline_hub_name_fail_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not found"):
+        YoloAdapter(tmp_path / "nope.pt")
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="cannot be reached"):
+        YoloAdapter("yolov8n.pt")
+    assert time.perf_counter() - t0 < 3
+
+
+def test_corrupt_weights_are_a_load_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(ModelLoadError, match="cannot load YOLO weights"):
+        YoloAdapter(bad)
+
+
+def test_version_is_content_addressed(tmp_path, classify_weights):
+    copy = tmp_path / "shapes-yolov8n-classify.pt"
+    copy.write_bytes(classify_weights.read_bytes())
+    a, b = YoloAdapter(classify_weights), YoloAdapter(copy)
+    assert a.version == b.version and a.version.startswith("shapes-yolov8n-classify-")
+    copy.write_bytes(classify_weights.read_bytes() + b"\0")  # different bytes, different version
+    assert YoloAdapter(copy).version != a.version
+
+
+def test_batched_predict_keeps_order_and_types(detect_adapter, classify_adapter):
+    images = [img for img, _ in generate_samples(5, seed=11)]
+    detect_adapter.batch = 2  # several internal batches
+    try:
+        outs = detect_adapter.predict(images)
+    finally:
+        detect_adapter.batch = 16
+    assert detect_adapter.task is ModelTask.DETECT and len(outs) == 5
+    singles = [detect_adapter.predict([img])[0] for img in images]
+    for batched, single in zip(outs, singles, strict=True):
+        np.testing.assert_allclose(batched.detections.xyxy, single.detections.xyxy, atol=1e-3)
+        assert set(batched.detections.data["class_name"]) <= {"square", "circle", "triangle"}
+    probs = classify_adapter.predict(images[:2])
+    assert all(p.probabilities.shape == (3,) and p.probabilities.sum() == pytest.approx(1.0) for p in probs)
