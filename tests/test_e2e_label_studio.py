@@ -27,7 +27,8 @@ def _upload(ls_url: str, token: str, project: int, files: dict[str, bytes]) -> N
     r = httpx.post(
         f"{ls_url}/api/projects/{project}/import",
         headers={"Authorization": f"Token {token}"},
-        files=[("file", (name, data, "image/jpeg" if name.endswith(".jpg") else "image/png")) for name, data in files.items()],
+        files=[(f"file{i}", (name, data, "image/jpeg" if name.endswith(".jpg") else "image/png"))
+               for i, (name, data) in enumerate(files.items())],  # one form field per file: LS reads a dict
         timeout=60,
     )
     r.raise_for_status()

@@ -99,6 +99,8 @@ class YoloAdapter:
         self.name = stem
         self.version = f"{stem}-{file_digest(self.path)}" if self.path else stem
         self._lock = threading.Lock()
+        # fp16 on CUDA; ultralytics warns about the `half` argument even when it is False, so omit it on CPU
+        self._precision = {"half": True} if self.device.startswith("cuda") else {}
 
     def predict(self, images: list[Image.Image]) -> list[ModelOutput]:
         if not images:
@@ -113,8 +115,8 @@ class YoloAdapter:
                     iou=self.iou,
                     imgsz=self.imgsz,
                     device=self.device,
-                    half=self.device.startswith("cuda"),
                     verbose=False,
+                    **self._precision,
                 )
                 outputs.extend(self._convert(r) for r in results)
         return outputs
