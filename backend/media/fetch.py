@@ -177,3 +177,5 @@ class MediaFetcher:
             raise MediaError(f"image {url} rejected as a decompression bomb: {exc}") from exc
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise MediaError(f"image {url} is corrupt or not an image: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - decoder plugins (ultralytics patches Image.open) raise anything
+            raise MediaError(f"image {url} could not be decoded: {type(exc).__name__}: {exc}") from exc

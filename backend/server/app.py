@@ -142,7 +142,7 @@ def create_app(settings: Settings, holder: ModelHolder, registry: Registry | Non
     async def predict(body: PredictRequest) -> PredictResponse:
         adapter = await run_in_threadpool(holder.wait, PREDICT_WAIT_FOR_MODEL_S)
         if not body.label_config:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "label_config is required")
+            raise HTTPException(422, "label_config is required")
         pid = project_id(body.project)
         label_map = label_maps.get(pid, settings.label_map) if pid is not None else settings.label_map
         plan = plan_for(adapter, body.label_config, label_map, settings.case_sensitive_labels)

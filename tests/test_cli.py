@@ -1,0 +1,74 @@
+"""The `tandem` command as a user runs it: a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+
+from backend.serving import ModelHolder
+from backend.errors import ModelLoadError
+from tests.harness import free_port
+
+TANDEM = [sys.executable, "-m", "backend.cli"]
+
+
+def _env(tmp_path):
+    return {**os.environ, "TANDEM_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+
+
+def test_help_is_useful_on_its_own():
+    out = subprocess.run([*TANDEM, "--help"], capture_output=True, text=True, check=True).stdout
+    for word in ("serve", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "TANDEM_HOME"):
+        assert word in out
+    serve = subprocess.run([*TANDEM, "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--model" in serve and "--port" in serve
+
+
+def test_missing_weights_fail_at_start_with_a_clear_error(tmp_path):
+    t0 = time.perf_counter()
+    proc = subprocess.run([*TANDEM, "serve", "--model", str(tmp_path / "nope.pt")], capture_output=True, text=True,
+                          env=_env(tmp_path), timeout=120)
+    assert proc.returncode == 2
+    assert "model weights not found" in proc.stderr
+    proc = subprocess.run([*TANDEM, "serve", "--model", "yolov8n.pt"], capture_output=True, text=True,
+                          env={**_env(tmp_path), "YOLO_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode == 2 and "cannot be reached" in proc.stderr
+    assert time.perf_counter() - t0 < 60  # two interpreter starts with torch imports, no network waits
+
+
+def test_serve_answers_label_studio_routes(tmp_path, detect_weights):
+    port = free_port()
+    proc = subprocess.Popen([*TANDEM, "serve", "--model", str(detect_weights), "--port", str(port)],
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+                time.sleep(0.5)
+        assert health["ready"] and health["model_version"].startswith("shapes-yolov8n-detect-")
+        versions = httpx.get(f"http://127.0.0.1:{port}/versions").json()["versions"]
+        assert versions == [health["model_version"]]
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert (tmp_path / "home" / "tandem.sqlite3").is_file()
+
+
+def test_failed_reload_keeps_serving_the_last_good_model(detect_adapter):
+    holder = ModelHolder(detect_adapter)
+
+    def broken():
+        raise ModelLoadError("cannot load YOLO weights new.pt: truncated")
+
+    holder.load_in_background(broken).join()
+    assert holder.adapter is detect_adapter and holder.ready
+    assert "truncated" in holder.error
+    assert holder.wait(0.1) is detect_adapter
