@@ -49,3 +49,22 @@ def test_batched_predict_keeps_order_and_types(detect_adapter, classify_adapter)
         assert set(batched.detections.data["class_name"]) <= {"square", "circle", "triangle"}
     probs = classify_adapter.predict(images[:2])
     assert all(p.probabilities.shape == (3,) and p.probabilities.sum() == pytest.approx(1.0) for p in probs)
+
+
+def test_kept_boxes_carry_their_pre_nms_class_scores(detect_adapter, segment_adapter):
+    images = [img for img, _ in generate_samples(3, seed=12)]
+    for adapter in (detect_adapter, segment_adapter):
+        for out in adapter.predict(images):
+            det = out.detections
+            scores = det.data["class_scores"]
+            assert scores.shape == (len(det), 3)
+            # the kept box's confidence is its top class score, and that class is its label
+            np.testing.assert_allclose(scores.max(axis=1), det.confidence, atol=1e-4)
+            np.testing.assert_array_equal(scores.argmax(axis=1), det.class_id)
+
+
+def test_embeddings_are_per_image_vectors(detect_adapter):
+    images = [img for img, _ in generate_samples(3, seed=13)]
+    emb = detect_adapter.embed(images)
+    assert emb.ndim == 2 and emb.shape[0] == 3 and emb.shape[1] >= 64
+    assert not np.allclose(emb[0], emb[1])

@@ -25,6 +25,53 @@ from backend.errors import ModelLoadError  # noqa: E402
 from backend.models.base import ModelOutput, ModelTask  # noqa: E402
 
 
+def _class_vector_predictor(base: type) -> type:
+    """A predictor that keeps each kept box's class scores from before NMS.
+
+    Ultralytics returns only the top class per box; active learning needs the whole vector for entropy
+    and margin. NMS is run once more with `return_idxs=True` (cheap next to the forward pass) to find
+    which anchors survived, and their class columns are attached to the results as `class_scores`.
+    """
+    from ultralytics.utils import nms
+
+    class ClassVectorPredictor(base):
+        def postprocess(self, preds, img, orig_imgs, **kwargs):
+            raw = preds
+            while isinstance(raw, (list, tuple)):
+                raw = raw[0]
+            nc = len(self.model.names)
+            kept, idxs = nms.non_max_suppression(
+                raw,
+                self.args.conf,
+                kwargs.get("iou", self.args.iou),
+                self.args.classes,
+                self.args.agnostic_nms,
+                max_det=self.args.max_det,
+                nc=0 if self.args.task == "detect" else nc,
+                return_idxs=True,
+            )
+            results = super().postprocess(preds, img, orig_imgs, **kwargs)
+            for b, result in enumerate(results):
+                vectors = raw[b, 4 : 4 + nc, :].T[idxs[b]]
+                result.class_scores = _align(kept[b][:, 4], result.boxes.conf, vectors)
+            return results
+
+    return ClassVectorPredictor
+
+
+def _align(nms_conf, final_conf, vectors):
+    """Rows of `vectors` for the boxes that survived ultralytics' post-NMS filtering (order is kept)."""
+    if len(final_conf) == len(nms_conf):
+        return vectors
+    rows, j = [], 0
+    for c in final_conf.tolist():
+        while j < len(nms_conf) and abs(float(nms_conf[j]) - c) > 1e-6:
+            j += 1
+        rows.append(min(j, len(nms_conf) - 1))
+        j += 1
+    return vectors[rows]
+
+
 def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
@@ -101,6 +148,12 @@ class YoloAdapter:
         self._lock = threading.Lock()
         # fp16 on CUDA; ultralytics warns about the `half` argument even when it is False, so omit it on CPU
         self._precision = {"half": True} if self.device.startswith("cuda") else {}
+        if self.task is not ModelTask.CLASSIFY:
+            from ultralytics.models.yolo.detect import DetectionPredictor
+            from ultralytics.models.yolo.segment import SegmentationPredictor
+
+            base = SegmentationPredictor if self.task is ModelTask.SEGMENT else DetectionPredictor
+            self._precision["predictor"] = _class_vector_predictor(base)
 
     def predict(self, images: list[Image.Image]) -> list[ModelOutput]:
         if not images:
@@ -121,17 +174,34 @@ class YoloAdapter:
                 outputs.extend(self._convert(r) for r in results)
         return outputs
 
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        """(N, D) image embeddings from the backbone (pooled penultimate features), for diversity."""
+        if not images:
+            return np.zeros((0, 0), dtype=np.float32)
+        arrays = [np.asarray(img.convert("RGB"))[:, :, ::-1] for img in images]
+        out = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(arrays), self.batch):
+                feats = self._model.embed(arrays[start : start + self.batch], imgsz=self.imgsz, device=self.device,
+                                          verbose=False)
+                out.extend(f.detach().float().cpu().numpy().reshape(-1) for f in feats)
+        return np.stack(out).astype(np.float32)
+
     def _convert(self, result) -> ModelOutput:
         if self.task is ModelTask.CLASSIFY:
             probs = result.probs.data.detach().float().cpu().numpy().astype(np.float64)
             return ModelOutput(probabilities=probs / probs.sum())
         boxes = result.boxes
         class_id = boxes.cls.cpu().numpy().astype(int)
+        data = {"class_name": np.array([self.class_names[i] for i in class_id], dtype=object)}
+        scores = getattr(result, "class_scores", None)
+        if scores is not None:
+            data["class_scores"] = scores.detach().float().cpu().numpy().astype(np.float64).reshape(len(class_id), -1)
         detections = sv.Detections(
             xyxy=boxes.xyxy.cpu().numpy().astype(np.float64),
             confidence=boxes.conf.cpu().numpy().astype(np.float64),
             class_id=class_id,
-            data={"class_name": np.array([self.class_names[i] for i in class_id], dtype=object)},
+            data=data,
         )
         if self.task is ModelTask.SEGMENT:
             polygons = np.empty(len(detections), dtype=object)

@@ -1,0 +1,180 @@
+"""Active-learning formulas: hand-computed cases, brute force, and properties (hypothesis)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from active_learning.boxes import BoxBatch, ImageBoxes
+from active_learning.disagreement import (
+    classification_disagreement,
+    detection_disagreement,
+    js_divergence,
+    match,
+    pairwise_iou,
+)
+from active_learning.uncertainty import binary_entropy, detection_uncertainty, entropy, least_confidence, margin
+
+
+# --- classification uncertainty -------------------------------------------------------------------
+def test_classification_measures_hand_computed():
+    p = np.array([[1.0, 0, 0], [1 / 3, 1 / 3, 1 / 3], [0.5, 0.3, 0.2]])
+    np.testing.assert_allclose(least_confidence(p), [0, 1, 0.5 * 3 / 2])
+    np.testing.assert_allclose(margin(p), [0, 1, 0.8])
+    h = -(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2)) / math.log(3)
+    np.testing.assert_allclose(entropy(p), [0, 1, h])
+
+
+def test_binary_entropy_hand_computed():
+    np.testing.assert_allclose(binary_entropy([0.5, 1.0, 0.0, 0.9]), [1, 0, 0, -(0.9 * math.log2(0.9) + 0.1 * math.log2(0.1))], atol=1e-9)
+
+
+probs = st.integers(2, 6).flatmap(
+    lambda k: st.lists(st.lists(st.floats(0, 1), min_size=k, max_size=k), min_size=1, max_size=8))
+
+
+@given(probs)
+def test_classification_scores_in_unit_interval(rows):
+    p = np.array(rows)
+    for f in (least_confidence, margin, entropy):
+        v = f(p)
+        assert np.all((v >= 0) & (v <= 1))
+
+
+# --- detection uncertainty ------------------------------------------------------------------------
+def test_detection_aggregates_hand_computed():
+    batch = BoxBatch.from_images([
+        ImageBoxes(np.zeros((2, 4)), np.array([0.5, 0.9]), np.array([0, 1])),
+        ImageBoxes.empty(),
+        ImageBoxes(np.zeros((1, 4)), np.array([0.3]), np.array([0])),
+    ])
+    u = detection_uncertainty(batch, threshold=0.25, band=0.1, cap=2.0)
+    h9, h3 = binary_entropy(0.9), binary_entropy(0.3)
+    np.testing.assert_allclose(u.max, [1.0, 0.0, h3])
+    np.testing.assert_allclose(u.mean, [(1 + h9) / 2, 0.0, h3])
+    np.testing.assert_allclose(u.capped_sum, [min(1 + h9, 2) / 2, 0, h3 / 2])
+    np.testing.assert_array_equal(u.near_threshold, [0, 0, 1])
+
+
+def test_class_distribution_raises_box_uncertainty():
+    sure = ImageBoxes(np.zeros((1, 4)), np.array([0.99]), np.array([0]), np.array([[0.98, 0.01, 0.01]]))
+    torn = ImageBoxes(np.zeros((1, 4)), np.array([0.99]), np.array([0]), np.array([[0.5, 0.5, 0.0]]))
+    u = detection_uncertainty(BoxBatch.from_images([sure, torn])).score
+    assert u[1] > u[0] + 0.3
+
+
+# --- matching ---------------------------------------------------------------------------------------
+def brute_force_max(weights, allowed):
+    n, m = weights.shape
+    best = 0.0
+    for k in range(min(n, m) + 1):
+        for rows in itertools.combinations(range(n), k):
+            for cols in itertools.permutations(range(m), k):
+                if all(allowed[r, c] for r, c in zip(rows, cols)):
+                    best = max(best, sum(weights[r, c] for r, c in zip(rows, cols)))
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 4), st.integers(0, 4), st.integers(0, 10_000))
+def test_matching_equals_brute_force(n, m, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.random((n, m))
+    allowed = rng.random((n, m)) > 0.3
+    r, c = match(w, allowed)
+    assert len(set(r)) == len(r) and len(set(c)) == len(c) and np.all(allowed[r, c])
+    assert w[r, c].sum() == pytest.approx(brute_force_max(w, allowed))
+
+
+def test_iou_hand_computed():
+    a = np.array([[0, 0, 10, 10]])
+    b = np.array([[5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 10, 10]])
+    np.testing.assert_allclose(pairwise_iou(a, b), [[50 / 150, 0, 1]])
+
+
+# --- detection disagreement -------------------------------------------------------------------------
+def _img(boxes, scores, labels):
+    return ImageBoxes(np.array(boxes, float).reshape(-1, 4), np.array(scores, float), np.array(labels, int))
+
+
+def test_disagreement_hand_computed_and_reasons():
+    a = [_img([[0, 0, 10, 10], [50, 50, 60, 60], [100, 0, 120, 20]], [0.9, 0.8, 0.7], [0, 1, 2])]
+    b = [_img([[0, 0, 10, 10], [50, 50, 60, 60], [103, 0, 123, 20], [200, 200, 210, 210]], [0.9, 0.6, 0.5, 0.4], [0, 2, 2, 0])]
+    d = detection_disagreement(BoxBatch.from_images(a), BoxBatch.from_images(b), loc_iou=0.8)
+    iou3 = 17 * 20 / (2 * 400 - 17 * 20)
+    agree = 2 * (1.0 * 0.9 + iou3 * math.sqrt(0.7 * 0.5)) / (0.9 + 0.8 + 0.7 + 0.9 + 0.6 + 0.5 + 0.4)
+    assert d.score[0] == pytest.approx(1 - agree)
+    assert {k: int(v[0]) for k, v in d.counts.items()} == {
+        "only_a": 0, "only_b": 1, "poor_localisation": 1, "class_swap": 1}
+    assert d.reason(0) == "1 box only VLM sees; 1 poorly localised; 1 class swap"
+
+
+def test_empty_cases():
+    e = ImageBoxes.empty()
+    one = _img([[0, 0, 5, 5]], [0.5], [0])
+    d = detection_disagreement(BoxBatch.from_images([e, e, one]), BoxBatch.from_images([e, one, e]))
+    np.testing.assert_allclose(d.score, [0, 1, 1])
+    assert d.reason(0) == "agree"
+
+
+boxes_strategy = st.lists(
+    st.tuples(st.floats(0, 200), st.floats(0, 200), st.floats(2, 80), st.floats(2, 80), st.floats(0.05, 1), st.integers(0, 2)),
+    min_size=0, max_size=7)
+
+
+def _from_tuples(rows):
+    return _img([[x, y, x + w, y + h] for x, y, w, h, _, _ in rows], [s for *_, s, _ in rows], [c for *_, c in rows])
+
+
+@settings(max_examples=150, deadline=None)
+@given(boxes_strategy, boxes_strategy)
+def test_disagreement_properties(rows_a, rows_b):
+    a, b = BoxBatch.from_images([_from_tuples(rows_a)]), BoxBatch.from_images([_from_tuples(rows_b)])
+    ab = detection_disagreement(a, b).score[0]
+    ba = detection_disagreement(b, a).score[0]
+    assert 0 <= ab <= 1
+    assert ab == pytest.approx(ba, abs=1e-9)  # symmetric
+    assert detection_disagreement(a, a).score[0] == pytest.approx(0, abs=1e-9)  # identical -> 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(boxes_strategy.filter(len), st.floats(0.1, 1), st.floats(0.3, 1.0))
+def test_added_or_moved_box_raises_disagreement(rows, score, shift_fraction):
+    a = _from_tuples(rows)
+    base = BoxBatch.from_images([a])
+    added = _img(np.vstack([a.xyxy, [[400, 400, 450, 450]]]), np.append(a.scores, score), np.append(a.labels, 0))
+    assert detection_disagreement(base, BoxBatch.from_images([added])).score[0] > 0
+    moved = a.xyxy.copy()
+    width = moved[0, 2] - moved[0, 0]
+    moved[0, [0, 2]] += shift_fraction * width + 300  # far away from everything
+    shifted = _img(moved, a.scores, a.labels)
+    assert detection_disagreement(base, BoxBatch.from_images([shifted])).score[0] > 0
+
+
+# --- classification disagreement ---------------------------------------------------------------------
+def test_js_hand_computed():
+    p, q = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
+    assert js_divergence(p, q)[0] == pytest.approx(1.0)
+    p, q = np.array([[0.5, 0.5]]), np.array([[1.0, 0.0]])
+    m = np.array([0.75, 0.25])
+    expected = (0.5 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)) + 0.5 * math.log(1 / 0.75)) / math.log(2)
+    assert js_divergence(p, q)[0] == pytest.approx(expected)
+    d = classification_disagreement(np.array([[0.7, 0.3], [0.2, 0.8]]), np.array([[0.6, 0.4], [0.9, 0.1]]))
+    np.testing.assert_array_equal(d.top1_mismatch, [False, True])
+    assert d.reason(1, np.array([[0.7, 0.3], [0.2, 0.8]]), np.array([[0.6, 0.4], [0.9, 0.1]]), ["ok", "bad"]) == (
+        "CNN says bad (0.80), VLM says ok (0.90)")
+
+
+@given(probs, st.integers(0, 1000))
+def test_js_properties(rows, seed):
+    p = np.array(rows) + 1e-3
+    q = np.random.default_rng(seed).random(p.shape) + 1e-3
+    js = js_divergence(p, q)
+    assert np.all((js >= 0) & (js <= 1 + 1e-12))
+    np.testing.assert_allclose(js, js_divergence(q, p), atol=1e-12)
+    np.testing.assert_allclose(js_divergence(p, p), 0, atol=1e-12)
