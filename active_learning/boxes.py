@@ -40,13 +40,15 @@ class BoxBatch:
     def from_images(cls, images: Sequence[ImageBoxes]) -> BoxBatch:
         counts = np.array([len(im) for im in images], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        have_probs = len(images) > 0 and all(im.class_probs is not None for im in images)
+        nonempty = [im for im in images if len(im)]
+        have_probs = bool(nonempty) and all(im.class_probs is not None for im in nonempty)
+        width = nonempty[0].class_probs.shape[1] if have_probs else 0
         return cls(
             xyxy=np.concatenate([np.asarray(im.xyxy, float).reshape(-1, 4) for im in images]) if images else np.zeros((0, 4)),
             scores=np.concatenate([np.asarray(im.scores, float) for im in images]) if images else np.zeros(0),
             labels=np.concatenate([np.asarray(im.labels, int) for im in images]) if images else np.zeros(0, int),
             offsets=offsets,
-            class_probs=np.concatenate([im.class_probs for im in images]) if have_probs else None,
+            class_probs=np.concatenate([im.class_probs for im in nonempty]).reshape(-1, width) if have_probs else None,
         )
 
     @property

@@ -93,6 +93,109 @@ def serve(
     uvicorn.run(create_app(settings, ModelHolder(adapter)), host=host, port=port, log_level=log_level.lower())
 
 
+@app.command()
+def select(
+    project: Annotated[int, typer.Option("--project", "-p", help="Label Studio project id.")],
+    budget: Annotated[int, typer.Option("--budget", "-n", help="How many tasks to queue.")] = 20,
+    strategy: Annotated[str, typer.Option(help="random, uncertainty, disagreement or hybrid.")] = "hybrid",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="The CNN (YOLO weights); default: last served.")] = None,
+    second_model: Annotated[
+        str | None, typer.Option(help="The second opinion for disagreement (YOLO weights; a VLM in a later release).")
+    ] = None,
+    weight_uncertainty: Annotated[float, typer.Option(help="Hybrid weight of uncertainty.")] = 0.5,
+    weight_disagreement: Annotated[float, typer.Option(help="Hybrid weight of disagreement.")] = 0.5,
+    control: Annotated[float, typer.Option(help="Share of the budget picked at random as a control.")] = 0.1,
+    pool_factor: Annotated[float, typer.Option(help="Diversity picks among the top pool-factor × budget.")] = 4.0,
+    cold_start: Annotated[int, typer.Option(help="Below this many labeled tasks, pick typical images instead.")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    dry_run: Annotated[bool, typer.Option(help="Write CSV/JSON instead of touching Label Studio.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for --dry-run files.")] = Path("tandem-selection"),
+    home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None,
+    device: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Rank a project's unlabeled tasks and queue the most useful ones for review in Label Studio."""
+    import time
+
+    from label_studio_sdk import LabelStudio
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from active_learning.pipeline import run_selection, write_dry_run, write_queue
+    from active_learning.queue import LabelStudioQueue
+    from active_learning.selection import SelectionConfig, Strategy
+    from backend.errors import TandemError
+    from backend.media.fetch import MediaFetcher
+    from backend.models.yolo import YoloAdapter
+    from backend.registry import Registry
+    from backend.settings import Settings
+
+    _logging("warning")
+    settings = Settings.from_env(home=home, device=device)
+    if strategy not in {s.value for s in Strategy}:
+        raise typer.BadParameter(f"--strategy must be one of {', '.join(s.value for s in Strategy)}")
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        console.print("[red]error:[/] set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        raise typer.Exit(2)
+    weights = model
+    if weights is None:
+        last = Registry(settings.db_path).last_served()
+        if last is None or not last.path:
+            console.print("[red]error:[/] no --model given and this TANDEM_HOME has served none")
+            raise typer.Exit(2)
+        weights = last.path
+    try:
+        primary = YoloAdapter(weights, device=settings.device, conf=min(settings.conf, 0.1))
+        second = YoloAdapter(second_model, device=settings.device, conf=min(settings.conf, 0.1)) if second_model else None
+        queue = LabelStudioQueue(LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key),
+                                 project)
+        tasks = queue.tasks()
+        label_config = queue.label_config()
+    except TandemError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    except Exception as exc:  # HTTP errors from the SDK: unreachable Label Studio, wrong key, no such project
+        console.print(f"[red]error:[/] cannot read project {project} from {settings.label_studio_url}: {exc}")
+        raise typer.Exit(2) from exc
+
+    config = SelectionConfig(
+        strategy=Strategy(strategy), budget=budget, control_fraction=control, pool_factor=pool_factor,
+        cold_start_labels=cold_start, seed=seed,
+        weights={"uncertainty": weight_uncertainty, "disagreement": weight_disagreement},
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        stages: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in stages:
+                stages[stage] = bar.add_task(stage, total=total)
+            bar.update(stages[stage], completed=done)
+
+        outcome, table, ids = run_selection(tasks, label_config, MediaFetcher(settings.media()), primary, config,
+                                            second=second, progress=progress)
+    if dry_run:
+        outcome.files = write_dry_run(outcome, table, ids, out)
+    elif outcome.entries:
+        write_queue(queue, outcome, tasks, run=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+    shown = Table(title=f"Top picks — {outcome.mode}", show_lines=False)
+    for col in ("rank", "task", "score", "uncertainty", "disagreement", "pick", "reason"):
+        shown.add_column(col)
+    for e in outcome.entries[:15]:
+        d = "" if e.disagreement is None else f"{e.disagreement:.3f}"
+        shown.add_row(str(e.rank), str(e.task_id), f"{e.score:.3f}", f"{e.uncertainty:.3f}", d,
+                      "control" if e.control else "active", e.reason)
+    Console().print(shown)
+    console.print(
+        f"{len(outcome.entries)} queued of {outcome.candidates} unlabeled ({outcome.labeled} labeled) "
+        f"in {outcome.seconds:.1f} s" + (f"; {len(outcome.skipped)} skipped (unreadable images)" if outcome.skipped else "")
+    )
+    if outcome.files:
+        console.print("wrote " + ", ".join(str(f) for f in outcome.files))
+    if outcome.views:
+        console.print("Label Studio views: " + ", ".join(f"{t} (#{i})" for t, i in outcome.views.items()))
+
+
 @app.command("train-starter")
 def train_starter(
     task: Annotated[str, typer.Option(help="detect, segment or classify.")] = "detect",

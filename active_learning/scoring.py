@@ -1,0 +1,100 @@
+"""From two models' outputs on the same images to one table of scores and reasons.
+
+Model outputs are put into one label space by class name (case-insensitive), so a CNN and a VLM with
+different class lists still compare; a class only one model knows never matches class-aware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from active_learning.boxes import BoxBatch, ImageBoxes
+from active_learning.disagreement import classification_disagreement, detection_disagreement
+from active_learning.uncertainty import detection_uncertainty, margin
+from backend.models.base import ModelOutput
+
+
+@dataclass(frozen=True)
+class ScoreTable:
+    uncertainty: np.ndarray  # (N,) in [0, 1]
+    disagreement: np.ndarray | None  # (N,) in [0, 1], None without a second model
+    reasons: list[str]  # (N,) one sentence per image for the reviewer
+    box_counts: np.ndarray  # (N,) boxes of the first model (0 for classifiers)
+
+
+class LabelSpace:
+    """Class name -> shared integer id, growing as new names appear."""
+
+    def __init__(self, names: Sequence[str] = ()) -> None:
+        self.ids: dict[str, int] = {}
+        for name in names:
+            self.id(name)
+
+    def id(self, name: str) -> int:
+        return self.ids.setdefault(str(name).strip().lower(), len(self.ids))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.ids)
+
+
+def to_image_boxes(output: ModelOutput, space: LabelSpace) -> ImageBoxes:
+    det = output.detections
+    if det is None or len(det) == 0:
+        return ImageBoxes.empty()
+    labels = np.array([space.id(n) for n in det.data["class_name"]], dtype=int)
+    scores = det.data.get("class_scores")
+    return ImageBoxes(det.xyxy, det.confidence, labels, scores if scores is not None and len(scores) else None)
+
+
+def _aligned_probs(outputs: Sequence[ModelOutput], names: Sequence[str], space: LabelSpace) -> np.ndarray:
+    ids = [space.id(n) for n in names]
+    out = np.zeros((len(outputs), len(space.ids)))
+    for i, o in enumerate(outputs):
+        out[i, ids] = o.probabilities
+    return out
+
+
+def score_outputs(
+    primary: Sequence[ModelOutput],
+    primary_names: Sequence[str],
+    second: Sequence[ModelOutput] | None = None,
+    second_names: Sequence[str] | None = None,
+    model_names: tuple[str, str] = ("CNN", "VLM"),
+    aggregate: str = "max",
+) -> ScoreTable:
+    space = LabelSpace(primary_names)
+    if second_names:
+        for n in second_names:
+            space.id(n)
+    n = len(primary)
+    classify = n > 0 and primary[0].probabilities is not None
+    if classify:
+        p = _aligned_probs(primary, primary_names, space)
+        uncertainty = margin(p)
+        counts = np.zeros(n, dtype=int)
+        reasons = [f"{model_names[0]} unsure: top two within {1 - u:.2f}" for u in uncertainty]
+        disagreement = None
+        if second is not None:
+            q = _aligned_probs(second, second_names or primary_names, space)
+            d = classification_disagreement(p, q)
+            disagreement = d.score
+            reasons = [d.reason(i, p, q, space.names, model_names) for i in range(n)]
+        return ScoreTable(uncertainty, disagreement, reasons, counts)
+
+    a = BoxBatch.from_images([to_image_boxes(o, space) for o in primary])
+    unc = detection_uncertainty(a, aggregate=aggregate)
+    reasons = [
+        f"{model_names[0]} unsure: {k} of {c} boxes near the threshold" if k else f"{model_names[0]} boxes: {c}"
+        for k, c in zip(unc.near_threshold, a.counts, strict=True)
+    ]
+    disagreement = None
+    if second is not None:
+        b = BoxBatch.from_images([to_image_boxes(o, space) for o in second])
+        d = detection_disagreement(a, b)
+        disagreement = d.score
+        reasons = [d.reason(i, model_names) for i in range(n)]
+    return ScoreTable(unc.score, disagreement, reasons, a.counts)

@@ -1,0 +1,128 @@
+"""The review queue on a real Label Studio: fields, saved views, sort order, labeled tasks leaving."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+from label_studio_sdk import LabelStudio
+
+from active_learning.pipeline import run_selection, write_queue
+from active_learning.queue import LabelStudioQueue
+from active_learning.selection import SelectionConfig, Strategy
+from backend.datasets.shapes import generate_samples
+from backend.media.fetch import MediaFetcher, MediaSettings
+from tests.harness import png_bytes
+from tests.test_e2e_label_studio import _upload
+from tests.test_server import RECT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+
+def _annotate(client: LabelStudio, task_id: int) -> None:
+    client.annotations.create(id=task_id, result=[{
+        "from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": 320,
+        "original_height": 240, "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rotation": 0,
+                                          "rectanglelabels": ["Square"]}}])
+
+
+@pytest.fixture(scope="module")
+def project(label_studio):
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    proj = client.projects.create(title="tandem e2e queue", label_config=RECT)
+    items = generate_samples(14, seed=31337)
+    _upload(label_studio.url, label_studio.token, proj.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    tasks = list(client.tasks.list(project=proj.id, fields="all"))
+    for t in tasks:  # extra keys a real project carries; the queue must not lose them
+        client.tasks.update(id=str(t.id), data={**t.data, "site": f"camera-{t.id % 3}", "batch": 7})
+    for t in tasks[:3]:
+        _annotate(client, t.id)
+    return client, proj.id, [t.id for t in tasks]
+
+
+def _view_tasks(label_studio, view_id: int, project: int) -> list[dict]:
+    r = httpx.get(f"{label_studio.url}/api/tasks", params={"project": project, "view": view_id, "fields": "all",
+                                                           "page_size": 100},
+                  headers={"Authorization": f"Token {label_studio.token}"})
+    r.raise_for_status()
+    return r.json()["tasks"]
+
+
+def test_queue_fields_views_and_labeled_tasks(label_studio, project, detect_adapter, segment_adapter):
+    client, pid, task_ids = project
+    queue = LabelStudioQueue(client, pid)
+    fetcher = MediaFetcher(MediaSettings(label_studio_url=label_studio.url, api_key=label_studio.token))
+    config = SelectionConfig(strategy=Strategy.HYBRID, budget=6, control_fraction=0.2, seed=1)
+
+    tasks = queue.tasks()
+    outcome, table, ids = run_selection(tasks, queue.label_config(), fetcher, detect_adapter, config,
+                                        second=segment_adapter)
+    assert outcome.candidates == 11 and outcome.labeled == 3
+    assert set(ids).isdisjoint(task_ids[:3])  # labeled tasks are never candidates
+    assert len(outcome.entries) == 6 and sum(e.control for e in outcome.entries) == 1
+    assert outcome.mode == "hybrid+k-center"
+    write_queue(queue, outcome, tasks, run="r1")
+    assert set(outcome.views) == {"Tandem: review queue", "Tandem: disagreements", "Tandem: uncertain"}
+
+    by_id = {t["id"]: t for t in queue.tasks()}
+    for e in outcome.entries:
+        data = by_id[e.task_id]["data"]
+        assert data["image"].startswith("/data/upload/") and data["batch"] == 7 and data["site"].startswith("camera-")
+        assert data["tandem_rank"] == e.rank and data["tandem_reason"] == e.reason
+        assert data["tandem_pick"] == ("control (random)" if e.control else "active")
+        assert 0 <= data["tandem_disagreement"] <= 1
+    unqueued = [t for i, t in by_id.items() if i not in {e.task_id for e in outcome.entries}]
+    assert all("tandem_score" not in t["data"] and "image" in t["data"] for t in unqueued)
+
+    listed = _view_tasks(label_studio, outcome.views["Tandem: disagreements"], pid)
+    values = [t["data"]["tandem_disagreement"] for t in listed]
+    assert len(listed) == 6 and values == sorted(values, reverse=True)
+    ranks = [t["data"]["tandem_rank"] for t in _view_tasks(label_studio, outcome.views["Tandem: review queue"], pid)]
+    assert ranks == sorted(ranks) == list(range(1, 7))
+
+    # an annotator finishes the top task: it leaves the views at once, and its fields on the next run
+    top = outcome.entries[0].task_id
+    _annotate(client, top)
+    assert top not in {t["id"] for t in _view_tasks(label_studio, outcome.views["Tandem: review queue"], pid)}
+    tasks = queue.tasks()
+    second_run, _, _ = run_selection(tasks, queue.label_config(), fetcher, detect_adapter, config, second=segment_adapter)
+    write_queue(queue, second_run, tasks, run="r2")
+    assert top not in {e.task_id for e in second_run.entries}
+    assert second_run.views == outcome.views  # updated in place, not duplicated
+    data = {t["id"]: t["data"] for t in queue.tasks()}
+    assert not any(k.startswith("tandem_") for k in data[top]) and data[top]["batch"] == 7
+    assert len(client.views.list(project=pid)) == 3
+
+
+def test_cli_select_dry_run_writes_files_and_leaves_label_studio_alone(label_studio, project, detect_weights,
+                                                                       segment_weights, tmp_path):
+    client, pid, _ = project
+    before = {t.id: dict(t.data) for t in client.tasks.list(project=pid, fields="all")}
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+           "TANDEM_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "select", "--project", str(pid), "--budget", "4", "--strategy",
+         "disagreement", "--model", str(detect_weights), "--second-model", str(segment_weights), "--dry-run",
+         "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Top picks" in proc.stdout and "queued of" in proc.stderr
+    picks = list(csv.DictReader((tmp_path / "out" / "selection.csv").open()))
+    assert len(picks) == 4
+    summary = json.loads((tmp_path / "out" / "selection.json").read_text())
+    assert summary["mode"].startswith("disagreement") and len(summary["entries"]) == 4
+    scores = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
+    assert len(scores) == summary["candidates"]
+    assert {t.id: dict(t.data) for t in client.tasks.list(project=pid, fields="all")} == before
+
+
+def test_cli_select_unreachable_label_studio_is_a_clear_error(tmp_path, detect_weights):
+    env = {**os.environ, "LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "x",
+           "TANDEM_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", "select", "--project", "1", "--model", str(detect_weights)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "cannot read project 1" in proc.stderr
