@@ -6,9 +6,9 @@ Detection. Agreement is a score-weighted, IoU-weighted F1 over the best one-to-o
 
 with pairs below `min_iou` not allowed, and D = 1 − Agree ∈ [0, 1] (0 when both see nothing). Because the
 matching maximises the numerator itself (Hungarian, scipy), D is symmetric and exactly 0 for identical
-predictions. Reasons come from a second, class-agnostic matching: a box only one model sees
-("overlooked"), a matched pair with IoU below `loc_iou` ("poorly localised"), a well-placed pair with
-different classes ("class swap").
+predictions. Reasons come from the same class-aware matching followed by a class-agnostic matching of
+the boxes it left over: a box only one model sees ("overlooked"), a matched pair with IoU below
+`loc_iou` ("poorly localised"), a well-placed pair with different classes ("class swap").
 
 Classification. Jensen–Shannon divergence / log 2 (∈ [0, 1]) and whether the top-1 classes differ.
 """
@@ -73,15 +73,16 @@ class DetectionDisagreement:
         return "; ".join(parts) if parts else "agree"
 
 
-def _padded(boxes: BoxBatch, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes of images start..stop padded to (n, width, 4) plus a validity mask."""
-    counts = boxes.counts[start:stop]
-    width = int(counts.max()) if len(counts) else 0
-    out = np.zeros((len(counts), width, 4))
+def _gather(boxes: BoxBatch, rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xyxy, scores and labels of the images `rows`, padded to `width` boxes (score 0, label −1)."""
+    counts = boxes.counts[rows]
     valid = np.arange(width)[None, :] < counts[:, None]
-    rows = boxes.xyxy[boxes.offsets[start] : boxes.offsets[stop]]
-    out[valid] = rows
-    return out, valid
+    src = (boxes.offsets[rows][:, None] + np.arange(width)[None, :])[valid]
+    xyxy = np.zeros((len(rows), width, 4))
+    scores = np.zeros((len(rows), width))
+    labels = np.full((len(rows), width), -1)
+    xyxy[valid], scores[valid], labels[valid] = boxes.xyxy[src], boxes.scores[src], boxes.labels[src]
+    return xyxy, scores, labels
 
 
 def detection_disagreement(
@@ -89,7 +90,7 @@ def detection_disagreement(
     b: BoxBatch,
     min_iou: float = 0.1,
     loc_iou: float = 0.5,
-    chunk: int = 4096,
+    chunk: int = 2048,
 ) -> DetectionDisagreement:
     if a.num_images != b.num_images:
         raise ValueError(f"a has {a.num_images} images, b has {b.num_images}")
@@ -98,28 +99,44 @@ def detection_disagreement(
     pairs_a: list[np.ndarray] = []
     pairs_b: list[np.ndarray] = []
     pair_iou: list[np.ndarray] = []
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        pa, va = _padded(a, start, stop)
-        pb, vb = _padded(b, start, stop)
-        ious = pairwise_iou(pa, pb)  # one vectorised call per chunk
-        for k, i in enumerate(range(start, stop)):
-            sa, ea, sb, eb = a.offsets[i], a.offsets[i + 1], b.offsets[i], b.offsets[i + 1]
-            if sa == ea or sb == eb:
+    ca, cb = a.counts, b.counts
+    both = np.flatnonzero((ca > 0) & (cb > 0))
+    both = both[np.argsort(np.maximum(ca[both], cb[both]), kind="stable")]  # similar sizes share a chunk: little padding
+    for start in range(0, len(both), chunk):
+        rows = both[start : start + chunk]
+        # images with boxes on both sides, padded and scored in one vectorised pass per chunk
+        wa, wb = int(ca[rows].max()), int(cb[rows].max())
+        xa, sa, la = _gather(a, rows, wa)
+        xb, sb, lb = _gather(b, rows, wb)
+        iou = pairwise_iou(xa, xb)
+        allowed = iou >= min_iou
+        weight = iou * np.sqrt(sa[:, :, None] * sb[:, None, :])
+        aware = np.where(allowed & (la[:, :, None] == lb[:, None, :]), weight, 0.0)
+        agnostic = np.where(allowed, iou, 0.0)
+        any_allowed = allowed.any(axis=(1, 2))
+        for k, i in enumerate(rows):
+            if not any_allowed[k]:
                 continue
-            iou = ious[k, : ea - sa, : eb - sb]
-            allowed = iou >= min_iou
-            if not allowed.any():
-                continue
-            same = a.labels[sa:ea, None] == b.labels[None, sb:eb]
-            w = iou * np.sqrt(a.scores[sa:ea, None] * b.scores[None, sb:eb])
-            r, c = match(np.where(same, w, 0.0), allowed & same)
+            na, nb = ca[i], cb[i]
+            w = aware[k, :na, :nb]
+            r, c = linear_sum_assignment(w, maximize=True)
+            kept = w[r, c] > 0
+            r, c = r[kept], c[kept]
             agree_num[i] = w[r, c].sum()
-            r, c = match(iou, allowed)  # class-agnostic, for the reasons
-            pairs_a.append(r + sa)
-            pairs_b.append(c + sb)
-            pair_iou.append(iou[r, c])
-        del ious, va, vb
+            # then class-agnostic among the boxes left over: these pairs are the class swaps
+            if len(r) < na and len(c) < nb:
+                mask_a, mask_b = np.ones(na, bool), np.ones(nb, bool)
+                mask_a[r], mask_b[c] = False, False
+                free_a, free_b = np.flatnonzero(mask_a), np.flatnonzero(mask_b)
+                rest = agnostic[k][np.ix_(free_a, free_b)]
+                if rest.any():
+                    r2, c2 = linear_sum_assignment(rest, maximize=True)
+                    ok = rest[r2, c2] > 0
+                    r = np.concatenate([r, free_a[r2[ok]]])
+                    c = np.concatenate([c, free_b[c2[ok]]])
+            pairs_a.append(r + a.offsets[i])
+            pairs_b.append(c + b.offsets[i])
+            pair_iou.append(iou[k, r, c])
 
     denom = np.bincount(a.image_index, a.scores, n) + np.bincount(b.image_index, b.scores, n)
     agree = np.divide(2 * agree_num, denom, out=np.ones(n), where=denom > 0)
