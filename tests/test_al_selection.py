@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+
+from active_learning.diversity import k_center_greedy, typical_per_cluster, typicality
+from active_learning.scoring import score_outputs
+from active_learning.selection import SelectionConfig, Strategy, select
+from backend.models.base import ModelOutput
+
+
+def brute_k_center(x, budget, labeled):
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    lab = labeled / np.linalg.norm(labeled, axis=1, keepdims=True)
+    centers, picked = list(lab), []
+    for _ in range(budget):
+        d = np.array([min(np.sum((p - c) ** 2) for c in centers) for p in x])
+        d[picked] = -1
+        i = int(np.argmax(d))
+        picked.append(i)
+        centers.append(x[i])
+    return picked
+
+
+def test_k_center_matches_brute_force():
+    rng = np.random.default_rng(0)
+    x, labeled = rng.normal(size=(60, 5)), rng.normal(size=(4, 5))
+    assert list(k_center_greedy(x, 7, labeled)) == brute_k_center(x, 7, labeled)
+
+
+def test_k_center_spreads_over_clusters():
+    rng = np.random.default_rng(1)
+    centers = np.eye(4) * 10
+    x = np.concatenate([c + rng.normal(scale=0.1, size=(50, 4)) for c in centers])
+    picks = k_center_greedy(x, 4)
+    assert sorted(set(picks // 50)) == [0, 1, 2, 3]
+
+
+def test_typicality_prefers_dense_points_and_cold_start_covers_clusters():
+    rng = np.random.default_rng(2)
+    dense = rng.normal(scale=0.05, size=(40, 3)) + [1, 0, 0]
+    outlier = np.array([[0, 0, 1.0]])
+    x = np.concatenate([dense, outlier])
+    t = typicality(x, k=5)
+    assert t[-1] < t[:-1].min()
+    blobs = np.concatenate([rng.normal(scale=0.05, size=(30, 3)) + c for c in np.eye(3)])
+    picks = typical_per_cluster(blobs, 3, seed=0)
+    assert sorted(picks // 30) == [0, 1, 2]
+
+
+def test_strategies_rank_by_their_signal_and_control_slice_is_marked():
+    n = 100
+    u = np.linspace(0, 1, n)
+    d = u[::-1].copy()
+    by_u = select(SelectionConfig(Strategy.UNCERTAINTY, budget=10, control_fraction=0.0), u, d)
+    assert set(by_u.indices) == set(range(90, 100)) and by_u.mode == "uncertainty"
+    by_d = select(SelectionConfig(Strategy.DISAGREEMENT, budget=10, control_fraction=0.0), u, d)
+    assert set(by_d.indices) == set(range(10))
+    hybrid = select(SelectionConfig(Strategy.HYBRID, budget=10, control_fraction=0.2,
+                                    weights={"uncertainty": 1.0, "disagreement": 0.0}), u, d)
+    assert hybrid.control.sum() == 2 and len(hybrid.indices) == 10 and len(set(hybrid.indices)) == 10
+    assert set(hybrid.indices[~hybrid.control]) == set(range(92, 100))
+    fallback = select(SelectionConfig(Strategy.DISAGREEMENT, budget=5), u, None)
+    assert "no second model" in fallback.mode
+    rand = select(SelectionConfig(Strategy.RANDOM, budget=10, seed=3), u, d)
+    assert rand.control.sum() == 0 and len(set(rand.indices)) == 10
+
+
+def test_pool_then_diversity_stays_inside_the_pool():
+    rng = np.random.default_rng(4)
+    emb = rng.normal(size=(200, 8))
+    u = rng.random(200)
+    sel = select(SelectionConfig(Strategy.UNCERTAINTY, budget=10, pool_factor=3, control_fraction=0), u, embeddings=emb)
+    pool = set(np.argsort(-u)[:30])
+    assert set(sel.indices) <= pool and sel.mode == "uncertainty+k-center"
+    assert list(u[sel.indices]) == sorted(u[sel.indices], reverse=True)  # queue order = score order
+
+
+def test_cold_start_uses_typicality():
+    rng = np.random.default_rng(5)
+    sel = select(SelectionConfig(Strategy.HYBRID, budget=4, cold_start_labels=10, control_fraction=0),
+                 rng.random(50), rng.random(50), rng.normal(size=(50, 4)), num_labeled=3)
+    assert sel.mode == "typicality (cold start)" and len(sel.indices) == 4
+
+
+def test_classifier_outputs_score_by_margin_and_js():
+    p = [ModelOutput(probabilities=np.array(v)) for v in ([0.9, 0.1], [0.5, 0.5])]
+    q = [ModelOutput(probabilities=np.array(v)) for v in ([0.9, 0.1], [0.0, 1.0])]
+    table = score_outputs(p, ["cat", "dog"], q, ["CAT", "Dog"], model_names=("yolo", "clip"))
+    np.testing.assert_allclose(table.uncertainty, [0.2, 1.0])
+    assert table.disagreement[0] == pytest.approx(0) and table.disagreement[1] > 0.3
+    assert table.reasons[1] == "yolo says cat (0.50), clip says dog (1.00)"
