@@ -196,6 +196,204 @@ def select(
         console.print("Label Studio views: " + ", ".join(f"{t} (#{i})" for t, i in outcome.views.items()))
 
 
+def _stores(home: Path | None):
+    from backend.registry import Registry
+    from backend.settings import Settings
+    from backend.training.jobs import JobStore
+
+    settings = Settings.from_env(home=home)
+    return settings, Registry(settings.db_path), JobStore(settings.db_path)
+
+
+@app.command()
+def train(
+    project: Annotated[int, typer.Option("--project", "-p", help="Label Studio project id.")],
+    runner: Annotated[str, typer.Option(help="local (a separate process here) or modal (an H100 on Modal).")] = "local",
+    model: Annotated[str, typer.Option(help="yolo (vlm: LoRA, with the VLM adapters).")] = "yolo",
+    epochs: Annotated[int | None, typer.Option(help="Fine-tune epochs (env TANDEM_TRAIN_EPOCHS, 10).")] = None,
+    imgsz: Annotated[int | None, typer.Option(help="Training image size (default: the serving model's).")] = None,
+    server: Annotated[
+        str | None, typer.Option(help="A running Tandem (http://host:port): queue the job there instead of here.")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the job's log until it ends.")] = True,
+    home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None,
+) -> None:
+    """Fine-tune on the project's corrected labels; the new version is promoted only if it is not worse."""
+    import time
+
+    from backend.training.runner import LocalRunner, log_path
+
+    if runner not in ("local", "modal"):
+        raise typer.BadParameter("--runner must be local or modal")
+    if model != "yolo":
+        console.print("[red]error:[/] only --model yolo can be fine-tuned so far (VLM LoRA comes with the VLM adapters)")
+        raise typer.Exit(2)
+    settings, _, store = _stores(home)
+    params = {**settings.training_params(), **{k: v for k, v in {"epochs": epochs, "imgsz": imgsz}.items() if v}}
+    if server:
+        import httpx
+
+        auth = settings.basic_auth
+        r = httpx.post(f"{server.rstrip('/')}/train", json={"project": project, "runner": runner, "params": params,
+                                                           "reason": "tandem train"}, auth=auth, timeout=30)
+        if r.status_code >= 400:
+            console.print(f"[red]error:[/] {r.status_code} {r.text}")
+            raise typer.Exit(2)
+        job_id = r.json()["id"]
+        console.print(f"queued job {job_id} on {server}")
+    else:
+        active = store.active(project)
+        if active:
+            console.print(f"project {project} already has job {active[0].id} ({active[0].status.value})")
+            job_id = active[0].id
+        else:
+            job = store.create(project, model, runner, "tandem train", params)
+            job_id = job.id
+            if runner == "local":
+                LocalRunner(settings, store).start(job)
+            else:
+                from infra.modal_runner import ModalRunner
+
+                try:
+                    ModalRunner(settings, store).start(job)
+                except Exception as exc:
+                    console.print(f"[red]error:[/] {exc}")
+                    raise typer.Exit(2) from exc
+            console.print(f"job {job_id} started ({runner})")
+    if not wait:
+        return
+    path, shown = log_path(settings.home, job_id), 0
+    while True:
+        if path.exists():
+            lines = path.read_text(errors="replace").splitlines()
+            for line in lines[shown:]:
+                console.print(line, markup=False, highlight=False)
+            shown = len(lines)
+        job = store.get(job_id)
+        if job and not job.status.active:
+            break
+        time.sleep(1)
+    color = "green" if job.status.value == "succeeded" else "red"
+    console.print(f"[{color}]job {job_id} {job.status.value}[/]" + (f": {job.error.splitlines()[0]}" if job.error else ""))
+    if job.version:
+        console.print(f"version {job.version}: {'promoted' if job.promoted else 'not promoted'}")
+    raise typer.Exit(0 if job.status.value == "succeeded" else 1)
+
+
+jobs_app = typer.Typer(help="Training jobs: list, show, logs, cancel.", no_args_is_help=True)
+models_app = typer.Typer(help="Model versions: list, promote, rollback.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(models_app, name="models")
+
+
+@jobs_app.command("list")
+def jobs_list(project: Annotated[int | None, typer.Option("--project", "-p")] = None,
+              home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    from rich.table import Table
+
+    _, _, store = _stores(home)
+    table = Table(title="Tandem jobs")
+    for col in ("id", "project", "status", "runner", "reason", "version", "promoted", "error"):
+        table.add_column(col)
+    for j in store.list(project):
+        table.add_row(str(j.id), str(j.project_id), j.status.value, j.runner, j.reason, j.version or "",
+                      "" if j.promoted is None else str(j.promoted), (j.error or "").splitlines()[0] if j.error else "")
+    Console().print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    import json
+
+    _, _, store = _stores(home)
+    job = store.get(job_id)
+    if job is None:
+        console.print(f"[red]error:[/] no job {job_id}")
+        raise typer.Exit(2)
+    typer.echo(json.dumps(job.public(), indent=2, default=str))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: int, lines: int = 200, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    from backend.training.runner import log_path, tail
+
+    settings, _, _ = _stores(home)
+    typer.echo(tail(log_path(settings.home, job_id), lines))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    import os
+    import signal
+
+    from backend.training.jobs import JobStatus
+
+    _, _, store = _stores(home)
+    job = store.get(job_id)
+    if job is None or not job.status.active:
+        console.print(f"[red]error:[/] job {job_id} is not queued or running")
+        raise typer.Exit(2)
+    store.finish(job_id, JobStatus.CANCELLED, error="cancelled from the CLI")
+    if job.pid:
+        try:
+            os.killpg(job.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    console.print(f"job {job_id} cancelled")
+
+
+@models_app.command("list")
+def models_list(home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    from rich.table import Table
+
+    _, registry, _ = _stores(home)
+    current = registry.current()
+    table = Table(title="Tandem model versions")
+    for col in ("", "version", "task", "status", "fitness", "serving fitness", "parent", "dataset", "created"):
+        table.add_column(col)
+    import time as _t
+
+    for v in registry.versions():
+        cand, serv = v.metrics.get("candidate", {}), v.metrics.get("serving", {})
+        table.add_row("▶" if current and v.version == current.version else "", v.version, v.task, v.status,
+                      f"{cand['fitness']:.4f}" if cand else "", f"{serv['fitness']:.4f}" if serv else "",
+                      v.parent or "", v.dataset or "", _t.strftime("%Y-%m-%d %H:%M", _t.localtime(v.created_at)))
+    Console().print(table)
+
+
+@models_app.command("promote")
+def models_promote(version: str, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    """Serve VERSION now (a running server swaps within seconds)."""
+    from backend.errors import TandemError
+    from backend.models.yolo import YoloAdapter
+
+    _, registry, _ = _stores(home)
+    found = registry.get(version)
+    if found is None or not found.path:
+        console.print(f"[red]error:[/] no version {version}")
+        raise typer.Exit(2)
+    try:
+        YoloAdapter(found.path, device="cpu")  # never promote weights that do not load
+    except TandemError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    registry.set_status(version, "promoted")
+    console.print(f"{version} promoted")
+
+
+@models_app.command("rollback")
+def models_rollback(home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    """Serve the parent of the current version again."""
+    _, registry, _ = _stores(home)
+    current = registry.current()
+    if current is None or not current.parent or registry.get(current.parent) is None:
+        console.print("[red]error:[/] the current version has no parent to roll back to")
+        raise typer.Exit(2)
+    registry.set_status(current.parent, "promoted")
+    registry.set_status(current.version, "rejected")
+    console.print(f"rolled back from {current.version} to {current.parent}")
+
+
 @app.command("train-starter")
 def train_starter(
     task: Annotated[str, typer.Option(help="detect, segment or classify.")] = "detect",

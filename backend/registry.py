@@ -22,7 +22,11 @@ CREATE TABLE IF NOT EXISTS model_versions (
     path        TEXT,
     created_at  REAL NOT NULL,
     served_at   REAL,
-    metrics     TEXT NOT NULL DEFAULT '{}'
+    metrics     TEXT NOT NULL DEFAULT '{}',
+    parent      TEXT,
+    dataset     TEXT,
+    status      TEXT NOT NULL DEFAULT 'served',  -- served | candidate | promoted | rejected
+    promoted_at REAL
 );
 CREATE TABLE IF NOT EXISTS webhook_events (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -47,6 +51,19 @@ class ModelVersion:
     created_at: float
     served_at: float | None
     metrics: dict
+    parent: str | None = None
+    dataset: str | None = None
+    status: str = "served"
+    promoted_at: float | None = None
+
+
+_COLUMNS = "version, name, task, path, created_at, served_at, metrics, parent, dataset, status, promoted_at"
+
+
+def _row(row) -> ModelVersion:
+    values = list(row)
+    values[6] = json.loads(values[6])
+    return ModelVersion(*values)
 
 
 class Registry:
@@ -79,11 +96,37 @@ class Registry:
 
     def versions(self) -> list[ModelVersion]:
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT version, name, task, path, created_at, served_at, metrics FROM model_versions "
-                "ORDER BY created_at DESC"
-            ).fetchall()
-        return [ModelVersion(*row[:6], metrics=json.loads(row[6])) for row in rows]
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM model_versions ORDER BY created_at DESC").fetchall()
+        return [_row(r) for r in rows]
+
+    def get(self, version: str) -> ModelVersion | None:
+        with self._lock:
+            row = self._conn.execute(f"SELECT {_COLUMNS} FROM model_versions WHERE version = ?", (version,)).fetchone()
+        return _row(row) if row else None
+
+    def add_candidate(self, version: str, name: str, task: str, path: str, parent: str | None, dataset: str,
+                      metrics: dict) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO model_versions(version, name, task, path, created_at, metrics, parent, dataset, status) "
+                "VALUES (?,?,?,?,?,?,?,?, 'candidate') ON CONFLICT(version) DO UPDATE SET metrics=excluded.metrics",
+                (version, name, task, path, time.time(), json.dumps(metrics), parent, dataset),
+            )
+
+    def set_status(self, version: str, status: str, metrics: dict | None = None) -> None:
+        with self._tx() as conn:
+            if metrics is not None:
+                conn.execute("UPDATE model_versions SET metrics = ? WHERE version = ?", (json.dumps(metrics), version))
+            if status == "promoted":
+                conn.execute("UPDATE model_versions SET status='promoted', promoted_at=? WHERE version=?",
+                             (time.time(), version))
+            else:
+                conn.execute("UPDATE model_versions SET status=? WHERE version=?", (status, version))
+
+    def current(self) -> ModelVersion | None:
+        """The version that should be served: whichever was most recently started or promoted."""
+        live = [v for v in self.versions() if v.served_at or v.promoted_at]
+        return max(live, key=lambda v: max(v.served_at or 0, v.promoted_at or 0)) if live else None
 
     def last_served(self) -> ModelVersion | None:
         served = [v for v in self.versions() if v.served_at]

@@ -34,6 +34,10 @@ class Settings(BaseModel):
     conf: float = 0.25
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 80_000_000
+    train_after: int = 10
+    train_interval_s: float = 0.0
+    train_epochs: int = 10
+    train_imgsz: int | None = None
 
     @field_validator("label_studio_url")
     @classmethod
@@ -58,6 +62,10 @@ class Settings(BaseModel):
             "case_sensitive_labels": (_env("TANDEM_CASE_SENSITIVE_LABELS") or "").lower() in ("1", "true", "yes"),
             "device": _env("TANDEM_DEVICE"),
             "conf": float(_env("TANDEM_CONF") or 0.25),
+            "train_after": int(_env("TANDEM_TRAIN_AFTER") or 10),
+            "train_interval_s": float(_env("TANDEM_TRAIN_INTERVAL") or 0),
+            "train_epochs": int(_env("TANDEM_TRAIN_EPOCHS") or 10),
+            "train_imgsz": int(_env("TANDEM_TRAIN_IMGSZ")) if _env("TANDEM_TRAIN_IMGSZ") else None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -71,6 +79,23 @@ class Settings(BaseModel):
     @property
     def db_path(self) -> Path:
         return self.home / "tandem.sqlite3"
+
+    def to_env(self) -> dict[str, str]:
+        """The same settings as environment variables, for processes Tandem starts (training workers)."""
+        pairs = {
+            "TANDEM_HOME": str(self.home),
+            "LABEL_STUDIO_URL": self.label_studio_url,
+            "LABEL_STUDIO_API_KEY": self.label_studio_api_key,
+            "TANDEM_ALLOWED_HOSTS": ",".join(sorted(self.allowed_hosts)) or None,
+            "LOCAL_FILES_DOCUMENT_ROOT": str(self.local_files_root) if self.local_files_root else None,
+            "TANDEM_LABEL_MAP": json.dumps(self.label_map) if self.label_map else None,
+            "TANDEM_DEVICE": self.device,
+            "TANDEM_CONF": str(self.conf),
+        }
+        return {k: v for k, v in pairs.items() if v is not None}
+
+    def training_params(self) -> dict:
+        return {"epochs": self.train_epochs, "imgsz": self.train_imgsz}
 
     def media(self) -> MediaSettings:
         return MediaSettings(

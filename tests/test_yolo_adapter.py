@@ -68,3 +68,10 @@ def test_embeddings_are_per_image_vectors(detect_adapter):
     emb = detect_adapter.embed(images)
     assert emb.ndim == 2 and emb.shape[0] == 3 and emb.shape[1] >= 64
     assert not np.allclose(emb[0], emb[1])
+
+
+def test_image_without_objects_gives_empty_detections(detect_adapter):
+    from PIL import Image
+
+    (out,) = detect_adapter.predict([Image.new("RGB", (320, 240), (200, 200, 200))])
+    assert len(out.detections) == 0 and out.detections.data["class_scores"].shape == (0, 3)

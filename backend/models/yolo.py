@@ -52,7 +52,7 @@ def _class_vector_predictor(base: type) -> type:
             )
             results = super().postprocess(preds, img, orig_imgs, **kwargs)
             for b, result in enumerate(results):
-                vectors = raw[b, 4 : 4 + nc, :].T[idxs[b]]
+                vectors = raw[b, 4 : 4 + nc, :].T[idxs[b].long()]  # empty idxs come back as float
                 result.class_scores = _align(kept[b][:, 4], result.boxes.conf, vectors)
             return results
 
@@ -196,7 +196,8 @@ class YoloAdapter:
         data = {"class_name": np.array([self.class_names[i] for i in class_id], dtype=object)}
         scores = getattr(result, "class_scores", None)
         if scores is not None:
-            data["class_scores"] = scores.detach().float().cpu().numpy().astype(np.float64).reshape(len(class_id), -1)
+            data["class_scores"] = scores.detach().float().cpu().numpy().astype(np.float64).reshape(
+                len(class_id), len(self.class_names))
         detections = sv.Detections(
             xyxy=boxes.xyxy.cpu().numpy().astype(np.float64),
             confidence=boxes.conf.cpu().numpy().astype(np.float64),

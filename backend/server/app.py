@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from backend.errors import TandemError
@@ -28,12 +28,15 @@ from backend.server.protocol import (
     PredictResponse,
     SetupRequest,
     SetupResponse,
+    TrainRequest,
     VersionsResponse,
     WebhookRequest,
     project_id,
 )
 from backend.serving import ModelHolder
 from backend.settings import Settings
+from backend.training.runner import log_path, tail
+from backend.training.service import TrainingPolicy, TrainingService
 
 log = logging.getLogger("tandem.server")
 
@@ -57,7 +60,14 @@ def _basic_auth_dependency(settings: Settings):
     return check
 
 
-def create_app(settings: Settings, holder: ModelHolder, registry: Registry | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    holder: ModelHolder,
+    registry: Registry | None = None,
+    training: TrainingService | None | bool = True,
+    policy: TrainingPolicy | None = None,
+) -> FastAPI:
+    """`training=True` starts the job service (webhook triggers, hot swaps); False serves predictions only."""
     registry = registry or Registry(settings.db_path)
     fetcher = MediaFetcher(settings.media())
     sync = VersionSync(registry)
@@ -65,11 +75,19 @@ def create_app(settings: Settings, holder: ModelHolder, registry: Registry | Non
     setups: dict[int, tuple[str | None, str | None]] = {}  # project -> (hostname, legacy token) from /setup
     label_maps: dict[int, dict[str, str]] = {}  # project -> label_map from the backend's extra_params
 
+    if training is True:
+        policy = policy or TrainingPolicy(train_after=settings.train_after, interval_s=settings.train_interval_s,
+                                          params=settings.training_params())
+        training = TrainingService(settings, holder, registry, policy)
+    training = training or None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         sync.close()
         fetcher.close()
+        if training:
+            training.close()
 
     app = FastAPI(
         title="Tandem",
@@ -98,8 +116,11 @@ def create_app(settings: Settings, holder: ModelHolder, registry: Registry | Non
         registry.record_served(adapter.version, adapter.name, adapter.task.value, str(getattr(adapter, "path", "")))
 
     app.state.on_loaded = on_loaded
+    app.state.training = training
     if holder.adapter is not None:
         on_loaded(holder.adapter)
+    if training:
+        training.on_loaded = on_loaded
 
     @app.get("/", response_model=HealthResponse, include_in_schema=False)
     @app.get("/health", response_model=HealthResponse)
@@ -152,9 +173,46 @@ def create_app(settings: Settings, holder: ModelHolder, registry: Registry | Non
 
     @app.post("/webhook")
     def webhook(body: WebhookRequest) -> dict[str, Any]:
-        """Label Studio gives annotation webhooks 1 s and ignores the answer: record, never work here."""
-        registry.record_event(project_id(body.project), body.action)
-        return {"status": "ok", "action": body.action}
+        """Label Studio gives annotation webhooks 1 s and ignores the answer: record and queue, never train here."""
+        pid = project_id(body.project)
+        registry.record_event(pid, body.action)
+        job = training.on_webhook(body.action, pid) if training else None
+        return {"status": "ok", "action": body.action, **({"job": job.id} if job else {})}
+
+    def _training() -> TrainingService:
+        if not training:
+            raise HTTPException(404, "training is disabled on this server")
+        return training
+
+    @app.post("/train")
+    def train(body: TrainRequest) -> dict[str, Any]:
+        """Queue a fine-tune job for a project (coalesces with an active one)."""
+        job = _training().trigger(body.project, body.reason, runner=body.runner, model_kind=body.model,
+                                  params=body.params)
+        return job.public()
+
+    @app.get("/jobs")
+    def jobs(project: int | None = None) -> list[dict[str, Any]]:
+        return [j.public() for j in _training().store.list(project)]
+
+    @app.get("/jobs/{job_id}")
+    def job(job_id: int) -> dict[str, Any]:
+        found = _training().store.get(job_id)
+        if found is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return found.public()
+
+    @app.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
+    def job_logs(job_id: int, lines: int = 200) -> str:
+        if _training().store.get(job_id) is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return tail(log_path(settings.home, job_id), lines)
+
+    @app.post("/jobs/{job_id}/cancel")
+    def cancel(job_id: int) -> dict[str, Any]:
+        if not _training().cancel(job_id):
+            raise HTTPException(409, f"job {job_id} is not queued or running")
+        return _training().store.get(job_id).public()
 
     @app.get("/versions", response_model=VersionsResponse)
     def versions() -> VersionsResponse:

@@ -58,6 +58,14 @@ class WebhookRequest(_Open):
     project: Any = None
 
 
+class TrainRequest(BaseModel):
+    project: int
+    runner: str = Field(default="local", pattern="^(local|modal)$")
+    model: str = Field(default="yolo", pattern="^(yolo|vlm)$")
+    reason: str = "POST /train"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class HealthResponse(BaseModel):
     status: str
     model_class: str = "Tandem"

@@ -1,0 +1,121 @@
+"""The whole loop on a real Label Studio: predictions -> annotations (Label Studio's own webhooks) ->
+debounced trigger -> a real fine-tune in a separate process -> promotion on the frozen split -> hot swap
+-> new predictions carry the new version. And a `kill -9` of a running job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from label_studio_sdk import LabelStudio
+
+from backend.datasets.shapes import generate_samples
+from backend.models.starter import StarterRecipe, train_starter_model
+from backend.models.yolo import YoloAdapter
+from backend.server.app import create_app
+from backend.serving import ModelHolder
+from backend.settings import Settings
+from backend.training.jobs import JobStatus
+from backend.training.runner import wait
+from tests.conftest import CACHE
+from tests.harness import ServerThread, png_bytes
+from tests.test_e2e_label_studio import _connect, _retrieve_predictions, _tasks_by_name, _upload
+from tests.test_server import RECT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+
+
+@pytest.fixture(scope="module")
+def weak_weights():
+    """The starter recipe stopped early: a real but weak detector that corrections can improve."""
+    return train_starter_model(CACHE / "weak-home", "detect", StarterRecipe("detect", epochs=6))
+
+
+def _annotation(sample) -> list[dict]:
+    w, h = sample.width, sample.height
+    return [{"from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": w,
+             "original_height": h, "value": {"x": o.box[0] / w * 100, "y": o.box[1] / h * 100,
+                                             "width": (o.box[2] - o.box[0]) / w * 100,
+                                             "height": (o.box[3] - o.box[1]) / h * 100, "rotation": 0,
+                                             "rectanglelabels": [o.label.capitalize()]}} for o in sample.objects]
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_corrections_retrain_promote_and_serve(label_studio, weak_weights, tmp_path):
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="tandem e2e loop", label_config=RECT)
+    items = generate_samples(44, seed=8080)
+    _upload(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
+                        label_studio_api_key=label_studio.token, train_after=36, train_epochs=10, train_imgsz=160)
+    weak = YoloAdapter(weak_weights, device="cpu")
+    app = create_app(settings, ModelHolder(weak))
+    with ServerThread(app) as srv:
+        _connect(client, project.id, srv.url)
+        _retrieve_predictions(client, project.id)
+        tasks = _tasks_by_name(client, project.id)
+        assert all(p.model_version == weak.version for t in tasks.values()
+                   for p in client.predictions.list(task=t["id"]))
+
+        # annotators correct 40 tasks; Label Studio itself posts ANNOTATION_CREATED to Tandem's /webhook
+        for _, sample in items[:40]:
+            client.annotations.create(id=tasks[f"{sample.name}.png"]["id"], result=_annotation(sample))
+        store = app.state.training.store
+        jobs = _wait_for(lambda: store.list(project.id), 30, "a job triggered by webhooks")
+        assert len(jobs) == 1 and "36 new corrections" in jobs[0].reason
+        job = wait(store, jobs[0].id, timeout=900)
+        log = httpx.get(f"{srv.url}/jobs/{job.id}/logs").text
+        assert job.status is JobStatus.SUCCEEDED, f"{job.error}\n{log}"
+        assert "Epoch" in log or "epoch" in log  # ultralytics' progress is streamed to the job log
+        new, old = job.metrics["candidate"]["fitness"], job.metrics["serving"]["fitness"]
+        assert job.promoted and new > old, (new, old)
+        assert len(store.list(project.id)) == 1  # 40 events, threshold 36: one job, no second
+
+        _wait_for(lambda: httpx.get(f"{srv.url}/health").json()["model_version"] == job.version, 60, "the hot swap")
+        assert {weak.version, job.version} <= set(httpx.get(f"{srv.url}/versions").json()["versions"])
+
+        _retrieve_predictions(client, project.id)  # a new version makes every task eligible again
+        fresh = [p for _, s in items[40:] for p in client.predictions.list(task=tasks[f"{s.name}.png"]["id"])]
+        assert {p.model_version for p in fresh} == {weak.version, job.version}
+        assert app.state.sync.wait_idle(60)
+        assert client.projects.get(id=project.id).model_version == job.version
+
+
+def test_kill_9_of_a_running_job_fails_it_and_keeps_serving(label_studio, weak_weights, detect_weights, tmp_path):
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="tandem e2e kill", label_config=RECT)
+    items = generate_samples(12, seed=99)
+    _upload(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    tasks = _tasks_by_name(client, project.id)
+    for _, sample in items:
+        client.annotations.create(id=tasks[f"{sample.name}.png"]["id"], result=_annotation(sample))
+    settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
+                        label_studio_api_key=label_studio.token, train_after=1000)
+    serving = YoloAdapter(detect_weights, device="cpu")
+    app = create_app(settings, ModelHolder(serving))
+    with ServerThread(app) as srv:
+        job = httpx.post(f"{srv.url}/train", json={"project": project.id, "params": {"epochs": 500, "imgsz": 160}}).json()
+        store = app.state.training.store
+        _wait_for(lambda: "Epoch" in httpx.get(f"{srv.url}/jobs/{job['id']}/logs").text, 240, "training to start")
+        running = store.get(job["id"])
+        assert running.status is JobStatus.RUNNING
+        os.kill(running.pid, signal.SIGKILL)
+        failed = wait(store, job["id"], timeout=30)
+        assert failed.status is JobStatus.FAILED and "signal 9" in failed.error
+        health = httpx.get(f"{srv.url}/health").json()
+        assert health["ready"] and health["model_version"] == serving.version
+        r = httpx.post(f"{srv.url}/predict", json={"tasks": [{"id": 1, "data": tasks[f"{items[0][1].name}.png"]["data"]}],
+                                                   "label_config": RECT}, timeout=60)
+        assert r.status_code == 200 and r.json()["results"][0]["model_version"] == serving.version
