@@ -26,6 +26,13 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _stdout() -> Console:
+    """Tables on stdout; piped output gets a wide console so columns are not cut to 80 characters."""
+    import sys
+
+    return Console() if sys.stdout.isatty() else Console(width=220)
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
@@ -185,7 +192,7 @@ def select(
         d = "" if e.disagreement is None else f"{e.disagreement:.3f}"
         shown.add_row(str(e.rank), str(e.task_id), f"{e.score:.3f}", f"{e.uncertainty:.3f}", d,
                       "control" if e.control else "active", e.reason)
-    Console().print(shown)
+    _stdout().print(shown)
     console.print(
         f"{len(outcome.entries)} queued of {outcome.candidates} unlabeled ({outcome.labeled} labeled) "
         f"in {outcome.seconds:.1f} s" + (f"; {len(outcome.skipped)} skipped (unreadable images)" if outcome.skipped else "")
@@ -298,7 +305,7 @@ def jobs_list(project: Annotated[int | None, typer.Option("--project", "-p")] = 
     for j in store.list(project):
         table.add_row(str(j.id), str(j.project_id), j.status.value, j.runner, j.reason, j.version or "",
                       "" if j.promoted is None else str(j.promoted), (j.error or "").splitlines()[0] if j.error else "")
-    Console().print(table)
+    _stdout().print(table)
 
 
 @jobs_app.command("show")
@@ -358,7 +365,7 @@ def models_list(home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")]
         table.add_row("▶" if current and v.version == current.version else "", v.version, v.task, v.status,
                       f"{cand['fitness']:.4f}" if cand else "", f"{serv['fitness']:.4f}" if serv else "",
                       v.parent or "", v.dataset or "", _t.strftime("%Y-%m-%d %H:%M", _t.localtime(v.created_at)))
-    Console().print(table)
+    _stdout().print(table)
 
 
 @models_app.command("promote")

@@ -1,0 +1,107 @@
+"""Training triggers, coalescing, orphaned and corrupt jobs — real worker processes, no Label Studio."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+
+from backend.registry import Registry
+from backend.server.app import create_app
+from backend.serving import ModelHolder
+from backend.settings import Settings
+from backend.training.jobs import JobStatus, JobStore
+from backend.training.runner import mark_orphans, wait
+from backend.training.service import TrainingPolicy, TrainingService
+from tests.harness import ServerThread
+
+
+def test_100_webhook_events_make_one_job_and_each_answers_fast(tmp_path, detect_adapter):
+    settings = Settings(home=tmp_path / "home")
+    app = create_app(settings, ModelHolder(detect_adapter), policy=TrainingPolicy(train_after=100))
+    store = app.state.training.store
+    with ServerThread(app) as srv, httpx.Client() as http:
+        slowest = 0.0
+        for i in range(100):
+            t0 = time.perf_counter()
+            r = http.post(f"{srv.url}/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 7},
+                                                      "annotation": {"id": i}})
+            slowest = max(slowest, time.perf_counter() - t0)
+            assert r.status_code == 200
+            if i == 98:
+                assert store.list(7) == []
+        assert slowest < 1.0  # Label Studio gives annotation webhooks 1 s
+        jobs = store.list(7)
+        assert len(jobs) == 1 and jobs[0].reason == "100 new corrections"
+        # no Label Studio is configured here, so the worker fails — with the reason, in its own process
+        done = wait(store, jobs[0].id, timeout=120)
+        assert done.status is JobStatus.FAILED and "LABEL_STUDIO_URL" in done.error
+        assert httpx.get(f"{srv.url}/health").json()["ready"]
+        assert httpx.get(f"{srv.url}/jobs/{done.id}").json()["status"] == "failed"
+        assert "Traceback" in httpx.get(f"{srv.url}/jobs/{done.id}/logs").text
+
+
+def test_triggers_during_a_job_coalesce_into_one_follow_up(tmp_path, detect_adapter):
+    settings = Settings(home=tmp_path / "home")
+    service = TrainingService(settings, ModelHolder(detect_adapter), Registry(settings.db_path))
+    first = service.trigger(3, "button")
+    for reason in ("schedule", "button again", "webhooks", "cli"):
+        assert service.trigger(3, reason).id == first.id
+    other = service.trigger(4, "another project")  # projects do not block each other
+    assert other.id != first.id
+    wait(service.store, first.id, timeout=120)
+    deadline = time.monotonic() + 120
+    while len(service.store.list(3)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    jobs = service.store.list(3)
+    assert len(jobs) == 2 and jobs[0].reason == "coalesced: cli"
+    wait(service.store, jobs[0].id, timeout=120)
+    time.sleep(1.5)
+    assert len(service.store.list(3)) == 2  # the follow-up had nothing pending: no third job
+    service.close()
+
+
+def test_cancel_and_orphans(tmp_path, detect_adapter):
+    settings = Settings(home=tmp_path / "home")
+    store = JobStore(settings.db_path)
+    orphan = store.create(1, "yolo", "local", "test")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.update(orphan.id, status=JobStatus.RUNNING, pid=dead.pid)
+    assert mark_orphans(store) == 1
+    assert store.get(orphan.id).status is JobStatus.FAILED
+    service = TrainingService(settings, ModelHolder(detect_adapter), Registry(settings.db_path))
+    job = service.trigger(2, "to cancel")
+    assert service.cancel(job.id)
+    assert store.get(job.id).status is JobStatus.CANCELLED  # the dying worker cannot overwrite it
+    time.sleep(1.5)
+    assert store.get(job.id).status is JobStatus.CANCELLED and not service.cancel(job.id)
+    service.close()
+
+
+def test_corrupt_promoted_weights_are_never_served(tmp_path, detect_adapter, detect_weights):
+    settings = Settings(home=tmp_path / "home")
+    registry = Registry(settings.db_path)
+    holder = ModelHolder(detect_adapter)
+    registry.record_served(detect_adapter.version, "start", "detect", str(detect_weights))
+    service = TrainingService(settings, holder, registry, watch_interval_s=3600)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x02 truncated checkpoint")
+    registry.add_candidate("bad-v2", "bad", "detect", str(bad), detect_adapter.version, "x", {})
+    registry.set_status("bad-v2", "promoted")
+    service.check_promotions().join(30)
+    assert holder.adapter is detect_adapter and "cannot load YOLO weights" in holder.error
+    service.close()
+
+    env = {**os.environ, "TANDEM_HOME": str(settings.home)}
+    registry.add_candidate("bad-v3", "bad", "detect", str(bad), detect_adapter.version, "x", {})
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", "models", "promote", "bad-v3"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "cannot load" in proc.stderr
+    assert registry.get("bad-v3").status == "candidate"
+    listing = subprocess.run([sys.executable, "-m", "backend.cli", "models", "list"], capture_output=True, text=True,
+                             env=env, timeout=120).stdout
+    assert "bad-v2" in listing and detect_adapter.version in listing
