@@ -254,18 +254,17 @@ def train(
             console.print(f"project {project} already has job {active[0].id} ({active[0].status.value})")
             job_id = active[0].id
         else:
-            job = store.create(project, model, runner, "tandem train", params)
-            job_id = job.id
-            if runner == "local":
-                LocalRunner(settings, store).start(job)
-            else:
-                from infra.modal_runner import ModalRunner
+            if runner == "modal":
+                from infra.modal_runner import ModalUnavailable, require_modal_credentials
 
                 try:
-                    ModalRunner(settings, store).start(job)
-                except Exception as exc:
+                    require_modal_credentials()
+                except ModalUnavailable as exc:
                     console.print(f"[red]error:[/] {exc}")
                     raise typer.Exit(2) from exc
+            job = store.create(project, model, runner, "tandem train", params)
+            job_id = job.id
+            LocalRunner(settings, store).start(job)
             console.print(f"job {job_id} started ({runner})")
     if not wait:
         return

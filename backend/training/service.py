@@ -81,6 +81,10 @@ class TrainingService:
                 params: dict | None = None) -> Job:
         """Queue a job, or fold this trigger into the follow-up of the one already active."""
         runner = runner or self.policy.default_runner
+        if runner == "modal":
+            from infra.modal_runner import require_modal_credentials
+
+            require_modal_credentials()  # a clear error now, not a job that fails a minute later
         with self._lock:
             active = self.store.active(project_id)
             if active:
@@ -91,12 +95,7 @@ class TrainingService:
             self._new_events[project_id] = 0
             job = self.store.create(project_id, model_kind, runner, reason, {**(self.policy.params or {}),
                                                                            **(params or {})})
-        if runner == "local":
-            self.runner.start(job)
-        else:
-            from infra.modal_runner import ModalRunner  # imported on demand: needs Modal credentials
-
-            ModalRunner(self.settings, self.store, on_done=self._on_done).start(job)
+        self.runner.start(job)  # a local process either way; for "modal" it drives the remote H100
         log.info("project %s: job %s queued (%s, %s runner)", project_id, job.id, reason, runner)
         return job
 

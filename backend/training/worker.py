@@ -22,15 +22,17 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "False")
 
 from backend.errors import TandemError  # noqa: E402
 from backend.media.fetch import MediaFetcher  # noqa: E402
-from backend.models.yolo import YoloAdapter, default_device, file_digest  # noqa: E402
+from backend.models.yolo import YoloAdapter, default_device  # noqa: E402
 from backend.registry import Registry  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from backend.training.evaluate import evaluate  # noqa: E402
 from backend.training.export import export_yolo_dataset  # noqa: E402
 from backend.training.jobs import JobStatus, JobStore  # noqa: E402
+from backend.training.yolo_finetune import fine_tune  # noqa: E402
 
 # Fine-tuning on a few dozen corrections: a small AdamW step and no warm-up keep what the parent knew
-# (ultralytics' defaults are for training from scratch and made a 31-image fine-tune worse here).
+# (ultralytics' defaults are for training from scratch and made a 31-image fine-tune worse here; see
+# yolo_finetune.py).
 DEFAULTS = {"epochs": 10, "imgsz": None, "batch": 16, "margin": 0.01, "val_percent": 20, "lr0": 0.0005}
 
 
@@ -50,15 +52,8 @@ def fetch_annotated_tasks(settings: Settings, project_id: int) -> tuple[list[dic
     return json.loads(raw), label_config
 
 
-def train_yolo(parent: str, data: str, work: Path, params: dict) -> Path:
-    from ultralytics import YOLO
-
-    model = YOLO(parent)
-    imgsz = params["imgsz"] or int(model.overrides.get("imgsz") or 640)
-    model.train(data=data, epochs=params["epochs"], imgsz=imgsz, batch=params["batch"], workers=0,
-                device=default_device(), project=str(work), name="train", exist_ok=True, val=False, plots=False,
-                verbose=True, warmup_epochs=0, seed=0, optimizer="AdamW", lr0=params["lr0"])
-    return work / "train" / "weights" / "last.pt"
+def train_local(serving_path: str, dataset, work: Path, params: dict) -> Path:
+    return Path(fine_tune(serving_path, dataset.data, work, params, default_device())["weights"])
 
 
 def run(job_id: int, settings: Settings) -> None:
@@ -89,7 +84,12 @@ def run(job_id: int, settings: Settings) -> None:
     if serving.task != dataset.task:
         raise TandemError(f"the serving model is a {serving.task} model but the project needs {dataset.task}")
 
-    weights = train_yolo(serving.path, dataset.data, work, params)
+    if job.runner == "modal":
+        from infra.modal_runner import train_on_modal
+
+        weights = train_on_modal(job, serving.path, dataset, work, params, log, store=store)
+    else:
+        weights = train_local(serving.path, dataset, work, params)
     stem = f"p{job.project_id}-job{job_id}"
     target = settings.home / "models" / "versions" / f"{stem}.pt"
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,81 @@
+"""The client side of Modal training, run inside the local worker process of a `--runner modal` job:
+upload dataset and parent weights to the Volume, spawn the deployed function, poll, download.
+
+Credentials are checked before any call: without them Modal fails only at the first network call, and
+with unreachable servers it retries for about a minute.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from backend.errors import TandemError
+from backend.training.export import ExportedDataset
+from backend.training.jobs import Job, JobStore
+
+APP_NAME = "tandem-train"
+FUNCTION_NAME = "train_yolo"
+VOLUME_NAME = "tandem-data"
+
+
+class ModalUnavailable(TandemError):
+    status_code = 400
+
+
+def require_modal_credentials() -> None:
+    if os.environ.get("MODAL_TOKEN_ID") and os.environ.get("MODAL_TOKEN_SECRET"):
+        return
+    try:
+        import modal.config
+
+        if modal.config.config.get("token_id") and modal.config.config.get("token_secret"):
+            return
+    except Exception:  # noqa: BLE001 - an unreadable ~/.modal.toml is the same as none
+        pass
+    raise ModalUnavailable(
+        "Modal credentials are missing: run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET), "
+        "then `modal deploy infra/modal_app.py`; or use --runner local"
+    )
+
+
+def train_on_modal(
+    job: Job,
+    parent_path: str,
+    dataset: ExportedDataset,
+    work: Path,
+    params: dict,
+    log: Callable[[str], None],
+    store: JobStore | None = None,
+    poll_s: float = 10.0,
+) -> Path:
+    require_modal_credentials()
+    import modal
+
+    volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
+    prefix = f"jobs/{job.id}"
+    log(f"uploading dataset ({dataset.train} train / {dataset.val} val) and parent weights to Volume {VOLUME_NAME}")
+    with volume.batch_upload(force=True) as upload:
+        upload.put_directory(str(dataset.root), f"/{prefix}/dataset")
+        upload.put_file(parent_path, f"/{prefix}/parent.pt")
+    data_rel = f"{prefix}/dataset/data.yaml" if dataset.task != "classify" else f"{prefix}/dataset"
+    function = modal.Function.from_name(APP_NAME, FUNCTION_NAME)
+    call = function.spawn(dataset_path=data_rel, parent_path=f"{prefix}/parent.pt", run_name=f"job{job.id}",
+                          params=params)
+    if store is not None:
+        store.update(job.id, remote_id=call.object_id)
+    log(f"spawned {APP_NAME}.{FUNCTION_NAME} on an H100: call {call.object_id}")
+    while True:
+        try:
+            summary = modal.FunctionCall.from_id(call.object_id).get(timeout=0)
+            break
+        except TimeoutError:  # the builtin one: still running
+            time.sleep(poll_s)
+    log(f"trained in {summary['seconds']:.0f} s on Modal; downloading {summary['weights_vol']}")
+    target = work / "modal_last.pt"
+    with open(target, "wb") as fh:
+        for chunk in volume.read_file(summary["weights_vol"]):
+            fh.write(chunk)
+    return target
