@@ -82,4 +82,4 @@ def segment_max(values: np.ndarray, offsets: np.ndarray, empty: float = 0.0) -> 
 
 def segment_sum(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     index = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    return np.bincount(index, weights=values, minlength=len(offsets) - 1)
+    return np.bincount(index, weights=values, minlength=len(offsets) - 1).astype(float)  # int when no boxes at all

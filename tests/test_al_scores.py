@@ -61,6 +61,13 @@ def test_detection_aggregates_hand_computed():
     np.testing.assert_array_equal(u.near_threshold, [0, 0, 1])
 
 
+def test_images_without_any_boxes():
+    batch = BoxBatch.from_images([ImageBoxes.empty(), ImageBoxes.empty()])
+    u = detection_uncertainty(batch)
+    np.testing.assert_array_equal(u.score, [0, 0])
+    np.testing.assert_array_equal(detection_disagreement(batch, batch).score, [0, 0])
+
+
 def test_class_distribution_raises_box_uncertainty():
     sure = ImageBoxes(np.zeros((1, 4)), np.array([0.99]), np.array([0]), np.array([[0.98, 0.01, 0.01]]))
     torn = ImageBoxes(np.zeros((1, 4)), np.array([0.99]), np.array([0]), np.array([[0.5, 0.5, 0.0]]))
