@@ -34,6 +34,7 @@ class Settings(BaseModel):
     conf: float = 0.25
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 80_000_000
+    webhook_secret: str | None = None
     train_after: int = 10
     train_interval_s: float = 0.0
     train_epochs: int = 10
@@ -62,6 +63,7 @@ class Settings(BaseModel):
             "case_sensitive_labels": (_env("TANDEM_CASE_SENSITIVE_LABELS") or "").lower() in ("1", "true", "yes"),
             "device": _env("TANDEM_DEVICE"),
             "conf": float(_env("TANDEM_CONF") or 0.25),
+            "webhook_secret": _env("TANDEM_WEBHOOK_SECRET"),
             "train_after": int(_env("TANDEM_TRAIN_AFTER") or 10),
             "train_interval_s": float(_env("TANDEM_TRAIN_INTERVAL") or 0),
             "train_epochs": int(_env("TANDEM_TRAIN_EPOCHS") or 10),

@@ -104,3 +104,14 @@ def test_downloads_are_cached(served_dir, tmp_path):
 def test_label_studio_path_without_url_is_explained():
     with pytest.raises(MediaError, match="LABEL_STUDIO_URL is not set"):
         MediaFetcher(MediaSettings()).load("/data/upload/1/a.png")
+
+
+def test_wildcard_hosts_still_refuse_private_addresses(served_dir):
+    root, base = served_dir
+    Image.new("RGB", (8, 8)).save(root / "p.png")
+    other = base.replace("127.0.0.1", "localhost")
+    wildcard = MediaFetcher(MediaSettings(label_studio_url="http://10.255.255.1:1", allowed_hosts=frozenset({"*"})))
+    with pytest.raises(MediaError, match="private, loopback or link-local"):
+        wildcard.load(f"{other}/p.png")
+    with pytest.raises(MediaError, match="private"):
+        wildcard.load("http://169.254.169.254/latest/meta-data")  # the cloud metadata address

@@ -200,3 +200,37 @@ def test_iou_helper_is_not_vacuous():
     with pytest.raises(AssertionError):
         assert_matches_truth(boxes, [o.label for o in sample.objects], sample)
     assert sv.box_iou_batch(boxes, boxes).diagonal().min() == pytest.approx(1.0)
+
+
+def test_webhook_shared_secret_and_basic_auth(tmp_path, samples, detect_adapter):
+    root, _, _ = samples
+    with _serve(tmp_path, root, detect_adapter, basic_auth_user="u", basic_auth_pass="p", webhook_secret="s3cret") as srv:
+        body = {"action": "ANNOTATION_CREATED", "project": {"id": 1}}
+        assert httpx.post(f"{srv.url}/webhook", json=body).status_code == 401
+        assert httpx.post(f"{srv.url}/webhook", json=body, headers={"X-Tandem-Webhook-Secret": "nope"}).status_code == 401
+        assert httpx.post(f"{srv.url}/webhook", json=body, headers={"X-Tandem-Webhook-Secret": "s3cret"}).status_code == 200
+        assert httpx.post(f"{srv.url}/webhook", json=body, auth=("u", "p")).status_code == 200  # Train button path
+        # the secret opens /webhook only
+        assert httpx.get(f"{srv.url}/versions", headers={"X-Tandem-Webhook-Secret": "s3cret"}).status_code == 401
+    with _serve(tmp_path, root, detect_adapter, webhook_secret="s3cret") as srv:
+        assert httpx.post(f"{srv.url}/webhook", json={"action": "X"}).status_code == 401
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+
+
+def test_50_concurrent_predicts_and_metrics(tmp_path, samples, detect_adapter):
+    from concurrent.futures import ThreadPoolExecutor
+
+    root, truth, _ = samples
+    with _serve(tmp_path, root, detect_adapter) as srv:
+        def one(i):
+            s = truth[i % len(truth)]
+            return httpx.post(f"{srv.url}/predict", json={"tasks": [task(i, f"{s.name}.png")], "label_config": RECT},
+                              timeout=120)
+
+        with ThreadPoolExecutor(50) as pool:
+            responses = list(pool.map(one, range(50)))
+        assert all(r.status_code == 200 and r.json()["results"][0]["result"] for r in responses)
+        text = httpx.get(f"{srv.url}/metrics").text
+    assert f'tandem_predictions_total{{model_version="{detect_adapter.version}",outcome="ok"}} 50.0' in text
+    assert 'tandem_http_requests_total{method="POST",route="/predict",status="200"} 50.0' in text
+    assert "tandem_model_ready 1.0" in text and 'tandem_training_jobs{status="queued"} 0.0' in text

@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import ipaddress
 import os
+import socket
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -47,6 +49,18 @@ class MediaSettings:
     max_bytes: int = 50 * 1024 * 1024
     max_pixels: int = 80_000_000
     timeout: float = 30.0
+
+
+def _resolves_to_private(hostname: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(hostname, None)
+    except OSError:
+        return False  # unresolvable: the download itself will fail with a clear error
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%")[0])
+        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
+            return True
+    return False
 
 
 def _host(url: str) -> str:
@@ -123,7 +137,15 @@ class MediaFetcher:
         if self._base and _host(url) == _host(self._base):
             return url, True
         allowed = self.settings.allowed_hosts
-        if "*" in allowed or urlparse(url).hostname in allowed or _host(url) in allowed:
+        hostname = urlparse(url).hostname or ""
+        if hostname in allowed or _host(url) in allowed:
+            return url, False  # named explicitly: trusted, private address or not
+        if "*" in allowed:
+            if _resolves_to_private(hostname):
+                raise MediaError(
+                    f"refusing to fetch {hostname}: it resolves to a private, loopback or link-local address "
+                    "(name the host in TANDEM_ALLOWED_HOSTS to permit it)"
+                )
             return url, False
         raise MediaError(
             f"refusing to fetch {urlparse(url).hostname}: only the configured Label Studio is allowed "

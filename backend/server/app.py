@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from backend.errors import TandemError
@@ -22,6 +22,7 @@ from backend.media.fetch import MediaFetcher
 from backend.models.base import ModelAdapter
 from backend.predict import Predictor, plan_for
 from backend.registry import Registry
+from backend.server.metrics import Metrics, MetricsMiddleware
 from backend.server.protocol import (
     HealthResponse,
     PredictRequest,
@@ -43,11 +44,23 @@ log = logging.getLogger("tandem.server")
 PREDICT_WAIT_FOR_MODEL_S = 60.0
 
 
-def _basic_auth_dependency(settings: Settings):
+WEBHOOK_SECRET_HEADER = "X-Tandem-Webhook-Secret"
+
+
+def _auth_dependency(settings: Settings):
+    """Basic auth on every route when set. Label Studio's annotation webhooks cannot send basic auth, so
+    /webhook also takes a shared secret header (add it to the project webhook's headers)."""
     expected = settings.basic_auth
+    secret = settings.webhook_secret
     security = HTTPBasic(auto_error=False)
 
-    def check(credentials: HTTPBasicCredentials | None = Depends(security)) -> None:
+    def check(request: Request, credentials: HTTPBasicCredentials | None = Depends(security)) -> None:
+        if request.url.path == "/webhook" and secret is not None:
+            given = request.headers.get(WEBHOOK_SECRET_HEADER, "")
+            if secrets.compare_digest(given.encode(), secret.encode()):
+                return
+            if expected is None:
+                raise HTTPException(status.HTTP_401_UNAUTHORIZED, f"{WEBHOOK_SECRET_HEADER} header required")
         if expected is None:
             return
         ok = credentials is not None and (
@@ -93,10 +106,13 @@ def create_app(
         title="Tandem",
         version="0.1.0",
         summary="Label Studio ML backend: YOLOv8 and VLM pre-annotations with an active-learning loop",
-        dependencies=[Depends(_basic_auth_dependency(settings))],
+        dependencies=[Depends(_auth_dependency(settings))],
         lifespan=lifespan,
     )
     app.state.settings, app.state.holder, app.state.registry, app.state.sync = settings, holder, registry, sync
+    metrics = Metrics()
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(TandemError)
     async def tandem_error(_: Request, exc: TandemError) -> JSONResponse:
@@ -168,6 +184,8 @@ def create_app(
         label_map = label_maps.get(pid, settings.label_map) if pid is not None else settings.label_map
         plan = plan_for(adapter, body.label_config, label_map, settings.case_sensitive_labels)
         results = await run_in_threadpool(predictor.predict, adapter, body.tasks, plan)
+        for item in results:
+            metrics.predictions.labels(adapter.version, "ok" if "result" in item else "error").inc()
         schedule_sync(pid, adapter.version)
         return PredictResponse(results=results, model_version=adapter.version)
 
@@ -213,6 +231,14 @@ def create_app(
         if not _training().cancel(job_id):
             raise HTTPException(409, f"job {job_id} is not queued or running")
         return _training().store.get(job_id).public()
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        metrics.ready.set(1 if holder.ready else 0)
+        if training:
+            for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+                metrics.jobs.labels(status).set(training.store.counts().get(status, 0))
+        return metrics.render()
 
     @app.get("/versions", response_model=VersionsResponse)
     def versions() -> VersionsResponse:

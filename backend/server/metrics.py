@@ -1,0 +1,44 @@
+"""Prometheus metrics on GET /metrics: requests, latencies, predictions by model version, training jobs by
+state (the training queue is `status="queued"`)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tandem_http_requests_total", "HTTP requests", ["route", "method", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("tandem_http_request_seconds", "HTTP request latency", ["route"],
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 100),
+                                 registry=self.registry)
+        self.predictions = Counter("tandem_predictions_total", "Task predictions returned", ["model_version", "outcome"],
+                                   registry=self.registry)
+        self.jobs = Gauge("tandem_training_jobs", "Training jobs by state", ["status"], registry=self.registry)
+        self.ready = Gauge("tandem_model_ready", "1 when a model is loaded", registry=self.registry)
+
+    def render(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class MetricsMiddleware(BaseHTTPMiddleware):
+    def __init__(self, app, metrics: Metrics) -> None:
+        super().__init__(app)
+        self.metrics = metrics
+
+    async def dispatch(self, request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        self.metrics.requests.labels(path, request.method, str(response.status_code)).inc()
+        self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+        return response
