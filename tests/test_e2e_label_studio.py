@@ -11,6 +11,7 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from backend.datasets.shapes import generate_samples
+from backend.labelstudio.local import upload_images
 from backend.media.fetch import MediaFetcher, MediaSettings
 from backend.server.app import create_app
 from backend.serving import ModelHolder
@@ -24,14 +25,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def _upload(ls_url: str, token: str, project: int, files: dict[str, bytes]) -> None:
-    r = httpx.post(
-        f"{ls_url}/api/projects/{project}/import",
-        headers={"Authorization": f"Token {token}"},
-        files=[(f"file{i}", (name, data, "image/jpeg" if name.endswith(".jpg") else "image/png"))
-               for i, (name, data) in enumerate(files.items())],  # one form field per file: LS reads a dict
-        timeout=60,
-    )
-    r.raise_for_status()
+    upload_images(ls_url, token, project, files)
 
 
 def _tasks_by_name(client: LabelStudio, project: int) -> dict[str, dict]:

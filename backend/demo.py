@@ -1,0 +1,227 @@
+"""`tandem demo`: the whole loop on a laptop, offline, in a few minutes.
+
+A local Label Studio, a project of generated shapes with known ground truth, Tandem serving a weak
+CNN, pre-annotation through Label Studio's own "Retrieve predictions", a review queue ranked by
+CNN-vs-second-opinion disagreement and uncertainty, a simulated annotator who corrects the queued tasks
+from ground truth, a fine-tune job that must beat the CNN on the frozen split to be promoted, and a
+re-score with the new model. No VLM weights exist offline, so the second opinion is a differently
+trained YOLOv8n (another seed and input size); with `--vlm` (the VLM issue) it is a VLM.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import supervision as sv
+
+from active_learning.pipeline import run_selection, write_queue
+from active_learning.queue import LabelStudioQueue
+from active_learning.selection import SelectionConfig, Strategy
+from backend.datasets.shapes import ShapeSample, generate_samples, write_yolo_dataset
+from backend.labelstudio.local import start_label_studio, upload_images
+from backend.media.fetch import MediaFetcher, MediaSettings
+from backend.models.starter import StarterRecipe, train_starter_model
+from backend.models.yolo import YoloAdapter
+from backend.server.app import create_app
+from backend.server.background import ServerThread
+from backend.serving import ModelHolder
+from backend.settings import Settings
+from backend.training.evaluate import evaluate
+from backend.training.export import ExportedDataset
+from backend.training.runner import wait
+from backend.training.service import TrainingPolicy
+
+CONFIG = """<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">
+<Label value="Square"/><Label value="Circle"/><Label value="Triangle"/></RectangleLabels></View>"""
+
+
+@dataclass
+class DemoSummary:
+    images: int
+    budget: int
+    cnn_version: str = ""
+    second_version: str = ""
+    new_version: str = ""
+    promoted: bool = False
+    test_map50_before: float = 0.0
+    test_map50_after: float = 0.0
+    frozen_fitness_before: float = 0.0
+    frozen_fitness_after: float = 0.0
+    queued_active: int = 0
+    queued_control: int = 0
+    active_needed_correction: int = 0
+    control_needed_correction: int = 0
+    disagreement_before: list[float] = field(default_factory=list)
+    disagreement_after: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    report: str = ""
+
+
+def needs_correction(result: list[dict], truth: ShapeSample, min_iou: float = 0.5) -> bool:
+    """Would an annotator have to touch this pre-annotation? Any missed, extra, misplaced or wrong box."""
+    boxes = [r for r in result if r.get("type") == "rectanglelabels"]
+    if len(boxes) != len(truth.objects):
+        return True
+    if not boxes:
+        return False
+    w, h = truth.width, truth.height
+    pred = np.array([[b["value"]["x"] * w / 100, b["value"]["y"] * h / 100,
+                      (b["value"]["x"] + b["value"]["width"]) * w / 100,
+                      (b["value"]["y"] + b["value"]["height"]) * h / 100] for b in boxes])
+    iou = sv.box_iou_batch(np.array([o.box for o in truth.objects]), pred)
+    for i, obj in enumerate(truth.objects):
+        j = int(iou[i].argmax())
+        if iou[i, j] < min_iou or boxes[j]["value"]["rectanglelabels"][0].lower() != obj.label:
+            return True
+    return False
+
+
+def ground_truth_result(truth: ShapeSample) -> list[dict]:
+    w, h = truth.width, truth.height
+    return [{"from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": w,
+             "original_height": h, "value": {"x": o.box[0] / w * 100, "y": o.box[1] / h * 100,
+                                             "width": (o.box[2] - o.box[0]) / w * 100,
+                                             "height": (o.box[3] - o.box[1]) / h * 100, "rotation": 0,
+                                             "rectanglelabels": [o.label.capitalize()]}} for o in truth.objects]
+
+
+def run_demo(
+    home: Path, out: Path, images: int = 60, budget: int = 20, epochs: int = 10, step=print, progress=lambda *_: None
+) -> DemoSummary:
+    from label_studio_sdk import LabelStudio
+
+    t_all = time.perf_counter()
+    summary = DemoSummary(images=images, budget=budget)
+    home.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def timed(name: str, t0: float) -> None:
+        summary.seconds[name] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    step("Starting a local Label Studio (installed once into its own uv tool environment)")
+    ls = start_label_studio(home / "label-studio")
+    timed("label_studio_start", t0)
+    try:
+        t0 = time.perf_counter()
+        step("Training a weak CNN and a differently trained second opinion (YOLOv8n from YAML, offline)")
+        cnn_path = train_starter_model(home / "cnn", "detect", StarterRecipe("detect", epochs=6))
+        second_path = train_starter_model(home / "second", "detect", StarterRecipe("detect", epochs=6, seed=1, imgsz=128))
+        cnn = YoloAdapter(cnn_path, name="cnn", device="cpu")
+        second = YoloAdapter(second_path, name="second-opinion", device="cpu", conf=0.1)
+        summary.cnn_version, summary.second_version = cnn.version, second.version
+        timed("models", t0)
+
+        t0 = time.perf_counter()
+        step(f"Creating a project with {images} generated images and a held-out test set")
+        pool = generate_samples(images, seed=20261123)
+        truth = {f"{s.name}.png": s for _, s in pool}
+        test_root = home / "test-set"
+        if not test_root.exists():
+            write_yolo_dataset(test_root, train=0, val=60, seed=4242)
+        test_set = ExportedDataset(root=test_root, task="detect", class_names=["square", "circle", "triangle"],
+                                   data=str(test_root / "data.yaml"))
+        client = LabelStudio(base_url=ls.url, api_key=ls.token)
+        project = client.projects.create(title="Tandem demo: shapes", label_config=CONFIG)
+        upload_images(ls.url, ls.token, project.id, {name: _png(img) for (img, _), name in zip(pool, truth, strict=True)})
+        timed("project", t0)
+
+        settings = Settings(home=home / "tandem", label_studio_url=ls.url, label_studio_api_key=ls.token)
+        app = create_app(settings, ModelHolder(cnn), policy=TrainingPolicy(
+            train_after=10_000, params={"epochs": epochs, "imgsz": 160}))
+        with ServerThread(app) as srv:
+            t0 = time.perf_counter()
+            step("Connecting Tandem as the project's ML backend and pre-annotating every task")
+            client.ml.create(project=project.id, url=srv.url, title="Tandem", is_interactive=False)
+            client.actions.create(id="retrieve_tasks_predictions", project=project.id,
+                                  selected_items={"all": True, "excluded": []})
+            timed("pre_annotate", t0)
+
+            t0 = time.perf_counter()
+            step(f"Ranking by CNN-vs-second-opinion disagreement and uncertainty; queueing {budget} for review")
+            queue = LabelStudioQueue(client, project.id)
+            tasks = queue.tasks()
+            fetcher = MediaFetcher(MediaSettings(label_studio_url=ls.url, api_key=ls.token, cache_dir=home / "cache"))
+            config = SelectionConfig(strategy=Strategy.HYBRID, budget=budget, control_fraction=0.2, seed=0)
+            outcome, table, ids = run_selection(tasks, CONFIG, fetcher, cnn, config, second=second, progress=progress)
+            write_queue(queue, outcome, tasks, run="demo-1")
+            summary.disagreement_before = [round(float(v), 4) for v in table.disagreement]
+            timed("select", t0)
+
+            t0 = time.perf_counter()
+            step("A simulated annotator reviews the queue, correcting pre-annotations from ground truth")
+            names = {t["id"]: t["data"]["image"].rsplit("/", 1)[-1].split("-", 1)[-1] for t in tasks}
+            for entry in outcome.entries:
+                sample = truth[names[entry.task_id]]
+                (pred,) = [p for p in client.predictions.list(task=entry.task_id) if p.model_version == cnn.version]
+                wrong = needs_correction(pred.result, sample)
+                if entry.control:
+                    summary.queued_control += 1
+                    summary.control_needed_correction += wrong
+                else:
+                    summary.queued_active += 1
+                    summary.active_needed_correction += wrong
+                client.annotations.create(id=entry.task_id, result=ground_truth_result(sample))
+            timed("annotate", t0)
+
+            t0 = time.perf_counter()
+            step("Fine-tuning the CNN on the corrected labels (a separate process) and gating it on the frozen split")
+            summary.test_map50_before = evaluate(cnn, test_set)["map50"]
+            job = app.state.training.trigger(project.id, "demo: queue reviewed")
+            job = wait(app.state.training.store, job.id, timeout=900)
+            if job.status.value != "succeeded":
+                raise RuntimeError(f"the training job failed: {job.error}")
+            summary.new_version, summary.promoted = job.version or "", bool(job.promoted)
+            summary.frozen_fitness_before = job.metrics["serving"]["fitness"]
+            summary.frozen_fitness_after = job.metrics["candidate"]["fitness"]
+            new_model = YoloAdapter(app.state.registry.get(job.version).path, device="cpu")
+            summary.test_map50_after = evaluate(new_model, test_set)["map50"]
+            timed("retrain", t0)
+
+            t0 = time.perf_counter()
+            step("Re-scoring the remaining tasks with the new model")
+            if summary.promoted:
+                deadline = time.monotonic() + 60
+                while app.state.holder.adapter.version != job.version and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                client.actions.create(id="retrieve_tasks_predictions", project=project.id,
+                                      selected_items={"all": True, "excluded": []})
+            tasks = queue.tasks()
+            current = new_model if summary.promoted else cnn
+            outcome2, table2, ids2 = run_selection(tasks, CONFIG, fetcher, current, config, second=second,
+                                                   progress=progress)
+            write_queue(queue, outcome2, tasks, run="demo-2")
+            summary.disagreement_after = [round(float(v), 4) for v in table2.disagreement]
+            timed("rescore", t0)
+
+            step(f"Writing the report to {out}")
+            from backend.demo_report import write_report
+
+            examples = [(truth[names[e.task_id]], pool_image(pool, names[e.task_id])) for e in outcome.entries[:4]]
+            write_report(out, summary, examples, cnn, second)
+            summary.report = str(out)
+            app.state.sync.wait_idle(30)
+    finally:
+        ls.stop()
+    summary.seconds["total"] = round(time.perf_counter() - t_all, 1)
+    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
+    return summary
+
+
+def pool_image(pool, name):
+    return next(img for img, s in pool if f"{s.name}.png" == name)
+
+
+def _png(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+__all__ = ["DemoSummary", "needs_correction", "run_demo"]

@@ -1,0 +1,87 @@
+"""The demo's report folder: PNG plots a person would rather look at than read, and a short README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+
+def _learning_curve(out: Path, s) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot([0, s.budget], [s.test_map50_before, s.test_map50_after], marker="o", label="held-out test mAP50")
+    ax.plot([0, s.budget], [s.frozen_fitness_before, s.frozen_fitness_after], marker="s", linestyle="--",
+            label="frozen val mAP50-95 (gate)")
+    ax.set_xlabel("corrected labels")
+    ax.set_ylabel("score")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Before / after one review round ({'promoted' if s.promoted else 'not promoted'})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = out / "learning_curve.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _histogram(out: Path, s) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    bins = [i / 20 for i in range(21)]
+    ax.hist(s.disagreement_before, bins=bins, alpha=0.6, label="before (weak CNN)")
+    ax.hist(s.disagreement_after, bins=bins, alpha=0.6, label="after (fine-tuned CNN)")
+    ax.set_xlabel("CNN vs second-opinion disagreement")
+    ax.set_ylabel("images")
+    ax.set_title("Disagreement across the project")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "disagreement_histogram.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _examples(out: Path, examples, cnn, second) -> Path:
+    fig, axes = plt.subplots(1, max(len(examples), 1), figsize=(4 * max(len(examples), 1), 3.4))
+    axes = axes if hasattr(axes, "__len__") else [axes]
+    for ax, (truth, image) in zip(axes, examples, strict=False):
+        ax.imshow(image)
+        for color, model in (("red", cnn), ("deepskyblue", second)):
+            det = model.predict([image])[0].detections
+            for (x1, y1, x2, y2), name, conf in zip(det.xyxy, det.data["class_name"], det.confidence, strict=True):
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=color, linewidth=1.6))
+                ax.text(x1, y1 - 2, f"{name} {conf:.2f}", color=color, fontsize=6)
+        for obj in truth.objects:
+            x1, y1, x2, y2 = obj.box
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", linewidth=1, linestyle="--"))
+        ax.set_axis_off()
+    fig.suptitle("Top of the queue: CNN (red), second opinion (blue), ground truth (green, dashed)", fontsize=9)
+    fig.tight_layout()
+    path = out / "queue_examples.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, summary, examples, cnn, second) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [_learning_curve(out, summary), _histogram(out, summary), _examples(out, examples, cnn, second)]
+    active = summary.queued_active or 1
+    control = summary.queued_control or 1
+    (out / "README.md").write_text(
+        f"# Tandem demo report\n\n"
+        f"- CNN {summary.cnn_version} → {summary.new_version} ({'promoted' if summary.promoted else 'not promoted'})\n"
+        f"- held-out test mAP50: {summary.test_map50_before:.3f} → {summary.test_map50_after:.3f}\n"
+        f"- frozen validation mAP50-95 (the promotion gate): {summary.frozen_fitness_before:.3f} → "
+        f"{summary.frozen_fitness_after:.3f}\n"
+        f"- queued tasks that really needed a correction: active picks {summary.active_needed_correction}/"
+        f"{summary.queued_active} ({summary.active_needed_correction / active:.0%}), random control "
+        f"{summary.control_needed_correction}/{summary.queued_control} "
+        f"({summary.control_needed_correction / control:.0%})\n\n"
+        + "\n".join(f"![{p.stem}]({p.name})" for p in paths) + "\n"
+    )
+    return paths

@@ -1,0 +1,38 @@
+"""`tandem demo` end to end (small sizes): its own Label Studio, the whole loop, a report folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from backend.datasets.shapes import generate_samples
+from backend.demo import ground_truth_result, needs_correction, run_demo
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
+
+
+def test_needs_correction_judges_pre_annotations():
+    _, truth = generate_samples(1, seed=2)[0]
+    perfect = ground_truth_result(truth)
+    assert not needs_correction(perfect, truth)
+    wrong_label = [dict(r, value={**r["value"], "rectanglelabels": ["Nope"]}) for r in perfect]
+    assert needs_correction(wrong_label, truth)
+    assert needs_correction(perfect[:-1], truth) or len(perfect) == 0
+    shifted = [dict(r, value={**r["value"], "x": r["value"]["x"] + 30}) for r in perfect]
+    assert needs_correction(shifted, truth)
+
+
+def test_demo_runs_the_whole_loop(tmp_path):
+    steps = []
+    s = run_demo(tmp_path / "home", tmp_path / "report", images=30, budget=10, epochs=4, step=steps.append)
+    assert len(steps) >= 8 and s.cnn_version and s.second_version and s.new_version
+    assert s.queued_active + s.queued_control == 10 and s.queued_control == 2
+    assert 0 <= s.active_needed_correction <= s.queued_active
+    assert len(s.disagreement_before) == 30 and len(s.disagreement_after) == 20  # queued tasks were annotated
+    assert 0 <= s.test_map50_before <= 1 and 0 <= s.test_map50_after <= 1
+    for name in ("learning_curve.png", "disagreement_histogram.png", "queue_examples.png", "summary.json", "README.md"):
+        assert (tmp_path / "report" / name).is_file(), name
+    assert Image.open(tmp_path / "report" / "learning_curve.png").size[0] > 300
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["new_version"] == s.new_version
