@@ -13,6 +13,7 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from backend.datasets.shapes import generate_samples
+from backend.demo import ground_truth_result
 from backend.models.starter import StarterRecipe, train_starter_model
 from backend.models.yolo import YoloAdapter
 from backend.server.app import create_app
@@ -32,15 +33,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 def weak_weights():
     """The starter recipe stopped early: a real but weak detector that corrections can improve."""
     return train_starter_model(CACHE / "weak-home", "detect", StarterRecipe("detect", epochs=6))
-
-
-def _annotation(sample) -> list[dict]:
-    w, h = sample.width, sample.height
-    return [{"from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": w,
-             "original_height": h, "value": {"x": o.box[0] / w * 100, "y": o.box[1] / h * 100,
-                                             "width": (o.box[2] - o.box[0]) / w * 100,
-                                             "height": (o.box[3] - o.box[1]) / h * 100, "rotation": 0,
-                                             "rectanglelabels": [o.label.capitalize()]}} for o in sample.objects]
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -71,7 +63,7 @@ def test_corrections_retrain_promote_and_serve(label_studio, weak_weights, tmp_p
 
         # annotators correct 40 tasks; Label Studio itself posts ANNOTATION_CREATED to Tandem's /webhook
         for _, sample in items[:40]:
-            client.annotations.create(id=tasks[f"{sample.name}.png"]["id"], result=_annotation(sample))
+            client.annotations.create(id=tasks[f"{sample.name}.png"]["id"], result=ground_truth_result(sample))
         store = app.state.training.store
         jobs = _wait_for(lambda: store.list(project.id), 30, "a job triggered by webhooks")
         assert len(jobs) == 1 and "36 new corrections" in jobs[0].reason
@@ -100,7 +92,7 @@ def test_kill_9_of_a_running_job_fails_it_and_keeps_serving(label_studio, weak_w
     _upload(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
     tasks = _tasks_by_name(client, project.id)
     for _, sample in items:
-        client.annotations.create(id=tasks[f"{sample.name}.png"]["id"], result=_annotation(sample))
+        client.annotations.create(id=tasks[f"{sample.name}.png"]["id"], result=ground_truth_result(sample))
     settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
                         label_studio_api_key=label_studio.token, train_after=1000)
     serving = YoloAdapter(detect_weights, device="cpu")
