@@ -56,6 +56,9 @@ def serve(
     home: Annotated[Path | None, typer.Option(help="State folder (env TANDEM_HOME).", envvar="TANDEM_HOME")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda:0 … (default: CUDA when present).")] = None,
     conf: Annotated[float | None, typer.Option(help="Minimum box confidence (env TANDEM_CONF, 0.25).")] = None,
+    engine: Annotated[
+        str, typer.Option(help="auto (OpenVINO on CPU, exported once per version and parity-checked), openvino, torch.")
+    ] = "auto",
     starter_task: Annotated[
         str, typer.Option(help="Task of the starter model when --model is not given: detect, segment, classify.")
     ] = "detect",
@@ -87,13 +90,14 @@ def serve(
 
     # Fail at start, in under a second, on a missing file or an offline hub name.
     try:
-        adapter = YoloAdapter(weights, device=settings.device, conf=settings.conf)
+        adapter = YoloAdapter(weights, device=settings.device, conf=settings.conf, engine=engine,
+                              cache_dir=settings.home / "cache" / "openvino")
     except TandemError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
     console.print(
         f"Serving [bold]{adapter.version}[/] ({adapter.task.value}, {len(adapter.class_names)} classes, "
-        f"{adapter.device}) on http://{host}:{port}"
+        f"{adapter.device}, {adapter.engine}) on http://{host}:{port}"
     )
     if not settings.label_studio_url:
         console.print("[yellow]LABEL_STUDIO_URL is not set:[/] images are fetched from the hostname Label Studio sends")

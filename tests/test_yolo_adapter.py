@@ -75,3 +75,22 @@ def test_image_without_objects_gives_empty_detections(detect_adapter):
 
     (out,) = detect_adapter.predict([Image.new("RGB", (320, 240), (200, 200, 200))])
     assert len(out.detections) == 0 and out.detections.data["class_scores"].shape == (0, 3)
+
+
+@pytest.mark.parametrize("task_fixture", ["detect_weights", "classify_weights"])
+def test_openvino_engine_matches_pytorch(task_fixture, request, tmp_path):
+    weights = request.getfixturevalue(task_fixture)
+    torch_adapter = YoloAdapter(weights, device="cpu")
+    fast = YoloAdapter(weights, device="cpu", engine="openvino", cache_dir=tmp_path)
+    assert fast.engine == "openvino" and fast.version == torch_adapter.version
+    assert (tmp_path / f"{fast.version}_openvino_model" / "tandem_parity.json").is_file()
+    images = [img for img, _ in generate_samples(4, seed=21)]
+    for a, b in zip(torch_adapter.predict(images), fast.predict(images), strict=True):
+        if a.probabilities is not None:
+            np.testing.assert_allclose(a.probabilities, b.probabilities, atol=0.02)
+            continue
+        assert len(a.detections) == len(b.detections)
+        np.testing.assert_allclose(np.sort(a.detections.confidence), np.sort(b.detections.confidence), atol=0.05)
+        assert b.detections.data["class_scores"].shape == (len(b.detections), 3)
+    again = YoloAdapter(weights, device="cpu", engine="openvino", cache_dir=tmp_path)  # cached: no re-export
+    assert again.engine == "openvino"

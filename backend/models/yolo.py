@@ -124,7 +124,11 @@ class YoloAdapter:
         imgsz: int | None = None,
         batch: int = 16,
         name: str | None = None,
+        engine: str = "torch",
+        cache_dir: Path | None = None,
     ) -> None:
+        """`engine`: "torch", "openvino" (CPU; exported once per version, parity-checked) or "auto"
+        (OpenVINO on CPU when it exports cleanly, else PyTorch)."""
         from ultralytics import YOLO
 
         resolved = _resolve_weights(str(weights))
@@ -146,6 +150,12 @@ class YoloAdapter:
         self.name = stem
         self.version = f"{stem}-{file_digest(self.path)}" if self.path else stem
         self._lock = threading.Lock()
+        self._infer = self._model
+        self.engine = "torch"
+        if engine not in ("torch", "openvino", "auto"):
+            raise ModelLoadError(f"unknown engine {engine!r}: torch, openvino or auto")
+        if engine == "openvino" or (engine == "auto" and self.device == "cpu" and self.path is not None):
+            self._use_openvino(cache_dir, required=engine == "openvino")
         # fp16 on CUDA; ultralytics warns about the `half` argument even when it is False, so omit it on CPU
         self._precision = {"half": True} if self.device.startswith("cuda") else {}
         if self.task is not ModelTask.CLASSIFY:
@@ -155,6 +165,22 @@ class YoloAdapter:
             base = SegmentationPredictor if self.task is ModelTask.SEGMENT else DetectionPredictor
             self._precision["predictor"] = _class_vector_predictor(base)
 
+    def _use_openvino(self, cache_dir: Path | None, required: bool) -> None:
+        from backend.models.openvino_engine import export_openvino
+
+        if self.path is None:
+            raise ModelLoadError("OpenVINO needs a weights file")
+        try:
+            self._infer = export_openvino(self.path, self.version, self.task.value, self.imgsz,
+                                          cache_dir or self.path.parent / ".tandem-openvino")
+            self.engine = "openvino"
+        except (ModelLoadError, ImportError) as exc:
+            if required:
+                raise ModelLoadError(str(exc)) from exc
+            import logging
+
+            logging.getLogger("tandem.models").warning("serving with PyTorch: %s", exc)
+
     def predict(self, images: list[Image.Image]) -> list[ModelOutput]:
         if not images:
             return []
@@ -162,7 +188,7 @@ class YoloAdapter:
         outputs: list[ModelOutput] = []
         with self._lock, torch.inference_mode():
             for start in range(0, len(arrays), self.batch):
-                results = self._model.predict(
+                results = self._infer.predict(
                     arrays[start : start + self.batch],
                     conf=self.conf,
                     iou=self.iou,
