@@ -221,7 +221,7 @@ def train(
     project: Annotated[int, typer.Option("--project", "-p", help="Label Studio project id.")],
     runner: Annotated[str, typer.Option(help="local (a separate process here) or modal (an H100 on Modal).")] = "local",
     model: Annotated[str, typer.Option(help="yolo (vlm: LoRA, with the VLM adapters).")] = "yolo",
-    epochs: Annotated[int | None, typer.Option(help="Fine-tune epochs (env TANDEM_TRAIN_EPOCHS, 10).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Fine-tune epochs (env TANDEM_TRAIN_EPOCHS, 30).")] = None,
     imgsz: Annotated[int | None, typer.Option(help="Training image size (default: the serving model's).")] = None,
     server: Annotated[
         str | None, typer.Option(help="A running Tandem (http://host:port): queue the job there instead of here.")
@@ -408,7 +408,7 @@ def models_rollback(home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOM
 def demo(
     images: Annotated[int, typer.Option(help="Generated images in the demo project.")] = 60,
     budget: Annotated[int, typer.Option(help="Tasks queued for review (20% of them random controls).")] = 20,
-    epochs: Annotated[int, typer.Option(help="Fine-tune epochs.")] = 10,
+    epochs: Annotated[int, typer.Option(help="Fine-tune epochs.")] = 30,
     out: Annotated[Path, typer.Option(help="Report folder (PNG plots, summary.json).")] = Path("tandem-demo-report"),
     home: Annotated[Path | None, typer.Option(help="State for the demo (default TANDEM_HOME/demo).")] = None,
 ) -> None:

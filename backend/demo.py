@@ -1,7 +1,7 @@
 """`tandem demo`: the whole loop on a laptop, offline, in a few minutes.
 
-A local Label Studio, a project of generated shapes with known ground truth, Tandem serving a weak
-CNN, pre-annotation through Label Studio's own "Retrieve predictions", a review queue ranked by
+A local Label Studio, a project of generated shapes with known ground truth, Tandem serving a CNN with
+a blind spot (it was never shown a triangle), pre-annotation through Label Studio's own "Retrieve predictions", a review queue ranked by
 CNN-vs-second-opinion disagreement and uncertainty, a simulated annotator who corrects the queued tasks
 from ground truth, a fine-tune job that must beat the CNN on the frozen split to be promoted, and a
 re-score with the new model. No VLM weights exist offline, so the second opinion is a differently
@@ -90,7 +90,7 @@ def ground_truth_result(truth: ShapeSample) -> list[dict]:
 
 
 def run_demo(
-    home: Path, out: Path, images: int = 60, budget: int = 20, epochs: int = 10, step=print, progress=lambda *_: None
+    home: Path, out: Path, images: int = 60, budget: int = 20, epochs: int = 30, step=print, progress=lambda *_: None
 ) -> DemoSummary:
     from label_studio_sdk import LabelStudio
 
@@ -108,8 +108,9 @@ def run_demo(
     timed("label_studio_start", t0)
     try:
         t0 = time.perf_counter()
-        step("Training a weak CNN and a differently trained second opinion (YOLOv8n from YAML, offline)")
-        cnn_path = train_starter_model(home / "cnn", "detect", StarterRecipe("detect", epochs=6))
+        step("Training a CNN that never saw a triangle, and a differently trained second opinion (offline)")
+        cnn_path = train_starter_model(home / "cnn", "detect", StarterRecipe("detect", epochs=8,
+                                                                             classes=("square", "circle")))
         second_path = train_starter_model(home / "second", "detect", StarterRecipe("detect", epochs=6, seed=1, imgsz=128))
         cnn = YoloAdapter(cnn_path, name="cnn", device="cpu")
         second = YoloAdapter(second_path, name="second-opinion", device="cpu", conf=0.1)

@@ -37,7 +37,7 @@ class Settings(BaseModel):
     webhook_secret: str | None = None
     train_after: int = 10
     train_interval_s: float = 0.0
-    train_epochs: int = 10
+    train_epochs: int = 30
     train_imgsz: int | None = None
 
     @field_validator("label_studio_url")
@@ -66,7 +66,7 @@ class Settings(BaseModel):
             "webhook_secret": _env("TANDEM_WEBHOOK_SECRET"),
             "train_after": int(_env("TANDEM_TRAIN_AFTER") or 10),
             "train_interval_s": float(_env("TANDEM_TRAIN_INTERVAL") or 0),
-            "train_epochs": int(_env("TANDEM_TRAIN_EPOCHS") or 10),
+            "train_epochs": int(_env("TANDEM_TRAIN_EPOCHS") or 30),
             "train_imgsz": int(_env("TANDEM_TRAIN_IMGSZ")) if _env("TANDEM_TRAIN_IMGSZ") else None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

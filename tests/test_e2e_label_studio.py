@@ -139,3 +139,20 @@ def test_personal_access_token_downloads_uploads(label_studio):
     assert httpx.get(label_studio.url + url).status_code in (401, 403)  # uploads need credentials
     fetched = MediaFetcher(MediaSettings(label_studio_url=label_studio.url, api_key=pat)).load(url)
     assert fetched.size == image.size
+
+
+def test_without_label_studio_url_media_comes_via_the_setup_hostname(label_studio, detect_adapter, tmp_path):
+    """`tandem serve` with no environment: /setup's hostname and legacy token fetch the uploads."""
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="tandem e2e no env", label_config=RECT)
+    items = generate_samples(2, seed=4)
+    _upload(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    app = create_app(Settings(home=tmp_path / "home"), ModelHolder(detect_adapter), training=False)
+    with ServerThread(app) as srv:
+        _connect(client, project.id, srv.url)
+        _retrieve_predictions(client, project.id)
+    tasks = _tasks_by_name(client, project.id)
+    for _, sample in items:
+        (pred,) = client.predictions.list(task=tasks[f"{sample.name}.png"]["id"])
+        xyxy, labels = region_boxes(pred.result, sample.width, sample.height)
+        assert_matches_truth(xyxy, labels, sample)

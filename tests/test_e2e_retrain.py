@@ -31,8 +31,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 @pytest.fixture(scope="module")
 def weak_weights():
-    """The starter recipe stopped early: a real but weak detector that corrections can improve."""
-    return train_starter_model(CACHE / "weak-home", "detect", StarterRecipe("detect", epochs=6))
+    """A real detector with a blind spot: it never saw a triangle, so corrections must improve it."""
+    return train_starter_model(CACHE / "blind-home", "detect", StarterRecipe("detect", epochs=8,
+                                                                           classes=("square", "circle")))
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -51,7 +52,7 @@ def test_corrections_retrain_promote_and_serve(label_studio, weak_weights, tmp_p
     items = generate_samples(44, seed=8080)
     _upload(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
     settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
-                        label_studio_api_key=label_studio.token, train_after=36, train_epochs=10, train_imgsz=160)
+                        label_studio_api_key=label_studio.token, train_after=36, train_epochs=30, train_imgsz=160)
     weak = YoloAdapter(weak_weights, device="cpu")
     app = create_app(settings, ModelHolder(weak))
     with ServerThread(app) as srv:

@@ -52,8 +52,10 @@ def render_sample(
     size: tuple[int, int] = (320, 240),
     max_objects: int = 3,
     single_label: str | None = None,
+    classes: tuple[str, ...] = CLASS_NAMES,
 ) -> tuple[Image.Image, ShapeSample]:
-    """Draw one image. `single_label` makes a one-object, centred-ish classification image."""
+    """Draw one image. `single_label` makes a one-object, centred-ish classification image; `classes`
+    restricts which shapes appear (class ids stay those of CLASS_NAMES), to make a model with a blind spot."""
     width, height = size
     base = rng.integers(150, 235, size=3)
     yy, xx = np.mgrid[0:height, 0:width]
@@ -70,7 +72,7 @@ def render_sample(
     for _ in range(count * 20):
         if len(objects) == count:
             break
-        label = single_label or CLASS_NAMES[int(rng.integers(len(CLASS_NAMES)))]
+        label = single_label or classes[int(rng.integers(len(classes)))]
         r = float(rng.uniform(0.12, 0.22) * short) if not single_label else float(rng.uniform(0.2, 0.32) * short)
         cx = float(rng.uniform(r + 2, width - r - 2))
         cy = float(rng.uniform(r + 2, height - r - 2))
@@ -92,13 +94,17 @@ def render_sample(
 
 
 def generate_samples(
-    count: int, seed: int = 0, size: tuple[int, int] = (320, 240), classification: bool = False
+    count: int,
+    seed: int = 0,
+    size: tuple[int, int] = (320, 240),
+    classification: bool = False,
+    classes: tuple[str, ...] = CLASS_NAMES,
 ) -> list[tuple[Image.Image, ShapeSample]]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
-        label = CLASS_NAMES[i % len(CLASS_NAMES)] if classification else None
-        out.append(render_sample(rng, f"shape_{seed}_{i:05d}", size=size, single_label=label))
+        label = classes[i % len(classes)] if classification else None
+        out.append(render_sample(rng, f"shape_{seed}_{i:05d}", size=size, single_label=label, classes=classes))
     return out
 
 
@@ -121,13 +127,14 @@ def write_yolo_dataset(
     val: int = 30,
     seed: int = 0,
     size: tuple[int, int] = (320, 240),
+    classes: tuple[str, ...] = CLASS_NAMES,
 ) -> Path:
     """Write a YOLO dataset; returns the path to pass as `data=` to ultralytics (yaml, or a folder for classify)."""
     root = Path(root)
     splits = {"train": (train, seed), "val": (val, seed + 10_000)}
     if task == "classify":
         for split, (n, s) in splits.items():
-            for image, sample in generate_samples(n, seed=s, size=size, classification=True):
+            for image, sample in generate_samples(n, seed=s, size=size, classification=True, classes=classes):
                 folder = root / split / sample.objects[0].label
                 folder.mkdir(parents=True, exist_ok=True)
                 image.save(folder / f"{sample.name}.png")
@@ -137,7 +144,7 @@ def write_yolo_dataset(
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
         truth = []
-        for image, sample in generate_samples(n, seed=s, size=size):
+        for image, sample in generate_samples(n, seed=s, size=size, classes=classes):
             image.save(root / "images" / split / f"{sample.name}.png")
             text = "\n".join(line(o, sample.width, sample.height) for o in sample.objects)
             (root / "labels" / split / f"{sample.name}.txt").write_text(text + "\n")

@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.datasets.shapes import write_yolo_dataset
+from backend.datasets.shapes import CLASS_NAMES, write_yolo_dataset
 from backend.models.yolo import default_device
 
 
@@ -25,6 +25,7 @@ class StarterRecipe:
     val_images: int = 30
     batch: int = 8
     seed: int = 0
+    classes: tuple[str, ...] = CLASS_NAMES  # fewer: a model with a blind spot (the demo's weak CNN)
 
     @property
     def architecture(self) -> str:
@@ -57,7 +58,8 @@ def train_starter_model(home: Path, task: str = "detect", recipe: StarterRecipe 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tandem-starter-") as tmp:
         data = write_yolo_dataset(
-            Path(tmp) / "data", task=task, train=recipe.train_images, val=recipe.val_images, seed=recipe.seed
+            Path(tmp) / "data", task=task, train=recipe.train_images, val=recipe.val_images, seed=recipe.seed,
+            classes=recipe.classes,
         )
         model = YOLO(recipe.architecture)
         model.train(

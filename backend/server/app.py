@@ -83,6 +83,7 @@ def create_app(
     """`training=True` starts the job service (webhook triggers, hot swaps); False serves predictions only."""
     registry = registry or Registry(settings.db_path)
     fetcher = MediaFetcher(settings.media())
+    fallback: dict[tuple[str, str], Predictor] = {}  # (hostname, token) from /setup -> its own fetcher
     sync = VersionSync(registry)
     predictor = Predictor(fetcher)
     setups: dict[int, tuple[str | None, str | None]] = {}  # project -> (hostname, legacy token) from /setup
@@ -99,6 +100,8 @@ def create_app(
         yield
         sync.close()
         fetcher.close()
+        for extra in fallback.values():
+            extra.fetcher.close()
         if training:
             training.close()
 
@@ -127,6 +130,20 @@ def create_app(
         key = settings.label_studio_api_key or token
         if url and key:
             sync.schedule(SyncRequest(pid, version, url, key))
+
+    def predictor_for(pid: int | None) -> Predictor:
+        """Without LABEL_STUDIO_URL, media comes from the hostname and legacy token Label Studio sent to /setup."""
+        if settings.label_studio_url or pid not in setups:
+            return predictor
+        hostname, token = setups[pid]
+        if not hostname:
+            return predictor
+        key = (hostname, token or "")
+        if key not in fallback:
+            media = settings.media()
+            media.label_studio_url, media.api_key = hostname.rstrip("/"), settings.label_studio_api_key or token
+            fallback[key] = Predictor(MediaFetcher(media))
+        return fallback[key]
 
     def on_loaded(adapter: ModelAdapter) -> None:
         registry.record_served(adapter.version, adapter.name, adapter.task.value, str(getattr(adapter, "path", "")))
@@ -183,7 +200,7 @@ def create_app(
         pid = project_id(body.project)
         label_map = label_maps.get(pid, settings.label_map) if pid is not None else settings.label_map
         plan = plan_for(adapter, body.label_config, label_map, settings.case_sensitive_labels)
-        results = await run_in_threadpool(predictor.predict, adapter, body.tasks, plan)
+        results = await run_in_threadpool(predictor_for(pid).predict, adapter, body.tasks, plan)
         for item in results:
             metrics.predictions.labels(adapter.version, "ok" if "result" in item else "error").inc()
         schedule_sync(pid, adapter.version)

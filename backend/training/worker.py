@@ -30,10 +30,8 @@ from backend.training.export import export_yolo_dataset  # noqa: E402
 from backend.training.jobs import JobStatus, JobStore  # noqa: E402
 from backend.training.yolo_finetune import fine_tune  # noqa: E402
 
-# Fine-tuning on a few dozen corrections: a small AdamW step and no warm-up keep what the parent knew
-# (ultralytics' defaults are for training from scratch and made a 31-image fine-tune worse here; see
-# yolo_finetune.py).
-DEFAULTS = {"epochs": 10, "imgsz": None, "batch": 16, "margin": 0.01, "val_percent": 20, "lr0": 0.0005}
+# Fine-tuning on a few dozen corrections (see yolo_finetune.py): AdamW, no warm-up, a step every batch.
+DEFAULTS = {"epochs": 30, "imgsz": None, "batch": 16, "margin": 0.01, "val_percent": 20, "lr0": 0.001}
 
 
 def log(message: str) -> None:

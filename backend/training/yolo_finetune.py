@@ -32,7 +32,10 @@ def fine_tune(parent: str, data: str, out_dir: str | Path, params: dict, device:
         data=rebase_data_yaml(data), epochs=int(params.get("epochs", 10)), imgsz=imgsz,
         batch=params.get("batch", 16), workers=int(params.get("workers", 0)), device=device,
         project=str(out_dir), name="train", exist_ok=True, val=False, plots=False, verbose=True,
-        warmup_epochs=0, seed=0, optimizer="AdamW", lr0=float(params.get("lr0", 0.0005)),
+        warmup_epochs=0, seed=0, optimizer="AdamW", lr0=float(params.get("lr0", 0.001)),
+        # ultralytics accumulates gradients up to a nominal batch of 64: on a few dozen corrections that
+        # leaves a handful of optimizer steps, too few to learn a class the parent never saw. Step every batch.
+        nbs=params.get("batch", 16),
     )
     last = Path(out_dir) / "train" / "weights" / "last.pt"
     return {"weights": str(last), "seconds": time.perf_counter() - t0, "imgsz": imgsz, "size": last.stat().st_size}
