@@ -56,6 +56,7 @@ def serve(
     home: Annotated[Path | None, typer.Option(help="State folder (env TANDEM_HOME).", envvar="TANDEM_HOME")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda:0 … (default: CUDA when present).")] = None,
     conf: Annotated[float | None, typer.Option(help="Minimum box confidence (env TANDEM_CONF, 0.25).")] = None,
+    imgsz: Annotated[int | None, typer.Option(help="Inference image size (default: the model's training size).")] = None,
     engine: Annotated[
         str, typer.Option(help="auto (OpenVINO on CPU, exported once per version and parity-checked), openvino, torch.")
     ] = "auto",
@@ -90,7 +91,7 @@ def serve(
 
     # Fail at start, in under a second, on a missing file or an offline hub name.
     try:
-        adapter = YoloAdapter(weights, device=settings.device, conf=settings.conf, engine=engine,
+        adapter = YoloAdapter(weights, device=settings.device, conf=settings.conf, engine=engine, imgsz=imgsz,
                               cache_dir=settings.home / "cache" / "openvino")
     except TandemError as exc:
         console.print(f"[red]error:[/] {exc}")

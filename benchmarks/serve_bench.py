@@ -1,6 +1,7 @@
 """Serving speed on CPU, in one run on the same images: raw ultralytics PyTorch predict (its CPU default),
-raw ultralytics on the OpenVINO export, and Tandem's /predict over HTTP with each engine. Prints
-median latencies per image and the ratios the targets are about.
+raw ultralytics on the OpenVINO export, and Tandem's /predict over HTTP with each engine (`tandem serve`
+in its own process, as deployed — a server thread in this process would fight the client for the GIL).
+Prints median latencies per image and the ratios the targets are about.
 
     uv run python benchmarks/serve_bench.py [--images 30] [--imgsz 640] [--weights PATH]
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,10 +24,7 @@ import httpx  # noqa: E402
 from backend.datasets.shapes import generate_samples  # noqa: E402
 from backend.models.starter import train_starter_model  # noqa: E402
 from backend.models.yolo import YoloAdapter  # noqa: E402
-from backend.server.app import create_app  # noqa: E402
-from backend.server.background import ServerThread  # noqa: E402
-from backend.serving import ModelHolder  # noqa: E402
-from backend.settings import Settings  # noqa: E402
+from backend.labelstudio.local import free_port  # noqa: E402
 
 CONFIG = """<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">
 <Label value="square"/><Label value="circle"/><Label value="triangle"/></RectangleLabels></View>"""
@@ -39,6 +39,36 @@ def median_ms(fn, items, warmup: int = 3) -> float:
         fn(item)
         times.append((time.perf_counter() - t) * 1000)
     return statistics.median(times)
+
+
+def bench_server(weights: Path, engine: str, imgsz: int, media: Path, files: list[Path]) -> float:
+    """`tandem serve` in its own process, as deployed; one task per request, as Label Studio's task open."""
+    port = free_port()
+    env = {**os.environ, "TANDEM_HOME": str(media / f"home-{engine}"), "LOCAL_FILES_DOCUMENT_ROOT": str(media)}
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--model", str(weights), "--port", str(port),
+                             "--engine", engine, "--imgsz", str(imgsz), "--device", "cpu", "--log-level", "warning"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).json().get("ready"):
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tandem serve --engine {engine} did not start")
+            time.sleep(0.5)
+        with httpx.Client() as http:
+            def call(f):
+                body = {"tasks": [{"id": 1, "data": {"image": f"/data/local-files/?d={f.name}"}}], "label_config": CONFIG}
+                http.post(f"{url}/predict", json=body, timeout=60).raise_for_status()
+
+            return median_ms(call, files)
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 def main() -> None:
@@ -57,25 +87,17 @@ def main() -> None:
             files.append(tmp / f"{s.name}.jpg")
             img.save(files[-1], quality=92)
 
-        torch_adapter = YoloAdapter(weights, device="cpu", imgsz=args.imgsz)
         ov_adapter = YoloAdapter(weights, device="cpu", imgsz=args.imgsz, engine="openvino", cache_dir=tmp / "ov")
         raw_torch = YOLO(str(weights))
         raw_ov = ov_adapter._infer  # the same OpenVINO export, driven by ultralytics directly
-
         results = {
             "ultralytics PyTorch (CPU default)": median_ms(
                 lambda f: raw_torch.predict(str(f), imgsz=args.imgsz, verbose=False), files),
             "ultralytics OpenVINO": median_ms(lambda f: raw_ov.predict(str(f), imgsz=args.imgsz, verbose=False), files),
         }
-        for label, adapter in (("Tandem /predict, PyTorch", torch_adapter), ("Tandem /predict, OpenVINO", ov_adapter)):
-            settings = Settings(home=tmp / f"home-{adapter.engine}", local_files_root=tmp)
-            with ServerThread(create_app(settings, ModelHolder(adapter), training=False)) as srv, httpx.Client() as http:
-                def call(f, url=srv.url):
-                    body = {"tasks": [{"id": 1, "data": {"image": f"/data/local-files/?d={f.name}"}}],
-                            "label_config": CONFIG}
-                    r = http.post(f"{url}/predict", json=body, timeout=60)
-                    r.raise_for_status()
-                results[label] = median_ms(call, files)
+        del ov_adapter, raw_ov
+        for label, engine in (("Tandem /predict, PyTorch", "torch"), ("Tandem /predict, OpenVINO", "openvino")):
+            results[label] = bench_server(weights, engine, args.imgsz, tmp, files)
 
         base = results["ultralytics PyTorch (CPU default)"]
         print(f"{args.images} images 640×480, imgsz {args.imgsz}, {os.cpu_count()} CPU cores; median ms per image")

@@ -194,7 +194,7 @@ def create_app(
 
     @app.post("/predict", response_model=PredictResponse)
     async def predict(body: PredictRequest) -> PredictResponse:
-        adapter = await run_in_threadpool(holder.wait, PREDICT_WAIT_FOR_MODEL_S)
+        adapter = holder.adapter or await run_in_threadpool(holder.wait, PREDICT_WAIT_FOR_MODEL_S)
         if not body.label_config:
             raise HTTPException(422, "label_config is required")
         pid = project_id(body.project)
