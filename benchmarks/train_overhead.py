@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--imgsz", type=int, default=160)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    params = {"epochs": args.epochs, "imgsz": args.imgsz, "batch": 16, "lr0": 0.0005, "workers": 0}
+    params = {"epochs": args.epochs, "imgsz": args.imgsz, "batch": 16, "lr0": 0.001, "workers": 0}
     with tempfile.TemporaryDirectory(prefix="tandem-overhead-") as tmp:
         tmp = Path(tmp)
         parent = str(train_starter_model(tmp / "home", "detect", StarterRecipe("detect", epochs=6)))
@@ -60,7 +60,7 @@ def main() -> None:
             t = time.perf_counter()
             YOLO(parent).train(data=data, epochs=args.epochs, imgsz=args.imgsz, batch=16, workers=0, device="cpu",
                                project=str(tmp / f"direct{r}"), name="train", exist_ok=True, val=False, plots=False,
-                               verbose=False, warmup_epochs=0, seed=0, optimizer="AdamW", lr0=0.0005)
+                               verbose=False, warmup_epochs=0, seed=0, optimizer="AdamW", lr0=0.001, nbs=16)
             direct.append(time.perf_counter() - t)
 
             job_args = {"root": str(tmp / "data"), "data": data, "parent": parent, "out": str(tmp / f"job{r}"),
