@@ -16,16 +16,17 @@ from backend.settings import Settings
 from tests.harness import ServerThread, png_bytes
 from tests.test_server import RECT
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+# Measured here: 84 s of Label Studio's 100 s, most of it Label Studio serving 1,000 uploads and storing
+# 1,000 predictions on 2 cores. Too close to the limit to gate every CI run on; run with `-m scale`.
+pytestmark = [pytest.mark.e2e, pytest.mark.scale, pytest.mark.timeout(1200)]
 
 
 def test_retrieve_predictions_for_1000_tasks_within_label_studios_100_s(label_studio, detect_adapter, tmp_path):
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     project = client.projects.create(title="tandem e2e 1000 tasks", label_config=RECT)
     items = generate_samples(1000, seed=1000, size=(320, 240))
-    for start in range(0, 1000, 250):
-        upload_images(label_studio.url, label_studio.token, project.id,
-                      {f"{s.name}.png": png_bytes(img) for img, s in items[start : start + 250]})
+    upload_images(label_studio.url, label_studio.token, project.id,
+                  {f"{s.name}.png": png_bytes(img) for img, s in items})  # in requests of 100 files
     settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
     with ServerThread(create_app(settings, ModelHolder(detect_adapter), training=False)) as srv:
         client.ml.create(project=project.id, url=srv.url, title="Tandem", is_interactive=False)

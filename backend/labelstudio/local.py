@@ -98,13 +98,19 @@ def start_label_studio(data_dir: Path, port: int | None = None, timeout: float =
     raise RuntimeError(f"Label Studio did not answer /health within {timeout:.0f} s; see {log_path}")
 
 
+MAX_FILES_PER_REQUEST = 100  # Django's DATA_UPLOAD_MAX_NUMBER_FILES: more gives a 500 (TooManyFilesSent)
+
+
 def upload_images(url: str, token: str, project: int, files: dict[str, bytes]) -> None:
     """Each file becomes a task (`data.image` = /data/upload/...). One form field per file: LS reads a dict."""
-    r = httpx.post(
-        f"{url}/api/projects/{project}/import",
-        headers={"Authorization": f"Token {token}"},
-        files=[(f"file{i}", (name, data, "image/jpeg" if name.endswith(".jpg") else "image/png"))
-               for i, (name, data) in enumerate(files.items())],
-        timeout=120,
-    )
-    r.raise_for_status()
+    items = list(files.items())
+    for start in range(0, len(items), MAX_FILES_PER_REQUEST):
+        part = items[start : start + MAX_FILES_PER_REQUEST]
+        r = httpx.post(
+            f"{url}/api/projects/{project}/import",
+            headers={"Authorization": f"Token {token}"},
+            files=[(f"file{i}", (name, data, "image/jpeg" if name.endswith(".jpg") else "image/png"))
+                   for i, (name, data) in enumerate(part)],
+            timeout=120,
+        )
+        r.raise_for_status()
