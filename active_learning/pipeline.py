@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from active_learning.queue import LabelStudioQueue, QueueEntry, strip_fields
+from active_learning.queue import LabelStudioQueue, QueueEntry
 from active_learning.scoring import ScoreTable, score_outputs
 from active_learning.selection import SelectionConfig, select
 from backend.errors import ConfigError, MediaError
@@ -160,4 +160,4 @@ def write_queue(queue: LabelStudioQueue, outcome: SelectOutcome, tasks: Sequence
     outcome.views = queue.ensure_views(with_disagreement)
 
 
-__all__ = ["SelectOutcome", "run_selection", "strip_fields", "write_dry_run", "write_queue"]
+__all__ = ["SelectOutcome", "run_selection", "write_dry_run", "write_queue"]

@@ -24,10 +24,6 @@ from tests.test_server import CHOICES, RECT
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
-def _upload(ls_url: str, token: str, project: int, files: dict[str, bytes]) -> None:
-    upload_images(ls_url, token, project, files)
-
-
 def _tasks_by_name(client: LabelStudio, project: int) -> dict[str, dict]:
     out = {}
     for t in client.tasks.list(project=project, fields="all"):
@@ -54,7 +50,7 @@ def test_rectangles_from_a_real_label_studio(label_studio, detect_adapter, tmp_p
     files = {f"{s.name}.png": png_bytes(img) for img, s in items}
     rotated_image, rotated_truth = items[0]
     files["rotated.jpg"] = exif_rotated_jpeg_bytes(rotated_image)
-    _upload(label_studio.url, label_studio.token, project.id, files)
+    upload_images(label_studio.url, label_studio.token, project.id, files)
     # a task whose image does not exist: it must get no prediction, and not spoil the others
     client.projects.import_tasks(id=project.id, request=[{"image": f"/data/upload/{project.id}/missing.png"}])
 
@@ -96,7 +92,7 @@ def test_choices_from_a_real_label_studio(label_studio, classify_adapter, tmp_pa
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     project = client.projects.create(title="tandem e2e choices", label_config=CHOICES)
     items = generate_samples(9, seed=99, classification=True)
-    _upload(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    upload_images(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
     settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
     with ServerThread(create_app(settings, ModelHolder(classify_adapter))) as srv:
         _connect(client, project.id, srv.url)
@@ -133,7 +129,7 @@ def test_personal_access_token_downloads_uploads(label_studio):
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     project = client.projects.create(title="tandem e2e pat", label_config=RECT)
     image, _ = generate_samples(1, seed=5)[0]
-    _upload(label_studio.url, label_studio.token, project.id, {"pat.png": png_bytes(image)})
+    upload_images(label_studio.url, label_studio.token, project.id, {"pat.png": png_bytes(image)})
     (task,) = client.tasks.list(project=project.id)
     url = task.data["image"]
     assert httpx.get(label_studio.url + url).status_code in (401, 403)  # uploads need credentials
@@ -146,7 +142,7 @@ def test_without_label_studio_url_media_comes_via_the_setup_hostname(label_studi
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     project = client.projects.create(title="tandem e2e no env", label_config=RECT)
     items = generate_samples(2, seed=4)
-    _upload(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    upload_images(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
     app = create_app(Settings(home=tmp_path / "home"), ModelHolder(detect_adapter), training=False)
     with ServerThread(app) as srv:
         _connect(client, project.id, srv.url)

@@ -16,9 +16,9 @@ from active_learning.pipeline import run_selection, write_queue
 from active_learning.queue import LabelStudioQueue
 from active_learning.selection import SelectionConfig, Strategy
 from backend.datasets.shapes import generate_samples
+from backend.labelstudio.local import upload_images
 from backend.media.fetch import MediaFetcher, MediaSettings
 from tests.harness import png_bytes
-from tests.test_e2e_label_studio import _upload
 from tests.test_server import RECT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -36,7 +36,7 @@ def project(label_studio):
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     proj = client.projects.create(title="tandem e2e queue", label_config=RECT)
     items = generate_samples(14, seed=31337)
-    _upload(label_studio.url, label_studio.token, proj.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    upload_images(label_studio.url, label_studio.token, proj.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
     tasks = list(client.tasks.list(project=proj.id, fields="all"))
     for t in tasks:  # extra keys a real project carries; the queue must not lose them
         client.tasks.update(id=str(t.id), data={**t.data, "site": f"camera-{t.id % 3}", "batch": 7})

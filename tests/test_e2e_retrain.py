@@ -13,6 +13,7 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from backend.datasets.shapes import generate_samples
+from backend.labelstudio.local import upload_images
 from backend.demo import ground_truth_result
 from backend.models.starter import StarterRecipe, train_starter_model
 from backend.models.yolo import YoloAdapter
@@ -23,7 +24,7 @@ from backend.training.jobs import JobStatus
 from backend.training.runner import wait
 from tests.conftest import CACHE
 from tests.harness import ServerThread, png_bytes
-from tests.test_e2e_label_studio import _connect, _retrieve_predictions, _tasks_by_name, _upload
+from tests.test_e2e_label_studio import _connect, _retrieve_predictions, _tasks_by_name
 from tests.test_server import RECT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
@@ -50,7 +51,7 @@ def test_corrections_retrain_promote_and_serve(label_studio, weak_weights, tmp_p
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     project = client.projects.create(title="tandem e2e loop", label_config=RECT)
     items = generate_samples(44, seed=8080)
-    _upload(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    upload_images(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
     settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
                         label_studio_api_key=label_studio.token, train_after=36, train_epochs=30, train_imgsz=160)
     weak = YoloAdapter(weak_weights, device="cpu")
@@ -90,7 +91,7 @@ def test_kill_9_of_a_running_job_fails_it_and_keeps_serving(label_studio, weak_w
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     project = client.projects.create(title="tandem e2e kill", label_config=RECT)
     items = generate_samples(12, seed=99)
-    _upload(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    upload_images(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
     tasks = _tasks_by_name(client, project.id)
     for _, sample in items:
         client.annotations.create(id=tasks[f"{sample.name}.png"]["id"], result=ground_truth_result(sample))

@@ -157,13 +157,13 @@ class YoloAdapter:
         if engine == "openvino" or (engine == "auto" and self.device == "cpu" and self.path is not None):
             self._use_openvino(cache_dir, required=engine == "openvino")
         # fp16 on CUDA; ultralytics warns about the `half` argument even when it is False, so omit it on CPU
-        self._precision = {"half": True} if self.device.startswith("cuda") else {}
+        self._predict_kwargs = {"half": True} if self.device.startswith("cuda") else {}
         if self.task is not ModelTask.CLASSIFY:
             from ultralytics.models.yolo.detect import DetectionPredictor
             from ultralytics.models.yolo.segment import SegmentationPredictor
 
             base = SegmentationPredictor if self.task is ModelTask.SEGMENT else DetectionPredictor
-            self._precision["predictor"] = _class_vector_predictor(base)
+            self._predict_kwargs["predictor"] = _class_vector_predictor(base)
 
     def _use_openvino(self, cache_dir: Path | None, required: bool) -> None:
         from backend.models.openvino_engine import export_openvino
@@ -195,7 +195,7 @@ class YoloAdapter:
                     imgsz=self.imgsz,
                     device=self.device,
                     verbose=False,
-                    **self._precision,
+                    **self._predict_kwargs,
                 )
                 outputs.extend(self._convert(r) for r in results)
         return outputs
