@@ -63,6 +63,20 @@ def serve(
     starter_task: Annotated[
         str, typer.Option(help="Task of the starter model when --model is not given: detect, segment, classify.")
     ] = "detect",
+    vlm: Annotated[
+        str | None,
+        typer.Option(help="A vision-language model beside (or instead of) the CNN: a hub id such as "
+                     "google/owlv2-base-patch16-ensemble, or a folder written by save_pretrained.", envvar="TANDEM_VLM"),
+    ] = None,
+    pre_annotator: Annotated[
+        str | None,
+        typer.Option(help="Whose predictions Label Studio receives: cnn or vlm (the other's are kept for "
+                     "disagreement). Default: cnn, or vlm when only --vlm is given.", envvar="TANDEM_PRE_ANNOTATOR"),
+    ] = None,
+    vlm_threshold: Annotated[float | None, typer.Option(help="Minimum box score of a zero-shot detector.")] = None,
+    predict_budget: Annotated[
+        float | None, typer.Option(help="Seconds per /predict call before the rest go to the background (60).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
 ) -> None:
     """Serve a model to Label Studio over the ML backend protocol."""
@@ -77,32 +91,71 @@ def serve(
 
     _logging(log_level)
     try:
-        settings = Settings.from_env(home=home, model=model, device=device, conf=conf)
+        settings = Settings.from_env(home=home, model=model, device=device, conf=conf, vlm=vlm,
+                                     predict_budget_s=predict_budget,
+                                     pre_annotator=pre_annotator or ("vlm" if (vlm or _env_vlm()) and not model
+                                                                     and not _env_model() else None))
     except Exception as exc:
         raise typer.BadParameter(str(exc)) from exc
     if starter_task not in RECIPES:
         raise typer.BadParameter(f"--starter-task must be one of {', '.join(RECIPES)}")
     settings.home.mkdir(parents=True, exist_ok=True)
 
+    vlm_holder = None
+    if settings.vlm:
+        from backend.models.vlm.loader import load_vlm
+        from backend.models.vlm.source import resolve_source
+
+        try:  # an unavailable checkpoint fails here, in well under a second; loading itself runs in the background
+            resolve_source(settings.vlm)
+        except TandemError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from exc
+        options = {"threshold": vlm_threshold} if vlm_threshold is not None else {}
+        vlm_holder = ModelHolder()
+
+        def load():
+            return load_vlm(settings.vlm, device=settings.device, **options)
+
+        vlm_holder.load_in_background(load)
+        console.print(f"Loading the VLM [bold]{settings.vlm}[/] in the background")
+
+    holder = ModelHolder()
     weights = settings.model
-    if weights is None:
+    if weights is None and settings.pre_annotator == "cnn":
         console.print(f"[bold]No --model given:[/] using the starter YOLOv8n {starter_task} model in {settings.home}")
         weights = str(train_starter_model(settings.home, starter_task))
-
-    # Fail at start, in under a second, on a missing file or an offline hub name.
-    try:
-        adapter = YoloAdapter(weights, device=settings.device, conf=settings.conf, engine=engine, imgsz=imgsz,
-                              cache_dir=settings.home / "cache" / "openvino")
-    except TandemError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
-    console.print(
-        f"Serving [bold]{adapter.version}[/] ({adapter.task.value}, {len(adapter.class_names)} classes, "
-        f"{adapter.device}, {adapter.engine}) on http://{host}:{port}"
-    )
+    if weights is not None:
+        # Fail at start, in under a second, on a missing file or an offline hub name.
+        try:
+            adapter = YoloAdapter(weights, device=settings.device, conf=settings.conf, engine=engine, imgsz=imgsz,
+                                  cache_dir=settings.home / "cache" / "openvino")
+        except TandemError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from exc
+        holder = ModelHolder(adapter)
+        console.print(
+            f"CNN [bold]{adapter.version}[/] ({adapter.task.value}, {len(adapter.class_names)} classes, "
+            f"{adapter.device}, {adapter.engine})"
+        )
+    console.print(f"Serving on http://{host}:{port}; Label Studio receives the [bold]{settings.pre_annotator}[/]'s "
+                  "predictions" + (", the other's are kept for disagreement" if vlm_holder and weights else ""))
     if not settings.label_studio_url:
         console.print("[yellow]LABEL_STUDIO_URL is not set:[/] images are fetched from the hostname Label Studio sends")
-    uvicorn.run(create_app(settings, ModelHolder(adapter)), host=host, port=port, log_level=log_level.lower())
+    app_ = create_app(settings, holder, vlm=vlm_holder)
+    uvicorn.run(app_, host=host, port=port, log_level=log_level.lower())
+
+
+def _env_vlm() -> str | None:
+    import os
+
+    return os.environ.get("TANDEM_VLM") or None
+
+
+def _env_model() -> str | None:
+    import os
+
+    return os.environ.get("TANDEM_MODEL") or None
 
 
 @app.command()

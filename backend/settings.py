@@ -39,6 +39,10 @@ class Settings(BaseModel):
     train_interval_s: float = 0.0
     train_epochs: int = 30
     train_imgsz: int | None = None
+    vlm: str | None = None
+    vlm_prompts: dict[str, str] = Field(default_factory=dict)
+    pre_annotator: str = Field(default="cnn", pattern="^(cnn|vlm)$")
+    predict_budget_s: float = Field(default=60.0, gt=0)
 
     @field_validator("label_studio_url")
     @classmethod
@@ -68,6 +72,10 @@ class Settings(BaseModel):
             "train_interval_s": float(_env("TANDEM_TRAIN_INTERVAL") or 0),
             "train_epochs": int(_env("TANDEM_TRAIN_EPOCHS") or 30),
             "train_imgsz": int(_env("TANDEM_TRAIN_IMGSZ")) if _env("TANDEM_TRAIN_IMGSZ") else None,
+            "vlm": _env("TANDEM_VLM"),
+            "vlm_prompts": json.loads(_env("TANDEM_VLM_PROMPTS") or "{}"),
+            "pre_annotator": _env("TANDEM_PRE_ANNOTATOR") or "cnn",
+            "predict_budget_s": float(_env("TANDEM_PREDICT_BUDGET_S") or 60),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

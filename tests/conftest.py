@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # huggingface_hub reads it at import: no test may reach for the hub
+
 import numpy as np
 import pytest
 import supervision as sv
@@ -13,6 +15,7 @@ from backend.datasets.shapes import ShapeSample
 from backend.models.starter import train_starter_model
 from backend.models.yolo import YoloAdapter
 from tests.harness import start_label_studio
+from tests.tiny_vlms import build as build_tiny_vlm
 
 REPO = Path(__file__).resolve().parents[1]
 # Trained weights are reused across runs (delete the folder to retrain); CI starts without it.
@@ -47,6 +50,13 @@ def classify_adapter(classify_weights) -> YoloAdapter:
 @pytest.fixture(scope="session")
 def segment_adapter(segment_weights) -> YoloAdapter:
     return YoloAdapter(segment_weights, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """name -> folder of a tiny random-weight checkpoint of that family, built once per session."""
+    root = tmp_path_factory.mktemp("tiny-vlms")
+    return lambda name: build_tiny_vlm(name, root)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,12 +17,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from backend.errors import TandemError
+from backend.errors import ConfigError, TandemError
 from backend.labelstudio.version_sync import SyncRequest, VersionSync
 from backend.media.fetch import MediaFetcher
 from backend.models.base import ModelAdapter
-from backend.predict import Predictor, plan_for
+from backend.prediction_store import PredictionStore
+from backend.predict import Predictor, describe, plan_for
 from backend.registry import Registry
+from backend.server.deferred import DeferredPredictions
 from backend.server.metrics import Metrics, MetricsMiddleware
 from backend.server.protocol import (
     HealthResponse,
@@ -79,15 +82,27 @@ def create_app(
     registry: Registry | None = None,
     training: TrainingService | None | bool = True,
     policy: TrainingPolicy | None = None,
+    vlm: ModelHolder | None = None,
 ) -> FastAPI:
-    """`training=True` starts the job service (webhook triggers, hot swaps); False serves predictions only."""
+    """`training=True` starts the job service (webhook triggers, hot swaps); False serves predictions only.
+
+    `holder` is the CNN (retraining swaps it), `vlm` the vision-language model; `settings.pre_annotator` says
+    whose predictions Label Studio receives, and the other one's go to the prediction store.
+    """
     registry = registry or Registry(settings.db_path)
     fetcher = MediaFetcher(settings.media())
+    store = PredictionStore(settings.db_path)
+    deferred = DeferredPredictions()
     fallback: dict[tuple[str, str], Predictor] = {}  # (hostname, token) from /setup -> its own fetcher
     sync = VersionSync(registry)
-    predictor = Predictor(fetcher)
+    predictor = Predictor(fetcher, store=store)
+    holders = {"cnn": holder, "vlm": vlm or ModelHolder()}
+    if settings.pre_annotator == "vlm" and vlm is None:
+        raise ConfigError("TANDEM_PRE_ANNOTATOR=vlm needs a VLM (tandem serve --vlm ID_OR_PATH)")
+    lead, other = (holders["cnn"], holders["vlm"]) if settings.pre_annotator == "cnn" else (holders["vlm"], holders["cnn"])
     setups: dict[int, tuple[str | None, str | None]] = {}  # project -> (hostname, legacy token) from /setup
     label_maps: dict[int, dict[str, str]] = {}  # project -> label_map from the backend's extra_params
+    prompt_maps: dict[int, dict[str, str]] = {}  # project -> VLM prompts from the backend's extra_params
 
     if training is True:
         policy = policy or TrainingPolicy(train_after=settings.train_after, interval_s=settings.train_interval_s,
@@ -98,8 +113,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        deferred.close()
         sync.close()
         fetcher.close()
+        store.close()
         for extra in fallback.values():
             extra.fetcher.close()
         if training:
@@ -113,6 +130,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings, app.state.holder, app.state.registry, app.state.sync = settings, holder, registry, sync
+    app.state.store, app.state.deferred, app.state.vlm = store, deferred, holders["vlm"]
     metrics = Metrics()
     app.state.metrics = metrics
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -142,16 +160,18 @@ def create_app(
         if key not in fallback:
             media = settings.media()
             media.label_studio_url, media.api_key = hostname.rstrip("/"), settings.label_studio_api_key or token
-            fallback[key] = Predictor(MediaFetcher(media))
+            fallback[key] = Predictor(MediaFetcher(media), store=store)
         return fallback[key]
 
     def on_loaded(adapter: ModelAdapter) -> None:
-        registry.record_served(adapter.version, adapter.name, adapter.task.value, str(getattr(adapter, "path", "")))
+        path = getattr(adapter, "path", None) or getattr(adapter, "source", "")
+        registry.record_served(adapter.version, adapter.name, describe(adapter), str(path))
 
     app.state.on_loaded = on_loaded
     app.state.training = training
-    if holder.adapter is not None:
-        on_loaded(holder.adapter)
+    for loaded in (holder.adapter, holders["vlm"].adapter):
+        if loaded is not None:
+            on_loaded(loaded)
     if training:
         training.on_loaded = on_loaded
 
@@ -159,14 +179,17 @@ def create_app(
     @app.get("/health", response_model=HealthResponse)
     def health() -> HealthResponse:
         """Always 200 while the process serves; `ready` says whether a model is loaded."""
-        adapter = holder.adapter
+        adapter, second = lead.adapter, other.adapter
         return HealthResponse(
             status="UP",
             ready=adapter is not None,
             model_version=adapter.version if adapter else None,
-            model_task=adapter.task.value if adapter else None,
+            model_task=describe(adapter) if adapter else None,
             device=adapter.device if adapter else None,
-            error=holder.error,
+            error=lead.error or other.error,
+            pre_annotator=settings.pre_annotator,
+            second_opinion=second.version if second else None,
+            deferred_pending=deferred.pending,
         )
 
     @app.post("/setup", response_model=SetupResponse)
@@ -177,14 +200,22 @@ def create_app(
         if pid is not None:
             setups[pid] = (body.hostname if (body.hostname or "").startswith("http") else None, body.access_token)
             label_maps[pid] = label_map
-        adapter = holder.adapter
+            prompt_maps[pid] = _prompts(body.extra_params)
+        adapter = lead.adapter
         if adapter is None:
             last = registry.last_served()
             return SetupResponse(model_version=last.version if last else "loading")
         if body.schema_:
-            plan_for(adapter, body.schema_, label_map, settings.case_sensitive_labels)
+            plan_for(adapter, body.schema_, label_map, settings.case_sensitive_labels, _prompts(body.extra_params))
         schedule_sync(pid, adapter.version)
         return SetupResponse(model_version=adapter.version)
+
+    def _prompts(extra: Any) -> dict[str, str]:
+        """Per-label VLM prompts: TANDEM_VLM_PROMPTS, then the backend's extra_params {"prompts": {...}}."""
+        merged = dict(settings.vlm_prompts)
+        if isinstance(extra, dict) and isinstance(extra.get("prompts"), dict):
+            merged.update({str(k): str(v) for k, v in extra["prompts"].items()})
+        return merged
 
     def _label_map(extra: Any) -> dict[str, str]:
         merged = dict(settings.label_map)
@@ -194,15 +225,30 @@ def create_app(
 
     @app.post("/predict", response_model=PredictResponse)
     async def predict(body: PredictRequest) -> PredictResponse:
-        adapter = holder.adapter or await run_in_threadpool(holder.wait, PREDICT_WAIT_FOR_MODEL_S)
+        deadline = time.monotonic() + settings.predict_budget_s
+        adapter = lead.adapter or await run_in_threadpool(lead.wait, PREDICT_WAIT_FOR_MODEL_S)
         if not body.label_config:
             raise HTTPException(422, "label_config is required")
         pid = project_id(body.project)
         label_map = label_maps.get(pid, settings.label_map) if pid is not None else settings.label_map
-        plan = plan_for(adapter, body.label_config, label_map, settings.case_sensitive_labels)
-        results = await run_in_threadpool(predictor_for(pid).predict, adapter, body.tasks, plan)
+        prompts = prompt_maps.get(pid, settings.vlm_prompts) if pid is not None else settings.vlm_prompts
+        plan = plan_for(adapter, body.label_config, label_map, settings.case_sensitive_labels, prompts)
+        chosen = predictor_for(pid)
+
+        def overflow(rest) -> None:
+            deferred.submit(chosen, rest, plan, pid, "pre-annotation")
+
+        results = await run_in_threadpool(chosen.predict, body.tasks, plan, deadline, overflow, pid)
         for item in results:
             metrics.predictions.labels(adapter.version, "ok" if "result" in item else "error").inc()
+        second = other.adapter
+        if second is not None and pid is not None:
+            try:
+                second_plan = plan_for(second, body.label_config, label_map, settings.case_sensitive_labels, prompts)
+            except ConfigError as exc:
+                log.info("second opinion %s skipped for project %s: %s", second.version, pid, exc)
+            else:
+                deferred.submit(chosen, body.tasks, second_plan, pid, "second-opinion")
         schedule_sync(pid, adapter.version)
         return PredictResponse(results=results, model_version=adapter.version)
 
@@ -251,7 +297,7 @@ def create_app(
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
-        metrics.ready.set(1 if holder.ready else 0)
+        metrics.ready.set(1 if lead.ready else 0)
         if training:
             for status in ("queued", "running", "succeeded", "failed", "cancelled"):
                 metrics.jobs.labels(status).set(training.store.counts().get(status, 0))

@@ -74,6 +74,9 @@ class HealthResponse(BaseModel):
     model_task: str | None = None
     device: str | None = None
     error: str | None = None
+    pre_annotator: str | None = None  # cnn | vlm: whose predictions Label Studio receives
+    second_opinion: str | None = None  # the other model's version, kept in TANDEM_HOME for disagreement
+    deferred_pending: int = 0  # tasks still being predicted in the background
 
 
 class VersionsResponse(BaseModel):

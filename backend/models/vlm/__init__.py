@@ -1,0 +1,1 @@
+"""Vision-language models as a second pre-annotator: zero-shot detectors and classifiers, generative VLMs."""

@@ -1,0 +1,66 @@
+"""`--vlm ID_OR_PATH` -> an open-vocabulary adapter, through the same transformers Auto* classes the real
+checkpoints use. The family is read from config.json's model_type, so a local folder and a hub id load
+the same way."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from backend.errors import ModelLoadError
+from backend.models.vlm.base import OpenVocabularyModel, checkpoint_version
+from backend.models.vlm.generative import STYLES, GenerativeVlm
+from backend.models.vlm.source import pick_device, resolve_source
+from backend.models.vlm.zero_shot import DETECTOR_TYPES, ZeroShotClassifier, ZeroShotDetector
+
+log = logging.getLogger("tandem.vlm")
+
+CLASSIFIER_TYPES = {"clip", "siglip", "siglip2", "metaclip_2", "chinese_clip", "altclip", "align"}
+SUPPORTED = sorted(DETECTOR_TYPES | CLASSIFIER_TYPES | set(STYLES))
+
+
+def _refuse_unsupported(source: str, config: dict[str, Any]) -> None:
+    model_type = config.get("model_type", "")
+    if model_type == "florence2" and config.get("auto_map"):
+        raise ModelLoadError(
+            f"{source} is a trust_remote_code Florence-2 checkpoint (its code would be fetched from the hub); "
+            "use florence-community/Florence-2-base or -large, which load with transformers' own Florence2 class"
+        )
+    if model_type not in SUPPORTED:
+        raise ModelLoadError(f"{source}: model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+
+
+def display_name(source: str, path: Path) -> str:
+    if Path(source).expanduser().exists():
+        return path.name
+    return source.split("/")[-1]
+
+
+def load_vlm(source: str, device: str | None = None, revision: str | None = None, **options: Any) -> OpenVocabularyModel:
+    """Options go to the adapter (threshold, iou, template, classify_question, max_new_tokens, ...)."""
+    path = resolve_source(source, revision)
+    config = json.loads((path / "config.json").read_text())
+    _refuse_unsupported(source, config)
+    model_type = config["model_type"]
+    device, dtype = pick_device(device)
+
+    import transformers
+
+    if model_type in DETECTOR_TYPES:
+        auto, adapter = transformers.AutoModelForZeroShotObjectDetection, ZeroShotDetector
+    elif model_type in CLASSIFIER_TYPES:
+        auto, adapter = transformers.AutoModelForZeroShotImageClassification, ZeroShotClassifier
+    else:
+        auto, adapter = transformers.AutoModelForImageTextToText, GenerativeVlm
+    try:
+        model = auto.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+        processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, ImportError) as exc:  # missing weights, wrong files, a missing optional package
+        raise ModelLoadError(f"could not load {source}: {exc}") from exc
+    name = display_name(source, path)
+    model_adapter = adapter(model, processor, name, checkpoint_version(path, name), device, **options)
+    model_adapter.source = str(path)
+    log.info("loaded %s (%s, %s) on %s in %s", model_adapter.version, model_type, adapter.family, device, dtype)
+    return model_adapter

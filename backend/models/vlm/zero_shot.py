@@ -1,0 +1,112 @@
+"""Zero-shot detectors (OWLv2, OWL-ViT, Grounding DINO) and classifiers (CLIP, SigLIP, SigLIP2).
+
+The labels' prompts are the text queries, all of them in one forward pass per batch of images (the
+transformers pipeline runs the model once per label instead).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import supervision as sv
+import torch
+from PIL import Image
+
+from backend.models.base import ModelOutput, ModelTask
+from backend.models.vlm.base import OpenVocabularyModel, Vocabulary, make_detections
+from backend.models.vlm.grounding import match_phrase
+
+DETECTOR_TYPES = {"owlv2", "owlvit", "grounding-dino", "mm-grounding-dino"}
+SIGMOID_TYPES = {"siglip", "siglip2"}
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _detections(xyxy: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, names: tuple[str, ...],
+                iou: float, max_det: int) -> sv.Detections:
+    det = make_detections(xyxy, scores, class_ids, names)
+    det = det[(det.xyxy[:, 2] > det.xyxy[:, 0]) & (det.xyxy[:, 3] > det.xyxy[:, 1])]
+    if len(det) and iou < 1.0:
+        det = det.with_nms(threshold=iou, class_agnostic=False)
+    if len(det) > max_det:
+        det = det[np.argsort(-det.confidence)[:max_det]]
+    return det
+
+
+class ZeroShotDetector(OpenVocabularyModel):
+    """Boxes for the config's labels. OWLv2 pads images to a square, so its boxes can reach past the image
+    (a 224-px-high image got ymax 480): every box is clipped. OWL models score each patch for every query,
+    hence class-wise NMS."""
+
+    family = "zero-shot detector"
+    tasks = frozenset({ModelTask.DETECT})
+
+    def __init__(self, model, processor, name, version, device, threshold: float | None = None,
+                 text_threshold: float = 0.25, iou: float = 0.5, max_det: int = 100, batch_size: int = 4) -> None:
+        super().__init__(model, processor, name, version, device)
+        self.grounding = "grounding" in self.model_type
+        self.threshold = threshold if threshold is not None else (0.25 if self.grounding else 0.1)
+        self.text_threshold, self.iou, self.max_det, self.batch_size = text_threshold, iou, max_det, batch_size
+
+    def _predict(self, images: list[Image.Image], task: ModelTask, vocabulary: Vocabulary) -> list[ModelOutput]:
+        prompts = list(vocabulary.prompts)
+        out: list[ModelOutput] = []
+        for chunk in _chunks(images, self.batch_size):
+            sizes = [(im.height, im.width) for im in chunk]
+            texts = [prompts] * len(chunk)
+            inputs = self.processor(images=chunk, text=texts, return_tensors="pt").to(self.device)
+            inputs = {k: (v.to(self.model.dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+            outputs = self.model(**inputs)
+            if self.grounding:
+                results = self.processor.post_process_grounded_object_detection(
+                    outputs, input_ids=inputs["input_ids"], threshold=self.threshold,
+                    text_threshold=self.text_threshold, target_sizes=sizes)
+            else:
+                results = self.processor.post_process_grounded_object_detection(
+                    outputs, threshold=self.threshold, target_sizes=sizes, text_labels=texts)
+            for r, (h, w) in zip(results, sizes, strict=True):
+                xyxy = r["boxes"].float().cpu().numpy().reshape(-1, 4)
+                scores = r["scores"].float().cpu().numpy()
+                if self.grounding:  # decoded phrases ('' or 'cat dog' happen): map back onto the labels
+                    ids = [match_phrase(p, prompts) for p in r["text_labels"]]
+                else:
+                    ids = [int(i) for i in r["labels"].cpu().tolist()]
+                keep = np.array([i is not None for i in ids], dtype=bool)
+                class_ids = np.array([i for i in ids if i is not None], dtype=int)
+                xyxy = xyxy[keep]
+                xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)
+                xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)
+                det = _detections(xyxy, scores[keep], class_ids, vocabulary.names, self.iou, self.max_det)
+                out.append(ModelOutput(detections=det))
+        return out
+
+
+class ZeroShotClassifier(OpenVocabularyModel):
+    """A probability for every choice. CLIP is trained with a softmax over texts; SigLIP with independent
+    sigmoids, so its per-label sigmoids do not sum to 1 — for a single-choice question Tandem takes the
+    softmax over the same logits (SigLIP's bias cancels), which ranks exactly as the sigmoids do."""
+
+    family = "zero-shot classifier"
+    tasks = frozenset({ModelTask.CLASSIFY})
+
+    def __init__(self, model, processor, name, version, device, template: str = "a photo of a {}.",
+                 batch_size: int = 16) -> None:
+        super().__init__(model, processor, name, version, device)
+        self.template, self.batch_size = template, batch_size
+        self.sigmoid = self.model_type in SIGMOID_TYPES
+
+    def _predict(self, images: list[Image.Image], task: ModelTask, vocabulary: Vocabulary) -> list[ModelOutput]:
+        texts = [self.template.format(p) for p in vocabulary.prompts]
+        # SigLIP was trained on text padded to 64 tokens; other lengths shift its logits
+        pad = dict(padding="max_length", max_length=64) if self.sigmoid else dict(padding=True)
+        out: list[ModelOutput] = []
+        for chunk in _chunks(images, self.batch_size):
+            inputs = self.processor(text=texts, images=chunk, return_tensors="pt", truncation=True, **pad)
+            inputs = {k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device))
+                      for k, v in inputs.items()}
+            logits = self.model(**inputs).logits_per_image.float()
+            probs = torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float64)
+            out.extend(ModelOutput(probabilities=p / p.sum()) for p in probs)
+        return out

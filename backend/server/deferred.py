@@ -1,0 +1,75 @@
+"""Predictions that do not block Label Studio: the tasks left over after the /predict time budget, and
+the second model's opinion on every task the pre-annotator answered. One worker thread, in order, each
+result written to the prediction store; a task already queued for the same version and config is not
+queued twice (Label Studio re-sends the same selection when a user clicks again)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from backend.predict import Predictor, ServingPlan
+
+log = logging.getLogger("tandem.deferred")
+
+
+@dataclass(frozen=True)
+class DeferredJob:
+    predictor: Predictor
+    tasks: tuple[Mapping[str, Any], ...]
+    plan: ServingPlan
+    project_id: int | None
+    role: str
+
+
+class DeferredPredictions:
+    def __init__(self) -> None:
+        self._queue: queue.Queue[DeferredJob | None] = queue.Queue()
+        self._pending: set[tuple[Any, str, str]] = set()
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self.completed = 0
+        self.failed = 0
+        self._thread = threading.Thread(target=self._run, name="tandem-deferred", daemon=True)
+        self._thread.start()
+
+    def submit(self, predictor: Predictor, tasks: Sequence[Mapping[str, Any]], plan: ServingPlan,
+               project_id: int | None, role: str) -> int:
+        with self._lock:
+            fresh = [t for t in tasks if (t.get("id"), plan.version, plan.fingerprint) not in self._pending]
+            self._pending.update((t.get("id"), plan.version, plan.fingerprint) for t in fresh)
+            if fresh:
+                self._idle.clear()
+                self._queue.put(DeferredJob(predictor, tuple(fresh), plan, project_id, role))
+        return len(fresh)
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def wait_idle(self, timeout: float) -> bool:
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                job.predictor.predict(job.tasks, job.plan, project_id=job.project_id, role=job.role)
+                self.completed += len(job.tasks)
+            except Exception:  # noqa: BLE001 - a crashed batch must not stop the worker
+                self.failed += len(job.tasks)
+                log.exception("deferred predictions for %d tasks (%s) failed", len(job.tasks), job.plan.version)
+            finally:
+                with self._lock:
+                    self._pending.difference_update((t.get("id"), job.plan.version, job.plan.fingerprint)
+                                                    for t in job.tasks)
+                    if self._queue.empty() and not self._pending:
+                        self._idle.set()
+
+    def close(self) -> None:
+        self._queue.put(None)
