@@ -26,6 +26,7 @@ from backend.models.vlm.loader import load_vlm
 from backend.models.vlm.source import resolve_source
 from backend.predict import plan_for
 from tests.test_server import CHOICES, RECT
+from tests.tiny_vlms import teach
 
 FAMILIES = {  # name -> tasks it serves
     "owlv2": {"detect"}, "grounding_dino": {"detect"}, "clip": {"classify"}, "siglip": {"classify"},
@@ -117,23 +118,6 @@ def test_a_detector_cannot_fill_choices_and_says_so(tiny_vlm):
     assert plan_for(model, RECT).controls[0].adapter.task is ModelTask.DETECT
 
 
-def _fine_tune(model, examples, steps=200, lr=1e-2):
-    batch = model._to_device(model.teacher_forced(examples))
-    optimizer = torch.optim.AdamW(model.model.parameters(), lr=lr)
-    model.model.train()
-    first = None
-    for _ in range(steps):
-        loss = model.model(**batch).loss
-        first = first if first is not None else loss.item()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if loss.item() < 0.01:
-            break
-    model.model.eval()
-    return first, loss.item()
-
-
 @pytest.mark.parametrize("name", GROUNDING)
 def test_generative_grounding_finds_the_boxes_it_was_taught(tiny_vlm, name):
     torch.manual_seed(0)
@@ -141,7 +125,7 @@ def test_generative_grounding_finds_the_boxes_it_was_taught(tiny_vlm, name):
     image, boxes, labels = scene()
     vocab = Vocabulary.from_labels(["square", "circle"])
     answer = model.grounding_answer(image, boxes, labels)
-    first, last = _fine_tune(model, [(image, model.question(ModelTask.DETECT, vocab), answer)])
+    first, last = teach(model, [(image, model.question(ModelTask.DETECT, vocab), answer)])
     assert last < 0.05 < first
 
     det = model.bind(ModelTask.DETECT, vocab).predict([image])[0].detections
@@ -160,7 +144,7 @@ def test_label_scores_follow_what_the_model_says(tiny_vlm, name):
     image, _, _ = scene()
     vocab = Vocabulary.from_labels(["square", "circle", "circle red"])
     question = model.question(ModelTask.CLASSIFY, vocab)
-    _fine_tune(model, [(image, question, "circle")])
+    teach(model, [(image, question, "circle")])
     p = model.bind(ModelTask.CLASSIFY, vocab).predict([image])[0].probabilities
     assert p.sum() == pytest.approx(1.0)
     assert p.argmax() == 1 and p[1] > 0.9, p

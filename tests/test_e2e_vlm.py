@@ -1,0 +1,66 @@
+"""A real Label Studio project receives VLM pre-annotations from Tandem, with the CNN's opinion kept beside.
+
+The VLM is a tiny PaliGemma built here and taught, in a few seconds, to ground the shapes of the two
+uploaded images, so what Label Studio stores can be checked against the generated ground truth.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from label_studio_sdk import LabelStudio
+
+from backend.datasets.shapes import generate_samples
+from backend.labelstudio.local import upload_images
+from backend.models.base import ModelTask
+from backend.models.vlm.base import Vocabulary
+from backend.models.vlm.loader import load_vlm
+from backend.server.app import create_app
+from backend.serving import ModelHolder
+from backend.settings import Settings
+from tests.conftest import assert_matches_truth, region_boxes
+from tests.harness import ServerThread, png_bytes
+from tests.test_e2e_label_studio import _connect, _retrieve_predictions, _tasks_by_name
+from tests.test_server import RECT
+from tests.tiny_vlms import teach
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+
+def test_label_studio_receives_vlm_predictions(label_studio, detect_adapter, tiny_vlm, tmp_path):
+    items = generate_samples(2, seed=31)
+    torch.manual_seed(0)
+    student = load_vlm(str(tiny_vlm("paligemma")), device="cpu")
+    vocab = Vocabulary.from_labels(["Square", "Circle", "Triangle"])
+    question = student.question(ModelTask.DETECT, vocab)
+    examples = [(img, question, student.grounding_answer(img, [o.box for o in s.objects],
+                                                         [o.label.capitalize() for o in s.objects]))
+                for img, s in items]
+    _, loss = teach(student, examples, steps=400)
+    assert loss < 0.05
+    taught = tmp_path / "paligemma-shapes"
+    student.model.save_pretrained(taught)
+    student.processor.save_pretrained(taught)
+    vlm = load_vlm(str(taught), device="cpu", max_new_tokens=64)
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="tandem e2e vlm", label_config=RECT)
+    upload_images(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
+                        label_studio_api_key=label_studio.token, pre_annotator="vlm")
+    app = create_app(settings, ModelHolder(detect_adapter), training=False, vlm=ModelHolder(vlm))
+    with ServerThread(app) as srv:
+        backend = _connect(client, project.id, srv.url)
+        assert backend.model_version == vlm.version
+        _retrieve_predictions(client, project.id)
+        assert app.state.deferred.wait_idle(120)
+        kept = app.state.store.for_project(project.id, role="second-opinion")
+    tasks = _tasks_by_name(client, project.id)
+    for _, sample in items:
+        (pred,) = client.predictions.list(task=tasks[f"{sample.name}.png"]["id"])
+        assert pred.model_version == vlm.version
+        xyxy, labels = region_boxes(pred.result, sample.width, sample.height)
+        assert_matches_truth(xyxy, labels, sample)
+        assert all(0 < r["score"] < 1 for r in pred.result)  # token-probability confidences, not a constant
+    assert sorted(p.task_id for p in kept) == sorted(t["id"] for t in tasks.values())
+    assert {p.model_version for p in kept} == {detect_adapter.version}
