@@ -165,7 +165,8 @@ def select(
     strategy: Annotated[str, typer.Option(help="random, uncertainty, disagreement or hybrid.")] = "hybrid",
     model: Annotated[str | None, typer.Option("--model", "-m", help="The CNN (YOLO weights); default: last served.")] = None,
     second_model: Annotated[
-        str | None, typer.Option(help="The second opinion for disagreement (YOLO weights; a VLM in a later release).")
+        str | None,
+        typer.Option(help="The second opinion for disagreement: a VLM (hub id or save_pretrained folder) or YOLO weights."),
     ] = None,
     weight_uncertainty: Annotated[float, typer.Option(help="Hybrid weight of uncertainty.")] = 0.5,
     weight_disagreement: Annotated[float, typer.Option(help="Hybrid weight of disagreement.")] = 0.5,
@@ -210,11 +211,11 @@ def select(
         weights = last.path
     try:
         primary = YoloAdapter(weights, device=settings.device, conf=min(settings.conf, 0.1))
-        second = YoloAdapter(second_model, device=settings.device, conf=min(settings.conf, 0.1)) if second_model else None
         queue = LabelStudioQueue(LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key),
                                  project)
         tasks = queue.tasks()
         label_config = queue.label_config()
+        second = _second_opinion(second_model, label_config, settings) if second_model else None
     except TandemError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
@@ -259,6 +260,20 @@ def select(
         console.print("wrote " + ", ".join(str(f) for f in outcome.files))
     if outcome.views:
         console.print("Label Studio views: " + ", ".join(f"{t} (#{i})" for t, i in outcome.views.items()))
+
+
+def _second_opinion(source: str, label_config: str, settings):
+    """YOLO weights (.pt/.onnx/...) stay a YOLO adapter; anything else is a VLM bound to the config's labels."""
+    from backend.models.yolo import YoloAdapter
+    from backend.predict import plan_for
+
+    if Path(source).suffix in (".pt", ".onnx", ".torchscript", ".engine") or source.endswith("_openvino_model"):
+        return YoloAdapter(source, device=settings.device, conf=min(settings.conf, 0.1))
+    from backend.models.vlm.loader import load_vlm
+
+    vlm = load_vlm(source, device=settings.device)
+    return plan_for(vlm, label_config, settings.label_map, settings.case_sensitive_labels,
+                    settings.vlm_prompts).controls[0].adapter
 
 
 def _stores(home: Path | None):

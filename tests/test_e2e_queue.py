@@ -126,3 +126,19 @@ def test_cli_select_unreachable_label_studio_is_a_clear_error(tmp_path, detect_w
     proc = subprocess.run([sys.executable, "-m", "backend.cli", "select", "--project", "1", "--model", str(detect_weights)],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "cannot read project 1" in proc.stderr
+
+
+def test_cli_select_takes_a_vlm_as_the_second_opinion(label_studio, project, detect_weights, tiny_vlm, tmp_path):
+    client, pid, _ = project
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+           "TANDEM_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "select", "--project", str(pid), "--budget", "3", "--strategy",
+         "disagreement", "--model", str(detect_weights), "--second-model", str(tiny_vlm("grounding_dino")),
+         "--dry-run", "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "out" / "selection.json").read_text())
+    assert summary["mode"].startswith("disagreement") and len(summary["entries"]) == 3
+    scores = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
+    assert all(0.0 <= float(s["disagreement"]) <= 1.0 for s in scores)
+    assert any("grounding_dino" in s["reason"] for s in scores)  # reasons name the VLM
