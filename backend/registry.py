@@ -56,6 +56,11 @@ class ModelVersion:
     status: str = "served"
     promoted_at: float | None = None
 
+    @property
+    def kind(self) -> str:
+        """VLM versions are recorded with task "vlm:<tasks>" (e.g. vlm:classify+detect)."""
+        return "vlm" if self.task.startswith("vlm:") else "cnn"
+
 
 _COLUMNS = "version, name, task, path, created_at, served_at, metrics, parent, dataset, status, promoted_at"
 
@@ -123,13 +128,13 @@ class Registry:
             else:
                 conn.execute("UPDATE model_versions SET status=? WHERE version=?", (status, version))
 
-    def current(self) -> ModelVersion | None:
-        """The version that should be served: whichever was most recently started or promoted."""
-        live = [v for v in self.versions() if v.served_at or v.promoted_at]
+    def current(self, kind: str = "cnn") -> ModelVersion | None:
+        """The version of that kind (cnn | vlm) that should be served: the most recently started or promoted."""
+        live = [v for v in self.versions() if (v.served_at or v.promoted_at) and v.kind == kind]
         return max(live, key=lambda v: max(v.served_at or 0, v.promoted_at or 0)) if live else None
 
-    def last_served(self) -> ModelVersion | None:
-        served = [v for v in self.versions() if v.served_at]
+    def last_served(self, kind: str | None = "cnn") -> ModelVersion | None:
+        served = [v for v in self.versions() if v.served_at and (kind is None or v.kind == kind)]
         return max(served, key=lambda v: v.served_at) if served else None
 
     def record_event(self, project_id: int | None, action: str) -> None:

@@ -101,6 +101,8 @@ class Settings(BaseModel):
             "TANDEM_LABEL_MAP": json.dumps(self.label_map) if self.label_map else None,
             "TANDEM_DEVICE": self.device,
             "TANDEM_CONF": str(self.conf),
+            "TANDEM_VLM": self.vlm,
+            "TANDEM_VLM_PROMPTS": json.dumps(self.vlm_prompts) if self.vlm_prompts else None,
         }
         return {k: v for k, v in pairs.items() if v is not None}
 

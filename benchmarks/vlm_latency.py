@@ -16,7 +16,8 @@ Random weights score every candidate box alike, which real models do not: with `
 zero-shot detectors' threshold is therefore calibrated, untimed, so that about `max_det` (100) boxes pass,
 as many as the adapter keeps.
 
-    uv run python benchmarks/vlm_latency.py [--families clip owlv2 ...] [--runs 3] [--include-7b] [--out benchmarks/results]
+    uv run python benchmarks/vlm_latency.py [--families clip owlv2 ...] [--runs 3] [--include-7b]
+                                            [--out benchmarks/results] [--max-wait 900]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import string
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,10 +76,11 @@ CORPUS = [
 
 
 def train_tokenizer(cls, specials=(), byte_level=False, named_tokens=None, vocab_size=1000, **init):
-    """The checkpoint's tokenizer class, with its pipeline and special tokens, on a vocabulary learnt from CORPUS."""
+    """The checkpoint's tokenizer class (pipeline, special tokens) with a vocabulary learnt from CORPUS."""
     kw = {"initial_alphabet": pre_tokenizers.ByteLevel.alphabet()} if byte_level else {}
-    tok = cls(**init).train_new_from_iterator(CORPUS * 5, vocab_size=vocab_size,
-                                               new_special_tokens=list(specials) or None, **kw)
+    tok = cls(**init).train_new_from_iterator(
+        CORPUS * 5, vocab_size=vocab_size, new_special_tokens=list(specials) or None, **kw
+    )
     if named_tokens:  # model-specific named tokens (Florence-2's image_token) persist only via a reload
         with tempfile.TemporaryDirectory() as d:
             tok.save_pretrained(d)
@@ -90,10 +92,19 @@ def bert_vocab() -> dict[str, int]:
     """Grounding DINO hard-codes BERT's ids for [CLS] 101, [SEP] 102, '.' 1012 and '?' 1029."""
     vocab = [f"[unused{i}]" for i in range(1030)]
     vocab[0], vocab[100], vocab[101], vocab[102], vocab[103], vocab[1012], vocab[1029] = (
-        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?")
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        ".",
+        "?",
+    )
     free = iter(i for i, v in enumerate(vocab) if v.startswith("[unused") and i > 103)
     chars = [c for c in string.ascii_lowercase + string.digits + string.punctuation if c not in ".?"]
-    for tok in [*LABELS, "a", "photo", "of"] + chars + ["##" + c for c in string.ascii_lowercase + string.digits]:
+    for tok in (
+        [*LABELS, "a", "photo", "of"] + chars + ["##" + c for c in string.ascii_lowercase + string.digits]
+    ):
         vocab[next(free)] = tok
     return {t: i for i, t in enumerate(vocab)}
 
@@ -117,23 +128,32 @@ def clip_processor():
 
 
 def clip_config(proc):
-    return T.CLIPConfig(text_config=special_ids(proc.tokenizer))  # class defaults == openai/clip-vit-base-patch32
+    # the class defaults are openai/clip-vit-base-patch32
+    return T.CLIPConfig(text_config=special_ids(proc.tokenizer))
 
 
 def siglip_processor():
     # the real SentencePiece tokenizer needs a model file; the tokenizers-backed Siglip2Tokenizer stands in
     tok = train_tokenizer(T.Siglip2Tokenizer, model_max_length=64)
-    return T.SiglipProcessor(image_processor=T.SiglipImageProcessor(size={"height": 224, "width": 224}), tokenizer=tok)
+    return T.SiglipProcessor(
+        image_processor=T.SiglipImageProcessor(size={"height": 224, "width": 224}), tokenizer=tok
+    )
 
 
 def siglip_config(proc):
-    return T.SiglipConfig(text_config=special_ids(proc.tokenizer))  # defaults == google/siglip-base-patch16-224
+    # the class defaults are google/siglip-base-patch16-224
+    return T.SiglipConfig(text_config=special_ids(proc.tokenizer))
 
 
 def owlv2_processor():
     # pad "!" at id 0: OWL keeps a query only if input_ids[:, 0] > 0, as with the real tokenizer
-    tok = train_tokenizer(T.CLIPTokenizer, byte_level=True, model_max_length=16, pad_token="!",
-                          vocab={"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2})
+    tok = train_tokenizer(
+        T.CLIPTokenizer,
+        byte_level=True,
+        model_max_length=16,
+        pad_token="!",
+        vocab={"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2},
+    )
     ip = T.Owlv2ImageProcessor(size={"height": 960, "width": 960})
     return T.Owlv2Processor(image_processor=ip, tokenizer=tok)
 
@@ -145,7 +165,8 @@ def owlv2_config(proc):
 
 def gdino_processor():
     tok = T.BertTokenizer(vocab=bert_vocab(), do_lower_case=True, model_max_length=256)
-    return T.GroundingDinoProcessor(image_processor=T.GroundingDinoImageProcessor(), tokenizer=tok)  # 800 / 1333 px
+    ip = T.GroundingDinoImageProcessor()  # shortest edge 800, longest 1333, as the checkpoint
+    return T.GroundingDinoProcessor(image_processor=ip, tokenizer=tok)
 
 
 def gdino_config(proc):
@@ -157,22 +178,43 @@ FLORENCE_POST_PROCESSOR = {"pure_text": {}, "bboxes": {}, "phrase_grounding": {"
 
 def florence2_processor():
     loc = [f"<loc_{i}>" for i in range(1000)]
-    tok = train_tokenizer(T.BartTokenizer, ["<image>", *loc], byte_level=True, named_tokens={"image_token": "<image>"})
-    ip = T.CLIPImageProcessor(size={"height": 768, "width": 768}, crop_size={"height": 768, "width": 768},
-                              do_center_crop=False)
+    tok = train_tokenizer(
+        T.BartTokenizer, ["<image>", *loc], byte_level=True, named_tokens={"image_token": "<image>"}
+    )
+    ip = T.CLIPImageProcessor(
+        size={"height": 768, "width": 768}, crop_size={"height": 768, "width": 768}, do_center_crop=False
+    )
     ip.image_seq_length = 577  # (768/32)^2 + 1
-    return T.Florence2Processor(image_processor=ip, tokenizer=tok, post_processor_config=FLORENCE_POST_PROCESSOR)
+    return T.Florence2Processor(
+        image_processor=ip, tokenizer=tok, post_processor_config=FLORENCE_POST_PROCESSOR
+    )
 
 
 def florence2_config(proc):
     tok = proc.tokenizer
     return T.Florence2Config(  # florence-community/Florence-2-base: DaViT + BART-base encoder-decoder
-        vision_config=dict(depths=[1, 1, 9, 1], embed_dim=[128, 256, 512, 1024], num_heads=[4, 8, 16, 32],
-                           num_groups=[4, 8, 16, 32], window_size=12, projection_dim=768),
-        text_config=dict(model_type="bart", vocab_size=51289, d_model=768, encoder_layers=6, decoder_layers=6,
-                         encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
-                         decoder_ffn_dim=3072, max_position_embeddings=1024, decoder_start_token_id=tok.eos_token_id,
-                         **special_ids(tok)),
+        vision_config=dict(
+            depths=[1, 1, 9, 1],
+            embed_dim=[128, 256, 512, 1024],
+            num_heads=[4, 8, 16, 32],
+            num_groups=[4, 8, 16, 32],
+            window_size=12,
+            projection_dim=768,
+        ),
+        text_config=dict(
+            model_type="bart",
+            vocab_size=51289,
+            d_model=768,
+            encoder_layers=6,
+            decoder_layers=6,
+            encoder_attention_heads=12,
+            decoder_attention_heads=12,
+            encoder_ffn_dim=3072,
+            decoder_ffn_dim=3072,
+            max_position_embeddings=1024,
+            decoder_start_token_id=tok.eos_token_id,
+            **special_ids(tok),
+        ),
         image_token_id=tok.image_token_id,
     )
 
@@ -183,24 +225,49 @@ def smolvlm_processor():
     tok = train_tokenizer(T.GPT2Tokenizer, specials, byte_level=True)
     tok.eos_token, tok.pad_token = "<end_of_utterance>", "<|endoftext|>"
     # the checkpoint's sizes, with image splitting off: one 512-px tile of 64 image tokens
-    ip = T.Idefics3ImageProcessor(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512},
-                                  do_image_splitting=False)
+    ip = T.Idefics3ImageProcessor(
+        size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}, do_image_splitting=False
+    )
     return T.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=64)
 
 
 def smolvlm_config(proc):
     tok = proc.tokenizer
     return T.Idefics3Config(  # HuggingFaceTB/SmolVLM-256M-Instruct
-        text_config=dict(model_type="llama", vocab_size=49280, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         max_position_embeddings=8192, rope_theta=100000, tie_word_embeddings=True, **special_ids(tok)),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=512, patch_size=16),
-        scale_factor=4, image_token_id=ids(tok, "<image>")[0],
+        text_config=dict(
+            model_type="llama",
+            vocab_size=49280,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            rope_theta=100000,
+            tie_word_embeddings=True,
+            **special_ids(tok),
+        ),
+        vision_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=512,
+            patch_size=16,
+        ),
+        scale_factor=4,
+        image_token_id=ids(tok, "<image>")[0],
     )
 
 
-QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_SPECIALS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 
 def qwen_tokenizer():
@@ -210,14 +277,22 @@ def qwen_tokenizer():
 
 
 def qwen_token_ids(tok) -> dict:
-    image, video, start, end = ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-    return dict(image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
+    image, video, start, end = ids(
+        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    )
+    return dict(
+        image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end
+    )
 
 
 def qwen25_processor():
     # min_pixels 3,136 / max_pixels 12,845,056 as in the checkpoint: 640x480 -> 644x476 -> 391 image tokens
-    ip = T.Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                 size={"shortest_edge": 3136, "longest_edge": 12845056})
+    ip = T.Qwen2VLImageProcessor(
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 3136, "longest_edge": 12845056},
+    )
     vp = T.Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
     return T.Qwen2_5_VLProcessor(image_processor=ip, tokenizer=qwen_tokenizer(), video_processor=vp)
 
@@ -225,22 +300,46 @@ def qwen25_processor():
 def qwen25_config(proc):
     tok = proc.tokenizer
     return T.Qwen2_5_VLConfig(  # Qwen/Qwen2.5-VL-3B-Instruct
-        text_config=dict(model_type="qwen2_5_vl_text", vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-                         num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                         max_position_embeddings=128000, tie_word_embeddings=True, **special_ids(tok),
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31]),
-        tie_word_embeddings=True, **qwen_token_ids(tok),
+        text_config=dict(
+            model_type="qwen2_5_vl_text",
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=128000,
+            tie_word_embeddings=True,
+            **special_ids(tok),
+            rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]),
+        ),
+        vision_config=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+        tie_word_embeddings=True,
+        **qwen_token_ids(tok),
     )
 
 
 def qwen3_processor():
     # Qwen3-VL-2B-Instruct: patch 16, 65,536..16,777,216 pixels: 640x480 stays 640x480 -> 300 image tokens
-    ip = T.Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                 size={"shortest_edge": 65536, "longest_edge": 16777216},
-                                 image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    ip = T.Qwen2VLImageProcessor(
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 65536, "longest_edge": 16777216},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
     vp = T.Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
     return T.Qwen3VLProcessor(image_processor=ip, tokenizer=qwen_tokenizer(), video_processor=vp)
 
@@ -248,15 +347,35 @@ def qwen3_processor():
 def qwen3_config(proc):
     tok = proc.tokenizer
     return T.Qwen3VLConfig(  # Qwen/Qwen3-VL-2B-Instruct
-        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-                         tie_word_embeddings=True, **special_ids(tok),
-                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20],
-                                              mrope_interleaved=True)),
-        vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-                           deepstack_visual_indexes=[5, 11, 17]),
-        tie_word_embeddings=True, **qwen_token_ids(tok),
+        text_config=dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=262144,
+            tie_word_embeddings=True,
+            **special_ids(tok),
+            rope_parameters=dict(
+                rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20], mrope_interleaved=True
+            ),
+        ),
+        vision_config=dict(
+            depth=24,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[5, 11, 17],
+        ),
+        tie_word_embeddings=True,
+        **qwen_token_ids(tok),
     )
 
 
@@ -270,13 +389,31 @@ def paligemma_processor():
 def paligemma_config(proc):
     tok = proc.tokenizer
     return T.PaliGemmaConfig(  # google/paligemma-3b-mix-224: SigLIP-So400m/14 + Gemma-2B
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
-                           num_hidden_layers=27, num_attention_heads=16, image_size=224, patch_size=14,
-                           projection_dim=2048, vision_use_head=False),
-        text_config=dict(model_type="gemma", vocab_size=257216, hidden_size=2048, intermediate_size=16384,
-                         num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1, head_dim=256,
-                         **special_ids(tok)),
-        image_token_index=proc.image_token_id, projection_dim=2048, hidden_size=2048,
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            projection_dim=2048,
+            vision_use_head=False,
+        ),
+        text_config=dict(
+            model_type="gemma",
+            vocab_size=257216,
+            hidden_size=2048,
+            intermediate_size=16384,
+            num_hidden_layers=18,
+            num_attention_heads=8,
+            num_key_value_heads=1,
+            head_dim=256,
+            **special_ids(tok),
+        ),
+        image_token_index=proc.image_token_id,
+        projection_dim=2048,
+        hidden_size=2048,
     )
 
 
@@ -284,20 +421,43 @@ def llava_processor():
     tok = train_tokenizer(T.LlamaTokenizer, ["<image>", "<pad>"], pad_token="<pad>")
     tok.pad_token = "<pad>"
     ip = T.CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    return T.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
-                            num_additional_image_tokens=1)  # 576 image tokens
+    return T.LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )  # 576 image tokens
 
 
 def llava_config(proc):
     tok = proc.tokenizer
     return T.LlavaConfig(  # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 + Vicuna-7B
-        vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
-                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
-                           projection_dim=768),
-        text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                         max_position_embeddings=4096, rms_norm_eps=1e-5, **special_ids(tok)),
-        image_token_index=ids(tok, "<image>")[0], image_seq_length=576, vision_feature_layer=-2,
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            **special_ids(tok),
+        ),
+        image_token_index=ids(tok, "<image>")[0],
+        image_seq_length=576,
+        vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
 
@@ -319,26 +479,115 @@ class Family:
 
 C, D = ModelTask.CLASSIFY, ModelTask.DETECT
 FAMILIES = [
-    Family("clip", "openai/clip-vit-base-patch32", "CLIPModel", clip_processor, clip_config, "classifier", (C,),
-           "224 px crop, 3 texts"),
-    Family("siglip", "google/siglip-base-patch16-224", "SiglipModel", siglip_processor, siglip_config, "classifier",
-           (C,), "224 px, 3 texts padded to 64 tokens"),
-    Family("owlv2", "google/owlv2-base-patch16-ensemble", "Owlv2ForObjectDetection", owlv2_processor, owlv2_config,
-           "detector", (D,), "padded to 960x960 (3,600 boxes), 3 queries"),
-    Family("grounding-dino", "IDEA-Research/grounding-dino-tiny", "GroundingDinoForObjectDetection", gdino_processor,
-           gdino_config, "detector", (D,), "1067x800, 900 queries, 3 phrases"),
-    Family("florence2", "florence-community/Florence-2-base", "Florence2ForConditionalGeneration",
-           florence2_processor, florence2_config, "generative", (C, D), "768x768 (577 image tokens)"),
-    Family("smolvlm", "HuggingFaceTB/SmolVLM-256M-Instruct", "Idefics3ForConditionalGeneration", smolvlm_processor,
-           smolvlm_config, "generative", (C,), "one 512-px tile, no splitting (64 image tokens)"),
-    Family("qwen2.5-vl", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2_5_VLForConditionalGeneration", qwen25_processor,
-           qwen25_config, "generative", (C, D), "644x476 (391 image tokens)", dtype="auto", max_runs=1),
-    Family("qwen3-vl", "Qwen/Qwen3-VL-2B-Instruct", "Qwen3VLForConditionalGeneration", qwen3_processor, qwen3_config,
-           "generative", (C, D), "640x480 (300 image tokens)", dtype="auto", max_runs=1),
-    Family("paligemma", "google/paligemma-3b-mix-224", "PaliGemmaForConditionalGeneration", paligemma_processor,
-           paligemma_config, "generative", (C, D), "224x224 (256 image tokens)", dtype="bf16", max_runs=1),
-    Family("llava", "llava-hf/llava-1.5-7b-hf", "LlavaForConditionalGeneration", llava_processor, llava_config,
-           "generative", (C,), "336 px crop (576 image tokens)", dtype="bf16", max_runs=1, gate="include_7b"),
+    Family(
+        key="clip",
+        checkpoint="openai/clip-vit-base-patch32",
+        model_class="CLIPModel",
+        processor=clip_processor,
+        config=clip_config,
+        adapter="classifier",
+        tasks=(C,),
+        input="224 px crop, 3 texts",
+    ),
+    Family(
+        key="siglip",
+        checkpoint="google/siglip-base-patch16-224",
+        model_class="SiglipModel",
+        processor=siglip_processor,
+        config=siglip_config,
+        adapter="classifier",
+        tasks=(C,),
+        input="224 px, 3 texts padded to 64 tokens",
+    ),
+    Family(
+        key="owlv2",
+        checkpoint="google/owlv2-base-patch16-ensemble",
+        model_class="Owlv2ForObjectDetection",
+        processor=owlv2_processor,
+        config=owlv2_config,
+        adapter="detector",
+        tasks=(D,),
+        input="padded to 960x960 (3,600 boxes), 3 queries",
+    ),
+    Family(
+        key="grounding-dino",
+        checkpoint="IDEA-Research/grounding-dino-tiny",
+        model_class="GroundingDinoForObjectDetection",
+        processor=gdino_processor,
+        config=gdino_config,
+        adapter="detector",
+        tasks=(D,),
+        input="1067x800, 900 queries, 3 phrases",
+    ),
+    Family(
+        key="florence2",
+        checkpoint="florence-community/Florence-2-base",
+        model_class="Florence2ForConditionalGeneration",
+        processor=florence2_processor,
+        config=florence2_config,
+        adapter="generative",
+        tasks=(C, D),
+        input="768x768 (577 image tokens)",
+    ),
+    Family(
+        key="smolvlm",
+        checkpoint="HuggingFaceTB/SmolVLM-256M-Instruct",
+        model_class="Idefics3ForConditionalGeneration",
+        processor=smolvlm_processor,
+        config=smolvlm_config,
+        adapter="generative",
+        tasks=(C,),
+        input="one 512-px tile, no splitting (64 image tokens)",
+    ),
+    Family(
+        key="qwen2.5-vl",
+        checkpoint="Qwen/Qwen2.5-VL-3B-Instruct",
+        model_class="Qwen2_5_VLForConditionalGeneration",
+        processor=qwen25_processor,
+        config=qwen25_config,
+        adapter="generative",
+        tasks=(C, D),
+        input="644x476 (391 image tokens)",
+        dtype="auto",
+        max_runs=1,
+    ),
+    Family(
+        key="qwen3-vl",
+        checkpoint="Qwen/Qwen3-VL-2B-Instruct",
+        model_class="Qwen3VLForConditionalGeneration",
+        processor=qwen3_processor,
+        config=qwen3_config,
+        adapter="generative",
+        tasks=(C, D),
+        input="640x480 (300 image tokens)",
+        dtype="auto",
+        max_runs=1,
+    ),
+    Family(
+        key="paligemma",
+        checkpoint="google/paligemma-3b-mix-224",
+        model_class="PaliGemmaForConditionalGeneration",
+        processor=paligemma_processor,
+        config=paligemma_config,
+        adapter="generative",
+        tasks=(C, D),
+        input="224x224 (256 image tokens)",
+        dtype="bf16",
+        max_runs=1,
+    ),
+    Family(
+        key="llava",
+        checkpoint="llava-hf/llava-1.5-7b-hf",
+        model_class="LlavaForConditionalGeneration",
+        processor=llava_processor,
+        config=llava_config,
+        adapter="generative",
+        tasks=(C,),
+        input="336 px crop (576 image tokens)",
+        dtype="bf16",
+        max_runs=1,
+        gate="include_7b",
+    ),
 ]
 
 # ------------------------------------------------------------------------------------------ building
@@ -366,15 +615,20 @@ def gib(n: float) -> float:
 
 
 def choose_dtype(policy: str, n_params: int) -> tuple[torch.dtype | None, str]:
-    """fp32 / bf16 as the family asks, or None with the reason when the weights would not fit in free memory."""
+    """fp32 / bf16 as the family asks, or None and why, when the weights would not fit in free memory."""
     available = psutil.virtual_memory().available
-    need = {torch.float32: n_params * 4 * 1.2 + 2 * 2**30, torch.bfloat16: n_params * 2 * 1.2 + 2 * 2**30}
-    wanted = {"fp32": [torch.float32], "bf16": [torch.bfloat16], "auto": [torch.float32, torch.bfloat16]}[policy]
+    need = {
+        dtype: n_params * size * 1.15 + 3 * 2**30 for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2))
+    }
+    wanted = {"fp32": [torch.float32], "bf16": [torch.bfloat16], "auto": [torch.float32, torch.bfloat16]}[
+        policy
+    ]
     for dtype in wanted:
         if need[dtype] < available:
             return dtype, ""
-    return None, (f"not measured: needs ~{gib(n_params * 2):.0f} GB in bf16 "
-                  f"({gib(available):.1f} GiB of RAM available)")
+    return None, (
+        f"not measured: needs ~{gib(n_params * 2):.0f} GB in bf16 ({gib(available):.1f} GiB of RAM available)"
+    )
 
 
 @torch.no_grad()
@@ -405,22 +659,29 @@ def make_adapter(family: Family, model, processor):
         return ZeroShotDetector(model, processor, name, version, device="cpu", threshold=0.0, max_det=MAX_DET)
     # generation runs to max_new_tokens: EOS is suppressed until then
     model.generation_config.min_new_tokens = MAX_NEW_TOKENS
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id or processor.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = (
+        processor.tokenizer.pad_token_id or processor.tokenizer.eos_token_id
+    )
     return GenerativeVlm(model, processor, name, version, device="cpu", max_new_tokens=MAX_NEW_TOKENS)
 
 
 @torch.inference_mode()
 def calibrate_threshold(adapter: ZeroShotDetector, image, vocabulary: Vocabulary) -> float:
-    """Just below the MAX_DET-th best box's score: random weights score every box alike, a trained model does not."""
+    """Just below the MAX_DET-th best score: random weights score all boxes alike, trained ones do not."""
     prompts = list(vocabulary.prompts)
     inputs = adapter.processor(images=[image], text=[prompts], return_tensors="pt")
     outputs = adapter.model(**inputs)
-    kwargs = dict(input_ids=inputs["input_ids"], text_threshold=0.0) if adapter.grounding else dict(text_labels=[prompts])
+    kwargs = (
+        dict(input_ids=inputs["input_ids"], text_threshold=0.0)
+        if adapter.grounding
+        else dict(text_labels=[prompts])
+    )
     result = adapter.processor.post_process_grounded_object_detection(
-        outputs, threshold=0.0, target_sizes=[(image.height, image.width)], **kwargs)[0]
+        outputs, threshold=0.0, target_sizes=[(image.height, image.width)], **kwargs
+    )[0]
     scores = np.sort(result["scores"].float().numpy())[::-1]
     kth = np.float32(scores[min(MAX_DET, len(scores)) - 1])
-    # just below the k-th score, as boxes pass with `score > threshold`; saturated sigmoids tie at 1.0 and all pass
+    # boxes pass with `score > threshold`; saturated sigmoids tie at 1.0 and then all pass
     return float(np.nextafter(kth, np.float32(0)))
 
 
@@ -446,7 +707,9 @@ class Row:
 
 def busy_cpu_s() -> float:
     t = psutil.cpu_times()
-    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+    return (
+        t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+    )
 
 
 def own_cpu_s() -> float:
@@ -476,20 +739,29 @@ def timed_call(fn: Callable[[], list]) -> tuple[float, float, list]:
     return wall, max(0.0, others / (wall * (os.cpu_count() or 1))), out
 
 
-def timed_runs(fn: Callable[[], list], runs: int, label: str, max_wait_s: float) -> tuple[list[float], float, list]:
-    """One warm-up call, then `runs` timed calls, each after waiting for a quiet CPU; progress printed as it goes.
-    Returns the times, the largest share of CPU other processes took during a timed run, and the last output."""
+def timed_runs(
+    fn: Callable[[], list], runs: int, label: str, max_wait_s: float, clean_limit: float = 0.10
+) -> tuple[list[float], float, list]:
+    """One warm-up call, then timed calls until `runs` of them were clean (other processes took under
+    `clean_limit` of the CPU meanwhile) or 3 x `runs` were made; each waits for a quiet CPU first.
+    Returns the clean times (all times if none was clean), the largest share of the CPU other processes took
+    during a returned run, and the last output."""
     wall, _, out = timed_call(fn)
     console.print(f"    {label}: warm-up {wall:.2f} s", highlight=False)
-    times, others = [], 0.0
-    for i in range(runs):
+    clean, dirty = [], []
+    for attempt in range(3 * runs):
+        if len(clean) == runs:
+            break
         wait_for_quiet_cpu(max_wait_s)
         wall, other, out = timed_call(fn)
-        times.append(wall)
-        others = max(others, other)
-        console.print(f"    {label}: run {i + 1}/{runs} {wall:.2f} s (other processes: {other:.0%} of the CPU)",
-                      highlight=False)
-    return times, others, out
+        (clean if other < clean_limit else dirty).append((wall, other))
+        console.print(
+            f"    {label}: run {attempt + 1} {wall:.2f} s (other processes: {other:.0%} of the CPU"
+            f"{'' if other < clean_limit else ', discarded'}); {len(clean)}/{runs} clean",
+            highlight=False,
+        )
+    kept = clean or dirty
+    return [w for w, _ in kept], max(o for _, o in kept), out
 
 
 def check_output(outputs: list) -> str:
@@ -507,13 +779,17 @@ def check_output(outputs: list) -> str:
 def task_input(family: Family, task: ModelTask) -> str:
     if family.adapter != "generative":
         return family.input
-    what = "3 labels scored (3 sequences)" if task is ModelTask.CLASSIFY else f"max_new_tokens={MAX_NEW_TOKENS}"
+    what = (
+        "3 labels scored (3 sequences)" if task is ModelTask.CLASSIFY else f"max_new_tokens={MAX_NEW_TOKENS}"
+    )
     return f"{family.input}, {what}"
 
 
 def measure_family(family: Family, image, vocabulary: Vocabulary, runs: int, args) -> list[Row]:
-    rows = [Row(family.key, family.checkpoint, family.model_class, None, "", t.value, task_input(family, t))
-            for t in family.tasks]
+    rows = [
+        Row(family.key, family.checkpoint, family.model_class, None, "", t.value, task_input(family, t))
+        for t in family.tasks
+    ]
     t0 = time.perf_counter()
     processor = family.processor()
     config = family.config(processor)
@@ -538,7 +814,9 @@ def measure_family(family: Family, image, vocabulary: Vocabulary, runs: int, arg
             row.note = f"threshold calibrated to {adapter.threshold:.6f}"
         bound = adapter.bind(task, vocabulary)
         n = min(runs, family.max_runs or runs)
-        row.runs_s, others, outputs = timed_runs(lambda b=bound: b.predict([image]), n, task.value, args.max_wait)
+        row.runs_s, others, outputs = timed_runs(
+            lambda b=bound: b.predict([image]), n, task.value, args.max_wait
+        )
         row.latency_s = round(statistics.median(row.runs_s), 3)
         row.others_cpu = round(others, 2)
         contended = f"other processes took up to {others:.0%} of the CPU" if others > 0.1 else ""
@@ -558,61 +836,94 @@ def skip(rows: list[Row], reason: str) -> list[Row]:
 
 def print_row(row: Row) -> None:
     latency = f"{row.latency_s:.2f} s" if row.latency_s is not None else row.note
-    console.print(f"  [bold]{row.family} {row.task}[/bold]: {latency}  ({row.params_m} M params, {row.dtype or '-'})")
+    console.print(
+        f"  [bold]{row.family} {row.task}[/bold]: {latency}  ({row.params_m} M params, {row.dtype or '-'})"
+    )
 
 
 # ------------------------------------------------------------------------------------------ reporting
-COLUMNS = ["family", "checkpoint", "class", "params (M)", "dtype", "task", "input",
-           "Tandem latency per image on this CPU (s)"]
+COLUMNS = [
+    "family",
+    "checkpoint",
+    "class",
+    "params (M)",
+    "dtype",
+    "task",
+    "input",
+    "Tandem latency per image on this CPU (s)",
+]
 
 
 def table_cells(row: Row) -> list[str]:
     latency = f"{row.latency_s:.2f}" if row.latency_s is not None else row.note
-    return [row.family, row.checkpoint, row.model_class, f"{row.params_m:,.1f}" if row.params_m else "-",
-            row.dtype or "-", row.task, row.input, latency]
+    if row.others_cpu is not None and row.others_cpu >= 0.10:  # no clean run could be had
+        latency += f" (contended: other processes used {row.others_cpu:.0%} of the CPU)"
+    return [
+        row.family,
+        row.checkpoint,
+        row.model_class,
+        f"{row.params_m:,.1f}" if row.params_m else "-",
+        row.dtype or "-",
+        row.task,
+        row.input,
+        latency,
+    ]
 
 
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), ram_gib=round(gib(psutil.virtual_memory().total), 1),
-                torch_threads=THREADS, torch=torch.__version__, transformers=transformers.__version__)
+    with suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(gib(psutil.virtual_memory().total), 1),
+        "torch_threads": THREADS,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+NOTES = f"""Notes:
+
+* Random weights cost the same compute as the real ones: cost depends on the architecture and the input
+  shapes, not on weight values. Parameter counts are those of the built architecture (vocabulary included).
+* Generative detection always runs {MAX_NEW_TOKENS} new tokens (EOS suppressed until then), a worst case: a
+  real answer may stop sooner, or need more for many objects. Generative classification scores every label
+  with one teacher-forced sequence, each carrying the image (3 labels = a batch of 3 prefills).
+* The zero-shot detectors' score threshold is calibrated (untimed) so that about {MAX_DET} boxes reach NMS,
+  as a trained model's few confident boxes would: random weights score all of OWLv2's 3,600 boxes alike,
+  and class-wise NMS over all of them would dominate the time.
+* Tandem loads models in fp32 on CPU; bf16 is used where the table says so, to fit in memory (this CPU has
+  AVX512-BF16).
+* This 2-core machine is shared with other work (test runs): two torch threads sharing two cores with a busy
+  neighbour run many times slower. Each timed run waited for a quiet CPU; runs during which other processes
+  took over 10% of the CPU were discarded and repeated, and a latency is marked *contended* when no clean
+  run could be had (JSON: `others_cpu`, `runs_s`).
+"""
 
 
 def write_markdown(path: Path, rows: list[Row], meta: dict) -> None:
     m = meta["machine"]
+    header = (
+        f"Real-size architectures of the hub checkpoints with random weights (none can be downloaded here), "
+        f"one {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} RGB image, labels {', '.join(LABELS)}. {m['cpu']}, "
+        f"{m['cores']} cores, {m['ram_gib']} GiB RAM, torch.set_num_threads({THREADS}), torch {m['torch']}, "
+        f"transformers {m['transformers']}. Median of {meta['runs']} clean run(s) after one warm-up (1 for "
+        f"the multi-billion-parameter models). Total benchmark time {meta['total_s'] / 60:.1f} min."
+    )
     lines = [
         "# VLM latency on CPU, through Tandem's adapters",
         "",
-        f"Real-size architectures of the hub checkpoints with random weights (none can be downloaded here), "
-        f"one {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} RGB image, labels {', '.join(LABELS)}; "
-        f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, torch.set_num_threads({THREADS}), "
-        f"torch {m['torch']}, transformers {m['transformers']}. Median of {meta['runs']} run(s) after one warm-up "
-        f"(1 run for the multi-billion-parameter models). Total benchmark time {meta['total_s'] / 60:.1f} min.",
+        header,
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
         *("| " + " | ".join(table_cells(r)) + " |" for r in rows),
         "",
-        "Notes:",
-        "",
-        "* Random weights time the same compute as the real ones: cost depends on the architecture and input shapes, "
-        "not on weight values. Parameter counts are those of the built architecture (vocabulary size included).",
-        f"* Generative detection always runs {MAX_NEW_TOKENS} new tokens (EOS suppressed until then), a worst case; "
-        "a real answer may stop sooner or need more for many objects. Generative classification scores every label "
-        "with one teacher-forced sequence each, all carrying the image (3 labels = a batch of 3 prefills).",
-        "* The zero-shot detectors' score threshold is calibrated (untimed) so that about 100 boxes reach NMS, as a "
-        "trained model's few confident boxes would; random weights score all of OWLv2's 3,600 boxes alike, and class-wise "
-        "NMS over all of them would dominate the time.",
-        "* Tandem loads models in fp32 on CPU; bf16 is used where noted for memory (this CPU has AVX512-BF16).",
-        "* Timings are noisy: this 2-core machine is shared with other work (test runs). Each timed run waited for a "
-        "quiet CPU first (two torch threads sharing two cores with a busy neighbour run many times slower); a row notes "
-        "when other processes still took over 10% of the CPU during its runs (JSON: `others_cpu`).",
+        NOTES,
     ]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines))
 
 
 def print_table(rows: list[Row]) -> None:
@@ -632,10 +943,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     keys = [f.key for f in FAMILIES]
     ap.add_argument("--families", nargs="+", choices=keys, default=keys)
-    ap.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (capped at 1 for the big ones)")
-    ap.add_argument("--include-7b", action="store_true", help="also LLaVA-1.5-7B in bf16, if free memory allows")
+    ap.add_argument(
+        "--runs", type=int, default=3, help="timed runs after one warm-up (capped at 1 for the big ones)"
+    )
+    ap.add_argument(
+        "--include-7b", action="store_true", help="also LLaVA-1.5-7B in bf16, if free memory allows"
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--max-wait", type=float, default=900, help="seconds to wait for a quiet CPU before a run")
+    ap.add_argument(
+        "--max-wait", type=float, default=900, help="seconds to wait for a quiet CPU before a run"
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(THREADS)
@@ -649,24 +966,49 @@ def main() -> None:
     rows: list[Row] = []
     selected = [f for f in FAMILIES if f.key in args.families]
     for i, family in enumerate(selected, 1):
-        console.rule(f"[{i}/{len(selected)}] {family.key}: {family.checkpoint}  "
-                     f"({(time.perf_counter() - start) / 60:.1f} min elapsed)")
+        console.rule(
+            f"[{i}/{len(selected)}] {family.key}: {family.checkpoint}  "
+            f"({(time.perf_counter() - start) / 60:.1f} min elapsed)"
+        )
         try:
             rows += measure_family(family, image, vocabulary, args.runs, args)
         except Exception as exc:  # one family's failure must not lose the others' numbers
             console.print_exception(max_frames=4)
-            rows += [Row(family.key, family.checkpoint, family.model_class, None, "", t.value,
-                         task_input(family, t), note=f"failed: {type(exc).__name__}: {exc}"[:200])
-                     for t in family.tasks]
+            rows += [
+                Row(
+                    family.key,
+                    family.checkpoint,
+                    family.model_class,
+                    None,
+                    "",
+                    t.value,
+                    task_input(family, t),
+                    note=f"failed: {type(exc).__name__}: {exc}"[:200],
+                )
+                for t in family.tasks
+            ]
         gc.collect()
-
-    meta = dict(machine=machine(), runs=args.runs, image=list(IMAGE_SIZE), labels=list(LABELS),
-                max_new_tokens=MAX_NEW_TOKENS, total_s=round(time.perf_counter() - start, 1))
+        write_results(args.out, rows, args.runs, time.perf_counter() - start)  # a crash later keeps these
     print_table(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_markdown(args.out / "vlm_latency.md", rows, meta)
-    (args.out / "vlm_latency.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
-    console.print(f"wrote {args.out / 'vlm_latency.md'} and .json in {meta['total_s'] / 60:.1f} min")
+    console.print(
+        f"wrote {args.out / 'vlm_latency.md'} and .json in {(time.perf_counter() - start) / 60:.1f} min"
+    )
+
+
+def write_results(out: Path, rows: list[Row], runs: int, total_s: float) -> None:
+    meta = dict(
+        machine=machine(),
+        runs=runs,
+        image=list(IMAGE_SIZE),
+        labels=list(LABELS),
+        max_new_tokens=MAX_NEW_TOKENS,
+        total_s=round(total_s, 1),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_markdown(out / "vlm_latency.md", rows, meta)
+    (out / "vlm_latency.json").write_text(
+        json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ uploaded images, so what Label Studio stores can be checked against the generate
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from label_studio_sdk import LabelStudio
@@ -64,3 +66,44 @@ def test_label_studio_receives_vlm_predictions(label_studio, detect_adapter, tin
         assert all(0 < r["score"] < 1 for r in pred.result)  # token-probability confidences, not a constant
     assert sorted(p.task_id for p in kept) == sorted(t["id"] for t in tasks.values())
     assert {p.model_version for p in kept} == {detect_adapter.version}
+
+
+def test_vlm_lora_job_from_label_studio_annotations_is_promoted_and_served(label_studio, detect_adapter, tiny_vlm,
+                                                                          tmp_path):
+    """Annotations in Label Studio -> POST /train model=vlm -> a LoRA job in its own process -> a new VLM
+    version registered with its frozen-split loss -> the server swaps its VLM to it."""
+    import httpx
+
+    from backend.demo import ground_truth_result
+    from backend.training.jobs import JobStatus
+    from backend.training.runner import wait
+
+    items = generate_samples(8, seed=77)
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="tandem e2e vlm lora", label_config=RECT)
+    upload_images(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    tasks = _tasks_by_name(client, project.id)
+    for _, sample in items:
+        client.annotations.create(id=tasks[f"{sample.name}.png"]["id"], result=ground_truth_result(sample))
+
+    base = tiny_vlm("qwen2_5_vl")
+    vlm = load_vlm(str(base), device="cpu")
+    settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
+                        label_studio_api_key=label_studio.token, vlm=str(base), train_after=1000)
+    app = create_app(settings, ModelHolder(detect_adapter), vlm=ModelHolder(vlm))
+    with ServerThread(app) as srv:
+        job = httpx.post(f"{srv.url}/train", json={"project": project.id, "model": "vlm",
+                                                    "params": {"epochs": 6, "lr": 1e-2, "val_percent": 30}}).json()
+        done = wait(app.state.training.store, job["id"], timeout=600)
+        logs = httpx.get(f"{srv.url}/jobs/{job['id']}/logs").text
+        assert done.status is JobStatus.SUCCEEDED, logs
+        assert "LoRA r=16" in logs and "validation loss after" in logs
+        version = app.state.registry.get(done.version)
+        assert version.task == "vlm:classify+detect" and version.parent == vlm.version
+        assert version.metrics["candidate"]["val_loss"] < version.metrics["serving"]["val_loss"]
+        assert version.status == "promoted"
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{srv.url}/health").json()["second_opinion"] != done.version:
+            assert time.monotonic() < deadline, "the server did not swap to the new VLM version"
+            time.sleep(0.5)
+        assert app.state.holder.adapter.version == detect_adapter.version  # the CNN is untouched

@@ -21,6 +21,7 @@ from backend.errors import ConfigError, TandemError
 from backend.labelstudio.version_sync import SyncRequest, VersionSync
 from backend.media.fetch import MediaFetcher
 from backend.models.base import ModelAdapter
+from backend.models.vlm.base import OpenVocabularyModel
 from backend.prediction_store import PredictionStore
 from backend.predict import Predictor, describe, plan_for
 from backend.registry import Registry
@@ -107,7 +108,7 @@ def create_app(
     if training is True:
         policy = policy or TrainingPolicy(train_after=settings.train_after, interval_s=settings.train_interval_s,
                                           params=settings.training_params())
-        training = TrainingService(settings, holder, registry, policy)
+        training = TrainingService(settings, holder, registry, policy, vlm_holder=vlm)
     training = training or None
 
     @asynccontextmanager
@@ -165,7 +166,8 @@ def create_app(
 
     def on_loaded(adapter: ModelAdapter) -> None:
         path = getattr(adapter, "path", None) or getattr(adapter, "source", "")
-        registry.record_served(adapter.version, adapter.name, describe(adapter), str(path))
+        task = ("vlm:" if isinstance(adapter, OpenVocabularyModel) else "") + describe(adapter)
+        registry.record_served(adapter.version, adapter.name, task, str(path))
 
     app.state.on_loaded = on_loaded
     app.state.training = training
@@ -203,7 +205,7 @@ def create_app(
             prompt_maps[pid] = _prompts(body.extra_params)
         adapter = lead.adapter
         if adapter is None:
-            last = registry.last_served()
+            last = registry.last_served(settings.pre_annotator)
             return SetupResponse(model_version=last.version if last else "loading")
         if body.schema_:
             plan_for(adapter, body.schema_, label_map, settings.case_sensitive_labels, _prompts(body.extra_params))

@@ -44,8 +44,10 @@ class TrainingService:
         policy: TrainingPolicy | None = None,
         loader: Callable[[str], object] | None = None,
         watch_interval_s: float = 1.0,
+        vlm_holder: ModelHolder | None = None,
     ) -> None:
         self.settings, self.holder, self.registry = settings, holder, registry
+        self.vlm_holder = vlm_holder
         self.policy = policy or TrainingPolicy()
         self.store = JobStore(settings.db_path)
         mark_orphans(self.store)
@@ -133,13 +135,22 @@ class TrainingService:
         if change <= self._seen_change:
             return None
         self._seen_change = change
-        target = self.registry.current()
-        current = self.holder.adapter
-        if target is None or not target.path or (current is not None and current.version == target.version):
-            return None
-        log.info("serving %s (was %s)", target.version, current.version if current else None)
-        loader = self._loader or self._default_loader
-        return self.holder.load_in_background(lambda: loader(target.path), on_loaded=self._on_loaded)
+        started = None
+        for kind, holder in (("vlm", self.vlm_holder), ("cnn", self.holder)):
+            target = self.registry.current(kind)
+            current = holder.adapter if holder is not None else None
+            if holder is None or target is None or not target.path or (
+                    current is not None and current.version == target.version):
+                continue
+            log.info("serving %s (was %s)", target.version, current.version if current else None)
+            loader = self._vlm_loader if kind == "vlm" else (self._loader or self._default_loader)
+            started = holder.load_in_background(lambda t=target, f=loader: f(t.path), on_loaded=self._on_loaded)
+        return started
+
+    def _vlm_loader(self, path: str):
+        from backend.models.vlm.loader import load_vlm
+
+        return load_vlm(path, device=self.settings.device)
 
     def _default_loader(self, path: str):
         from backend.models.yolo import YoloAdapter

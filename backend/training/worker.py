@@ -62,9 +62,11 @@ def run(job_id: int, settings: Settings) -> None:
     if job.status is not JobStatus.QUEUED:
         raise SystemExit(f"job {job_id} is {job.status.value}, not queued")
     store.update(job_id, status=JobStatus.RUNNING, started_at=time.time(), pid=os.getpid())
-    params = {**DEFAULTS, **job.params}
     work = settings.home / "jobs" / str(job_id)
     work.mkdir(parents=True, exist_ok=True)
+    if job.model_kind == "vlm":
+        return run_vlm(job, settings, store, registry, work)
+    params = {**DEFAULTS, **job.params}
 
     serving = registry.current()
     if serving is None or not serving.path or not Path(serving.path).is_file():
@@ -106,6 +108,52 @@ def run(job_id: int, settings: Settings) -> None:
     verdict = "promoted" if promote else f"rejected (worse than {serving.version} by more than {params['margin']})"
     log(f"{candidate.version}: fitness {new['fitness']:.4f} vs {old['fitness']:.4f} -> {verdict}")
     store.finish(job_id, JobStatus.SUCCEEDED, version=candidate.version, promoted=int(promote), metrics=metrics)
+
+
+def run_vlm(job, settings: Settings, store: JobStore, registry: Registry, work: Path) -> None:
+    """LoRA on the serving VLM (or TANDEM_VLM): promoted when its answers' loss on the frozen split is not worse."""
+    from backend.models.vlm.generative import GenerativeVlm
+    from backend.models.vlm.loader import load_vlm
+    from backend.training.vlm_examples import examples_from_tasks
+    from backend.training.vlm_lora import DEFAULTS as LORA_DEFAULTS
+    from backend.training.vlm_lora import lora_fine_tune, mean_loss
+
+    known = {*LORA_DEFAULTS, "margin", "val_percent"}
+    params = {**LORA_DEFAULTS, "margin": 0.0, "val_percent": 20,
+              **{k: v for k, v in job.params.items() if k in known and v is not None}}
+    if job.runner == "modal":
+        raise TandemError("VLM LoRA jobs run with the local runner in this release (the Modal app trains YOLO)")
+    serving = registry.current("vlm")
+    base = serving.path if serving and serving.path else settings.vlm
+    if not base:
+        raise TandemError("nothing to fine-tune: serve a VLM first (tandem serve --vlm ID_OR_PATH) or set TANDEM_VLM")
+    log(f"job {job.id}: project {job.project_id}, LoRA on {serving.version if serving else base} ({job.reason})")
+    vlm = load_vlm(base, device=settings.device)
+    if not isinstance(vlm, GenerativeVlm):
+        raise TandemError(f"{vlm.name} is a {vlm.family}; LoRA fine-tuning applies to generative VLMs "
+                          "(Qwen2.5-VL, Florence-2, PaliGemma, LLaVA, SmolVLM)")
+    tasks, label_config = fetch_annotated_tasks(settings, job.project_id)
+    data = examples_from_tasks(tasks, label_config, job.project_id, MediaFetcher(settings.media()), vlm,
+                               prompts=settings.vlm_prompts, val_percent=params["val_percent"])
+    log(f"examples {data.snapshot}: {len(data.train)} train / {len(data.val)} frozen val, {len(data.skipped)} skipped")
+    if not data.train or not data.val:
+        raise TandemError(f"too few annotations: {len(data.train)} train and {len(data.val)} validation examples")
+    stem = f"p{job.project_id}-job{job.id}-lora"
+    target = settings.home / "models" / "vlm" / stem
+    result = lora_fine_tune(vlm, data.train, data.val, target, base_source=base, params=params, log=log)
+
+    candidate = load_vlm(str(target), device=settings.device)  # a broken adapter fails here: never promoted
+    after = mean_loss(candidate, data.val, int(params["batch"]))
+    before = result["val_loss_before"]
+    metrics = {"candidate": {"val_loss": after}, "serving": {"val_loss": before}, "serving_version": base,
+               "dataset": data.snapshot, "train": len(data.train), "val": len(data.val), "lora": result}
+    task = "vlm:" + "+".join(sorted(t.value for t in candidate.tasks))
+    registry.add_candidate(candidate.version, stem, task, str(target), serving.version if serving else None,
+                           data.snapshot, metrics)
+    promote = after <= before + params["margin"]
+    registry.set_status(candidate.version, "promoted" if promote else "rejected")
+    log(f"{candidate.version}: validation loss {after:.4f} vs {before:.4f} -> {'promoted' if promote else 'rejected'}")
+    store.finish(job.id, JobStatus.SUCCEEDED, version=candidate.version, promoted=int(promote), metrics=metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

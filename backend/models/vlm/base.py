@@ -50,12 +50,16 @@ def make_detections(xyxy, confidence, class_ids, names: Sequence[str]) -> sv.Det
     )
 
 
-def checkpoint_version(path: Path, name: str) -> str:
-    """`<name>-<8 hex>` from config.json and the weight files' names and sizes (hashing GBs would be slow)."""
-    digest = hashlib.sha256((path / "config.json").read_bytes())
+def checkpoint_version(path: Path, name: str, config: str = "config.json") -> str:
+    """`<name>-<8 hex>` from the config and the weight files' names and sizes (hashing GBs would be slow);
+    small files (LoRA adapters) are hashed whole."""
+    digest = hashlib.sha256((path / config).read_bytes())
     for file in sorted(path.iterdir()):
         if file.suffix in (".safetensors", ".bin", ".json") and file.is_file():
-            digest.update(f"{file.name}:{file.stat().st_size}".encode())
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}".encode())
+            if size < 64 * 1024 * 1024:
+                digest.update(file.read_bytes())
     return f"{name}-{digest.hexdigest()[:8]}"
 
 

@@ -38,8 +38,30 @@ def display_name(source: str, path: Path) -> str:
     return source.split("/")[-1]
 
 
+ADAPTER_BASE_FILE = "tandem_base.json"
+
+
+def _load_lora(source: str, path: Path, device: str | None, options: dict[str, Any]) -> OpenVocabularyModel:
+    """A LoRA version Tandem trained: its base (itself possibly an adapter) with this adapter merged in."""
+    from peft import PeftModel
+
+    base_source = json.loads((path / ADAPTER_BASE_FILE).read_text())["base"]
+    vlm = load_vlm(base_source, device=device, **options)
+    try:
+        vlm.model = PeftModel.from_pretrained(vlm.model, path).merge_and_unload().eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"could not apply the LoRA adapter {path} to {base_source}: {exc}") from exc
+    vlm.name = path.name
+    vlm.version = checkpoint_version(path, path.name, config="adapter_config.json")
+    vlm.source = str(path)
+    return vlm
+
+
 def load_vlm(source: str, device: str | None = None, revision: str | None = None, **options: Any) -> OpenVocabularyModel:
     """Options go to the adapter (threshold, iou, template, classify_question, max_new_tokens, ...)."""
+    folder = Path(source).expanduser()
+    if (folder / "adapter_config.json").is_file() and (folder / ADAPTER_BASE_FILE).is_file():
+        return _load_lora(source, folder, device, options)
     path = resolve_source(source, revision)
     config = json.loads((path / "config.json").read_text())
     _refuse_unsupported(source, config)
