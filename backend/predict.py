@@ -201,8 +201,9 @@ class Predictor:
                     size = min(size, 4)  # learn the speed on a few tasks first
                 else:
                     size = min(size, math.floor(left / per_task))
-                if size < 1 or left <= 0:
+                if done > 0 and (size < 1 or left <= 0):  # the first chunk always runs: every call makes progress
                     break
+                size = max(size, 1)
             chunk = todo[done : done + size]
             started = time.monotonic()
             chunk_items = self.predict_chunk([tasks[i] for i in chunk], plan)

@@ -703,6 +703,8 @@ class Row:
     build_s: float | None = None
     rss_gib: float | None = None
     others_cpu: float | None = None  # the largest share of the CPU other processes used during a timed run
+    family_s: float | None = None  # wall time of the whole family: build, calibration, warm-ups, runs, waits
+    measured_at: str = ""
 
 
 def busy_cpu_s() -> float:
@@ -827,6 +829,42 @@ def measure_family(family: Family, image, vocabulary: Vocabulary, runs: int, arg
     return rows
 
 
+def stamp(rows: list[Row], started: float) -> list[Row]:
+    for row in rows:
+        row.family_s = round(time.perf_counter() - started, 1)
+        row.measured_at = time.strftime("%Y-%m-%d %H:%M")
+    return rows
+
+
+def failed(family: Family, exc: Exception) -> list[Row]:
+    note = f"failed: {type(exc).__name__}: {exc}"[:200]
+    return [
+        Row(
+            family.key,
+            family.checkpoint,
+            family.model_class,
+            None,
+            "",
+            t.value,
+            task_input(family, t),
+            note=note,
+        )
+        for t in family.tasks
+    ]
+
+
+def previous_rows(out: Path) -> dict[str, list[Row]]:
+    """Rows of an earlier run by family, so that re-measuring some families keeps the others' numbers."""
+    try:
+        rows = [Row(**r) for r in json.loads((out / "vlm_latency.json").read_text())["rows"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    by_family: dict[str, list[Row]] = {}
+    for row in rows:
+        by_family.setdefault(row.family, []).append(row)
+    return by_family
+
+
 def skip(rows: list[Row], reason: str) -> list[Row]:
     for row in rows:
         row.note = reason
@@ -910,7 +948,8 @@ def write_markdown(path: Path, rows: list[Row], meta: dict) -> None:
         f"one {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} RGB image, labels {', '.join(LABELS)}. {m['cpu']}, "
         f"{m['cores']} cores, {m['ram_gib']} GiB RAM, torch.set_num_threads({THREADS}), torch {m['torch']}, "
         f"transformers {m['transformers']}. Median of {meta['runs']} clean run(s) after one warm-up (1 for "
-        f"the multi-billion-parameter models). Total benchmark time {meta['total_s'] / 60:.1f} min."
+        f"the multi-billion-parameter models). Total benchmark time {meta['total_s'] / 60:.1f} min "
+        f"(all families, waits for a quiet CPU included)."
     )
     lines = [
         "# VLM latency on CPU, through Tandem's adapters",
@@ -963,52 +1002,41 @@ def main() -> None:
     vocabulary = Vocabulary.from_labels(LABELS)
 
     start = time.perf_counter()
-    rows: list[Row] = []
+    results = previous_rows(args.out)
     selected = [f for f in FAMILIES if f.key in args.families]
     for i, family in enumerate(selected, 1):
         console.rule(
             f"[{i}/{len(selected)}] {family.key}: {family.checkpoint}  "
             f"({(time.perf_counter() - start) / 60:.1f} min elapsed)"
         )
+        started = time.perf_counter()
         try:
-            rows += measure_family(family, image, vocabulary, args.runs, args)
+            results[family.key] = stamp(measure_family(family, image, vocabulary, args.runs, args), started)
         except Exception as exc:  # one family's failure must not lose the others' numbers
             console.print_exception(max_frames=4)
-            rows += [
-                Row(
-                    family.key,
-                    family.checkpoint,
-                    family.model_class,
-                    None,
-                    "",
-                    t.value,
-                    task_input(family, t),
-                    note=f"failed: {type(exc).__name__}: {exc}"[:200],
-                )
-                for t in family.tasks
-            ]
+            results[family.key] = stamp(failed(family, exc), started)
         gc.collect()
-        write_results(args.out, rows, args.runs, time.perf_counter() - start)  # a crash later keeps these
+        rows = [row for f in FAMILIES for row in results.get(f.key, [])]
+        write_results(args.out, rows, args.runs)  # after every family: a crash later keeps these
     print_table(rows)
-    console.print(
-        f"wrote {args.out / 'vlm_latency.md'} and .json in {(time.perf_counter() - start) / 60:.1f} min"
-    )
+    minutes = (time.perf_counter() - start) / 60
+    console.print(f"wrote {args.out / 'vlm_latency.md'} and .json; this run took {minutes:.1f} min")
 
 
-def write_results(out: Path, rows: list[Row], runs: int, total_s: float) -> None:
-    meta = dict(
-        machine=machine(),
-        runs=runs,
-        image=list(IMAGE_SIZE),
-        labels=list(LABELS),
-        max_new_tokens=MAX_NEW_TOKENS,
-        total_s=round(total_s, 1),
-    )
+def write_results(out: Path, rows: list[Row], runs: int) -> None:
+    total_s = sum({r.family: r.family_s or 0.0 for r in rows}.values())
+    meta = {
+        "machine": machine(),
+        "runs": runs,
+        "image": list(IMAGE_SIZE),
+        "labels": list(LABELS),
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "total_s": round(total_s, 1),
+    }
     out.mkdir(parents=True, exist_ok=True)
     write_markdown(out / "vlm_latency.md", rows, meta)
-    (out / "vlm_latency.json").write_text(
-        json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2) + "\n"
-    )
+    rows_json = [asdict(r) for r in rows]
+    (out / "vlm_latency.json").write_text(json.dumps({"meta": meta, "rows": rows_json}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -234,3 +234,4 @@ def test_50_concurrent_predicts_and_metrics(tmp_path, samples, detect_adapter):
     assert f'tandem_predictions_total{{model_version="{detect_adapter.version}",outcome="ok"}} 50.0' in text
     assert 'tandem_http_requests_total{method="POST",route="/predict",status="200"} 50.0' in text
     assert "tandem_model_ready 1.0" in text and 'tandem_training_jobs{status="queued"} 0.0' in text
+    assert "tandem_deferred_predictions 0.0" in text

@@ -61,7 +61,7 @@ def test_the_vlm_can_be_the_pre_annotator(tmp_path, samples, tiny_vlm):  # noqa:
 def test_a_large_batch_finishes_in_the_background_within_the_budget(tmp_path, samples, tiny_vlm):  # noqa: F811
     root, truth, _ = samples
     vlm = load_vlm(str(tiny_vlm("florence2")), device="cpu", max_new_tokens=48)
-    app = _app(tmp_path, root, None, vlm, pre_annotator="vlm", predict_budget_s=0.5)
+    app = _app(tmp_path, root, None, vlm, pre_annotator="vlm", predict_budget_s=0.01)
     tasks = [task(i + 1, f"{truth[i % len(truth)].name}.png") for i in range(40)]
     with ServerThread(app) as srv:
         t0 = time.perf_counter()
@@ -70,7 +70,8 @@ def test_a_large_batch_finishes_in_the_background_within_the_budget(tmp_path, sa
         took = time.perf_counter() - t0
         answered = [r for r in first if "result" in r]
         deferred = [r for r in first if "result" not in r]
-        assert len(first) == 40 and answered and deferred, took
+        # the speed is unknown on the first call: 4 tasks measure it, and the spent budget defers the rest
+        assert len(first) == 40 and len(answered) == 4 and len(deferred) == 36, took
         assert all("still computing" in r["error"] for r in deferred)
         assert took < 5.0  # the budget plus at most one chunk, not 40 generations
         assert app.state.deferred.wait_idle(120)

@@ -300,6 +300,7 @@ def create_app(
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
         metrics.ready.set(1 if lead.ready else 0)
+        metrics.deferred.set(deferred.pending)
         if training:
             for status in ("queued", "running", "succeeded", "failed", "cancelled"):
                 metrics.jobs.labels(status).set(training.store.counts().get(status, 0))

@@ -1,5 +1,5 @@
 """Prometheus metrics on GET /metrics: requests, latencies, predictions by model version, training jobs by
-state (the training queue is `status="queued"`)."""
+state (the training queue is `status="queued"`), background predictions waiting (the prediction queue)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ class Metrics:
                                    registry=self.registry)
         self.jobs = Gauge("tandem_training_jobs", "Training jobs by state", ["status"], registry=self.registry)
         self.ready = Gauge("tandem_model_ready", "1 when a model is loaded", registry=self.registry)
+        self.deferred = Gauge("tandem_deferred_predictions", "Tasks waiting for a background prediction",
+                              registry=self.registry)
 
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
