@@ -185,3 +185,21 @@ def test_unsupported_checkpoints_are_refused_with_the_replacement(tmp_path):
         load_vlm(str(tmp_path / "bert"))
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_vlm(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["idefics3", "qwen2_5_vl", "qwen3_vl", "llava"])
+def test_one_prefill_scores_every_label_exactly_like_k_full_sequences(tiny_vlm, name):
+    """The KV-cache path (image and question run once) gives the same log-likelihoods as K full passes;
+    where the tokenizer merges across the prompt/answer boundary (this tiny LLaVA vocab has 'T:▁'), it
+    declines and the plain path answers."""
+    model = load_vlm(str(tiny_vlm(name)), device="cpu")
+    image, _, _ = scene()
+    vocab = Vocabulary.from_labels(["square", "circle", "circle red", "a big triangle"])
+    question = model.question(ModelTask.CLASSIFY, vocab)
+    with torch.inference_mode():
+        full = model.label_logprobs(image, vocab.prompts, question, reuse_prompt=False)
+        cached = model._logprobs_from_cache(image, vocab.prompts, question)
+    if name == "llava":
+        assert cached is None
+    else:
+        np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)

@@ -157,8 +157,18 @@ class GenerativeVlm(OpenVocabularyModel):
         return batch
 
     # ---------------------------------------------------------------- classification
-    def label_logprobs(self, image: Image.Image, prompts: tuple[str, ...], question: str) -> np.ndarray:
-        """log p(answer | image, question) for each candidate, summed over its tokens."""
+    def label_logprobs(self, image: Image.Image, prompts: tuple[str, ...], question: str,
+                       reuse_prompt: bool = True) -> np.ndarray:
+        """log p(answer | image, question) for each candidate, summed over its tokens.
+
+        Decoder-only chat models run the image and question once and score every candidate from that one
+        KV cache (one prefill instead of K); the others, or a prompt/answer token boundary that does not
+        line up, take the plain batch of K teacher-forced sequences.
+        """
+        if reuse_prompt and self.style.chat:
+            cached = self._logprobs_from_cache(image, prompts, question)
+            if cached is not None:
+                return cached
         parts = []
         for start in range(0, len(prompts), self.max_sequences):
             answers = list(prompts[start : start + self.max_sequences])
@@ -175,6 +185,34 @@ class GenerativeVlm(OpenVocabularyModel):
             token_lp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
             parts.append(token_lp.sum(-1).cpu().numpy())
         return np.concatenate(parts).astype(np.float64)
+
+    def _logprobs_from_cache(self, image: Image.Image, answers: tuple[str, ...], question: str) -> np.ndarray | None:
+        prompt = self.prompt(question)
+        self.tokenizer.padding_side = "right"
+        head = self._to_device(self._encode([prompt], [image]))
+        n = head["input_ids"].shape[1]
+        full = self._encode([prompt + self.style.answer_prefix + a + self._end_of_turn() for a in answers],
+                            [image] * len(answers))
+        ids, mask = full["input_ids"].to(self.device), full["attention_mask"].to(self.device)
+        if ids.shape[1] <= n or not torch.equal(ids[:, :n], head["input_ids"].expand(len(answers), -1)):
+            return None  # the tokenizer merged across the boundary: score the plain way
+        out = self.model(**head, use_cache=True)
+        cache = out.past_key_values
+        if not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        cache.batch_repeat_interleave(len(answers))
+        tail, tail_mask = ids[:, n:], mask[:, n:]
+        positions = torch.arange(n, ids.shape[1], device=ids.device)
+        extra = {}
+        deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
+        if deltas is not None:  # Qwen's 3-axis rotary positions: text after the image is shifted by rope_deltas
+            extra["position_ids"] = (positions + deltas.reshape(-1)[0]).expand(3, len(answers), -1)
+        rest = self.model(input_ids=tail, attention_mask=torch.cat([head["attention_mask"].expand(len(answers), -1),
+                                                                    tail_mask], dim=1),
+                          past_key_values=cache, cache_position=positions, **extra)
+        logits = torch.cat([out.logits[:, -1:].expand(len(answers), -1, -1), rest.logits[:, :-1]], dim=1)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tail.unsqueeze(-1)).squeeze(-1)
+        return (logp * tail_mask).sum(-1).cpu().numpy().astype(np.float64)
 
     def _classify(self, images, vocabulary: Vocabulary) -> list[ModelOutput]:
         question = self.question(ModelTask.CLASSIFY, vocabulary)
