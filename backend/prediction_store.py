@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from backend.sqlite_db import SqliteDb
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
@@ -48,13 +48,9 @@ class StoredPrediction:
     created_at: float
 
 
-class PredictionStore:
+class PredictionStore(SqliteDb):
     def __init__(self, db_path: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+        super().__init__(db_path, _SCHEMA)
 
     def get_many(self, keys: Sequence[tuple[int, str, str]]) -> dict[tuple[int, str, str], dict[str, Any]]:
         """(task_id, version, fingerprint) -> stored item, for the keys that exist."""
@@ -74,14 +70,8 @@ class PredictionStore:
         """Rows of (task_id, version, fingerprint, project_id, model_name, role, item); last write wins."""
         now = time.time()
         values = [(t, v, f, p, n, r, json.dumps(item), now) for t, v, f, p, n, r, item in rows]
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.executemany("INSERT OR REPLACE INTO predictions VALUES (?,?,?,?,?,?,?,?)", values)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._tx() as conn:
+            conn.executemany("INSERT OR REPLACE INTO predictions VALUES (?,?,?,?,?,?,?,?)", values)
         return len(values)
 
     def for_project(self, project_id: int, role: str | None = None, model_version: str | None = None
@@ -99,6 +89,3 @@ class PredictionStore:
         latest = {(r[0], r[1]): r for r in rows}
         return [StoredPrediction(t, v, n, role_, p, json.loads(item), c)
                 for t, v, n, role_, p, item, c in latest.values()]
-
-    def close(self) -> None:
-        self._conn.close()

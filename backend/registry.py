@@ -7,12 +7,11 @@ the retraining issue adds metrics, parents and promotion on top of the same tabl
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from backend.sqlite_db import SqliteDb
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS model_versions (
@@ -71,24 +70,9 @@ def _row(row) -> ModelVersion:
     return ModelVersion(*values)
 
 
-class Registry:
+class Registry(SqliteDb):
     def __init__(self, db_path: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(_SCHEMA)
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def _tx(self):
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        super().__init__(db_path, _SCHEMA)
 
     def record_served(self, version: str, name: str, task: str, path: str | None) -> None:
         now = time.time()
@@ -168,5 +152,3 @@ class Registry:
                 (project_id, version, time.time()),
             )
 
-    def close(self) -> None:
-        self._conn.close()
