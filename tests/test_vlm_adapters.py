@@ -30,6 +30,7 @@ from tests.tiny_vlms import teach
 
 FAMILIES = {  # name -> tasks it serves
     "owlv2": {"detect"}, "grounding_dino": {"detect"}, "clip": {"classify"}, "siglip": {"classify"},
+    "siglip2": {"classify"},
     "llava": {"classify"}, "idefics3": {"classify"}, "qwen2_5_vl": {"classify", "detect"},
     "qwen3_vl": {"classify", "detect"}, "paligemma": {"classify", "detect"}, "florence2": {"classify", "detect"},
 }

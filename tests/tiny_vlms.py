@@ -1,4 +1,4 @@
-"""Tiny random-weight checkpoints of every VLM family Tandem supports, built offline in well under a second
+"""Tiny random-weight checkpoints of every VLM family Tandem supports (11), built offline in well under a second
 each, saved with save_pretrained and then loaded through Tandem's real loading path (`load_vlm`).
 
 Architectures, processors and tokenizer classes are those of the real hub checkpoints; only the sizes are
@@ -157,6 +157,22 @@ def build_siglip(out: Path) -> Path:
     )
     proc = SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": IMG, "width": IMG}), tokenizer=tok)
     return _save(SiglipModel(cfg), proc, out)
+
+
+def build_siglip2(out: Path) -> Path:
+    """SigLIP2 (NaFlex): variable-resolution patches with a pixel attention mask."""
+    from transformers import Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor, Siglip2Tokenizer
+
+    tok = tiny_tokenizer(Siglip2Tokenizer, model_max_length=64)
+    cfg = Siglip2Config(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           patch_size=16, num_patches=64),
+    )
+    proc = Siglip2Processor(image_processor=Siglip2ImageProcessor(patch_size=16, max_num_patches=64), tokenizer=tok)
+    return _save(Siglip2Model(cfg), proc, out)
 
 
 def build_llava(out: Path) -> Path:
@@ -321,6 +337,7 @@ BUILDERS = {
     "grounding_dino": build_grounding_dino,
     "clip": build_clip,
     "siglip": build_siglip,
+    "siglip2": build_siglip2,
     "llava": build_llava,
     "qwen2_5_vl": build_qwen2_5_vl,
     "qwen3_vl": build_qwen3_vl,
