@@ -17,7 +17,7 @@ zero-shot detectors' threshold is therefore calibrated, untimed, so that about `
 as many as the adapter keeps.
 
     uv run python benchmarks/vlm_latency.py [--families clip owlv2 ...] [--runs 3] [--include-7b]
-                                            [--out benchmarks/results] [--max-wait 900]
+                                            [--out benchmarks/results] [--max-wait 900] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import string
 import tempfile
@@ -703,6 +704,7 @@ class Row:
     build_s: float | None = None
     rss_gib: float | None = None
     others_cpu: float | None = None  # the largest share of the CPU other processes used during a timed run
+    major_faults: int | None = None  # during the warm-up and the timed runs
     family_s: float | None = None  # wall time of the whole family: build, calibration, warm-ups, runs, waits
     measured_at: str = ""
 
@@ -800,7 +802,7 @@ def measure_family(family: Family, image, vocabulary: Vocabulary, runs: int, arg
         row.params_m = round(n_params / 1e6, 1)
     if family.gate and not getattr(args, family.gate):
         return skip(rows, f"not measured: needs ~{gib(n_params * 2):.0f} GB in bf16 (run with --include-7b)")
-    dtype, reason = choose_dtype(family.dtype, n_params)
+    dtype, reason = choose_dtype(family.dtype if args.dtype == "family" else args.dtype, n_params)
     if dtype is None:
         return skip(rows, reason)
     console.print(f"  building {n_params / 1e6:.0f} M params in {dtype} ...", highlight=False)
@@ -816,13 +818,17 @@ def measure_family(family: Family, image, vocabulary: Vocabulary, runs: int, arg
             row.note = f"threshold calibrated to {adapter.threshold:.6f}"
         bound = adapter.bind(task, vocabulary)
         n = min(runs, family.max_runs or runs)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         row.runs_s, others, outputs = timed_runs(
             lambda b=bound: b.predict([image]), n, task.value, args.max_wait
         )
         row.latency_s = round(statistics.median(row.runs_s), 3)
         row.others_cpu = round(others, 2)
+        row.major_faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults
         contended = f"other processes took up to {others:.0%} of the CPU" if others > 0.1 else ""
-        row.note = "; ".join(filter(None, [row.note, check_output(outputs), contended]))
+        # pages read back from disk: memory was short and code or data pages were evicted meanwhile
+        paging = f"{row.major_faults} major page faults" if row.major_faults > 1000 else ""
+        row.note = "; ".join(filter(None, [row.note, check_output(outputs), contended, paging]))
         print_row(row)
     del adapter, model, processor
     gc.collect()
@@ -851,6 +857,16 @@ def failed(family: Family, exc: Exception) -> list[Row]:
         )
         for t in family.tasks
     ]
+
+
+def merge(old: list[Row], new: list[Row]) -> list[Row]:
+    """New rows replace old ones of the same dtype and any failed or skipped ones; a failed or skipped
+    family keeps its earlier measurements."""
+    measured = [r for r in old if r.dtype]
+    dtypes = {r.dtype for r in new}
+    if not any(dtypes) and measured:
+        return measured
+    return [r for r in measured if r.dtype not in dtypes] + new
 
 
 def previous_rows(out: Path) -> dict[str, list[Row]]:
@@ -932,24 +948,38 @@ NOTES = f"""Notes:
 * The zero-shot detectors' score threshold is calibrated (untimed) so that about {MAX_DET} boxes reach NMS,
   as a trained model's few confident boxes would: random weights score all of OWLv2's 3,600 boxes alike,
   and class-wise NMS over all of them would dominate the time.
-* Tandem loads models in fp32 on CPU; bf16 is used where the table says so, to fit in memory (this CPU has
-  AVX512-BF16).
+* Tandem loads models in fp32 on CPU (`pick_device`). bf16 rows were built in bf16 to compare or to fit in
+  memory (LLaVA-1.5-7B needs 28 GB in fp32); this CPU has AVX512-BF16, so bf16 matmuls run natively.
 * This 2-core machine is shared with other work (test runs): two torch threads sharing two cores with a busy
   neighbour run many times slower. Each timed run waited for a quiet CPU; runs during which other processes
   took over 10% of the CPU were discarded and repeated, and a latency is marked *contended* when no clean
-  run could be had (JSON: `others_cpu`, `runs_s`).
+  run could be had (JSON: `others_cpu`, `runs_s`). Memory pressure from neighbours slows the big models
+  without showing as CPU use (JSON: `major_faults`); treat differences under ~15% as noise.
 """
+
+
+def dtype_comparison(rows: list[Row]) -> list[str]:
+    """'fp32 -> bf16' latency ratios where a family was measured in both."""
+    by_key = {(r.family, r.task, r.dtype): r.latency_s for r in rows if r.latency_s}
+    lines = []
+    for (family, task, dtype), fp32 in by_key.items():
+        bf16 = by_key.get((family, task, "bfloat16"))
+        if dtype == "float32" and bf16:
+            lines.append(f"{family} {task} {fp32:.1f} s -> {bf16:.1f} s ({fp32 / bf16:.1f}x)")
+    return [f"* fp32 -> bf16 on this CPU: {'; '.join(lines)}."] if lines else []
 
 
 def write_markdown(path: Path, rows: list[Row], meta: dict) -> None:
     m = meta["machine"]
+    small = max((len(r.runs_s) for r in rows if r.params_m and r.params_m < 1000), default=0)
+    big = max((len(r.runs_s) for r in rows if r.params_m and r.params_m >= 1000), default=0)
     header = (
         f"Real-size architectures of the hub checkpoints with random weights (none can be downloaded here), "
         f"one {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} RGB image, labels {', '.join(LABELS)}. {m['cpu']}, "
         f"{m['cores']} cores, {m['ram_gib']} GiB RAM, torch.set_num_threads({THREADS}), torch {m['torch']}, "
-        f"transformers {m['transformers']}. Median of {meta['runs']} clean run(s) after one warm-up (1 for "
-        f"the multi-billion-parameter models). Total benchmark time {meta['total_s'] / 60:.1f} min "
-        f"(all families, waits for a quiet CPU included)."
+        f"transformers {m['transformers']}. Median of {small} clean runs after one warm-up ({big} for the "
+        f"multi-billion-parameter models; every run's time is in the JSON). Benchmark time "
+        f"{meta['total_s'] / 60:.1f} min (all rows' families, building and waits for a quiet CPU included)."
     )
     lines = [
         "# VLM latency on CPU, through Tandem's adapters",
@@ -960,9 +990,10 @@ def write_markdown(path: Path, rows: list[Row], meta: dict) -> None:
         "|" + "---|" * len(COLUMNS),
         *("| " + " | ".join(table_cells(r)) + " |" for r in rows),
         "",
-        NOTES,
+        NOTES.rstrip("\n"),
+        *dtype_comparison(rows),
     ]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + "\n")
 
 
 def print_table(rows: list[Row]) -> None:
@@ -990,6 +1021,12 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument(
+        "--dtype",
+        choices=["family", "fp32", "bf16"],
+        default="family",
+        help="override each family's dtype; rows of another dtype already in --out are kept beside these",
+    )
+    ap.add_argument(
         "--max-wait", type=float, default=900, help="seconds to wait for a quiet CPU before a run"
     )
     args = ap.parse_args()
@@ -1011,20 +1048,30 @@ def main() -> None:
         )
         started = time.perf_counter()
         try:
-            results[family.key] = stamp(measure_family(family, image, vocabulary, args.runs, args), started)
+            rows = stamp(measure_family(family, image, vocabulary, args.runs, args), started)
         except Exception as exc:  # one family's failure must not lose the others' numbers
             console.print_exception(max_frames=4)
-            results[family.key] = stamp(failed(family, exc), started)
+            rows = stamp(failed(family, exc), started)
+        results[family.key] = merge(results.get(family.key, []), rows)
         gc.collect()
-        rows = [row for f in FAMILIES for row in results.get(f.key, [])]
+        rows = table_rows(results)
         write_results(args.out, rows, args.runs)  # after every family: a crash later keeps these
     print_table(rows)
     minutes = (time.perf_counter() - start) / 60
     console.print(f"wrote {args.out / 'vlm_latency.md'} and .json; this run took {minutes:.1f} min")
 
 
+def table_rows(results: dict[str, list[Row]]) -> list[Row]:
+    """In FAMILIES order; within a family fp32 before bf16, then the family's task order."""
+    return [
+        row
+        for f in FAMILIES
+        for row in sorted(results.get(f.key, []), key=lambda r: (r.dtype != "float32", r.task != "classify"))
+    ]
+
+
 def write_results(out: Path, rows: list[Row], runs: int) -> None:
-    total_s = sum({r.family: r.family_s or 0.0 for r in rows}.values())
+    total_s = sum({(r.family, r.dtype): r.family_s or 0.0 for r in rows}.values())
     meta = {
         "machine": machine(),
         "runs": runs,
