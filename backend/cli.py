@@ -83,10 +83,6 @@ def serve(
     import uvicorn
 
     from backend.errors import TandemError
-    from backend.models.starter import RECIPES, train_starter_model
-    from backend.models.yolo import YoloAdapter
-    from backend.server.app import create_app
-    from backend.serving import ModelHolder
     from backend.settings import Settings
 
     _logging(log_level)
@@ -97,6 +93,19 @@ def serve(
                                                                      and not _env_model() else None))
     except Exception as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if settings.vlm:  # before torch and ultralytics are imported: an unavailable checkpoint fails in under a second
+        from backend.models.vlm.source import resolve_source
+
+        try:
+            resolve_source(settings.vlm)
+        except TandemError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from exc
+
+    from backend.models.starter import RECIPES, train_starter_model
+    from backend.models.yolo import YoloAdapter
+    from backend.server.app import create_app
+    from backend.serving import ModelHolder
     if starter_task not in RECIPES:
         raise typer.BadParameter(f"--starter-task must be one of {', '.join(RECIPES)}")
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -104,13 +113,7 @@ def serve(
     vlm_holder = None
     if settings.vlm:
         from backend.models.vlm.loader import load_vlm
-        from backend.models.vlm.source import resolve_source
 
-        try:  # an unavailable checkpoint fails here, in well under a second; loading itself runs in the background
-            resolve_source(settings.vlm)
-        except TandemError as exc:
-            console.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(2) from exc
         options = {"threshold": vlm_threshold} if vlm_threshold is not None else {}
         vlm_holder = ModelHolder()
 

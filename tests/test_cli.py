@@ -40,6 +40,20 @@ def test_missing_weights_fail_at_start_with_a_clear_error(tmp_path):
     assert time.perf_counter() - t0 < 60  # two interpreter starts with torch imports, no network waits
 
 
+def test_an_unavailable_vlm_fails_at_start_in_seconds(tmp_path):
+    """The check runs before torch is imported: the whole command, interpreter start included, is quick."""
+    env = {**_env(tmp_path), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache")}
+    t0 = time.perf_counter()
+    proc = subprocess.run([*TANDEM, "serve", "--vlm", "google/owlv2-base-patch16-ensemble"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    took = time.perf_counter() - t0
+    assert proc.returncode == 2 and "HF_HUB_OFFLINE=1" in proc.stderr and "hf download" in proc.stderr
+    assert took < 10, took
+    proc = subprocess.run([*TANDEM, "serve", "--vlm", str(tmp_path / "no-such-folder")], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "no such model folder" in proc.stderr
+
+
 def test_serve_answers_label_studio_routes(tmp_path, detect_weights):
     port = free_port()
     proc = subprocess.Popen([*TANDEM, "serve", "--model", str(detect_weights), "--port", str(port)],
@@ -72,3 +86,28 @@ def test_failed_reload_keeps_serving_the_last_good_model(detect_adapter):
     assert holder.adapter is detect_adapter and holder.ready
     assert "truncated" in holder.error
     assert holder.wait(0.1) is detect_adapter
+
+
+def test_serve_with_a_vlm_beside_the_cnn(tmp_path, detect_weights, tiny_vlm):
+    """`tandem serve --model cnn.pt --vlm DIR`: the CNN pre-annotates, the VLM loads in the background."""
+    port = free_port()
+    proc = subprocess.Popen([*TANDEM, "serve", "--model", str(detect_weights), "--vlm", str(tiny_vlm("clip")),
+                             "--port", str(port)], env={**_env(tmp_path), "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        health: dict = {}
+        while not health.get("second_opinion"):
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else health
+            time.sleep(0.5)
+        assert health["pre_annotator"] == "cnn" and health["model_task"] == "detect"
+        assert health["second_opinion"].startswith("clip-")
+        versions = httpx.get(f"http://127.0.0.1:{port}/versions").json()["versions"]
+        assert set(versions) == {health["model_version"], health["second_opinion"]}
+    finally:
+        proc.terminate()
+        proc.wait(20)
