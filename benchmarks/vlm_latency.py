@@ -16,6 +16,9 @@ Random weights score every candidate box alike, which real models do not: with `
 zero-shot detectors' threshold is therefore calibrated, untimed, so that about `max_det` (100) boxes pass,
 as many as the adapter keeps.
 
+Results are merged into those already in --out: re-measuring some families (or one in another dtype)
+keeps the other rows.
+
     uv run python benchmarks/vlm_latency.py [--families clip owlv2 ...] [--runs 3] [--include-7b]
                                             [--out benchmarks/results] [--max-wait 900] [--dtype bf16]
 """

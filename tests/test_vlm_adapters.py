@@ -204,3 +204,12 @@ def test_one_prefill_scores_every_label_exactly_like_k_full_sequences(tiny_vlm, 
         assert cached is None
     else:
         np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["grounding_dino", "owlv2"])
+def test_a_detector_that_finds_nothing_returns_empty_detections(tiny_vlm, name):
+    """Grounding DINO returns text_labels [''] beside zero boxes when nothing passes the threshold."""
+    model = load_vlm(str(tiny_vlm(name)), device="cpu", threshold=1.01)
+    image, _, _ = scene()
+    (out,) = model.bind(ModelTask.DETECT, Vocabulary.from_labels(LABELS)).predict([image])
+    assert len(out.detections) == 0 and list(out.detections.data["class_name"]) == []

@@ -80,7 +80,11 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
 
 
 def pick_device(requested: str | None = None) -> tuple[str, "object"]:
-    """CUDA with bf16 where present, CPU with fp32 otherwise (bf16 matmuls on CPU are slower and lossy)."""
+    """CUDA with bf16 where present, CPU with fp32 otherwise.
+
+    fp32 is the safe CPU default (exact, and fast on any CPU). On CPUs with AVX512-BF16 or AMX, bf16 measured
+    2.2-2.6x faster for the 2-4 B models (benchmarks/results/vlm_latency.md); making it selectable is open.
+    """
     import torch
 
     device = requested or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -70,7 +70,8 @@ class ZeroShotDetector(OpenVocabularyModel):
                 xyxy = r["boxes"].float().cpu().numpy().reshape(-1, 4)
                 scores = r["scores"].float().cpu().numpy()
                 if self.grounding:  # decoded phrases ('' or 'cat dog' happen): map back onto the labels
-                    ids = [match_phrase(p, prompts) for p in r["text_labels"]]
+                    # with no box above the threshold, transformers still returns text_labels == ['']
+                    ids = [match_phrase(p, prompts) for p in r["text_labels"]][: len(xyxy)]
                 else:
                     ids = [int(i) for i in r["labels"].cpu().tolist()]
                 keep = np.array([i is not None for i in ids], dtype=bool)
