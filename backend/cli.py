@@ -89,8 +89,7 @@ def serve(
     try:
         settings = Settings.from_env(home=home, model=model, device=device, conf=conf, vlm=vlm,
                                      predict_budget_s=predict_budget,
-                                     pre_annotator=pre_annotator or ("vlm" if (vlm or _env_vlm()) and not model
-                                                                     and not _env_model() else None))
+                                     pre_annotator=pre_annotator or ("vlm" if vlm and not model else None))
     except Exception as exc:
         raise typer.BadParameter(str(exc)) from exc
     if settings.vlm:  # before torch and ultralytics are imported: an unavailable checkpoint fails in under a second
@@ -147,18 +146,6 @@ def serve(
         console.print("[yellow]LABEL_STUDIO_URL is not set:[/] images are fetched from the hostname Label Studio sends")
     app_ = create_app(settings, holder, vlm=vlm_holder)
     uvicorn.run(app_, host=host, port=port, log_level=log_level.lower())
-
-
-def _env_vlm() -> str | None:
-    import os
-
-    return os.environ.get("TANDEM_VLM") or None
-
-
-def _env_model() -> str | None:
-    import os
-
-    return os.environ.get("TANDEM_MODEL") or None
 
 
 @app.command()

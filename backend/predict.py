@@ -45,6 +45,11 @@ def describe(adapter: ModelAdapter | OpenVocabularyModel) -> str:
     return "+".join(sorted(t.value for t in served_tasks(adapter)))
 
 
+def registry_task(adapter: ModelAdapter | OpenVocabularyModel) -> str:
+    """The registry's task column; "vlm:" keeps VLM versions apart from the CNN's (`ModelVersion.kind`)."""
+    return ("vlm:" if isinstance(adapter, OpenVocabularyModel) else "") + describe(adapter)
+
+
 @dataclass(frozen=True)
 class PlannedControl:
     control: ControlSpec

@@ -51,6 +51,8 @@ class StoredPrediction:
 class PredictionStore(SqliteDb):
     def __init__(self, db_path: Path) -> None:
         super().__init__(db_path, _SCHEMA)
+        # /predict writes here on every call: a cache may lose its last rows on power loss, not fsync each one
+        self._conn.execute("PRAGMA synchronous=NORMAL")
 
     def get_many(self, keys: Sequence[tuple[int, str, str]]) -> dict[tuple[int, str, str], dict[str, Any]]:
         """(task_id, version, fingerprint) -> stored item, for the keys that exist."""

@@ -33,8 +33,6 @@ class DeferredPredictions:
         self._lock = threading.Lock()
         self._idle = threading.Event()
         self._idle.set()
-        self.completed = 0
-        self.failed = 0
         self._thread = threading.Thread(target=self._run, name="tandem-deferred", daemon=True)
         self._thread.start()
 
@@ -60,9 +58,7 @@ class DeferredPredictions:
         while (job := self._queue.get()) is not None:
             try:
                 job.predictor.predict(job.tasks, job.plan, project_id=job.project_id, role=job.role)
-                self.completed += len(job.tasks)
             except Exception:  # noqa: BLE001 - a crashed batch must not stop the worker
-                self.failed += len(job.tasks)
                 log.exception("deferred predictions for %d tasks (%s) failed", len(job.tasks), job.plan.version)
             finally:
                 with self._lock:

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from backend.models.vlm.base import chunks
 from backend.models.vlm.generative import GenerativeVlm
+from backend.training.vlm_examples import Example
 
 LLM_LINEAR = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 TARGET_MODULES = {
@@ -33,20 +35,12 @@ TARGET_MODULES = {
 DEFAULTS = {"epochs": 3, "batch": 4, "lr": 2e-4, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "seed": 0}
 BASE_FILE = "tandem_base.json"  # which checkpoint (hub id, folder or parent adapter) the adapter applies to
 
-Example = tuple
-
-
-def _batches(examples: Sequence[Example], size: int):
-    for start in range(0, len(examples), size):
-        yield examples[start : start + size]
-
-
 @torch.no_grad()
 def mean_loss(vlm: GenerativeVlm, examples: Sequence[Example], batch: int) -> float:
     """Token-weighted loss of the answers: the number the promotion gate compares."""
     vlm.model.eval()
     total = tokens = 0.0
-    for part in _batches(examples, batch):
+    for part in chunks(examples, batch):
         inputs = vlm._to_device(vlm.teacher_forced(list(part)))
         n = float((inputs["labels"] != -100).sum())
         total += float(vlm.model(**inputs).loss) * n
@@ -86,7 +80,7 @@ def lora_fine_tune(
         random.shuffle(order)
         vlm.model.train()
         losses = []
-        for step, part in enumerate(_batches(order, int(p["batch"])), start=1):
+        for step, part in enumerate(chunks(order, int(p["batch"])), start=1):
             loss = vlm.model(**vlm._to_device(vlm.teacher_forced(list(part)))).loss
             loss.backward()
             optimizer.step()

@@ -114,6 +114,7 @@ def run_vlm(job, settings: Settings, store: JobStore, registry: Registry, work: 
     """LoRA on the serving VLM (or TANDEM_VLM): promoted when its answers' loss on the frozen split is not worse."""
     from backend.models.vlm.generative import GenerativeVlm
     from backend.models.vlm.loader import load_vlm
+    from backend.predict import registry_task
     from backend.training.vlm_examples import examples_from_tasks
     from backend.training.vlm_lora import DEFAULTS as LORA_DEFAULTS
     from backend.training.vlm_lora import lora_fine_tune, mean_loss
@@ -147,8 +148,7 @@ def run_vlm(job, settings: Settings, store: JobStore, registry: Registry, work: 
     before = result["val_loss_before"]
     metrics = {"candidate": {"val_loss": after}, "serving": {"val_loss": before}, "serving_version": base,
                "dataset": data.snapshot, "train": len(data.train), "val": len(data.val), "lora": result}
-    task = "vlm:" + "+".join(sorted(t.value for t in candidate.tasks))
-    registry.add_candidate(candidate.version, stem, task, str(target), serving.version if serving else None,
+    registry.add_candidate(candidate.version, stem, registry_task(candidate), str(target), serving.version if serving else None,
                            data.snapshot, metrics)
     promote = after <= before + params["margin"]
     registry.set_status(candidate.version, "promoted" if promote else "rejected")

@@ -39,6 +39,12 @@ class Vocabulary:
             raise ValueError("a vocabulary needs one prompt per label and at least one label")
 
 
+def chunks(items: Sequence, size: int):
+    """Consecutive slices of at most `size` items."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 def make_detections(xyxy, confidence, class_ids, names: Sequence[str]) -> sv.Detections:
     """Detections with `data["class_name"]` always present, also when empty (the result writers read it)."""
     class_ids = np.asarray(class_ids, dtype=int).reshape(-1)
@@ -79,6 +85,13 @@ class OpenVocabularyModel(ABC):
     @property
     def model_type(self) -> str:
         return self.model.config.model_type
+
+    def _to_device(self, batch) -> dict:
+        """A processor's output on the model's device; floating tensors (pixels) in the model's dtype."""
+        import torch
+
+        return {k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def bind(self, task: ModelTask, vocabulary: Vocabulary) -> BoundModel:
         if task not in self.tasks:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from backend.models.base import ModelOutput, ModelTask
-from backend.models.vlm.base import OpenVocabularyModel, Vocabulary, make_detections
+from backend.models.vlm.base import OpenVocabularyModel, Vocabulary, chunks, make_detections
 from backend.models.vlm.grounding import (
     GroundedBox,
     format_boxes,
@@ -104,12 +104,7 @@ class GenerativeVlm(OpenVocabularyModel):
 
     def _encode(self, texts: list[str], images: list[Image.Image], **kwargs):
         imgs = [[im] for im in images] if self.style.nested_images else images
-        batch = self.processor(text=texts, images=imgs, return_tensors="pt", padding="longest", **kwargs)
-        return batch
-
-    def _to_device(self, batch) -> dict:
-        return {k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device))
-                for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        return self.processor(text=texts, images=imgs, return_tensors="pt", padding="longest", **kwargs)
 
     # ---------------------------------------------------------------- questions and teacher forcing
     def question(self, task: ModelTask, vocabulary: Vocabulary) -> str:
@@ -170,8 +165,7 @@ class GenerativeVlm(OpenVocabularyModel):
             if cached is not None:
                 return cached
         parts = []
-        for start in range(0, len(prompts), self.max_sequences):
-            answers = list(prompts[start : start + self.max_sequences])
+        for answers in chunks(list(prompts), self.max_sequences):
             batch = self._to_device(self.teacher_forced([(image, question, a) for a in answers]))
             labels = batch.pop("labels")
             if self.encoder_decoder:
@@ -254,8 +248,7 @@ class GenerativeVlm(OpenVocabularyModel):
         prompt = self.prompt(self.question(ModelTask.DETECT, vocabulary))
         self.tokenizer.padding_side = "left"  # batched generation continues from the right edge
         out = []
-        for start in range(0, len(images), self.max_sequences):
-            chunk = images[start : start + self.max_sequences]
+        for chunk in chunks(images, self.max_sequences):
             batch = self._encode([prompt] * len(chunk), chunk)
             inputs = self._to_device(batch)
             inputs.pop("labels", None)  # PaliGemma's processor always adds them

@@ -12,16 +12,11 @@ import torch
 from PIL import Image
 
 from backend.models.base import ModelOutput, ModelTask
-from backend.models.vlm.base import OpenVocabularyModel, Vocabulary, make_detections
+from backend.models.vlm.base import OpenVocabularyModel, Vocabulary, chunks, make_detections
 from backend.models.vlm.grounding import match_phrase
 
 DETECTOR_TYPES = {"owlv2", "owlvit", "grounding-dino", "mm-grounding-dino"}
 SIGMOID_TYPES = {"siglip", "siglip2"}
-
-
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _detections(xyxy: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, names: tuple[str, ...],
@@ -53,11 +48,10 @@ class ZeroShotDetector(OpenVocabularyModel):
     def _predict(self, images: list[Image.Image], task: ModelTask, vocabulary: Vocabulary) -> list[ModelOutput]:
         prompts = list(vocabulary.prompts)
         out: list[ModelOutput] = []
-        for chunk in _chunks(images, self.batch_size):
+        for chunk in chunks(images, self.batch_size):
             sizes = [(im.height, im.width) for im in chunk]
             texts = [prompts] * len(chunk)
-            inputs = self.processor(images=chunk, text=texts, return_tensors="pt").to(self.device)
-            inputs = {k: (v.to(self.model.dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+            inputs = self._to_device(self.processor(images=chunk, text=texts, return_tensors="pt"))
             outputs = self.model(**inputs)
             if self.grounding:
                 results = self.processor.post_process_grounded_object_detection(
@@ -103,10 +97,9 @@ class ZeroShotClassifier(OpenVocabularyModel):
         # SigLIP was trained on text padded to 64 tokens; other lengths shift its logits
         pad = dict(padding="max_length", max_length=64) if self.sigmoid else dict(padding=True)
         out: list[ModelOutput] = []
-        for chunk in _chunks(images, self.batch_size):
-            inputs = self.processor(text=texts, images=chunk, return_tensors="pt", truncation=True, **pad)
-            inputs = {k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device))
-                      for k, v in inputs.items()}
+        for chunk in chunks(images, self.batch_size):
+            inputs = self._to_device(self.processor(text=texts, images=chunk, return_tensors="pt", truncation=True,
+                                                    **pad))
             logits = self.model(**inputs).logits_per_image.float()
             probs = torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float64)
             out.extend(ModelOutput(probabilities=p / p.sum()) for p in probs)
