@@ -20,9 +20,20 @@ class ModelHolder:
     def __init__(self, adapter: ModelAdapter | None = None) -> None:
         self._adapter = adapter
         self._ready = threading.Event()
+        self._listeners: list[Callable[[ModelAdapter], None]] = []
+        self._swap_lock = threading.Lock()
         self.error: str | None = None
         if adapter is not None:
             self._ready.set()
+
+    def subscribe(self, listener: Callable[[ModelAdapter], None]) -> None:
+        """Call `listener` with every adapter this holder serves: the current one now, each later one on swap
+        (a model still loading in the background when the server starts is not missed)."""
+        with self._swap_lock:
+            self._listeners.append(listener)
+            current = self._adapter
+        if current is not None:
+            listener(current)
 
     @property
     def adapter(self) -> ModelAdapter | None:
@@ -32,7 +43,7 @@ class ModelHolder:
     def ready(self) -> bool:
         return self._adapter is not None
 
-    def load_in_background(self, loader: Callable[[], ModelAdapter], on_loaded=None) -> threading.Thread:
+    def load_in_background(self, loader: Callable[[], ModelAdapter]) -> threading.Thread:
         def run() -> None:
             try:
                 adapter = loader()
@@ -43,9 +54,7 @@ class ModelHolder:
                 self.error = f"{type(exc).__name__}: {exc}"
                 log.exception("model load crashed")
             else:
-                self.swap(adapter)
-                if on_loaded:
-                    on_loaded(adapter)
+                self.swap(adapter)  # subscribers (the registry) hear of it
             finally:
                 self._ready.set()
 
@@ -55,8 +64,15 @@ class ModelHolder:
 
     def swap(self, adapter: ModelAdapter) -> None:
         """Atomic: in-flight requests keep the adapter they already took."""
-        self._adapter = adapter
-        self.error = None
+        with self._swap_lock:
+            self._adapter = adapter
+            self.error = None
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(adapter)
+            except Exception:  # noqa: BLE001 - a failing listener must not undo the swap
+                log.exception("listener of %s failed", adapter.version)
 
     def wait(self, timeout: float) -> ModelAdapter:
         self._ready.wait(timeout)

@@ -21,9 +21,8 @@ from backend.errors import ConfigError, TandemError
 from backend.labelstudio.version_sync import SyncRequest, VersionSync
 from backend.media.fetch import MediaFetcher
 from backend.models.base import ModelAdapter
-from backend.models.vlm.base import OpenVocabularyModel
 from backend.prediction_store import PredictionStore
-from backend.predict import Predictor, describe, plan_for
+from backend.predict import Predictor, describe, plan_for, registry_task
 from backend.registry import Registry
 from backend.server.deferred import DeferredPredictions
 from backend.server.metrics import Metrics, MetricsMiddleware
@@ -77,6 +76,14 @@ def _auth_dependency(settings: Settings):
     return check
 
 
+def _merged(base: dict[str, str], extra: Any, key: str) -> dict[str, str]:
+    """A setting from the environment, overridden per project by the backend's extra_params[key]."""
+    merged = dict(base)
+    if isinstance(extra, dict) and isinstance(extra.get(key), dict):
+        merged.update({str(k): str(v) for k, v in extra[key].items()})
+    return merged
+
+
 def create_app(
     settings: Settings,
     holder: ModelHolder,
@@ -97,10 +104,10 @@ def create_app(
     fallback: dict[tuple[str, str], Predictor] = {}  # (hostname, token) from /setup -> its own fetcher
     sync = VersionSync(registry)
     predictor = Predictor(fetcher, store=store)
-    holders = {"cnn": holder, "vlm": vlm or ModelHolder()}
     if settings.pre_annotator == "vlm" and vlm is None:
         raise ConfigError("TANDEM_PRE_ANNOTATOR=vlm needs a VLM (tandem serve --vlm ID_OR_PATH)")
-    lead, other = (holders["cnn"], holders["vlm"]) if settings.pre_annotator == "cnn" else (holders["vlm"], holders["cnn"])
+    vlm = vlm or ModelHolder()
+    lead, other = (holder, vlm) if settings.pre_annotator == "cnn" else (vlm, holder)
     setups: dict[int, tuple[str | None, str | None]] = {}  # project -> (hostname, legacy token) from /setup
     label_maps: dict[int, dict[str, str]] = {}  # project -> label_map from the backend's extra_params
     prompt_maps: dict[int, dict[str, str]] = {}  # project -> VLM prompts from the backend's extra_params
@@ -131,7 +138,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings, app.state.holder, app.state.registry, app.state.sync = settings, holder, registry, sync
-    app.state.store, app.state.deferred, app.state.vlm = store, deferred, holders["vlm"]
+    app.state.store, app.state.deferred, app.state.vlm = store, deferred, vlm
     metrics = Metrics()
     app.state.metrics = metrics
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -166,16 +173,11 @@ def create_app(
 
     def on_loaded(adapter: ModelAdapter) -> None:
         path = getattr(adapter, "path", None) or getattr(adapter, "source", "")
-        task = ("vlm:" if isinstance(adapter, OpenVocabularyModel) else "") + describe(adapter)
-        registry.record_served(adapter.version, adapter.name, task, str(path))
+        registry.record_served(adapter.version, adapter.name, registry_task(adapter), str(path))
 
-    app.state.on_loaded = on_loaded
     app.state.training = training
-    for loaded in (holder.adapter, holders["vlm"].adapter):
-        if loaded is not None:
-            on_loaded(loaded)
-    if training:
-        training.on_loaded = on_loaded
+    for served in (holder, vlm):  # every version served, also one that finishes loading later, is registered
+        served.subscribe(on_loaded)
 
     @app.get("/", response_model=HealthResponse, include_in_schema=False)
     @app.get("/health", response_model=HealthResponse)
@@ -214,16 +216,10 @@ def create_app(
 
     def _prompts(extra: Any) -> dict[str, str]:
         """Per-label VLM prompts: TANDEM_VLM_PROMPTS, then the backend's extra_params {"prompts": {...}}."""
-        merged = dict(settings.vlm_prompts)
-        if isinstance(extra, dict) and isinstance(extra.get("prompts"), dict):
-            merged.update({str(k): str(v) for k, v in extra["prompts"].items()})
-        return merged
+        return _merged(settings.vlm_prompts, extra, "prompts")
 
     def _label_map(extra: Any) -> dict[str, str]:
-        merged = dict(settings.label_map)
-        if isinstance(extra, dict) and isinstance(extra.get("label_map"), dict):
-            merged.update({str(k): str(v) for k, v in extra["label_map"].items()})
-        return merged
+        return _merged(settings.label_map, extra, "label_map")
 
     @app.post("/predict", response_model=PredictResponse)
     async def predict(body: PredictRequest) -> PredictResponse:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -144,7 +143,7 @@ class TrainingService:
                 continue
             log.info("serving %s (was %s)", target.version, current.version if current else None)
             loader = self._vlm_loader if kind == "vlm" else (self._loader or self._default_loader)
-            started = holder.load_in_background(lambda t=target, f=loader: f(t.path), on_loaded=self._on_loaded)
+            started = holder.load_in_background(lambda t=target, f=loader: f(t.path))
         return started
 
     def _vlm_loader(self, path: str):
@@ -157,11 +156,6 @@ class TrainingService:
 
         return YoloAdapter(path, device=self.settings.device, conf=self.settings.conf)
 
-    on_loaded: Callable | None = None
-
-    def _on_loaded(self, adapter) -> None:
-        if self.on_loaded:
-            self.on_loaded(adapter)
 
     def close(self) -> None:
         self._stop.set()
