@@ -34,6 +34,7 @@ from active_learning.scoring import score_outputs  # noqa: E402
 from active_learning.selection import SelectionConfig, Strategy, select  # noqa: E402
 from backend.models.base import ModelOutput  # noqa: E402
 from backend.models.yolo import YoloAdapter  # noqa: E402
+from backend.training.yolo_finetune import trainer_without_validation  # noqa: E402
 from benchmarks.digits_data import DigitSample, classification_set, detection_set  # noqa: E402
 
 STRATEGIES = [Strategy.RANDOM, Strategy.UNCERTAINTY, Strategy.DISAGREEMENT, Strategy.HYBRID]
@@ -76,7 +77,7 @@ def train(task: str, data: str, init: str, epochs: int, imgsz: int, seed: int, w
     from ultralytics import YOLO
 
     model = YOLO(init)
-    model.train(data=data, epochs=epochs, imgsz=imgsz, batch=16, workers=0, device="cpu", seed=seed, val=False,
+    model.train(trainer=trainer_without_validation(task), data=data, epochs=epochs, imgsz=imgsz, batch=16, workers=0, device="cpu", seed=seed, val=False,
                 plots=False, verbose=False, project=str(work), name="run", exist_ok=True, warmup_epochs=0,
                 optimizer="AdamW", lr0=0.002, close_mosaic=0, mosaic=0.5 if task == "detect" else 0.0,
                 fliplr=0.0, erasing=0.0)  # a mirrored digit is not the same digit
@@ -102,7 +103,7 @@ def second_opinion(task, samples, labeled, pool, args, prev_b, work, seed):
         probs = np.zeros((len(pool), 10))
         probs[:, clf.classes_] = clf.predict_proba(np.stack([samples[i].pixels for i in pool]))
         return [ModelOutput(probabilities=p) for p in probs], NAMES, None
-    data = dataset(samples, labeled, [], work / "data_b", task)
+    data = dataset(samples, labeled, labeled[:8], work / "data_b", task)  # ultralytics wants a val folder
     weights = train(task, data, prev_b or "yolov8n.yaml", max(2, args.epochs // 2), args.imgsz - 32, seed + 1000,
                     work / "b")
     adapter = YoloAdapter(weights, device="cpu", conf=0.05, imgsz=args.imgsz - 32)

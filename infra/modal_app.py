@@ -2,9 +2,10 @@
 
     modal deploy infra/modal_app.py      # once, and again when the training code changes
 
-The backend then uploads each job's dataset and parent weights to the Volume, spawns `train_yolo`,
-polls the call, and downloads the new weights (infra/modal_runner.py). The training code is the same
-`backend.training.yolo_finetune.fine_tune` the local worker runs.
+The backend then uploads each job's dataset and parent weights to the Volume, spawns `train_yolo` (or
+`train_vlm_lora`), polls the call, and downloads the new weights or adapter (infra/modal_runner.py). The
+training code is the same the local worker runs: `backend.training.yolo_finetune.fine_tune` and
+`backend.training.vlm_lora.lora_fine_tune`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import modal
 
 APP_NAME = "tandem-train"
 FUNCTION_NAME = "train_yolo"
+VLM_FUNCTION_NAME = "train_vlm_lora"
 VOLUME_NAME = "tandem-data"
 MOUNT = "/vol"
 
@@ -37,6 +39,18 @@ image = (
     .uv_pip_install(*(_pin(p) for p in ("ultralytics", "torch", "torchvision", "numpy", "pillow")))
     .env({"YOLO_CONFIG_DIR": "/tmp/Ultralytics", "YOLO_AUTOINSTALL": "False", "PYTHONUNBUFFERED": "1"})
     .add_local_python_source("backend")  # mounted at start; must stay the last step
+)
+
+
+# What `backend.training.vlm_lora` and the VLM loader import, at the versions this project locks.
+VLM_PACKAGES = ("torch", "torchvision", "transformers", "peft", "tokenizers", "safetensors", "huggingface-hub",
+                "sentencepiece", "supervision", "label-studio-sdk", "httpx", "pydantic", "numpy", "pillow", "scipy")
+vlm_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .apt_install("libgl1", "libglib2.0-0")
+    .uv_pip_install(*(_pin(p) for p in VLM_PACKAGES))
+    .env({"HF_HOME": f"{MOUNT}/hf", "PYTHONUNBUFFERED": "1"})  # hub downloads persist on the Volume
+    .add_local_python_source("backend")
 )
 
 
@@ -74,3 +88,61 @@ def train_yolo(dataset_path: str, parent_path: str, run_name: str, params: dict)
     if remote:
         volume.commit()  # before returning: the exit-time commit can land after the caller reads
     return summary
+
+
+def materialize_base(chain: list[dict], root: str) -> str:
+    """The VLM to load, from the bottom of its chain up: a hub id or an uploaded folder, then each uploaded
+    LoRA adapter re-pointed at the copy below it (its tandem_base.json names a path on the server)."""
+    import json
+
+    source = ""
+    for link in chain:
+        if "hub" in link:
+            source = link["hub"]
+            continue
+        folder = posixpath.join(root, link["vol"])
+        marker = posixpath.join(folder, "tandem_base.json")
+        if os.path.exists(marker):
+            with open(marker) as fh:
+                meta = json.load(fh)
+            with open(marker, "w") as fh:
+                json.dump({**meta, "base": source}, fh)
+        source = folder
+    return source
+
+
+@app.function(
+    image=vlm_image,
+    gpu="H100",
+    volumes={MOUNT: volume},
+    timeout=4 * 60 * 60,
+    retries=modal.Retries(max_retries=1, initial_delay=30.0),
+    single_use_containers=True,
+    cpu=8.0,
+    memory=64 * 1024,
+)
+def train_vlm_lora(annotations_path: str, chain: list[dict], base_source: str, run_name: str, params: dict,
+                   prompts: dict | None = None) -> dict:
+    """LoRA on corrected labels; the adapter lands in runs/<run_name>/adapter on the Volume (`adapter_vol`)."""
+    from pathlib import Path
+
+    from backend.models.vlm.generative import GenerativeVlm
+    from backend.models.vlm.loader import load_vlm
+    from backend.training.vlm_examples import AnnotatedSet, to_examples
+    from backend.training.vlm_lora import lora_fine_tune
+
+    remote = not modal.is_local()
+    root = volume_root()
+    if remote:
+        volume.reload()
+    vlm = load_vlm(materialize_base(chain, root), device="cuda" if remote else "cpu")
+    if not isinstance(vlm, GenerativeVlm):
+        raise ValueError(f"{vlm.name} is a {vlm.family}; LoRA fine-tuning applies to generative VLMs")
+    data = to_examples(AnnotatedSet.load(Path(root) / annotations_path), vlm, prompts)
+    out = posixpath.join(root, "runs", run_name, "adapter")
+    result = lora_fine_tune(vlm, data.train, data.val, Path(out), base_source=base_source, params=params)
+    result.update(adapter_vol=posixpath.relpath(out, root), train=len(data.train), val=len(data.val),
+                  snapshot=data.snapshot)
+    if remote:
+        volume.commit()
+    return result

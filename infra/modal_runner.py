@@ -7,6 +7,7 @@ with unreachable servers it retries for about a minute.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from backend.training.jobs import Job, JobStore
 
 APP_NAME = "tandem-train"
 FUNCTION_NAME = "train_yolo"
+VLM_FUNCTION_NAME = "train_vlm_lora"
+ADAPTER_BASE_FILE = "tandem_base.json"
 VOLUME_NAME = "tandem-data"
 
 
@@ -39,6 +42,16 @@ def require_modal_credentials() -> None:
         "Modal credentials are missing: run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET), "
         "then `modal deploy infra/modal_app.py`; or use --runner local"
     )
+
+
+def _wait(call, poll_s: float) -> dict:
+    import modal
+
+    while True:
+        try:
+            return modal.FunctionCall.from_id(call.object_id).get(timeout=0)
+        except TimeoutError:  # the builtin one: still running
+            time.sleep(poll_s)
 
 
 def train_on_modal(
@@ -67,15 +80,68 @@ def train_on_modal(
     if store is not None:
         store.update(job.id, remote_id=call.object_id)
     log(f"spawned {APP_NAME}.{FUNCTION_NAME} on an H100: call {call.object_id}")
-    while True:
-        try:
-            summary = modal.FunctionCall.from_id(call.object_id).get(timeout=0)
-            break
-        except TimeoutError:  # the builtin one: still running
-            time.sleep(poll_s)
+    summary = _wait(call, poll_s)
     log(f"trained in {summary['seconds']:.0f} s on Modal; downloading {summary['weights_vol']}")
     target = work / "modal_last.pt"
     with open(target, "wb") as fh:
         for chunk in volume.read_file(summary["weights_vol"]):
             fh.write(chunk)
     return target
+
+
+def base_chain(source: str) -> list[str | Path]:
+    """Bottom first: a hub id (str) or a checkpoint folder (Path), then each Tandem LoRA adapter on top."""
+    adapters: list[str | Path] = []
+    while (Path(source) / ADAPTER_BASE_FILE).is_file():
+        adapters.insert(0, Path(source))
+        source = json.loads((Path(source) / ADAPTER_BASE_FILE).read_text())["base"]
+    bottom = Path(source).expanduser()
+    return [bottom if bottom.is_dir() else source, *adapters]
+
+
+def train_vlm_on_modal(
+    job: Job,
+    base: str,
+    annotations: Path,
+    target: Path,
+    params: dict,
+    prompts: dict | None,
+    log: Callable[[str], None],
+    store: JobStore | None = None,
+    poll_s: float = 10.0,
+) -> dict:
+    """Upload the corrected labels (and any local base folders), LoRA on an H100, download the adapter."""
+    require_modal_credentials()
+    import modal
+
+    volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
+    prefix = f"jobs/{job.id}"
+    chain = []
+    with volume.batch_upload(force=True) as upload:
+        upload.put_directory(str(annotations), f"/{prefix}/vlm-data")
+        for k, link in enumerate(base_chain(base)):
+            if isinstance(link, str):
+                chain.append({"hub": link})
+                continue
+            upload.put_directory(str(link), f"/{prefix}/vlm-base/{k}")
+            chain.append({"vol": f"{prefix}/vlm-base/{k}"})
+    log(f"uploaded the corrected labels and {sum('vol' in c for c in chain)} base folder(s) to Volume {VOLUME_NAME}")
+    function = modal.Function.from_name(APP_NAME, VLM_FUNCTION_NAME)
+    call = function.spawn(annotations_path=f"{prefix}/vlm-data", chain=chain, base_source=base,
+                          run_name=f"job{job.id}", params=params, prompts=prompts)
+    if store is not None:
+        store.update(job.id, remote_id=call.object_id)
+    log(f"spawned {APP_NAME}.{VLM_FUNCTION_NAME} on an H100: call {call.object_id}")
+    result = _wait(call, poll_s)
+    log(f"LoRA trained in {result['seconds']:.0f} s on Modal; validation loss {result['val_loss_before']:.4f} -> "
+        f"{result['val_loss_after']:.4f}; downloading {result['adapter_vol']}")
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in volume.listdir(result["adapter_vol"], recursive=True):
+        if entry.type != modal.volume.FileEntryType.FILE:
+            continue
+        local = target / Path(entry.path.lstrip("/")).relative_to(result["adapter_vol"])
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with open(local, "wb") as fh:
+            for chunk in volume.read_file(entry.path):
+                fh.write(chunk)
+    return result

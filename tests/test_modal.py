@@ -3,6 +3,7 @@ runs against Modal's classes patched at their boundary (Volume, Function.from_na
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from contextlib import contextmanager
@@ -49,7 +50,8 @@ def test_app_defines_offline(no_network):
     import infra.modal_app as m
 
     assert m.app.name == "tandem-train"
-    assert isinstance(m.train_yolo, modal.Function) and isinstance(m.volume, modal.Volume)
+    assert isinstance(m.train_yolo, modal.Function) and isinstance(m.train_vlm_lora, modal.Function)
+    assert isinstance(m.volume, modal.Volume) and isinstance(m.vlm_image, modal.Image)
     assert isinstance(m.image, modal.Image)
     assert no_network == []
 
@@ -91,6 +93,13 @@ class FakeVolume:
                 shutil.copyfile(local, vol.root / remote.lstrip("/"))
 
         yield Batch()
+
+    def listdir(self, path, recursive=False):
+        from modal.volume import FileEntry, FileEntryType
+
+        found = (self.root / path).rglob("*") if recursive else (self.root / path).iterdir()
+        return [FileEntry(path=str(f.relative_to(self.root)), mtime=0, size=0,
+                          type=FileEntryType.FILE if f.is_file() else FileEntryType.DIRECTORY) for f in found]
 
     def read_file(self, path):
         data = (self.root / path).read_bytes()
@@ -155,3 +164,95 @@ def test_missing_credentials_are_a_clear_error_before_any_call(tmp_path, no_cred
     r = client.post("/train", json={"project": 1, "runner": "modal"})
     assert r.status_code == 400 and "Modal credentials are missing" in r.json()["detail"]
     assert app.state.training.store.list() == []  # no job was created
+
+
+def _annotated(tmp_path) -> "Path":
+    from backend.media.fetch import MediaFetcher, MediaSettings
+    from backend.training.vlm_examples import collect_annotations
+    from tests.test_vlm_lora import CONFIG, annotated_tasks
+
+    (tmp_path / "media").mkdir()
+    tasks = annotated_tasks(tmp_path / "media", n=6)
+    fetcher = MediaFetcher(MediaSettings(local_files_root=tmp_path / "media"))
+    return collect_annotations(tasks, CONFIG, project_id=5, fetcher=fetcher, val_percent=50)
+
+
+LORA = {"epochs": 2, "lr": 1e-2, "batch": 4, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+
+
+def test_vlm_lora_body_runs_locally(tmp_path, monkeypatch, tiny_vlm):
+    import infra.modal_app as m
+    from backend.models.vlm.loader import load_vlm
+
+    base = tiny_vlm("qwen2_5_vl")
+    vol = tmp_path / "volume"
+    monkeypatch.setenv("TANDEM_MODAL_VOLUME_ROOT", str(vol))
+    annotated = _annotated(tmp_path)
+    annotated.save(vol / "jobs/1/vlm-data")
+    shutil.copytree(base, vol / "jobs/1/vlm-base/0")
+    result = m.train_vlm_lora.local(annotations_path="jobs/1/vlm-data", chain=[{"vol": "jobs/1/vlm-base/0"}],
+                                    base_source=str(base), run_name="job1", params=LORA)
+    assert result["adapter_vol"] == "runs/job1/adapter" and result["snapshot"] == annotated.snapshot
+    n_val = sum(i.validation for i in annotated.items)
+    assert result["val"] == n_val and result["train"] == len(annotated.items) - n_val  # one example per control
+    assert result["val_loss_after"] < result["val_loss_before"]
+    adapter = vol / result["adapter_vol"]
+    assert json.loads((adapter / "tandem_base.json").read_text())["base"] == str(base)  # the server's path
+    assert load_vlm(str(adapter), device="cpu").version.startswith("adapter-")
+
+
+def test_vlm_client_path_uploads_the_adapter_chain_and_downloads_the_new_adapter(tmp_path, monkeypatch, tiny_vlm):
+    """A LoRA version stacked on a local base: both folders go up, the container re-points the copy, and the
+    downloaded adapter loads here on the server's own paths."""
+    import infra.modal_app as app_module
+    from backend.models.vlm.loader import load_vlm
+    from backend.training.vlm_examples import to_examples
+    from backend.training.vlm_lora import lora_fine_tune
+    from infra.modal_runner import train_vlm_on_modal
+
+    base = str(tiny_vlm("qwen2_5_vl"))
+    annotated = _annotated(tmp_path)
+    vlm = load_vlm(base, device="cpu")
+    data = to_examples(annotated, vlm)
+    parent = tmp_path / "models" / "p5-job1-lora"
+    lora_fine_tune(vlm, data.train, data.val, parent, base_source=base, params={**LORA, "epochs": 1}, log=lambda _: None)
+
+    vol = tmp_path / "volume"
+    vol.mkdir()
+    for var, value in (("MODAL_TOKEN_ID", "ak-test"), ("MODAL_TOKEN_SECRET", "as-test"),
+                       ("TANDEM_MODAL_VOLUME_ROOT", str(vol))):
+        monkeypatch.setenv(var, value)
+    calls = {}
+
+    class FakeCall:
+        object_id = "fc-vlm-1"
+
+        def get(self, timeout=None):
+            return calls["result"]
+
+    class FakeFunction:
+        def spawn(self, **kwargs):
+            calls["kwargs"] = kwargs
+            calls["result"] = app_module.train_vlm_lora.local(**kwargs)
+            return FakeCall()
+
+    monkeypatch.setattr(modal.Volume, "from_name", staticmethod(lambda name, **kw: FakeVolume(vol)))
+    monkeypatch.setattr(modal.Function, "from_name", staticmethod(lambda app, fn, **kw: calls.setdefault("fn", fn)
+                                                                  and FakeFunction()))
+    monkeypatch.setattr(modal.FunctionCall, "from_id", staticmethod(lambda object_id, **kw: FakeCall()))
+    store = JobStore(tmp_path / "db.sqlite3")
+    job = store.create(5, "vlm", "modal", "test")
+    target = tmp_path / "models" / "p5-job2-lora"
+    lines = []
+    result = train_vlm_on_modal(job, str(parent), annotated.save(tmp_path / "up"), target, LORA, None, lines.append,
+                                store=store, poll_s=0.01)
+    assert calls["fn"] == "train_vlm_lora"
+    assert calls["kwargs"]["chain"] == [{"vol": f"jobs/{job.id}/vlm-base/0"}, {"vol": f"jobs/{job.id}/vlm-base/1"}]
+    uploaded_parent = json.loads((vol / f"jobs/{job.id}/vlm-base/1/tandem_base.json").read_text())
+    assert uploaded_parent["base"] == str(vol / f"jobs/{job.id}/vlm-base/0")  # re-pointed in the container
+    assert json.loads((parent / "tandem_base.json").read_text())["base"] == base  # the local parent is untouched
+    assert json.loads((target / "tandem_base.json").read_text())["base"] == str(parent)
+    assert store.get(job.id).remote_id == "fc-vlm-1"
+    assert result["val_loss_after"] < result["val_loss_before"]
+    assert load_vlm(str(target), device="cpu").name == "p5-job2-lora"
+    assert any("spawned tandem-train.train_vlm_lora" in line for line in lines)

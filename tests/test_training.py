@@ -105,3 +105,30 @@ def test_corrupt_promoted_weights_are_never_served(tmp_path, detect_adapter, det
     listing = subprocess.run([sys.executable, "-m", "backend.cli", "models", "list"], capture_output=True, text=True,
                              env=env, timeout=120).stdout
     assert "bad-v2" in listing and detect_adapter.version in listing
+
+
+def test_fine_tune_skips_ultralytics_own_validation(tmp_path, detect_weights):
+    """With val=False ultralytics still validates twice (last epoch, then best.pt); the promotion gate
+    scores the candidate itself, so the fine-tune trainer runs no validation and its weights still load."""
+    from ultralytics import YOLO
+
+    from backend.datasets.shapes import write_yolo_dataset
+    from backend.models.yolo import YoloAdapter
+    from backend.training.yolo_finetune import trainer_without_validation
+
+    data = str(write_yolo_dataset(tmp_path / "data", train=8, val=4, seed=3))
+    args = dict(data=data, epochs=1, imgsz=64, batch=8, workers=0, device="cpu", val=False, plots=False,
+                verbose=False, exist_ok=True)
+    counts = {}
+    for name, trainer in (("plain", None), ("tandem", trainer_without_validation("detect"))):
+        model, calls = YOLO(str(detect_weights)), []
+        model.add_callback("on_val_start", lambda v, calls=calls: calls.append(1))
+        model.train(trainer=trainer, project=str(tmp_path / name), name="train", **args)
+        counts[name] = len(calls)
+    assert counts == {"plain": 2, "tandem": 0}
+    adapter = YoloAdapter(tmp_path / "tandem" / "train" / "weights" / "last.pt", device="cpu")
+    assert adapter.class_names == ("square", "circle", "triangle")
+
+    from backend.training import yolo_finetune  # ultralytics' multi-GPU launcher imports the class by name
+
+    assert yolo_finetune.TandemSegmentationTrainer.__module__ == "backend.training.yolo_finetune"

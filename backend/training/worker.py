@@ -115,41 +115,54 @@ def run_vlm(job, settings: Settings, store: JobStore, registry: Registry, work: 
     from backend.models.vlm.generative import GenerativeVlm
     from backend.models.vlm.loader import load_vlm
     from backend.predict import registry_task
-    from backend.training.vlm_examples import examples_from_tasks
+    from backend.training.vlm_examples import collect_annotations, to_examples
     from backend.training.vlm_lora import DEFAULTS as LORA_DEFAULTS
     from backend.training.vlm_lora import lora_fine_tune, mean_loss
 
     known = {*LORA_DEFAULTS, "margin", "val_percent"}
     params = {**LORA_DEFAULTS, "margin": 0.0, "val_percent": 20,
               **{k: v for k, v in job.params.items() if k in known and v is not None}}
-    if job.runner == "modal":
-        raise TandemError("VLM LoRA jobs run with the local runner in this release (the Modal app trains YOLO)")
     serving = registry.current("vlm")
     base = serving.path if serving and serving.path else settings.vlm
     if not base:
         raise TandemError("nothing to fine-tune: serve a VLM first (tandem serve --vlm ID_OR_PATH) or set TANDEM_VLM")
     log(f"job {job.id}: project {job.project_id}, LoRA on {serving.version if serving else base} ({job.reason})")
-    vlm = load_vlm(base, device=settings.device)
-    if not isinstance(vlm, GenerativeVlm):
-        raise TandemError(f"{vlm.name} is a {vlm.family}; LoRA fine-tuning applies to generative VLMs "
-                          "(Qwen2.5-VL, Florence-2, PaliGemma, LLaVA, SmolVLM)")
     tasks, label_config = fetch_annotated_tasks(settings, job.project_id)
-    data = examples_from_tasks(tasks, label_config, job.project_id, MediaFetcher(settings.media()), vlm,
-                               prompts=settings.vlm_prompts, val_percent=params["val_percent"])
-    log(f"examples {data.snapshot}: {len(data.train)} train / {len(data.val)} frozen val, {len(data.skipped)} skipped")
-    if not data.train or not data.val:
-        raise TandemError(f"too few annotations: {len(data.train)} train and {len(data.val)} validation examples")
+    annotated = collect_annotations(tasks, label_config, job.project_id, MediaFetcher(settings.media()),
+                                    val_percent=params["val_percent"])
+    n_val = sum(item.validation for item in annotated.items)
+    log(f"annotations {annotated.snapshot}: {len(annotated.items) - n_val} train / {n_val} frozen val, "
+        f"{len(annotated.skipped)} skipped")
+    if n_val == 0 or n_val == len(annotated.items):
+        raise TandemError(f"too few annotations: {len(annotated.items) - n_val} train and {n_val} validation images "
+                          "(the validation split is a fixed ~20% of tasks)")
     stem = f"p{job.project_id}-job{job.id}-lora"
     target = settings.home / "models" / "vlm" / stem
-    result = lora_fine_tune(vlm, data.train, data.val, target, base_source=base, params=params, log=log)
 
-    candidate = load_vlm(str(target), device=settings.device)  # a broken adapter fails here: never promoted
-    after = mean_loss(candidate, data.val, int(params["batch"]))
+    if job.runner == "modal":
+        from infra.modal_runner import train_vlm_on_modal
+
+        result = train_vlm_on_modal(job, base, annotated.save(work / "vlm-data"), target, params,
+                                    settings.vlm_prompts, log, store=store)
+        candidate = load_vlm(str(target), device=settings.device)  # a broken adapter fails here: never promoted
+        after = result["val_loss_after"]  # measured on the H100 with the same code, on the same frozen split
+    else:
+        vlm = load_vlm(base, device=settings.device)
+        if not isinstance(vlm, GenerativeVlm):
+            raise TandemError(f"{vlm.name} is a {vlm.family}; LoRA fine-tuning applies to generative VLMs "
+                              "(Qwen2.5-VL, Florence-2, PaliGemma, LLaVA, SmolVLM)")
+        data = to_examples(annotated, vlm, settings.vlm_prompts)
+        if not data.train or not data.val:
+            raise TandemError(f"too few annotations: {len(data.train)} train and {len(data.val)} validation examples")
+        result = lora_fine_tune(vlm, data.train, data.val, target, base_source=base, params=params, log=log)
+        result.update(train=len(data.train), val=len(data.val))
+        candidate = load_vlm(str(target), device=settings.device)  # a broken adapter fails here: never promoted
+        after = mean_loss(candidate, data.val, int(params["batch"]))
     before = result["val_loss_before"]
     metrics = {"candidate": {"val_loss": after}, "serving": {"val_loss": before}, "serving_version": base,
-               "dataset": data.snapshot, "train": len(data.train), "val": len(data.val), "lora": result}
-    registry.add_candidate(candidate.version, stem, registry_task(candidate), str(target), serving.version if serving else None,
-                           data.snapshot, metrics)
+               "dataset": annotated.snapshot, "train": result["train"], "val": result["val"], "lora": result}
+    registry.add_candidate(candidate.version, stem, registry_task(candidate), str(target),
+                           serving.version if serving else None, annotated.snapshot, metrics)
     promote = after <= before + params["margin"]
     registry.set_status(candidate.version, "promoted" if promote else "rejected")
     log(f"{candidate.version}: validation loss {after:.4f} vs {before:.4f} -> {'promoted' if promote else 'rejected'}")

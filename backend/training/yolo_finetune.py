@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,41 @@ def rebase_data_yaml(data: str | Path) -> str:
     return str(data)
 
 
+_TASK_TRAINERS = {"detect": "DetectionTrainer", "segment": "SegmentationTrainer", "classify": "ClassificationTrainer"}
+
+
+def trainer_without_validation(task: str):
+    """The task's ultralytics trainer, minus its validation passes.
+
+    Even with val=False, ultralytics validates the last epoch and then best.pt (the same weights) on the
+    validation split; the promotion gate then scores the candidate on that split again, with Tandem's own
+    metric. Skipping ultralytics' two passes leaves the job with the one evaluation that decides anything.
+    """
+    return getattr(sys.modules[__name__], f"Tandem{_TASK_TRAINERS[task]}")
+
+
+def __getattr__(name: str):
+    # Built on first use, as module attributes: ultralytics' multi-GPU launcher re-imports the trainer
+    # class by module and name in each worker process.
+    base_name = name.removeprefix("Tandem")
+    if base_name not in _TASK_TRAINERS.values():
+        raise AttributeError(name)
+    from ultralytics.models import yolo
+
+    task = next(t for t, n in _TASK_TRAINERS.items() if n == base_name)
+    base = getattr(getattr(yolo, task), base_name)
+
+    def validate(self):
+        return self.metrics, None  # fitness None: no early stop, the last epoch is kept (as with val=False)
+
+    def final_eval(self):
+        return None
+
+    cls = type(name, (base,), {"validate": validate, "final_eval": final_eval, "__module__": __name__})
+    globals()[name] = cls
+    return cls
+
+
 def fine_tune(parent: str, data: str, out_dir: str | Path, params: dict, device: str | int) -> dict:
     """Train from `parent` weights; returns plain types only (it crosses Modal's pickle boundary)."""
     from ultralytics import YOLO
@@ -29,7 +65,8 @@ def fine_tune(parent: str, data: str, out_dir: str | Path, params: dict, device:
     imgsz = params.get("imgsz") or int(model.overrides.get("imgsz") or 640)
     t0 = time.perf_counter()
     model.train(
-        data=rebase_data_yaml(data), epochs=int(params.get("epochs", 10)), imgsz=imgsz,
+        trainer=trainer_without_validation(model.task), data=rebase_data_yaml(data),
+        epochs=int(params.get("epochs", 10)), imgsz=imgsz,
         batch=params.get("batch", 16), workers=int(params.get("workers", 0)), device=device,
         project=str(out_dir), name="train", exist_ok=True, val=False, plots=False, verbose=True,
         warmup_epochs=0, seed=0, optimizer="AdamW", lr0=float(params.get("lr0", 0.001)),
