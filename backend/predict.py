@@ -152,7 +152,10 @@ class Predictor:
     def predict_chunk(self, tasks: Sequence[Mapping[str, Any]], plan: ServingPlan) -> list[dict[str, Any]]:
         keys = plan.image_keys
         jobs = [(i, key) for i in range(len(tasks)) for key in keys]
-        loaded = dict(zip(jobs, self._pool.map(lambda j: self._fetch(tasks[j[0]], j[1]), jobs), strict=True))
+        if len(jobs) == 1:  # a task being opened: no thread hop
+            loaded = {jobs[0]: self._fetch(tasks[0], jobs[0][1])}
+        else:
+            loaded = dict(zip(jobs, self._pool.map(lambda j: self._fetch(tasks[j[0]], j[1]), jobs), strict=True))
 
         outputs: dict[tuple[int, int, str], Any] = {}
         for c_idx, planned in enumerate(plan.controls):

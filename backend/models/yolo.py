@@ -72,6 +72,11 @@ def _align(nms_conf, final_conf, vectors):
     return vectors[rows]
 
 
+def _bgr(img: Image.Image) -> np.ndarray:
+    """The BGR view ultralytics wants, without the copy `convert` makes of an image already in RGB."""
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))[:, :, ::-1]
+
+
 def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
@@ -184,7 +189,7 @@ class YoloAdapter:
     def predict(self, images: list[Image.Image]) -> list[ModelOutput]:
         if not images:
             return []
-        arrays = [np.asarray(img.convert("RGB"))[:, :, ::-1] for img in images]  # ultralytics wants BGR arrays
+        arrays = [_bgr(img) for img in images]
         outputs: list[ModelOutput] = []
         with self._lock, torch.inference_mode():
             for start in range(0, len(arrays), self.batch):
@@ -204,7 +209,7 @@ class YoloAdapter:
         """(N, D) image embeddings from the backbone (pooled penultimate features), for diversity."""
         if not images:
             return np.zeros((0, 0), dtype=np.float32)
-        arrays = [np.asarray(img.convert("RGB"))[:, :, ::-1] for img in images]
+        arrays = [_bgr(img) for img in images]
         out = []
         with self._lock, torch.inference_mode():
             for start in range(0, len(arrays), self.batch):
