@@ -279,8 +279,9 @@ def _stores(home: Path | None):
 def train(
     project: Annotated[int, typer.Option("--project", "-p", help="Label Studio project id.")],
     runner: Annotated[str, typer.Option(help="local (a separate process here) or modal (an H100 on Modal).")] = "local",
-    model: Annotated[str, typer.Option(help="yolo (vlm: LoRA, with the VLM adapters).")] = "yolo",
-    epochs: Annotated[int | None, typer.Option(help="Fine-tune epochs (env TANDEM_TRAIN_EPOCHS, 30).")] = None,
+    model: Annotated[str, typer.Option(help="yolo (fine-tune the CNN) or vlm (a LoRA adapter on the generative VLM).")
+                     ] = "yolo",
+    epochs: Annotated[int | None, typer.Option(help="Epochs (YOLO: env TANDEM_TRAIN_EPOCHS, 30; VLM LoRA: 3).")] = None,
     imgsz: Annotated[int | None, typer.Option(help="Training image size (default: the serving model's).")] = None,
     server: Annotated[
         str | None, typer.Option(help="A running Tandem (http://host:port): queue the job there instead of here.")
@@ -295,17 +296,17 @@ def train(
 
     if runner not in ("local", "modal"):
         raise typer.BadParameter("--runner must be local or modal")
-    if model != "yolo":
-        console.print("[red]error:[/] only --model yolo can be fine-tuned so far (VLM LoRA comes with the VLM adapters)")
-        raise typer.Exit(2)
+    if model not in ("yolo", "vlm"):
+        raise typer.BadParameter("--model must be yolo or vlm")
     settings, _, store = _stores(home)
-    params = {**settings.training_params(), **{k: v for k, v in {"epochs": epochs, "imgsz": imgsz}.items() if v}}
+    defaults = settings.training_params() if model == "yolo" else {}  # YOLO's epochs are not LoRA's
+    params = {**defaults, **{k: v for k, v in {"epochs": epochs, "imgsz": imgsz}.items() if v}}
     if server:
         import httpx
 
         auth = settings.basic_auth
-        r = httpx.post(f"{server.rstrip('/')}/train", json={"project": project, "runner": runner, "params": params,
-                                                           "reason": "tandem train"}, auth=auth, timeout=30)
+        r = httpx.post(f"{server.rstrip('/')}/train", json={"project": project, "runner": runner, "model": model,
+                                                           "params": params, "reason": "tandem train"}, auth=auth, timeout=30)
         if r.status_code >= 400:
             console.print(f"[red]error:[/] {r.status_code} {r.text}")
             raise typer.Exit(2)

@@ -125,3 +125,19 @@ def test_a_model_loaded_after_subscribing_is_announced(detect_adapter, classify_
     holder.subscribe(late.append)  # a subscriber after the load hears the current model at once
     holder.swap(classify_adapter)
     assert late == [detect_adapter, classify_adapter] and seen == [detect_adapter, classify_adapter]
+
+
+def test_train_queues_a_vlm_lora_job(tmp_path):
+    """`tandem train --model vlm` as the README shows it: a LoRA job with LoRA's own epochs."""
+    from backend.training.jobs import JobStore
+    from backend.training.runner import wait
+
+    out = subprocess.run([*TANDEM, "train", "--project", "4", "--model", "vlm", "--no-wait"], env=_env(tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "job 1 started (local)" in out.stderr  # messages go to stderr, results to stdout
+    store = JobStore(tmp_path / "home" / "tandem.sqlite3")
+    job = store.get(1)
+    assert job.model_kind == "vlm" and "epochs" not in job.params
+    done = wait(store, 1, timeout=120)  # no Label Studio configured: it fails, with the reason
+    assert "LABEL_STUDIO_URL" in done.error or "VLM" in done.error

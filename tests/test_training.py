@@ -132,3 +132,18 @@ def test_fine_tune_skips_ultralytics_own_validation(tmp_path, detect_weights):
     from backend.training import yolo_finetune  # ultralytics' multi-GPU launcher imports the class by name
 
     assert yolo_finetune.TandemSegmentationTrainer.__module__ == "backend.training.yolo_finetune"
+
+
+def test_vlm_jobs_do_not_inherit_the_yolo_epochs(tmp_path, detect_adapter):
+    """TANDEM_TRAIN_EPOCHS (30) is for YOLO; a LoRA job keeps its own default (3) unless given one."""
+    app = create_app(Settings(home=tmp_path / "home"), ModelHolder(detect_adapter))
+    with ServerThread(app) as srv:
+        vlm_job = httpx.post(f"{srv.url}/train", json={"project": 1, "model": "vlm"}).json()
+        yolo_job = httpx.post(f"{srv.url}/train", json={"project": 2}).json()
+        explicit = httpx.post(f"{srv.url}/train", json={"project": 3, "model": "vlm", "params": {"epochs": 5}}).json()
+        store = app.state.training.store
+        assert "epochs" not in store.get(vlm_job["id"]).params
+        assert store.get(yolo_job["id"]).params["epochs"] == 30
+        assert store.get(explicit["id"]).params["epochs"] == 5
+        for job in (vlm_job, yolo_job, explicit):
+            wait(store, job["id"], timeout=120)  # they fail without Label Studio; let the workers finish

@@ -94,8 +94,8 @@ class TrainingService:
                          reason)
                 return active[0]
             self._new_events[project_id] = 0
-            job = self.store.create(project_id, model_kind, runner, reason, {**(self.policy.params or {}),
-                                                                           **(params or {})})
+            defaults = (self.policy.params or {}) if model_kind == "yolo" else {}  # YOLO's epochs are not LoRA's
+            job = self.store.create(project_id, model_kind, runner, reason, {**defaults, **(params or {})})
         self.runner.start(job)  # a local process either way; for "modal" it drives the remote H100
         log.info("project %s: job %s queued (%s, %s runner)", project_id, job.id, reason, runner)
         return job
