@@ -77,7 +77,8 @@ def train(task: str, data: str, init: str, epochs: int, imgsz: int, seed: int, w
     from ultralytics import YOLO
 
     model = YOLO(init)
-    model.train(trainer=trainer_without_validation(task), data=data, epochs=epochs, imgsz=imgsz, batch=16, workers=0, device="cpu", seed=seed, val=False,
+    model.train(trainer=trainer_without_validation(task), data=data, epochs=epochs, imgsz=imgsz, batch=16,
+                workers=0, device="cpu", seed=seed, val=False,
                 plots=False, verbose=False, project=str(work), name="run", exist_ok=True, warmup_epochs=0,
                 optimizer="AdamW", lr0=0.002, close_mosaic=0, mosaic=0.5 if task == "detect" else 0.0,
                 fliplr=0.0, erasing=0.0)  # a mirrored digit is not the same digit

@@ -147,3 +147,24 @@ def test_vlm_jobs_do_not_inherit_the_yolo_epochs(tmp_path, detect_adapter):
         assert store.get(explicit["id"]).params["epochs"] == 5
         for job in (vlm_job, yolo_job, explicit):
             wait(store, job["id"], timeout=120)  # they fail without Label Studio; let the workers finish
+
+
+def test_a_frozen_backbone_stays_put_while_the_head_learns(tmp_path, detect_weights):
+    """The worker freezes the first 10 layers on very few images; fine_tune must pass that to ultralytics."""
+    import torch
+    from ultralytics import YOLO
+
+    from backend.datasets.shapes import write_yolo_dataset
+    from backend.training.yolo_finetune import fine_tune
+
+    data = str(write_yolo_dataset(tmp_path / "data", train=8, val=4, seed=5))
+    out = fine_tune(str(detect_weights), data, tmp_path / "run", {"epochs": 2, "imgsz": 96, "freeze": 10}, "cpu")
+    before = YOLO(str(detect_weights)).model.state_dict()
+    after = YOLO(out["weights"]).model.state_dict()
+
+    def changed(prefix):
+        return any(not torch.equal(before[k].float(), after[k].float()) for k in before
+                   if k.startswith(prefix) and before[k].is_floating_point() and "running" not in k)
+
+    assert not changed("model.0.") and not changed("model.9.")  # backbone: frozen
+    assert changed("model.22.")  # the detection head trained

@@ -32,6 +32,10 @@ from backend.training.yolo_finetune import fine_tune  # noqa: E402
 
 # Fine-tuning on a few dozen corrections (see yolo_finetune.py): AdamW, no warm-up, a step every batch.
 DEFAULTS = {"epochs": 30, "imgsz": None, "batch": 16, "margin": 0.01, "val_percent": 20, "lr0": 0.001}
+# Below this many training images a detector's backbone is frozen (its first 10 layers). On 16 corrected
+# images a full fine-tune collapsed (held-out mAP50 0.667 -> 0.168) while a frozen backbone held (0.630-0.650);
+# on 31 a full fine-tune taught a class the parent had never seen (mAP50-95 0.549 -> 0.786).
+FEW_IMAGES, FROZEN_LAYERS = 24, 10
 
 
 def log(message: str) -> None:
@@ -83,6 +87,9 @@ def run(job_id: int, settings: Settings) -> None:
                           "(the validation split is a fixed ~20% of tasks)")
     if serving.task != dataset.task:
         raise TandemError(f"the serving model is a {serving.task} model but the project needs {dataset.task}")
+    if params.get("freeze") is None and dataset.task != "classify" and dataset.train < FEW_IMAGES:
+        params["freeze"] = FROZEN_LAYERS
+        log(f"only {dataset.train} training images: the backbone (first {FROZEN_LAYERS} layers) stays frozen")
 
     if job.runner == "modal":
         from infra.modal_runner import train_on_modal

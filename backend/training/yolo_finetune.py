@@ -70,6 +70,7 @@ def fine_tune(parent: str, data: str, out_dir: str | Path, params: dict, device:
         batch=params.get("batch", 16), workers=int(params.get("workers", 0)), device=device,
         project=str(out_dir), name="train", exist_ok=True, val=False, plots=False, verbose=True,
         warmup_epochs=0, seed=0, optimizer="AdamW", lr0=float(params.get("lr0", 0.001)),
+        freeze=params.get("freeze"),  # the worker freezes the backbone on very few images
         # ultralytics accumulates gradients up to a nominal batch of 64: on a few dozen corrections that
         # leaves a handful of optimizer steps, too few to learn a class the parent never saw. Step every batch.
         nbs=params.get("batch", 16),
