@@ -139,6 +139,8 @@ def train_vlm_lora(annotations_path: str, chain: list[dict], base_source: str, r
     if not isinstance(vlm, GenerativeVlm):
         raise ValueError(f"{vlm.name} is a {vlm.family}; LoRA fine-tuning applies to generative VLMs")
     data = to_examples(AnnotatedSet.load(Path(root) / annotations_path), vlm, prompts)
+    if not data.train or not data.val:  # before the H100 does anything: a retry would fail the same way
+        raise ValueError(f"too few examples for {vlm.name}: {len(data.train)} train and {len(data.val)} validation")
     out = posixpath.join(root, "runs", run_name, "adapter")
     result = lora_fine_tune(vlm, data.train, data.val, Path(out), base_source=base_source, params=params)
     result.update(adapter_vol=posixpath.relpath(out, root), train=len(data.train), val=len(data.val),

@@ -92,9 +92,10 @@ def train_on_modal(
 def base_chain(source: str) -> list[str | Path]:
     """Bottom first: a hub id (str) or a checkpoint folder (Path), then each Tandem LoRA adapter on top."""
     adapters: list[str | Path] = []
-    while (Path(source) / ADAPTER_BASE_FILE).is_file():
-        adapters.insert(0, Path(source))
-        source = json.loads((Path(source) / ADAPTER_BASE_FILE).read_text())["base"]
+    while (folder := Path(source).expanduser()).joinpath(ADAPTER_BASE_FILE).is_file() and \
+            folder.joinpath("adapter_config.json").is_file():  # the loader's own test for a LoRA version
+        adapters.insert(0, folder)
+        source = json.loads((folder / ADAPTER_BASE_FILE).read_text())["base"]
     bottom = Path(source).expanduser()
     return [bottom if bottom.is_dir() else source, *adapters]
 
@@ -133,6 +134,7 @@ def train_vlm_on_modal(
         store.update(job.id, remote_id=call.object_id)
     log(f"spawned {APP_NAME}.{VLM_FUNCTION_NAME} on an H100: call {call.object_id}")
     result = _wait(call, poll_s)
+    result["adapter"] = str(target)  # where it lives here, not the container's path
     log(f"LoRA trained in {result['seconds']:.0f} s on Modal; validation loss {result['val_loss_before']:.4f} -> "
         f"{result['val_loss_after']:.4f}; downloading {result['adapter_vol']}")
     target.mkdir(parents=True, exist_ok=True)
@@ -145,3 +147,10 @@ def train_vlm_on_modal(
             for chunk in volume.read_file(entry.path):
                 fh.write(chunk)
     return result
+
+
+def cancel_remote(remote_id: str) -> None:
+    """Stop the Modal call behind a cancelled job, so it does not keep an H100 busy."""
+    import modal
+
+    modal.FunctionCall.from_id(remote_id).cancel()

@@ -256,3 +256,38 @@ def test_vlm_client_path_uploads_the_adapter_chain_and_downloads_the_new_adapter
     assert result["val_loss_after"] < result["val_loss_before"]
     assert load_vlm(str(target), device="cpu").name == "p5-job2-lora"
     assert any("spawned tandem-train.train_vlm_lora" in line for line in lines)
+
+
+def test_cancelling_a_modal_job_cancels_its_remote_call(tmp_path, monkeypatch):
+    """A cancelled job must not leave an H100 busy for hours: the Modal call behind it is cancelled too."""
+    from backend.training.runner import LocalRunner
+
+    cancelled = []
+
+    class FakeCall:
+        def cancel(self, terminate_containers=False):
+            cancelled.append(True)
+
+    monkeypatch.setattr(modal.FunctionCall, "from_id", staticmethod(lambda object_id, **kw: cancelled.append(object_id)
+                                                                    or FakeCall()))
+    store = JobStore(tmp_path / "db.sqlite3")
+    job = store.create(1, "vlm", "modal", "test")
+    store.update(job.id, status="running", remote_id="fc-remote-7")
+    runner = LocalRunner(Settings(home=tmp_path / "home"), store)
+    assert runner.cancel(job.id)
+    assert cancelled == ["fc-remote-7", True] and store.get(job.id).status.value == "cancelled"
+    runner.close()
+
+
+def test_fine_tune_keeps_the_stock_trainer_for_other_model_families(detect_weights):
+    from ultralytics import YOLO
+
+    from backend.training.yolo_finetune import _fine_tune_trainer
+
+    assert _fine_tune_trainer(YOLO(str(detect_weights))).__name__ == "TandemDetectionTrainer"
+    from ultralytics import RTDETR
+
+    assert _fine_tune_trainer(RTDETR("rtdetr-l.yaml")) is None  # RT-DETR trains with its own trainer and loss
+    from backend.training import yolo_finetune
+
+    assert not hasattr(yolo_finetune, "DetectionTrainer")  # only Tandem* names are built

@@ -126,7 +126,9 @@ def test_fine_tune_skips_ultralytics_own_validation(tmp_path, detect_weights):
         model.train(trainer=trainer, project=str(tmp_path / name), name="train", **args)
         counts[name] = len(calls)
     assert counts == {"plain": 2, "tandem": 0}
-    adapter = YoloAdapter(tmp_path / "tandem" / "train" / "weights" / "last.pt", device="cpu")
+    last = tmp_path / "tandem" / "train" / "weights" / "last.pt"
+    assert last.stat().st_size < 1.5 * detect_weights.stat().st_size  # optimizer state stripped, as ultralytics does
+    adapter = YoloAdapter(last, device="cpu")
     assert adapter.class_names == ("square", "circle", "triangle")
 
     from backend.training import yolo_finetune  # ultralytics' multi-GPU launcher imports the class by name

@@ -66,6 +66,13 @@ class LocalRunner:
                 os.killpg(pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
+        if job.runner == "modal" and job.remote_id:
+            try:
+                from infra.modal_runner import cancel_remote
+
+                cancel_remote(job.remote_id)
+            except Exception as exc:  # noqa: BLE001 - the local job is cancelled either way; say what is left
+                self.store.update(job_id, error=f"cancelled here; the Modal call {job.remote_id} may still run: {exc}")
         return True
 
     def _reap_loop(self) -> None:

@@ -39,7 +39,7 @@ def __getattr__(name: str):
     # Built on first use, as module attributes: ultralytics' multi-GPU launcher re-imports the trainer
     # class by module and name in each worker process.
     base_name = name.removeprefix("Tandem")
-    if base_name not in _TASK_TRAINERS.values():
+    if not name.startswith("Tandem") or base_name not in _TASK_TRAINERS.values():
         raise AttributeError(name)
     from ultralytics.models import yolo
 
@@ -50,11 +50,26 @@ def __getattr__(name: str):
         return self.metrics, None  # fitness None: no early stop, the last epoch is kept (as with val=False)
 
     def final_eval(self):
-        return None
+        # what ultralytics' final_eval does besides validating: drop the optimizer state (3x the weights)
+        from ultralytics.utils import RANK
+        from ultralytics.utils.torch_utils import strip_optimizer
+
+        if RANK in {-1, 0}:
+            for ckpt in (self.last, self.best):
+                if ckpt.exists():
+                    strip_optimizer(ckpt)
 
     cls = type(name, (base,), {"validate": validate, "final_eval": final_eval, "__module__": __name__})
     globals()[name] = cls
     return cls
+
+
+def _fine_tune_trainer(model):
+    """Tandem's trainer for the standard YOLO tasks; RT-DETR, YOLO-World and the rest keep their own."""
+    if model.task not in _TASK_TRAINERS:
+        return None
+    stock = model._smart_load("trainer")
+    return trainer_without_validation(model.task) if stock.__name__ == _TASK_TRAINERS[model.task] else None
 
 
 def fine_tune(parent: str, data: str, out_dir: str | Path, params: dict, device: str | int) -> dict:
@@ -65,7 +80,7 @@ def fine_tune(parent: str, data: str, out_dir: str | Path, params: dict, device:
     imgsz = params.get("imgsz") or int(model.overrides.get("imgsz") or 640)
     t0 = time.perf_counter()
     model.train(
-        trainer=trainer_without_validation(model.task), data=rebase_data_yaml(data),
+        trainer=_fine_tune_trainer(model), data=rebase_data_yaml(data),
         epochs=int(params.get("epochs", 10)), imgsz=imgsz,
         batch=params.get("batch", 16), workers=int(params.get("workers", 0)), device=device,
         project=str(out_dir), name="train", exist_ok=True, val=False, plots=False, verbose=True,
