@@ -59,16 +59,12 @@ def volume_root() -> str:
     return os.environ.get("TANDEM_MODAL_VOLUME_ROOT", MOUNT)
 
 
-@app.function(
-    image=image,
-    gpu="H100",
-    volumes={MOUNT: volume},
-    timeout=4 * 60 * 60,
-    retries=modal.Retries(max_retries=1, initial_delay=30.0),
-    single_use_containers=True,
-    cpu=8.0,
-    memory=32 * 1024,
-)
+# Both training functions: one H100, the Volume, 4 h, one retry, a fresh container per job.
+H100_JOB = dict(gpu="H100", volumes={MOUNT: volume}, timeout=4 * 60 * 60, single_use_containers=True, cpu=8.0,
+                retries=modal.Retries(max_retries=1, initial_delay=30.0))
+
+
+@app.function(image=image, memory=32 * 1024, **H100_JOB)
 def train_yolo(dataset_path: str, parent_path: str, run_name: str, params: dict) -> dict:
     """Paths are relative to the Volume; returns plain types, with `weights_vol` to download."""
     from backend.training.yolo_finetune import fine_tune
@@ -111,16 +107,7 @@ def materialize_base(chain: list[dict], root: str) -> str:
     return source
 
 
-@app.function(
-    image=vlm_image,
-    gpu="H100",
-    volumes={MOUNT: volume},
-    timeout=4 * 60 * 60,
-    retries=modal.Retries(max_retries=1, initial_delay=30.0),
-    single_use_containers=True,
-    cpu=8.0,
-    memory=64 * 1024,
-)
+@app.function(image=vlm_image, memory=64 * 1024, **H100_JOB)
 def train_vlm_lora(annotations_path: str, chain: list[dict], base_source: str, run_name: str, params: dict,
                    prompts: dict | None = None) -> dict:
     """LoRA on corrected labels; the adapter lands in runs/<run_name>/adapter on the Volume (`adapter_vol`)."""

@@ -44,9 +44,15 @@ def require_modal_credentials() -> None:
     )
 
 
-def _wait(call, poll_s: float) -> dict:
+def _run_remote(function_name: str, job: Job, store: JobStore | None, log: Callable[[str], None], poll_s: float,
+                **kwargs) -> dict:
+    """Spawn the deployed function, record its call id on the job (for cancel), poll until it returns."""
     import modal
 
+    call = modal.Function.from_name(APP_NAME, function_name).spawn(**kwargs)
+    if store is not None:
+        store.update(job.id, remote_id=call.object_id)
+    log(f"spawned {APP_NAME}.{function_name} on an H100: call {call.object_id}")
     while True:
         try:
             return modal.FunctionCall.from_id(call.object_id).get(timeout=0)
@@ -74,13 +80,8 @@ def train_on_modal(
         upload.put_directory(str(dataset.root), f"/{prefix}/dataset")
         upload.put_file(parent_path, f"/{prefix}/parent.pt")
     data_rel = f"{prefix}/dataset/data.yaml" if dataset.task != "classify" else f"{prefix}/dataset"
-    function = modal.Function.from_name(APP_NAME, FUNCTION_NAME)
-    call = function.spawn(dataset_path=data_rel, parent_path=f"{prefix}/parent.pt", run_name=f"job{job.id}",
-                          params=params)
-    if store is not None:
-        store.update(job.id, remote_id=call.object_id)
-    log(f"spawned {APP_NAME}.{FUNCTION_NAME} on an H100: call {call.object_id}")
-    summary = _wait(call, poll_s)
+    summary = _run_remote(FUNCTION_NAME, job, store, log, poll_s, dataset_path=data_rel,
+                          parent_path=f"{prefix}/parent.pt", run_name=f"job{job.id}", params=params)
     log(f"trained in {summary['seconds']:.0f} s on Modal; downloading {summary['weights_vol']}")
     target = work / "modal_last.pt"
     with open(target, "wb") as fh:
@@ -127,13 +128,8 @@ def train_vlm_on_modal(
             upload.put_directory(str(link), f"/{prefix}/vlm-base/{k}")
             chain.append({"vol": f"{prefix}/vlm-base/{k}"})
     log(f"uploaded the corrected labels and {sum('vol' in c for c in chain)} base folder(s) to Volume {VOLUME_NAME}")
-    function = modal.Function.from_name(APP_NAME, VLM_FUNCTION_NAME)
-    call = function.spawn(annotations_path=f"{prefix}/vlm-data", chain=chain, base_source=base,
-                          run_name=f"job{job.id}", params=params, prompts=prompts)
-    if store is not None:
-        store.update(job.id, remote_id=call.object_id)
-    log(f"spawned {APP_NAME}.{VLM_FUNCTION_NAME} on an H100: call {call.object_id}")
-    result = _wait(call, poll_s)
+    result = _run_remote(VLM_FUNCTION_NAME, job, store, log, poll_s, annotations_path=f"{prefix}/vlm-data",
+                         chain=chain, base_source=base, run_name=f"job{job.id}", params=params, prompts=prompts)
     result["adapter"] = str(target)  # where it lives here, not the container's path
     log(f"LoRA trained in {result['seconds']:.0f} s on Modal; validation loss {result['val_loss_before']:.4f} -> "
         f"{result['val_loss_after']:.4f}; downloading {result['adapter_vol']}")
