@@ -42,6 +42,15 @@ def test_exif_orientation_is_applied(tmp_path):
     assert arr[60:90, 10:40].mean() > 200  # bottom-left stays white
 
 
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
+def test_every_image_mode_decodes_to_rgb(tmp_path, mode):
+    source = Image.new("I;16", (40, 30), 20000) if mode == "I;16" else Image.new("RGB", (40, 30), (200, 40, 40)).convert(mode)
+    name = "img.jpg" if mode == "CMYK" else "img.png"
+    source.save(tmp_path / name)
+    loaded = MediaFetcher(MediaSettings(local_files_root=tmp_path)).load(f"/data/local-files/?d={name}")
+    assert loaded.image.mode == "RGB" and loaded.size == (40, 30)
+
+
 def test_local_files_path_traversal_refused(tmp_path):
     root = tmp_path / "root"
     root.mkdir()

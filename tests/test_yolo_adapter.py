@@ -77,7 +77,7 @@ def test_image_without_objects_gives_empty_detections(detect_adapter):
     assert len(out.detections) == 0 and out.detections.data["class_scores"].shape == (0, 3)
 
 
-@pytest.mark.parametrize("task_fixture", ["detect_weights", "classify_weights"])
+@pytest.mark.parametrize("task_fixture", ["detect_weights", "segment_weights", "classify_weights"])
 def test_openvino_engine_matches_pytorch(task_fixture, request, tmp_path):
     weights = request.getfixturevalue(task_fixture)
     torch_adapter = YoloAdapter(weights, device="cpu")

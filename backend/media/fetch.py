@@ -182,22 +182,30 @@ class MediaFetcher:
 
     # -- decoding -----------------------------------------------------------------------------------
     def _decode(self, data: bytes, url: str) -> Image.Image:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
-                width, height = img.size
-                if width * height > self.settings.max_pixels:
-                    raise MediaError(
-                        f"image {url} is {width}x{height} pixels, over the {self.settings.max_pixels}-pixel limit"
-                    )
-                img.load()
-                return ImageOps.exif_transpose(img).convert("RGB")
-        except MediaError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise MediaError(f"image {url} rejected as a decompression bomb: {exc}") from exc
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise MediaError(f"image {url} is corrupt or not an image: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - decoder plugins (ultralytics patches Image.open) raise anything
-            raise MediaError(f"image {url} could not be decoded: {type(exc).__name__}: {exc}") from exc
+        return decode_image(data, url, self.settings.max_pixels)
+
+
+def decode_image(data: bytes, url: str, max_pixels: int) -> Image.Image:
+    """RGB with EXIF orientation applied, or a MediaError naming the image.
+
+    Transposes in place and converts only images not already RGB: the copies `exif_transpose` and
+    `convert` otherwise make cost twice the JPEG decode itself.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise MediaError(f"image {url} is {width}x{height} pixels, over the {max_pixels}-pixel limit")
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+            return img if img.mode == "RGB" else img.convert("RGB")
+    except MediaError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise MediaError(f"image {url} rejected as a decompression bomb: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise MediaError(f"image {url} is corrupt or not an image: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - decoder plugins (ultralytics patches Image.open) raise anything
+        raise MediaError(f"image {url} could not be decoded: {type(exc).__name__}: {exc}") from exc

@@ -1,7 +1,9 @@
 """Ultralytics YOLO (detect, segment, classify) behind the ModelAdapter protocol.
 
-The model is loaded once and kept; ultralytics' predictor is not thread-safe, so calls are serialised
-with a lock (concurrent task-open requests from Label Studio are common).
+The model is loaded once and kept; ultralytics' predictor is not thread-safe, so calls are serialised on
+one inference thread (concurrent task-open requests from Label Studio are common). One thread, not a lock:
+torch's OpenMP pool belongs to the calling thread, and a server's rotating worker threads would each start
+(and leave spinning) a pool of their own.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 # Before ultralytics is imported: no connectivity probe, no pip auto-install.
@@ -23,6 +27,8 @@ from PIL import Image  # noqa: E402
 
 from backend.errors import ModelLoadError  # noqa: E402
 from backend.models.base import ModelOutput, ModelTask  # noqa: E402
+
+Runner = Callable[[list[np.ndarray], float], list[ModelOutput]]  # RGB uint8 images, confidence -> outputs
 
 
 def _class_vector_predictor(base: type) -> type:
@@ -72,9 +78,13 @@ def _align(nms_conf, final_conf, vectors):
     return vectors[rows]
 
 
-def _bgr(img: Image.Image) -> np.ndarray:
-    """The BGR view ultralytics wants, without the copy `convert` makes of an image already in RGB."""
-    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))[:, :, ::-1]
+def _rgb(img: Image.Image) -> np.ndarray:
+    """Without the copy `convert` makes of an image already in RGB."""
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+
+
+def _run_detector(detector, iou: float, arrays: list[np.ndarray], conf: float) -> list[ModelOutput]:
+    return detector.predict(arrays, conf, iou)
 
 
 def default_device() -> str:
@@ -154,13 +164,9 @@ class YoloAdapter:
         stem = name or Path(resolved).stem
         self.name = stem
         self.version = f"{stem}-{file_digest(self.path)}" if self.path else stem
-        self._lock = threading.Lock()
-        self._infer = self._model
-        self.engine = "torch"
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"tandem-infer-{stem}")
         if engine not in ("torch", "openvino", "auto"):
             raise ModelLoadError(f"unknown engine {engine!r}: torch, openvino or auto")
-        if engine == "openvino" or (engine == "auto" and self.device == "cpu" and self.path is not None):
-            self._use_openvino(cache_dir, required=engine == "openvino")
         # fp16 on CUDA; ultralytics warns about the `half` argument even when it is False, so omit it on CPU
         self._predict_kwargs = {"half": True} if self.device.startswith("cuda") else {}
         if self.task is not ModelTask.CLASSIFY:
@@ -169,17 +175,35 @@ class YoloAdapter:
 
             base = SegmentationPredictor if self.task is ModelTask.SEGMENT else DetectionPredictor
             self._predict_kwargs["predictor"] = _class_vector_predictor(base)
+        self.engine = "torch"
+        self._run: Runner = partial(self._run_ultralytics, self._model)
+        if engine == "openvino" or (engine == "auto" and self.device == "cpu" and self.path is not None):
+            self._use_openvino(cache_dir, required=engine == "openvino")
 
     def _use_openvino(self, cache_dir: Path | None, required: bool) -> None:
-        from backend.models.openvino_engine import export_openvino
+        """Detection runs Tandem's own OpenVINO pipeline; segmentation and classification run the export
+        through ultralytics. Either is served only once it has passed the parity check."""
+        from backend.models.openvino_engine import export_openvino, verify_once
 
-        if self.path is None:
-            raise ModelLoadError("OpenVINO needs a weights file")
         try:
-            self._infer = export_openvino(self.path, self.version, self.task.value, self.imgsz,
-                                          cache_dir or self.path.parent / ".tandem-openvino")
-            self.engine = "openvino"
-        except (ModelLoadError, ImportError) as exc:
+            if self.path is None:
+                raise ModelLoadError("OpenVINO needs a weights file")
+            if self.device != "cpu":
+                raise ModelLoadError(f"the OpenVINO engine runs on the CPU, not {self.device}")
+            target = export_openvino(self.path, self.version, self.task.value, self.imgsz,
+                                     cache_dir or self.path.parent / ".tandem-openvino")
+            if self.task is ModelTask.DETECT:
+                from backend.models.openvino_detector import OpenVinoDetector
+
+                detector = OpenVinoDetector(target, self.class_names, self.imgsz, int(max(self._model.stride)))
+                run: Runner = partial(_run_detector, detector, self.iou)
+            else:
+                from ultralytics import YOLO
+
+                run = partial(self._run_ultralytics, YOLO(str(target), task=self.task.value))
+            verify_once(target, self._run, run, self.imgsz)
+            self._run, self.engine = run, "openvino"
+        except (ModelLoadError, ImportError, RuntimeError) as exc:
             if required:
                 raise ModelLoadError(str(exc)) from exc
             import logging
@@ -189,33 +213,42 @@ class YoloAdapter:
     def predict(self, images: list[Image.Image]) -> list[ModelOutput]:
         if not images:
             return []
-        arrays = [_bgr(img) for img in images]
+        arrays = [_rgb(img) for img in images]
+        return self._worker.submit(self._inference, self._run, arrays, self.conf).result()
+
+    @staticmethod
+    def _inference(fn, *args):
+        with torch.inference_mode():
+            return fn(*args)
+
+    def _run_ultralytics(self, model, arrays: list[np.ndarray], conf: float) -> list[ModelOutput]:
         outputs: list[ModelOutput] = []
-        with self._lock, torch.inference_mode():
-            for start in range(0, len(arrays), self.batch):
-                results = self._infer.predict(
-                    arrays[start : start + self.batch],
-                    conf=self.conf,
-                    iou=self.iou,
-                    imgsz=self.imgsz,
-                    device=self.device,
-                    verbose=False,
-                    **self._predict_kwargs,
-                )
-                outputs.extend(self._convert(r) for r in results)
+        for start in range(0, len(arrays), self.batch):
+            results = model.predict(
+                [a[:, :, ::-1] for a in arrays[start : start + self.batch]],  # ultralytics wants BGR
+                conf=conf,
+                iou=self.iou,
+                imgsz=self.imgsz,
+                device=self.device,
+                verbose=False,
+                **self._predict_kwargs,
+            )
+            outputs.extend(self._convert(r) for r in results)
         return outputs
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         """(N, D) image embeddings from the backbone (pooled penultimate features), for diversity."""
         if not images:
             return np.zeros((0, 0), dtype=np.float32)
-        arrays = [_bgr(img) for img in images]
+        arrays = [_rgb(img)[:, :, ::-1] for img in images]  # ultralytics wants BGR
+        return self._worker.submit(self._inference, self._embed, arrays).result()
+
+    def _embed(self, arrays: list[np.ndarray]) -> np.ndarray:
         out = []
-        with self._lock, torch.inference_mode():
-            for start in range(0, len(arrays), self.batch):
-                feats = self._model.embed(arrays[start : start + self.batch], imgsz=self.imgsz, device=self.device,
-                                          verbose=False)
-                out.extend(f.detach().float().cpu().numpy().reshape(-1) for f in feats)
+        for start in range(0, len(arrays), self.batch):
+            feats = self._model.embed(arrays[start : start + self.batch], imgsz=self.imgsz, device=self.device,
+                                      verbose=False)
+            out.extend(f.detach().float().cpu().numpy().reshape(-1) for f in feats)
         return np.stack(out).astype(np.float32)
 
     def _convert(self, result) -> ModelOutput:

@@ -1,0 +1,110 @@
+"""Tandem's own OpenVINO detection pipeline against ultralytics' arithmetic and the PyTorch model."""
+
+import json
+
+import numpy as np
+import pytest
+import supervision as sv
+import torch
+
+from backend.datasets.shapes import generate_samples
+from backend.models.openvino_detector import Letterbox, OpenVinoDetector, decode, letterbox
+from backend.models.yolo import YoloAdapter
+
+SIZES = [(480, 640), (333, 500), (640, 640), (100, 1000), (1200, 900), (31, 47)]
+
+
+@pytest.mark.parametrize("imgsz", [640, 160])
+@pytest.mark.parametrize("square", [False, True])
+def test_letterbox_is_ultralytics_letterbox(imgsz, square):
+    from ultralytics.data.augment import LetterBox
+
+    rng = np.random.default_rng(0)
+    for h, w in SIZES:
+        image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        ours, _ = letterbox(image, imgsz, 32, square=square)
+        theirs = LetterBox((imgsz, imgsz), auto=not square, stride=32)(image=image)
+        assert ours.shape == theirs.shape and ours.flags.c_contiguous
+        np.testing.assert_array_equal(ours, theirs)
+        if not square:
+            assert ours.shape[0] % 32 == 0 and ours.shape[1] % 32 == 0 and max(ours.shape[:2]) <= imgsz + 31
+
+
+def test_boxes_map_back_as_ultralytics_scales_them():
+    from ultralytics.utils.ops import scale_boxes
+
+    rng = np.random.default_rng(1)
+    for h, w in SIZES:
+        padded, box = letterbox(np.zeros((h, w, 3), np.uint8), 640)
+        xy = rng.uniform(0, min(padded.shape[:2]), (20, 2))
+        wh = rng.uniform(1, 50, (20, 2))
+        raw = np.zeros((4 + 2, 20), np.float32)
+        raw[:2], raw[2:4] = (xy + wh / 2).T, wh.T  # cx, cy, w, h in network pixels
+        raw[4] = np.linspace(0.3, 0.9, 20)  # class 0 scores, distinct boxes survive NMS only if apart
+        out = decode(raw, box, (w, h), conf=0.25, iou=1.0, max_det=300, class_names=("a", "b"))
+        expected = scale_boxes(padded.shape[:2], torch.from_numpy(np.hstack([xy, xy + wh])).float(), (h, w)).numpy()
+        order = np.argsort(-raw[4])
+        np.testing.assert_allclose(out.detections.xyxy, expected[order], atol=1e-3)
+
+
+def test_decode_keeps_each_kept_box_class_vector_and_runs_class_aware_nms():
+    raw = np.zeros((4 + 3, 4), np.float32)
+    raw[:4] = np.array([[50, 50, 20, 20], [51, 50, 20, 20], [50, 50, 20, 20], [200, 200, 30, 30]], np.float32).T
+    raw[4:] = np.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.1, 0.2, 0.3]], np.float32).T
+    out = decode(raw, Letterbox(1.0, 1.0, 0, 0), (400, 400), conf=0.25, iou=0.7, max_det=300, class_names=("a", "b", "c"))
+    det = out.detections
+    # box 1 overlaps box 0 in the same class and goes; box 2 overlaps too but is another class and stays
+    assert det.class_id.tolist() == [0, 1, 2] and det.confidence.tolist() == pytest.approx([0.9, 0.7, 0.3])
+    np.testing.assert_allclose(det.data["class_scores"], raw[4:, [0, 2, 3]].T)
+    assert list(det.data["class_name"]) == ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def engines(detect_weights, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("ov")
+    return YoloAdapter(detect_weights, device="cpu"), YoloAdapter(detect_weights, device="cpu", engine="openvino",
+                                                                   cache_dir=cache), cache
+
+
+def test_detector_agrees_with_pytorch_at_any_aspect_ratio(engines):
+    torch_adapter, fast, cache = engines
+    assert fast.engine == "openvino"
+    report = json.loads((cache / f"{fast.version}_openvino_model" / "tandem_parity.json").read_text())
+    assert report["matched"] >= 0.9 and report["boxes_compared"] > 0
+    images = [img for img, _ in generate_samples(3, seed=5)]
+    images += [img for img, _ in generate_samples(2, seed=6, size=(500, 333))]
+    images += [img for img, _ in generate_samples(2, seed=7, size=(300, 700))]
+    compared = 0
+    for a, b in zip(torch_adapter.predict(images), fast.predict(images), strict=True):
+        assert len(a.detections) == len(b.detections)
+        if len(a.detections) == 0:
+            continue
+        iou = sv.box_iou_batch(a.detections.xyxy, b.detections.xyxy)
+        j = iou.argmax(1)
+        assert (iou.max(1) > 0.9).all() and (a.detections.class_id == b.detections.class_id[j]).all()
+        np.testing.assert_allclose(a.detections.confidence, b.detections.confidence[j], atol=0.03)
+        scores = b.detections.data["class_scores"]
+        np.testing.assert_allclose(scores.max(axis=1), b.detections.confidence, atol=1e-6)
+        np.testing.assert_array_equal(scores.argmax(axis=1), b.detections.class_id)
+        compared += len(a.detections)
+    assert compared >= 5
+
+
+def test_export_has_dynamic_input_and_a_fixed_shape_export_still_serves(engines, detect_weights, tmp_path):
+    import openvino as ov
+    from ultralytics import YOLO
+
+    _, fast, cache = engines
+    xml = next((cache / f"{fast.version}_openvino_model").glob("*.xml"))
+    assert ov.Core().read_model(xml).input().get_partial_shape().is_dynamic
+    # an export made without dynamic shapes (an older cache) pads to the full square instead
+    staged = tmp_path / "fixed.pt"
+    staged.write_bytes(detect_weights.read_bytes())
+    fixed = OpenVinoDetector(YOLO(str(staged)).export(format="openvino", imgsz=fast.imgsz, dynamic=False,
+                                                      verbose=False), fast.class_names, fast.imgsz)
+    dynamic = OpenVinoDetector(xml.parent, fast.class_names, fast.imgsz)
+    assert fixed.square and not dynamic.square
+    image = np.asarray(generate_samples(1, seed=8, size=(500, 333))[0][0])
+    (a,), (b,) = fixed.predict([image], 0.25, 0.7), dynamic.predict([image], 0.25, 0.7)
+    assert len(a.detections) == len(b.detections) > 0
+    assert (sv.box_iou_batch(a.detections.xyxy, b.detections.xyxy).max(1) > 0.85).all()
