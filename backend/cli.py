@@ -58,8 +58,10 @@ def serve(
     conf: Annotated[float | None, typer.Option(help="Minimum box confidence (env TANDEM_CONF, 0.25).")] = None,
     imgsz: Annotated[int | None, typer.Option(help="Inference image size (default: the model's training size).")] = None,
     engine: Annotated[
-        str, typer.Option(help="auto (OpenVINO on CPU, exported once per version and parity-checked), openvino, torch.")
-    ] = "auto",
+        str | None,
+        typer.Option(help="auto (OpenVINO on CPU, exported once per version and parity-checked; the default), "
+                     "openvino, torch. Retrained versions are served the same way.", envvar="TANDEM_ENGINE"),
+    ] = None,
     starter_task: Annotated[
         str, typer.Option(help="Task of the starter model when --model is not given: detect, segment, classify.")
     ] = "detect",
@@ -87,7 +89,7 @@ def serve(
 
     _logging(log_level)
     try:
-        settings = Settings.from_env(home=home, model=model, device=device, conf=conf, vlm=vlm,
+        settings = Settings.from_env(home=home, model=model, device=device, conf=conf, vlm=vlm, engine=engine, imgsz=imgsz,
                                      predict_budget_s=predict_budget,
                                      pre_annotator=pre_annotator or ("vlm" if vlm and not model else None))
     except Exception as exc:
@@ -102,7 +104,6 @@ def serve(
             raise typer.Exit(2) from exc
 
     from backend.models.starter import RECIPES, train_starter_model
-    from backend.models.yolo import YoloAdapter
     from backend.server.app import create_app
     from backend.serving import ModelHolder
     if starter_task not in RECIPES:
@@ -130,8 +131,7 @@ def serve(
     if weights is not None:
         # Fail at start, in under a second, on a missing file or an offline hub name.
         try:
-            adapter = YoloAdapter(weights, device=settings.device, conf=settings.conf, engine=engine, imgsz=imgsz,
-                                  cache_dir=settings.home / "cache" / "openvino")
+            adapter = settings.load_cnn(weights)
         except TandemError as exc:
             console.print(f"[red]error:[/] {exc}")
             raise typer.Exit(2) from exc

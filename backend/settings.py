@@ -32,6 +32,8 @@ class Settings(BaseModel):
     case_sensitive_labels: bool = False
     device: str | None = None
     conf: float = 0.25
+    engine: str = Field(default="auto", pattern="^(auto|openvino|torch)$")  # every served version, retrained too
+    imgsz: int | None = None
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 80_000_000
     webhook_secret: str | None = None
@@ -67,6 +69,8 @@ class Settings(BaseModel):
             "case_sensitive_labels": (_env("TANDEM_CASE_SENSITIVE_LABELS") or "").lower() in ("1", "true", "yes"),
             "device": _env("TANDEM_DEVICE"),
             "conf": float(_env("TANDEM_CONF") or 0.25),
+            "engine": _env("TANDEM_ENGINE") or "auto",
+            "imgsz": int(_env("TANDEM_IMGSZ")) if _env("TANDEM_IMGSZ") else None,
             "webhook_secret": _env("TANDEM_WEBHOOK_SECRET"),
             "train_after": int(_env("TANDEM_TRAIN_AFTER") or 10),
             "train_interval_s": float(_env("TANDEM_TRAIN_INTERVAL") or 0),
@@ -101,6 +105,8 @@ class Settings(BaseModel):
             "TANDEM_LABEL_MAP": json.dumps(self.label_map) if self.label_map else None,
             "TANDEM_DEVICE": self.device,
             "TANDEM_CONF": str(self.conf),
+            "TANDEM_ENGINE": self.engine,
+            "TANDEM_IMGSZ": str(self.imgsz) if self.imgsz else None,
             "TANDEM_VLM": self.vlm,
             "TANDEM_VLM_PROMPTS": json.dumps(self.vlm_prompts) if self.vlm_prompts else None,
         }
@@ -108,6 +114,14 @@ class Settings(BaseModel):
 
     def training_params(self) -> dict:
         return {"epochs": self.train_epochs, "imgsz": self.train_imgsz}
+
+    def load_cnn(self, weights: str | Path, **overrides):
+        """The served YOLO adapter for `weights`, with this server's device, threshold, engine and size."""
+        from backend.models.yolo import YoloAdapter
+
+        options = dict(device=self.device, conf=self.conf, engine=self.engine, imgsz=self.imgsz,
+                       cache_dir=self.home / "cache" / "openvino")
+        return YoloAdapter(weights, **{**options, **overrides})
 
     def media(self) -> MediaSettings:
         return MediaSettings(

@@ -73,14 +73,14 @@ def dataset(samples, labeled, test, root: Path, task: str) -> str:
     return str(root / "data.yaml")
 
 
-def train(task: str, data: str, init: str, epochs: int, imgsz: int, seed: int, work: Path) -> str:
+def train(task: str, data: str, init: str, epochs: int, imgsz: int, seed: int, work: Path, lr0: float = 0.002) -> str:
     from ultralytics import YOLO
 
     model = YOLO(init)
     model.train(trainer=trainer_without_validation(task), data=data, epochs=epochs, imgsz=imgsz, batch=16,
                 workers=0, device="cpu", seed=seed, val=False,
                 plots=False, verbose=False, project=str(work), name="run", exist_ok=True, warmup_epochs=0,
-                optimizer="AdamW", lr0=0.002, close_mosaic=0, mosaic=0.5 if task == "detect" else 0.0,
+                optimizer="AdamW", lr0=lr0, close_mosaic=0, mosaic=0.5 if task == "detect" else 0.0,
                 fliplr=0.0, erasing=0.0)  # a mirrored digit is not the same digit
     out = work / f"w{time.monotonic_ns()}.pt"
     shutil.copyfile(work / "run" / "weights" / "last.pt", out)
@@ -142,7 +142,7 @@ def run_seed(task: str, args, seed: int, work: Path) -> dict:
                 sel = select(config, table.uncertainty, table.disagreement, emb, lab_emb, num_labeled=len(labeled))
             labeled += [pool[i] for i in sel.indices]
             data = dataset(samples, labeled, test, work / "data", task)
-            weights = train(task, data, weights, args.epochs, args.imgsz, seed + r, work / "a")
+            weights = train(task, data, weights, args.epochs, args.imgsz, seed + r, work / "a", args.lr_finetune)
             scores.append(evaluate(task, weights, data, args.imgsz))
             counts.append(len(labeled))
             print(f"  seed {seed} {strategy.value:12s} round {r}: {len(labeled)} labels -> {scores[-1]:.3f}", flush=True)
@@ -223,6 +223,8 @@ def main() -> None:
     ap.add_argument("--epochs0", type=int, default=None, help="epochs for the round-0 model")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tune epochs per round")
     ap.add_argument("--imgsz", type=int, default=None)
+    ap.add_argument("--lr-finetune", type=float, default=0.002,
+                    help="AdamW learning rate of the per-round fine-tunes (the round-0 model trains at 0.002)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     defaults = {"classify": dict(initial=40, budget=40, pool=1200, test=400, epochs0=120, epochs=40, imgsz=64),

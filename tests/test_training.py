@@ -170,3 +170,20 @@ def test_a_frozen_backbone_stays_put_while_the_head_learns(tmp_path, detect_weig
 
     assert not changed("model.0.") and not changed("model.9.")  # backbone: frozen
     assert changed("model.22.")  # the detection head trained
+
+
+def test_a_promoted_version_is_served_on_the_same_engine(tmp_path, detect_adapter, detect_weights):
+    """A retrained model must not fall back to PyTorch because the server was started with OpenVINO."""
+    settings = Settings(home=tmp_path / "home", device="cpu", engine="openvino")
+    registry = Registry(settings.db_path)
+    holder = ModelHolder(detect_adapter)
+    registry.record_served(detect_adapter.version, "start", "detect", str(detect_weights))
+    service = TrainingService(settings, holder, registry, watch_interval_s=3600)
+    retrained = tmp_path / "retrained.pt"
+    retrained.write_bytes(detect_weights.read_bytes() + b"\0")  # other bytes: another version
+    registry.add_candidate("p1-job1", "retrained", "detect", str(retrained), detect_adapter.version, "x", {})
+    registry.set_status("p1-job1", "promoted")
+    service.check_promotions().join(120)
+    assert holder.adapter is not detect_adapter and holder.adapter.engine == "openvino"
+    assert (settings.home / "cache" / "openvino" / f"{holder.adapter.version}_openvino_model").is_dir()
+    service.close()

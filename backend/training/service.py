@@ -152,9 +152,7 @@ class TrainingService:
         return load_vlm(path, device=self.settings.device)
 
     def _default_loader(self, path: str):
-        from backend.models.yolo import YoloAdapter
-
-        return YoloAdapter(path, device=self.settings.device, conf=self.settings.conf)
+        return self.settings.load_cnn(path)  # served as the first version was: same engine, size, threshold
 
 
     def close(self) -> None:
