@@ -108,3 +108,23 @@ def test_export_has_dynamic_input_and_a_fixed_shape_export_still_serves(engines,
     (a,), (b,) = fixed.predict([image], 0.25, 0.7), dynamic.predict([image], 0.25, 0.7)
     assert len(a.detections) == len(b.detections) > 0
     assert (sv.box_iou_batch(a.detections.xyxy, b.detections.xyxy).max(1) > 0.85).all()
+
+
+def test_parity_is_checked_one_image_at_a_time(tmp_path):
+    """Ultralytics pads a mixed-size batch to the square and a single image to the stride; the served engine
+    sees single images, so the reference must too (a weak model failed parity on padding alone)."""
+    from backend.models.base import ModelOutput
+    from backend.models.openvino_engine import MARKER, verify_once
+
+    calls = []
+
+    def runner(images, conf):
+        calls.append(len(images))
+        return [ModelOutput(detections=sv.Detections.empty()) for _ in images]
+
+    report = verify_once(tmp_path, runner, runner, imgsz=160)
+    assert set(calls) == {1} and len(calls) >= 2 * 6
+    assert json.loads((tmp_path / MARKER).read_text()) == report
+    calls.clear()
+    verify_once(tmp_path, runner, runner, imgsz=160)  # checked once per export
+    assert calls == []
