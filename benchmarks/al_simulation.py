@@ -128,7 +128,8 @@ def run_seed(task: str, args, seed: int, work: Path) -> dict:
             pool = [i for i in pool_all if i not in set(labeled)]
             adapter = YoloAdapter(weights, device="cpu", conf=0.05, imgsz=args.imgsz)
             images = [samples[i].image for i in pool]
-            config = SelectionConfig(strategy=strategy, budget=args.budget, control_fraction=0.0, seed=seed * 100 + r)
+            config = SelectionConfig(strategy=strategy, budget=args.budget, control_fraction=0.0, seed=seed * 100 + r,
+                                     pool_factor=args.pool_factor)
             if strategy is Strategy.RANDOM:
                 sel = select(config, uncertainty=np.zeros(len(pool)))
             else:
@@ -226,6 +227,8 @@ def main() -> None:
     ap.add_argument("--lr-finetune", type=float, default=None,
                     help="AdamW learning rate of the per-round fine-tunes (the round-0 model trains at 0.002); "
                          "detection defaults to 0.0005: at 0.002 every detector lost a third of its mAP in round 1")
+    ap.add_argument("--pool-factor", type=float, default=SelectionConfig.pool_factor,
+                    help="k-center picks the batch from the top pool_factor × budget by acquisition")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     defaults = {"classify": dict(initial=40, budget=40, pool=1200, test=400, epochs0=120, epochs=40, imgsz=64,
