@@ -11,7 +11,7 @@ The second opinion: no VLM weights exist offline, so disagreement uses a *differ
 a second YOLOv8n trained with another seed and input size. The output says so.
 
     uv run python benchmarks/al_simulation.py --task classify --seeds 3
-    uv run python benchmarks/al_simulation.py --task detect --seeds 3 --rounds 4   # about 35 minutes
+    uv run python benchmarks/al_simulation.py --task detect --seeds 3   # about 40 minutes
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=["classify", "detect"], default="classify")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--initial", type=int, default=None)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--pool", type=int, default=None)
@@ -231,9 +231,9 @@ def main() -> None:
                     help="k-center picks the batch from the top pool_factor × budget by acquisition")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
-    defaults = {"classify": dict(initial=40, budget=40, pool=1200, test=400, epochs0=120, epochs=40, imgsz=64,
+    defaults = {"classify": dict(rounds=5, initial=40, budget=40, pool=1200, test=400, epochs0=120, epochs=40, imgsz=64,
                                  lr_finetune=0.002),
-                "detect": dict(initial=60, budget=30, pool=400, test=100, epochs0=80, epochs=12, imgsz=128,
+                "detect": dict(rounds=4, initial=60, budget=30, pool=400, test=100, epochs0=80, epochs=12, imgsz=128,
                                lr_finetune=0.0005)}[args.task]
     for k, v in defaults.items():
         if getattr(args, k) is None:
