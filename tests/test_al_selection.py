@@ -88,3 +88,4 @@ def test_classifier_outputs_score_by_margin_and_js():
     np.testing.assert_allclose(table.uncertainty, [0.2, 1.0])
     assert table.disagreement[0] == pytest.approx(0) and table.disagreement[1] > 0.3
     assert table.reasons[1] == "yolo says cat (0.50), clip says dog (1.00)"
+
