@@ -237,4 +237,4 @@ class Predictor:
         rows = [(key[0], key[1], key[2], project_id, plan.name, role, item)
                 for key, item in pairs if key is not None and "result" in item]
         if rows:
-            self.store.put_many(rows)
+            self.store.put_many_later(rows)

@@ -3,19 +3,26 @@ second model's opinions that active learning scores disagreement against.
 
 A row is keyed by task, model version and a fingerprint of what was asked (labeling config, label map,
 prompts and the task's image URLs), so a changed image or config is never answered from the cache.
+
+/predict hands its rows to a writer thread (`put_many_later`) and answers without waiting for SQLite;
+every read here waits for the writes handed over before it, so this process always reads its own writes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from backend.sqlite_db import SqliteDb
+
+log = logging.getLogger("tandem.store")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
@@ -53,9 +60,35 @@ class PredictionStore(SqliteDb):
         super().__init__(db_path, _SCHEMA)
         # /predict writes here on every call: a cache may lose its last rows on power loss, not fsync each one
         self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tandem-store")
+        self._last_write: Future | None = None
+
+    def put_many_later(self, rows: Iterable[tuple[int, str, str, int | None, str, str, Mapping[str, Any]]]) -> None:
+        """`put_many` on the writer thread; a failure is logged (this is a cache), never raised to the caller.
+        The items must not be changed afterwards."""
+        rows = list(rows)
+
+        def write() -> None:
+            try:
+                self.put_many(rows)
+            except Exception:
+                log.exception("could not store %d predictions", len(rows))
+
+        self._last_write = self._writer.submit(write)
+
+    def flush(self) -> None:
+        """Wait for the writes handed over so far (one thread, in order: waiting for the last is enough)."""
+        last = self._last_write
+        if last is not None and not last.done():
+            last.result()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        super().close()
 
     def get_many(self, keys: Sequence[tuple[int, str, str]]) -> dict[tuple[int, str, str], dict[str, Any]]:
         """(task_id, version, fingerprint) -> stored item, for the keys that exist."""
+        self.flush()
         found: dict[tuple[int, str, str], dict[str, Any]] = {}
         with self._lock:
             for start in range(0, len(keys), 300):
@@ -86,6 +119,7 @@ class PredictionStore(SqliteDb):
             sql, args = sql + " AND role=?", [*args, role]
         if model_version:
             sql, args = sql + " AND model_version=?", [*args, model_version]
+        self.flush()
         with self._lock:
             rows = self._conn.execute(sql + " ORDER BY created_at", args).fetchall()
         latest = {(r[0], r[1]): r for r in rows}

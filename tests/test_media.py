@@ -62,6 +62,24 @@ def test_local_files_path_traversal_refused(tmp_path):
         fetcher.load("/data/local-files/?d=%2E%2E%2Fsecret.png")
 
 
+def test_local_files_that_are_not_files_are_refused_without_hanging(tmp_path):
+    """A directory, a symlink out of the root, a FIFO (opening one for reading would block forever) and a
+    file over the size limit each get a clear error."""
+    import os
+
+    root = tmp_path / "root"
+    (root / "a_dir").mkdir(parents=True)
+    (tmp_path / "outside.png").write_bytes(b"x")
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    os.mkfifo(root / "pipe.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "big.png")
+    fetcher = MediaFetcher(MediaSettings(local_files_root=root, max_bytes=100))
+    for name, message in [("a_dir", "not found"), ("link.png", "outside"), ("pipe.png", "not found"),
+                          ("missing.png", "not found"), ("a_dir/x.png", "not found"), ("big.png", "larger than")]:
+        with pytest.raises(MediaError, match=message):
+            fetcher.load(f"/data/local-files/?d={name}")
+
+
 def test_corrupt_and_non_image(served_dir):
     root, base = served_dir
     (root / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

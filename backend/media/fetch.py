@@ -14,6 +14,7 @@ import io
 import ipaddress
 import os
 import socket
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class MediaFetcher:
         self._base = base
         self._auth = LabelStudioAuth(base, settings.api_key) if base and settings.api_key else None
         self._client = httpx.Client(timeout=settings.timeout, follow_redirects=True)
+        self._local_root = Path(settings.local_files_root).resolve() if settings.local_files_root else None
         if settings.cache_dir:
             Path(settings.cache_dir).mkdir(parents=True, exist_ok=True)
 
@@ -103,15 +105,24 @@ class MediaFetcher:
         raise MediaError(f"unsupported image URL {url!r}: expected http(s), /data/upload, /data/local-files or s3/gs")
 
     def _read_local(self, relative: str) -> bytes:
-        root = Path(self.settings.local_files_root).resolve()
-        target = (root / unquote(relative)).resolve()
+        root = self._local_root
+        target = (root / unquote(relative)).resolve()  # symlinks too: a link may not lead out of the root
         if not target.is_relative_to(root):
             raise MediaError(f"refusing local file outside LOCAL_FILES_DOCUMENT_ROOT: {relative!r}")
-        if not target.is_file():
-            raise MediaError(f"local file not found: {relative!r}")
-        if target.stat().st_size > self.settings.max_bytes:
+        try:  # one open and one fstat, not a stat per check; O_NONBLOCK: a FIFO here must not hang the server
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise MediaError(f"local file not found: {relative!r}") from exc
+        except OSError as exc:
+            raise MediaError(f"cannot read local file {relative!r}: {exc.strerror}") from exc
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > self.settings.max_bytes:
+            os.close(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise MediaError(f"local file not found: {relative!r}")
             raise MediaError(f"image {relative!r} is larger than {self.settings.max_bytes} bytes")
-        return target.read_bytes()
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read()
 
     def _cached(self, key: str, fetch) -> bytes:
         if not self.settings.cache_dir:
