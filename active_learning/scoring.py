@@ -86,10 +86,13 @@ def score_outputs(
         return ScoreTable(uncertainty, disagreement, reasons, counts)
 
     a = BoxBatch.from_images([to_image_boxes(o, space) for o in primary])
-    unc = detection_uncertainty(a, aggregate=aggregate)
+    peaks = np.array([np.nan if o.candidate_peak is None else o.candidate_peak for o in primary], dtype=float)
+    unc = detection_uncertainty(a, aggregate=aggregate, candidate_peaks=peaks)
     reasons = [
-        f"{model_names[0]} unsure: {k} of {c} boxes near the threshold" if k else f"{model_names[0]} boxes: {c}"
-        for k, c in zip(unc.near_threshold, a.counts, strict=True)
+        f"{model_names[0]} unsure: {k} of {c} boxes near the threshold" if k
+        else f"{model_names[0]} sees nothing (best candidate {p:.2f})" if c == 0 and np.isfinite(p)
+        else f"{model_names[0]} boxes: {c}"
+        for k, c, p in zip(unc.near_threshold, a.counts, peaks, strict=True)
     ]
     disagreement = None
     if second is not None:

@@ -3,7 +3,9 @@
 Classification: least confidence, margin, entropy over the class distribution. Detection: each box's
 binary entropy of its score and, when the adapter kept the box's class distribution from before NMS,
 that distribution's entropy; the image aggregates boxes by max, mean, capped sum and a count of boxes
-near the confidence threshold.
+near the confidence threshold. An image with no kept box takes the binary entropy of its best candidate
+below the threshold, when the detector reports one: otherwise every image a weak detector misses scores
+0, and the images it most needs labeled never reach the queue.
 """
 
 from __future__ import annotations
@@ -86,14 +88,23 @@ def detection_uncertainty(
     band: float = 0.15,
     cap: float = 5.0,
     aggregate: str = "max",
+    candidate_peaks: np.ndarray | None = None,
 ) -> DetectionUncertainty:
-    """`aggregate` picks the ranking value: max (one doubtful box), mean, or capped_sum (crowded doubt)."""
+    """`aggregate` picks the ranking value: max (one doubtful box), mean, or capped_sum (crowded doubt).
+    `candidate_peaks` (N,): each image's best pre-threshold class score (NaN where unknown); an image with
+    no box counts it as its one box."""
     u = box_uncertainty(boxes)
     counts = boxes.counts
     total = segment_sum(u, boxes.offsets)
     mean = np.divide(total, counts, out=np.zeros_like(total), where=counts > 0)
     near = segment_sum((np.abs(boxes.scores - threshold) < band).astype(float), boxes.offsets)
-    result = {"max": segment_max(u, boxes.offsets), "mean": mean, "capped_sum": np.minimum(total, cap) / cap}
+    top = segment_max(u, boxes.offsets)
+    if candidate_peaks is not None:
+        peaks = np.asarray(candidate_peaks, dtype=float)
+        missed = (counts == 0) & np.isfinite(peaks)
+        near_miss = binary_entropy(np.where(missed, peaks, 0.0))
+        top, mean, total = (np.where(missed, near_miss, v) for v in (top, mean, total))
+    result = {"max": top, "mean": mean, "capped_sum": np.minimum(total, cap) / cap}
     if aggregate not in result:
         raise ValueError(f"aggregate must be one of {', '.join(result)}")
     return DetectionUncertainty(box=u, near_threshold=near.astype(int), score=result[aggregate], **result)

@@ -68,6 +68,35 @@ def test_images_without_any_boxes():
     np.testing.assert_array_equal(detection_disagreement(batch, batch).score, [0, 0])
 
 
+def test_an_image_with_no_box_ranks_by_its_best_candidate():
+    batch = BoxBatch.from_images([
+        ImageBoxes.empty(),  # a near miss
+        ImageBoxes.empty(),  # nothing close
+        ImageBoxes.empty(),  # the detector reported no peak
+        ImageBoxes(np.zeros((1, 4)), np.array([0.9]), np.array([0])),  # has a box: its peak is not used
+    ])
+    peaks = np.array([0.2, 0.001, np.nan, 0.24])
+    for aggregate in ("max", "mean"):
+        u = detection_uncertainty(batch, aggregate=aggregate, candidate_peaks=peaks).score
+        np.testing.assert_allclose(u, [binary_entropy(0.2), binary_entropy(0.001), 0.0, binary_entropy(0.9)])
+    capped = detection_uncertainty(batch, cap=5.0, candidate_peaks=peaks).capped_sum
+    np.testing.assert_allclose(capped[:2], binary_entropy(np.array([0.2, 0.001])) / 5)
+    assert u[0] > u[1] > u[2]
+
+
+@given(st.lists(st.floats(0, 0.25), min_size=1, max_size=6), st.lists(st.floats(0.25, 1), min_size=1, max_size=6))
+def test_near_misses_stay_in_unit_interval_and_leave_images_with_boxes_alone(peaks, box_scores):
+    empty = [ImageBoxes.empty()] * len(peaks)
+    boxed = ImageBoxes(np.zeros((len(box_scores), 4)), np.array(box_scores), np.zeros(len(box_scores), int))
+    batch = BoxBatch.from_images([*empty, boxed])
+    with_peaks = detection_uncertainty(batch, candidate_peaks=np.array([*peaks, 0.1]))
+    without = detection_uncertainty(batch)
+    for agg in ("max", "mean", "capped_sum"):
+        v = getattr(with_peaks, agg)
+        assert np.all((v >= 0) & (v <= 1))
+        assert getattr(with_peaks, agg)[-1] == getattr(without, agg)[-1]
+
+
 def test_class_distribution_raises_box_uncertainty():
     sure = ImageBoxes(np.zeros((1, 4)), np.array([0.99]), np.array([0]), np.array([[0.98, 0.01, 0.01]]))
     torn = ImageBoxes(np.zeros((1, 4)), np.array([0.99]), np.array([0]), np.array([[0.5, 0.5, 0.0]]))

@@ -89,3 +89,18 @@ def test_classifier_outputs_score_by_margin_and_js():
     assert table.disagreement[0] == pytest.approx(0) and table.disagreement[1] > 0.3
     assert table.reasons[1] == "yolo says cat (0.50), clip says dog (1.00)"
 
+
+
+def test_detector_that_sees_nothing_still_ranks_its_near_misses():
+    import supervision as sv
+
+    def out(peak, conf=()):
+        n = len(conf)
+        det = sv.Detections(xyxy=np.tile([10.0, 10, 50, 50], (n, 1)).reshape(n, 4), confidence=np.array(conf, float),
+                            class_id=np.zeros(n, int), data={"class_name": np.array(["cat"] * n, dtype=object)})
+        return ModelOutput(detections=det, candidate_peak=peak)
+
+    table = score_outputs([out(0.2), out(0.01), out(None), out(0.95, [0.95])], ["cat"])
+    assert table.uncertainty[0] > table.uncertainty[1] > table.uncertainty[2] == 0
+    assert table.reasons[0] == "CNN sees nothing (best candidate 0.20)"
+    assert table.reasons[2] == "CNN boxes: 0" and table.reasons[3] == "CNN boxes: 1"

@@ -57,6 +57,11 @@ def test_decode_keeps_each_kept_box_class_vector_and_runs_class_aware_nms():
     assert det.class_id.tolist() == [0, 1, 2] and det.confidence.tolist() == pytest.approx([0.9, 0.7, 0.3])
     np.testing.assert_allclose(det.data["class_scores"], raw[4:, [0, 2, 3]].T)
     assert list(det.data["class_name"]) == ["a", "b", "c"]
+    assert out.candidate_peak == pytest.approx(0.9)
+    # nothing above the threshold: no box, but the near miss is reported
+    missed = decode(raw, Letterbox(1.0, 1.0, 0, 0), (400, 400), conf=0.95, iou=0.7, max_det=300,
+                    class_names=("a", "b", "c"))
+    assert len(missed.detections) == 0 and missed.candidate_peak == pytest.approx(0.9)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +82,7 @@ def test_detector_agrees_with_pytorch_at_any_aspect_ratio(engines):
     compared = 0
     for a, b in zip(torch_adapter.predict(images), fast.predict(images), strict=True):
         assert len(a.detections) == len(b.detections)
+        assert b.candidate_peak == pytest.approx(a.candidate_peak, abs=0.03)
         if len(a.detections) == 0:
             continue
         iou = sv.box_iou_batch(a.detections.xyxy, b.detections.xyxy)

@@ -75,6 +75,13 @@ def test_image_without_objects_gives_empty_detections(detect_adapter):
 
     (out,) = detect_adapter.predict([Image.new("RGB", (320, 240), (200, 200, 200))])
     assert len(out.detections) == 0 and out.detections.data["class_scores"].shape == (0, 3)
+    # the best candidate it threw away is reported, so active learning can still rank this image
+    assert out.candidate_peak is not None and 0.0 <= out.candidate_peak < detect_adapter.conf
+
+
+def test_candidate_peak_is_at_least_every_kept_box(detect_adapter):
+    for out in detect_adapter.predict([img for img, _ in generate_samples(3, seed=14)]):
+        assert len(out.detections) and out.candidate_peak >= out.detections.confidence.max() - 1e-6
 
 
 @pytest.mark.parametrize("task_fixture", ["detect_weights", "segment_weights", "classify_weights"])

@@ -23,11 +23,14 @@ class ModelOutput:
 
     `detections` carries xyxy pixels, confidence, class_id and `data["class_name"]`; segmenters add
     `data["polygon"]` (an object array of (K, 2) pixel outlines). `probabilities` is the full
-    class distribution of a classifier, aligned with the adapter's `class_names`.
+    class distribution of a classifier, aligned with the adapter's `class_names`. `candidate_peak` is a
+    detector's highest class score over all its candidates before the confidence threshold: an image with
+    no kept box can still rank for review by how near it came to one.
     """
 
     detections: sv.Detections | None = None
     probabilities: np.ndarray | None = None
+    candidate_peak: float | None = None
 
 
 @runtime_checkable

@@ -73,7 +73,7 @@ def decode(raw: np.ndarray, box: Letterbox, size: tuple[int, int], conf: float, 
     w, h = size
     xyxy = (xyxy - [box.left, box.top, box.left, box.top]) / [box.gain_x, box.gain_y, box.gain_x, box.gain_y]
     xyxy = np.clip(xyxy, 0, [w, h, w, h])
-    return ModelOutput(detections=sv.Detections(
+    return ModelOutput(candidate_peak=float(best.max()) if best.size else 0.0, detections=sv.Detections(
         xyxy=xyxy.astype(np.float64),
         confidence=confidence.astype(np.float64),
         class_id=class_id.astype(int),

@@ -60,6 +60,7 @@ def _class_vector_predictor(base: type) -> type:
             for b, result in enumerate(results):
                 vectors = raw[b, 4 : 4 + nc, :].T[idxs[b].long()]  # empty idxs come back as float
                 result.class_scores = _align(kept[b][:, 4], result.boxes.conf, vectors)
+                result.candidate_peak = float(raw[b, 4 : 4 + nc, :].max()) if raw.shape[-1] else 0.0
             return results
 
     return ClassVectorPredictor
@@ -274,4 +275,4 @@ class YoloAdapter:
             for i, outline in enumerate(outlines):
                 polygons[i] = np.asarray(outline, dtype=np.float64)
             detections.data["polygon"] = polygons
-        return ModelOutput(detections=detections)
+        return ModelOutput(detections=detections, candidate_peak=getattr(result, "candidate_peak", None))
