@@ -60,7 +60,13 @@ def serve(
     engine: Annotated[
         str | None,
         typer.Option(help="auto (OpenVINO on CPU, exported once per version and parity-checked; the default), "
-                     "openvino, torch. Retrained versions are served the same way.", envvar="TANDEM_ENGINE"),
+                     "openvino, int8 (OpenVINO INT8 for detection, calibrated on --calibration; fastest on CPUs "
+                     "without bf16), torch. Retrained versions are served the same way.", envvar="TANDEM_ENGINE"),
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Folder of images like the ones you serve (16 or more), for --engine int8.",
+                     envvar="TANDEM_INT8_CALIBRATION"),
     ] = None,
     starter_task: Annotated[
         str, typer.Option(help="Task of the starter model when --model is not given: detect, segment, classify.")
@@ -90,10 +96,14 @@ def serve(
     _logging(log_level)
     try:
         settings = Settings.from_env(home=home, model=model, device=device, conf=conf, vlm=vlm, engine=engine, imgsz=imgsz,
-                                     predict_budget_s=predict_budget,
+                                     int8_calibration=calibration, predict_budget_s=predict_budget,
                                      pre_annotator=pre_annotator or ("vlm" if vlm and not model else None))
     except Exception as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if settings.engine == "int8" and not (settings.int8_calibration and settings.int8_calibration.is_dir()):
+        console.print("[red]error:[/] --engine int8 needs --calibration DIR: a folder of 16 or more images like "
+                      f"the ones you serve (got {settings.int8_calibration or 'none'})")
+        raise typer.Exit(2)
     if settings.vlm:  # before torch and ultralytics are imported: an unavailable checkpoint fails in under a second
         from backend.models.vlm.source import resolve_source
 

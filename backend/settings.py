@@ -32,7 +32,8 @@ class Settings(BaseModel):
     case_sensitive_labels: bool = False
     device: str | None = None
     conf: float = 0.25
-    engine: str = Field(default="auto", pattern="^(auto|openvino|torch)$")  # every served version, retrained too
+    engine: str = Field(default="auto", pattern="^(auto|openvino|int8|torch)$")  # every served version, retrained too
+    int8_calibration: Path | None = None  # images like the served ones, for the int8 engine
     imgsz: int | None = None
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 80_000_000
@@ -70,6 +71,7 @@ class Settings(BaseModel):
             "device": _env("TANDEM_DEVICE"),
             "conf": float(_env("TANDEM_CONF") or 0.25),
             "engine": _env("TANDEM_ENGINE") or "auto",
+            "int8_calibration": _env("TANDEM_INT8_CALIBRATION"),
             "imgsz": int(_env("TANDEM_IMGSZ")) if _env("TANDEM_IMGSZ") else None,
             "webhook_secret": _env("TANDEM_WEBHOOK_SECRET"),
             "train_after": int(_env("TANDEM_TRAIN_AFTER") or 10),
@@ -106,6 +108,7 @@ class Settings(BaseModel):
             "TANDEM_DEVICE": self.device,
             "TANDEM_CONF": str(self.conf),
             "TANDEM_ENGINE": self.engine,
+            "TANDEM_INT8_CALIBRATION": str(self.int8_calibration) if self.int8_calibration else None,
             "TANDEM_IMGSZ": str(self.imgsz) if self.imgsz else None,
             "TANDEM_VLM": self.vlm,
             "TANDEM_VLM_PROMPTS": json.dumps(self.vlm_prompts) if self.vlm_prompts else None,
@@ -120,7 +123,7 @@ class Settings(BaseModel):
         from backend.models.yolo import YoloAdapter
 
         options = dict(device=self.device, conf=self.conf, engine=self.engine, imgsz=self.imgsz,
-                       cache_dir=self.home / "cache" / "openvino")
+                       cache_dir=self.home / "cache" / "openvino", calibration=self.int8_calibration)
         return YoloAdapter(weights, **{**options, **overrides})
 
     def media(self) -> MediaSettings:

@@ -5,8 +5,9 @@ in turn, so drift in the machine's speed hits all of them alike):
 - Tandem's PyTorch adapter called in process (ultralytics' predict plus the class vectors Tandem keeps);
 - ultralytics driving the same OpenVINO export Tandem serves;
 - Tandem's OpenVINO engine called in process, on the image decoded as /predict decodes it;
-- Tandem's /predict over HTTP, with PyTorch and with OpenVINO (`tandem serve` in its own process, as
-  deployed; one task per request, as when an annotator opens a task). The client is the standard
+- Tandem's OpenVINO INT8 engine (`--engine int8`, calibrated on 48 other generated images), in process;
+- Tandem's /predict over HTTP, with PyTorch, OpenVINO and OpenVINO INT8 (`tandem serve` in its own process,
+  as deployed; one task per request, as when an annotator opens a task). The client is the standard
   library's keep-alive `http.client`, so what is timed is the server and the socket, not a client
   library's Python; the OpenVINO server is also timed through httpx, to show what a heavier client adds.
 
@@ -42,21 +43,32 @@ from backend.models.yolo import YoloAdapter  # noqa: E402
 
 CONFIG = """<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">
 <Label value="square"/><Label value="circle"/><Label value="triangle"/></RectangleLabels></View>"""
-BASE, TORCH_ENGINE, ULTRA_OV, ENGINE, HTTP_TORCH, HTTP_OV, HTTPX_OV = (
+BASE, TORCH_ENGINE, ULTRA_OV, ENGINE, ENGINE8, HTTP_TORCH, HTTP_OV, HTTP_OV8, HTTPX_OV = (
     "ultralytics PyTorch (CPU default)", "Tandem PyTorch adapter, in process", "ultralytics on the OpenVINO export",
-    "Tandem OpenVINO engine, in process",
-    "Tandem /predict, PyTorch", "Tandem /predict, OpenVINO", "Tandem /predict, OpenVINO, httpx client")
+    "Tandem OpenVINO engine, in process", "Tandem OpenVINO INT8 engine, in process",
+    "Tandem /predict, PyTorch", "Tandem /predict, OpenVINO", "Tandem /predict, OpenVINO INT8",
+    "Tandem /predict, OpenVINO, httpx client")
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU has bf16 units (OpenVINO then computes in bf16 by default, and fp32 is not the regime)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @contextmanager
-def tandem_server(weights: Path, engine: str, imgsz: int, media: Path):
+def tandem_server(weights: Path, engine: str, imgsz: int, media: Path, calibration: Path | None = None):
     """`tandem serve` in its own process; yields two functions that ask /predict for one task, through
     http.client and through httpx."""
     port = free_port()
     env = {**os.environ, "TANDEM_HOME": str(media / f"home-{engine}"), "LOCAL_FILES_DOCUMENT_ROOT": str(media)}
+    extra = ["--calibration", str(calibration)] if calibration else []
     proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--model", str(weights), "--port", str(port),
-                             "--engine", engine, "--imgsz", str(imgsz), "--device", "cpu", "--log-level", "warning"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--engine", engine, "--imgsz", str(imgsz), "--device", "cpu", "--log-level", "warning",
+                             *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     task_ids = itertools.count(1)  # a fresh id per call: a repeated task would be answered from the cache
     try:
@@ -116,13 +128,22 @@ def main() -> None:
             files.append(tmp / f"{s.name}.jpg")
             img.save(files[-1], quality=92)
         warm, files = files[:3], files[3:]
+        calibration = tmp / "calibration"
+        calibration.mkdir()
+        for i, (img, _) in enumerate(generate_samples(48, seed=4242, size=(640, 480))):
+            img.save(calibration / f"{i}.jpg", quality=92)
 
         engine = YoloAdapter(weights, device="cpu", imgsz=args.imgsz, engine="openvino", cache_dir=tmp / "ov")
+        engine8 = YoloAdapter(weights, device="cpu", imgsz=args.imgsz, engine="int8", cache_dir=tmp / "ov",
+                              calibration=calibration)
+        if engine8.engine != "openvino-int8":
+            raise RuntimeError("the INT8 model did not pass its check (see the log above)")
         torch_engine = YoloAdapter(weights, device="cpu", imgsz=args.imgsz, engine="torch")
         raw_torch = YOLO(str(weights))
         raw_ov = YOLO(str(next((tmp / "ov").glob("*_openvino_model"))), task="detect")
         torch_server, _ = servers.enter_context(tandem_server(weights, "torch", args.imgsz, tmp))
         ov_server, ov_server_httpx = servers.enter_context(tandem_server(weights, "openvino", args.imgsz, tmp))
+        ov8_server, _ = servers.enter_context(tandem_server(weights, "int8", args.imgsz, tmp, calibration))
         contenders = {
             BASE: lambda f: raw_torch.predict(str(f), imgsz=args.imgsz, verbose=False),
             TORCH_ENGINE: lambda f: torch_engine.predict([decode_image(f.read_bytes(), f.name, 10**8)]),
@@ -130,6 +151,8 @@ def main() -> None:
             ULTRA_OV: lambda f: raw_ov.predict(str(f), imgsz=args.imgsz, verbose=False),
             ENGINE: lambda f: engine.predict([decode_image(f.read_bytes(), f.name, 10**8)]),
             HTTP_OV: ov_server,
+            ENGINE8: lambda f: engine8.predict([decode_image(f.read_bytes(), f.name, 10**8)]),
+            HTTP_OV8: ov8_server,
             HTTPX_OV: ov_server_httpx,
         }
         for fn in contenders.values():
@@ -148,17 +171,20 @@ def main() -> None:
     n = args.images * args.rounds
     print(f"{args.images} images 640×480 × {args.rounds} rounds, interleaved with {args.pause_ms:.0f} ms pauses; "
           f"imgsz {args.imgsz}, "
-          f"{os.cpu_count()} CPU cores; median ms per image")
-    for k in (BASE, TORCH_ENGINE, ULTRA_OV, ENGINE, HTTP_TORCH, HTTP_OV, HTTPX_OV):
+          f"{os.cpu_count()} CPU cores ({'with' if cpu_bf16() else 'no'} bf16 units); median ms per image")
+    for k in (BASE, TORCH_ENGINE, ULTRA_OV, ENGINE, ENGINE8, HTTP_TORCH, HTTP_OV, HTTP_OV8, HTTPX_OV):
         v = med[k]
         print(f"  {k:40s} {v:7.1f} ms   {med[BASE] / v:5.2f}× vs ultralytics PyTorch")
     paired = statistics.median(h / e for h, e in zip(times[HTTP_OV], times[ENGINE]))
-    print(f"\nTandem /predict with OpenVINO vs ultralytics' PyTorch CPU default: {med[BASE] / med[HTTP_OV]:.2f}× faster "
-          "[target ≥ 2.5×]")
+    paired8 = statistics.median(h / e for h, e in zip(times[HTTP_OV8], times[ENGINE8]))
+    print("\nTandem /predict vs ultralytics' PyTorch CPU default [target ≥ 2.5×]: "
+          f"OpenVINO {med[BASE] / med[HTTP_OV]:.2f}× faster, OpenVINO INT8 {med[BASE] / med[HTTP_OV8]:.2f}× faster")
     print("/predict overhead over the raw engine it uses [target ≤ 1.10×]:")
     print(f"  OpenVINO: {med[HTTP_OV] / med[ENGINE]:.3f}× over Tandem's engine in process "
           f"(median of {n} paired ratios {paired:.3f}×; {med[HTTP_OV] - med[ENGINE]:.1f} ms); "
           f"{med[HTTP_OV] / med[ULTRA_OV]:.3f}× over ultralytics driving the same export")
+    print(f"  OpenVINO INT8: {med[HTTP_OV8] / med[ENGINE8]:.3f}× over Tandem's INT8 engine in process "
+          f"(median of {n} paired ratios {paired8:.3f}×; {med[HTTP_OV8] - med[ENGINE8]:.1f} ms)")
     print(f"  OpenVINO through httpx: {med[HTTPX_OV] / med[ENGINE]:.3f}× over Tandem's engine in process "
           f"({med[HTTPX_OV] - med[HTTP_OV]:+.1f} ms for the client library)")
     print(f"  PyTorch:  {med[HTTP_TORCH] / med[TORCH_ENGINE]:.3f}× over Tandem's PyTorch adapter in process "

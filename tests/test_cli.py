@@ -141,3 +141,12 @@ def test_train_queues_a_vlm_lora_job(tmp_path):
     assert job.model_kind == "vlm" and "epochs" not in job.params
     done = wait(store, 1, timeout=120)  # no Label Studio configured: it fails, with the reason
     assert "LABEL_STUDIO_URL" in done.error or "VLM" in done.error
+
+
+def test_int8_without_calibration_images_fails_at_start(tmp_path):
+    proc = subprocess.run([*TANDEM, "serve", "--engine", "int8"], capture_output=True, text=True, env=_env(tmp_path),
+                          timeout=120)
+    assert proc.returncode == 2 and "--calibration" in proc.stderr
+    proc = subprocess.run([*TANDEM, "serve", "--engine", "int8", "--calibration", str(tmp_path / "none")],
+                          capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+    assert proc.returncode == 2 and "none" in proc.stderr

@@ -134,3 +134,66 @@ def test_parity_is_checked_one_image_at_a_time(tmp_path):
     calls.clear()
     verify_once(tmp_path, runner, runner, imgsz=160)  # checked once per export
     assert calls == []
+
+
+# --- INT8 -----------------------------------------------------------------------------------------
+def _calibration(folder, n=24, seed=4242):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (img, _) in enumerate(generate_samples(n, seed=seed, size=(320, 240))):
+        img.save(folder / f"{i}.jpg", quality=92)
+    return folder
+
+
+def test_int8_engine_is_quantized_checked_and_close_to_pytorch(detect_weights, engines, tmp_path):
+    import openvino as ov
+
+    from active_learning.scoring import score_outputs
+
+    torch_adapter, _, _ = engines
+    cache = tmp_path / "ov"
+    int8 = YoloAdapter(detect_weights, device="cpu", engine="int8", cache_dir=cache,
+                       calibration=_calibration(tmp_path / "calib"))
+    assert int8.engine == "openvino-int8"
+    (folder,) = [p for p in cache.glob("*_openvino_model") if "_int8-" in p.name]
+    model = ov.Core().read_model(next(folder.glob("*.xml")))
+    assert any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())  # really quantized
+    report = json.loads((folder / "tandem_parity.json").read_text())
+    assert report["check"] == "disagreement" and report["mean_disagreement"] <= report["limit"] == 0.10
+    assert report["conf"] == int8.conf and report["boxes_compared"] > 0
+    images = [img for img, _ in generate_samples(4, seed=31)]
+    a, b = torch_adapter.predict(images), int8.predict(images)
+    assert score_outputs(a, int8.class_names, b, int8.class_names).disagreement.mean() < 0.15
+    assert all(o.candidate_peak is not None for o in b)
+    # a second start reuses the quantized model (same version, same calibration images)
+    again = YoloAdapter(detect_weights, device="cpu", engine="int8", cache_dir=cache, calibration=tmp_path / "calib")
+    assert again.engine == "openvino-int8" and len([p for p in cache.glob("*_int8-*_openvino_model")]) == 1
+
+
+def test_int8_without_enough_calibration_images_serves_fp32_openvino(detect_weights, tmp_path, caplog):
+    from backend.errors import ModelLoadError
+
+    few = _calibration(tmp_path / "few", n=3)
+    (few / "broken.jpg").write_bytes(b"not an image")
+    with caplog.at_level("WARNING", logger="tandem.models"):
+        adapter = YoloAdapter(detect_weights, device="cpu", engine="int8", cache_dir=tmp_path / "ov", calibration=few)
+    assert adapter.engine == "openvino"
+    assert "at least 16 readable images" in caplog.text and "found 3" in caplog.text
+    with pytest.raises(ModelLoadError, match="calibration"):
+        YoloAdapter(detect_weights, device="cpu", engine="int8", cache_dir=tmp_path / "ov")
+
+
+def test_agreement_check_refuses_a_model_that_sees_other_things():
+    from backend.errors import ModelLoadError
+    from backend.models.base import ModelOutput
+    from backend.models.openvino_engine import check_agreement
+
+    def out(boxes):
+        n = len(boxes)
+        return ModelOutput(detections=sv.Detections(
+            xyxy=np.array(boxes, float).reshape(n, 4), confidence=np.full(n, 0.9), class_id=np.zeros(n, int),
+            data={"class_name": np.array(["a"] * n, dtype=object)}))
+
+    ref = [out([[0, 0, 10, 10]]), out([[20, 20, 40, 40], [50, 50, 60, 60]])]
+    assert check_agreement(ref, ref, ("a",))["mean_disagreement"] == pytest.approx(0)
+    with pytest.raises(ModelLoadError, match="disagrees"):
+        check_agreement(ref, [out([]), out([[100, 100, 120, 120]])], ("a",))

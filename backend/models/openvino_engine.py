@@ -3,6 +3,10 @@ only if it agrees with the PyTorch model on a parity check at export time.
 
 Detection and segmentation exports have dynamic input shapes, so an image is padded only to the stride
 (640x480 runs as 640x480, not 640x640: a quarter less work); classification crops to a fixed square.
+
+INT8 (detection): on CPUs without bf16 units OpenVINO computes in fp32, and there post-training INT8
+quantization (nncf, calibrated on images like the ones served) is what makes the model fast. The box
+decoding at the end of the head stays in floating point, as ultralytics' own INT8 export leaves it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from backend.models.base import ModelOutput
 
 Runner = Callable[[list[np.ndarray], float], list[ModelOutput]]  # RGB uint8 images, confidence -> outputs
 MARKER = "tandem_parity.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MIN_CALIBRATION = 16
 
 
 def parity_images(n: int = 6) -> list[np.ndarray]:
@@ -61,6 +67,20 @@ def check_parity(reference: list[ModelOutput], candidate: list[ModelOutput]) -> 
     return {"boxes_compared": total, "matched": share, "max_conf_diff": worst_conf}
 
 
+def check_agreement(reference: list[ModelOutput], candidate: list[ModelOutput], class_names: tuple[str, ...],
+                    limit: float = 0.10) -> dict:
+    """An INT8 model is not float-exact, so it is held to what an annotator would notice: the review queue's
+    own disagreement score (1 − score-weighted matched-IoU F1) against PyTorch, on the boxes served."""
+    from active_learning.scoring import score_outputs
+
+    d = score_outputs(reference, class_names, candidate, class_names).disagreement
+    mean = float(d.mean()) if len(d) else 0.0
+    if mean > limit:
+        raise ModelLoadError(f"INT8 model disagrees with PyTorch: mean disagreement {mean:.3f} > {limit}")
+    return {"check": "disagreement", "mean_disagreement": mean, "max_disagreement": float(d.max(initial=0.0)),
+            "limit": limit, "boxes_compared": int(sum(len(r.detections) for r in reference))}
+
+
 def export_openvino(weights: Path, version: str, task: str, imgsz: int, cache_dir: Path) -> Path:
     """The folder of the OpenVINO export of `weights`, exported on first use."""
     from ultralytics import YOLO
@@ -84,7 +104,81 @@ def export_openvino(weights: Path, version: str, task: str, imgsz: int, cache_di
     return target
 
 
-def verify_once(target: Path, reference: Runner, candidate: Runner, imgsz: int, conf: float = 0.05) -> dict:
+def calibration_images(folder: Path, limit: int = 300) -> list[np.ndarray]:
+    """RGB arrays of up to `limit` images under `folder` (recursively, in name order); unreadable files are
+    skipped. Raises when fewer than MIN_CALIBRATION remain: a handful of images calibrates badly."""
+    from PIL import Image, ImageOps
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(f"INT8 calibration folder not found: {folder}")
+    images = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            with Image.open(path) as img:
+                images.append(np.asarray(ImageOps.exif_transpose(img).convert("RGB")))
+        except OSError:
+            continue
+        if len(images) >= limit:
+            break
+    if len(images) < MIN_CALIBRATION:
+        raise ModelLoadError(f"INT8 calibration needs at least {MIN_CALIBRATION} readable images in {folder} "
+                             f"(found {len(images)}): use images like the ones you serve")
+    return images
+
+
+def quantize_openvino(fp32: Path, key: str, images: list[np.ndarray], imgsz: int, stride: int, head: int,
+                      cache_dir: Path) -> Path:
+    """The INT8 copy of the fp32 detection export `fp32`, quantized on first use (nncf post-training
+    quantization, calibrated on `images`); `key` names it in the cache."""
+    target = cache_dir / f"{key}_openvino_model"
+    if any(target.glob("*.xml")):
+        return target
+    try:
+        import nncf
+        import openvino as ov
+
+        from backend.models.openvino_detector import letterbox
+
+        model = ov.Core().read_model(next(fp32.glob("*.xml")))
+        square = not model.input().get_partial_shape()[2].is_dynamic
+
+        def to_input(image: np.ndarray) -> np.ndarray:  # what the fp32 graph takes: NCHW float in [0, 1]
+            padded, _ = letterbox(image, imgsz, stride, square)
+            return padded.transpose(2, 0, 1)[None].astype(np.float32) / 255.0
+
+        # box decoding (DFL, anchor arithmetic, sigmoid) stays in floating point, as in ultralytics' export
+        ignored = nncf.IgnoredScope(patterns=[rf".*model\.{head}/.*/{op}.*" for op in ("Add", "Sub", "Mul", "Div")]
+                                    + [rf".*model\.{head}\.dfl.*"], types=["Sigmoid"], validate=False)
+        quantized = nncf.quantize(model, nncf.Dataset(images, to_input), preset=nncf.QuantizationPreset.MIXED,
+                                  subset_size=len(images), ignored_scope=ignored)
+        staged = cache_dir / f"{key}.partial"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        ov.save_model(quantized, staged / "model.xml")
+        for extra in fp32.glob("*.yaml"):  # ultralytics' metadata: names, stride, task
+            shutil.copyfile(extra, staged / extra.name)
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failed quantization means: serve the fp32 export
+        raise ModelLoadError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
+    return target
+
+
+def calibration_key(version: str, images: list[np.ndarray]) -> str:
+    """Cache name of an INT8 export: the version and a digest of the calibration images."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for image in images:
+        h.update(np.ascontiguousarray(image[::7, ::7]).tobytes())
+    return f"{version}_int8-{h.hexdigest()[:8]}"
+
+
+def verify_once(target: Path, reference: Runner, candidate: Runner, imgsz: int, conf: float = 0.05,
+                check: Callable[[list[ModelOutput], list[ModelOutput]], dict] = check_parity) -> dict:
     """Run the parity check the first time an export is served; its report is kept beside the model."""
     marker = target / MARKER
     if marker.is_file():
@@ -94,6 +188,6 @@ def verify_once(target: Path, reference: Runner, candidate: Runner, imgsz: int, 
     # to the stride, and a weak model's scores move with the padding, which is not what is being checked
     ref = [reference([image], conf)[0] for image in images]
     got = [candidate([image], conf)[0] for image in images]
-    report = {"imgsz": imgsz, **check_parity(ref, got)}
+    report = {"imgsz": imgsz, "conf": conf, **check(ref, got)}
     marker.write_text(json.dumps(report))
     return report

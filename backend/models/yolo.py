@@ -142,9 +142,11 @@ class YoloAdapter:
         name: str | None = None,
         engine: str = "torch",
         cache_dir: Path | None = None,
+        calibration: Path | None = None,
     ) -> None:
-        """`engine`: "torch", "openvino" (CPU; exported once per version, parity-checked) or "auto"
-        (OpenVINO on CPU when it exports cleanly, else PyTorch)."""
+        """`engine`: "torch", "openvino" (CPU; exported once per version, parity-checked), "int8" (OpenVINO
+        INT8 for detection, calibrated on the images in `calibration`; falls back to fp32 OpenVINO) or
+        "auto" (OpenVINO on CPU when it exports cleanly, else PyTorch)."""
         from ultralytics import YOLO
 
         resolved = _resolve_weights(str(weights))
@@ -166,8 +168,11 @@ class YoloAdapter:
         self.name = stem
         self.version = f"{stem}-{file_digest(self.path)}" if self.path else stem
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"tandem-infer-{stem}")
-        if engine not in ("torch", "openvino", "auto"):
-            raise ModelLoadError(f"unknown engine {engine!r}: torch, openvino or auto")
+        if engine not in ("torch", "openvino", "int8", "auto"):
+            raise ModelLoadError(f"unknown engine {engine!r}: torch, openvino, int8 or auto")
+        if engine == "int8" and calibration is None:
+            raise ModelLoadError("the int8 engine needs calibration images: a folder like the images you serve "
+                                 "(--calibration DIR or TANDEM_INT8_CALIBRATION)")
         # fp16 on CUDA; ultralytics warns about the `half` argument even when it is False, so omit it on CPU
         self._predict_kwargs = {"half": True} if self.device.startswith("cuda") else {}
         if self.task is not ModelTask.CLASSIFY:
@@ -178,26 +183,34 @@ class YoloAdapter:
             self._predict_kwargs["predictor"] = _class_vector_predictor(base)
         self.engine = "torch"
         self._run: Runner = partial(self._run_ultralytics, self._model)
-        if engine == "openvino" or (engine == "auto" and self.device == "cpu" and self.path is not None):
-            self._use_openvino(cache_dir, required=engine == "openvino")
+        if engine in ("openvino", "int8") or (engine == "auto" and self.device == "cpu" and self.path is not None):
+            self._use_openvino(cache_dir, required=engine in ("openvino", "int8"),
+                               calibration=calibration if engine == "int8" else None)
 
-    def _use_openvino(self, cache_dir: Path | None, required: bool) -> None:
+    def _use_openvino(self, cache_dir: Path | None, required: bool, calibration: Path | None = None) -> None:
         """Detection runs Tandem's own OpenVINO pipeline; segmentation and classification run the export
-        through ultralytics. Either is served only once it has passed the parity check."""
+        through ultralytics. Either is served only once it has passed the parity check; an INT8 model that
+        cannot be made or fails its check gives way to the fp32 export."""
+        import logging
+
         from backend.models.openvino_engine import export_openvino, verify_once
 
+        log = logging.getLogger("tandem.models")
         try:
             if self.path is None:
                 raise ModelLoadError("OpenVINO needs a weights file")
             if self.device != "cpu":
                 raise ModelLoadError(f"the OpenVINO engine runs on the CPU, not {self.device}")
-            target = export_openvino(self.path, self.version, self.task.value, self.imgsz,
-                                     cache_dir or self.path.parent / ".tandem-openvino")
+            cache = cache_dir or self.path.parent / ".tandem-openvino"
+            target = export_openvino(self.path, self.version, self.task.value, self.imgsz, cache)
+            if calibration is not None:
+                try:
+                    self._run, self.engine = self._int8_runner(target, calibration, cache), "openvino-int8"
+                    return
+                except ModelLoadError as exc:
+                    log.warning("serving OpenVINO fp32, not INT8: %s", exc)
             if self.task is ModelTask.DETECT:
-                from backend.models.openvino_detector import OpenVinoDetector
-
-                detector = OpenVinoDetector(target, self.class_names, self.imgsz, int(max(self._model.stride)))
-                run: Runner = partial(_run_detector, detector, self.iou)
+                run: Runner = self._detector_runner(target)
             else:
                 from ultralytics import YOLO
 
@@ -207,9 +220,33 @@ class YoloAdapter:
         except (ModelLoadError, ImportError, RuntimeError) as exc:
             if required:
                 raise ModelLoadError(str(exc)) from exc
-            import logging
+            log.warning("serving with PyTorch: %s", exc)
 
-            logging.getLogger("tandem.models").warning("serving with PyTorch: %s", exc)
+    def _detector_runner(self, target: Path) -> Runner:
+        from backend.models.openvino_detector import OpenVinoDetector
+
+        detector = OpenVinoDetector(target, self.class_names, self.imgsz, int(max(self._model.stride)))
+        return partial(_run_detector, detector, self.iou)
+
+    def _int8_runner(self, fp32: Path, calibration: Path, cache: Path) -> Runner:
+        """Quantize once per version and calibration set; checked against PyTorch at the serving threshold."""
+        from backend.models.openvino_engine import (
+            calibration_images,
+            calibration_key,
+            check_agreement,
+            quantize_openvino,
+            verify_once,
+        )
+
+        if self.task is not ModelTask.DETECT:
+            raise ModelLoadError(f"INT8 is built for detection models, not {self.task.value}")
+        images = calibration_images(calibration)
+        target = quantize_openvino(fp32, calibration_key(self.version, images), images, self.imgsz,
+                                   int(max(self._model.stride)), len(self._model.model.model) - 1, cache)
+        run = self._detector_runner(target)
+        verify_once(target, self._run, run, self.imgsz, conf=self.conf,
+                    check=partial(check_agreement, class_names=self.class_names))
+        return run
 
     def predict(self, images: list[Image.Image]) -> list[ModelOutput]:
         if not images:
