@@ -10,7 +10,12 @@ The second opinion: no VLM weights exist offline, so disagreement uses a *differ
 — for classification a logistic regression on the raw 8×8 scans (another model family), for detection
 a second YOLOv8n trained with another seed and input size. The output says so.
 
+`--imbalance R` makes the classification pool long-tailed, as production pools are: the class at
+frequency rank r keeps n_max · R^(−r/9) of its images (Cui et al.'s CIFAR-LT profile; which digit is
+rarest is drawn per seed), while the test split stays balanced, so a model is scored on every class.
+
     uv run python benchmarks/al_simulation.py --task classify --seeds 3
+    uv run python benchmarks/al_simulation.py --task classify --seeds 3 --imbalance 10
     uv run python benchmarks/al_simulation.py --task detect --seeds 3   # about 40 minutes
 """
 
@@ -114,11 +119,28 @@ def second_opinion(task, samples, labeled, pool, args, prev_b, work, seed):
     return adapter.predict([samples[i].image for i in pool]), adapter.class_names, weights
 
 
+def long_tail(indices: np.ndarray, labels: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """A long-tailed subset: the class at frequency rank r keeps n_max · ratio^(−r/(C−1)) of its images."""
+    classes = rng.permutation(np.unique(labels[indices]))
+    n_max = min(int((labels[indices] == c).sum()) for c in classes)
+    keep = []
+    for rank, c in enumerate(classes):
+        members = indices[labels[indices] == c]
+        keep.extend(members[: max(1, int(round(n_max * ratio ** (-rank / max(len(classes) - 1, 1)))))])
+    return rng.permutation(np.array(keep))
+
+
 def run_seed(task: str, args, seed: int, work: Path) -> dict:
     samples = classification_set(seed) if task == "classify" else detection_set(args.pool + args.test, seed)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(samples))
-    test, pool_all = order[: args.test], order[args.test : args.test + args.pool]
+    test, rest = order[: args.test], order[args.test :]
+    if args.imbalance > 1:
+        rest = long_tail(rest, np.array([s.labels[0] for s in samples]), args.imbalance, rng)
+        sizes = np.bincount([samples[i].labels[0] for i in rest[: args.pool]], minlength=10)
+        print(f"  seed {seed}: long-tailed pool of {min(len(rest), args.pool)}, images per digit {sizes.tolist()}",
+              flush=True)
+    pool_all = rest[: args.pool]
     initial = list(pool_all[: args.initial])
     data0 = dataset(samples, initial, test, work / "data", task)
     init_arch = "yolov8n-cls.yaml" if task == "classify" else "yolov8n.yaml"
@@ -165,7 +187,7 @@ def labels_to_reach(labels, scores, target) -> float | None:
     return None
 
 
-def summarise(task: str, results: dict, out: Path) -> str:
+def summarise(task: str, results: dict, out: Path, imbalance: float = 1.0) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,7 +201,9 @@ def summarise(task: str, results: dict, out: Path) -> str:
         arr = np.array([results[seed][s.value]["score"] for seed in seeds])
         stats[s.value] = arr
     random_final = stats["random"].mean(0)[-1]
-    lines = [f"## {task}: {metric} on a fixed test split, mean ± std over {len(seeds)} seeds",
+    tag = f"{task}_lt{imbalance:g}" if imbalance > 1 else task
+    pool = f", long-tailed pool (imbalance {imbalance:g}), balanced test split" if imbalance > 1 else ""
+    lines = [f"## {task}: {metric} on a fixed test split{pool}, mean ± std over {len(seeds)} seeds",
              "", "| labels | " + " | ".join(s.value for s in STRATEGIES) + " |", "|---" * (len(STRATEGIES) + 1) + "|"]
     for k, n in enumerate(labels):
         lines.append(f"| {n} | " + " | ".join(f"{stats[s.value][:, k].mean():.3f} ± {stats[s.value][:, k].std():.3f}"
@@ -204,14 +228,15 @@ def summarise(task: str, results: dict, out: Path) -> str:
     ax.axhline(random_final, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("labeled images")
     ax.set_ylabel(metric)
-    ax.set_title(f"Tandem active learning on digits ({task}, {len(seeds)} seeds)")
+    shape = f", long-tailed {imbalance:g}" if imbalance > 1 else ""
+    ax.set_title(f"Tandem active learning on digits ({task}{shape}, {len(seeds)} seeds)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / f"al_{task}_learning_curve.png", dpi=120)
+    fig.savefig(out / f"al_{tag}_learning_curve.png", dpi=120)
     text = "\n".join(lines)
-    (out / f"al_{task}_results.md").write_text(text + "\n")
-    (out / f"al_{task}_results.json").write_text(json.dumps(results, indent=1))
+    (out / f"al_{tag}_results.md").write_text(text + "\n")
+    (out / f"al_{tag}_results.json").write_text(json.dumps(results, indent=1))
     return text
 
 
@@ -234,8 +259,13 @@ def main() -> None:
                     help="comma-separated subset to run (the summary needs all four)")
     ap.add_argument("--pool-factor", type=float, default=SelectionConfig.pool_factor,
                     help="k-center picks the batch from the top pool_factor × budget by acquisition")
+    ap.add_argument("--imbalance", type=float, default=1.0,
+                    help="classification: a long-tailed pool whose rarest digit has 1/R of the commonest's images "
+                         "(the test split stays balanced); 1 = the digits as they come")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
+    if args.imbalance > 1 and args.task != "classify":
+        ap.error("--imbalance is for --task classify (a detection image holds several digits)")
     defaults = {"classify": dict(rounds=5, initial=40, budget=40, pool=1200, test=400, epochs0=120, epochs=40, imgsz=64,
                                  lr_finetune=0.002),
                 "detect": dict(rounds=4, initial=60, budget=30, pool=400, test=100, epochs0=80, epochs=12, imgsz=128,
@@ -249,10 +279,11 @@ def main() -> None:
     for seed in range(args.seeds):
         with tempfile.TemporaryDirectory(prefix="tandem-al-") as tmp:
             results[seed] = run_seed(args.task, args, seed, Path(tmp))
-    (args.out / f"al_{args.task}_raw.json").write_text(json.dumps(results, indent=1))
+    tag = f"{args.task}_lt{args.imbalance:g}" if args.imbalance > 1 else args.task
+    (args.out / f"al_{tag}_raw.json").write_text(json.dumps(results, indent=1))
     if all(s.value in args.strategies.split(",") for s in STRATEGIES):
-        print(summarise(args.task, results, args.out))
-    print(f"\n{time.perf_counter() - t0:.0f} s; wrote {args.out}/al_{args.task}_*.png|md|json")
+        print(summarise(args.task, results, args.out, args.imbalance))
+    print(f"\n{time.perf_counter() - t0:.0f} s; wrote {args.out}/al_{tag}_*.png|md|json")
 
 
 if __name__ == "__main__":
