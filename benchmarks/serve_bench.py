@@ -140,7 +140,7 @@ def main() -> None:
             raise RuntimeError("the INT8 model did not pass its check (see the log above)")
         torch_engine = YoloAdapter(weights, device="cpu", imgsz=args.imgsz, engine="torch")
         raw_torch = YOLO(str(weights))
-        raw_ov = YOLO(str(next((tmp / "ov").glob("*_openvino_model"))), task="detect")
+        raw_ov = YOLO(str(tmp / "ov" / f"{engine.version}_openvino_model"), task="detect")  # fp32, not the INT8 one
         torch_server, _ = servers.enter_context(tandem_server(weights, "torch", args.imgsz, tmp))
         ov_server, ov_server_httpx = servers.enter_context(tandem_server(weights, "openvino", args.imgsz, tmp))
         ov8_server, _ = servers.enter_context(tandem_server(weights, "int8", args.imgsz, tmp, calibration))
