@@ -101,6 +101,8 @@ def detection_uncertainty(
     top = segment_max(u, boxes.offsets)
     if candidate_peaks is not None:
         peaks = np.asarray(candidate_peaks, dtype=float)
+        if peaks.shape != counts.shape:
+            raise ValueError(f"candidate_peaks has {peaks.size} values for {counts.size} images")
         missed = (counts == 0) & np.isfinite(peaks)
         near_miss = binary_entropy(np.where(missed, peaks, 0.0))
         top, mean, total = (np.where(missed, near_miss, v) for v in (top, mean, total))

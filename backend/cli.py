@@ -100,7 +100,8 @@ def serve(
                                      pre_annotator=pre_annotator or ("vlm" if vlm and not model else None))
     except Exception as exc:
         raise typer.BadParameter(str(exc)) from exc
-    if settings.engine == "int8" and not (settings.int8_calibration and settings.int8_calibration.is_dir()):
+    serves_cnn = bool(settings.model) or not settings.vlm  # no --model and no --vlm: the starter CNN
+    if serves_cnn and settings.engine == "int8" and not (settings.int8_calibration and settings.int8_calibration.is_dir()):
         console.print("[red]error:[/] --engine int8 needs --calibration DIR: a folder of 16 or more images like "
                       f"the ones you serve (got {settings.int8_calibration or 'none'})")
         raise typer.Exit(2)

@@ -47,6 +47,11 @@ class Settings(BaseModel):
     pre_annotator: str = Field(default="cnn", pattern="^(cnn|vlm)$")
     predict_budget_s: float = Field(default=60.0, gt=0)
 
+    @field_validator("int8_calibration")
+    @classmethod
+    def _folder(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value else value
+
     @field_validator("label_studio_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:

@@ -75,7 +75,11 @@ def tandem_server(weights: Path, engine: str, imgsz: int, media: Path, calibrati
         deadline = time.monotonic() + 180
         while True:
             try:
-                if httpx.get(f"{url}/health", timeout=1).json().get("ready"):
+                health = httpx.get(f"{url}/health", timeout=1).json()
+                if health.get("ready"):
+                    served = {"int8": "openvino-int8"}.get(engine, engine)
+                    if health.get("engine") != served:  # an INT8 model that failed its check serves fp32
+                        raise RuntimeError(f"tandem serve --engine {engine} serves {health.get('engine')}")
                     break
             except httpx.HTTPError:
                 pass

@@ -82,6 +82,8 @@ def test_an_image_with_no_box_ranks_by_its_best_candidate():
     capped = detection_uncertainty(batch, cap=5.0, candidate_peaks=peaks).capped_sum
     np.testing.assert_allclose(capped[:2], binary_entropy(np.array([0.2, 0.001])) / 5)
     assert u[0] > u[1] > u[2]
+    with pytest.raises(ValueError, match="4 images"):
+        detection_uncertainty(batch, candidate_peaks=np.array([0.2]))
 
 
 @given(st.lists(st.floats(0, 0.25), min_size=1, max_size=6), st.lists(st.floats(0.25, 1), min_size=1, max_size=6))

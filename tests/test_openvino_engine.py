@@ -138,9 +138,11 @@ def test_parity_is_checked_one_image_at_a_time(tmp_path):
 
 # --- INT8 -----------------------------------------------------------------------------------------
 def _calibration(folder, n=24, seed=4242):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (img, _) in enumerate(generate_samples(n, seed=seed, size=(320, 240))):
-        img.save(folder / f"{i}.jpg", quality=92)
+    """Landscape and portrait images in class-like subfolders, as an export of a project's media might be."""
+    for i in range(n):
+        img, _ = generate_samples(1, seed=seed + i, size=(320, 240) if i % 3 else (240, 360))[0]
+        (folder / f"part{i % 2}").mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"part{i % 2}" / f"{i}.jpg", quality=92)
     return folder
 
 
@@ -159,6 +161,7 @@ def test_int8_engine_is_quantized_checked_and_close_to_pytorch(detect_weights, e
     assert any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())  # really quantized
     report = json.loads((folder / "tandem_parity.json").read_text())
     assert report["check"] == "disagreement" and report["mean_disagreement"] <= report["limit"] == 0.10
+    assert not list(cache.glob("*.partial"))  # staged, then renamed into place
     assert report["conf"] == int8.conf and report["boxes_compared"] > 0
     images = [img for img, _ in generate_samples(4, seed=31)]
     a, b = torch_adapter.predict(images), int8.predict(images)
@@ -173,11 +176,20 @@ def test_int8_without_enough_calibration_images_serves_fp32_openvino(detect_weig
     from backend.errors import ModelLoadError
 
     few = _calibration(tmp_path / "few", n=3)
-    (few / "broken.jpg").write_bytes(b"not an image")
     with caplog.at_level("WARNING", logger="tandem.models"):
         adapter = YoloAdapter(detect_weights, device="cpu", engine="int8", cache_dir=tmp_path / "ov", calibration=few)
     assert adapter.engine == "openvino"
     assert "at least 16 readable images" in caplog.text and "found 3" in caplog.text
+    # enough files, but most are unreadable (garbage, truncated): skipped without crashing the start
+    broken = _calibration(tmp_path / "broken", n=6)
+    good = next(broken.rglob("*.jpg")).read_bytes()
+    for i in range(14):
+        (broken / f"bad{i}.jpg").write_bytes(b"not an image" if i % 2 else good[: len(good) // 3])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tandem.models"):
+        adapter = YoloAdapter(detect_weights, device="cpu", engine="int8", cache_dir=tmp_path / "ov",
+                              calibration=broken)
+    assert adapter.engine == "openvino" and "readable images besides" in caplog.text
     with pytest.raises(ModelLoadError, match="calibration"):
         YoloAdapter(detect_weights, device="cpu", engine="int8", cache_dir=tmp_path / "ov")
 
@@ -197,3 +209,5 @@ def test_agreement_check_refuses_a_model_that_sees_other_things():
     assert check_agreement(ref, ref, ("a",))["mean_disagreement"] == pytest.approx(0)
     with pytest.raises(ModelLoadError, match="disagrees"):
         check_agreement(ref, [out([]), out([[100, 100, 120, 120]])], ("a",))
+    with pytest.raises(ModelLoadError, match="no box"):  # nothing compared is no evidence
+        check_agreement([out([])], [out([])], ("a",))

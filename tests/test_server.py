@@ -50,7 +50,7 @@ def test_health_setup_versions(tmp_path, samples, detect_adapter):
     with _serve(tmp_path, root, detect_adapter) as srv:
         health = httpx.get(f"{srv.url}/health").json()
         assert health == {**health, "status": "UP", "ready": True, "device": "cpu", "model_task": "detect"}
-        assert health["model_version"] == detect_adapter.version
+        assert health["model_version"] == detect_adapter.version and health["engine"] == detect_adapter.engine
         for extra in ({"conf": 0.3}, None, [1, 2], "x"):
             t0 = time.perf_counter()
             r = httpx.post(f"{srv.url}/setup", json={"project": "3.1700000000", "schema": RECT, "extra_params": extra})

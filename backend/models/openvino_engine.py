@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,12 +74,16 @@ def check_agreement(reference: list[ModelOutput], candidate: list[ModelOutput], 
     own disagreement score (1 − score-weighted matched-IoU F1) against PyTorch, on the boxes served."""
     from active_learning.scoring import score_outputs
 
+    boxes = int(sum(len(r.detections) for r in reference))
+    if boxes == 0:
+        raise ModelLoadError("cannot check the INT8 model: PyTorch finds no box above the serving threshold on the "
+                             "check images (calibrate with images that show the model's objects)")
     d = score_outputs(reference, class_names, candidate, class_names).disagreement
-    mean = float(d.mean()) if len(d) else 0.0
+    mean = float(d.mean())
     if mean > limit:
         raise ModelLoadError(f"INT8 model disagrees with PyTorch: mean disagreement {mean:.3f} > {limit}")
     return {"check": "disagreement", "mean_disagreement": mean, "max_disagreement": float(d.max(initial=0.0)),
-            "limit": limit, "boxes_compared": int(sum(len(r.detections) for r in reference))}
+            "limit": limit, "boxes_compared": boxes}
 
 
 def export_openvino(weights: Path, version: str, task: str, imgsz: int, cache_dir: Path) -> Path:
@@ -104,36 +109,68 @@ def export_openvino(weights: Path, version: str, task: str, imgsz: int, cache_di
     return target
 
 
-def calibration_images(folder: Path, limit: int = 300) -> list[np.ndarray]:
-    """RGB arrays of up to `limit` images under `folder` (recursively, in name order); unreadable files are
-    skipped. Raises when fewer than MIN_CALIBRATION remain: a handful of images calibrates badly."""
-    from PIL import Image, ImageOps
+@dataclass(frozen=True)
+class Calibration:
+    """A calibration folder's images: most calibrate the INT8 model, every fourth is held out to check it."""
+
+    calibrate: list[Path]
+    check: list[Path]
+    digest: str  # of the files' names, sizes and times, the image size and the serving threshold
+
+
+def calibration_set(folder: Path, imgsz: int, conf: float, limit: int = 300) -> Calibration:
+    """Up to `limit` images under `folder`, sampled evenly across its sorted listing (so one class folder
+    does not fill the sample). Nothing is decoded here: a cached INT8 model starts without reading them."""
+    import hashlib
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(f"INT8 calibration folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if len(files) < MIN_CALIBRATION:
+        raise ModelLoadError(f"INT8 calibration needs at least {MIN_CALIBRATION} readable images in {folder} "
+                             f"(found {len(files)}): use images like the ones you serve")
+    if len(files) > limit:
+        files = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, limit).round().astype(int))]
+    h = hashlib.sha256(f"{imgsz}|{conf}".encode())
+    for path in files:
+        st = path.stat()
+        h.update(f"{path.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    check = files[::4]
+    return Calibration([p for i, p in enumerate(files) if i % 4], check, h.hexdigest()[:8])
+
+
+def load_images(paths: list[Path], imgsz: int) -> list[np.ndarray]:
+    """RGB arrays, EXIF-rotated and shrunk so the longer side is at most `imgsz` (the letterbox would shrink
+    them anyway, and 300 phone photos at full size would take gigabytes); unreadable files are skipped."""
+    from PIL import Image, ImageOps
+
     images = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in paths:
         try:
             with Image.open(path) as img:
-                images.append(np.asarray(ImageOps.exif_transpose(img).convert("RGB")))
-        except OSError:
+                img.draft("RGB", (imgsz, imgsz))  # JPEG: decode at a reduced scale
+                img = ImageOps.exif_transpose(img).convert("RGB")
+                img.thumbnail((imgsz, imgsz))
+                images.append(np.asarray(img))
+        except Exception:  # noqa: BLE001 - bombs, truncated files, bad EXIF: skip, never crash the start
             continue
-        if len(images) >= limit:
-            break
-    if len(images) < MIN_CALIBRATION:
-        raise ModelLoadError(f"INT8 calibration needs at least {MIN_CALIBRATION} readable images in {folder} "
-                             f"(found {len(images)}): use images like the ones you serve")
     return images
 
 
-def quantize_openvino(fp32: Path, key: str, images: list[np.ndarray], imgsz: int, stride: int, head: int,
+def quantize_openvino(fp32: Path, key: str, files: list[Path], imgsz: int, stride: int, head: int,
                       cache_dir: Path) -> Path:
     """The INT8 copy of the fp32 detection export `fp32`, quantized on first use (nncf post-training
-    quantization, calibrated on `images`); `key` names it in the cache."""
+    quantization, calibrated on `files`); `key` names it in the cache."""
+    import tempfile
+
     target = cache_dir / f"{key}_openvino_model"
     if any(target.glob("*.xml")):
         return target
+    images = load_images(files, imgsz)
+    if len(images) < MIN_CALIBRATION * 3 // 4:
+        raise ModelLoadError(f"INT8 calibration needs at least {MIN_CALIBRATION * 3 // 4} readable images besides "
+                             f"the ones held out for its check (read {len(images)} of {len(files)})")
     try:
         import nncf
         import openvino as ov
@@ -152,38 +189,26 @@ def quantize_openvino(fp32: Path, key: str, images: list[np.ndarray], imgsz: int
                                     + [rf".*model\.{head}\.dfl.*"], types=["Sigmoid"], validate=False)
         quantized = nncf.quantize(model, nncf.Dataset(images, to_input), preset=nncf.QuantizationPreset.MIXED,
                                   subset_size=len(images), ignored_scope=ignored)
-        staged = cache_dir / f"{key}.partial"
-        shutil.rmtree(staged, ignore_errors=True)
-        staged.mkdir(parents=True)
-        ov.save_model(quantized, staged / "model.xml")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f"{key}.", suffix=".partial", dir=cache_dir))
+        ov.save_model(quantized, staged / "model.xml", compress_to_fp16=False)
         for extra in fp32.glob("*.yaml"):  # ultralytics' metadata: names, stride, task
             shutil.copyfile(extra, staged / extra.name)
         shutil.rmtree(target, ignore_errors=True)
         staged.rename(target)
-    except ModelLoadError:
-        raise
     except Exception as exc:  # noqa: BLE001 - a failed quantization means: serve the fp32 export
         raise ModelLoadError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
     return target
 
 
-def calibration_key(version: str, images: list[np.ndarray]) -> str:
-    """Cache name of an INT8 export: the version and a digest of the calibration images."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for image in images:
-        h.update(np.ascontiguousarray(image[::7, ::7]).tobytes())
-    return f"{version}_int8-{h.hexdigest()[:8]}"
-
-
 def verify_once(target: Path, reference: Runner, candidate: Runner, imgsz: int, conf: float = 0.05,
-                check: Callable[[list[ModelOutput], list[ModelOutput]], dict] = check_parity) -> dict:
+                check: Callable[[list[ModelOutput], list[ModelOutput]], dict] = check_parity,
+                images: Callable[[], list[np.ndarray]] = parity_images) -> dict:
     """Run the parity check the first time an export is served; its report is kept beside the model."""
     marker = target / MARKER
     if marker.is_file():
         return json.loads(marker.read_text())
-    images = parity_images()
+    images = images()
     # one image per call: ultralytics pads a batch of mixed sizes to the full square but a single image only
     # to the stride, and a weak model's scores move with the padding, which is not what is being checked
     ref = [reference([image], conf)[0] for image in images]

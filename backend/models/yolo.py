@@ -207,7 +207,7 @@ class YoloAdapter:
                 try:
                     self._run, self.engine = self._int8_runner(target, calibration, cache), "openvino-int8"
                     return
-                except ModelLoadError as exc:
+                except (ModelLoadError, RuntimeError, OSError) as exc:  # compile or inference errors too
                     log.warning("serving OpenVINO fp32, not INT8: %s", exc)
             if self.task is ModelTask.DETECT:
                 run: Runner = self._detector_runner(target)
@@ -231,21 +231,24 @@ class YoloAdapter:
     def _int8_runner(self, fp32: Path, calibration: Path, cache: Path) -> Runner:
         """Quantize once per version and calibration set; checked against PyTorch at the serving threshold."""
         from backend.models.openvino_engine import (
-            calibration_images,
-            calibration_key,
+            calibration_set,
             check_agreement,
+            load_images,
+            parity_images,
             quantize_openvino,
             verify_once,
         )
 
         if self.task is not ModelTask.DETECT:
             raise ModelLoadError(f"INT8 is built for detection models, not {self.task.value}")
-        images = calibration_images(calibration)
-        target = quantize_openvino(fp32, calibration_key(self.version, images), images, self.imgsz,
+        cal = calibration_set(calibration, self.imgsz, self.conf)
+        target = quantize_openvino(fp32, f"{self.version}_int8-{cal.digest}", cal.calibrate, self.imgsz,
                                    int(max(self._model.stride)), len(self._model.model.model) - 1, cache)
         run = self._detector_runner(target)
+        # checked on the parity images and on the held-out calibration images (the model's own domain)
         verify_once(target, self._run, run, self.imgsz, conf=self.conf,
-                    check=partial(check_agreement, class_names=self.class_names))
+                    check=partial(check_agreement, class_names=self.class_names),
+                    images=lambda: parity_images() + load_images(cal.check, self.imgsz))
         return run
 
     def predict(self, images: list[Image.Image]) -> list[ModelOutput]:

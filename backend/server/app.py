@@ -198,6 +198,7 @@ def create_app(
             model_version=adapter.version if adapter else None,
             model_task=describe(adapter) if adapter else None,
             device=adapter.device if adapter else None,
+            engine=getattr(adapter, "engine", None),
             error=lead.error or other.error,
             pre_annotator=settings.pre_annotator,
             second_opinion=second.version if second else None,

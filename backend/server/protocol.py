@@ -73,6 +73,7 @@ class HealthResponse(BaseModel):
     model_version: str | None = None
     model_task: str | None = None
     device: str | None = None
+    engine: str | None = None  # torch | openvino | openvino-int8 for YOLO; None for a VLM
     error: str | None = None
     pre_annotator: str | None = None  # cnn | vlm: whose predictions Label Studio receives
     second_opinion: str | None = None  # the other model's version, kept in TANDEM_HOME for disagreement
