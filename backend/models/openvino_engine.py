@@ -26,6 +26,7 @@ Runner = Callable[[list[np.ndarray], float], list[ModelOutput]]  # RGB uint8 ima
 MARKER = "tandem_parity.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MIN_CALIBRATION = 16
+MIN_CALIBRATION_READ = MIN_CALIBRATION * 3 // 4  # readable, besides the quarter held out for the check
 
 
 def parity_images(n: int = 6) -> list[np.ndarray]:
@@ -168,8 +169,8 @@ def quantize_openvino(fp32: Path, key: str, files: list[Path], imgsz: int, strid
     if any(target.glob("*.xml")):
         return target
     images = load_images(files, imgsz)
-    if len(images) < MIN_CALIBRATION * 3 // 4:
-        raise ModelLoadError(f"INT8 calibration needs at least {MIN_CALIBRATION * 3 // 4} readable images besides "
+    if len(images) < MIN_CALIBRATION_READ:
+        raise ModelLoadError(f"INT8 calibration needs at least {MIN_CALIBRATION_READ} readable images besides "
                              f"the ones held out for its check (read {len(images)} of {len(files)})")
     try:
         import nncf

@@ -58,9 +58,10 @@ def _class_vector_predictor(base: type) -> type:
             )
             results = super().postprocess(preds, img, orig_imgs, **kwargs)
             for b, result in enumerate(results):
-                vectors = raw[b, 4 : 4 + nc, :].T[idxs[b].long()]  # empty idxs come back as float
+                scores = raw[b, 4 : 4 + nc, :]
+                vectors = scores.T[idxs[b].long()]  # empty idxs come back as float
                 result.class_scores = _align(kept[b][:, 4], result.boxes.conf, vectors)
-                result.candidate_peak = float(raw[b, 4 : 4 + nc, :].max()) if raw.shape[-1] else 0.0
+                result.candidate_peak = float(scores.max()) if scores.numel() else 0.0
             return results
 
     return ClassVectorPredictor
