@@ -16,7 +16,14 @@ rarest is drawn per seed), while the test split stays balanced, so a model is sc
 
     uv run python benchmarks/al_simulation.py --task classify --seeds 3
     uv run python benchmarks/al_simulation.py --task classify --seeds 3 --imbalance 10
-    uv run python benchmarks/al_simulation.py --task detect --seeds 3   # about 40 minutes
+    uv run python benchmarks/al_simulation.py --task detect --seeds 3   # about 70 minutes on 2 cores
+
+Each seed's curves are written to `al_<tag>_seed<S>.json` as it finishes, so seeds can run as parallel
+processes (one torch thread each) and be summarised afterwards — the longer-horizon run in the README:
+
+    for s in 0 1 2; do uv run python benchmarks/al_simulation.py --task classify --rounds 10 \
+        --strategies random,hybrid --tag classify_h440 --seed-list $s --threads 1 & done; wait
+    uv run python benchmarks/al_simulation.py --task classify --tag classify_h440 --summarise
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from benchmarks.digits_data import DigitSample, classification_set, detection_se
 
 STRATEGIES = [Strategy.RANDOM, Strategy.UNCERTAINTY, Strategy.DISAGREEMENT, Strategy.HYBRID]
 NAMES = [str(i) for i in range(10)]
+MAX_LABELED_FOR_DIVERSITY = 256  # as `tandem select` does: k-center keeps away from this many labeled images
 
 
 def write_split(samples: list[DigitSample], idx, root: Path, split: str, task: str) -> None:
@@ -154,7 +162,7 @@ def run_seed(task: str, args, seed: int, work: Path) -> dict:
             adapter = YoloAdapter(weights, device="cpu", conf=0.05, imgsz=args.imgsz)
             images = [samples[i].image for i in pool]
             config = SelectionConfig(strategy=strategy, budget=args.budget, control_fraction=0.0, seed=seed * 100 + r,
-                                     pool_factor=args.pool_factor)
+                                     pool_factor=args.pool_factor, cold_start_labels=args.cold_start)
             if strategy is Strategy.RANDOM:
                 sel = select(config, uncertainty=np.zeros(len(pool)))
             else:
@@ -164,7 +172,7 @@ def run_seed(task: str, args, seed: int, work: Path) -> dict:
                     second, names_b, prev_b = second_opinion(task, samples, labeled, pool, args, prev_b, work, seed + r)
                 table = score_outputs(outputs, adapter.class_names, second, names_b)
                 emb = adapter.embed(images)
-                lab_emb = adapter.embed([samples[i].image for i in labeled[-64:]])
+                lab_emb = adapter.embed([samples[i].image for i in labeled[-MAX_LABELED_FOR_DIVERSITY:]])
                 sel = select(config, table.uncertainty, table.disagreement, emb, lab_emb, num_labeled=len(labeled))
             labeled += [pool[i] for i in sel.indices]
             data = dataset(samples, labeled, test, work / "data", task)
@@ -187,7 +195,7 @@ def labels_to_reach(labels, scores, target) -> float | None:
     return None
 
 
-def summarise(task: str, results: dict, out: Path, imbalance: float = 1.0) -> str:
+def summarise(task: str, results: dict, out: Path, tag: str, imbalance: float = 1.0) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,32 +204,39 @@ def summarise(task: str, results: dict, out: Path, imbalance: float = 1.0) -> st
     seeds = list(results)
     labels = results[seeds[0]]["random"]["labels"]
     metric = "top-1 accuracy" if task == "classify" else "mAP50"
-    stats = {}
-    for s in STRATEGIES:
-        arr = np.array([results[seed][s.value]["score"] for seed in seeds])
-        stats[s.value] = arr
+    strategies = [s for s in STRATEGIES if all(s.value in results[seed] for seed in seeds)]
+    stats = {s.value: np.array([results[seed][s.value]["score"] for seed in seeds]) for s in strategies}
     random_final = stats["random"].mean(0)[-1]
-    tag = f"{task}_lt{imbalance:g}" if imbalance > 1 else task
     pool = f", long-tailed pool (imbalance {imbalance:g}), balanced test split" if imbalance > 1 else ""
     lines = [f"## {task}: {metric} on a fixed test split{pool}, mean ± std over {len(seeds)} seeds",
-             "", "| labels | " + " | ".join(s.value for s in STRATEGIES) + " |", "|---" * (len(STRATEGIES) + 1) + "|"]
+             "", "| labels | " + " | ".join(s.value for s in strategies) + " |", "|---" * (len(strategies) + 1) + "|"]
     for k, n in enumerate(labels):
         lines.append(f"| {n} | " + " | ".join(f"{stats[s.value][:, k].mean():.3f} ± {stats[s.value][:, k].std():.3f}"
-                                             for s in STRATEGIES) + " |")
+                                             for s in strategies) + " |")
     lines += ["", f"Random's final score: {random_final:.3f} at {labels[-1]} labels.", "",
               "| strategy | labels to reach random's final | share of random's labels | mean gain over random per round |",
               "|---|---|---|---|"]
-    for s in STRATEGIES:
+    for s in strategies:
         need = labels_to_reach(labels, stats[s.value].mean(0), random_final)
         gains = (stats[s.value][:, 1:] - stats["random"][:, 1:]).mean(1)  # per seed, mean over rounds
         share = f"{need / labels[-1]:.0%}" if need else "not reached"
         lines.append(f"| {s.value} | {need:.0f} | {share} | {gains.mean():+.3f} ± {gains.std():.3f} |" if need else
                      f"| {s.value} | not reached | – | {gains.mean():+.3f} ± {gains.std():.3f} |")
+    # the headline share hangs on random's last point alone; the same ratio at every horizon shows whether it is noise
+    horizons = labels[2:]
+    lines += ["", "Share of random's labels each strategy needs to reach random's score at each horizon:", "",
+              "| strategy | " + " | ".join(str(n) for n in horizons) + " |", "|---" * (len(horizons) + 1) + "|"]
+    for s in strategies[1:]:
+        cells = []
+        for k, n in enumerate(horizons, start=2):
+            need = labels_to_reach(labels, stats[s.value].mean(0), stats["random"].mean(0)[k])
+            cells.append(f"{need / n:.0%}" if need else "–")
+        lines.append(f"| {s.value} | " + " | ".join(cells) + " |")
     second = "logistic regression on the raw 8×8 scans" if task == "classify" else "a second YOLOv8n (other seed, input size)"
     lines += ["", f"Second opinion for disagreement: {second} — no VLM weights exist offline."]
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for s in STRATEGIES:
+    for s in strategies:
         m, sd = stats[s.value].mean(0), stats[s.value].std(0)
         ax.plot(labels, m, marker="o", label=s.value)
         ax.fill_between(labels, m - sd, m + sd, alpha=0.15)
@@ -256,12 +271,20 @@ def main() -> None:
                     help="AdamW learning rate of the per-round fine-tunes (the round-0 model trains at 0.002); "
                          "detection defaults to 0.0005: at 0.002 every detector lost a third of its mAP in round 1")
     ap.add_argument("--strategies", default=",".join(s.value for s in STRATEGIES),
-                    help="comma-separated subset to run (the summary needs all four)")
+                    help="comma-separated subset to run (the summary needs random; it covers the ones run)")
     ap.add_argument("--pool-factor", type=float, default=SelectionConfig.pool_factor,
                     help="k-center picks the batch from the top pool_factor × budget by acquisition")
+    ap.add_argument("--cold-start", type=int, default=0,
+                    help="below this many labels, pick typical images (TypiClust) instead of ranking by acquisition")
     ap.add_argument("--imbalance", type=float, default=1.0,
                     help="classification: a long-tailed pool whose rarest digit has 1/R of the commonest's images "
                          "(the test split stays balanced); 1 = the digits as they come")
+    ap.add_argument("--seed-list", default=None,
+                    help="comma-separated seeds to run instead of 0..seeds-1 (e.g. one per process, then --summarise)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when seeds run in parallel processes)")
+    ap.add_argument("--tag", default=None, help="results file stem (default: task, with _ltR for a long tail)")
+    ap.add_argument("--summarise", action="store_true",
+                    help="no training: summarise the per-seed files al_<tag>_seed<S>.json already in --out")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     if args.imbalance > 1 and args.task != "classify":
@@ -274,16 +297,29 @@ def main() -> None:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or (f"{args.task}_lt{args.imbalance:g}" if args.imbalance > 1 else args.task)
+    if args.summarise:
+        files = sorted(args.out.glob(f"al_{tag}_seed*.json"))
+        if not files:
+            ap.error(f"no al_{tag}_seed*.json in {args.out}")
+        results = {json.loads(f.read_text())["seed"]: json.loads(f.read_text())["curves"] for f in files}
+        print(summarise(args.task, results, args.out, tag, args.imbalance))
+        return
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     t0 = time.perf_counter()
     results = {}
-    for seed in range(args.seeds):
+    for seed in seeds:
         with tempfile.TemporaryDirectory(prefix="tandem-al-") as tmp:
             results[seed] = run_seed(args.task, args, seed, Path(tmp))
-    tag = f"{args.task}_lt{args.imbalance:g}" if args.imbalance > 1 else args.task
-    (args.out / f"al_{tag}_raw.json").write_text(json.dumps(results, indent=1))
-    if all(s.value in args.strategies.split(",") for s in STRATEGIES):
-        print(summarise(args.task, results, args.out, args.imbalance))
-    print(f"\n{time.perf_counter() - t0:.0f} s; wrote {args.out}/al_{tag}_*.png|md|json")
+        (args.out / f"al_{tag}_seed{seed}.json").write_text(
+            json.dumps({"seed": seed, "seconds": time.perf_counter() - t0, "curves": results[seed]}, indent=1))
+    if "random" in args.strategies.split(",") and not args.seed_list:
+        print(summarise(args.task, results, args.out, tag, args.imbalance))
+    print(f"\n{time.perf_counter() - t0:.0f} s; wrote {args.out}/al_{tag}_*")
 
 
 if __name__ == "__main__":
