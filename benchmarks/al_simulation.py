@@ -302,7 +302,10 @@ def main() -> None:
         files = sorted(args.out.glob(f"al_{tag}_seed*.json"))
         if not files:
             ap.error(f"no al_{tag}_seed*.json in {args.out}")
-        results = {json.loads(f.read_text())["seed"]: json.loads(f.read_text())["curves"] for f in files}
+        saved = [json.loads(f.read_text()) for f in files]
+        results = {r["seed"]: r["curves"] for r in saved}
+        if not all("random" in c for c in results.values()):
+            ap.error("the summary compares against random: run --strategies with random for every seed")
         print(summarise(args.task, results, args.out, tag, args.imbalance))
         return
     if args.threads:
