@@ -226,7 +226,7 @@ def summarise(task: str, results: dict, out: Path, tag: str, imbalance: float = 
     horizons = labels[2:]
     lines += ["", "Share of random's labels each strategy needs to reach random's score at each horizon:", "",
               "| strategy | " + " | ".join(str(n) for n in horizons) + " |", "|---" * (len(horizons) + 1) + "|"]
-    for s in strategies[1:]:
+    for s in [x for x in strategies if x is not Strategy.RANDOM]:
         cells = []
         for k, n in enumerate(horizons, start=2):
             need = labels_to_reach(labels, stats[s.value].mean(0), stats["random"].mean(0)[k])
@@ -316,10 +316,11 @@ def main() -> None:
     t0 = time.perf_counter()
     results = {}
     for seed in seeds:
+        t_seed = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="tandem-al-") as tmp:
             results[seed] = run_seed(args.task, args, seed, Path(tmp))
-        (args.out / f"al_{tag}_seed{seed}.json").write_text(
-            json.dumps({"seed": seed, "seconds": time.perf_counter() - t0, "curves": results[seed]}, indent=1))
+        (args.out / f"al_{tag}_seed{seed}.json").write_text(  # seconds: this seed's alone
+            json.dumps({"seed": seed, "seconds": time.perf_counter() - t_seed, "curves": results[seed]}, indent=1))
     if "random" in args.strategies.split(",") and not args.seed_list:
         print(summarise(args.task, results, args.out, tag, args.imbalance))
     print(f"\n{time.perf_counter() - t0:.0f} s; wrote {args.out}/al_{tag}_*")

@@ -204,12 +204,12 @@ def quantize_openvino(fp32: Path, key: str, files: list[Path], imgsz: int, strid
 
 def verify_once(target: Path, reference: Runner, candidate: Runner, imgsz: int, conf: float = 0.05,
                 check: Callable[[list[ModelOutput], list[ModelOutput]], dict] = check_parity,
-                images: Callable[[], list[np.ndarray]] = parity_images) -> dict:
+                check_images: Callable[[], list[np.ndarray]] = parity_images) -> dict:
     """Run the parity check the first time an export is served; its report is kept beside the model."""
     marker = target / MARKER
     if marker.is_file():
         return json.loads(marker.read_text())
-    images = images()
+    images = check_images()  # a callable, so a model checked before reads nothing
     # one image per call: ultralytics pads a batch of mixed sizes to the full square but a single image only
     # to the stride, and a weak model's scores move with the padding, which is not what is being checked
     ref = [reference([image], conf)[0] for image in images]

@@ -249,7 +249,7 @@ class YoloAdapter:
         # checked on the parity images and on the held-out calibration images (the model's own domain)
         verify_once(target, self._run, run, self.imgsz, conf=self.conf,
                     check=partial(check_agreement, class_names=self.class_names),
-                    images=lambda: parity_images() + load_images(cal.check, self.imgsz))
+                    check_images=lambda: parity_images() + load_images(cal.check, self.imgsz))
         return run
 
     def predict(self, images: list[Image.Image]) -> list[ModelOutput]:
