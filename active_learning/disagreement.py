@@ -4,7 +4,10 @@ Detection. Agreement is a score-weighted, IoU-weighted F1 over the best one-to-o
 
     Agree = 2 · max_M Σ_{(i,j)∈M} IoU(a_i, b_j) · 1[c_i = c_j] · √(s_i t_j)  /  (Σ s_i + Σ t_j)
 
-with pairs below `min_iou` not allowed, and D = 1 − Agree ∈ [0, 1] (0 when both see nothing). Because the
+with pairs below `min_iou` not allowed, and D = 1 − Agree ∈ [0, 1] (0 when both see nothing). D is a
+share: one missed box on an image of one scores as high as three on an image of three. `mass`, the same
+quantity unnormalised — (Σ s_i + Σ t_j)/2 − the matched numerator, a score-weighted count of discordant
+boxes — says how much there is to fix, which is what an image's label is worth to the next model. Because the
 matching maximises the numerator itself (Hungarian, scipy), D is symmetric and exactly 0 for identical
 predictions. Reasons come from the same class-aware matching followed by a class-agnostic matching of
 the boxes it left over: a box only one model sees ("overlooked"), a matched pair with IoU below
@@ -51,6 +54,7 @@ def match(weights: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndar
 @dataclass(frozen=True)
 class DetectionDisagreement:
     score: np.ndarray  # (N,) in [0, 1]
+    mass: np.ndarray  # (N,) ≥ 0: score-weighted count of boxes the two models do not agree on
     counts: dict[str, np.ndarray]  # reason -> (N,) counts
     pairs_a: np.ndarray  # flat indices into a of class-agnostic matched pairs
     pairs_b: np.ndarray
@@ -141,6 +145,7 @@ def detection_disagreement(
     denom = np.bincount(a.image_index, a.scores, n) + np.bincount(b.image_index, b.scores, n)
     agree = np.divide(2 * agree_num, denom, out=np.ones(n), where=denom > 0)
     score = np.clip(1 - agree, 0, 1)
+    mass = np.clip(denom / 2 - agree_num, 0, None)
 
     pa_flat = np.concatenate(pairs_a) if pairs_a else np.zeros(0, int)
     pb_flat = np.concatenate(pairs_b) if pairs_b else np.zeros(0, int)
@@ -155,7 +160,7 @@ def detection_disagreement(
         "poor_localisation": np.bincount(img, weights=poor, minlength=n).astype(int),
         "class_swap": np.bincount(img, weights=swap, minlength=n).astype(int),
     }
-    return DetectionDisagreement(score, counts, pa_flat, pb_flat, iou_flat)
+    return DetectionDisagreement(score, mass, counts, pa_flat, pb_flat, iou_flat)
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:

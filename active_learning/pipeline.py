@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from active_learning.queue import LabelStudioQueue, QueueEntry
-from active_learning.scoring import ScoreTable, score_outputs
+from active_learning.scoring import SELECT_AGGREGATE, ScoreTable, score_outputs
 from active_learning.selection import SelectionConfig, select
 from backend.errors import ConfigError, MediaError
 from backend.labeling.config import parse_label_config
@@ -71,6 +71,7 @@ def run_selection(
     second=None,
     progress: Progress = lambda *_: None,
     max_labeled_for_diversity: int = 256,
+    aggregate: str = SELECT_AGGREGATE,
 ) -> tuple[SelectOutcome, ScoreTable | None, list[int]]:
     t0 = time.perf_counter()
     controls = parse_label_config(label_config).controls
@@ -100,7 +101,7 @@ def run_selection(
     first = _run_model(primary, images, progress, f"predict {primary.name}")
     other = _run_model(second, images, progress, f"predict {second.name}") if second is not None else None
     table = score_outputs(first, primary.class_names, other, second.class_names if second else None,
-                          model_names=(primary.name, second.name if second else "second"))
+                          model_names=(primary.name, second.name if second else "second"), aggregate=aggregate)
     embeddings = _embed(primary, images, progress, "embed")
     labeled_emb = None
     if embeddings is not None and labeled:

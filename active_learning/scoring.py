@@ -2,6 +2,11 @@
 
 Model outputs are put into one label space by class name (case-insensitive), so a CNN and a VLM with
 different class lists still compare; a class only one model knows never matches class-aware.
+
+Detection images are ranked per image by `aggregate`: "max" and "mean" rank by the worst or the typical
+box (and disagreement by its share, 1 − F1); "capped_sum" ranks by how much is doubtful — the boxes'
+uncertainty summed, and the score-weighted count of discordant boxes, each capped at `cap` and scaled to
+[0, 1]. Labels are paid per image, so an image with three doubtful boxes is worth more than one with one.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from active_learning.boxes import BoxBatch, ImageBoxes
 from active_learning.disagreement import classification_disagreement, detection_disagreement
 from active_learning.uncertainty import detection_uncertainty, margin
 from backend.models.base import ModelOutput
+
+AGGREGATES = ("max", "mean", "capped_sum")
+SELECT_AGGREGATE = "capped_sum"  # what `tandem select` ranks detections by: on digits it beat max (benchmarks/)
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ def score_outputs(
     second_names: Sequence[str] | None = None,
     model_names: tuple[str, str] = ("CNN", "VLM"),
     aggregate: str = "max",
+    cap: float = 5.0,
 ) -> ScoreTable:
     space = LabelSpace(primary_names)
     if second_names:
@@ -87,7 +96,7 @@ def score_outputs(
 
     a = BoxBatch.from_images([to_image_boxes(o, space) for o in primary])
     peaks = np.array([np.nan if o.candidate_peak is None else o.candidate_peak for o in primary], dtype=float)
-    unc = detection_uncertainty(a, aggregate=aggregate, candidate_peaks=peaks)
+    unc = detection_uncertainty(a, cap=cap, aggregate=aggregate, candidate_peaks=peaks)
     reasons = [
         f"{model_names[0]} unsure: {k} of {c} boxes near the threshold" if k
         else f"{model_names[0]} sees nothing (best candidate {p:.2f})" if c == 0 and np.isfinite(p)
@@ -98,6 +107,6 @@ def score_outputs(
     if second is not None:
         b = BoxBatch.from_images([to_image_boxes(o, space) for o in second])
         d = detection_disagreement(a, b)
-        disagreement = d.score
+        disagreement = np.minimum(d.mass, cap) / cap if aggregate == "capped_sum" else d.score
         reasons = [d.reason(i, model_names) for i in range(n)]
     return ScoreTable(unc.score, disagreement, reasons, a.counts)

@@ -174,6 +174,12 @@ def select(
     control: Annotated[float, typer.Option(help="Share of the budget picked at random as a control.")] = 0.1,
     pool_factor: Annotated[float, typer.Option(help="Diversity picks among the top pool-factor × budget.")] = 4.0,
     cold_start: Annotated[int, typer.Option(help="Below this many labeled tasks, pick typical images instead.")] = 0,
+    aggregate: Annotated[
+        str,
+        typer.Option(help="Detection: rank an image by its worst box (max), its typical box (mean), or how much is "
+                          "doubtful (capped_sum, the default: uncertainty summed over boxes, disagreement as a count "
+                          "of boxes)."),
+    ] = "capped_sum",
     seed: Annotated[int, typer.Option()] = 0,
     dry_run: Annotated[bool, typer.Option(help="Write CSV/JSON instead of touching Label Studio.")] = False,
     out: Annotated[Path, typer.Option(help="Folder for --dry-run files.")] = Path("tandem-selection"),
@@ -189,6 +195,7 @@ def select(
 
     from active_learning.pipeline import run_selection, write_dry_run, write_queue
     from active_learning.queue import LabelStudioQueue
+    from active_learning.scoring import AGGREGATES
     from active_learning.selection import SelectionConfig, Strategy
     from backend.errors import TandemError
     from backend.media.fetch import MediaFetcher
@@ -200,6 +207,8 @@ def select(
     settings = Settings.from_env(home=home, device=device)
     if strategy not in {s.value for s in Strategy}:
         raise typer.BadParameter(f"--strategy must be one of {', '.join(s.value for s in Strategy)}")
+    if aggregate not in AGGREGATES:
+        raise typer.BadParameter(f"--aggregate must be one of {', '.join(AGGREGATES)}")
     if not settings.label_studio_url or not settings.label_studio_api_key:
         console.print("[red]error:[/] set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
         raise typer.Exit(2)
@@ -239,7 +248,7 @@ def select(
             bar.update(stages[stage], completed=done)
 
         outcome, table, ids = run_selection(tasks, label_config, MediaFetcher(settings.media()), primary, config,
-                                            second=second, progress=progress)
+                                            second=second, progress=progress, aggregate=aggregate)
     if dry_run:
         outcome.files = write_dry_run(outcome, table, ids, out)
     elif outcome.entries:

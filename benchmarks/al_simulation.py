@@ -42,7 +42,7 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "False")
 import numpy as np  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-from active_learning.scoring import score_outputs  # noqa: E402
+from active_learning.scoring import AGGREGATES, SELECT_AGGREGATE, score_outputs  # noqa: E402
 from active_learning.selection import SelectionConfig, Strategy, select  # noqa: E402
 from backend.models.base import ModelOutput  # noqa: E402
 from backend.models.yolo import YoloAdapter  # noqa: E402
@@ -170,7 +170,7 @@ def run_seed(task: str, args, seed: int, work: Path) -> dict:
                 second = names_b = None
                 if strategy in (Strategy.DISAGREEMENT, Strategy.HYBRID):
                     second, names_b, prev_b = second_opinion(task, samples, labeled, pool, args, prev_b, work, seed + r)
-                table = score_outputs(outputs, adapter.class_names, second, names_b)
+                table = score_outputs(outputs, adapter.class_names, second, names_b, aggregate=args.aggregate)
                 emb = adapter.embed(images)
                 lab_emb = adapter.embed([samples[i].image for i in labeled[-MAX_LABELED_FOR_DIVERSITY:]])
                 sel = select(config, table.uncertainty, table.disagreement, emb, lab_emb, num_labeled=len(labeled))
@@ -276,6 +276,10 @@ def main() -> None:
                     help="k-center picks the batch from the top pool_factor × budget by acquisition")
     ap.add_argument("--cold-start", type=int, default=0,
                     help="below this many labels, pick typical images (TypiClust) instead of ranking by acquisition")
+    ap.add_argument("--aggregate", choices=AGGREGATES, default=SELECT_AGGREGATE,
+                    help="detection: rank an image by its worst box (max), its typical box (mean), or how much "
+                         "is doubtful (capped_sum, as `tandem select` does: uncertainty summed over boxes, "
+                         "disagreement as a count of boxes)")
     ap.add_argument("--imbalance", type=float, default=1.0,
                     help="classification: a long-tailed pool whose rarest digit has 1/R of the commonest's images "
                          "(the test split stays balanced); 1 = the digits as they come")

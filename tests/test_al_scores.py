@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import supervision as sv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,9 @@ from active_learning.disagreement import (
     match,
     pairwise_iou,
 )
+from active_learning.scoring import score_outputs
 from active_learning.uncertainty import binary_entropy, detection_uncertainty, entropy, least_confidence, margin
+from backend.models.base import ModelOutput
 
 
 # --- classification uncertainty -------------------------------------------------------------------
@@ -147,6 +150,8 @@ def test_disagreement_hand_computed_and_reasons():
     iou3 = 17 * 20 / (2 * 400 - 17 * 20)
     agree = 2 * (1.0 * 0.9 + iou3 * math.sqrt(0.7 * 0.5)) / (0.9 + 0.8 + 0.7 + 0.9 + 0.6 + 0.5 + 0.4)
     assert d.score[0] == pytest.approx(1 - agree)
+    total = 0.9 + 0.8 + 0.7 + 0.9 + 0.6 + 0.5 + 0.4
+    assert d.mass[0] == pytest.approx(total / 2 - (1.0 * 0.9 + iou3 * math.sqrt(0.7 * 0.5)))
     assert {k: int(v[0]) for k, v in d.counts.items()} == {
         "only_a": 0, "only_b": 1, "poor_localisation": 1, "class_swap": 1}
     assert d.reason(0) == "1 box only VLM sees; 1 poorly localised; 1 class swap"
@@ -178,6 +183,39 @@ def test_disagreement_properties(rows_a, rows_b):
     assert 0 <= ab <= 1
     assert ab == pytest.approx(ba, abs=1e-9)  # symmetric
     assert detection_disagreement(a, a).score[0] == pytest.approx(0, abs=1e-9)  # identical -> 0
+    m_ab, m_ba = detection_disagreement(a, b).mass[0], detection_disagreement(b, a).mass[0]
+    assert m_ab >= 0 and m_ab == pytest.approx(m_ba, abs=1e-9)
+    assert detection_disagreement(a, a).mass[0] == pytest.approx(0, abs=1e-9)
+    assert m_ab <= (sum(r[4] for r in rows_a) + sum(r[4] for r in rows_b)) / 2 + 1e-9
+
+
+def test_mass_counts_what_the_share_cannot():
+    # one box missed on an image of one, and three missed on an image of three: the same share (1), not the same work
+    one = _img([[0, 0, 10, 10]], [0.8], [0])
+    three = _img([[0, 0, 10, 10], [30, 30, 40, 40], [60, 60, 70, 70]], [0.8, 0.8, 0.8], [0, 1, 2])
+    e = ImageBoxes.empty()
+    d = detection_disagreement(BoxBatch.from_images([one, three]), BoxBatch.from_images([e, e]))
+    np.testing.assert_allclose(d.score, [1, 1])
+    np.testing.assert_allclose(d.mass, [0.4, 1.2])
+
+
+def test_capped_sum_ranks_the_image_with_more_to_fix_first():
+    def output(boxes, scores):
+        xyxy = np.array(boxes, float).reshape(-1, 4)
+        return ModelOutput(detections=sv.Detections(xyxy=xyxy, confidence=np.array(scores, float),
+                                                    class_id=np.zeros(len(scores), int),
+                                                    data={"class_name": np.array(["digit"] * len(scores))}))
+
+    crowded = [[0, 0, 10, 10], [30, 30, 40, 40], [60, 60, 70, 70]]
+    cnn = [output([[0, 0, 10, 10]], [0.5]), output(crowded, [0.3, 0.35, 0.4])]  # one doubtful box; three
+    vlm = [output([], []), output([], [])]  # the second model sees none of them
+    by_max = score_outputs(cnn, ["digit"], vlm, ["digit"], aggregate="max")
+    by_sum = score_outputs(cnn, ["digit"], vlm, ["digit"], aggregate="capped_sum", cap=5)
+    assert by_max.disagreement[0] == by_max.disagreement[1] == pytest.approx(1)  # a share: a tie
+    assert by_max.uncertainty[0] > by_max.uncertainty[1]  # its one box (0.5) is the most doubtful
+    assert by_sum.uncertainty[1] > by_sum.uncertainty[0] and by_sum.disagreement[1] > by_sum.disagreement[0]
+    np.testing.assert_allclose(by_sum.disagreement, [0.5 / 2 / 5, (0.3 + 0.35 + 0.4) / 2 / 5])
+    assert np.all((by_sum.uncertainty >= 0) & (by_sum.uncertainty <= 1))
 
 
 @settings(max_examples=100, deadline=None)

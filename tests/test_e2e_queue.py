@@ -128,6 +128,13 @@ def test_cli_select_unreachable_label_studio_is_a_clear_error(tmp_path, detect_w
     assert proc.returncode == 2 and "cannot read project 1" in proc.stderr
 
 
+def test_cli_select_rejects_an_unknown_aggregate(tmp_path, detect_weights):
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", "select", "--project", "1", "--model", str(detect_weights),
+                           "--aggregate", "median"], capture_output=True, text=True,
+                          env={**os.environ, "TANDEM_HOME": str(tmp_path)}, timeout=120)
+    assert proc.returncode == 2 and "--aggregate must be one of max, mean, capped_sum" in proc.stderr
+
+
 def test_cli_select_takes_a_vlm_as_the_second_opinion(label_studio, project, detect_weights, tiny_vlm, tmp_path):
     client, pid, _ = project
     env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
@@ -135,7 +142,8 @@ def test_cli_select_takes_a_vlm_as_the_second_opinion(label_studio, project, det
     proc = subprocess.run(
         [sys.executable, "-m", "backend.cli", "select", "--project", str(pid), "--budget", "3", "--strategy",
          "disagreement", "--model", str(detect_weights), "--second-model", str(tiny_vlm("grounding_dino")),
-         "--dry-run", "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+         "--aggregate", "max", "--dry-run", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "out" / "selection.json").read_text())
     assert summary["mode"].startswith("disagreement") and len(summary["entries"]) == 3
