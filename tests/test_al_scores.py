@@ -20,7 +20,13 @@ from active_learning.disagreement import (
     pairwise_iou,
 )
 from active_learning.scoring import score_outputs
-from active_learning.uncertainty import binary_entropy, detection_uncertainty, entropy, least_confidence, margin
+from active_learning.uncertainty import (
+    binary_entropy,
+    detection_uncertainty,
+    entropy,
+    least_confidence,
+    margin,
+)
 from backend.models.base import ModelOutput
 
 
