@@ -21,7 +21,6 @@ from active_learning.disagreement import classification_disagreement, detection_
 from active_learning.uncertainty import detection_uncertainty, margin
 from backend.models.base import ModelOutput
 
-AGGREGATES = ("max", "mean", "capped_sum")
 SELECT_AGGREGATE = "capped_sum"  # what `tandem select` ranks detections by: on digits it beat max (benchmarks/)
 
 
@@ -56,6 +55,11 @@ def to_image_boxes(output: ModelOutput, space: LabelSpace) -> ImageBoxes:
     labels = np.array([space.id(n) for n in det.data["class_name"]], dtype=int)
     scores = det.data.get("class_scores")
     return ImageBoxes(det.xyxy, det.confidence, labels, scores if scores is not None and len(scores) else None)
+
+
+def candidate_peaks(outputs: Sequence[ModelOutput]) -> np.ndarray:
+    """Each image's best pre-threshold score, NaN where the detector reports none."""
+    return np.array([np.nan if o.candidate_peak is None else o.candidate_peak for o in outputs], dtype=float)
 
 
 def _aligned_probs(outputs: Sequence[ModelOutput], names: Sequence[str], space: LabelSpace) -> np.ndarray:
@@ -95,7 +99,7 @@ def score_outputs(
         return ScoreTable(uncertainty, disagreement, reasons, counts)
 
     a = BoxBatch.from_images([to_image_boxes(o, space) for o in primary])
-    peaks = np.array([np.nan if o.candidate_peak is None else o.candidate_peak for o in primary], dtype=float)
+    peaks = candidate_peaks(primary)
     unc = detection_uncertainty(a, cap=cap, aggregate=aggregate, candidate_peaks=peaks)
     reasons = [
         f"{model_names[0]} unsure: {k} of {c} boxes near the threshold" if k

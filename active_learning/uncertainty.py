@@ -53,6 +53,8 @@ def entropy(p: np.ndarray) -> np.ndarray:
     return np.clip(h / np.log(k), 0, 1)
 
 
+AGGREGATES = ("max", "mean", "capped_sum")  # how an image's boxes become one ranking value
+
 CLASSIFICATION_MEASURES = {"least_confidence": least_confidence, "margin": margin, "entropy": entropy}
 
 
@@ -107,6 +109,6 @@ def detection_uncertainty(
         near_miss = binary_entropy(np.where(missed, peaks, 0.0))
         top, mean, total = (np.where(missed, near_miss, v) for v in (top, mean, total))
     result = {"max": top, "mean": mean, "capped_sum": np.minimum(total, cap) / cap}
-    if aggregate not in result:
-        raise ValueError(f"aggregate must be one of {', '.join(result)}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}")
     return DetectionUncertainty(box=u, near_threshold=near.astype(int), score=result[aggregate], **result)

@@ -175,11 +175,11 @@ def select(
     pool_factor: Annotated[float, typer.Option(help="Diversity picks among the top pool-factor × budget.")] = 4.0,
     cold_start: Annotated[int, typer.Option(help="Below this many labeled tasks, pick typical images instead.")] = 0,
     aggregate: Annotated[
-        str,
+        str | None,
         typer.Option(help="Detection: rank an image by its worst box (max), its typical box (mean), or how much is "
                           "doubtful (capped_sum, the default: uncertainty summed over boxes, disagreement as a count "
                           "of boxes)."),
-    ] = "capped_sum",
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     dry_run: Annotated[bool, typer.Option(help="Write CSV/JSON instead of touching Label Studio.")] = False,
     out: Annotated[Path, typer.Option(help="Folder for --dry-run files.")] = Path("tandem-selection"),
@@ -195,8 +195,9 @@ def select(
 
     from active_learning.pipeline import run_selection, write_dry_run, write_queue
     from active_learning.queue import LabelStudioQueue
-    from active_learning.scoring import AGGREGATES
+    from active_learning.scoring import SELECT_AGGREGATE
     from active_learning.selection import SelectionConfig, Strategy
+    from active_learning.uncertainty import AGGREGATES
     from backend.errors import TandemError
     from backend.media.fetch import MediaFetcher
     from backend.models.yolo import YoloAdapter
@@ -207,6 +208,7 @@ def select(
     settings = Settings.from_env(home=home, device=device)
     if strategy not in {s.value for s in Strategy}:
         raise typer.BadParameter(f"--strategy must be one of {', '.join(s.value for s in Strategy)}")
+    aggregate = aggregate or SELECT_AGGREGATE
     if aggregate not in AGGREGATES:
         raise typer.BadParameter(f"--aggregate must be one of {', '.join(AGGREGATES)}")
     if not settings.label_studio_url or not settings.label_studio_api_key:

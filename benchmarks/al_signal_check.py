@@ -23,11 +23,10 @@ from sklearn.metrics import roc_auc_score
 
 from active_learning.boxes import BoxBatch
 from active_learning.disagreement import pairwise_iou
-from active_learning.scoring import LabelSpace, score_outputs, to_image_boxes
+from active_learning.scoring import LabelSpace, candidate_peaks, score_outputs, to_image_boxes
 from active_learning.uncertainty import detection_uncertainty
 from backend.models.yolo import YoloAdapter
-from benchmarks.al_simulation import dataset, evaluate, second_opinion, train
-from benchmarks.digits_data import classification_set, detection_set
+from benchmarks.al_simulation import DEFAULTS, dataset, draw_split, evaluate, second_opinion, train
 
 
 def detection_errors(outputs, samples, conf: float = 0.25, iou_min: float = 0.5) -> np.ndarray:
@@ -54,13 +53,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     detect = args.task == "detect"
-    labeled_n = args.labeled or (60 if detect else 200)
-    budget = args.budget or (30 if detect else 40)
-    sim = argparse.Namespace(imgsz=128 if detect else 64, epochs0=80 if detect else 120, epochs=12, lr_finetune=0.0005)
-    samples = detection_set(500, args.seed) if detect else classification_set(args.seed)
-    order = np.random.default_rng(args.seed).permutation(len(samples))
-    test, rest = order[:100 if detect else 400], order[100 if detect else 400 :]
-    pool_all = rest[: 400 if detect else 1200]
+    sim = argparse.Namespace(**DEFAULTS[args.task], imbalance=1.0)  # the simulation's round 0, same seed, same split
+    labeled_n = args.labeled or (sim.initial if detect else 200)
+    budget = args.budget or sim.budget
+    samples, test, pool_all = draw_split(args.task, sim, args.seed)
     labeled, pool = list(pool_all[:labeled_n]), list(pool_all[labeled_n:])
     lines = []
     with tempfile.TemporaryDirectory(prefix="tandem-signal-") as tmp:
@@ -81,8 +77,7 @@ def main() -> None:
             boxes = np.array([len(s.labels) for s in pool_samples])
             space = LabelSpace(adapter.class_names)
             batch = BoxBatch.from_images([to_image_boxes(o, space) for o in outputs])
-            peaks = np.array([np.nan if o.candidate_peak is None else o.candidate_peak for o in outputs])
-            unc = detection_uncertainty(batch, candidate_peaks=peaks)
+            unc = detection_uncertainty(batch, candidate_peaks=candidate_peaks(outputs))
             signals = {f"uncertainty ({a})": getattr(unc, a) for a in ("max", "mean", "capped_sum")}
             signals["near-threshold count"] = unc.near_threshold.astype(float)
             for agg in ("max", "capped_sum"):

@@ -42,8 +42,9 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "False")
 import numpy as np  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-from active_learning.scoring import AGGREGATES, SELECT_AGGREGATE, score_outputs  # noqa: E402
+from active_learning.scoring import SELECT_AGGREGATE, score_outputs  # noqa: E402
 from active_learning.selection import SelectionConfig, Strategy, select  # noqa: E402
+from active_learning.uncertainty import AGGREGATES  # noqa: E402
 from backend.models.base import ModelOutput  # noqa: E402
 from backend.models.yolo import YoloAdapter  # noqa: E402
 from backend.training.yolo_finetune import trainer_without_validation  # noqa: E402
@@ -51,6 +52,10 @@ from benchmarks.digits_data import DigitSample, classification_set, detection_se
 
 STRATEGIES = [Strategy.RANDOM, Strategy.UNCERTAINTY, Strategy.DISAGREEMENT, Strategy.HYBRID]
 NAMES = [str(i) for i in range(10)]
+DEFAULTS = {"classify": dict(rounds=5, initial=40, budget=40, pool=1200, test=400, epochs0=120, epochs=40, imgsz=64,
+                             lr_finetune=0.002),
+            "detect": dict(rounds=4, initial=60, budget=30, pool=400, test=100, epochs0=80, epochs=12, imgsz=128,
+                           lr_finetune=0.0005)}  # per task, for every option left unset
 MAX_LABELED_FOR_DIVERSITY = 256  # as `tandem select` does: k-center keeps away from this many labeled images
 
 
@@ -138,7 +143,8 @@ def long_tail(indices: np.ndarray, labels: np.ndarray, ratio: float, rng: np.ran
     return rng.permutation(np.array(keep))
 
 
-def run_seed(task: str, args, seed: int, work: Path) -> dict:
+def draw_split(task: str, args, seed: int) -> tuple[list[DigitSample], np.ndarray, np.ndarray]:
+    """A seed's samples, its fixed test split and its pool (long-tailed with --imbalance)."""
     samples = classification_set(seed) if task == "classify" else detection_set(args.pool + args.test, seed)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(samples))
@@ -148,7 +154,11 @@ def run_seed(task: str, args, seed: int, work: Path) -> dict:
         sizes = np.bincount([samples[i].labels[0] for i in rest[: args.pool]], minlength=10)
         print(f"  seed {seed}: long-tailed pool of {min(len(rest), args.pool)}, images per digit {sizes.tolist()}",
               flush=True)
-    pool_all = rest[: args.pool]
+    return samples, test, rest[: args.pool]
+
+
+def run_seed(task: str, args, seed: int, work: Path) -> dict:
+    samples, test, pool_all = draw_split(task, args, seed)
     initial = list(pool_all[: args.initial])
     data0 = dataset(samples, initial, test, work / "data", task)
     init_arch = "yolov8n-cls.yaml" if task == "classify" else "yolov8n.yaml"
@@ -293,11 +303,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.imbalance > 1 and args.task != "classify":
         ap.error("--imbalance is for --task classify (a detection image holds several digits)")
-    defaults = {"classify": dict(rounds=5, initial=40, budget=40, pool=1200, test=400, epochs0=120, epochs=40, imgsz=64,
-                                 lr_finetune=0.002),
-                "detect": dict(rounds=4, initial=60, budget=30, pool=400, test=100, epochs0=80, epochs=12, imgsz=128,
-                               lr_finetune=0.0005)}[args.task]
-    for k, v in defaults.items():
+    for k, v in DEFAULTS[args.task].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.out.mkdir(parents=True, exist_ok=True)
