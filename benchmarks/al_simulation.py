@@ -24,6 +24,11 @@ processes (one torch thread each) and be summarised afterwards — the longer-ho
     for s in 0 1 2; do uv run python benchmarks/al_simulation.py --task classify --rounds 10 \
         --strategies random,hybrid --tag classify_h440 --seed-list $s --threads 1 & done; wait
     uv run python benchmarks/al_simulation.py --task classify --tag classify_h440 --summarise
+
+`--strategies fixed` adds a control that no selection can beat: every round fine-tunes on the initial
+labels alone. What that curve climbs is training time, not labels — every strategy's curve holds it too,
+and the summary says how much of random's climb it is. A strategy run later in its own process joins a
+seed's file as a part (`--part fixed` writes al_<tag>_seed<S>_fixed.json; --summarise merges the parts).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from backend.training.yolo_finetune import trainer_without_validation  # noqa: E
 from benchmarks.digits_data import DigitSample, classification_set, detection_set  # noqa: E402
 
 STRATEGIES = [Strategy.RANDOM, Strategy.UNCERTAINTY, Strategy.DISAGREEMENT, Strategy.HYBRID]
+FIXED = "fixed"  # not a strategy: the initial labels only, trained on with the same schedule (training time alone)
 NAMES = [str(i) for i in range(10)]
 DEFAULTS = {"classify": dict(rounds=5, initial=40, budget=40, pool=1200, test=400, epochs0=120, epochs=40, imgsz=64,
                              lr_finetune=0.002),
@@ -157,6 +163,18 @@ def draw_split(task: str, args, seed: int) -> tuple[list[DigitSample], np.ndarra
     return samples, test, rest[: args.pool]
 
 
+def fixed_labels_curve(task: str, args, seed: int, work: Path, data0: str, w0: str, s0: float, n: int) -> dict:
+    """The control no strategy can beat by selection: every round's fine-tune on the initial labels alone.
+
+    Whatever this curve climbs is training time, not labels; the strategies' curves contain it too."""
+    weights, scores = w0, [s0]
+    for r in range(1, args.rounds + 1):
+        weights = train(task, data0, weights, args.epochs, args.imgsz, seed + r, work / "a", args.lr_finetune)
+        scores.append(evaluate(task, weights, data0, args.imgsz))
+        print(f"  seed {seed} {FIXED:12s} round {r}: {n} labels -> {scores[-1]:.3f}", flush=True)
+    return {"labels": [n] * (args.rounds + 1), "score": scores}
+
+
 def run_seed(task: str, args, seed: int, work: Path) -> dict:
     samples, test, pool_all = draw_split(task, args, seed)
     initial = list(pool_all[: args.initial])
@@ -165,6 +183,8 @@ def run_seed(task: str, args, seed: int, work: Path) -> dict:
     w0 = train(task, data0, init_arch, args.epochs0, args.imgsz, seed, work / "a")
     s0 = evaluate(task, w0, data0, args.imgsz)
     curves = {}
+    if FIXED in args.strategies.split(","):
+        curves[FIXED] = fixed_labels_curve(task, args, seed, work, data0, w0, s0, len(initial))
     for strategy in [s for s in STRATEGIES if s.value in args.strategies.split(",")]:
         labeled, weights, prev_b, scores, counts = list(initial), w0, None, [s0], [len(initial)]
         for r in range(1, args.rounds + 1):
@@ -216,13 +236,15 @@ def summarise(task: str, results: dict, out: Path, tag: str, imbalance: float = 
     metric = "top-1 accuracy" if task == "classify" else "mAP50"
     strategies = [s for s in STRATEGIES if all(s.value in results[seed] for seed in seeds)]
     stats = {s.value: np.array([results[seed][s.value]["score"] for seed in seeds]) for s in strategies}
+    fixed = np.array([results[seed][FIXED]["score"] for seed in seeds]) if all(FIXED in results[x] for x in seeds) else None
+    columns = [s.value for s in strategies] + ([f"initial {labels[0]} only"] if fixed is not None else [])
+    rows = [stats[s.value] for s in strategies] + ([fixed] if fixed is not None else [])
     random_final = stats["random"].mean(0)[-1]
     pool = f", long-tailed pool (imbalance {imbalance:g}), balanced test split" if imbalance > 1 else ""
     lines = [f"## {task}: {metric} on a fixed test split{pool}, mean ± std over {len(seeds)} seeds",
-             "", "| labels | " + " | ".join(s.value for s in strategies) + " |", "|---" * (len(strategies) + 1) + "|"]
+             "", "| labels | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for k, n in enumerate(labels):
-        lines.append(f"| {n} | " + " | ".join(f"{stats[s.value][:, k].mean():.3f} ± {stats[s.value][:, k].std():.3f}"
-                                             for s in strategies) + " |")
+        lines.append(f"| {n} | " + " | ".join(f"{row[:, k].mean():.3f} ± {row[:, k].std():.3f}" for row in rows) + " |")
     lines += ["", f"Random's final score: {random_final:.3f} at {labels[-1]} labels.", "",
               "| strategy | labels to reach random's final | share of random's labels | mean gain over random per round |",
               "|---|---|---|---|"]
@@ -244,12 +266,19 @@ def summarise(task: str, results: dict, out: Path, tag: str, imbalance: float = 
         lines.append(f"| {s.value} | " + " | ".join(cells) + " |")
     second = "logistic regression on the raw 8×8 scans" if task == "classify" else "a second YOLOv8n (other seed, input size)"
     lines += ["", f"Second opinion for disagreement: {second} — no VLM weights exist offline."]
+    if fixed is not None:
+        start, end, climb = fixed.mean(0)[0], fixed.mean(0)[-1], stats["random"].mean(0)[-1] - stats["random"].mean(0)[0]
+        lines += ["", (f"Training time alone: the same schedule on the initial {labels[0]} labels, with none added, "
+                       f"takes the score from {start:.3f} to {end:.3f} in {len(labels) - 1} rounds — "
+                       f"{(end - start) / climb:.0%} of random's climb ({climb:+.3f}) is training, not labels.")]
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for s in strategies:
         m, sd = stats[s.value].mean(0), stats[s.value].std(0)
         ax.plot(labels, m, marker="o", label=s.value)
         ax.fill_between(labels, m - sd, m + sd, alpha=0.15)
+    if fixed is not None:
+        ax.plot(labels, fixed.mean(0), color="grey", linestyle="--", label=f"initial {labels[0]} labels only")
     ax.axhline(random_final, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("labeled images")
     ax.set_ylabel(metric)
@@ -263,6 +292,15 @@ def summarise(task: str, results: dict, out: Path, tag: str, imbalance: float = 
     (out / f"al_{tag}_results.md").write_text(text + "\n")
     (out / f"al_{tag}_results.json").write_text(json.dumps(results, indent=1))
     return text
+
+
+def load_seed_files(out: Path, tag: str) -> dict:
+    """{seed: {strategy: curve}} from al_<tag>_seed<S>.json and its parts (strategies run in other processes)."""
+    results: dict = {}
+    for f in sorted(out.glob(f"al_{tag}_seed*.json")):
+        saved = json.loads(f.read_text())
+        results.setdefault(saved["seed"], {}).update(saved["curves"])
+    return results
 
 
 def main() -> None:
@@ -281,7 +319,9 @@ def main() -> None:
                     help="AdamW learning rate of the per-round fine-tunes (the round-0 model trains at 0.002); "
                          "detection defaults to 0.0005: at 0.002 every detector lost a third of its mAP in round 1")
     ap.add_argument("--strategies", default=",".join(s.value for s in STRATEGIES),
-                    help="comma-separated subset to run (the summary needs random; it covers the ones run)")
+                    help="comma-separated subset to run (the summary needs random; it covers the ones run); "
+                         f"'{FIXED}' adds the control with no labels added: the initial labels, trained on with "
+                         "the same schedule, shows how much of every curve is training time")
     ap.add_argument("--pool-factor", type=float, default=SelectionConfig.pool_factor,
                     help="k-center picks the batch from the top pool_factor × budget by acquisition")
     ap.add_argument("--cold-start", type=int, default=0,
@@ -297,6 +337,9 @@ def main() -> None:
                     help="comma-separated seeds to run instead of 0..seeds-1 (e.g. one per process, then --summarise)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when seeds run in parallel processes)")
     ap.add_argument("--tag", default=None, help="results file stem (default: task, with _ltR for a long tail)")
+    ap.add_argument("--part", default=None,
+                    help="per-seed file suffix, for strategies of one seed run in another process: "
+                         "al_<tag>_seed<S>_<part>.json; --summarise merges the parts")
     ap.add_argument("--summarise", action="store_true",
                     help="no training: summarise the per-seed files al_<tag>_seed<S>.json already in --out")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -309,11 +352,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or (f"{args.task}_lt{args.imbalance:g}" if args.imbalance > 1 else args.task)
     if args.summarise:
-        files = sorted(args.out.glob(f"al_{tag}_seed*.json"))
-        if not files:
+        results = load_seed_files(args.out, tag)
+        if not results:
             ap.error(f"no al_{tag}_seed*.json in {args.out}")
-        saved = [json.loads(f.read_text()) for f in files]
-        results = {r["seed"]: r["curves"] for r in saved}
         if not all("random" in c for c in results.values()):
             ap.error("the summary compares against random: run --strategies with random for every seed")
         print(summarise(args.task, results, args.out, tag, args.imbalance))
@@ -329,7 +370,8 @@ def main() -> None:
         t_seed = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="tandem-al-") as tmp:
             results[seed] = run_seed(args.task, args, seed, Path(tmp))
-        (args.out / f"al_{tag}_seed{seed}.json").write_text(  # seconds: this seed's alone
+        part = f"_{args.part}" if args.part else ""
+        (args.out / f"al_{tag}_seed{seed}{part}.json").write_text(  # seconds: this seed's alone
             json.dumps({"seed": seed, "seconds": time.perf_counter() - t_seed, "curves": results[seed]}, indent=1))
     if "random" in args.strategies.split(",") and not args.seed_list:
         print(summarise(args.task, results, args.out, tag, args.imbalance))
