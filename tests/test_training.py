@@ -187,3 +187,21 @@ def test_a_promoted_version_is_served_on_the_same_engine(tmp_path, detect_adapte
     assert holder.adapter is not detect_adapter and holder.adapter.engine == "openvino"
     assert (settings.home / "cache" / "openvino" / f"{holder.adapter.version}_openvino_model").is_dir()
     service.close()
+
+
+def test_the_promotion_gate_scores_every_box_not_only_those_above_the_serving_threshold(tmp_path, detect_weights):
+    """A fine-tune whose confidences fell below 0.25 must still be scored on how well it localises."""
+    from backend.datasets.shapes import CLASS_NAMES, write_yolo_dataset
+    from backend.models.yolo import YoloAdapter
+    from backend.training.evaluate import evaluate
+    from backend.training.export import ExportedDataset
+    from backend.training.worker import scoring_adapter
+
+    data = write_yolo_dataset(tmp_path / "data", train=1, val=12, seed=21)
+    dataset = ExportedDataset(root=tmp_path / "data", task="detect", class_names=list(CLASS_NAMES), data=str(data),
+                              train=1, val=12)
+    gate = evaluate(scoring_adapter(detect_weights, "cpu"), dataset)
+    # the same weights cut at a threshold above their confidences: the score a served-threshold gate would see
+    cut = evaluate(YoloAdapter(detect_weights, device="cpu", conf=0.999), dataset)
+    assert gate["images"] == 12 and gate["map50"] > 0.5
+    assert cut["map50_95"] < gate["map50_95"] / 2

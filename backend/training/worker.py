@@ -36,6 +36,9 @@ DEFAULTS = {"epochs": 30, "imgsz": None, "batch": 16, "margin": 0.01, "val_perce
 # images a full fine-tune collapsed (held-out mAP50 0.667 -> 0.168) while a frozen backbone held (0.630-0.650);
 # on 31 a full fine-tune taught a class the parent had never seen (mAP50-95 0.549 -> 0.786).
 FEW_IMAGES, FROZEN_LAYERS = 24, 10
+# mAP integrates over every confidence, as ultralytics' own val does (conf 0.001): scored at the serving
+# threshold, a fine-tune whose confidences dropped below 0.25 scores 0 however well it localises
+EVAL_CONF = 0.001
 
 
 def log(message: str) -> None:
@@ -56,6 +59,11 @@ def fetch_annotated_tasks(settings: Settings, project_id: int) -> tuple[list[dic
 
 def train_local(serving_path: str, dataset, work: Path, params: dict) -> Path:
     return Path(fine_tune(serving_path, dataset.data, work, params, default_device())["weights"])
+
+
+def scoring_adapter(weights: Path, device: str | None, name: str | None = None) -> YoloAdapter:
+    """The model as the promotion gate scores it: every box, whatever its confidence (EVAL_CONF)."""
+    return YoloAdapter(weights, name=name, device=device, conf=EVAL_CONF)
 
 
 def run(job_id: int, settings: Settings) -> None:
@@ -103,9 +111,9 @@ def run(job_id: int, settings: Settings) -> None:
     shutil.copyfile(weights, target)
 
     log("scoring candidate and serving model on the frozen validation split")
-    candidate = YoloAdapter(target, name=stem, device=settings.device)  # a corrupt file fails here: never promoted
+    candidate = scoring_adapter(target, settings.device, name=stem)  # a corrupt file fails here: never promoted
     new = evaluate(candidate, dataset)
-    old = evaluate(YoloAdapter(serving.path, device=settings.device), dataset)
+    old = evaluate(scoring_adapter(Path(serving.path), settings.device), dataset)
     metrics = {"candidate": new, "serving": old, "serving_version": serving.version, "dataset": dataset.snapshot,
                "train": dataset.train, "val": dataset.val}
     registry.add_candidate(candidate.version, stem, candidate.task.value, str(target), serving.version,
