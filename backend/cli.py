@@ -37,6 +37,8 @@ def _logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
     )
+    if level.lower() != "debug":  # one line per HTTP request (every image download) drowns what matters
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -232,7 +234,9 @@ def select(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
     except Exception as exc:  # HTTP errors from the SDK: unreachable Label Studio, wrong key, no such project
-        console.print(f"[red]error:[/] cannot read project {project} from {settings.label_studio_url}: {exc}")
+        from backend.labelstudio.errors import describe
+
+        console.print(f"[red]error:[/] cannot read project {project}: {describe(exc, settings.label_studio_url)}")
         raise typer.Exit(2) from exc
 
     config = SelectionConfig(

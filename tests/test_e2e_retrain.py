@@ -113,3 +113,31 @@ def test_kill_9_of_a_running_job_fails_it_and_keeps_serving(label_studio, weak_w
         r = httpx.post(f"{srv.url}/predict", json={"tasks": [{"id": 1, "data": tasks[f"{items[0][1].name}.png"]["data"]}],
                                                    "label_config": RECT}, timeout=60)
         assert r.status_code == 200 and r.json()["results"][0]["model_version"] == serving.version
+
+
+def test_a_retrain_that_cannot_start_says_why_in_one_line(label_studio, detect_weights, tmp_path):
+    """No annotations, no such project, a wrong key: the job fails with Label Studio's reason, never its headers."""
+    from backend.registry import Registry
+    from backend.training.jobs import JobStore
+    from backend.training.runner import LocalRunner, log_path
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    empty = client.projects.create(title="tandem e2e nothing annotated", label_config=RECT)
+    upload_images(label_studio.url, label_studio.token, empty.id,
+                  {f"{s.name}.png": png_bytes(img) for img, s in generate_samples(3, seed=5)})
+    good = Settings(home=tmp_path / "home", label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
+    wrong_key = Settings(home=good.home, label_studio_url=label_studio.url, label_studio_api_key="not-a-token")
+    Registry(good.db_path).record_served("start", "start", "detect", str(detect_weights))
+    store = JobStore(good.db_path)
+    expected = {(empty.id, "good"): "0 usable annotated tasks (0 train, 0 validation)",
+                (99999, "good"): "Label Studio answered 404: No Project matches the given query. (check the project id)",
+                (empty.id, "wrong"): "Label Studio answered 401"}
+    for (project_id, key), message in expected.items():
+        settings = good if key == "good" else wrong_key
+        job = store.create(project_id, "yolo", "local", "test", {})
+        LocalRunner(settings, store).start(job)
+        failed = wait(store, job.id, timeout=120)
+        assert failed.status is JobStatus.FAILED and message in failed.error, failed.error
+        for leak in ("set-cookie", "sessionid", "headers:", "Traceback"):
+            assert leak not in failed.error
+        assert "Traceback" not in log_path(good.home, job.id).read_text()

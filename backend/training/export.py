@@ -87,6 +87,7 @@ def export_yolo_dataset(
     names = [label.result_value for label in control.labels]
     classes = {n: i for i, n in enumerate(names)}
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)  # a project with nothing annotated still gets a (empty) dataset
     out = ExportedDataset(root=root, task=task_kind, class_names=names, data="")
     snapshot = hashlib.sha256()
     for task in sorted(tasks, key=lambda t: t["id"]):

@@ -51,9 +51,14 @@ def fetch_annotated_tasks(settings: Settings, project_id: int) -> tuple[list[dic
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise TandemError("training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to export annotations")
     client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key, timeout=120)
-    label_config = client.projects.get(id=project_id).label_config
-    raw = b"".join(client.projects.exports.download_sync(
-        project_id, export_type="JSON", download_all_tasks=False, download_resources=False))
+    try:
+        label_config = client.projects.get(id=project_id).label_config
+        raw = b"".join(client.projects.exports.download_sync(
+            project_id, export_type="JSON", download_all_tasks=False, download_resources=False))
+    except Exception as exc:  # the SDK's errors: unreachable, wrong key, no such project
+        from backend.labelstudio.errors import describe
+
+        raise TandemError(f"cannot export project {project_id}: {describe(exc, settings.label_studio_url)}") from exc
     return json.loads(raw), label_config
 
 
@@ -91,8 +96,10 @@ def run(job_id: int, settings: Settings) -> None:
                                   work / "dataset", val_percent=params["val_percent"])
     log(f"dataset {dataset.snapshot}: {dataset.train} train / {dataset.val} frozen val, {len(dataset.skipped)} skipped")
     if dataset.train == 0 or dataset.val == 0:
-        raise TandemError(f"too few annotations: {dataset.train} train and {dataset.val} validation images "
-                          "(the validation split is a fixed ~20% of tasks)")
+        raise TandemError(f"project {job.project_id} has {dataset.train + dataset.val} usable annotated tasks "
+                          f"({dataset.train} train, {dataset.val} validation): a retrain needs at least one of each. "
+                          f"The validation split is a fixed ~{params['val_percent']}% of tasks, so annotate about "
+                          f"{max(5, round(200 / max(params['val_percent'], 1)))} or more")
     if serving.task != dataset.task:
         raise TandemError(f"the serving model is a {serving.task} model but the project needs {dataset.task}")
     if params.get("freeze") is None and dataset.task != "classify" and dataset.train < FEW_IMAGES:
@@ -191,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(job_id, settings)
         return 0
+    except TandemError as exc:  # expected (no labels, Label Studio down...): one line, no traceback
+        print(f"error: {exc}", flush=True)
+        JobStore(settings.db_path).finish(job_id, JobStatus.FAILED, error=str(exc))
+        return 1
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
         traceback.print_exc()
         JobStore(settings.db_path).finish(job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
