@@ -92,7 +92,10 @@ def select(
         if config.strategy is Strategy.RANDOM or embeddings is None:
             active = order[:n_active]
         else:
-            pool = order[: max(n_active, int(np.ceil(config.pool_factor * n_active)))]
+            # never more than half the candidates: in a small project a pool of everything lets diversity
+            # alone decide, and tasks scoring 1.0 were passed over for ones scoring 0.05
+            size = min(int(np.ceil(config.pool_factor * n_active)), n // 2)
+            pool = order[: max(n_active, size)]
             picked = k_center_greedy(embeddings[pool], n_active, labeled=labeled_embeddings, seed=config.seed)
             active = pool[picked]
             active = active[np.argsort(-scores[active], kind="stable")]

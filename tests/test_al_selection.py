@@ -104,3 +104,16 @@ def test_detector_that_sees_nothing_still_ranks_its_near_misses():
     assert table.uncertainty[0] > table.uncertainty[1] > table.uncertainty[2] == 0
     assert table.reasons[0] == "CNN sees nothing (best candidate 0.20)"
     assert table.reasons[2] == "CNN boxes: 0" and table.reasons[3] == "CNN boxes: 1"
+
+
+@pytest.mark.parametrize("n", [10, 25, 40])
+def test_a_small_project_still_queues_by_score(n):
+    """Where pool_factor × budget covers every task, diversity must not pass the top scorers over."""
+    rng = np.random.default_rng(3)
+    unc = rng.uniform(0, 0.1, n)
+    unc[rng.choice(n, 5, replace=False)] = 1.0
+    sel = select(SelectionConfig(strategy=Strategy.UNCERTAINTY, budget=8, control_fraction=0.0, seed=1),
+                 uncertainty=unc, embeddings=rng.normal(size=(n, 16)))
+    top_half = set(np.argsort(-unc)[: max(8, n // 2)].tolist())
+    assert set(sel.indices.tolist()) <= top_half
+    assert len(sel.indices) == min(8, n)
