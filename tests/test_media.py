@@ -86,8 +86,9 @@ def test_corrupt_and_non_image(served_dir):
     (root / "text.png").write_text("hello")
     fetcher = MediaFetcher(MediaSettings(label_studio_url=base, api_key="k"))
     for name in ("bad.jpg", "text.png"):
-        with pytest.raises(MediaError, match="corrupt or not an image"):
+        with pytest.raises(MediaError, match="corrupt or not an image") as caught:
             fetcher.load(f"{base}/{name}")
+        assert name in str(caught.value) and "BytesIO" not in str(caught.value)  # names the image, not a buffer
 
 
 def test_missing_image_is_a_clear_error(served_dir):

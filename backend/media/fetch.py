@@ -216,7 +216,10 @@ def decode_image(data: bytes, url: str, max_pixels: int) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise MediaError(f"image {url} rejected as a decompression bomb: {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:  # its message names a BytesIO object, which says nothing
+        raise MediaError(f"image {url} is corrupt or not an image (no image format recognises its "
+                         f"{len(data)} bytes)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"image {url} is corrupt or not an image: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - decoder plugins (ultralytics patches Image.open) raise anything
         raise MediaError(f"image {url} could not be decoded: {type(exc).__name__}: {exc}") from exc
