@@ -14,8 +14,10 @@ app = typer.Typer(
     name="tandem",
     help=(
         "Tandem: a Label Studio ML backend with an active-learning loop.\n\n"
-        "Serves YOLOv8 pre-annotations to Label Studio (RectangleLabels, PolygonLabels, Choices). "
-        "Run `tandem serve` and add http://HOST:PORT as the project's model under Settings → Model.\n\n"
+        "Serves pre-annotations from YOLOv8 and/or a vision-language model to Label Studio (RectangleLabels, "
+        "PolygonLabels, Choices), queues the tasks most worth a review (`tandem select`) and retrains on the "
+        "corrections (`tandem train`, `tandem jobs`, `tandem models`). Run `tandem serve` and add "
+        "http://HOST:PORT as the project's model under Settings → Model; `tandem demo` shows the whole loop.\n\n"
         "Environment: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (personal access token or legacy token), "
         "TANDEM_HOME (state, default ~/.tandem), BASIC_AUTH_USER/BASIC_AUTH_PASS, TANDEM_ALLOWED_HOSTS, "
         "TANDEM_LABEL_MAP (JSON {model class: label}), LOCAL_FILES_DOCUMENT_ROOT."
@@ -39,6 +41,19 @@ def _logging(level: str) -> None:
     )
     if level.lower() != "debug":  # one line per HTTP request (every image download) drowns what matters
         logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _require_free_port(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            console.print(f"[red]error:[/] cannot listen on {host}:{port}: {exc.strerror} — is another server "
+                          "(another tandem serve?) using it? Pick another with --port")
+            raise typer.Exit(2) from exc
 
 
 @app.command()
@@ -121,6 +136,7 @@ def serve(
     from backend.serving import ModelHolder
     if starter_task not in RECIPES:
         raise typer.BadParameter(f"--starter-task must be one of {', '.join(RECIPES)}")
+    _require_free_port(host, port)  # before minutes of model loading or training, not after
     settings.home.mkdir(parents=True, exist_ok=True)
 
     vlm_holder = None
@@ -139,7 +155,13 @@ def serve(
     holder = ModelHolder()
     weights = settings.model
     if weights is None and settings.pre_annotator == "cnn":
-        console.print(f"[bold]No --model given:[/] using the starter YOLOv8n {starter_task} model in {settings.home}")
+        recipe = RECIPES[starter_task]
+        stored = settings.home / "models" / "starter" / recipe.weights_name
+        console.print(f"[bold]No --model given:[/] using the starter YOLOv8n {starter_task} model in {settings.home} "
+                      f"(generated shapes {', '.join(recipe.classes)}, {recipe.imgsz} px)")
+        if not stored.is_file():
+            console.print("Training it once — about 3–5 minutes on 2 CPU cores; later starts reuse it. "
+                          "Serve your own weights with --model.")
         weights = str(train_starter_model(settings.home, starter_task))
     if weights is not None:
         # Fail at start, in under a second, on a missing file or an offline hub name.
@@ -182,11 +204,11 @@ def select(
                           "doubtful (capped_sum, the default: uncertainty summed over boxes, disagreement as a count "
                           "of boxes)."),
     ] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random control slice and of k-center's start.")] = 0,
     dry_run: Annotated[bool, typer.Option(help="Write CSV/JSON instead of touching Label Studio.")] = False,
     out: Annotated[Path, typer.Option(help="Folder for --dry-run files.")] = Path("tandem-selection"),
-    home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None,
-    device: Annotated[str | None, typer.Option()] = None,
+    home: Annotated[Path | None, typer.Option(help="State folder (env TANDEM_HOME).", envvar="TANDEM_HOME")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda:0 … (default: CUDA when present).")] = None,
 ) -> None:
     """Rank a project's unlabeled tasks and queue the most useful ones for review in Label Studio."""
     import time
@@ -213,6 +235,12 @@ def select(
     aggregate = aggregate or SELECT_AGGREGATE
     if aggregate not in AGGREGATES:
         raise typer.BadParameter(f"--aggregate must be one of {', '.join(AGGREGATES)}")
+    if strategy == "disagreement" and not second_model:
+        raise typer.BadParameter("--strategy disagreement needs --second-model: the VLM (hub id or folder) or the "
+                                 "YOLO weights to disagree with")
+    if strategy == "hybrid" and not second_model:
+        console.print("[yellow]warning:[/] no --second-model: hybrid ranks by uncertainty alone (no disagreement "
+                      "scores, no 'Tandem: disagreements' view)")
     if not settings.label_studio_url or not settings.label_studio_api_key:
         console.print("[red]error:[/] set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
         raise typer.Exit(2)
@@ -272,6 +300,8 @@ def select(
         f"{len(outcome.entries)} queued of {outcome.candidates} unlabeled ({outcome.labeled} labeled) "
         f"in {outcome.seconds:.1f} s" + (f"; {len(outcome.skipped)} skipped (unreadable images)" if outcome.skipped else "")
     )
+    for task_id, why in list(outcome.skipped.items())[:10]:
+        console.print(f"  [yellow]skipped task {task_id}:[/] {why}")
     if outcome.files:
         console.print("wrote " + ", ".join(str(f) for f in outcome.files))
     if outcome.views:
@@ -385,6 +415,7 @@ app.add_typer(models_app, name="models")
 @jobs_app.command("list")
 def jobs_list(project: Annotated[int | None, typer.Option("--project", "-p")] = None,
               home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    """Every training job (or one project's): status, the version it made, whether it was promoted, why it failed."""
     from rich.table import Table
 
     _, _, store = _stores(home)
@@ -399,18 +430,25 @@ def jobs_list(project: Annotated[int | None, typer.Option("--project", "-p")] = 
 
 @jobs_app.command("show")
 def jobs_show(job_id: int, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    """One job in full: parameters, timings, metrics of candidate and serving model."""
     import json
+    import time
 
     _, _, store = _stores(home)
     job = store.get(job_id)
     if job is None:
         console.print(f"[red]error:[/] no job {job_id}")
         raise typer.Exit(2)
-    typer.echo(json.dumps(job.public(), indent=2, default=str))
+    shown = job.public()
+    for key in ("created_at", "started_at", "finished_at"):  # epoch floats say nothing to a person
+        if shown.get(key):
+            shown[key] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(shown[key]))
+    typer.echo(json.dumps(shown, indent=2, default=str))
 
 
 @jobs_app.command("logs")
 def jobs_logs(job_id: int, lines: int = 200, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    """The last LINES lines of a job's log (ultralytics' epochs, the export, the promotion verdict)."""
     from backend.training.runner import log_path, tail
 
     settings, _, _ = _stores(home)
@@ -419,6 +457,7 @@ def jobs_logs(job_id: int, lines: int = 200, home: Annotated[Path | None, typer.
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: int, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    """Stop a queued or running job; the served model stays as it is."""
     import os
     import signal
 
@@ -440,6 +479,7 @@ def jobs_cancel(job_id: int, home: Annotated[Path | None, typer.Option(envvar="T
 
 @models_app.command("list")
 def models_list(home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    """Every version: which one is served (▶), promoted or rejected, its score against its parent's."""
     from rich.table import Table
 
     _, registry, _ = _stores(home)
@@ -449,10 +489,15 @@ def models_list(home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")]
         table.add_column(col)
     import time as _t
 
+    def score(metrics: dict) -> str:  # YOLO: fitness (mAP50-95 / top-1) on the frozen split; VLM LoRA: its loss
+        if "fitness" in metrics:
+            return f"{metrics['fitness']:.4f}"
+        return f"loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+
     for v in registry.versions():
         cand, serv = v.metrics.get("candidate", {}), v.metrics.get("serving", {})
         table.add_row("▶" if current and v.version == current.version else "", v.version, v.task, v.status,
-                      f"{cand['fitness']:.4f}" if cand else "", f"{serv['fitness']:.4f}" if serv else "",
+                      score(cand), score(serv),
                       v.parent or "", v.dataset or "", _t.strftime("%Y-%m-%d %H:%M", _t.localtime(v.created_at)))
     _stdout().print(table)
 

@@ -150,3 +150,16 @@ def test_int8_without_calibration_images_fails_at_start(tmp_path):
     proc = subprocess.run([*TANDEM, "serve", "--engine", "int8", "--calibration", str(tmp_path / "none")],
                           capture_output=True, text=True, env=_env(tmp_path), timeout=120)
     assert proc.returncode == 2 and "none" in proc.stderr
+
+
+def test_a_busy_port_fails_before_the_model_loads(tmp_path, detect_weights):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([*TANDEM, "serve", "--model", str(detect_weights), "--port", str(port)],
+                              capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+    assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "CNN " not in proc.stderr  # refused before the model was loaded

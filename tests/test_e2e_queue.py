@@ -128,6 +128,18 @@ def test_cli_select_unreachable_label_studio_is_a_clear_error(tmp_path, detect_w
     assert proc.returncode == 2 and "cannot read project 1" in proc.stderr
 
 
+def test_cli_select_wrong_key_and_missing_second_opinion_are_clear(label_studio, project, tmp_path, detect_weights):
+    _, pid, _ = project
+    base = [sys.executable, "-m", "backend.cli", "select", "--project", str(pid), "--model", str(detect_weights)]
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": "not-a-token",
+           "TANDEM_HOME": str(tmp_path)}
+    proc = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "Label Studio answered 401" in proc.stderr
+    assert "set-cookie" not in proc.stderr and "headers" not in proc.stderr
+    proc = subprocess.run([*base, "--strategy", "disagreement"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "needs --second-model" in proc.stderr
+
+
 def test_cli_select_rejects_an_unknown_aggregate(tmp_path, detect_weights):
     proc = subprocess.run([sys.executable, "-m", "backend.cli", "select", "--project", "1", "--model", str(detect_weights),
                            "--aggregate", "median"], capture_output=True, text=True,

@@ -205,3 +205,16 @@ def test_the_promotion_gate_scores_every_box_not_only_those_above_the_serving_th
     cut = evaluate(YoloAdapter(detect_weights, device="cpu", conf=0.999), dataset)
     assert gate["images"] == 12 and gate["map50"] > 0.5
     assert cut["map50_95"] < gate["map50_95"] / 2
+
+
+def test_models_list_shows_yolo_fitness_and_vlm_loss_side_by_side(tmp_path):
+    settings = Settings(home=tmp_path / "home")
+    registry = Registry(settings.db_path)
+    registry.add_candidate("p1-job1", "yolo", "detect", "x.pt", None, "s",
+                           {"candidate": {"fitness": 0.61}, "serving": {"fitness": 0.55}})
+    registry.add_candidate("p1-job2", "lora", "vlm-generative", "adapter", None, "s",
+                           {"candidate": {"val_loss": 0.42}, "serving": {"val_loss": 0.7}})
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", "models", "list"], capture_output=True, text=True,
+                          env={**os.environ, "TANDEM_HOME": str(settings.home)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "0.6100" in proc.stdout and "loss 0.4200" in proc.stdout and "loss 0.7000" in proc.stdout
