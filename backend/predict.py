@@ -71,6 +71,16 @@ class ServingPlan:
     def image_keys(self) -> list[str]:
         return sorted({c.control.image_key for c in self.controls})
 
+    def unserved_labels(self) -> dict[str, tuple[list[str], list[str]]]:
+        """{control: (its labels no model class maps to, the classes)}: labels annotators will always draw."""
+        out = {}
+        for planned in self.controls:
+            served = set(planned.labels.by_class.values())
+            missing = [lab.result_value for lab in planned.control.labels if lab.result_value not in served]
+            if missing:
+                out[planned.control.name] = (missing, list(planned.adapter.class_names))
+        return out
+
 
 def plan_for(
     adapter: ModelAdapter | OpenVocabularyModel,

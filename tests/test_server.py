@@ -235,3 +235,15 @@ def test_50_concurrent_predicts_and_metrics(tmp_path, samples, detect_adapter):
     assert 'tandem_http_requests_total{method="POST",route="/predict",status="200"} 50.0' in text
     assert "tandem_model_ready 1.0" in text and 'tandem_training_jobs{status="queued"} 0.0' in text
     assert "tandem_deferred_predictions 0.0" in text
+
+
+def test_a_label_no_class_maps_to_is_said_once_at_setup(tmp_path, samples, detect_adapter, caplog):
+    root, _, _ = samples
+    with_star = RECT.replace('<Label value="Triangle"/>', '<Label value="Triangle"/><Label value="Star"/>')
+    assert with_star != RECT
+    with _serve(tmp_path, root, detect_adapter) as srv, caplog.at_level("WARNING", logger="tandem.server"):
+        for _ in range(3):
+            assert httpx.post(f"{srv.url}/setup", json={"project": "4.1", "schema": with_star}).status_code == 200
+        assert httpx.post(f"{srv.url}/setup", json={"project": "4.1", "schema": RECT}).status_code == 200
+    said = [r.getMessage() for r in caplog.records if "will not be pre-annotated" in r.getMessage()]
+    assert len(said) == 1 and "Star of 'label'" in said[0] and "square, circle, triangle" in said[0]

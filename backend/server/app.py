@@ -205,6 +205,8 @@ def create_app(
             deferred_pending=deferred.pending,
         )
 
+    warned: set[tuple] = set()  # (project, config fingerprint, control): each unserved label is said once
+
     @app.post("/setup", response_model=SetupResponse)
     def setup(body: SetupRequest) -> SetupResponse:
         """Answers from memory (Label Studio waits 3 s); a config the model cannot fill is a 422."""
@@ -219,7 +221,13 @@ def create_app(
             last = registry.last_served(settings.pre_annotator)
             return SetupResponse(model_version=last.version if last else "loading")
         if body.schema_:
-            plan_for(adapter, body.schema_, label_map, settings.case_sensitive_labels, _prompts(body.extra_params))
+            plan = plan_for(adapter, body.schema_, label_map, settings.case_sensitive_labels, _prompts(body.extra_params))
+            for control, (labels, classes) in plan.unserved_labels().items():
+                if (pid, plan.fingerprint, control) not in warned:  # Label Studio calls /setup often
+                    warned.add((pid, plan.fingerprint, control))
+                    log.warning("project %s: label(s) %s of '%s' match none of %s's classes (%s) and will not be "
+                                "pre-annotated; map one with predicted_values=\"…\" on its <Label> or "
+                                "TANDEM_LABEL_MAP", pid, ", ".join(labels), control, adapter.name, ", ".join(classes))
         schedule_sync(pid, adapter.version)
         return SetupResponse(model_version=adapter.version)
 
