@@ -39,6 +39,7 @@ FEW_IMAGES, FROZEN_LAYERS = 24, 10
 # mAP integrates over every confidence, as ultralytics' own val does (conf 0.001): scored at the serving
 # threshold, a fine-tune whose confidences dropped below 0.25 scores 0 however well it localises
 EVAL_CONF = 0.001
+FEW_VAL_IMAGES = 5  # below this the frozen split's mAP moves by a whole image's worth: say so in the log
 
 
 def log(message: str) -> None:
@@ -100,6 +101,9 @@ def run(job_id: int, settings: Settings) -> None:
                           f"({dataset.train} train, {dataset.val} validation): a retrain needs at least one of each. "
                           f"The validation split is a fixed ~{params['val_percent']}% of tasks, so annotate about "
                           f"{max(5, round(200 / max(params['val_percent'], 1)))} or more")
+    if dataset.val < FEW_VAL_IMAGES:
+        log(f"only {dataset.val} frozen validation images: the promotion verdict below is noisy — annotate more "
+            "tasks before trusting it")
     if serving.task != dataset.task:
         raise TandemError(f"the serving model is a {serving.task} model but the project needs {dataset.task}")
     if params.get("freeze") is None and dataset.task != "classify" and dataset.train < FEW_IMAGES:
