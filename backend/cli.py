@@ -111,6 +111,7 @@ def serve(
     from backend.settings import Settings
 
     _logging(log_level)
+    _require_free_port(host, port)  # before the heavy imports and minutes of model loading, not after
     try:
         settings = Settings.from_env(home=home, model=model, device=device, conf=conf, vlm=vlm, engine=engine, imgsz=imgsz,
                                      int8_calibration=calibration, predict_budget_s=predict_budget,
@@ -136,7 +137,6 @@ def serve(
     from backend.serving import ModelHolder
     if starter_task not in RECIPES:
         raise typer.BadParameter(f"--starter-task must be one of {', '.join(RECIPES)}")
-    _require_free_port(host, port)  # before minutes of model loading or training, not after
     settings.home.mkdir(parents=True, exist_ok=True)
 
     vlm_holder = None
