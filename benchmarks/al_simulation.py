@@ -239,22 +239,36 @@ def summarise(task: str, results: dict, out: Path, tag: str, imbalance: float = 
     labels = results[seeds[0]]["random"]["labels"]
     metric = "top-1 accuracy" if task == "classify" else "mAP50"
     strategies = [s for s in STRATEGIES if all(s.value in results[seed] for seed in seeds)]
-    stats = {s.value: np.array([results[seed][s.value]["score"] for seed in seeds]) for s in strategies}
-    fixed = np.array([results[seed][FIXED]["score"] for seed in seeds]) if all(FIXED in results[x] for x in seeds) else None
+    stats = {s.value: curve_matrix(results, s.value) for s in strategies}
+    fixed = curve_matrix(results, FIXED) if all(FIXED in results[x] for x in seeds) else None
+    longer = [name for name, m in [*stats.items(), (FIXED, fixed)] if m is not None and m.shape[1] > len(labels)]
+    if longer:
+        raise ValueError(f"{', '.join(longer)} ran more rounds than random; random's final score is the target, "
+                         "so run random at least as far")
     columns = [s.value for s in strategies] + ([f"initial {labels[0]} only"] if fixed is not None else [])
     rows = [stats[s.value] for s in strategies] + ([fixed] if fixed is not None else [])
-    random_final = stats["random"].mean(0)[-1]
+    random_mean = stats["random"].mean(0)
+    random_final = random_mean[-1]
     pool = f", long-tailed pool (imbalance {imbalance:g}), balanced test split" if imbalance > 1 else ""
     lines = [f"## {task}: {metric} on a fixed test split{pool}, mean ± std over {len(seeds)} seeds",
              "", "| labels | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for k, n in enumerate(labels):
-        lines.append(f"| {n} | " + " | ".join(f"{row[:, k].mean():.3f} ± {row[:, k].std():.3f}" for row in rows) + " |")
-    lines += ["", f"Random's final score: {random_final:.3f} at {labels[-1]} labels.", "",
-              "| strategy | labels to reach random's final | share of random's labels | mean gain over random per round |",
+        lines.append(f"| {n} | " + " | ".join(f"{row[:, k].mean():.3f} ± {row[:, k].std():.3f}" if k < row.shape[1]
+                                             else "–" for row in rows) + " |")
+    # a strategy may have been run to a shorter horizon than random (random extended later, in another process):
+    # what it needs is read off its own curve, and its gain is taken over the rounds both ran
+    shorter = [s.value for s in strategies if stats[s.value].shape[1] < len(labels)]
+    lines += ["", f"Random's final score: {random_final:.3f} at {labels[-1]} labels."]
+    if shorter:
+        lines += ["", "Run to fewer labels than random: " + ", ".join(
+            f"{name} to {labels[stats[name].shape[1] - 1]}" for name in shorter) + "; a mean gain is over the rounds "
+            "both ran, and a strategy that never reached a score in its rounds reads \"not reached\"."]
+    lines += ["", "| strategy | labels to reach random's final | share of random's labels | mean gain over random per round |",
               "|---|---|---|---|"]
     for s in strategies:
-        need = labels_to_reach(labels, stats[s.value].mean(0), random_final)
-        gains = (stats[s.value][:, 1:] - stats["random"][:, 1:]).mean(1)  # per seed, mean over rounds
+        m = stats[s.value]
+        need = labels_to_reach(labels[: m.shape[1]], m.mean(0), random_final)
+        gains = (m[:, 1:] - stats["random"][:, 1 : m.shape[1]]).mean(1)  # per seed, mean over rounds
         share = f"{need / labels[-1]:.0%}" if need else "not reached"
         lines.append(f"| {s.value} | {need:.0f} | {share} | {gains.mean():+.3f} ± {gains.std():.3f} |" if need else
                      f"| {s.value} | not reached | – | {gains.mean():+.3f} ± {gains.std():.3f} |")
@@ -263,26 +277,30 @@ def summarise(task: str, results: dict, out: Path, tag: str, imbalance: float = 
     lines += ["", "Share of random's labels each strategy needs to reach random's score at each horizon:", "",
               "| strategy | " + " | ".join(str(n) for n in horizons) + " |", "|---" * (len(horizons) + 1) + "|"]
     for s in [x for x in strategies if x is not Strategy.RANDOM]:
+        m = stats[s.value].mean(0)
         cells = []
         for k, n in enumerate(horizons, start=2):
-            need = labels_to_reach(labels, stats[s.value].mean(0), stats["random"].mean(0)[k])
+            need = labels_to_reach(labels[: len(m)], m, random_mean[k])
             cells.append(f"{need / n:.0%}" if need else "–")
         lines.append(f"| {s.value} | " + " | ".join(cells) + " |")
     second = "logistic regression on the raw 8×8 scans" if task == "classify" else "a second YOLOv8n (other seed, input size)"
     lines += ["", f"Second opinion for disagreement: {second} — no VLM weights exist offline."]
     if fixed is not None:
-        start, end, climb = fixed.mean(0)[0], fixed.mean(0)[-1], stats["random"].mean(0)[-1] - stats["random"].mean(0)[0]
+        rounds = fixed.shape[1] - 1  # random's climb over the same rounds as the control
+        start, end, climb = fixed.mean(0)[0], fixed.mean(0)[-1], random_mean[rounds] - random_mean[0]
         lines += ["", (f"Training time alone: the same schedule on the initial {labels[0]} labels, with none added, "
-                       f"takes the score from {start:.3f} to {end:.3f} in {len(labels) - 1} rounds — "
-                       f"{(end - start) / climb:.0%} of random's climb ({climb:+.3f}) is training, not labels.")]
+                       f"takes the score from {start:.3f} to {end:.3f} in {rounds} rounds — "
+                       f"{(end - start) / climb:.0%} of random's climb ({climb:+.3f}) in those rounds is training, "
+                       "not labels.")]
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for s in strategies:
         m, sd = stats[s.value].mean(0), stats[s.value].std(0)
-        ax.plot(labels, m, marker="o", label=s.value)
-        ax.fill_between(labels, m - sd, m + sd, alpha=0.15)
+        ax.plot(labels[: len(m)], m, marker="o", label=s.value)
+        ax.fill_between(labels[: len(m)], m - sd, m + sd, alpha=0.15)
     if fixed is not None:
-        ax.plot(labels, fixed.mean(0), color="grey", linestyle="--", label=f"initial {labels[0]} labels only")
+        ax.plot(labels[: fixed.shape[1]], fixed.mean(0), color="grey", linestyle="--",
+                label=f"initial {labels[0]} labels only")
     ax.axhline(random_final, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("labeled images")
     ax.set_ylabel(metric)
@@ -296,6 +314,15 @@ def summarise(task: str, results: dict, out: Path, tag: str, imbalance: float = 
     (out / f"al_{tag}_results.md").write_text(text + "\n")
     (out / f"al_{tag}_results.json").write_text(json.dumps(results, indent=1))
     return text
+
+
+def curve_matrix(results: dict, name: str) -> np.ndarray:
+    """Seeds × rounds scores of one strategy; every seed must have run it for the same rounds."""
+    lengths = {len(results[seed][name]["score"]) for seed in results}
+    if len(lengths) > 1:
+        raise ValueError(f"{name} ran for different numbers of rounds across seeds ({sorted(lengths)}): "
+                         "rerun the short seeds or summarise another tag")
+    return np.array([results[seed][name]["score"] for seed in results])
 
 
 def load_seed_files(out: Path, tag: str) -> dict:

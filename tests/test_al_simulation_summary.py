@@ -56,3 +56,32 @@ def test_summary_without_control_says_nothing_about_training_time(tmp_path):
     text = summarise("classify", results, tmp_path, "t")
     assert "Training time alone" not in text
     assert "| hybrid | 120 | 100% |" in text
+
+
+def test_random_run_further_than_hybrid_is_read_off_each_curve(tmp_path):
+    # random extended to 200 labels in another process; hybrid and the control stopped at 120
+    results = {seed: {**_curves([40, 80, 120, 160, 200], random=[0.5, 0.6, 0.7, 0.75, 0.8]),
+                      **_curves([40, 80, 120], hybrid=[0.5, 0.7, 0.9]),
+                      "fixed": {"labels": [40, 40, 40], "score": [0.5, 0.52, 0.54]}} for seed in (0, 1)}
+    text = summarise("classify", results, tmp_path, "t")
+    # random's final 0.8 lies halfway from 0.7 (80) to 0.9 (120): 100 labels, 50% of random's 200
+    assert "| hybrid | 100 | 50% | +0.150 ± 0.000 |" in text  # gain over the two rounds both ran: (0.1 + 0.2) / 2
+    assert "| 200 | 0.800 ± 0.000 | – | – |" in text
+    assert "hybrid to 120" in text
+    # the control's 0.04 against random's 0.2 over the same 2 rounds
+    assert "in 2 rounds — 20% of random's climb (+0.200)" in text
+    # horizons 120/160/200: random 0.7/0.75/0.8, which hybrid reaches at 80 (its own round 1), 90 (a quarter of
+    # the way from 80 to 120) and 100 labels
+    assert "| hybrid | 67% | 56% | 50% |" in text
+
+
+def test_summary_refuses_a_strategy_run_further_than_random(tmp_path):
+    results = {0: {**_curves([40, 80], random=[0.5, 0.6]), **_curves([40, 80, 120], hybrid=[0.5, 0.7, 0.9])}}
+    with pytest.raises(ValueError, match="hybrid ran more rounds than random"):
+        summarise("classify", results, tmp_path, "t")
+
+
+def test_seeds_with_different_rounds_are_refused(tmp_path):
+    results = {0: _curves([40, 80, 120], random=[0.5, 0.6, 0.7]), 1: _curves([40, 80], random=[0.5, 0.6])}
+    with pytest.raises(ValueError, match="different numbers of rounds"):
+        summarise("classify", results, tmp_path, "t")
