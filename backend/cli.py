@@ -64,7 +64,8 @@ def serve(
             "--model",
             "-m",
             help="YOLO weights path (detect, segment or classify), or an ultralytics name such as yolov8n.pt "
-            "(downloaded only where a network exists). Default: a starter model trained on first start.",
+            "(downloaded only where a network exists). Default: the version promoted last in TANDEM_HOME (a "
+            "retrain or `tandem models promote`), else a starter model trained on first start.",
             envvar="TANDEM_MODEL",
         ),
     ] = None,
@@ -86,8 +87,10 @@ def serve(
                      envvar="TANDEM_INT8_CALIBRATION"),
     ] = None,
     starter_task: Annotated[
-        str, typer.Option(help="Task of the starter model when --model is not given: detect, segment, classify.")
-    ] = "detect",
+        str | None,
+        typer.Option(help="Task of the starter model when --model is not given: detect (default), segment, classify "
+                     "(for a Choices project)."),
+    ] = None,
     vlm: Annotated[
         str | None,
         typer.Option(help="A vision-language model beside (or instead of) the CNN: a hub id such as "
@@ -135,7 +138,7 @@ def serve(
     from backend.models.starter import RECIPES, train_starter_model
     from backend.server.app import create_app
     from backend.serving import ModelHolder
-    if starter_task not in RECIPES:
+    if starter_task is not None and starter_task not in RECIPES:
         raise typer.BadParameter(f"--starter-task must be one of {', '.join(RECIPES)}")
     settings.home.mkdir(parents=True, exist_ok=True)
 
@@ -154,7 +157,9 @@ def serve(
 
     holder = ModelHolder()
     weights = settings.model
-    if weights is None and settings.pre_annotator == "cnn":
+    adapter = _resume_promoted(settings, starter_task) if weights is None and settings.pre_annotator == "cnn" else None
+    if adapter is None and weights is None and settings.pre_annotator == "cnn":
+        starter_task = starter_task or "detect"
         recipe = RECIPES[starter_task]
         stored = settings.home / "models" / "starter" / recipe.weights_name
         console.print(f"[bold]No --model given:[/] using the starter YOLOv8n {starter_task} model in {settings.home} "
@@ -163,24 +168,47 @@ def serve(
             console.print("Training it once — about 3–5 minutes on 2 CPU cores; later starts reuse it. "
                           "Serve your own weights with --model.")
         weights = str(train_starter_model(settings.home, starter_task))
-    if weights is not None:
+    if adapter is None and weights is not None:
         # Fail at start, in under a second, on a missing file or an offline hub name.
         try:
             adapter = settings.load_cnn(weights)
         except TandemError as exc:
             console.print(f"[red]error:[/] {exc}")
             raise typer.Exit(2) from exc
+    if adapter is not None:
         holder = ModelHolder(adapter)
         console.print(
             f"CNN [bold]{adapter.version}[/] ({adapter.task.value}, {len(adapter.class_names)} classes, "
             f"{adapter.device}, {adapter.engine})"
         )
     console.print(f"Serving on http://{host}:{port}; Label Studio receives the [bold]{settings.pre_annotator}[/]'s "
-                  "predictions" + (", the other's are kept for disagreement" if vlm_holder and weights else ""))
+                  "predictions" + (", the other's are kept for disagreement" if vlm_holder and adapter else ""))
     if not settings.label_studio_url:
         console.print("[yellow]LABEL_STUDIO_URL is not set:[/] images are fetched from the hostname Label Studio sends")
     app_ = create_app(settings, holder, vlm=vlm_holder)
     uvicorn.run(app_, host=host, port=port, log_level=log_level.lower())
+
+
+def _resume_promoted(settings, task: str | None):
+    """A restart serves what the loop promoted last, not the starter again (--starter-task narrows it to a task).
+
+    Weights that no longer load are passed over, with a warning, for the promotion before them."""
+    import time
+
+    from backend.errors import TandemError
+    from backend.registry import Registry
+
+    for version in Registry(settings.db_path).promoted("cnn", task):
+        try:
+            adapter = settings.load_cnn(version.path)
+        except TandemError as exc:
+            console.print(f"[yellow]warning:[/] cannot resume {version.version}: {exc}")
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(version.promoted_at))
+        console.print(f"[bold]No --model given:[/] resuming [bold]{version.version}[/] ({version.task}), the version "
+                      f"promoted last ({when}); --model PATH serves other weights")
+        return adapter
+    return None
 
 
 @app.command()
@@ -225,6 +253,7 @@ def select(
     from backend.errors import TandemError
     from backend.media.fetch import MediaFetcher
     from backend.models.yolo import YoloAdapter
+    from backend.predict import plan_for
     from backend.registry import Registry
     from backend.settings import Settings
 
@@ -257,6 +286,8 @@ def select(
                                  project)
         tasks = queue.tasks()
         label_config = queue.label_config()
+        # as /setup and `tandem train` refuse it: a detector's box doubt says nothing about a Choices project
+        plan_for(primary, label_config, settings.label_map, settings.case_sensitive_labels)
         second = _second_opinion(second_model, label_config, settings) if second_model else None
     except TandemError as exc:
         console.print(f"[red]error:[/] {exc}")
@@ -286,7 +317,16 @@ def select(
     if dry_run:
         outcome.files = write_dry_run(outcome, table, ids, out)
     elif outcome.entries:
-        write_queue(queue, outcome, tasks, run=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        try:
+            write_queue(queue, outcome, tasks, run=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        except Exception as exc:  # Label Studio went away mid-write: keep the ranking, say so in one line
+            from backend.labelstudio.errors import describe
+
+            files = write_dry_run(outcome, table, ids, out)
+            console.print(f"[red]error:[/] writing the queue to project {project} failed: "
+                          f"{describe(exc, settings.label_studio_url)}; the ranking is saved in "
+                          f"{', '.join(str(f) for f in files)} — run select again when Label Studio is back")
+            raise typer.Exit(1) from exc
 
     shown = Table(title=f"Top picks — {outcome.mode}", show_lines=False)
     for col in ("rank", "task", "score", "uncertainty", "disagreement", "pick", "reason"):

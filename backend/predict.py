@@ -111,7 +111,8 @@ def plan_for(
         kind = "VLM" if isinstance(adapter, OpenVocabularyModel) else "YOLO"
         raise ConfigError(
             f"model {adapter.name} is a {kind} {describe(adapter)} model and cannot fill {wanted}; "
-            "serve a detect model for RectangleLabels, segment for PolygonLabels, classify for Choices"
+            "serve a detect model for RectangleLabels, segment for PolygonLabels, classify for Choices (the starter: "
+            "tandem serve --starter-task segment or classify)"
         )
     fp = fingerprint(label_config, dict(label_map or {}), dict(prompts or {}), case_sensitive)
     return ServingPlan(config, tuple(planned), adapter.version, adapter.name, fp)

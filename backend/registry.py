@@ -117,6 +117,13 @@ class Registry(SqliteDb):
         live = [v for v in self.versions() if (v.served_at or v.promoted_at) and v.kind == kind]
         return max(live, key=lambda v: max(v.served_at or 0, v.promoted_at or 0)) if live else None
 
+    def promoted(self, kind: str = "cnn", task: str | None = None) -> list[ModelVersion]:
+        """What a restart without --model resumes, newest promotion first: versions promoted by a job's gate or
+        `tandem models promote` (a rollback too), not since rejected, whose weights are still on disk."""
+        found = [v for v in self.versions() if v.promoted_at and v.status == "promoted" and v.kind == kind
+                 and v.path and Path(v.path).exists() and (task is None or v.task == task)]
+        return sorted(found, key=lambda v: v.promoted_at, reverse=True)
+
     def last_served(self, kind: str | None = "cnn") -> ModelVersion | None:
         served = [v for v in self.versions() if v.served_at and (kind is None or v.kind == kind)]
         return max(served, key=lambda v: v.served_at) if served else None

@@ -9,8 +9,10 @@ import time
 
 import httpx
 
-from backend.serving import ModelHolder
 from backend.errors import ModelLoadError
+from backend.registry import Registry
+from backend.serving import ModelHolder
+from backend.settings import Settings
 from tests.harness import free_port
 
 TANDEM = [sys.executable, "-m", "backend.cli"]
@@ -54,19 +56,22 @@ def test_an_unavailable_vlm_fails_at_start_in_seconds(tmp_path):
     assert proc.returncode == 2 and "no such model folder" in proc.stderr
 
 
+def _wait_health(proc, port: int) -> dict:
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
+        except httpx.HTTPError:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.5)
+
+
 def test_serve_answers_label_studio_routes(tmp_path, detect_weights):
     port = free_port()
     proc = subprocess.Popen([*TANDEM, "serve", "--model", str(detect_weights), "--port", str(port)],
                             env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
-                break
-            except httpx.HTTPError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-                time.sleep(0.5)
+        health = _wait_health(proc, port)
         assert health["ready"] and health["model_version"].startswith("shapes-yolov8n-detect-")
         versions = httpx.get(f"http://127.0.0.1:{port}/versions").json()["versions"]
         assert versions == [health["model_version"]]
@@ -74,6 +79,36 @@ def test_serve_answers_label_studio_routes(tmp_path, detect_weights):
         proc.terminate()
         proc.wait(20)
     assert (tmp_path / "home" / "tandem.sqlite3").is_file()
+
+
+def test_a_restart_without_model_serves_the_version_promoted_last(tmp_path, detect_weights):
+    """Not the starter again: a retrain promoted before the restart is what Label Studio gets after it, and
+    promoted weights that no longer load are passed over for the promotion before them."""
+    registry = Registry(Settings(home=tmp_path / "home").db_path)
+    good = tmp_path / "p1-job7.pt"
+    good.write_bytes(detect_weights.read_bytes())
+    registry.add_candidate("p1-job7-aaaa", "p1-job7", "detect", str(good), None, "d7", {})
+    registry.set_status("p1-job7-aaaa", "promoted")
+    time.sleep(0.01)
+    bad = tmp_path / "p1-job8.pt"
+    bad.write_bytes(b"\x80\x02 truncated checkpoint")
+    registry.add_candidate("p1-job8-bbbb", "p1-job8", "detect", str(bad), "p1-job7-aaaa", "d8", {})
+    registry.set_status("p1-job8-bbbb", "promoted")
+    registry.add_candidate("p1-job9-cccc", "p1-job9", "detect", str(good), "p1-job7-aaaa", "d9", {})
+    registry.set_status("p1-job9-cccc", "promoted")
+    registry.set_status("p1-job9-cccc", "rejected")  # rolled back: never resumed
+    port = free_port()
+    proc = subprocess.Popen([*TANDEM, "serve", "--port", str(port), "--engine", "torch"], env=_env(tmp_path),
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        health = _wait_health(proc, port)
+        assert health["model_version"].startswith("p1-job7-")
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0]
+    assert "cannot resume p1-job8-bbbb" in out and "resuming p1-job7-aaaa" in " ".join(out.split())
+    assert "starter" not in out and "p1-job9" not in out
 
 
 def test_failed_reload_keeps_serving_the_last_good_model(detect_adapter):

@@ -140,6 +140,19 @@ def test_cli_select_wrong_key_and_missing_second_opinion_are_clear(label_studio,
     assert proc.returncode == 2 and "needs --second-model" in proc.stderr
 
 
+def test_cli_select_refuses_a_model_that_cannot_fill_the_project(label_studio, project, tmp_path, classify_weights):
+    """A classifier's doubt says nothing about a box project: refused as /setup refuses it, before any image."""
+    _, pid, _ = project
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+           "TANDEM_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", "select", "--project", str(pid), "--model",
+                           str(classify_weights), "--dry-run", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    said = " ".join(proc.stderr.split())  # rich wraps long lines
+    assert proc.returncode == 2 and "cannot fill rectanglelabels" in said and "--starter-task" in said, said
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
 def test_cli_select_rejects_an_unknown_aggregate(tmp_path, detect_weights):
     proc = subprocess.run([sys.executable, "-m", "backend.cli", "select", "--project", "1", "--model", str(detect_weights),
                            "--aggregate", "median"], capture_output=True, text=True,
