@@ -70,6 +70,18 @@ def _aligned_probs(outputs: Sequence[ModelOutput], names: Sequence[str], space: 
     return out
 
 
+def _classification_reasons(p: np.ndarray, names: Sequence[str], model: str) -> list[str]:
+    """"unsure" only where the top two are within 0.5 of each other; a confident call says so."""
+    if p.shape[1] < 2:
+        return [f"{model} confident: {names[0]} {row[0]:.2f}" for row in p]
+    order = np.argsort(-p, axis=1)[:, :2]
+    out = []
+    for row, (a, b) in zip(p, order, strict=True):
+        says = f"{names[a]} {row[a]:.2f}, then {names[b]} {row[b]:.2f}"
+        out.append(f"{model} unsure: {says}" if row[a] - row[b] < 0.5 else f"{model} confident: {says}")
+    return out
+
+
 def score_outputs(
     primary: Sequence[ModelOutput],
     primary_names: Sequence[str],
@@ -89,7 +101,7 @@ def score_outputs(
         p = _aligned_probs(primary, primary_names, space)
         uncertainty = margin(p)
         counts = np.zeros(n, dtype=int)
-        reasons = [f"{model_names[0]} unsure: top two within {1 - u:.2f}" for u in uncertainty]
+        reasons = _classification_reasons(p, space.names, model_names[0])
         disagreement = None
         if second is not None:
             q = _aligned_probs(second, second_names or primary_names, space)

@@ -491,7 +491,10 @@ def jobs_logs(job_id: int, lines: int = 200, home: Annotated[Path | None, typer.
     """The last LINES lines of a job's log (ultralytics' epochs, the export, the promotion verdict)."""
     from backend.training.runner import log_path, tail
 
-    settings, _, _ = _stores(home)
+    settings, _, store = _stores(home)
+    if store.get(job_id) is None:
+        console.print(f"[red]error:[/] no job {job_id} (tandem jobs list shows them)")
+        raise typer.Exit(2)
     typer.echo(tail(log_path(settings.home, job_id), lines))
 
 

@@ -71,6 +71,11 @@ class ServingPlan:
     def image_keys(self) -> list[str]:
         return sorted({c.control.image_key for c in self.controls})
 
+    def unserved_controls(self) -> list[str]:
+        """Tags of the config this model leaves to the annotator: ones of another task, and ones Tandem never fills."""
+        served = {planned.control.name for planned in self.controls}
+        return [f"{c.kind.value} '{c.name}'" for c in self.config.controls if c.name not in served] + list(self.config.ignored)
+
     def unserved_labels(self) -> dict[str, tuple[list[str], list[str]]]:
         """{control: (its labels no model class maps to, the classes)}: labels annotators will always draw."""
         out = {}

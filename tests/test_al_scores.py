@@ -260,3 +260,10 @@ def test_js_properties(rows, seed):
     assert np.all((js >= 0) & (js <= 1 + 1e-12))
     np.testing.assert_allclose(js, js_divergence(q, p), atol=1e-12)
     np.testing.assert_allclose(js_divergence(p, p), 0, atol=1e-12)
+
+
+def test_classification_reasons_say_unsure_only_when_the_top_two_are_close():
+    outputs = [ModelOutput(probabilities=np.array(p)) for p in ([0.98, 0.01, 0.01], [0.40, 0.45, 0.15])]
+    table = score_outputs(outputs, ["cat", "dog", "fox"])
+    assert table.reasons == ["CNN confident: cat 0.98, then dog 0.01", "CNN unsure: dog 0.45, then cat 0.40"]
+    assert table.uncertainty[1] > table.uncertainty[0]

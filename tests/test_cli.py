@@ -198,3 +198,9 @@ def test_a_busy_port_fails_before_the_model_loads(tmp_path, detect_weights):
                               capture_output=True, text=True, env=_env(tmp_path), timeout=120)
     assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr
     assert "CNN " not in proc.stderr  # refused before the model was loaded
+
+
+def test_logs_of_a_job_that_does_not_exist_is_an_error(tmp_path):
+    proc = subprocess.run([*TANDEM, "jobs", "logs", "99"], capture_output=True, text=True, env=_env(tmp_path),
+                          timeout=120)
+    assert proc.returncode == 2 and "no job 99" in proc.stderr

@@ -247,3 +247,16 @@ def test_a_label_no_class_maps_to_is_said_once_at_setup(tmp_path, samples, detec
         assert httpx.post(f"{srv.url}/setup", json={"project": "4.1", "schema": RECT}).status_code == 200
     said = [r.getMessage() for r in caplog.records if "will not be pre-annotated" in r.getMessage()]
     assert len(said) == 1 and "Star of 'label'" in said[0] and "square, circle, triangle" in said[0]
+
+
+def test_controls_the_model_leaves_to_the_annotator_are_said_once_at_setup(tmp_path, samples, detect_adapter, caplog):
+    root, _, _ = samples
+    both = RECT.replace("</View>", '<Choices name="shape" toName="image"><Choice value="Round"/></Choices>'
+                                   '<TextArea name="notes" toName="image"/></View>')
+    assert both.count("</View>") == 1 and "Choices" in both
+    with _serve(tmp_path, root, detect_adapter) as srv, caplog.at_level("WARNING", logger="tandem.server"):
+        for _ in range(3):
+            assert httpx.post(f"{srv.url}/setup", json={"project": "5.1", "schema": both}).status_code == 200
+    said = [r.getMessage() for r in caplog.records if "left to the annotator" in r.getMessage()]
+    assert len(said) == 1 and "rectanglelabels 'label' only" in said[0], said
+    assert "choices 'shape'" in said[0] and "TextArea 'notes'" in said[0]

@@ -219,3 +219,14 @@ def test_models_list_shows_yolo_fitness_and_vlm_loss_side_by_side(tmp_path):
                           env={**os.environ, "TANDEM_HOME": str(settings.home)}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "0.6100" in proc.stdout and "loss 0.4200" in proc.stdout and "loss 0.7000" in proc.stdout
+
+
+def test_the_gate_promotes_not_worse_but_never_a_candidate_that_scores_nothing():
+    from backend.training.worker import gate
+
+    assert gate(0.50, 0.50, 0.0, "v1") == (True, "promoted")  # not worse: a tie promotes
+    assert gate(0.49, 0.50, 0.02, "v1")[0]  # within the margin
+    promote, why = gate(0.40, 0.50, 0.02, "v1")
+    assert not promote and "worse than v1 by more than 0.02" in why
+    promote, why = gate(0.0, 0.0, 0.0, "v1")  # the 0-vs-0 tie a walkthrough saw promoted on 2 images
+    assert not promote and "scores 0" in why

@@ -67,6 +67,16 @@ def train_local(serving_path: str, dataset, work: Path, params: dict) -> Path:
     return Path(fine_tune(serving_path, dataset.data, work, params, default_device())["weights"])
 
 
+def gate(new: float, old: float, margin: float, serving: str) -> tuple[bool, str]:
+    """Promote when not worse than the serving model by more than `margin`, but never a candidate that scores
+    nothing: a 0-vs-0 tie on a few validation images says the retrain learned nothing checkable."""
+    if new <= 0:
+        return False, "rejected (it scores 0 on the frozen split: none of its predictions match the corrections)"
+    if new < old - margin:
+        return False, f"rejected (worse than {serving} by more than {margin})"
+    return True, "promoted"
+
+
 def scoring_adapter(weights: Path, device: str | None, name: str | None = None) -> YoloAdapter:
     """The model as the promotion gate scores it: every box, whatever its confidence (EVAL_CONF)."""
     return YoloAdapter(weights, name=name, device=device, conf=EVAL_CONF)
@@ -129,9 +139,8 @@ def run(job_id: int, settings: Settings) -> None:
                "train": dataset.train, "val": dataset.val}
     registry.add_candidate(candidate.version, stem, candidate.task.value, str(target), serving.version,
                            dataset.snapshot, metrics)
-    promote = new["fitness"] >= old["fitness"] - params["margin"]
+    promote, verdict = gate(new["fitness"], old["fitness"], params["margin"], serving.version)
     registry.set_status(candidate.version, "promoted" if promote else "rejected")
-    verdict = "promoted" if promote else f"rejected (worse than {serving.version} by more than {params['margin']})"
     log(f"{candidate.version}: fitness {new['fitness']:.4f} vs {old['fitness']:.4f} -> {verdict}")
     store.finish(job_id, JobStatus.SUCCEEDED, version=candidate.version, promoted=int(promote), metrics=metrics)
 
