@@ -157,17 +157,19 @@ def serve(
 
     holder = ModelHolder()
     weights = settings.model
-    adapter = _resume_promoted(settings, starter_task) if weights is None and settings.pre_annotator == "cnn" else None
-    if adapter is None and weights is None and settings.pre_annotator == "cnn":
-        starter_task = starter_task or "detect"
-        recipe = RECIPES[starter_task]
-        stored = settings.home / "models" / "starter" / recipe.weights_name
-        console.print(f"[bold]No --model given:[/] using the starter YOLOv8n {starter_task} model in {settings.home} "
-                      f"(generated shapes {', '.join(recipe.classes)}, {recipe.imgsz} px)")
-        if not stored.is_file():
-            console.print("Training it once — about 3–5 minutes on 2 CPU cores; later starts reuse it. "
-                          "Serve your own weights with --model.")
-        weights = str(train_starter_model(settings.home, starter_task))
+    adapter = None
+    if weights is None and settings.pre_annotator == "cnn":
+        adapter = _resume_promoted(settings, starter_task)
+        if adapter is None:
+            starter_task = starter_task or "detect"
+            recipe = RECIPES[starter_task]
+            stored = settings.home / "models" / "starter" / recipe.weights_name
+            console.print(f"[bold]No --model given:[/] using the starter YOLOv8n {starter_task} model in "
+                          f"{settings.home} (generated shapes {', '.join(recipe.classes)}, {recipe.imgsz} px)")
+            if not stored.is_file():
+                console.print("Training it once — about 3–5 minutes on 2 CPU cores; later starts reuse it. "
+                              "Serve your own weights with --model.")
+            weights = str(train_starter_model(settings.home, starter_task))
     if adapter is None and weights is not None:
         # Fail at start, in under a second, on a missing file or an offline hub name.
         try:

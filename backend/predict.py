@@ -74,7 +74,7 @@ class ServingPlan:
     def unserved_controls(self) -> list[str]:
         """Tags of the config this model leaves to the annotator: ones of another task, and ones Tandem never fills."""
         served = {planned.control.name for planned in self.controls}
-        return [f"{c.kind.value} '{c.name}'" for c in self.config.controls if c.name not in served] + list(self.config.ignored)
+        return [c.title for c in self.config.controls if c.name not in served] + list(self.config.ignored)
 
     def unserved_labels(self) -> dict[str, tuple[list[str], list[str]]]:
         """{control: (its labels no model class maps to, the classes)}: labels annotators will always draw."""
@@ -112,7 +112,7 @@ def plan_for(
         labels = build_label_map(control, bound.class_names, label_map, case_sensitive)
         planned.append(PlannedControl(control, labels, bound))
     if not planned:
-        wanted = ", ".join(f"{c.kind.value} '{c.name}'" for c in config.controls)
+        wanted = ", ".join(c.title for c in config.controls)
         kind = "VLM" if isinstance(adapter, OpenVocabularyModel) else "YOLO"
         raise ConfigError(
             f"model {adapter.name} is a {kind} {describe(adapter)} model and cannot fill {wanted}; "

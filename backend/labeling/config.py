@@ -41,6 +41,11 @@ class ControlSpec:
     image_key: str
     labels: tuple[LabelSpec, ...]
 
+    @property
+    def title(self) -> str:
+        """How messages name it: "rectanglelabels 'label'"."""
+        return f"{self.kind.value} '{self.name}'"
+
 
 @dataclass(frozen=True)
 class LabelingConfig:

@@ -222,12 +222,11 @@ def create_app(
             return SetupResponse(model_version=last.version if last else "loading")
         if body.schema_:
             plan = plan_for(adapter, body.schema_, label_map, settings.case_sensitive_labels, _prompts(body.extra_params))
-            left = plan.unserved_controls()
-            if left and (pid, plan.fingerprint, None) not in warned:
+            if (pid, plan.fingerprint, None) not in warned:  # said once per project and config
                 warned.add((pid, plan.fingerprint, None))
-                log.warning("project %s: %s fills %s only; left to the annotator: %s", pid,
-                            adapter.name, ", ".join(f"{c.control.kind.value} '{c.control.name}'" for c in plan.controls),
-                            ", ".join(left))
+                if left := plan.unserved_controls():
+                    log.warning("project %s: %s fills %s only; left to the annotator: %s", pid, adapter.name,
+                                ", ".join(c.control.title for c in plan.controls), ", ".join(left))
             for control, (labels, classes) in plan.unserved_labels().items():
                 if (pid, plan.fingerprint, control) not in warned:  # Label Studio calls /setup often
                     warned.add((pid, plan.fingerprint, control))
