@@ -143,3 +143,23 @@ def test_wildcard_hosts_still_refuse_private_addresses(served_dir):
         wildcard.load(f"{other}/p.png")
     with pytest.raises(MediaError, match="private"):
         wildcard.load("http://169.254.169.254/latest/meta-data")  # the cloud metadata address
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: enough for a decoder to read the size."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000])  # 100 MP: past PIL's warning; 400 MP: past its hard limit
+def test_huge_images_are_refused_by_our_limit_in_our_words(side):
+    from backend.media.fetch import decode_image
+
+    with pytest.raises(MediaError, match="over the 80000000-pixel limit"):
+        decode_image(_png_header(side, side), "big.png", 80_000_000)
