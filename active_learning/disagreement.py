@@ -56,12 +56,20 @@ class DetectionDisagreement:
     score: np.ndarray  # (N,) in [0, 1]
     mass: np.ndarray  # (N,) ≥ 0: score-weighted count of boxes the two models do not agree on
     counts: dict[str, np.ndarray]  # reason -> (N,) counts
-    pairs_a: np.ndarray  # flat indices into a of class-agnostic matched pairs
+    pairs_a: np.ndarray  # flat indices into a of class-agnostic matched pairs, ascending
     pairs_b: np.ndarray
     pair_iou: np.ndarray
+    a: BoxBatch | None = None  # the inputs, so a reason can name the classes of the boxes it counts
+    b: BoxBatch | None = None
+    loc_iou: float = 0.5
 
-    def reason(self, i: int, names: tuple[str, str] = ("CNN", "VLM")) -> str:
-        """A sentence for the reviewer, e.g. "2 boxes only VLM sees; 1 class swap"."""
+    def reason(self, i: int, names: tuple[str, str] = ("CNN", "VLM"), class_names: Sequence[str] | None = None) -> str:
+        """A sentence for the reviewer, e.g. "2 boxes only VLM sees (Dog ×2); 1 class swap (CNN Cat, VLM Dog)".
+
+        The classes are named when `class_names` is given: the reviewer then knows what to look for.
+        """
+        named = class_names is not None and self.a is not None and self.b is not None
+        what = self._classes(i, class_names) if named else {}
         parts = []
         labels = {
             "only_a": f"only {names[0]} sees",
@@ -73,8 +81,34 @@ class DetectionDisagreement:
             n = int(self.counts[key][i])
             if n:
                 noun = "box" if n == 1 else "boxes"
-                parts.append(f"{n} {noun} {labels[key]}" if key.startswith("only") else f"{n} {labels[key]}")
+                text = f"{n} {noun} {labels[key]}" if key.startswith("only") else f"{n} {labels[key]}"
+                if key == "class_swap" and what.get(key):
+                    text += f" ({names[0]} {what[key][0]}, {names[1]} {what[key][1]})"
+                elif what.get(key):
+                    text += f" ({what[key]})"
+                parts.append(text)
         return "; ".join(parts) if parts else "agree"
+
+    def _classes(self, i: int, class_names: Sequence[str]) -> dict:
+        """For image i: the classes of the boxes only one model sees, and of the swapped pairs."""
+        a, b = self.a, self.b
+        lo, hi = np.searchsorted(self.pairs_a, [a.offsets[i], a.offsets[i + 1]])
+        pa, pb, iou = self.pairs_a[lo:hi], self.pairs_b[lo:hi], self.pair_iou[lo:hi]
+        out = {}
+        for key, boxes, matched in (("only_a", a, pa), ("only_b", b, pb)):
+            rows = np.arange(boxes.offsets[i], boxes.offsets[i + 1])
+            out[key] = _tally(boxes.labels[np.setdiff1d(rows, matched)], class_names)
+        swap = (iou >= self.loc_iou) & (a.labels[pa] != b.labels[pb])
+        if swap.any():
+            out["class_swap"] = (_tally(a.labels[pa[swap]], class_names), _tally(b.labels[pb[swap]], class_names))
+        return out
+
+
+def _tally(labels: np.ndarray, class_names: Sequence[str]) -> str:
+    """"Dog ×2, Cat": most frequent first."""
+    ids, counts = np.unique(labels, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    return ", ".join(class_names[ids[k]] + (f" ×{counts[k]}" if counts[k] > 1 else "") for k in order)
 
 
 def _gather(boxes: BoxBatch, rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,6 +185,8 @@ def detection_disagreement(
     pb_flat = np.concatenate(pairs_b) if pairs_b else np.zeros(0, int)
     iou_flat = np.concatenate(pair_iou) if pair_iou else np.zeros(0)
     img = a.image_index[pa_flat] if len(pa_flat) else np.zeros(0, int)
+    by_image = np.argsort(pa_flat, kind="stable")  # sorted by a's row, so grouped by image: a reason slices its own
+    pa_flat, pb_flat, iou_flat, img = pa_flat[by_image], pb_flat[by_image], iou_flat[by_image], img[by_image]
     matched = np.bincount(img, minlength=n)
     poor = iou_flat < loc_iou
     swap = (~poor) & (a.labels[pa_flat] != b.labels[pb_flat]) if len(pa_flat) else np.zeros(0, bool)
@@ -160,7 +196,7 @@ def detection_disagreement(
         "poor_localisation": np.bincount(img, weights=poor, minlength=n).astype(int),
         "class_swap": np.bincount(img, weights=swap, minlength=n).astype(int),
     }
-    return DetectionDisagreement(score, mass, counts, pa_flat, pb_flat, iou_flat)
+    return DetectionDisagreement(score, mass, counts, pa_flat, pb_flat, iou_flat, a, b, loc_iou)
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -8,20 +8,21 @@ from __future__ import annotations
 import csv
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from active_learning.label_view import in_labels
 from active_learning.queue import LabelStudioQueue, QueueEntry
 from active_learning.scoring import SELECT_AGGREGATE, ScoreTable, score_outputs
 from active_learning.selection import SelectionConfig, select
-from backend.errors import ConfigError, MediaError
-from backend.labeling.config import parse_label_config
+from backend.errors import MediaError
+from backend.labeling.label_map import build_label_map
 from backend.media.fetch import MediaFetcher
-from backend.predict import image_url
+from backend.predict import image_url, plan_for
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -72,12 +73,19 @@ def run_selection(
     progress: Progress = lambda *_: None,
     max_labeled_for_diversity: int = 256,
     aggregate: str = SELECT_AGGREGATE,
+    label_map: Mapping[str, str] | None = None,
+    case_sensitive: bool = False,
 ) -> tuple[SelectOutcome, ScoreTable | None, list[int]]:
+    """Rank the project's unlabeled tasks on the first control the primary model fills, in its labels.
+
+    Raises ConfigError, before any image is fetched, when the primary cannot fill the config or no class
+    of the second model maps onto that control's labels.
+    """
     t0 = time.perf_counter()
-    controls = parse_label_config(label_config).controls
-    if not controls:
-        raise ConfigError("nothing to score: the labeling config has no servable control")
-    key = controls[0].image_key
+    planned = plan_for(primary, label_config, label_map, case_sensitive).controls[0]
+    control, key = planned.control, planned.control.image_key
+    label_names = [label.result_value for label in control.labels]
+    second_labels = build_label_map(control, second.class_names, label_map, case_sensitive) if second else None
     unlabeled = [t for t in tasks if not t.get("total_annotations") and not t.get("is_labeled")]
     labeled = [t for t in tasks if t.get("total_annotations") or t.get("is_labeled")]
 
@@ -98,9 +106,13 @@ def run_selection(
         outcome.seconds = time.perf_counter() - t0
         return outcome, None, ids
 
-    first = _run_model(primary, images, progress, f"predict {primary.name}")
-    other = _run_model(second, images, progress, f"predict {second.name}") if second is not None else None
-    table = score_outputs(first, primary.class_names, other, second.class_names if second else None,
+    first = in_labels(_run_model(primary, images, progress, f"predict {primary.name}"), primary.class_names,
+                      planned.labels, label_names)
+    other = None
+    if second is not None:
+        other = in_labels(_run_model(second, images, progress, f"predict {second.name}"), second.class_names,
+                          second_labels, label_names)
+    table = score_outputs(first, label_names, other, label_names if second else None,
                           model_names=(primary.name, second.name if second else "second"), aggregate=aggregate)
     embeddings = _embed(primary, images, progress, "embed")
     labeled_emb = None

@@ -18,7 +18,7 @@ import numpy as np
 
 from active_learning.boxes import BoxBatch, ImageBoxes
 from active_learning.disagreement import classification_disagreement, detection_disagreement
-from active_learning.uncertainty import detection_uncertainty, margin
+from active_learning.uncertainty import NEAR, detection_uncertainty, margin
 from backend.models.base import ModelOutput
 
 SELECT_AGGREGATE = "capped_sum"  # what `tandem select` ranks detections by: on digits it beat max (benchmarks/)
@@ -33,19 +33,24 @@ class ScoreTable:
 
 
 class LabelSpace:
-    """Class name -> shared integer id, growing as new names appear."""
+    """Class name -> shared integer id, growing as new names appear; `names` keeps each first spelling."""
 
     def __init__(self, names: Sequence[str] = ()) -> None:
         self.ids: dict[str, int] = {}
+        self._spelling: list[str] = []
         for name in names:
             self.id(name)
 
     def id(self, name: str) -> int:
-        return self.ids.setdefault(str(name).strip().lower(), len(self.ids))
+        key = str(name).strip().lower()
+        if key not in self.ids:
+            self.ids[key] = len(self.ids)
+            self._spelling.append(str(name).strip())
+        return self.ids[key]
 
     @property
     def names(self) -> list[str]:
-        return list(self.ids)
+        return list(self._spelling)
 
 
 def to_image_boxes(output: ModelOutput, space: LabelSpace) -> ImageBoxes:
@@ -82,6 +87,17 @@ def _classification_reasons(p: np.ndarray, names: Sequence[str], model: str) -> 
     return out
 
 
+def _near(boxes: BoxBatch, i: int, names: Sequence[str], top: int = 3) -> str:
+    """The near-threshold boxes of image i, e.g. "Dog 0.31, Cat 0.22": what the reviewer should check."""
+    threshold, band = NEAR
+    s, e = boxes.offsets[i], boxes.offsets[i + 1]
+    scores, labels = boxes.scores[s:e], boxes.labels[s:e]
+    near = np.flatnonzero(np.abs(scores - threshold) < band)
+    near = near[np.argsort(-scores[near], kind="stable")]
+    shown = ", ".join(f"{names[labels[j]]} {scores[j]:.2f}" for j in near[:top])
+    return shown + (f", +{len(near) - top} more" if len(near) > top else "")
+
+
 def score_outputs(
     primary: Sequence[ModelOutput],
     primary_names: Sequence[str],
@@ -114,15 +130,15 @@ def score_outputs(
     peaks = candidate_peaks(primary)
     unc = detection_uncertainty(a, cap=cap, aggregate=aggregate, candidate_peaks=peaks)
     reasons = [
-        f"{model_names[0]} unsure: {k} of {c} boxes near the threshold" if k
+        f"{model_names[0]} unsure: {k} of {c} boxes near the threshold ({_near(a, i, space.names)})" if k
         else f"{model_names[0]} sees nothing (best candidate {p:.2f})" if c == 0 and np.isfinite(p)
         else f"{model_names[0]} boxes: {c}"
-        for k, c, p in zip(unc.near_threshold, a.counts, peaks, strict=True)
+        for i, (k, c, p) in enumerate(zip(unc.near_threshold, a.counts, peaks, strict=True))
     ]
     disagreement = None
     if second is not None:
         b = BoxBatch.from_images([to_image_boxes(o, space) for o in second])
         d = detection_disagreement(a, b)
         disagreement = np.minimum(d.mass, cap) / cap if aggregate == "capped_sum" else d.score
-        reasons = [d.reason(i, model_names) for i in range(n)]
+        reasons = [d.reason(i, model_names, space.names) for i in range(n)]
     return ScoreTable(unc.score, disagreement, reasons, a.counts)

@@ -54,6 +54,7 @@ def entropy(p: np.ndarray) -> np.ndarray:
 
 
 AGGREGATES = ("max", "mean", "capped_sum")  # how an image's boxes become one ranking value
+NEAR = (0.25, 0.15)  # a box is "near the threshold" within 0.15 of a 0.25 confidence threshold
 
 CLASSIFICATION_MEASURES = {"least_confidence": least_confidence, "margin": margin, "entropy": entropy}
 
@@ -86,8 +87,8 @@ def box_uncertainty(boxes: BoxBatch) -> np.ndarray:
 
 def detection_uncertainty(
     boxes: BoxBatch,
-    threshold: float = 0.25,
-    band: float = 0.15,
+    threshold: float = NEAR[0],
+    band: float = NEAR[1],
     cap: float = 5.0,
     aggregate: str = "max",
     candidate_peaks: np.ndarray | None = None,

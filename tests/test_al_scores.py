@@ -161,6 +161,23 @@ def test_disagreement_hand_computed_and_reasons():
     assert {k: int(v[0]) for k, v in d.counts.items()} == {
         "only_a": 0, "only_b": 1, "poor_localisation": 1, "class_swap": 1}
     assert d.reason(0) == "1 box only VLM sees; 1 poorly localised; 1 class swap"
+    assert d.reason(0, ("yolo", "vlm"), ["cat", "dog", "bird"]) == (
+        "1 box only vlm sees (cat); 1 poorly localised; 1 class swap (yolo dog, vlm bird)")
+
+
+def test_reasons_name_the_classes_of_each_image_only():
+    """Per-image slices of the pairs: image 1's boxes never leak into image 0's sentence."""
+    a = [_img([[0, 0, 10, 10]], [0.9], [0]), _img([[0, 0, 10, 10], [40, 40, 50, 50], [80, 80, 90, 90]], [0.9] * 3, [0, 1, 1]),
+         ImageBoxes.empty()]
+    b = [_img([[0, 0, 10, 10], [30, 30, 40, 40]], [0.9, 0.8], [1, 2]), _img([[0, 0, 10, 10]], [0.9], [0]),
+         _img([[0, 0, 5, 5]], [0.3], [2])]
+    d = detection_disagreement(BoxBatch.from_images(a), BoxBatch.from_images(b))
+    names = ["cat", "dog", "bird"]
+    assert [d.reason(i, ("A", "B"), names) for i in range(3)] == [
+        "1 box only B sees (bird); 1 class swap (A cat, B dog)",
+        "2 boxes only A sees (dog ×2)",
+        "1 box only B sees (bird)",
+    ]
 
 
 def test_empty_cases():
