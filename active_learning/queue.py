@@ -8,6 +8,7 @@ their fields; the views also filter on "no annotations" so a task leaves the que
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,20 @@ class LabelStudioQueue:
 
     def label_config(self) -> str:
         return self.client.projects.get(id=self.project_id).label_config
+
+    def backend_extra(self, key: str) -> dict[str, str]:
+        """extra_params[key] of the project's ML backends: the per-project label_map / prompts /setup is given."""
+        merged: dict[str, str] = {}
+        for backend in self.client.ml.list(project=self.project_id):
+            extra = backend.extra_params
+            if isinstance(extra, str):
+                try:
+                    extra = json.loads(extra)
+                except ValueError:
+                    continue
+            if isinstance(extra, dict) and isinstance(extra.get(key), dict):
+                merged.update({str(k): str(v) for k, v in extra[key].items()})
+        return merged
 
     def write(self, entries: Iterable[QueueEntry], tasks: Mapping[int, Mapping[str, Any]], run: str) -> dict[str, int]:
         """Set fields on picked tasks and clear them elsewhere; returns counts of each."""

@@ -288,6 +288,10 @@ def select(
                                  project)
         tasks = queue.tasks()
         label_config = queue.label_config()
+        # as /setup reads them: the environment's, overridden by the project's ML backend extra params
+        settings = settings.model_copy(update={
+            "label_map": {**settings.label_map, **queue.backend_extra("label_map")},
+            "vlm_prompts": {**settings.vlm_prompts, **queue.backend_extra("prompts")}})
         # as /setup and `tandem train` refuse it: a detector's box doubt says nothing about a Choices project
         plan_for(primary, label_config, settings.label_map, settings.case_sensitive_labels)
         second = _second_opinion(second_model, label_config, settings) if second_model else None
@@ -306,16 +310,22 @@ def select(
         weights={"uncertainty": weight_uncertainty, "disagreement": weight_disagreement},
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        stages: dict[str, int] = {}
+    try:
+        with Progress(*columns, console=console, transient=False) as bar:
+            stages: dict[str, int] = {}
 
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in stages:
-                stages[stage] = bar.add_task(stage, total=total)
-            bar.update(stages[stage], completed=done)
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage not in stages:
+                    stages[stage] = bar.add_task(stage, total=total)
+                bar.update(stages[stage], completed=done)
 
-        outcome, table, ids = run_selection(tasks, label_config, MediaFetcher(settings.media()), primary, config,
-                                            second=second, progress=progress, aggregate=aggregate)
+            outcome, table, ids = run_selection(
+                tasks, label_config, MediaFetcher(settings.media()), primary, config, second=second,
+                progress=progress, aggregate=aggregate, label_map=settings.label_map,
+                case_sensitive=settings.case_sensitive_labels)
+    except TandemError as exc:  # e.g. no class of the second model maps onto the project's labels
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
     if dry_run:
         outcome.files = write_dry_run(outcome, table, ids, out)
     elif outcome.entries:

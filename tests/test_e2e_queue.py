@@ -18,7 +18,10 @@ from active_learning.selection import SelectionConfig, Strategy
 from backend.datasets.shapes import generate_samples
 from backend.labelstudio.local import upload_images
 from backend.media.fetch import MediaFetcher, MediaSettings
-from tests.harness import png_bytes
+from backend.server.app import create_app
+from backend.serving import ModelHolder
+from backend.settings import Settings
+from tests.harness import ServerThread, png_bytes
 from tests.test_server import RECT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -175,3 +178,30 @@ def test_cli_select_takes_a_vlm_as_the_second_opinion(label_studio, project, det
     scores = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
     assert all(0.0 <= float(s["disagreement"]) <= 1.0 for s in scores)
     assert any("grounding_dino" in s["reason"] for s in scores)  # reasons name the VLM
+
+
+def test_cli_select_reads_the_label_map_from_the_projects_ml_backend(label_studio, detect_adapter, detect_weights,
+                                                                      tmp_path):
+    """Labels that are not the model's class names, mapped in Label Studio's Model settings (extra params):
+    select scores in those labels, as /setup serves them, instead of refusing the model."""
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    config = RECT.replace("Square", "Box").replace("Circle", "Ring").replace("Triangle", "Wedge")
+    proj = client.projects.create(title="tandem e2e mapped labels", label_config=config)
+    items = generate_samples(4, seed=404)
+    upload_images(label_studio.url, label_studio.token, proj.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    extra = {"label_map": {"square": "Box", "circle": "Ring", "triangle": "Wedge"}}
+    served = Settings(home=tmp_path / "srv", label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
+    with ServerThread(create_app(served, ModelHolder(detect_adapter))) as srv:  # Label Studio checks it at connect
+        client.ml.create(project=proj.id, url=srv.url, title="Tandem", is_interactive=False, extra_params=extra)
+
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+           "TANDEM_HOME": str(tmp_path / "home")}
+    env.pop("TANDEM_LABEL_MAP", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "select", "--project", str(proj.id), "--budget", "2", "--model",
+         str(detect_weights), "--dry-run", "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    scores = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
+    assert len(scores) == 4
+    assert not any(name in s["reason"] for s in scores for name in ("square", "circle", "triangle"))
