@@ -8,12 +8,13 @@ their fields; the views also filter on "no annotations" so a task leaves the que
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from label_studio_sdk import LabelStudio
+
+from backend.settings import extra_setting
 
 PREFIX = "tandem_"
 FIELDS = ("tandem_score", "tandem_uncertainty", "tandem_disagreement", "tandem_reason", "tandem_pick", "tandem_rank",
@@ -89,14 +90,7 @@ class LabelStudioQueue:
         """extra_params[key] of the project's ML backends: the per-project label_map / prompts /setup is given."""
         merged: dict[str, str] = {}
         for backend in self.client.ml.list(project=self.project_id):
-            extra = backend.extra_params
-            if isinstance(extra, str):
-                try:
-                    extra = json.loads(extra)
-                except ValueError:
-                    continue
-            if isinstance(extra, dict) and isinstance(extra.get(key), dict):
-                merged.update({str(k): str(v) for k, v in extra[key].items()})
+            merged.update(extra_setting(backend.extra_params, key))
         return merged
 
     def write(self, entries: Iterable[QueueEntry], tasks: Mapping[int, Mapping[str, Any]], run: str) -> dict[str, int]:

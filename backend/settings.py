@@ -5,10 +5,23 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
 from backend.media.fetch import MediaSettings
+
+
+def extra_setting(extra: Any, key: str) -> dict[str, str]:
+    """extra_params[key] of a Label Studio ML backend (a dict, or its JSON text) as str -> str; {} if absent."""
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except ValueError:
+            return {}
+    if isinstance(extra, dict) and isinstance(extra.get(key), dict):
+        return {str(k): str(v) for k, v in extra[key].items()}
+    return {}
 
 
 def _env(*names: str) -> str | None:

@@ -44,3 +44,13 @@ def test_several_controls_and_images():
 def test_unservable_configs_name_the_problem(xml, message):
     with pytest.raises(ConfigError, match=message):
         parse_label_config(xml)
+
+
+def test_extra_setting_reads_a_dict_or_its_json_text_and_nothing_else():
+    from backend.settings import extra_setting
+
+    assert extra_setting({"label_map": {"car": "Car", "n": 1}}, "label_map") == {"car": "Car", "n": "1"}
+    assert extra_setting('{"prompts": {"Car": "a red car"}}', "prompts") == {"Car": "a red car"}
+    assert extra_setting("not json", "label_map") == {}
+    assert extra_setting({"label_map": ["car"]}, "label_map") == {}
+    assert extra_setting(None, "label_map") == {}

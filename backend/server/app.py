@@ -41,7 +41,7 @@ from backend.server.protocol import (
     project_id,
 )
 from backend.serving import ModelHolder
-from backend.settings import Settings
+from backend.settings import Settings, extra_setting
 from backend.training.runner import log_path, tail
 from backend.training.service import TrainingPolicy, TrainingService
 
@@ -82,10 +82,7 @@ def _auth_dependency(settings: Settings):
 
 def _merged(base: dict[str, str], extra: Any, key: str) -> dict[str, str]:
     """A setting from the environment, overridden per project by the backend's extra_params[key]."""
-    merged = dict(base)
-    if isinstance(extra, dict) and isinstance(extra.get(key), dict):
-        merged.update({str(k): str(v) for k, v in extra[key].items()})
-    return merged
+    return {**base, **extra_setting(extra, key)}
 
 
 def create_app(
