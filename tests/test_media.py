@@ -49,6 +49,16 @@ def test_every_image_mode_decodes_to_rgb(tmp_path, mode):
     source.save(tmp_path / name)
     loaded = MediaFetcher(MediaSettings(local_files_root=tmp_path)).load(f"/data/local-files/?d={name}")
     assert loaded.image.mode == "RGB" and loaded.size == (40, 30)
+    if mode == "I;16":  # as a browser shows it (the top 8 bits), not clipped to white
+        assert np.asarray(loaded.image).min() == np.asarray(loaded.image).max() == round(20000 / 257)
+
+
+def test_sixteen_bit_grey_keeps_its_shapes(tmp_path):
+    grey = np.full((30, 40), 60000, dtype=np.uint16)
+    grey[10:20, 10:20] = 5000  # a dark square on a light ground
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    arr = np.asarray(MediaFetcher(MediaSettings(local_files_root=tmp_path)).load("/data/local-files/?d=g16.png").image)
+    assert arr[12:18, 12:18].max() < 30 and arr[:5].min() > 220
 
 
 def test_local_files_path_traversal_refused(tmp_path):

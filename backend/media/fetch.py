@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urljoin, urlparse
 
 import httpx
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import MediaError
@@ -196,6 +197,16 @@ class MediaFetcher:
         return decode_image(data, url, self.settings.max_pixels)
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit) grey as a browser shows it, the top 8 bits; PIL's convert clips it to white."""
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode == "F" and values.size and np.nanmax(values) <= 1.0:
+        values = values * 255.0
+    elif img.mode != "F":
+        values = values / 257.0
+    return Image.fromarray(np.nan_to_num(values).clip(0, 255).round().astype(np.uint8))
+
+
 def decode_image(data: bytes, url: str, max_pixels: int) -> Image.Image:
     """RGB with EXIF orientation applied, or a MediaError naming the image.
 
@@ -212,6 +223,8 @@ def decode_image(data: bytes, url: str, max_pixels: int) -> Image.Image:
                 raise MediaError(f"image {url} is {width}x{height} pixels, over the {max_pixels}-pixel limit")
             img.load()
             ImageOps.exif_transpose(img, in_place=True)
+            if img.mode.startswith("I") or img.mode == "F":
+                img = _to_8bit(img)
             return img if img.mode == "RGB" else img.convert("RGB")
     except MediaError:
         raise
