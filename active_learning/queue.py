@@ -14,7 +14,7 @@ from typing import Any
 
 from label_studio_sdk import LabelStudio
 
-from backend.settings import extra_setting
+from backend.labelstudio.extra_params import project_extra
 
 PREFIX = "tandem_"
 FIELDS = ("tandem_score", "tandem_uncertainty", "tandem_disagreement", "tandem_reason", "tandem_pick", "tandem_rank",
@@ -88,10 +88,7 @@ class LabelStudioQueue:
 
     def backend_extra(self, key: str) -> dict[str, str]:
         """extra_params[key] of the project's ML backends: the per-project label_map / prompts /setup is given."""
-        merged: dict[str, str] = {}
-        for backend in self.client.ml.list(project=self.project_id):
-            merged.update(extra_setting(backend.extra_params, key))
-        return merged
+        return project_extra(self.client, self.project_id, key)
 
     def write(self, entries: Iterable[QueueEntry], tasks: Mapping[int, Mapping[str, Any]], run: str) -> dict[str, int]:
         """Set fields on picked tasks and clear them elsewhere; returns counts of each."""

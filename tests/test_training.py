@@ -230,3 +230,26 @@ def test_the_gate_promotes_not_worse_but_never_a_candidate_that_scores_nothing()
     assert not promote and "worse than v1 by more than 0.02" in why
     promote, why = gate(0.0, 0.0, 0.0, "v1")  # the 0-vs-0 tie a walkthrough saw promoted on 2 images
     assert not promote and "scores 0" in why
+
+
+def test_the_gate_scores_a_parent_through_the_projects_label_map(tmp_path, detect_weights):
+    """A starter served as Box/Ring/Wedge via a label map is scored as served, not as 0 (which any candidate beats)."""
+    from backend.datasets.shapes import CLASS_NAMES, write_yolo_dataset
+    from backend.labeling.config import parse_label_config
+    from backend.training.evaluate import evaluate
+    from backend.training.export import ExportedDataset
+    from backend.training.worker import scoring_adapter
+
+    renamed = {"square": "Box", "circle": "Ring", "triangle": "Wedge"}
+    control = parse_label_config('<View><Image name="image" value="$image"/><RectangleLabels name="label" '
+                                 'toName="image"><Label value="Box"/><Label value="Ring"/><Label value="Wedge"/>'
+                                 '</RectangleLabels></View>').controls[0]
+    data = write_yolo_dataset(tmp_path / "data", train=1, val=8, seed=5)
+    kw = dict(root=tmp_path / "data", task="detect", data=str(data), train=1, val=8)
+    by_name = ExportedDataset(class_names=list(CLASS_NAMES), **kw)
+    mapped = ExportedDataset(class_names=[renamed[c] for c in CLASS_NAMES], control=control, **kw)
+    adapter = scoring_adapter(detect_weights, "cpu")
+    expected = evaluate(adapter, by_name)["map50_95"]
+    assert expected > 0.3
+    assert evaluate(adapter, mapped)["fitness"] == 0.0  # no label map: none of its classes is a label
+    assert evaluate(adapter, mapped, label_map=renamed)["map50_95"] == expected

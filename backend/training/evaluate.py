@@ -1,11 +1,13 @@
 """Score any served model on an exported dataset's frozen validation split.
 
-Both the candidate and the serving model go through the same code, with classes matched by name
-(case-insensitive), so a parent trained on other class names is still compared fairly.
+Both the candidate and the serving model go through the same code, their classes mapped onto the
+exported control's labels by the rules serving uses (name, alias, predicted_values, the label map), so a
+parent trained on other class names ("square" served as "Box") is scored as annotators saw it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +15,24 @@ import supervision as sv
 from PIL import Image
 from supervision.metrics import MeanAveragePrecision
 
+from backend.errors import ConfigError
+from backend.labeling.label_map import build_label_map
 from backend.models.base import ModelAdapter, ModelTask
 from backend.training.export import ExportedDataset
 
 
-def _class_ids(adapter: ModelAdapter, names: list[str]) -> dict[str, int]:
-    wanted = {n.lower(): i for i, n in enumerate(names)}
-    return {c: wanted[c.lower()] for c in adapter.class_names if c.lower() in wanted}
+def _class_ids(adapter: ModelAdapter, dataset: ExportedDataset, label_map: Mapping[str, str] | None,
+               case_sensitive: bool) -> dict[str, int]:
+    """Model class name -> dataset class id; {} when no class maps (the model cannot serve this project)."""
+    index = {n: i for i, n in enumerate(dataset.class_names)}
+    if dataset.control is None:  # a dataset made outside export_yolo_dataset: names alone
+        wanted = {n.lower(): i for n, i in index.items()}
+        return {c: wanted[c.lower()] for c in adapter.class_names if c.lower() in wanted}
+    try:
+        labels = build_label_map(dataset.control, adapter.class_names, label_map, case_sensitive)
+    except ConfigError:
+        return {}
+    return {c: index[v] for c, v in labels.by_class.items() if v in index}
 
 
 def _read_targets(label_file: Path, width: int, height: int) -> sv.Detections:
@@ -39,9 +52,10 @@ def _read_targets(label_file: Path, width: int, height: int) -> sv.Detections:
     return sv.Detections(xyxy=np.array(boxes, float), class_id=cls)
 
 
-def evaluate(adapter: ModelAdapter, dataset: ExportedDataset, batch: int = 16) -> dict[str, float]:
+def evaluate(adapter: ModelAdapter, dataset: ExportedDataset, batch: int = 16,
+             label_map: Mapping[str, str] | None = None, case_sensitive: bool = False) -> dict[str, float]:
     """{"fitness": …, plus map50/map50_95 or top1}; fitness is what the promotion gate compares."""
-    mapping = _class_ids(adapter, dataset.class_names)
+    mapping = _class_ids(adapter, dataset, label_map, case_sensitive)
     root = Path(dataset.root)
     if dataset.task == "classify":
         files = sorted((root / "val").glob("*/*.png"))

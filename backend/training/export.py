@@ -34,6 +34,7 @@ class ExportedDataset:
     val: int = 0
     skipped: dict[int, str] = field(default_factory=dict)
     snapshot: str = ""  # sha256 over (task id, annotation id, image sha) of everything exported
+    control: ControlSpec | None = None  # the control exported: the gate maps model classes onto its labels
 
 
 def is_validation(project_id: int, task_id: int, val_percent: int = 20) -> bool:
@@ -88,7 +89,7 @@ def export_yolo_dataset(
     classes = {n: i for i, n in enumerate(names)}
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)  # a project with nothing annotated still gets a (empty) dataset
-    out = ExportedDataset(root=root, task=task_kind, class_names=names, data="")
+    out = ExportedDataset(root=root, task=task_kind, class_names=names, data="", control=control)
     snapshot = hashlib.sha256()
     for task in sorted(tasks, key=lambda t: t["id"]):
         annotation = latest_annotation(task)

@@ -46,8 +46,11 @@ def log(message: str) -> None:
     print(f"[tandem {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def fetch_annotated_tasks(settings: Settings, project_id: int) -> tuple[list[dict], str]:
+def fetch_annotated_tasks(settings: Settings, project_id: int) -> tuple[list[dict], str, dict[str, str]]:
+    """The project's annotated tasks, its labeling config, and its label map as /setup is given it."""
     from label_studio_sdk import LabelStudio
+
+    from backend.labelstudio.extra_params import project_extra
 
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise TandemError("training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to export annotations")
@@ -56,11 +59,12 @@ def fetch_annotated_tasks(settings: Settings, project_id: int) -> tuple[list[dic
         label_config = client.projects.get(id=project_id).label_config
         raw = b"".join(client.projects.exports.download_sync(
             project_id, export_type="JSON", download_all_tasks=False, download_resources=False))
+        label_map = {**settings.label_map, **project_extra(client, project_id, "label_map")}
     except Exception as exc:  # the SDK's errors: unreachable, wrong key, no such project
         from backend.labelstudio.errors import describe
 
         raise TandemError(f"cannot export project {project_id}: {describe(exc, settings.label_studio_url)}") from exc
-    return json.loads(raw), label_config
+    return json.loads(raw), label_config, label_map
 
 
 def train_local(serving_path: str, dataset, work: Path, params: dict) -> Path:
@@ -101,7 +105,7 @@ def run(job_id: int, settings: Settings) -> None:
         raise TandemError("nothing to fine-tune from: serve a model first (its weights are the starting point)")
     log(f"job {job_id}: project {job.project_id}, fine-tuning {serving.version} ({job.reason})")
 
-    tasks, label_config = fetch_annotated_tasks(settings, job.project_id)
+    tasks, label_config, label_map = fetch_annotated_tasks(settings, job.project_id)
     log(f"exporting {len(tasks)} annotated tasks")
     dataset = export_yolo_dataset(tasks, label_config, job.project_id, MediaFetcher(settings.media()),
                                   work / "dataset", val_percent=params["val_percent"])
@@ -133,8 +137,10 @@ def run(job_id: int, settings: Settings) -> None:
 
     log("scoring candidate and serving model on the frozen validation split")
     candidate = scoring_adapter(target, settings.device, name=stem)  # a corrupt file fails here: never promoted
-    new = evaluate(candidate, dataset)
-    old = evaluate(scoring_adapter(Path(serving.path), settings.device), dataset)
+    # both through the project's label map, as they are served: else a parent mapped "square" -> "Box" scores 0
+    scored = {"label_map": label_map, "case_sensitive": settings.case_sensitive_labels}
+    new = evaluate(candidate, dataset, **scored)
+    old = evaluate(scoring_adapter(Path(serving.path), settings.device), dataset, **scored)
     metrics = {"candidate": new, "serving": old, "serving_version": serving.version, "dataset": dataset.snapshot,
                "train": dataset.train, "val": dataset.val}
     registry.add_candidate(candidate.version, stem, candidate.task.value, str(target), serving.version,
@@ -162,7 +168,7 @@ def run_vlm(job, settings: Settings, store: JobStore, registry: Registry, work: 
     if not base:
         raise TandemError("nothing to fine-tune: serve a VLM first (tandem serve --vlm ID_OR_PATH) or set TANDEM_VLM")
     log(f"job {job.id}: project {job.project_id}, LoRA on {serving.version if serving else base} ({job.reason})")
-    tasks, label_config = fetch_annotated_tasks(settings, job.project_id)
+    tasks, label_config, _ = fetch_annotated_tasks(settings, job.project_id)
     annotated = collect_annotations(tasks, label_config, job.project_id, MediaFetcher(settings.media()),
                                     val_percent=params["val_percent"])
     n_val = sum(item.validation for item in annotated.items)
