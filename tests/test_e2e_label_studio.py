@@ -152,3 +152,26 @@ def test_without_label_studio_url_media_comes_via_the_setup_hostname(label_studi
         (pred,) = client.predictions.list(task=tasks[f"{sample.name}.png"]["id"])
         xyxy, labels = region_boxes(pred.result, sample.width, sample.height)
         assert_matches_truth(xyxy, labels, sample)
+
+
+def test_a_refused_model_version_is_one_line_once_without_the_session_cookie(label_studio, tmp_path, caplog):
+    """Label Studio refuses a version no prediction carries: said once as a warning, later tries quietly."""
+    import logging
+
+    from backend.labelstudio.version_sync import SyncRequest, VersionSync
+    from backend.registry import Registry
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="tandem e2e version sync", label_config=RECT)
+    sync = VersionSync(Registry(tmp_path / "tandem.db"), delays=())
+    request = SyncRequest(project.id, "never-served-0000", label_studio.url, label_studio.token)
+    with caplog.at_level(logging.INFO, logger="tandem.sync"):
+        for _ in range(2):
+            sync.schedule(request)
+            assert sync.wait_idle(30)
+    said = [r for r in caplog.records if "never-served-0000" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.INFO]
+    text = said[0].getMessage()
+    assert "Label Studio answered 400" in text and "\n" not in text
+    assert "sessionid" not in text and "set-cookie" not in text.lower()
+    sync.close()

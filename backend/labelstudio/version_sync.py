@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from label_studio_sdk import LabelStudio
 
+from backend.labelstudio.errors import describe
 from backend.registry import Registry
 
 log = logging.getLogger("tandem.sync")
@@ -35,6 +36,7 @@ class VersionSync:
         self._delays = delays
         self._queue: queue.Queue[SyncRequest | None] = queue.Queue()
         self._pending: set[tuple[int, str]] = set()
+        self._warned: set[tuple[int, str]] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="tandem-version-sync", daemon=True)
         self._thread.start()
@@ -83,4 +85,9 @@ class VersionSync:
                 return
             except Exception as exc:  # 400 until a prediction with this version is stored; network errors
                 last = exc
-        log.warning("could not set project %s model_version to %s: %s", req.project_id, req.version, last)
+        # one line, once per version: the SDK's own text carries Label Studio's session cookie
+        level = logging.INFO if (req.project_id, req.version) in self._warned else logging.WARNING
+        self._warned.add((req.project_id, req.version))
+        log.log(level, "could not set project %s model_version to %s yet (%s); retried on the next /predict — "
+                "Label Studio takes a version once predictions carrying it are stored", req.project_id, req.version,
+                describe(last, req.url))
