@@ -63,13 +63,16 @@ class DetectionDisagreement:
     b: BoxBatch | None = None
     loc_iou: float = 0.5
 
-    def reason(self, i: int, names: tuple[str, str] = ("CNN", "VLM"), class_names: Sequence[str] | None = None) -> str:
+    def reason(self, i: int, names: tuple[str, str] = ("CNN", "VLM"), class_names: Sequence[str] | None = None,
+               faint: float | None = None) -> str:
         """A sentence for the reviewer, e.g. "2 boxes only VLM sees (Dog ×2); 1 class swap (CNN Cat, VLM Dog)".
 
-        The classes are named when `class_names` is given: the reviewer then knows what to look for.
+        The classes are named when `class_names` is given: the reviewer then knows what to look for; with
+        `faint` (the serving threshold), the unmatched boxes scored below it are counted apart, since the
+        annotator is not shown them.
         """
         named = class_names is not None and self.a is not None and self.b is not None
-        what = self._classes(i, class_names) if named else {}
+        what = self._classes(i, class_names, faint) if named else {}
         parts = []
         labels = {
             "only_a": f"only {names[0]} sees",
@@ -89,15 +92,18 @@ class DetectionDisagreement:
                 parts.append(text)
         return "; ".join(parts) if parts else "agree"
 
-    def _classes(self, i: int, class_names: Sequence[str]) -> dict:
+    def _classes(self, i: int, class_names: Sequence[str], faint: float | None = None) -> dict:
         """For image i: the classes of the boxes only one model sees, and of the swapped pairs."""
         a, b = self.a, self.b
         lo, hi = np.searchsorted(self.pairs_a, [a.offsets[i], a.offsets[i + 1]])
         pa, pb, iou = self.pairs_a[lo:hi], self.pairs_b[lo:hi], self.pair_iou[lo:hi]
         out = {}
         for key, boxes, matched in (("only_a", a, pa), ("only_b", b, pb)):
-            rows = np.arange(boxes.offsets[i], boxes.offsets[i + 1])
-            out[key] = _tally(boxes.labels[np.setdiff1d(rows, matched)], class_names)
+            alone = np.setdiff1d(np.arange(boxes.offsets[i], boxes.offsets[i + 1]), matched)
+            out[key] = _tally(boxes.labels[alone], class_names)
+            below = int((boxes.scores[alone] < faint).sum()) if faint is not None else 0
+            if below:
+                out[key] += f"; {'it is' if len(alone) == 1 else f'{below} of them are'} below {faint:g}"
         swap = (iou >= self.loc_iou) & (a.labels[pa] != b.labels[pb])
         if swap.any():
             out["class_swap"] = (_tally(a.labels[pa[swap]], class_names), _tally(b.labels[pb[swap]], class_names))

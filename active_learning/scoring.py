@@ -87,15 +87,33 @@ def _classification_reasons(p: np.ndarray, names: Sequence[str], model: str) -> 
     return out
 
 
-def _near(boxes: BoxBatch, i: int, names: Sequence[str], top: int = 3) -> str:
-    """The near-threshold boxes of image i, e.g. "Dog 0.31, Cat 0.22": what the reviewer should check."""
+def _listed(boxes: BoxBatch, rows: np.ndarray, names: Sequence[str], top: int = 3) -> str:
+    """ "Dog 0.31, Cat 0.22, +2 more": highest score first."""
+    rows = rows[np.argsort(-boxes.scores[rows], kind="stable")]
+    shown = ", ".join(f"{names[boxes.labels[j]]} {boxes.scores[j]:.2f}" for j in rows[:top])
+    return shown + (f", +{len(rows) - top} more" if len(rows) > top else "")
+
+
+def _uncertainty_reason(boxes: BoxBatch, i: int, names: Sequence[str], model: str, peak: float) -> str:
+    """What the reviewer sees is the boxes at or above the threshold; fainter candidates count, said apart."""
     threshold, band = NEAR
-    s, e = boxes.offsets[i], boxes.offsets[i + 1]
-    scores, labels = boxes.scores[s:e], boxes.labels[s:e]
-    near = np.flatnonzero(np.abs(scores - threshold) < band)
-    near = near[np.argsort(-scores[near], kind="stable")]
-    shown = ", ".join(f"{names[labels[j]]} {scores[j]:.2f}" for j in near[:top])
-    return shown + (f", +{len(near) - top} more" if len(near) > top else "")
+    rows = np.arange(boxes.offsets[i], boxes.offsets[i + 1])
+    scores = boxes.scores[rows]
+    near = np.abs(scores - threshold) < band
+    shown, faint = near & (scores >= threshold), near & (scores < threshold)
+    visible = int((scores >= threshold).sum())
+    parts = []
+    if shown.any():
+        parts.append(f"{int(shown.sum())} of {visible} boxes near the threshold ({_listed(boxes, rows[shown], names)})")
+    if faint.any():
+        k = int(faint.sum())
+        parts.append(f"{k} {'candidate' if k == 1 else 'candidates'} just below it, not pre-annotated "
+                     f"({_listed(boxes, rows[faint], names)})")
+    if parts:
+        return f"{model} unsure: " + "; ".join(parts)
+    if len(rows) == 0 and np.isfinite(peak):
+        return f"{model} sees nothing (best candidate {peak:.2f})"
+    return f"{model} boxes: {visible}"
 
 
 def score_outputs(
@@ -129,16 +147,11 @@ def score_outputs(
     a = BoxBatch.from_images([to_image_boxes(o, space) for o in primary])
     peaks = candidate_peaks(primary)
     unc = detection_uncertainty(a, cap=cap, aggregate=aggregate, candidate_peaks=peaks)
-    reasons = [
-        f"{model_names[0]} unsure: {k} of {c} boxes near the threshold ({_near(a, i, space.names)})" if k
-        else f"{model_names[0]} sees nothing (best candidate {p:.2f})" if c == 0 and np.isfinite(p)
-        else f"{model_names[0]} boxes: {c}"
-        for i, (k, c, p) in enumerate(zip(unc.near_threshold, a.counts, peaks, strict=True))
-    ]
+    reasons = [_uncertainty_reason(a, i, space.names, model_names[0], peaks[i]) for i in range(n)]
     disagreement = None
     if second is not None:
         b = BoxBatch.from_images([to_image_boxes(o, space) for o in second])
         d = detection_disagreement(a, b)
         disagreement = np.minimum(d.mass, cap) / cap if aggregate == "capped_sum" else d.score
-        reasons = [d.reason(i, model_names, space.names) for i in range(n)]
+        reasons = [d.reason(i, model_names, space.names, faint=NEAR[0]) for i in range(n)]
     return ScoreTable(unc.score, disagreement, reasons, a.counts)

@@ -284,3 +284,11 @@ def test_classification_reasons_say_unsure_only_when_the_top_two_are_close():
     table = score_outputs(outputs, ["cat", "dog", "fox"])
     assert table.reasons == ["CNN confident: cat 0.98, then dog 0.01", "CNN unsure: dog 0.45, then cat 0.40"]
     assert table.uncertainty[1] > table.uncertainty[0]
+
+
+def test_reasons_count_apart_the_unmatched_boxes_below_the_serving_threshold():
+    a = [_img([[0, 0, 10, 10], [40, 40, 50, 50], [80, 80, 90, 90]], [0.9, 0.2, 0.1], [0, 1, 1])]
+    b = [_img([[0, 0, 10, 10], [200, 200, 210, 210]], [0.9, 0.15], [0, 2])]
+    d = detection_disagreement(BoxBatch.from_images(a), BoxBatch.from_images(b))
+    assert d.reason(0, ("A", "B"), ["cat", "dog", "bird"], faint=0.25) == (
+        "2 boxes only A sees (dog ×2; 2 of them are below 0.25); 1 box only B sees (bird; it is below 0.25)")
