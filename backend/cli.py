@@ -269,9 +269,8 @@ def select(
     if strategy == "disagreement" and not second_model:
         raise typer.BadParameter("--strategy disagreement needs --second-model: the VLM (hub id or folder) or the "
                                  "YOLO weights to disagree with")
-    if strategy == "hybrid" and not second_model:
-        console.print("[yellow]warning:[/] no --second-model: hybrid ranks by uncertainty alone (no disagreement "
-                      "scores, no 'Tandem: disagreements' view)")
+    if budget < 1:
+        raise typer.BadParameter("--budget must be at least 1")
     if not settings.label_studio_url or not settings.label_studio_api_key:
         console.print("[red]error:[/] set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
         raise typer.Exit(2)
@@ -304,6 +303,9 @@ def select(
         console.print(f"[red]error:[/] cannot read project {project}: {describe(exc, settings.label_studio_url)}")
         raise typer.Exit(2) from exc
 
+    if strategy == "hybrid" and not second_model:  # said once the project is read: not before a fatal error
+        console.print("[yellow]warning:[/] no --second-model: hybrid ranks by uncertainty alone (no disagreement "
+                      "scores, no 'Tandem: disagreements' view)")
     config = SelectionConfig(
         strategy=Strategy(strategy), budget=budget, control_fraction=control, pool_factor=pool_factor,
         cold_start_labels=cold_start, seed=seed,

@@ -138,6 +138,7 @@ def test_cli_select_wrong_key_and_missing_second_opinion_are_clear(label_studio,
            "TANDEM_HOME": str(tmp_path)}
     proc = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Label Studio answered 401" in proc.stderr
+    assert "warning" not in proc.stderr  # hybrid's no-second-model warning waits until the project is read
     assert "set-cookie" not in proc.stderr and "headers" not in proc.stderr
     proc = subprocess.run([*base, "--strategy", "disagreement"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "needs --second-model" in proc.stderr
@@ -161,6 +162,10 @@ def test_cli_select_rejects_an_unknown_aggregate(tmp_path, detect_weights):
                            "--aggregate", "median"], capture_output=True, text=True,
                           env={**os.environ, "TANDEM_HOME": str(tmp_path)}, timeout=120)
     assert proc.returncode == 2 and "--aggregate must be one of max, mean, capped_sum" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", "select", "--project", "1", "--model", str(detect_weights),
+                           "--budget", "0"], capture_output=True, text=True,
+                          env={**os.environ, "TANDEM_HOME": str(tmp_path)}, timeout=120)
+    assert proc.returncode == 2 and "--budget must be at least 1" in proc.stderr
 
 
 def test_cli_select_takes_a_vlm_as_the_second_opinion(label_studio, project, detect_weights, tiny_vlm, tmp_path):
