@@ -260,3 +260,19 @@ def test_controls_the_model_leaves_to_the_annotator_are_said_once_at_setup(tmp_p
     said = [r.getMessage() for r in caplog.records if "left to the annotator" in r.getMessage()]
     assert len(said) == 1 and "rectanglelabels 'label' only" in said[0], said
     assert "choices 'shape'" in said[0] and "TextArea 'notes'" in said[0]
+
+
+def test_serving_a_model_a_connected_project_cannot_use_is_said(tmp_path, samples, detect_adapter, classify_adapter,
+                                                                 caplog):
+    """A retrain on one project hot-swaps the model every project of the server gets: say whom it leaves out."""
+    root, _, _ = samples
+    settings = Settings(home=tmp_path / "home", local_files_root=root)
+    holder = ModelHolder(detect_adapter)
+    with ServerThread(create_app(settings, holder)) as srv, caplog.at_level("WARNING", logger="tandem.server"):
+        assert httpx.post(f"{srv.url}/setup", json={"project": "6.1", "schema": RECT}).status_code == 200
+        holder.swap(detect_adapter)
+        assert not [r for r in caplog.records if "cannot use" in r.getMessage()]
+        holder.swap(classify_adapter)
+        said = [r.getMessage() for r in caplog.records if "cannot use" in r.getMessage()]
+        assert len(said) == 1 and "project 6 (connected here)" in said[0] and classify_adapter.version in said[0]
+        assert "server of its own" in said[0]

@@ -114,6 +114,7 @@ def create_app(
     setups: dict[int, tuple[str | None, str | None]] = {}  # project -> (hostname, legacy token) from /setup
     label_maps: dict[int, dict[str, str]] = {}  # project -> label_map from the backend's extra_params
     prompt_maps: dict[int, dict[str, str]] = {}  # project -> VLM prompts from the backend's extra_params
+    schemas: dict[int, str] = {}  # project -> labeling config from its last /setup
 
     if training is True:
         policy = policy or TrainingPolicy(train_after=settings.train_after, interval_s=settings.train_interval_s,
@@ -180,9 +181,21 @@ def create_app(
         path = getattr(adapter, "path", None) or getattr(adapter, "source", "")
         registry.record_served(adapter.version, adapter.name, registry_task(adapter), str(path))
 
+    def check_connected(adapter: ModelAdapter) -> None:
+        """One server serves one model to every project: say which a newly served one can no longer fill."""
+        for pid, schema in list(schemas.items()):
+            try:
+                plan_for(adapter, schema, label_maps.get(pid, settings.label_map), settings.case_sensitive_labels,
+                         prompt_maps.get(pid, settings.vlm_prompts))
+            except ConfigError as exc:
+                log.warning("now serving %s, which project %s (connected here) cannot use: %s — its predictions "
+                            "and /setup fail until it gets a server of its own (tandem serve --port, TANDEM_HOME) "
+                            "or this one serves a model with its labels again", adapter.version, pid, exc)
+
     app.state.training = training
     for served in (holder, vlm):  # every version served, also one that finishes loading later, is registered
         served.subscribe(on_loaded)
+    lead.subscribe(check_connected)
 
     @app.get("/", response_model=HealthResponse, include_in_schema=False)
     @app.get("/health", response_model=HealthResponse)
@@ -213,6 +226,8 @@ def create_app(
             setups[pid] = (body.hostname if (body.hostname or "").startswith("http") else None, body.access_token)
             label_maps[pid] = label_map
             prompt_maps[pid] = _prompts(body.extra_params)
+            if body.schema_:
+                schemas[pid] = body.schema_
         adapter = lead.adapter
         if adapter is None:
             last = registry.last_served(settings.pre_annotator)
