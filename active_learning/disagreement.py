@@ -103,7 +103,8 @@ class DetectionDisagreement:
             out[key] = _tally(boxes.labels[alone], class_names)
             below = int((boxes.scores[alone] < faint).sum()) if faint is not None else 0
             if below:
-                out[key] += f"; {'it is' if len(alone) == 1 else f'{below} of them are'} below {faint:g}"
+                them = "it is" if len(alone) == 1 else f"{below} of them {'is' if below == 1 else 'are'}"
+                out[key] += f"; {them} below {faint:g}"
         swap = (iou >= self.loc_iou) & (a.labels[pa] != b.labels[pb])
         if swap.any():
             out["class_swap"] = (_tally(a.labels[pa[swap]], class_names), _tally(b.labels[pb[swap]], class_names))
