@@ -32,6 +32,7 @@ def in_labels(
     outputs: Sequence[ModelOutput], class_names: Sequence[str], labels: LabelMap, label_names: Sequence[str]
 ) -> list[ModelOutput]:
     pool = pooling_matrix(class_names, labels, label_names)
+    column = {name: j for j, name in enumerate(label_names)}
     out = []
     for o in outputs:
         if o.probabilities is not None:
@@ -43,12 +44,10 @@ def in_labels(
         if det is None or len(det) == 0:
             out.append(o)
             continue
-        target = [labels(str(n)) for n in det.data["class_name"]]
-        keep = np.array([t in label_names for t in target], dtype=bool)
-        kept = det[keep]
-        names = [t for t, k in zip(target, keep, strict=True) if k]
-        kept.class_id = np.array([list(label_names).index(t) for t in names], dtype=int)
-        kept.data["class_name"] = np.array(names, dtype=object)
+        ids = [column.get(labels(str(n))) for n in det.data["class_name"]]
+        kept = det[np.array([j is not None for j in ids], dtype=bool)]
+        kept.class_id = np.array([j for j in ids if j is not None], dtype=int)
+        kept.data["class_name"] = np.array([label_names[j] for j in kept.class_id], dtype=object)
         if "class_scores" in kept.data and len(kept):
             kept.data["class_scores"] = np.asarray(kept.data["class_scores"], dtype=float) @ pool
         out.append(replace(o, detections=kept))
