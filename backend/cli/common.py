@@ -1,0 +1,51 @@
+"""What every command shares: the Typer app, the stderr console, logging and the state stores."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+app = typer.Typer(
+    name="tandem",
+    help=(
+        "Tandem: a Label Studio ML backend with an active-learning loop.\n\n"
+        "Serves pre-annotations from YOLOv8 and/or a vision-language model to Label Studio (RectangleLabels, "
+        "PolygonLabels, Choices), queues the tasks most worth a review (`tandem select`) and retrains on the "
+        "corrections (`tandem train`, `tandem jobs`, `tandem models`). Run `tandem serve` and add "
+        "http://HOST:PORT as the project's model under Settings → Model; `tandem demo` shows the whole loop.\n\n"
+        "Environment: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (personal access token or legacy token), "
+        "TANDEM_HOME (state, default ~/.tandem), BASIC_AUTH_USER/BASIC_AUTH_PASS, TANDEM_ALLOWED_HOSTS, "
+        "TANDEM_LABEL_MAP (JSON {model class: label}), LOCAL_FILES_DOCUMENT_ROOT."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+console = Console(stderr=True)
+
+
+def stdout_console() -> Console:
+    """Tables on stdout; piped output gets a wide console so columns are not cut to 80 characters."""
+    import sys
+
+    return Console() if sys.stdout.isatty() else Console(width=220)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
+    )
+    if level.lower() != "debug":  # one line per HTTP request (every image download) drowns what matters
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def stores(home: Path | None):
+    from backend.registry import Registry
+    from backend.settings import Settings
+    from backend.training.jobs import JobStore
+
+    settings = Settings.from_env(home=home)
+    return settings, Registry(settings.db_path), JobStore(settings.db_path)

@@ -1,0 +1,81 @@
+"""`tandem jobs`: list, show, logs and cancel training jobs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from backend.cli.common import app, console, stdout_console, stores
+
+jobs_app = typer.Typer(help="Training jobs: list, show, logs, cancel.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(project: Annotated[int | None, typer.Option("--project", "-p")] = None,
+              home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    """Every training job (or one project's): status, the version it made, whether it was promoted, why it failed."""
+    from rich.table import Table
+
+    _, _, store = stores(home)
+    table = Table(title="Tandem jobs")
+    for col in ("id", "project", "status", "runner", "reason", "version", "promoted", "error"):
+        table.add_column(col)
+    for j in store.list(project):
+        table.add_row(str(j.id), str(j.project_id), j.status.value, j.runner, j.reason, j.version or "",
+                      "" if j.promoted is None else str(j.promoted), (j.error or "").splitlines()[0] if j.error else "")
+    stdout_console().print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    """One job in full: parameters, timings, metrics of candidate and serving model."""
+    import json
+    import time
+
+    _, _, store = stores(home)
+    job = store.get(job_id)
+    if job is None:
+        console.print(f"[red]error:[/] no job {job_id}")
+        raise typer.Exit(2)
+    shown = job.public()
+    for key in ("created_at", "started_at", "finished_at"):  # epoch floats say nothing to a person
+        if shown.get(key):
+            shown[key] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(shown[key]))
+    typer.echo(json.dumps(shown, indent=2, default=str))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: int, lines: int = 200, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    """The last LINES lines of a job's log (ultralytics' epochs, the export, the promotion verdict)."""
+    from backend.training.runner import log_path, tail
+
+    settings, _, store = stores(home)
+    if store.get(job_id) is None:
+        console.print(f"[red]error:[/] no job {job_id} (tandem jobs list shows them)")
+        raise typer.Exit(2)
+    typer.echo(tail(log_path(settings.home, job_id), lines))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+    """Stop a queued or running job; the served model stays as it is."""
+    import os
+    import signal
+
+    from backend.training.jobs import JobStatus
+
+    _, _, store = stores(home)
+    job = store.get(job_id)
+    if job is None or not job.status.active:
+        console.print(f"[red]error:[/] job {job_id} is not queued or running")
+        raise typer.Exit(2)
+    store.finish(job_id, JobStatus.CANCELLED, error="cancelled from the CLI")
+    if job.pid:
+        try:
+            os.killpg(job.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    console.print(f"job {job_id} cancelled")

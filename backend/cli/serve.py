@@ -1,0 +1,180 @@
+"""`tandem serve`: a model served to Label Studio over the ML backend protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from backend.cli.common import app, console, setup_logging
+
+
+def _require_free_port(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            console.print(f"[red]error:[/] cannot listen on {host}:{port}: {exc.strerror} — is another server "
+                          "(another tandem serve?) using it? Pick another with --port")
+            raise typer.Exit(2) from exc
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="YOLO weights path (detect, segment or classify), or an ultralytics name such as yolov8n.pt "
+            "(downloaded only where a network exists). Default: the version promoted last in TANDEM_HOME (a "
+            "retrain or `tandem models promote`), else a starter model trained on first start.",
+            envvar="TANDEM_MODEL",
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port Label Studio connects to.")] = 9090,
+    home: Annotated[Path | None, typer.Option(help="State folder (env TANDEM_HOME).", envvar="TANDEM_HOME")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda:0 … (default: CUDA when present).")] = None,
+    conf: Annotated[float | None, typer.Option(help="Minimum box confidence (env TANDEM_CONF, 0.25).")] = None,
+    imgsz: Annotated[int | None, typer.Option(help="Inference image size (default: the model's training size).")] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="auto (OpenVINO on CPU, exported once per version and parity-checked; the default), "
+                     "openvino, int8 (OpenVINO INT8 for detection, calibrated on --calibration; fastest on CPUs "
+                     "without bf16), torch. Retrained versions are served the same way.", envvar="TANDEM_ENGINE"),
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Folder of images like the ones you serve (16 or more), for --engine int8.",
+                     envvar="TANDEM_INT8_CALIBRATION"),
+    ] = None,
+    starter_task: Annotated[
+        str | None,
+        typer.Option(help="Task of the starter model when --model is not given: detect (default), segment, classify "
+                     "(for a Choices project)."),
+    ] = None,
+    vlm: Annotated[
+        str | None,
+        typer.Option(help="A vision-language model beside (or instead of) the CNN: a hub id such as "
+                     "google/owlv2-base-patch16-ensemble, or a folder written by save_pretrained.", envvar="TANDEM_VLM"),
+    ] = None,
+    pre_annotator: Annotated[
+        str | None,
+        typer.Option(help="Whose predictions Label Studio receives: cnn or vlm (the other's are kept for "
+                     "disagreement). Default: cnn, or vlm when only --vlm is given.", envvar="TANDEM_PRE_ANNOTATOR"),
+    ] = None,
+    vlm_threshold: Annotated[float | None, typer.Option(help="Minimum box score of a zero-shot detector.")] = None,
+    predict_budget: Annotated[
+        float | None, typer.Option(help="Seconds per /predict call before the rest go to the background (60).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
+) -> None:
+    """Serve a model to Label Studio over the ML backend protocol."""
+    import uvicorn
+
+    from backend.errors import TandemError
+    from backend.settings import Settings
+
+    setup_logging(log_level)
+    _require_free_port(host, port)  # before the heavy imports and minutes of model loading, not after
+    try:
+        settings = Settings.from_env(home=home, model=model, device=device, conf=conf, vlm=vlm, engine=engine, imgsz=imgsz,
+                                     int8_calibration=calibration, predict_budget_s=predict_budget,
+                                     pre_annotator=pre_annotator or ("vlm" if vlm and not model else None))
+    except Exception as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    serves_cnn = bool(settings.model) or not settings.vlm  # no --model and no --vlm: the starter CNN
+    if serves_cnn and settings.engine == "int8" and not (settings.int8_calibration and settings.int8_calibration.is_dir()):
+        console.print("[red]error:[/] --engine int8 needs --calibration DIR: a folder of 16 or more images like "
+                      f"the ones you serve (got {settings.int8_calibration or 'none'})")
+        raise typer.Exit(2)
+    if settings.vlm:  # before torch and ultralytics are imported: an unavailable checkpoint fails in under a second
+        from backend.models.vlm.source import resolve_source
+
+        try:
+            resolve_source(settings.vlm)
+        except TandemError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from exc
+
+    from backend.models.starter import RECIPES, train_starter_model
+    from backend.server.app import create_app
+    from backend.serving import ModelHolder
+    if starter_task is not None and starter_task not in RECIPES:
+        raise typer.BadParameter(f"--starter-task must be one of {', '.join(RECIPES)}")
+    settings.home.mkdir(parents=True, exist_ok=True)
+
+    vlm_holder = None
+    if settings.vlm:
+        from backend.models.vlm.loader import load_vlm
+
+        options = {"threshold": vlm_threshold} if vlm_threshold is not None else {}
+        vlm_holder = ModelHolder()
+
+        def load():
+            return load_vlm(settings.vlm, device=settings.device, **options)
+
+        vlm_holder.load_in_background(load)
+        console.print(f"Loading the VLM [bold]{settings.vlm}[/] in the background")
+
+    holder = ModelHolder()
+    weights = settings.model
+    adapter = None
+    if weights is None and settings.pre_annotator == "cnn":
+        adapter = _resume_promoted(settings, starter_task)
+        if adapter is None:
+            starter_task = starter_task or "detect"
+            recipe = RECIPES[starter_task]
+            stored = settings.home / "models" / "starter" / recipe.weights_name
+            console.print(f"[bold]No --model given:[/] using the starter YOLOv8n {starter_task} model in "
+                          f"{settings.home} (generated shapes {', '.join(recipe.classes)}, {recipe.imgsz} px)")
+            if not stored.is_file():
+                console.print("Training it once — about 3–5 minutes on 2 CPU cores; later starts reuse it. "
+                              "Serve your own weights with --model.")
+            weights = str(train_starter_model(settings.home, starter_task))
+    if adapter is None and weights is not None:
+        # Fail at start, in under a second, on a missing file or an offline hub name.
+        try:
+            adapter = settings.load_cnn(weights)
+        except TandemError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from exc
+    if adapter is not None:
+        holder = ModelHolder(adapter)
+        console.print(
+            f"CNN [bold]{adapter.version}[/] ({adapter.task.value}, {len(adapter.class_names)} classes, "
+            f"{adapter.device}, {adapter.engine})"
+        )
+    console.print(f"Serving on http://{host}:{port}; Label Studio receives the [bold]{settings.pre_annotator}[/]'s "
+                  "predictions" + (", the other's are kept for disagreement" if vlm_holder and adapter else ""))
+    if not settings.label_studio_url:
+        console.print("[yellow]LABEL_STUDIO_URL is not set:[/] images are fetched from the hostname Label Studio sends")
+    app_ = create_app(settings, holder, vlm=vlm_holder)
+    uvicorn.run(app_, host=host, port=port, log_level=log_level.lower())
+
+
+def _resume_promoted(settings, task: str | None):
+    """A restart serves what the loop promoted last, not the starter again (--starter-task narrows it to a task).
+
+    Weights that no longer load are passed over, with a warning, for the promotion before them."""
+    import time
+
+    from backend.errors import TandemError
+    from backend.registry import Registry
+
+    for version in Registry(settings.db_path).promoted("cnn", task):
+        try:
+            adapter = settings.load_cnn(version.path)
+        except TandemError as exc:
+            console.print(f"[yellow]warning:[/] cannot resume {version.version}: {exc}")
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(version.promoted_at))
+        console.print(f"[bold]No --model given:[/] resuming [bold]{version.version}[/] ({version.task}), the version "
+                      f"promoted last ({when}); --model PATH serves other weights")
+        return adapter
+    return None
