@@ -253,3 +253,37 @@ def test_the_gate_scores_a_parent_through_the_projects_label_map(tmp_path, detec
     assert expected > 0.3
     assert evaluate(adapter, mapped)["fitness"] == 0.0  # no label map: none of its classes is a label
     assert evaluate(adapter, mapped, label_map=renamed)["map50_95"] == expected
+
+
+def test_models_promote_and_rollback_handle_vlm_versions(tmp_path, tiny_vlm, detect_adapter, detect_weights):
+    """A VLM version is checked by loading it as the server would (not as YOLO weights), and `rollback --vlm`
+    returns to the VLM's parent while the CNN stays as it is."""
+    home = tmp_path / "home"
+    registry = Registry(Settings(home=home).db_path)
+    registry.record_served(detect_adapter.version, "start", "detect", str(detect_weights))
+    clip = str(tiny_vlm("clip"))
+    registry.record_served("clip-base", "clip", "vlm:classify", clip)
+    registry.add_candidate("clip-v2", "clip", "vlm:classify", clip, "clip-base", "x", {})
+    broken = tmp_path / "broken-vlm"
+    broken.mkdir()
+    registry.add_candidate("clip-v3", "clip", "vlm:classify", str(broken), "clip-base", "x", {})
+    env = {**os.environ, "TANDEM_HOME": str(home)}
+
+    def tandem(*args):
+        proc = subprocess.run([sys.executable, "-m", "backend.cli", "models", *args], capture_output=True, text=True,
+                              env=env, timeout=300)
+        proc.stderr = " ".join(proc.stderr.split())  # rich wraps its console at 80 columns
+        return proc
+
+    refused = tandem("promote", "clip-v3")
+    assert refused.returncode == 2 and "no config.json" in refused.stderr, refused.stderr
+    assert registry.get("clip-v3").status == "candidate"
+    promoted = tandem("promote", "clip-v2")
+    assert promoted.returncode == 0, promoted.stderr
+    assert registry.current("vlm").version == "clip-v2"
+    back = tandem("rollback", "--vlm")
+    assert back.returncode == 0 and "from clip-v2 to clip-base" in back.stderr, back.stderr
+    assert registry.current("vlm").version == "clip-base" and registry.get("clip-v2").status == "rejected"
+    assert registry.current("cnn").version == detect_adapter.version  # the CNN was not touched
+    cnn = tandem("rollback")
+    assert cnn.returncode == 2 and "has no parent" in cnn.stderr

@@ -38,34 +38,54 @@ def models_list(home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")]
     stdout_console().print(table)
 
 
+def _require_loadable(found) -> None:
+    """Never serve weights that do not load: a YOLO file through the YOLO adapter, a VLM (or LoRA) folder as
+    the server would load it."""
+    from backend.errors import TandemError
+
+    try:
+        if found.kind == "vlm":
+            from backend.models.vlm.loader import load_vlm
+
+            console.print(f"checking that {found.version} loads ({found.path})…")
+            load_vlm(found.path, device="cpu")
+        else:
+            from backend.models.yolo import YoloAdapter
+
+            YoloAdapter(found.path, device="cpu")
+    except TandemError as exc:
+        console.print(f"[red]error:[/] {found.version}: {exc}")
+        raise typer.Exit(2) from exc
+
+
 @models_app.command("promote")
 def models_promote(version: str, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
-    """Serve VERSION now (a running server swaps within seconds)."""
-    from backend.errors import TandemError
-    from backend.models.yolo import YoloAdapter
-
+    """Serve VERSION now, a CNN or a VLM version (a running server swaps within seconds)."""
     _, registry, _ = stores(home)
     found = registry.get(version)
     if found is None or not found.path:
-        console.print(f"[red]error:[/] no version {version}")
+        console.print(f"[red]error:[/] no version {version} (tandem models list shows them)")
         raise typer.Exit(2)
-    try:
-        YoloAdapter(found.path, device="cpu")  # never promote weights that do not load
-    except TandemError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
+    _require_loadable(found)
     registry.set_status(version, "promoted")
     console.print(f"{version} promoted")
 
 
 @models_app.command("rollback")
-def models_rollback(home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
-    """Serve the parent of the current version again."""
+def models_rollback(
+    vlm: Annotated[bool, typer.Option("--vlm", help="Roll back the VLM (its LoRA versions) instead of the CNN.")] = False,
+    home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None,
+) -> None:
+    """Serve the parent of the current CNN version (or, with --vlm, of the current VLM version) again."""
     _, registry, _ = stores(home)
-    current = registry.current()
-    if current is None or not current.parent or registry.get(current.parent) is None:
-        console.print("[red]error:[/] the current version has no parent to roll back to")
+    kind = "vlm" if vlm else "cnn"
+    current = registry.current(kind)
+    parent = registry.get(current.parent) if current and current.parent else None
+    if parent is None or not parent.path:
+        console.print(f"[red]error:[/] the current {kind.upper()} version "
+                      f"{current.version if current else '(none)'} has no parent to roll back to")
         raise typer.Exit(2)
-    registry.set_status(current.parent, "promoted")
+    _require_loadable(parent)
+    registry.set_status(parent.version, "promoted")
     registry.set_status(current.version, "rejected")
-    console.print(f"rolled back from {current.version} to {current.parent}")
+    console.print(f"rolled back from {current.version} to {parent.version}")
