@@ -287,3 +287,26 @@ def test_models_promote_and_rollback_handle_vlm_versions(tmp_path, tiny_vlm, det
     assert registry.current("cnn").version == detect_adapter.version  # the CNN was not touched
     cnn = tandem("rollback")
     assert cnn.returncode == 2 and "has no parent" in cnn.stderr
+
+
+def test_train_with_server_follows_the_job_on_that_server_not_in_local_state(tmp_path, detect_adapter):
+    """The job runs in the server's TANDEM_HOME; the CLI, with another home, follows it over HTTP to its end
+    (here a failure: that server reaches no Label Studio) instead of waiting on a job its own state lacks."""
+    server_home = tmp_path / "server-home"
+    settings = Settings(home=server_home, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k")
+    app = create_app(settings, ModelHolder(detect_adapter), policy=TrainingPolicy(train_after=100))
+    env = {**os.environ, "TANDEM_HOME": str(tmp_path / "cli-home")}
+    with ServerThread(app) as srv:
+        proc = subprocess.run([sys.executable, "-m", "backend.cli", "train", "--project", "5", "--server", srv.url],
+                              capture_output=True, text=True, env=env, timeout=300)
+        job = app.state.training.store.list(5)[0]
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 1, err
+    assert f"queued job {job.id} on {srv.url}" in err and f"job {job.id} failed" in err
+    assert job.status is JobStatus.FAILED and job.error.split()[0] in err  # the server's verdict, as it recorded it
+    assert not JobStore(Settings(home=tmp_path / "cli-home").db_path).list(5)  # nothing ran here
+
+    gone = subprocess.run([sys.executable, "-m", "backend.cli", "train", "--project", "5", "--server", srv.url],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert gone.returncode == 2 and "cannot reach Tandem at" in " ".join(gone.stderr.split())
+    assert "Traceback" not in gone.stderr

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from backend.cli.common import app, console, stores
+
+# (the job as Job.public() gives it, or None when it is gone; its whole log so far)
+JobReader = Callable[[], tuple[dict | None, str]]
 
 
 @app.command()
@@ -19,16 +23,13 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Epochs (YOLO: env TANDEM_TRAIN_EPOCHS, 30; VLM LoRA: 3).")] = None,
     imgsz: Annotated[int | None, typer.Option(help="Training image size (default: the serving model's).")] = None,
     server: Annotated[
-        str | None, typer.Option(help="A running Tandem (http://host:port): queue the job there instead of here.")
+        str | None, typer.Option(help="A running Tandem (http://host:port): queue the job there instead of here, "
+                                      "and follow it there.")
     ] = None,
     wait: Annotated[bool, typer.Option(help="Follow the job's log until it ends.")] = True,
     home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None,
 ) -> None:
     """Fine-tune on the project's corrected labels; the new version is promoted only if it is not worse."""
-    import time
-
-    from backend.training.runner import LocalRunner, log_path
-
     if runner not in ("local", "modal"):
         raise typer.BadParameter("--runner must be local or modal")
     if model not in ("yolo", "vlm"):
@@ -37,49 +38,102 @@ def train(
     defaults = settings.training_params() if model == "yolo" else {}  # YOLO's epochs are not LoRA's
     params = {**defaults, **{k: v for k, v in {"epochs": epochs, "imgsz": imgsz}.items() if v}}
     if server:
-        import httpx
-
-        auth = settings.basic_auth
-        r = httpx.post(f"{server.rstrip('/')}/train", json={"project": project, "runner": runner, "model": model,
-                                                           "params": params, "reason": "tandem train"}, auth=auth, timeout=30)
-        if r.status_code >= 400:
-            console.print(f"[red]error:[/] {r.status_code} {r.text}")
-            raise typer.Exit(2)
-        job_id = r.json()["id"]
-        console.print(f"queued job {job_id} on {server}")
+        job_id, read = _queue_on_server(server, settings.basic_auth, {
+            "project": project, "runner": runner, "model": model, "params": params, "reason": "tandem train"})
     else:
-        active = store.active(project)
-        if active:
-            console.print(f"project {project} already has job {active[0].id} ({active[0].status.value})")
-            job_id = active[0].id
-        else:
-            if runner == "modal":
-                from infra.modal_runner import ModalUnavailable, require_modal_credentials
+        job_id, read = _start_here(settings, store, project, runner, model, params)
+    if wait:
+        _follow(job_id, read)
 
-                try:
-                    require_modal_credentials()
-                except ModalUnavailable as exc:
-                    console.print(f"[red]error:[/] {exc}")
-                    raise typer.Exit(2) from exc
-            job = store.create(project, model, runner, "tandem train", params)
-            job_id = job.id
-            LocalRunner(settings, store).start(job)
-            console.print(f"job {job_id} started ({runner})")
-    if not wait:
-        return
-    path, shown = log_path(settings.home, job_id), 0
-    while True:
-        if path.exists():
-            lines = path.read_text(errors="replace").splitlines()
-            for line in lines[shown:]:
-                console.print(line, markup=False, highlight=False)
-            shown = len(lines)
+
+def _start_here(settings, store, project: int, runner: str, model: str, params: dict) -> tuple[int, JobReader]:
+    from backend.training.runner import LocalRunner, log_path
+
+    active = store.active(project)
+    if active:
+        console.print(f"project {project} already has job {active[0].id} ({active[0].status.value})")
+        job_id = active[0].id
+    else:
+        if runner == "modal":
+            from infra.modal_runner import ModalUnavailable, require_modal_credentials
+
+            try:
+                require_modal_credentials()
+            except ModalUnavailable as exc:
+                console.print(f"[red]error:[/] {exc}")
+                raise typer.Exit(2) from exc
+        job = store.create(project, model, runner, "tandem train", params)
+        job_id = job.id
+        LocalRunner(settings, store).start(job)
+        console.print(f"job {job_id} started ({runner})")
+    path = log_path(settings.home, job_id)
+
+    def read() -> tuple[dict | None, str]:
         job = store.get(job_id)
-        if job and not job.status.active:
+        return (job.public() if job else None), (path.read_text(errors="replace") if path.exists() else "")
+
+    return job_id, read
+
+
+def _queue_on_server(server: str, auth, body: dict) -> tuple[int, JobReader]:
+    """The job runs on that server, in its TANDEM_HOME: it is followed over HTTP, not in this machine's state."""
+    import httpx
+
+    base = server.rstrip("/")
+
+    def call(method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            r = httpx.request(method, f"{base}{path}", auth=auth, timeout=30, **kwargs)
+        except httpx.HTTPError as exc:
+            console.print(f"[red]error:[/] cannot reach Tandem at {base}: {exc} — is `tandem serve` running there, "
+                          "and is --server its URL?")
+            raise typer.Exit(2) from exc
+        if r.status_code == 401:
+            console.print(f"[red]error:[/] {base} asks for basic auth: set BASIC_AUTH_USER and BASIC_AUTH_PASS as "
+                          "the server has them")
+            raise typer.Exit(2)
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            console.print(f"[red]error:[/] {base}{path}: {r.status_code} {detail}")
+            raise typer.Exit(2)
+        return r
+
+    job_id = call("POST", "/train", json=body).json()["id"]
+    console.print(f"queued job {job_id} on {base}")
+
+    def read() -> tuple[dict | None, str]:
+        return call("GET", f"/jobs/{job_id}").json(), call("GET", f"/jobs/{job_id}/logs",
+                                                          params={"lines": 1_000_000}).text
+
+    return job_id, read
+
+
+def _follow(job_id: int, read: JobReader, interval_s: float = 1.0) -> None:
+    """Print the log as it grows until the job ends; exit 0 only if it succeeded."""
+    import time
+
+    from backend.training.jobs import JobStatus
+
+    shown = 0
+    while True:
+        job, log = read()
+        lines = log.splitlines()
+        for line in lines[shown:]:
+            console.print(line, markup=False, highlight=False)
+        shown = len(lines)
+        if job is None:
+            console.print(f"[red]error:[/] job {job_id} is gone")
+            raise typer.Exit(1)
+        if not JobStatus(job["status"]).active:
             break
-        time.sleep(1)
-    color = "green" if job.status.value == "succeeded" else "red"
-    console.print(f"[{color}]job {job_id} {job.status.value}[/]" + (f": {job.error.splitlines()[0]}" if job.error else ""))
-    if job.version:
-        console.print(f"version {job.version}: {'promoted' if job.promoted else 'not promoted'}")
-    raise typer.Exit(0 if job.status.value == "succeeded" else 1)
+        time.sleep(interval_s)
+    ok = job["status"] == JobStatus.SUCCEEDED.value
+    error = job.get("error")
+    console.print(f"[{'green' if ok else 'red'}]job {job_id} {job['status']}[/]" +
+                  (f": {error.splitlines()[0]}" if error else ""))
+    if job.get("version"):
+        console.print(f"version {job['version']}: {'promoted' if job.get('promoted') else 'not promoted'}")
+    raise typer.Exit(0 if ok else 1)
