@@ -278,6 +278,19 @@ def test_cancelling_a_modal_job_cancels_its_remote_call(tmp_path, monkeypatch):
     assert cancelled == ["fc-remote-7", True] and store.get(job.id).status.value == "cancelled"
     runner.close()
 
+    from typer.testing import CliRunner
+
+    from backend.cli import app
+
+    cancelled.clear()  # `tandem jobs cancel`, from another process than the one that started the job: the same
+    home = tmp_path / "cli-home"
+    store = JobStore(Settings(home=home).db_path)
+    job = store.create(1, "yolo", "modal", "test")
+    store.update(job.id, status="running", remote_id="fc-remote-8")
+    out = CliRunner().invoke(app, ["jobs", "cancel", str(job.id), "--home", str(home)])
+    assert out.exit_code == 0, out.output
+    assert cancelled == ["fc-remote-8", True] and store.get(job.id).status.value == "cancelled"
+
 
 def test_fine_tune_keeps_the_stock_trainer_for_other_model_families(detect_weights):
     from ultralytics import YOLO

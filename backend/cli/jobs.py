@@ -61,21 +61,12 @@ def jobs_logs(job_id: int, lines: int = 200, home: Annotated[Path | None, typer.
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: int, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
-    """Stop a queued or running job; the served model stays as it is."""
-    import os
-    import signal
-
-    from backend.training.jobs import JobStatus
+    """Stop a queued or running job (and its Modal call); the served model stays as it is."""
+    from backend.training.runner import cancel_job
 
     _, _, store = stores(home)
-    job = store.get(job_id)
-    if job is None or not job.status.active:
-        console.print(f"[red]error:[/] job {job_id} is not queued or running")
+    if not cancel_job(store, job_id):
+        console.print(f"[red]error:[/] job {job_id} is not queued or running (tandem jobs list shows them)")
         raise typer.Exit(2)
-    store.finish(job_id, JobStatus.CANCELLED, error="cancelled from the CLI")
-    if job.pid:
-        try:
-            os.killpg(job.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-    console.print(f"job {job_id} cancelled")
+    job = store.get(job_id)
+    console.print(f"job {job_id} cancelled" + (f" — {job.error}" if job.error and job.error != "cancelled" else ""))

@@ -29,6 +29,29 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def cancel_job(store: JobStore, job_id: int, pid: int | None = None) -> bool:
+    """Cancel a queued or running job from any process (the server, the CLI): record it first, so the dying
+    worker cannot overwrite it, then stop the worker's process group and, for Modal, the remote call."""
+    job = store.get(job_id)
+    if job is None or not job.status.active:
+        return False
+    store.finish(job_id, JobStatus.CANCELLED, error="cancelled")
+    pid = pid or job.pid
+    if pid:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if job.runner == "modal" and job.remote_id:
+        try:
+            from infra.modal_runner import cancel_remote
+
+            cancel_remote(job.remote_id)
+        except Exception as exc:  # noqa: BLE001 - the local job is cancelled either way; say what is left
+            store.update(job_id, error=f"cancelled here; the Modal call {job.remote_id} may still run: {exc}")
+    return True
+
+
 class LocalRunner:
     def __init__(self, settings: Settings, store: JobStore, on_done: Callable[[Job], None] | None = None) -> None:
         self.settings = settings
@@ -54,26 +77,9 @@ class LocalRunner:
         return proc
 
     def cancel(self, job_id: int) -> bool:
-        job = self.store.get(job_id)
-        if job is None or not job.status.active:
-            return False
-        self.store.finish(job_id, JobStatus.CANCELLED, error="cancelled")
         with self._lock:
             proc = self._procs.get(job_id)
-        pid = proc.pid if proc else job.pid
-        if pid:
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if job.runner == "modal" and job.remote_id:
-            try:
-                from infra.modal_runner import cancel_remote
-
-                cancel_remote(job.remote_id)
-            except Exception as exc:  # noqa: BLE001 - the local job is cancelled either way; say what is left
-                self.store.update(job_id, error=f"cancelled here; the Modal call {job.remote_id} may still run: {exc}")
-        return True
+        return cancel_job(self.store, job_id, pid=proc.pid if proc else None)
 
     def _reap_loop(self) -> None:
         while not self._stop.wait(0.5):
