@@ -23,3 +23,9 @@ class ModelLoadError(TandemError):
     """Weights could not be loaded (missing file, offline hub name, corrupt checkpoint)."""
 
     status_code = 503
+
+
+class SettingsError(TandemError):
+    """An option or environment variable has a value Tandem cannot run with."""
+
+    status_code = 500

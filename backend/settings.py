@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from backend.errors import SettingsError
 from backend.media.fetch import MediaSettings
 
 
@@ -44,8 +46,8 @@ class Settings(BaseModel):
     label_map: dict[str, str] = Field(default_factory=dict)
     case_sensitive_labels: bool = False
     device: str | None = None
-    conf: float = 0.25
-    engine: str = Field(default="auto", pattern="^(auto|openvino|int8|torch)$")  # every served version, retrained too
+    conf: float = Field(default=0.25, ge=0.0, le=1.0)
+    engine: Literal["auto", "openvino", "int8", "torch"] = "auto"  # every served version, retrained too
     int8_calibration: Path | None = None  # images like the served ones, for the int8 engine
     imgsz: int | None = None
     max_image_bytes: int = 50 * 1024 * 1024
@@ -57,13 +59,28 @@ class Settings(BaseModel):
     train_imgsz: int | None = None
     vlm: str | None = None
     vlm_prompts: dict[str, str] = Field(default_factory=dict)
-    pre_annotator: str = Field(default="cnn", pattern="^(cnn|vlm)$")
+    pre_annotator: Literal["cnn", "vlm"] = "cnn"
     predict_budget_s: float = Field(default=60.0, gt=0)
 
     @field_validator("int8_calibration")
     @classmethod
     def _folder(cls, value: Path | None) -> Path | None:
         return value.expanduser().resolve() if value else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        """A CUDA device torch cannot see fails here, at start, not as a 500 on every /predict."""
+        if value and re.fullmatch(r"cuda(:\d+)?|\d+(,\d+)*", value.strip()):
+            import torch
+
+            wanted = [int(i) for i in re.findall(r"\d+", value)] or [0]
+            if not torch.cuda.is_available():
+                raise ValueError(f"{value!r} asks for a CUDA GPU but torch sees none (torch.cuda.is_available() is "
+                                 "False); use cpu, or leave it unset to use CUDA when present")
+            if max(wanted) >= torch.cuda.device_count():
+                raise ValueError(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return value
 
     @field_validator("label_studio_url")
     @classmethod
@@ -74,6 +91,18 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:
+        """Options given win over the environment; a value Tandem cannot run with is a SettingsError naming it."""
+        try:
+            return cls._from_env(**overrides)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')} (got {e['input']!r})"
+                                 for e in exc.errors())
+            raise SettingsError(f"invalid setting — {problems}") from None
+        except ValueError as exc:  # a TANDEM_* number or JSON variable that does not parse
+            raise SettingsError(f"invalid environment variable — {exc}") from None
+
+    @classmethod
+    def _from_env(cls, **overrides) -> Settings:
         label_map = _env("TANDEM_LABEL_MAP")
         values = {
             "home": Path(_env("TANDEM_HOME") or "~/.tandem").expanduser(),

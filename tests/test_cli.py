@@ -204,3 +204,12 @@ def test_logs_of_a_job_that_does_not_exist_is_an_error(tmp_path):
     proc = subprocess.run([*TANDEM, "jobs", "logs", "99"], capture_output=True, text=True, env=_env(tmp_path),
                           timeout=120)
     assert proc.returncode == 2 and "no job 99" in proc.stderr
+
+
+def test_a_bad_option_value_is_one_line_before_any_model_loads(tmp_path):
+    for args in (["serve", "--engine", "bogus", "--port", "9393"], ["serve", "--conf", "2", "--port", "9393"],
+                 ["jobs", "list"]):
+        env = {**_env(tmp_path), **({"TANDEM_CONF": "x"} if args[0] == "jobs" else {})}
+        out = subprocess.run([*TANDEM, *args], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stderr.startswith("error: invalid "), out.stderr
+        assert "Traceback" not in out.stderr and not (tmp_path / "home" / "models").exists()

@@ -54,3 +54,24 @@ def test_extra_setting_reads_a_dict_or_its_json_text_and_nothing_else():
     assert extra_setting("not json", "label_map") == {}
     assert extra_setting({"label_map": ["car"]}, "label_map") == {}
     assert extra_setting(None, "label_map") == {}
+
+
+def test_settings_name_a_value_tandem_cannot_run_with(monkeypatch):
+    import torch
+
+    from backend.errors import SettingsError
+    from backend.settings import Settings
+
+    for overrides, words in ((dict(conf=2.0), "conf: Input should be less than or equal to 1"),
+                             (dict(engine="bogus"), "engine: Input should be 'auto', 'openvino', 'int8' or 'torch'"),
+                             (dict(pre_annotator="both"), "pre_annotator")):
+        with pytest.raises(SettingsError, match=words):
+            Settings.from_env(**overrides)
+    monkeypatch.setenv("TANDEM_TRAIN_AFTER", "ten")
+    with pytest.raises(SettingsError, match="invalid environment variable .* 'ten'"):
+        Settings.from_env()
+    monkeypatch.delenv("TANDEM_TRAIN_AFTER")
+    assert Settings.from_env(device="cpu", conf=0.0).conf == 0.0
+    if not torch.cuda.is_available():  # a GPU nobody has fails at start, not as a 500 on every /predict
+        with pytest.raises(SettingsError, match="asks for a CUDA GPU but torch sees none"):
+            Settings.from_env(device="cuda:0")

@@ -42,10 +42,21 @@ def setup_logging(level: str) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+def load_settings(**overrides):
+    """Settings from the environment and the command's options; a value Tandem cannot run with is one line."""
+    from backend.errors import SettingsError
+    from backend.settings import Settings
+
+    try:
+        return Settings.from_env(**overrides)
+    except SettingsError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
 def stores(home: Path | None):
     from backend.registry import Registry
-    from backend.settings import Settings
     from backend.training.jobs import JobStore
 
-    settings = Settings.from_env(home=home)
+    settings = load_settings(home=home)
     return settings, Registry(settings.db_path), JobStore(settings.db_path)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from backend.cli.common import app, console, setup_logging, stdout_console
+from backend.cli.common import app, console, load_settings, setup_logging, stdout_console
 
 
 @app.command()
@@ -27,10 +27,9 @@ def demo(
     from rich.table import Table
 
     from backend.demo import run_demo
-    from backend.settings import Settings
 
     setup_logging("warning")
-    base = home or Settings.from_env().home / "demo"
+    base = home or load_settings().home / "demo"
     started = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as bar:
@@ -74,7 +73,6 @@ def train_starter(
 ) -> None:
     """Train the offline starter model on the generated shapes dataset and print its path."""
     from backend.models.starter import train_starter_model
-    from backend.settings import Settings
 
-    settings = Settings.from_env(home=home)
+    settings = load_settings(home=home)
     typer.echo(train_starter_model(settings.home, task))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from backend.cli.common import app, console, setup_logging, stdout_console
+from backend.cli.common import app, console, load_settings, setup_logging, stdout_console
 
 
 @app.command()
@@ -54,10 +54,9 @@ def select(
     from backend.models.yolo import YoloAdapter
     from backend.predict import plan_for
     from backend.registry import Registry
-    from backend.settings import Settings
 
     setup_logging("warning")
-    settings = Settings.from_env(home=home, device=device)
+    settings = load_settings(home=home, device=device)
     if strategy not in {s.value for s in Strategy}:
         raise typer.BadParameter(f"--strategy must be one of {', '.join(s.value for s in Strategy)}")
     aggregate = aggregate or SELECT_AGGREGATE

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from backend.cli.common import app, console, setup_logging
+from backend.cli.common import app, console, load_settings, setup_logging
 
 
 def _require_free_port(host: str, port: int) -> None:
@@ -78,16 +78,12 @@ def serve(
     import uvicorn
 
     from backend.errors import TandemError
-    from backend.settings import Settings
 
     setup_logging(log_level)
     _require_free_port(host, port)  # before the heavy imports and minutes of model loading, not after
-    try:
-        settings = Settings.from_env(home=home, model=model, device=device, conf=conf, vlm=vlm, engine=engine, imgsz=imgsz,
-                                     int8_calibration=calibration, predict_budget_s=predict_budget,
-                                     pre_annotator=pre_annotator or ("vlm" if vlm and not model else None))
-    except Exception as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    settings = load_settings(home=home, model=model, device=device, conf=conf, vlm=vlm, engine=engine, imgsz=imgsz,
+                             int8_calibration=calibration, predict_budget_s=predict_budget,
+                             pre_annotator=pre_annotator or ("vlm" if vlm and not model else None))
     serves_cnn = bool(settings.model) or not settings.vlm  # no --model and no --vlm: the starter CNN
     if serves_cnn and settings.engine == "int8" and not (settings.int8_calibration and settings.int8_calibration.is_dir()):
         console.print("[red]error:[/] --engine int8 needs --calibration DIR: a folder of 16 or more images like "
