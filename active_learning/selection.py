@@ -28,6 +28,20 @@ class SelectionConfig:
     cold_start_labels: int = 0  # below this many labeled images, pick typical images instead
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Refused here, before any image is fetched: these values would fail (or overspend) only at the end."""
+        problems = [text for bad, text in (
+            (self.budget < 1, f"budget must be at least 1 (got {self.budget})"),
+            (not 0 <= self.control_fraction <= 1, f"control must be between 0 and 1 (got {self.control_fraction})"),
+            (self.pool_factor < 1, f"pool factor must be at least 1 (got {self.pool_factor})"),
+            (self.cold_start_labels < 0, f"cold start must be 0 or more (got {self.cold_start_labels})"),
+            (any(w < 0 for w in self.weights.values()), f"weights must be 0 or more (got {self.weights})"),
+            (self.strategy is Strategy.HYBRID and not any(w > 0 for w in self.weights.values()),
+             "hybrid needs a weight above 0 for uncertainty or disagreement"),
+        ) if bad]
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 @dataclass(frozen=True)
 class Selection:

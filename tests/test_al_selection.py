@@ -117,3 +117,18 @@ def test_a_small_project_still_queues_by_score(n):
     top_half = set(np.argsort(-unc)[: max(8, n // 2)].tolist())
     assert set(sel.indices.tolist()) <= top_half
     assert len(sel.indices) == min(8, n)
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(budget=0), "budget must be at least 1"),
+    (dict(control_fraction=1.5), "control must be between 0 and 1"),  # it queued more than the budget
+    (dict(control_fraction=-0.5), "control must be between 0 and 1"),
+    (dict(pool_factor=0.5), "pool factor must be at least 1"),
+    (dict(cold_start_labels=-1), "cold start must be 0 or more"),
+    (dict(weights={"uncertainty": -1.0, "disagreement": 0.5}), "weights must be 0 or more"),
+    (dict(weights={"uncertainty": 0.0, "disagreement": 0.0}), "hybrid needs a weight above 0"),
+])
+def test_a_selection_config_that_would_fail_late_is_refused_when_made(options, words):
+    with pytest.raises(ValueError, match=words):
+        SelectionConfig(**{"strategy": Strategy.HYBRID, **options})
+    SelectionConfig(strategy=Strategy.HYBRID, control_fraction=1.0, pool_factor=1.0)  # the edges are fine

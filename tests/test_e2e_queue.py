@@ -154,6 +154,7 @@ def test_cli_select_refuses_a_model_that_cannot_fill_the_project(label_studio, p
                           capture_output=True, text=True, env=env, timeout=120)
     said = " ".join(proc.stderr.split())  # rich wraps long lines
     assert proc.returncode == 2 and "cannot fill rectanglelabels" in said and "--starter-task" in said, said
+    assert f"tandem select used --model {classify_weights}: pass --model WEIGHTS made for this project" in said
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
@@ -162,10 +163,14 @@ def test_cli_select_rejects_an_unknown_aggregate(tmp_path, detect_weights):
                            "--aggregate", "median"], capture_output=True, text=True,
                           env={**os.environ, "TANDEM_HOME": str(tmp_path)}, timeout=120)
     assert proc.returncode == 2 and "--aggregate must be one of max, mean, capped_sum" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "backend.cli", "select", "--project", "1", "--model", str(detect_weights),
-                           "--budget", "0"], capture_output=True, text=True,
-                          env={**os.environ, "TANDEM_HOME": str(tmp_path)}, timeout=120)
-    assert proc.returncode == 2 and "--budget must be at least 1" in proc.stderr
+    # refused before Label Studio is asked (none is configured here) and before any image is fetched
+    for flags, words in ((["--budget", "0"], "budget must be at least 1"),  # the rest: test_al_selection
+                         (["--weight-uncertainty", "0"], "needs --second-model")):
+        proc = subprocess.run([sys.executable, "-m", "backend.cli", "select", "--project", "1", "--model",
+                               str(detect_weights), *flags], capture_output=True, text=True,
+                              env={**os.environ, "TANDEM_HOME": str(tmp_path)}, timeout=120)
+        said = " ".join(proc.stderr.replace("│", " ").split())  # typer boxes and wraps the message
+        assert proc.returncode == 2 and words in said and "Traceback" not in said, (flags, said)
 
 
 def test_cli_select_takes_a_vlm_as_the_second_opinion(label_studio, project, detect_weights, tiny_vlm, tmp_path):

@@ -49,7 +49,7 @@ def select(
     from active_learning.scoring import SELECT_AGGREGATE
     from active_learning.selection import SelectionConfig, Strategy
     from active_learning.uncertainty import AGGREGATES
-    from backend.errors import TandemError
+    from backend.errors import ConfigError, TandemError
     from backend.media.fetch import MediaFetcher
     from backend.models.yolo import YoloAdapter
     from backend.predict import plan_for
@@ -65,8 +65,17 @@ def select(
     if strategy == "disagreement" and not second_model:
         raise typer.BadParameter("--strategy disagreement needs --second-model: the VLM (hub id or folder) or the "
                                  "YOLO weights to disagree with")
-    if budget < 1:
-        raise typer.BadParameter("--budget must be at least 1")
+    try:
+        config = SelectionConfig(
+            strategy=Strategy(strategy), budget=budget, control_fraction=control, pool_factor=pool_factor,
+            cold_start_labels=cold_start, seed=seed,
+            weights={"uncertainty": weight_uncertainty, "disagreement": weight_disagreement},
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if strategy == "hybrid" and weight_uncertainty <= 0 and not second_model:
+        raise typer.BadParameter("hybrid with --weight-uncertainty 0 ranks by disagreement alone, which needs "
+                                 "--second-model")
     if not settings.label_studio_url or not settings.label_studio_api_key:
         console.print("[red]error:[/] set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
         raise typer.Exit(2)
@@ -88,7 +97,12 @@ def select(
             "label_map": {**settings.label_map, **queue.backend_extra("label_map")},
             "vlm_prompts": {**settings.vlm_prompts, **queue.backend_extra("prompts")}})
         # as /setup and `tandem train` refuse it: a detector's box doubt says nothing about a Choices project
-        plan_for(primary, label_config, settings.label_map, settings.case_sensitive_labels)
+        try:
+            plan_for(primary, label_config, settings.label_map, settings.case_sensitive_labels)
+        except ConfigError as exc:
+            chosen = (f"--model {weights}" if model else
+                      f"the model this TANDEM_HOME served last ({last.version}, {last.task}), as no --model was given")
+            raise ConfigError(f"{exc}. tandem select used {chosen}: pass --model WEIGHTS made for this project") from exc
         second = _second_opinion(second_model, label_config, settings) if second_model else None
     except TandemError as exc:
         console.print(f"[red]error:[/] {exc}")
@@ -102,11 +116,6 @@ def select(
     if strategy == "hybrid" and not second_model:  # said once the project is read: not before a fatal error
         console.print("[yellow]warning:[/] no --second-model: hybrid ranks by uncertainty alone (no disagreement "
                       "scores, no 'Tandem: disagreements' view)")
-    config = SelectionConfig(
-        strategy=Strategy(strategy), budget=budget, control_fraction=control, pool_factor=pool_factor,
-        cold_start_labels=cold_start, seed=seed,
-        weights={"uncertainty": weight_uncertainty, "disagreement": weight_disagreement},
-    )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console, transient=False) as bar:
