@@ -310,3 +310,17 @@ def test_train_with_server_follows_the_job_on_that_server_not_in_local_state(tmp
                           capture_output=True, text=True, env=env, timeout=120)
     assert gone.returncode == 2 and "cannot reach Tandem at" in " ".join(gone.stderr.split())
     assert "Traceback" not in gone.stderr
+
+
+def test_the_cli_fails_a_job_whose_worker_died_with_no_server_running(tmp_path):
+    """Else it showed 'running' for good and `tandem train` on its project answered 'already has job N'."""
+    home = tmp_path / "home"
+    store = JobStore(Settings(home=home).db_path)
+    job = store.create(1, "yolo", "local", "tandem train")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.update(job.id, status=JobStatus.RUNNING, pid=dead.pid)
+    listing = subprocess.run([sys.executable, "-m", "backend.cli", "jobs", "list"], capture_output=True, text=True,
+                             env={**os.environ, "TANDEM_HOME": str(home)}, timeout=120)
+    assert listing.returncode == 0 and "failed" in listing.stdout and "worker process disappeared" in listing.stdout
+    assert store.get(job.id).status is JobStatus.FAILED and not store.active(1)

@@ -58,5 +58,9 @@ def stores(home: Path | None):
     from backend.registry import Registry
     from backend.training.jobs import JobStore
 
+    from backend.training.runner import mark_orphans
+
     settings = load_settings(home=home)
-    return settings, Registry(settings.db_path), JobStore(settings.db_path)
+    jobs = JobStore(settings.db_path)
+    mark_orphans(jobs)  # a job whose worker died with no server running would otherwise show 'running' for good
+    return settings, Registry(settings.db_path), jobs

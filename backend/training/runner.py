@@ -108,11 +108,12 @@ class LocalRunner:
 
 
 def mark_orphans(store: JobStore) -> int:
-    """At server start: jobs left 'running' by a dead process are failed, not left hanging."""
+    """Jobs left 'running' by a dead worker are failed, not left hanging (and blocking their project): at server
+    start, and before the CLI lists jobs or starts one."""
     n = 0
     for job in store.list(limit=1000):
         if job.status is JobStatus.RUNNING and job.pid and not _alive(job.pid):
-            store.finish(job.id, JobStatus.FAILED, error="the worker process disappeared (server restart or crash)")
+            store.finish(job.id, JobStatus.FAILED, error="the worker process disappeared (killed, or its machine restarted)")
             n += 1
     return n
 
