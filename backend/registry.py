@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS model_versions (
     metrics     TEXT NOT NULL DEFAULT '{}',
     parent      TEXT,
     dataset     TEXT,
-    status      TEXT NOT NULL DEFAULT 'served',  -- served | candidate | promoted | rejected
+    status      TEXT NOT NULL DEFAULT 'served',  -- served | candidate | promoted | rejected | rolled back
     promoted_at REAL
 );
 CREATE TABLE IF NOT EXISTS webhook_events (
@@ -123,6 +123,13 @@ class Registry(SqliteDb):
         found = [v for v in self.versions() if v.promoted_at and v.status == "promoted" and v.kind == kind
                  and v.path and Path(v.path).exists() and (task is None or v.task == task)]
         return sorted(found, key=lambda v: v.promoted_at, reverse=True)
+
+    def trained_on(self, dataset: str, serving: str) -> ModelVersion | None:
+        """A version already made from this exact dataset snapshot that `serving` is, or was fine-tuned from."""
+        with self._lock:
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM model_versions WHERE dataset = ? "
+                                      "ORDER BY created_at DESC", (dataset,)).fetchall()
+        return next((v for v in map(_row, rows) if serving in (v.version, v.parent)), None)
 
     def last_served(self, kind: str | None = "cnn") -> ModelVersion | None:
         served = [v for v in self.versions() if v.served_at and (kind is None or v.kind == kind)]

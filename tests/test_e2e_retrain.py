@@ -86,6 +86,15 @@ def test_corrections_retrain_promote_and_serve(label_studio, weak_weights, tmp_p
         assert app.state.sync.wait_idle(60)
         assert client.projects.get(id=project.id).model_version == job.version
 
+        # a coalesced follow-up whose corrections the job before it already had: nothing new, no retrain
+        follow_up = store.create(project.id, "yolo", "local", "coalesced: 3 new corrections", {"epochs": 30})
+        app.state.training.runner.start(follow_up)
+        skipped = wait(store, follow_up.id, timeout=300)
+        log = httpx.get(f"{srv.url}/jobs/{follow_up.id}/logs").text
+        assert skipped.status is JobStatus.SUCCEEDED and skipped.version is None, log
+        assert f"nothing new since {job.version}" in log and "Epoch" not in log
+        assert httpx.get(f"{srv.url}/health").json()["model_version"] == job.version
+
 
 def test_kill_9_of_a_running_job_fails_it_and_keeps_serving(label_studio, weak_weights, detect_weights, tmp_path):
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)

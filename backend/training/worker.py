@@ -115,6 +115,14 @@ def run(job_id: int, settings: Settings) -> None:
                           f"({dataset.train} train, {dataset.val} validation): a retrain needs at least one of each. "
                           f"The validation split is a fixed ~{params['val_percent']}% of tasks, so annotate about "
                           f"{max(5, round(200 / max(params['val_percent'], 1)))} or more")
+    if job.reason.startswith("coalesced"):  # a follow-up for corrections the job before it may already have had
+        earlier = registry.trained_on(dataset.snapshot, serving.version)
+        if earlier is not None:
+            log(f"nothing new since {earlier.version} (made from {earlier.parent} on this same dataset, "
+                f"{dataset.snapshot}); not retrained")
+            store.finish(job_id, JobStatus.SUCCEEDED, metrics={"skipped": f"same dataset as {earlier.version}",
+                                                                "dataset": dataset.snapshot})
+            return
     if dataset.val < FEW_VAL_IMAGES:
         log(f"only {dataset.val} frozen validation images: the promotion verdict below is noisy — annotate more "
             "tasks before trusting it")
