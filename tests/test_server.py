@@ -10,6 +10,7 @@ import pytest
 import supervision as sv
 
 from backend.datasets.shapes import generate_samples
+from backend.registry import Registry
 from backend.server.app import create_app
 from backend.serving import ModelHolder
 from backend.settings import Settings
@@ -56,6 +57,10 @@ def test_health_setup_versions(tmp_path, samples, detect_adapter):
             r = httpx.post(f"{srv.url}/setup", json={"project": "3.1700000000", "schema": RECT, "extra_params": extra})
             assert r.status_code == 200 and time.perf_counter() - t0 < 1.0
             assert r.json() == {"model_version": detect_adapter.version}
+        assert httpx.get(f"{srv.url}/versions").json() == {"versions": [detect_adapter.version]}
+        registry = Registry(tmp_path / "home" / "tandem.sqlite3")  # a candidate the gate rejected was never served
+        registry.add_candidate("p3-job1-rejected", "p3-job1", "detect", "x.pt", detect_adapter.version, "d", {})
+        registry.set_status("p3-job1-rejected", "rejected")
         assert httpx.get(f"{srv.url}/versions").json() == {"versions": [detect_adapter.version]}
 
 

@@ -342,6 +342,7 @@ def create_app(
 
     @app.get("/versions", response_model=VersionsResponse)
     def versions() -> VersionsResponse:
-        return VersionsResponse(versions=[v.version for v in registry.versions()])
+        # served or promoted (and so served within seconds): not candidates the gate rejected
+        return VersionsResponse(versions=[v.version for v in registry.versions() if v.served_at or v.promoted_at])
 
     return app
