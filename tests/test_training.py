@@ -283,7 +283,7 @@ def test_models_promote_and_rollback_handle_vlm_versions(tmp_path, tiny_vlm, det
     assert registry.current("vlm").version == "clip-v2"
     back = tandem("rollback", "--vlm")
     assert back.returncode == 0 and "from clip-v2 to clip-base" in back.stderr, back.stderr
-    assert registry.current("vlm").version == "clip-base" and registry.get("clip-v2").status == "rejected"
+    assert registry.current("vlm").version == "clip-base" and registry.get("clip-v2").status == "rolled back"
     assert registry.current("cnn").version == detect_adapter.version  # the CNN was not touched
     cnn = tandem("rollback")
     assert cnn.returncode == 2 and "has no parent" in cnn.stderr

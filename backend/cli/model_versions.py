@@ -87,5 +87,5 @@ def models_rollback(
         raise typer.Exit(2)
     _require_loadable(parent)
     registry.set_status(parent.version, "promoted")
-    registry.set_status(current.version, "rejected")
+    registry.set_status(current.version, "rolled back")  # not "rejected": the gate had promoted it
     console.print(f"rolled back from {current.version} to {parent.version}")
