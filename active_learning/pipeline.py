@@ -63,6 +63,16 @@ def _embed(adapter, images, progress: Progress, stage: str, chunk: int = 32) -> 
     return np.concatenate(parts)
 
 
+def reason_names(primary, second) -> tuple[str, str]:
+    """What reasons call the two models: the CNN as "CNN" (its file stem, often "best", says nothing), a VLM by its
+    name ("grounding_dino"), a second YOLO model as "2nd CNN"."""
+    from backend.models.yolo import YoloAdapter
+
+    if second is None:
+        return "CNN", "second"
+    return "CNN", ("2nd CNN" if isinstance(second, YoloAdapter) else second.name)
+
+
 def run_selection(
     tasks: Sequence[Any],
     label_config: str,
@@ -113,7 +123,7 @@ def run_selection(
         other = in_labels(_run_model(second, images, progress, f"predict {second.name}"), second.class_names,
                           second_labels, label_names)
     table = score_outputs(first, label_names, other, label_names if second else None,
-                          model_names=(primary.name, second.name if second else "second"), aggregate=aggregate)
+                          model_names=reason_names(primary, second), aggregate=aggregate)
     embeddings = _embed(primary, images, progress, "embed")
     labeled_emb = None
     if embeddings is not None and labeled:

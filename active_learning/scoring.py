@@ -104,10 +104,11 @@ def _uncertainty_reason(boxes: BoxBatch, i: int, names: Sequence[str], model: st
     visible = int((scores >= threshold).sum())
     parts = []
     if shown.any():
-        parts.append(f"{int(shown.sum())} of {visible} boxes near the threshold ({_listed(boxes, rows[shown], names)})")
+        parts.append(f"{int(shown.sum())} of {visible} boxes near the {threshold:.2f} threshold "
+                     f"({_listed(boxes, rows[shown], names)})")
     if faint.any():
         k = int(faint.sum())
-        parts.append(f"{k} {'candidate' if k == 1 else 'candidates'} just below it, not pre-annotated "
+        parts.append(f"{k} {'candidate' if k == 1 else 'candidates'} just below {threshold:.2f}, not pre-annotated "
                      f"({_listed(boxes, rows[faint], names)})")
     if parts:
         return f"{model} unsure: " + "; ".join(parts)
@@ -141,7 +142,8 @@ def score_outputs(
             q = _aligned_probs(second, second_names or primary_names, space)
             d = classification_disagreement(p, q)
             disagreement = d.score
-            reasons = [d.reason(i, p, q, space.names, model_names) for i in range(n)]
+            reasons = [_both(reasons[i], d.reason(i, p, q, space.names, model_names), uncertainty[i], disagreement[i],
+                             model_names) for i in range(n)]
         return ScoreTable(uncertainty, disagreement, reasons, counts)
 
     a = BoxBatch.from_images([to_image_boxes(o, space) for o in primary])
@@ -153,5 +155,14 @@ def score_outputs(
         b = BoxBatch.from_images([to_image_boxes(o, space) for o in second])
         d = detection_disagreement(a, b)
         disagreement = np.minimum(d.mass, cap) / cap if aggregate == "capped_sum" else d.score
-        reasons = [d.reason(i, model_names, space.names, faint=NEAR[0]) for i in range(n)]
+        reasons = [_both(reasons[i], d.reason(i, model_names, space.names, faint=NEAR[0]), unc.score[i],
+                         disagreement[i], model_names) for i in range(n)]
     return ScoreTable(unc.score, disagreement, reasons, a.counts)
+
+
+def _both(doubt: str, disagreement: str, u: float, d: float, model_names: tuple[str, str]) -> str:
+    """Both halves of a hybrid score, the larger first: a rank driven by the CNN's doubt must not read as
+    "both say Square" alone."""
+    if disagreement == "agree":
+        disagreement = f"{model_names[1]} agrees"
+    return f"{doubt}; {disagreement}" if u >= d else f"{disagreement}; {doubt}"

@@ -285,6 +285,13 @@ def test_classification_reasons_say_unsure_only_when_the_top_two_are_close():
     assert table.reasons == ["CNN confident: cat 0.98, then dog 0.01", "CNN unsure: dog 0.45, then cat 0.40"]
     assert table.uncertainty[1] > table.uncertainty[0]
 
+    # with a second opinion the reason holds both halves, the one that weighs more first: an image ranked for
+    # the CNN's doubt, on which the VLM agrees, must not read "both say dog" alone
+    second = [ModelOutput(probabilities=np.array(p)) for p in ([0.02, 0.97, 0.01], [0.38, 0.47, 0.15])]
+    both = score_outputs(outputs, ["cat", "dog", "fox"], second, ["cat", "dog", "fox"])
+    assert both.reasons[0].startswith("CNN says cat (0.98), VLM says dog (0.97); CNN confident")
+    assert both.reasons[1] == f"CNN unsure: dog 0.45, then cat 0.40; both say dog (JS {both.disagreement[1]:.2f})"
+
 
 def test_reasons_count_apart_the_unmatched_boxes_below_the_serving_threshold():
     a = [_img([[0, 0, 10, 10], [40, 40, 50, 50], [80, 80, 90, 90]], [0.9, 0.2, 0.1], [0, 1, 1])]

@@ -57,7 +57,7 @@ def test_models_with_differently_named_classes_agree_through_the_labels(vlm_name
     b = in_labels([vlm], (vlm_name, "Dog"), build_label_map(RECT, (vlm_name, "Dog")), NAMES)
     seen = score_outputs(a, NAMES, b, NAMES)
     assert seen.disagreement[0] == pytest.approx(0.0)
-    assert seen.reasons == ["agree"]
+    assert seen.reasons == ["CNN boxes: 1; VLM agrees"]
 
 
 def test_reasons_name_the_projects_labels_as_spelled():
@@ -73,5 +73,5 @@ def test_uncertain_detections_name_the_boxes_to_check():
     seen = in_labels([out], COCO, build_label_map(RECT, COCO), NAMES)
     table = score_outputs(seen, NAMES, model_names=("yolo", "vlm"))
     # what the annotator sees (boxes at 0.25 and above) apart from the fainter candidates that also count
-    assert table.reasons == ["yolo unsure: 1 of 2 boxes near the threshold (Dog 0.30); "
-                             "1 candidate just below it, not pre-annotated (Human 0.20)"]
+    assert table.reasons == ["yolo unsure: 1 of 2 boxes near the 0.25 threshold (Dog 0.30); "
+                             "1 candidate just below 0.25, not pre-annotated (Human 0.20)"]
