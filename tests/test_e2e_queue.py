@@ -113,7 +113,8 @@ def test_cli_select_dry_run_writes_files_and_leaves_label_studio_alone(label_stu
          "disagreement", "--model", str(detect_weights), "--second-model", str(segment_weights), "--dry-run",
          "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "Top picks" in proc.stdout and "queued of" in proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert "Top picks" in proc.stdout and "4 selected (dry run: Label Studio untouched) of" in said, said
     picks = list(csv.DictReader((tmp_path / "out" / "selection.csv").open()))
     assert len(picks) == 4
     summary = json.loads((tmp_path / "out" / "selection.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -25,6 +26,9 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 console = Console(stderr=True)
+# every command reads and writes the same state as the server it means
+Home = Annotated[Path | None, typer.Option(help="State folder: SQLite, models, jobs (env TANDEM_HOME, default "
+                                                "~/.tandem).", envvar="TANDEM_HOME")]
 
 
 def stdout_console() -> Console:
@@ -57,7 +61,6 @@ def load_settings(**overrides):
 def stores(home: Path | None):
     from backend.registry import Registry
     from backend.training.jobs import JobStore
-
     from backend.training.runner import mark_orphans
 
     settings = load_settings(home=home)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from backend.cli.common import app, console, load_settings, setup_logging, stdout_console
+from backend.cli.common import Home, app, console, load_settings, setup_logging, stdout_console
 
 
 @app.command()
@@ -69,7 +69,7 @@ def demo(
 @app.command("train-starter")
 def train_starter(
     task: Annotated[str, typer.Option(help="detect, segment or classify.")] = "detect",
-    home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None,
+    home: Home = None,
 ) -> None:
     """Train the offline starter model on the generated shapes dataset and print its path."""
     from backend.models.starter import train_starter_model

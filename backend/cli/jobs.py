@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from backend.cli.common import app, console, stdout_console, stores
+from backend.cli.common import Home, app, console, stdout_console, stores
 
 jobs_app = typer.Typer(help="Training jobs: list, show, logs, cancel.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 
 
 @jobs_app.command("list")
-def jobs_list(project: Annotated[int | None, typer.Option("--project", "-p")] = None,
-              home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+def jobs_list(project: Annotated[int | None, typer.Option("--project", "-p", help="Only this project's jobs.")] = None,
+              home: Home = None) -> None:
     """Every training job (or one project's): status, the version it made, whether it was promoted, why it failed."""
     from rich.table import Table
 
@@ -30,7 +29,7 @@ def jobs_list(project: Annotated[int | None, typer.Option("--project", "-p")] = 
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: int, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+def jobs_show(job_id: int, home: Home = None) -> None:
     """One job in full: parameters, timings, metrics of candidate and serving model."""
     import json
     import time
@@ -48,7 +47,7 @@ def jobs_show(job_id: int, home: Annotated[Path | None, typer.Option(envvar="TAN
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: int, lines: int = 200, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+def jobs_logs(job_id: int, lines: int = 200, home: Home = None) -> None:
     """The last LINES lines of a job's log (ultralytics' epochs, the export, the promotion verdict)."""
     from backend.training.runner import log_path, tail
 
@@ -60,7 +59,7 @@ def jobs_logs(job_id: int, lines: int = 200, home: Annotated[Path | None, typer.
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: int, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+def jobs_cancel(job_id: int, home: Home = None) -> None:
     """Stop a queued or running job (and its Modal call); the served model stays as it is."""
     from backend.training.runner import cancel_job
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from backend.cli.common import app, console, stdout_console, stores
+from backend.cli.common import Home, app, console, stdout_console, stores
 
 models_app = typer.Typer(help="Model versions: list, promote, rollback.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 
 @models_app.command("list")
-def models_list(home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+def models_list(home: Home = None) -> None:
     """Every version: which one is served (▶), promoted or rejected, its score against its parent's."""
     from rich.table import Table
 
@@ -59,7 +58,7 @@ def _require_loadable(found) -> None:
 
 
 @models_app.command("promote")
-def models_promote(version: str, home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None) -> None:
+def models_promote(version: str, home: Home = None) -> None:
     """Serve VERSION now, a CNN or a VLM version (a running server swaps within seconds)."""
     _, registry, _ = stores(home)
     found = registry.get(version)
@@ -74,7 +73,7 @@ def models_promote(version: str, home: Annotated[Path | None, typer.Option(envva
 @models_app.command("rollback")
 def models_rollback(
     vlm: Annotated[bool, typer.Option("--vlm", help="Roll back the VLM (its LoRA versions) instead of the CNN.")] = False,
-    home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None,
+    home: Home = None,
 ) -> None:
     """Serve the parent of the current CNN version (or, with --vlm, of the current VLM version) again."""
     _, registry, _ = stores(home)

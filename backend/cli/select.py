@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from backend.cli.common import app, console, load_settings, setup_logging, stdout_console
+from backend.cli.common import Home, app, console, load_settings, setup_logging, stdout_console
 
 
 @app.command()
@@ -34,7 +34,7 @@ def select(
     seed: Annotated[int, typer.Option(help="Seed of the random control slice and of k-center's start.")] = 0,
     dry_run: Annotated[bool, typer.Option(help="Write CSV/JSON instead of touching Label Studio.")] = False,
     out: Annotated[Path, typer.Option(help="Folder for --dry-run files.")] = Path("tandem-selection"),
-    home: Annotated[Path | None, typer.Option(help="State folder (env TANDEM_HOME).", envvar="TANDEM_HOME")] = None,
+    home: Home = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda:0 … (default: CUDA when present).")] = None,
 ) -> None:
     """Rank a project's unlabeled tasks and queue the most useful ones for review in Label Studio."""
@@ -156,7 +156,8 @@ def select(
                       "control" if e.control else "active", e.reason)
     stdout_console().print(shown)
     console.print(
-        f"{len(outcome.entries)} queued of {outcome.candidates} unlabeled ({outcome.labeled} labeled) "
+        f"{len(outcome.entries)} {'selected (dry run: Label Studio untouched)' if dry_run else 'queued'} of "
+        f"{outcome.candidates} unlabeled ({outcome.labeled} labeled) "
         f"in {outcome.seconds:.1f} s" + (f"; {len(outcome.skipped)} skipped (unreadable images)" if outcome.skipped else "")
     )
     for task_id, why in list(outcome.skipped.items())[:10]:

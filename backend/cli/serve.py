@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from backend.cli.common import app, console, load_settings, setup_logging
+from backend.cli.common import Home, app, console, load_settings, setup_logging
 
 
 def _require_free_port(host: str, port: int) -> None:
@@ -38,7 +38,7 @@ def serve(
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port Label Studio connects to.")] = 9090,
-    home: Annotated[Path | None, typer.Option(help="State folder (env TANDEM_HOME).", envvar="TANDEM_HOME")] = None,
+    home: Home = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda:0 … (default: CUDA when present).")] = None,
     conf: Annotated[float | None, typer.Option(help="Minimum box confidence (env TANDEM_CONF, 0.25).")] = None,
     imgsz: Annotated[int | None, typer.Option(help="Inference image size (default: the model's training size).")] = None,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from backend.cli.common import app, console, stores
+from backend.cli.common import Home, app, console, stores
 
 # (the job as Job.public() gives it, or None when it is gone; its whole log so far)
 JobReader = Callable[[], tuple[dict | None, str]]
@@ -27,7 +26,7 @@ def train(
                                       "and follow it there.")
     ] = None,
     wait: Annotated[bool, typer.Option(help="Follow the job's log until it ends.")] = True,
-    home: Annotated[Path | None, typer.Option(envvar="TANDEM_HOME")] = None,
+    home: Home = None,
 ) -> None:
     """Fine-tune on the project's corrected labels; the new version is promoted only if it is not worse."""
     if runner not in ("local", "modal"):
