@@ -87,7 +87,8 @@ def test_classifier_outputs_score_by_margin_and_js():
     table = score_outputs(p, ["cat", "dog"], q, ["CAT", "Dog"], model_names=("yolo", "clip"))
     np.testing.assert_allclose(table.uncertainty, [0.2, 1.0])
     assert table.disagreement[0] == pytest.approx(0) and table.disagreement[1] > 0.3
-    assert table.reasons[1] == "yolo says cat (0.50), clip says dog (1.00)"
+    # the doubt (1.0) outweighs the disagreement, so it leads
+    assert table.reasons[1] == "yolo unsure: cat 0.50, then dog 0.50; yolo says cat (0.50), clip says dog (1.00)"
 
 
 
