@@ -25,7 +25,7 @@ from backend.training.runner import wait
 from tests.conftest import CACHE
 from tests.harness import ServerThread, png_bytes
 from tests.test_e2e_label_studio import _connect, _retrieve_predictions, _tasks_by_name
-from tests.test_server import RECT
+from tests.test_server import CHOICES, RECT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -138,7 +138,10 @@ def test_a_retrain_that_cannot_start_says_why_in_one_line(label_studio, detect_w
     wrong_key = Settings(home=good.home, label_studio_url=label_studio.url, label_studio_api_key="not-a-token")
     Registry(good.db_path).record_served("start", "start", "detect", str(detect_weights))
     store = JobStore(good.db_path)
+    choices = client.projects.create(title="tandem e2e wrong task", label_config=CHOICES)
     expected = {(empty.id, "good"): "0 usable annotated tasks (0 train, 0 validation)",
+                (choices.id, "good"): f"the serving model start is a detect model, but project {choices.id}'s "
+                                      "choices control 'shape' needs a classify model",  # before any download
                 (99999, "good"): "Label Studio answered 404: No Project matches the given query. (check the project id)",
                 (empty.id, "wrong"): "Label Studio answered 401"}
     for (project_id, key), message in expected.items():

@@ -21,12 +21,13 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "False")
 
 from backend.errors import TandemError  # noqa: E402
+from backend.labeling.config import parse_label_config  # noqa: E402
 from backend.media.fetch import MediaFetcher  # noqa: E402
 from backend.models.yolo import YoloAdapter, default_device  # noqa: E402
 from backend.registry import Registry  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from backend.training.evaluate import evaluate  # noqa: E402
-from backend.training.export import export_yolo_dataset  # noqa: E402
+from backend.training.export import TASK_FOR_CONTROL, export_yolo_dataset  # noqa: E402
 from backend.training.jobs import JobStatus, JobStore  # noqa: E402
 from backend.training.yolo_finetune import fine_tune  # noqa: E402
 
@@ -106,6 +107,13 @@ def run(job_id: int, settings: Settings) -> None:
     log(f"job {job_id}: project {job.project_id}, fine-tuning {serving.version} ({job.reason})")
 
     tasks, label_config, label_map = fetch_annotated_tasks(settings, job.project_id)
+    control = parse_label_config(label_config).controls[0]  # the control the export reads
+    if serving.task != TASK_FOR_CONTROL[control.kind]:  # said before minutes of image downloads, not after
+        needed = TASK_FOR_CONTROL[control.kind]
+        raise TandemError(f"the serving model {serving.version} is a {serving.task} model, but project "
+                          f"{job.project_id}'s {control.kind} control '{control.name}' needs a {needed} model: serve "
+                          f"one for this project (tandem serve --model WEIGHTS, or --starter-task {needed}), with its "
+                          "own --port and TANDEM_HOME if other projects use this server")
     log(f"exporting {len(tasks)} annotated tasks")
     dataset = export_yolo_dataset(tasks, label_config, job.project_id, MediaFetcher(settings.media()),
                                   work / "dataset", val_percent=params["val_percent"])
