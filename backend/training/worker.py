@@ -108,8 +108,8 @@ def run(job_id: int, settings: Settings) -> None:
 
     tasks, label_config, label_map = fetch_annotated_tasks(settings, job.project_id)
     control = parse_label_config(label_config).controls[0]  # the control the export reads
-    if serving.task != TASK_FOR_CONTROL[control.kind]:  # said before minutes of image downloads, not after
-        needed = TASK_FOR_CONTROL[control.kind]
+    needed = TASK_FOR_CONTROL[control.kind]
+    if serving.task != needed:  # said before minutes of image downloads, not after
         raise TandemError(f"the serving model {serving.version} is a {serving.task} model, but project "
                           f"{job.project_id}'s {control.kind} control '{control.name}' needs a {needed} model: serve "
                           f"one for this project (tandem serve --model WEIGHTS, or --starter-task {needed}), with its "
@@ -134,8 +134,6 @@ def run(job_id: int, settings: Settings) -> None:
     if dataset.val < FEW_VAL_IMAGES:
         log(f"only {dataset.val} frozen validation images: the promotion verdict below is noisy — annotate more "
             "tasks before trusting it")
-    if serving.task != dataset.task:
-        raise TandemError(f"the serving model is a {serving.task} model but the project needs {dataset.task}")
     if params.get("freeze") is None and dataset.task != "classify" and dataset.train < FEW_IMAGES:
         params["freeze"] = FROZEN_LAYERS
         log(f"only {dataset.train} training images: the backbone (first {FROZEN_LAYERS} layers) stays frozen")
