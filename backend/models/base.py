@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
-import numpy as np
-import supervision as sv
 from PIL import Image
+
+from backend.core.prediction import Prediction
 
 
 class ModelTask(StrEnum):
@@ -17,20 +16,7 @@ class ModelTask(StrEnum):
     CLASSIFY = "classify"
 
 
-@dataclass(frozen=True)
-class ModelOutput:
-    """One image's prediction.
-
-    `detections` carries xyxy pixels, confidence, class_id and `data["class_name"]`; segmenters add
-    `data["polygon"]` (an object array of (K, 2) pixel outlines). `probabilities` is the full
-    class distribution of a classifier, aligned with the adapter's `class_names`. `candidate_peak` is a
-    detector's highest class score over all its candidates before the confidence threshold: an image with
-    no kept box can still rank for review by how near it came to one.
-    """
-
-    detections: sv.Detections | None = None
-    probabilities: np.ndarray | None = None
-    candidate_peak: float | None = None
+ModelOutput = Prediction  # the name adapters used before the prediction type moved to backend.core
 
 
 @runtime_checkable

@@ -1,0 +1,164 @@
+"""The one prediction type every model returns, every writer reads, and the store keeps.
+
+A `Prediction` is one image's answer from one model, in pixels of the image as the annotator sees it
+(EXIF applied). Detections are supervision's `Detections` (the lingua franca): xyxy, confidence,
+class_id, `mask` for instance masks, and `data` under the field names below, never string literals.
+A classifier fills `probabilities` instead, aligned with `class_names`.
+
+`to_record` / `from_record` serialise it to JSON-able dicts exactly (numeric arrays travel as raw bytes
+with their dtype and shape, masks bit-packed), so a stored prediction is read back as a `Prediction`,
+not as Label Studio JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import supervision as sv
+from supervision.config import CLASS_NAME_DATA_FIELD
+
+CLASS_NAME = CLASS_NAME_DATA_FIELD  # data field: (N,) object array of class names, aligned with class_id
+CLASS_SCORES = "class_scores"  # data field: (N, C) float, each kept box's score for every class
+POLYGON = "polygon"  # data field: (N,) object array of (K, 2) float pixel outlines, None where absent
+
+RECORD_VERSION = 1
+
+
+class Role(StrEnum):
+    """What a stored prediction was for: shown to annotators, or the other model family's opinion."""
+
+    PRE_ANNOTATION = "pre-annotation"
+    SECOND_OPINION = "second-opinion"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's prediction from one model.
+
+    `candidate_peak` is a detector's highest class score over all candidates before the confidence
+    threshold: an image with no kept box still ranks for review by how near it came to one.
+    `class_names` names the columns of `probabilities` and `class_scores` (and the ids of `class_id`);
+    adapters may leave it empty and rely on their own `class_names`.
+    """
+
+    detections: sv.Detections | None = None
+    probabilities: np.ndarray | None = None
+    candidate_peak: float | None = None
+    class_names: tuple[str, ...] = ()
+    embedding: np.ndarray | None = None
+    model_version: str | None = None
+    role: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON-able details a family wants kept (e.g. prompts)
+
+    @property
+    def is_classification(self) -> bool:
+        return self.probabilities is not None
+
+    def with_meta(self, **changes: Any) -> Prediction:
+        return replace(self, **changes)
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-able dict from which `from_record` rebuilds an equal Prediction."""
+        record: dict[str, Any] = {"v": RECORD_VERSION, "class_names": list(self.class_names)}
+        for key in ("model_version", "role"):
+            if getattr(self, key) is not None:
+                record[key] = getattr(self, key)
+        if self.candidate_peak is not None:
+            record["candidate_peak"] = float(self.candidate_peak)
+        if self.probabilities is not None:
+            record["probabilities"] = _pack(self.probabilities)
+        if self.embedding is not None:
+            record["embedding"] = _pack(self.embedding)
+        if self.extra:
+            record["extra"] = self.extra
+        if self.detections is not None:
+            record["detections"] = _detections_record(self.detections)
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Prediction:
+        if record.get("v") != RECORD_VERSION:
+            raise ValueError(f"unknown prediction record version {record.get('v')!r}")
+        return cls(
+            detections=_detections_from(record["detections"]) if "detections" in record else None,
+            probabilities=_unpack(record["probabilities"]) if "probabilities" in record else None,
+            candidate_peak=record.get("candidate_peak"),
+            class_names=tuple(record.get("class_names", ())),
+            embedding=_unpack(record["embedding"]) if "embedding" in record else None,
+            model_version=record.get("model_version"),
+            role=record.get("role"),
+            extra=record.get("extra", {}),
+        )
+
+
+def empty_detections(with_class_names: bool = True) -> sv.Detections:
+    det = sv.Detections.empty()
+    if with_class_names:
+        det.data[CLASS_NAME] = np.array([], dtype=object)
+    return det
+
+
+def _pack(array: np.ndarray) -> dict[str, Any]:
+    a = np.ascontiguousarray(array)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def _unpack(packed: dict[str, Any]) -> np.ndarray:
+    raw = base64.b64decode(packed["b64"])
+    return np.frombuffer(raw, dtype=np.dtype(packed["dtype"])).reshape(packed["shape"]).copy()
+
+
+def _detections_record(det: sv.Detections) -> dict[str, Any]:
+    out: dict[str, Any] = {"xyxy": _pack(det.xyxy)}
+    if det.confidence is not None:
+        out["confidence"] = _pack(det.confidence)
+    if det.class_id is not None:
+        out["class_id"] = _pack(det.class_id)
+    if det.mask is not None:
+        mask = np.asarray(det.mask, dtype=bool)
+        out["mask"] = {"shape": list(mask.shape), "bits": base64.b64encode(np.packbits(mask.reshape(-1))).decode()}
+    data: dict[str, Any] = {}
+    for key, value in det.data.items():
+        value = np.asarray(value) if not isinstance(value, np.ndarray) else value
+        if key == POLYGON or value.dtype == object and key != CLASS_NAME:
+            data[key] = {"polygons": [None if p is None else _pack(np.asarray(p)) for p in value]}
+        elif value.dtype == object or value.dtype.kind in "US":
+            data[key] = {"strings": [str(v) for v in value]}
+        else:
+            data[key] = _pack(value)
+    out["data"] = data
+    return out
+
+
+def _detections_from(rec: dict[str, Any]) -> sv.Detections:
+    xyxy = _unpack(rec["xyxy"])
+    mask = None
+    if "mask" in rec:
+        shape = rec["mask"]["shape"]
+        bits = np.frombuffer(base64.b64decode(rec["mask"]["bits"]), dtype=np.uint8)
+        mask = np.unpackbits(bits, count=int(np.prod(shape))).astype(bool).reshape(shape)
+    data: dict[str, Any] = {}
+    for key, value in rec.get("data", {}).items():
+        if "polygons" in value:
+            arr = np.empty(len(value["polygons"]), dtype=object)
+            for i, p in enumerate(value["polygons"]):
+                arr[i] = None if p is None else _unpack(p)
+            data[key] = arr
+        elif "strings" in value:
+            data[key] = np.array(value["strings"], dtype=object)
+        else:
+            data[key] = _unpack(value)
+    return sv.Detections(
+        xyxy=xyxy,
+        mask=mask,
+        confidence=_unpack(rec["confidence"]) if "confidence" in rec else None,
+        class_id=_unpack(rec["class_id"]) if "class_id" in rec else None,
+        data=data,
+    )
+
+
+__all__ = ["CLASS_NAME", "CLASS_SCORES", "POLYGON", "Prediction", "Role", "empty_detections"]

@@ -1,0 +1,1 @@
+"""Persistence behind repositories (SQLAlchemy Core): stored predictions, task scores, projects."""

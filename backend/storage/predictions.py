@@ -1,0 +1,173 @@
+"""Stored predictions: one row per task, model version and fingerprint of what was asked.
+
+Each row holds what Label Studio was (or would be) answered — the cache behind /predict's time budget —
+and the typed `Prediction` per control, in the control's labels, which scoring, `tandem select` and
+reports read back instead of predicting again.
+
+/predict hands its rows to a writer thread (`put_many_later`) and answers without waiting for the
+database; every read here waits for the writes handed over before it, so a process reads its own writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+
+from backend.core.prediction import Prediction
+from backend.storage.db import engine_for
+from backend.storage.tables import predictions as T
+
+log = logging.getLogger("tandem.store")
+
+Key = tuple[int, str, str]  # (task_id, model_version, fingerprint)
+_CHUNK = 400
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    task_id: int
+    model_version: str
+    fingerprint: str
+    project_id: int | None
+    model_name: str
+    role: str
+    item: Mapping[str, Any]  # the Label Studio prediction: result, score, model_version
+    controls: Mapping[str, Prediction] = field(default_factory=dict)  # control name -> prediction in its labels
+
+    @property
+    def key(self) -> Key:
+        return (self.task_id, self.model_version, self.fingerprint)
+
+
+def _record(controls: Mapping[str, Prediction]) -> str | None:
+    if not controls:
+        return None
+    return json.dumps({name: p.to_record() for name, p in controls.items()})
+
+
+def decode_controls(record: str | None) -> dict[str, Prediction]:
+    if not record:
+        return {}
+    return {name: Prediction.from_record(rec) for name, rec in json.loads(record).items()}
+
+
+def _upsert(dialect: str, rows: list[dict[str, Any]]):
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(T).values(rows)
+    keep = {c: stmt.excluded[c] for c in ("project_id", "role", "model_name", "item", "record", "created_at")}
+    return stmt.on_conflict_do_update(index_elements=["task_id", "model_version", "fingerprint"], set_=keep)
+
+
+class PredictionRepo:
+    def __init__(self, url: str) -> None:
+        self.engine = engine_for(url)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tandem-store")
+        self._last_write: Future | None = None
+
+    # -- writes ---------------------------------------------------------------------------------------
+    def put_many(self, rows: Iterable[PredictionRow]) -> int:
+        """Last write wins per key."""
+        now = time.time()
+        values = [
+            {"task_id": r.task_id, "model_version": r.model_version, "fingerprint": r.fingerprint,
+             "project_id": r.project_id, "role": r.role, "model_name": r.model_name,
+             "item": json.dumps(r.item), "record": _record(r.controls), "created_at": now}
+            for r in rows
+        ]
+        if not values:
+            return 0
+        dedup = list({(v["task_id"], v["model_version"], v["fingerprint"]): v for v in values}.values())
+        with self.engine.begin() as conn:
+            for start in range(0, len(dedup), _CHUNK):
+                conn.execute(_upsert(self.engine.dialect.name, dedup[start : start + _CHUNK]))
+        return len(dedup)
+
+    def put_many_later(self, rows: Iterable[PredictionRow], then=None) -> None:
+        """`put_many` on the writer thread, then `then(rows)` there; a failure is logged, never raised to the
+        caller (this is a cache). The rows must not be changed afterwards."""
+        rows = list(rows)
+
+        def write() -> None:
+            try:
+                self.put_many(rows)
+            except Exception:
+                log.exception("could not store %d predictions", len(rows))
+                return
+            if then is not None:
+                try:
+                    then(rows)
+                except Exception:
+                    log.exception("after storing %d predictions", len(rows))
+
+        self._last_write = self._writer.submit(write)
+
+    def flush(self) -> None:
+        """Wait for the writes handed over so far (one thread, in order: waiting for the last is enough)."""
+        last = self._last_write
+        if last is not None and not last.done():
+            last.result()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+    # -- reads ----------------------------------------------------------------------------------------
+    def get_items(self, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
+        """key -> the stored Label Studio item, for the keys that exist."""
+        return {k: json.loads(item) for k, item, _ in self._rows(keys, with_record=False)}
+
+    def get_controls(self, keys: Sequence[Key]) -> dict[Key, dict[str, Prediction]]:
+        """key -> {control: Prediction}, for the keys that exist and hold typed predictions."""
+        return {k: decode_controls(rec) for k, _, rec in self._rows(keys, with_record=True) if rec}
+
+    def _rows(self, keys: Sequence[Key], with_record: bool) -> Iterator[tuple[Key, str, str | None]]:
+        self.flush()
+        cols = [T.c.task_id, T.c.model_version, T.c.fingerprint, T.c.item] + ([T.c.record] if with_record else [])
+        unique = list(dict.fromkeys(keys))
+        with self.engine.connect() as conn:
+            for start in range(0, len(unique), _CHUNK):
+                part = unique[start : start + _CHUNK]
+                query = select(*cols).where(tuple_(T.c.task_id, T.c.model_version, T.c.fingerprint).in_(part))
+                for row in conn.execute(query):
+                    yield (row[0], row[1], row[2]), row[3], (row[4] if with_record else None)
+
+    def for_project(self, project_id: int, role: str | None = None, model_version: str | None = None
+                    ) -> list[PredictionRow]:
+        """Every stored row of a project (newest last); for reports and tests, not for large projects."""
+        self.flush()
+        query = select(T).where(T.c.project_id == project_id).order_by(T.c.created_at)
+        if role:
+            query = query.where(T.c.role == role)
+        if model_version:
+            query = query.where(T.c.model_version == model_version)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [PredictionRow(r["task_id"], r["model_version"], r["fingerprint"], r["project_id"], r["model_name"],
+                              r["role"], json.loads(r["item"]), decode_controls(r["record"])) for r in rows]
+
+    def count(self, project_id: int | None = None) -> int:
+        from sqlalchemy import func
+
+        self.flush()
+        query = select(func.count()).select_from(T)
+        if project_id is not None:
+            query = query.where(T.c.project_id == project_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def delete_project(self, project_id: int) -> None:
+        self.flush()
+        with self.engine.begin() as conn:
+            conn.execute(delete(T).where(T.c.project_id == project_id))

@@ -1,0 +1,79 @@
+"""What each connected Label Studio project asked for, and the models bound to it; survives restarts.
+
+`/setup` writes the config, label map, prompts and the credentials Label Studio sent; the backend's extra
+params and `tandem models bind` write the bindings. A project with no binding is served the server's
+defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from backend.storage.db import engine_for
+from backend.storage.tables import projects as T
+
+
+@dataclass(frozen=True)
+class ProjectState:
+    project_id: int
+    hostname: str | None = None
+    access_token: str | None = None
+    label_config: str | None = None
+    label_map: dict[str, str] = field(default_factory=dict)
+    prompts: dict[str, str] = field(default_factory=dict)
+    model: str | None = None  # weights path, registry version or hub id of the pre-annotating CNN
+    second_opinion: str | None = None  # VLM hub id / folder, or another YOLO's weights
+    pre_annotator: str | None = None  # "cnn" | "vlm"; None: the server's default
+
+    def with_changes(self, **changes: Any) -> ProjectState:
+        return replace(self, **changes)
+
+
+_FIELDS = ("hostname", "access_token", "label_config", "model", "second_opinion", "pre_annotator")
+
+
+class ProjectRepo:
+    def __init__(self, url: str) -> None:
+        self.engine = engine_for(url)
+
+    def get(self, project_id: int) -> ProjectState | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(T).where(T.c.project_id == project_id)).mappings().first()
+        return _state(row) if row else None
+
+    def all(self) -> list[ProjectState]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(T).order_by(T.c.project_id)).mappings().all()
+        return [_state(r) for r in rows]
+
+    def save(self, state: ProjectState) -> ProjectState:
+        values = {"project_id": state.project_id, **{f: getattr(state, f) for f in _FIELDS},
+                  "label_map": json.dumps(state.label_map), "prompts": json.dumps(state.prompts),
+                  "updated_at": time.time()}
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        stmt = insert(T).values(values)
+        stmt = stmt.on_conflict_do_update(index_elements=["project_id"],
+                                          set_={k: stmt.excluded[k] for k in values if k != "project_id"})
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+        return state
+
+    def update(self, project_id: int, **changes: Any) -> ProjectState:
+        """Read-modify-write of the fields given; other fields keep their stored values."""
+        current = self.get(project_id) or ProjectState(project_id)
+        return self.save(current.with_changes(**changes))
+
+
+def _state(row) -> ProjectState:
+    return ProjectState(
+        project_id=row["project_id"],
+        label_map=json.loads(row["label_map"] or "{}"),
+        prompts=json.loads(row["prompts"] or "{}"),
+        **{f: row[f] for f in _FIELDS},
+    )

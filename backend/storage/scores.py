@@ -1,0 +1,76 @@
+"""Each task's scores for one pair of model versions and one scoring setup, ready for `tandem select`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import and_, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from backend.storage.db import engine_for
+from backend.storage.predictions import fingerprint
+from backend.storage.tables import task_scores as T
+
+_CHUNK = 800
+
+
+@dataclass(frozen=True)
+class ScoreSetup:
+    """Everything a score depends on besides the task: scores of another setup are never reused."""
+
+    primary_version: str
+    second_version: str  # "" without a second opinion
+    fingerprint: str  # of the labeling config, label map, prompts (the plan's)
+    control: str
+    aggregate: str
+    threshold: float
+
+    @property
+    def key(self) -> str:
+        return fingerprint(self.primary_version, self.second_version, self.fingerprint, self.control,
+                           self.aggregate, round(self.threshold, 6))
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    task_id: int
+    uncertainty: float
+    disagreement: float | None
+    reason: str
+
+
+class ScoreRepo:
+    def __init__(self, url: str) -> None:
+        self.engine = engine_for(url)
+
+    def put_many(self, setup: ScoreSetup, project_id: int | None, scores: Iterable[TaskScore]) -> int:
+        now, key = time.time(), setup.key
+        values = [{"task_id": s.task_id, "key": key, "project_id": project_id,
+                   "primary_version": setup.primary_version, "second_version": setup.second_version,
+                   "uncertainty": float(s.uncertainty),
+                   "disagreement": None if s.disagreement is None else float(s.disagreement),
+                   "reason": s.reason, "created_at": now} for s in scores]
+        if not values:
+            return 0
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        with self.engine.begin() as conn:
+            for start in range(0, len(values), _CHUNK):
+                stmt = insert(T).values(values[start : start + _CHUNK])
+                keep = {c: stmt.excluded[c] for c in ("project_id", "uncertainty", "disagreement", "reason",
+                                                      "created_at")}
+                conn.execute(stmt.on_conflict_do_update(index_elements=["task_id", "key"], set_=keep))
+        return len(values)
+
+    def get_many(self, setup: ScoreSetup, task_ids: Sequence[int]) -> dict[int, TaskScore]:
+        key = setup.key
+        out: dict[int, TaskScore] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(task_ids), _CHUNK):
+                part = list(task_ids[start : start + _CHUNK])
+                query = select(T.c.task_id, T.c.uncertainty, T.c.disagreement, T.c.reason).where(
+                    and_(T.c.key == key, T.c.task_id.in_(part)))
+                for row in conn.execute(query):
+                    out[row[0]] = TaskScore(row[0], row[1], row[2], row[3])
+        return out
