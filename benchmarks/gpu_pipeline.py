@@ -188,6 +188,39 @@ def run_forward(weights: str, batch: int, imgsz: int, device: str, repeats: int 
     return batch * repeats / (time.perf_counter() - t)
 
 
+def profile_stages(weights: str, paths: list[Path], batch: int, imgsz: int, device: str) -> dict:
+    """Seconds per image of each pipeline stage run alone (synchronised), from bytes in memory."""
+    from backend.models.yolo_gpu import GpuYoloPipeline, decode_batch, read_header
+
+    pipe = GpuYoloPipeline(weights, device=device, imgsz=imgsz, batch=batch)
+    blobs = [p.read_bytes() for p in paths]
+    chunks = [blobs[i:i + batch] for i in range(0, len(blobs), batch)]
+    stages = {"header": 0.0, "decode": 0.0, "letterbox": 0.0, "forward+nms+convert": 0.0}
+    with torch.inference_mode():
+        for rep in range(2):  # the first pass warms up
+            for key in stages:
+                stages[key] = 0.0 if rep else stages[key]
+            for chunk in chunks:
+                t = time.perf_counter()
+                headers = [read_header(b) for b in chunk]
+                t1 = time.perf_counter()
+                images = decode_batch(chunk, headers, pipe._device, pool=pipe._pool)
+                sync(device)
+                t2 = time.perf_counter()
+                prep = pipe._letterbox(list(range(len(images))), images, {})
+                sync(device)
+                t3 = time.perf_counter()
+                list(pipe._infer(prep))
+                sync(device)
+                t4 = time.perf_counter()
+                stages["header"] += t1 - t
+                stages["decode"] += t2 - t1
+                stages["letterbox"] += t3 - t2
+                stages["forward+nms+convert"] += t4 - t3
+    pipe.close()
+    return {k: round(v / len(blobs) * 1e3, 4) for k, v in stages.items()}  # ms per image
+
+
 def main(argv: list[str] | None = None) -> dict:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -202,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--random-model", default="yolov8n.yaml" if cuda else "",
                         help="also time this architecture with random weights ('' to skip)")
     parser.add_argument("--paths", default="ultralytics,adapter,pipeline,pipeline-mem,forward")
+    parser.add_argument("--profile", action="store_true", help="also time each pipeline stage alone")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -259,6 +293,11 @@ def main(argv: list[str] | None = None) -> dict:
                     ips = run_forward(model_path, batch, args.imgsz, args.device)
                     rows.append({"model": label, "batch": batch, "path": "forward", "images_per_s": round(ips, 1)})
                     print(f"{label:<18} {batch:>5} {'forward':<12} {ips:>9.1f}", flush=True)
+        if args.profile:
+            batch = max(batches)
+            stages = profile_stages(weights, all_paths, batch, args.imgsz, args.device)
+            rows.append({"model": "starter (trained)", "batch": batch, "path": "stages (ms/image)", **stages})
+            print(f"pipeline stages alone, batch {batch}, ms per image: {json.dumps(stages)}", flush=True)
     result = {"info": info, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

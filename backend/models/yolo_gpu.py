@@ -5,9 +5,9 @@ JPEG decode, EXIF transpose, BGR flip, letterbox and per-image Python all run on
 GPU they, not the network, set the pace. This pipeline moves that work onto the device:
 
     bytes -> header (format, size, EXIF orientation; PIL reads only the header)
-          -> decode: nvjpeg through `torchvision.io.decode_jpeg(device="cuda")`, batched; libjpeg/libpng
-             through torchvision on the CPU for PNG, for JPEGs nvjpeg refuses and on CPU-only machines;
-             PIL (Tandem's own `decode_image`) for every other format
+          -> decode: nvjpeg through `torchvision.io.decode_jpeg(device="cuda")`, batched; libjpeg-turbo
+             through torchvision on the CPU for JPEGs nvjpeg refuses and on CPU-only machines; PIL
+             (Tandem's own `decode_image`, in decode threads) for PNG and every other format
           -> EXIF orientation applied to the tensor (flips/transposes, on the device)
           -> letterbox on the device, with ultralytics' own `LetterBox` arithmetic (same rect/square rule
              as its predictor) and bilinear resizing rounded to uint8 like OpenCV's
@@ -67,7 +67,7 @@ class Header:
     mode: str
     width: int  # as stored, before EXIF orientation
     height: int
-    orientation: int  # EXIF 1..8; 1 when absent
+    orientation: int  # EXIF 1..8 (1 when absent) for JPEGs; 0 for other formats: the PIL decoder applies it
 
 
 def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
@@ -75,13 +75,16 @@ def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+            # a JPEG's EXIF sits before the pixels; PIL finds other formats' tags only by decoding them, so
+            # those go to the PIL decoder, which applies the orientation itself (0 here: not read)
+            jpeg = img.format in ("JPEG", "MPO")
+            orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1) if jpeg else 0
     except Exception as exc:  # noqa: BLE001 - PIL's plugins raise anything on garbage
         raise MediaError(f"corrupt or not an image ({len(data)} bytes): {type(exc).__name__}: {exc}") from exc
     w, h = img.size
     if w * h > max_pixels:
         raise MediaError(f"image is {w}x{h} pixels, over the {max_pixels}-pixel limit")
-    return Header(img.format or "", img.mode, w, h, orientation if 1 <= orientation <= 8 else 1)
+    return Header(img.format or "", img.mode, w, h, orientation if 0 <= orientation <= 8 else 1)
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -103,14 +106,14 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
-_TORCHVISION_CPU = {"JPEG": ("RGB", "L"), "MPO": ("RGB", "L"), "PNG": ("RGB", "RGBA", "L", "LA", "P")}
+_TORCHVISION_CPU = {"JPEG": ("RGB", "L"), "MPO": ("RGB", "L")}
 
 
 def decode_cpu(data: bytes, header: Header, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, bool]:
     """(C, H, W) uint8 RGB on the CPU, and whether EXIF orientation is already applied.
 
-    JPEG and 8-bit PNG go through torchvision's libjpeg-turbo/libpng; anything else through Tandem's PIL
-    decoder, which also handles 16-bit and float images as the browser shows them."""
+    RGB and grey JPEGs go through torchvision's libjpeg-turbo; anything else (PNG included) through
+    Tandem's PIL decoder, which applies EXIF and shows 16-bit and float images as the browser does."""
     from torchvision.io import ImageReadMode, decode_image
 
     if header.mode in _TORCHVISION_CPU.get(header.format, ()):
