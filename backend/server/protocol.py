@@ -1,10 +1,22 @@
-"""The wire contract with Label Studio 1.23 (see README: "Protocol"). Unknown fields are kept, never refused."""
+"""The wire contract with Label Studio 1.23 (see README: "Protocol"). Unknown fields are kept, never refused.
+
+Sizes are bounded (a labeling config, a webhook action, ids within SQLite's 64-bit integers), and each task of a
+/predict is read on its own: a task that is not an object, whose `data` is not an object or whose id is not a
+64-bit integer becomes that task's error, never a 422 or a 500 for the batch (see `read_task`).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from backend.media.fetch import INVALID_TASK_PREFIX
+
+MAX_ID = 2**63 - 1  # SQLite's INTEGER; a larger id made every store lookup an OverflowError (a 500)
+MAX_LABEL_CONFIG_CHARS = 1_000_000  # real configs are kilobytes; parsing 50 MB held the server for 50 s
+MAX_ACTION_CHARS = 64
+Id = Annotated[int, Field(ge=0, le=MAX_ID)]
 
 
 class _Open(BaseModel):
@@ -17,17 +29,40 @@ def project_id(project: Any) -> int | None:
         project = project.get("id")
     if project is None:
         return None
+    if isinstance(project, bool):
+        return None
+    text = str(project)
+    if len(text) > 64:
+        return None
     try:
-        return int(str(project).split(".")[0])
+        value = int(text.split(".")[0])
     except ValueError:
         return None
+    return value if 0 <= value <= MAX_ID else None
+
+
+def read_task(task: Any) -> dict[str, Any]:
+    """One /predict task as the predictor may use it; a malformed one becomes a task whose only image is an error
+    message (the fetcher reports it as that task's error), so the rest of the batch is predicted as usual."""
+    if not isinstance(task, dict):
+        return _invalid(None, f"the task is a {type(task).__name__}, not an object")
+    tid = task.get("id")
+    if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid <= MAX_ID):
+        return _invalid(None, f"the task id {str(tid)[:40]!r} is not an integer from 0 to 2^63-1")
+    if not isinstance(task.get("data"), dict):
+        return _invalid(tid, f"task {tid}: its data is a {type(task.get('data')).__name__}, not an object")
+    return task
+
+
+def _invalid(tid: int | None, why: str) -> dict[str, Any]:
+    return {"id": tid, "data": {"$undefined$": INVALID_TASK_PREFIX + why}}
 
 
 class SetupRequest(_Open):
-    project: str | None = None
-    schema_: str | None = Field(default=None, alias="schema")
-    hostname: str | None = None
-    access_token: str | None = Field(default=None, repr=False)
+    project: str | None = Field(default=None, max_length=64)
+    schema_: str | None = Field(default=None, alias="schema", max_length=MAX_LABEL_CONFIG_CHARS)
+    hostname: str | None = Field(default=None, max_length=2048)
+    access_token: str | None = Field(default=None, repr=False, max_length=8192)
     extra_params: Any = None
 
 
@@ -42,10 +77,15 @@ class PredictParams(_Open):
 
 
 class PredictRequest(_Open):
-    tasks: list[dict[str, Any]]
-    label_config: str | None = None
-    project: str | None = None
+    tasks: list[Any]  # each one read by `read_task`: one malformed task is that task's error
+    label_config: str | None = Field(default=None, max_length=MAX_LABEL_CONFIG_CHARS)
+    project: str | None = Field(default=None, max_length=64)
     params: PredictParams | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, tasks: list[Any]) -> list[dict[str, Any]]:
+        return [read_task(t) for t in tasks]
 
 
 class PredictResponse(BaseModel):
@@ -54,15 +94,24 @@ class PredictResponse(BaseModel):
 
 
 class WebhookRequest(_Open):
-    action: str
+    action: str = Field(max_length=MAX_ACTION_CHARS, pattern=r"^[A-Za-z0-9_.:-]+$")
     project: Any = None
+
+    def event_key(self) -> str | None:
+        """What names this delivery (the action, the annotation(s) and their update time), so that a repeated
+        delivery is counted once toward auto-retrain; None when the payload names no annotation."""
+        extra = self.model_extra or {}
+        annotations = extra.get("annotations") if isinstance(extra.get("annotations"), list) else [extra.get("annotation")]
+        parts = [f"{a.get('id')}@{a.get('updated_at')}" for a in annotations[:100]
+                 if isinstance(a, dict) and a.get("id") is not None]
+        return f"{self.action}:{','.join(sorted(str(p)[:80] for p in parts))}"[:200] if parts else None
 
 
 class TrainRequest(BaseModel):
-    project: int
+    project: Id
     runner: str = Field(default="local", pattern="^(local|modal)$")
     model: str = Field(default="yolo", pattern="^(yolo|vlm)$")
-    reason: str = "POST /train"
+    reason: str = Field(default="POST /train", max_length=200)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
