@@ -32,11 +32,12 @@ def test_help_is_useful_on_its_own():
 
 def test_missing_weights_fail_at_start_with_a_clear_error(tmp_path):
     t0 = time.perf_counter()
-    proc = subprocess.run([*TANDEM, "serve", "--model", str(tmp_path / "nope.pt")], capture_output=True, text=True,
-                          env=_env(tmp_path), timeout=120)
+    proc = subprocess.run([*TANDEM, "serve", "--model", str(tmp_path / "nope.pt"), "--port", str(free_port())],
+                          capture_output=True, text=True, env=_env(tmp_path), timeout=120)
     assert proc.returncode == 2
     assert "model weights not found" in proc.stderr
-    proc = subprocess.run([*TANDEM, "serve", "--model", "yolov8n.pt"], capture_output=True, text=True,
+    proc = subprocess.run([*TANDEM, "serve", "--model", "yolov8n.pt", "--port", str(free_port())], capture_output=True,
+                          text=True,
                           env={**_env(tmp_path), "YOLO_OFFLINE": "1"}, timeout=120)
     assert proc.returncode == 2 and "cannot be reached" in proc.stderr
     assert time.perf_counter() - t0 < 60  # two interpreter starts with torch imports, no network waits
@@ -46,12 +47,14 @@ def test_an_unavailable_vlm_fails_at_start_in_seconds(tmp_path):
     """The check runs before torch is imported: the whole command, interpreter start included, is quick."""
     env = {**_env(tmp_path), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache")}
     t0 = time.perf_counter()
-    proc = subprocess.run([*TANDEM, "serve", "--vlm", "google/owlv2-base-patch16-ensemble"], capture_output=True,
+    proc = subprocess.run([*TANDEM, "serve", "--vlm", "google/owlv2-base-patch16-ensemble", "--port", str(free_port())],
+                          capture_output=True,
                           text=True, env=env, timeout=120)
     took = time.perf_counter() - t0
     assert proc.returncode == 2 and "HF_HUB_OFFLINE=1" in proc.stderr and "hf download" in proc.stderr
     assert took < 10, took
-    proc = subprocess.run([*TANDEM, "serve", "--vlm", str(tmp_path / "no-such-folder")], capture_output=True,
+    proc = subprocess.run([*TANDEM, "serve", "--vlm", str(tmp_path / "no-such-folder"), "--port", str(free_port())],
+                          capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "no such model folder" in proc.stderr
 
@@ -179,10 +182,11 @@ def test_train_queues_a_vlm_lora_job(tmp_path):
 
 
 def test_int8_without_calibration_images_fails_at_start(tmp_path):
-    proc = subprocess.run([*TANDEM, "serve", "--engine", "int8"], capture_output=True, text=True, env=_env(tmp_path),
-                          timeout=120)
+    proc = subprocess.run([*TANDEM, "serve", "--engine", "int8", "--port", str(free_port())], capture_output=True,
+                          text=True, env=_env(tmp_path), timeout=120)
     assert proc.returncode == 2 and "--calibration" in proc.stderr
-    proc = subprocess.run([*TANDEM, "serve", "--engine", "int8", "--calibration", str(tmp_path / "none")],
+    proc = subprocess.run([*TANDEM, "serve", "--engine", "int8", "--calibration", str(tmp_path / "none"), "--port",
+                           str(free_port())],
                           capture_output=True, text=True, env=_env(tmp_path), timeout=120)
     assert proc.returncode == 2 and "none" in proc.stderr
 
@@ -207,7 +211,8 @@ def test_logs_of_a_job_that_does_not_exist_is_an_error(tmp_path):
 
 
 def test_a_bad_option_value_is_one_line_before_any_model_loads(tmp_path):
-    for args in (["serve", "--engine", "bogus", "--port", "9393"], ["serve", "--conf", "2", "--port", "9393"],
+    port = str(free_port())
+    for args in (["serve", "--engine", "bogus", "--port", port], ["serve", "--conf", "2", "--port", port],
                  ["jobs", "list"]):
         env = {**_env(tmp_path), **({"TANDEM_CONF": "x"} if args[0] == "jobs" else {})}
         out = subprocess.run([*TANDEM, *args], env=env, capture_output=True, text=True, timeout=120)
