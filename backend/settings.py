@@ -61,6 +61,11 @@ class Settings(BaseModel):
     vlm_prompts: dict[str, str] = Field(default_factory=dict)
     pre_annotator: Literal["cnn", "vlm"] = "cnn"
     predict_budget_s: float = Field(default=60.0, gt=0)
+    max_training_jobs: int = Field(default=2, ge=1)  # training workers at once; further jobs wait queued
+    download_deadline_s: float = Field(default=20.0, gt=0)  # one image download, redirects included
+    max_downloads_per_host: int = Field(default=4, ge=1)  # at once, per host other than Label Studio
+    max_decode_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)  # memory one image may take to decode
+    max_cache_bytes: int = Field(default=2 * 1024 * 1024 * 1024, ge=0)  # the on-disk media cache
 
     @field_validator("int8_calibration")
     @classmethod
@@ -129,6 +134,11 @@ class Settings(BaseModel):
             "vlm_prompts": json.loads(_env("TANDEM_VLM_PROMPTS") or "{}"),
             "pre_annotator": _env("TANDEM_PRE_ANNOTATOR") or "cnn",
             "predict_budget_s": float(_env("TANDEM_PREDICT_BUDGET_S") or 60),
+            "max_training_jobs": int(_env("TANDEM_MAX_TRAINING_JOBS") or 2),
+            "download_deadline_s": float(_env("TANDEM_DOWNLOAD_DEADLINE_S") or 20),
+            "max_downloads_per_host": int(_env("TANDEM_MAX_DOWNLOADS_PER_HOST") or 4),
+            "max_decode_bytes": int(_env("TANDEM_MAX_DECODE_BYTES") or 1024 * 1024 * 1024),
+            "max_cache_bytes": int(_env("TANDEM_MAX_CACHE_BYTES") or 2 * 1024 * 1024 * 1024),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -182,4 +192,9 @@ class Settings(BaseModel):
             local_files_root=self.local_files_root,
             max_bytes=self.max_image_bytes,
             max_pixels=self.max_image_pixels,
+            download_deadline_s=self.download_deadline_s,
+            max_downloads_per_host=self.max_downloads_per_host,
+            max_decode_bytes=self.max_decode_bytes,
+            max_decode_bytes_total=max(2 * self.max_decode_bytes, 2 * 1024 * 1024 * 1024),
+            max_cache_bytes=self.max_cache_bytes,
         )

@@ -30,7 +30,27 @@ CREATE TABLE IF NOT EXISTS jobs (
     promoted    INTEGER,
     metrics     TEXT NOT NULL DEFAULT '{}'
 );
+-- which process a job's pid is: the pid alone may be reused by another process after a restart
+CREATE TABLE IF NOT EXISTS job_process (
+    job_id      INTEGER PRIMARY KEY,
+    pid         INTEGER,
+    identity    TEXT,           -- boot id and start time of the worker process
+    holder      TEXT            -- identity of the server process holding the job in its queue (no pid yet)
+);
+-- annotation webhooks counted toward auto-retrain, kept across restarts
+CREATE TABLE IF NOT EXISTS corrections (
+    project_id  INTEGER PRIMARY KEY,
+    count       INTEGER NOT NULL DEFAULT 0,
+    updated_at  REAL NOT NULL
+);
+-- recent webhook deliveries already counted (Label Studio retries and repeats them); bounded
+CREATE TABLE IF NOT EXISTS correction_events (
+    key         TEXT PRIMARY KEY,
+    at          REAL NOT NULL
+);
 """
+MAX_ID = 2**63 - 1
+MAX_CORRECTION_EVENTS = 10_000
 
 
 class JobStatus(StrEnum):
@@ -98,15 +118,21 @@ class JobStore:
         return self.get(cur.lastrowid)
 
     def get(self, job_id: int) -> Job | None:
+        if not _in_range(job_id):
+            return None
         row = self._conn.execute(f"SELECT {_COLS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
     def list(self, project_id: int | None = None, limit: int = 50) -> list[Job]:
+        if project_id is not None and not _in_range(project_id):
+            return []
         where, args = ("WHERE project_id = ?", (project_id,)) if project_id is not None else ("", ())
         rows = self._conn.execute(f"SELECT {_COLS} FROM jobs {where} ORDER BY id DESC LIMIT ?", (*args, limit))
         return [_job(r) for r in rows.fetchall()]
 
     def active(self, project_id: int) -> list[Job]:
+        if not _in_range(project_id):
+            return []
         rows = self._conn.execute(
             f"SELECT {_COLS} FROM jobs WHERE project_id = ? AND status IN ('queued', 'running') ORDER BY id",
             (project_id,),
@@ -131,3 +157,67 @@ class JobStore:
 
     def counts(self) -> dict[str, int]:
         return dict(self._conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+
+    def with_process(self) -> list[tuple[Job, str | None]]:
+        """Active jobs that have a worker pid, each with the identity recorded for that pid (None if unknown)."""
+        rows = self._conn.execute(
+            f"SELECT {', '.join('j.' + c.strip() for c in _COLS.split(','))}, p.identity FROM jobs j "
+            "LEFT JOIN job_process p ON p.job_id = j.id AND p.pid = j.pid "
+            "WHERE j.status IN ('queued', 'running') AND j.pid IS NOT NULL ORDER BY j.id").fetchall()
+        return [(_job(r[:-1]), r[-1]) for r in rows]
+
+    # -- worker processes ---------------------------------------------------------------------------
+    def record_process(self, job_id: int, pid: int, identity: str | None) -> None:
+        """Before the pid is written on the job: whoever reads the pid can tell a reused pid from the worker."""
+        self._conn.execute("INSERT INTO job_process(job_id, pid, identity, holder) VALUES (?,?,?,NULL) "
+                           "ON CONFLICT(job_id) DO UPDATE SET pid = excluded.pid, identity = excluded.identity",
+                           (job_id, pid, identity))
+
+    def hold(self, job_id: int, holder: str) -> None:
+        """A queued job waiting for a free training slot in the server process `holder`."""
+        self._conn.execute("INSERT INTO job_process(job_id, holder) VALUES (?,?) "
+                           "ON CONFLICT(job_id) DO UPDATE SET holder = excluded.holder", (job_id, holder))
+
+    def held(self) -> list[tuple[Job, str | None]]:
+        """Queued jobs without a worker yet, each with the server process holding it (None: not recorded)."""
+        rows = self._conn.execute(
+            f"SELECT {', '.join('j.' + c.strip() for c in _COLS.split(','))}, p.holder FROM jobs j "
+            "LEFT JOIN job_process p ON p.job_id = j.id WHERE j.status = 'queued' AND j.pid IS NULL "
+            "ORDER BY j.id").fetchall()
+        return [(_job(r[:-1]), r[-1]) for r in rows]
+
+    # -- corrections toward auto-retrain ------------------------------------------------------------
+    def add_correction(self, project_id: int, key: str | None = None) -> int:
+        """Count one annotation event for the project and return the count; a delivery already counted (same
+        `key`: annotation id and its update time) is not counted twice."""
+        now = time.time()
+        with self._conn:  # one transaction: the event key and the count together
+            self._conn.execute("BEGIN IMMEDIATE")
+            if key is not None:
+                key = key[:200]
+                if self._conn.execute("SELECT 1 FROM correction_events WHERE key = ?", (key,)).fetchone():
+                    row = self._conn.execute("SELECT count FROM corrections WHERE project_id = ?",
+                                             (project_id,)).fetchone()
+                    return row[0] if row else 0
+                self._conn.execute("INSERT INTO correction_events(key, at) VALUES (?, ?)", (key, now))
+                self._conn.execute("DELETE FROM correction_events WHERE key IN (SELECT key FROM correction_events "
+                                   "ORDER BY at DESC LIMIT -1 OFFSET ?)", (MAX_CORRECTION_EVENTS,))
+            self._conn.execute("INSERT INTO corrections(project_id, count, updated_at) VALUES (?, 1, ?) "
+                               "ON CONFLICT(project_id) DO UPDATE SET count = count + 1, updated_at = excluded.updated_at",
+                               (project_id, now))
+            return self._conn.execute("SELECT count FROM corrections WHERE project_id = ?", (project_id,)).fetchone()[0]
+
+    def corrections(self, project_id: int) -> int:
+        row = self._conn.execute("SELECT count FROM corrections WHERE project_id = ?", (project_id,)).fetchone()
+        return row[0] if row else 0
+
+    def reset_corrections(self, project_id: int) -> None:
+        self._conn.execute("UPDATE corrections SET count = 0, updated_at = ? WHERE project_id = ?",
+                           (time.time(), project_id))
+
+    def projects_with_corrections(self) -> list[int]:
+        return [r[0] for r in self._conn.execute("SELECT project_id FROM corrections WHERE count > 0 ORDER BY project_id")]
+
+
+def _in_range(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -MAX_ID - 1 <= value <= MAX_ID

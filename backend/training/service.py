@@ -50,10 +50,10 @@ class TrainingService:
         self.policy = policy or TrainingPolicy()
         self.store = JobStore(settings.db_path)
         mark_orphans(self.store)
-        self.runner = LocalRunner(settings, self.store, on_done=self._on_done)
+        self.runner = LocalRunner(settings, self.store, on_done=self._on_done,
+                                  max_concurrent=getattr(settings, "max_training_jobs", None))
         self._loader = loader
         self._lock = threading.Lock()
-        self._new_events: dict[int, int] = {}
         self._pending: dict[int, str] = {}  # project -> reason of the coalesced follow-up
         self._seen_change = self._latest_change()
         self._stop = threading.Event()
@@ -65,15 +65,15 @@ class TrainingService:
             t.start()
 
     # -- triggers -----------------------------------------------------------------------------------
-    def on_webhook(self, action: str, project_id: int | None) -> Job | None:
+    def on_webhook(self, action: str, project_id: int | None, key: str | None = None) -> Job | None:
+        """`key` names the delivery (annotation id and update time): a repeated one is not counted again."""
         if project_id is None:
             return None
         if action == "START_TRAINING":
             return self.trigger(project_id, "Train button (START_TRAINING)")
         if action in ANNOTATION_EVENTS:
-            with self._lock:
-                self._new_events[project_id] = self._new_events.get(project_id, 0) + 1
-                due = self._new_events[project_id] >= self.policy.train_after
+            with self._lock:  # the count lives in TANDEM_HOME: a restart keeps it
+                due = self.store.add_correction(project_id, key) >= self.policy.train_after
             if due:
                 return self.trigger(project_id, f"{self.policy.train_after} new corrections")
         return None
@@ -93,7 +93,7 @@ class TrainingService:
                 log.info("project %s: job %s active, '%s' coalesced into the next run", project_id, active[0].id,
                          reason)
                 return active[0]
-            self._new_events[project_id] = 0
+            self.store.reset_corrections(project_id)
             defaults = (self.policy.params or {}) if model_kind == "yolo" else {}  # YOLO's epochs are not LoRA's
             job = self.store.create(project_id, model_kind, runner, reason, {**defaults, **(params or {})})
         self.runner.start(job)  # a local process either way; for "modal" it drives the remote H100
@@ -114,7 +114,7 @@ class TrainingService:
     def _schedule(self) -> None:
         while not self._stop.wait(self.policy.interval_s):
             with self._lock:
-                due = [p for p, n in self._new_events.items() if n > 0]
+                due = self.store.projects_with_corrections()
             for project_id in due:
                 self.trigger(project_id, "schedule")
 
