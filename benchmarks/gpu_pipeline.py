@@ -154,11 +154,11 @@ def run_pipeline(weights: str, paths: list[Path], batch: int, imgsz: int, device
     return time.perf_counter() - t, boxes_of(out)
 
 
-def run_pipeline_memory(weights: str, paths: list[Path], batch: int, imgsz: int, device: str):
+def run_pipeline_memory(weights: str, paths: list[Path], batch: int, imgsz: int, device: str, **options):
     """The pipeline from encoded bytes already in memory (no file reads): decode onwards."""
     from backend.models.yolo_gpu import GpuYoloPipeline
 
-    pipe = GpuYoloPipeline(weights, device=device, imgsz=imgsz, batch=batch)
+    pipe = GpuYoloPipeline(weights, device=device, imgsz=imgsz, batch=batch, **options)
     blobs = [p.read_bytes() for p in paths]
     pipe.predict_bytes(blobs[:batch])
     sync(device)
@@ -204,7 +204,7 @@ def profile_stages(weights: str, paths: list[Path], batch: int, imgsz: int, devi
                 t = time.perf_counter()
                 headers = [read_header(b) for b in chunk]
                 t1 = time.perf_counter()
-                images = decode_batch(chunk, headers, pipe._device, pool=pipe._pool)
+                images = decode_batch(chunk, headers, pipe._device, pool=pipe._pool, cpu_share=pipe.cpu_decode_share)
                 sync(device)
                 t2 = time.perf_counter()
                 prep = pipe._letterbox(list(range(len(images))), images, {})
@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--random-model", default="yolov8n.yaml" if cuda else "",
                         help="also time this architecture with random weights ('' to skip)")
     parser.add_argument("--paths", default="ultralytics,adapter,pipeline,pipeline-mem,forward")
+    parser.add_argument("--cpu-shares", default="", help="also time the pipeline at these shares of JPEGs "
+                        "decoded on the CPU beside nvjpeg (e.g. 0,0.25,0.5,0.75), at the largest batch")
     parser.add_argument("--profile", action="store_true", help="also time each pipeline stage alone")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -293,6 +295,13 @@ def main(argv: list[str] | None = None) -> dict:
                     ips = run_forward(model_path, batch, args.imgsz, args.device)
                     rows.append({"model": label, "batch": batch, "path": "forward", "images_per_s": round(ips, 1)})
                     print(f"{label:<18} {batch:>5} {'forward':<12} {ips:>9.1f}", flush=True)
+        for share in [float(x) for x in args.cpu_shares.split(",") if x]:
+            batch = max(batches)
+            seconds, _ = run_pipeline_memory(weights, all_paths, batch, args.imgsz, args.device, cpu_decode_share=share)
+            ips = round(len(all_paths) / seconds, 1)
+            rows.append({"model": "starter (trained)", "batch": batch, "path": f"pipeline-mem cpu_share={share}",
+                         "images_per_s": ips})
+            print(f"pipeline-mem, batch {batch}, share of JPEGs decoded on the CPU {share}: {ips} images/s", flush=True)
         if args.profile:
             batch = max(batches)
             stages = profile_stages(weights, all_paths, batch, args.imgsz, args.device)

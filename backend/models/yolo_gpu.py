@@ -128,13 +128,23 @@ def decode_cpu(data: bytes, header: Header, max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 def decode_batch(blobs: list[bytes], headers: list[Header], device: torch.device,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, pool: ThreadPoolExecutor | None = None
-                 ) -> list[torch.Tensor | MediaError]:
-    """Decode and orient each image onto `device` as (3, H, W) uint8; a MediaError where one cannot be."""
+                 max_pixels: int = DEFAULT_MAX_PIXELS, pool: ThreadPoolExecutor | None = None,
+                 cpu_share: float = 0.0) -> list[torch.Tensor | MediaError]:
+    """Decode and orient each image onto `device` as (3, H, W) uint8; a MediaError where one cannot be.
+
+    On CUDA, JPEGs go to nvjpeg except `cpu_share` of them, which the `pool` decodes with libjpeg-turbo
+    (torchvision releases the GIL) at the same time as nvjpeg works, as it does every other format."""
     out: list[torch.Tensor | MediaError | None] = [None] * len(blobs)
     gpu_idx = []
     if device.type == "cuda":
         gpu_idx = [i for i, h in enumerate(headers) if h.format in ("JPEG", "MPO") and h.mode in ("RGB", "L")]
+        if cpu_share > 0 and pool is not None:
+            step = 1.0 / min(cpu_share, 1.0)
+            to_cpu = {gpu_idx[int(k * step)] for k in range(int(len(gpu_idx) * min(cpu_share, 1.0)))}
+            gpu_idx = [i for i in gpu_idx if i not in to_cpu]
+    gpu_set = set(gpu_idx)
+    rest = [i for i in range(len(blobs)) if i not in gpu_set]
+    pending = [pool.submit(_decode_one, blobs[i], headers[i], device, max_pixels) for i in rest] if pool else None
     if gpu_idx:
         from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -152,21 +162,25 @@ def decode_batch(blobs: list[bytes], headers: list[Header], device: torch.device
             if img is not None:
                 out[i] = orient(img, headers[i].orientation)
 
-    def cpu(i: int) -> torch.Tensor | MediaError:
-        try:
-            img, oriented = decode_cpu(blobs[i], headers[i], max_pixels)
-        except MediaError as exc:
-            return exc
-        img = img if oriented else orient(img, headers[i].orientation)
-        if device.type == "cuda":
-            return img.contiguous().pin_memory().to(device, non_blocking=True)
-        return img
-
-    rest = [i for i in range(len(blobs)) if out[i] is None]
-    results = pool.map(cpu, rest) if pool is not None and len(rest) > 1 else map(cpu, rest)
-    for i, img in zip(rest, results):
-        out[i] = img
+    if pending is not None:
+        for i, future in zip(rest, pending):
+            out[i] = future.result()
+    for i in range(len(blobs)):  # nvjpeg refused it, or no pool
+        if out[i] is None:
+            out[i] = _decode_one(blobs[i], headers[i], device, max_pixels)
     return out  # type: ignore[return-value]
+
+
+def _decode_one(data: bytes, header: Header, device: torch.device, max_pixels: int) -> torch.Tensor | MediaError:
+    """On the CPU, oriented, then through pinned memory onto a CUDA device."""
+    try:
+        img, oriented = decode_cpu(data, header, max_pixels)
+    except MediaError as exc:
+        return exc
+    img = img if oriented else orient(img, header.orientation)
+    if device.type == "cuda":
+        return img.contiguous().pin_memory().to(device, non_blocking=True)
+    return img
 
 
 # -- letterbox ---------------------------------------------------------------------------------------
@@ -257,7 +271,8 @@ class GpuYoloPipeline:
         max_det: int = 300,
         rect: bool = True,
         prefetch: int = 2,
-        decode_workers: int = 4,
+        decode_workers: int | None = None,
+        cpu_decode_share: float | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         name: str | None = None,
     ) -> None:
@@ -291,7 +306,11 @@ class GpuYoloPipeline:
         self._model.eval()
         stride = getattr(self._model, "stride", 32)
         self.stride = int(max(stride) if isinstance(stride, (list, tuple, torch.Tensor)) else stride)
-        self._pool = ThreadPoolExecutor(max(1, decode_workers), thread_name_prefix="tandem-gpu-decode")
+        # CPU decoders: PNGs and the like, and on a host with cores to spare a share of the JPEGs beside nvjpeg
+        workers = decode_workers or max(1, min(16, (os.cpu_count() or 2) - 2))
+        # 0.25: the best of 0, 0.25, 0.5, 0.75 in one run on a 16-core H200 host (benchmarks/results/gpu_pipeline.md)
+        self.cpu_decode_share = (0.25 if workers >= 8 else 0.0) if cpu_decode_share is None else cpu_decode_share
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tandem-gpu-decode")
         self._lock = threading.Lock()  # one stream at a time per model
 
     # -- public API ------------------------------------------------------------------------------------
@@ -387,7 +406,8 @@ class GpuYoloPipeline:
             blobs.append(data)
             idx.append(i)
         tensors = {}
-        for i, img in zip(idx, decode_batch(blobs, headers, self._device, self.max_pixels, self._pool)):
+        for i, img in zip(idx, decode_batch(blobs, headers, self._device, self.max_pixels, self._pool,
+                                            self.cpu_decode_share)):
             if isinstance(img, MediaError):
                 errors[i] = img
             else:
