@@ -1,12 +1,17 @@
-"""`tandem select`: Label Studio tasks -> images -> both models -> scores -> a selected batch -> queue.
+"""`tandem select`: Label Studio tasks -> stored predictions and scores -> a selected batch -> queue.
 
-The side effects (Label Studio, files) stay here; the scoring it calls is pure.
+Ranking reads what serving stored: each task's scores for the current pair of model versions, else both
+models' stored predictions, scored here and stored. Only tasks with no stored prediction for the current
+versions are predicted, in bounded chunks (images are fetched, predicted, embedded, stored and released
+chunk by chunk), so memory does not grow with the project. The side effects (Label Studio, files, the
+database) stay here; the scoring it calls is pure.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,16 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from active_learning.label_view import in_labels
 from active_learning.queue import LabelStudioQueue, QueueEntry
-from active_learning.scoring import SELECT_AGGREGATE, ScoreTable, score_outputs
+from active_learning.scoring import SELECT_AGGREGATE, ScoreTable
 from active_learning.selection import SelectionConfig, select
-from backend.errors import MediaError
+from active_learning.stored_scores import score_stored_keys
+from active_learning.uncertainty import NEAR
+from backend.core.prediction import Role
+from backend.errors import ConfigError, MediaError
 from backend.labeling.label_map import build_label_map
 from backend.media.fetch import MediaFetcher
-from backend.predict import image_url, plan_for
+from backend.predict import Predictor, image_url, plan_for, task_key
+from backend.storage.predictions import Key, PredictionRepo
+from backend.storage.scores import ScoreRepo, ScoreSetup, TaskScore
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+SCORE_CHUNK = 2000  # stored predictions decoded and scored at a time
 
 
 @dataclass
@@ -34,33 +44,16 @@ class SelectOutcome:
     candidates: int
     labeled: int
     skipped: dict[int, str] = field(default_factory=dict)  # task id -> why (unreadable image)
-    written: dict[str, int] = field(default_factory=dict)
     views: dict[str, int] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    from_store: int = 0  # tasks ranked from stored scores or stored predictions
+    predicted: int = 0  # tasks predicted now because nothing was stored for the current versions
 
 
 def _chunks(items: Sequence, size: int):
     for start in range(0, len(items), size):
-        yield start, items[start : start + size]
-
-
-def _run_model(adapter, images, progress: Progress, stage: str, chunk: int = 32):
-    outputs = []
-    for start, part in _chunks(images, chunk):
-        outputs.extend(adapter.predict(part))
-        progress(stage, start + len(part), len(images))
-    return outputs
-
-
-def _embed(adapter, images, progress: Progress, stage: str, chunk: int = 32) -> np.ndarray | None:
-    if not hasattr(adapter, "embed") or not images:
-        return None
-    parts = []
-    for start, part in _chunks(images, chunk):
-        parts.append(adapter.embed(part))
-        progress(stage, start + len(part), len(images))
-    return np.concatenate(parts)
+        yield items[start : start + size]
 
 
 def reason_names(primary, second) -> tuple[str, str]:
@@ -71,6 +64,46 @@ def reason_names(primary, second) -> tuple[str, str]:
     if second is None:
         return "CNN", "second"
     return "CNN", ("2nd CNN" if isinstance(second, YoloAdapter) else second.name)
+
+
+def is_labeled(task: Mapping[str, Any]) -> bool:
+    return bool(task.get("total_annotations") or task.get("is_labeled"))
+
+
+class MissingEmbeddings(Exception):
+    """Some candidates have no stored embedding and their images cannot be read now."""
+
+
+class StoredEmbeddings:
+    """Embeddings of the candidates, read from the store only for the rows selection asks for (the pool);
+    ones not stored are computed from the image when it can be fetched."""
+
+    def __init__(self, store: PredictionRepo, keys: Sequence[Key], control: str,
+                 compute: Callable[[list[int]], np.ndarray | None]) -> None:
+        self.store, self.keys, self.control, self.compute = store, list(keys), control, compute
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.arange(len(self.keys))[index]
+        found = self.store.get_controls([self.keys[i] for i in rows])
+        vectors: list[np.ndarray | None] = []
+        for i in rows:
+            pred = found.get(self.keys[i], {}).get(self.control)
+            vectors.append(None if pred is None else pred.embedding)
+        missing = [int(i) for i, v in zip(rows, vectors, strict=True) if v is None]
+        if missing:
+            computed = self.compute(missing)
+            if computed is None:
+                raise MissingEmbeddings(f"{len(missing)} candidates have no stored embedding")
+            fill = dict(zip(missing, computed, strict=True))
+            vectors = [fill[int(i)] if v is None else v for i, v in zip(rows, vectors, strict=True)]
+        return np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, 0), np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[np.arange(len(self.keys))]
+        return out.astype(dtype) if dtype is not None else out
 
 
 def run_selection(
@@ -85,55 +118,124 @@ def run_selection(
     aggregate: str = SELECT_AGGREGATE,
     label_map: Mapping[str, str] | None = None,
     case_sensitive: bool = False,
+    *,
+    store: PredictionRepo | None = None,
+    scores: ScoreRepo | None = None,
+    project_id: int | None = None,
+    threshold: float = NEAR[0],
+    prompts: Mapping[str, str] | None = None,
+    chunk: int = 8,
 ) -> tuple[SelectOutcome, ScoreTable | None, list[int]]:
     """Rank the project's unlabeled tasks on the first control the primary model fills, in its labels.
 
-    Raises ConfigError, before any image is fetched, when the primary cannot fill the config or no class
-    of the second model maps onto that control's labels.
+    `threshold` is the serving confidence threshold (what annotators see, and what reasons name). Without a
+    `store`, predictions go to a throwaway one. Raises ConfigError, before any image is fetched, when the
+    primary cannot fill the config or no class of the second model maps onto that control's labels.
     """
     t0 = time.perf_counter()
-    planned = plan_for(primary, label_config, label_map, case_sensitive).controls[0]
-    control, key = planned.control, planned.control.image_key
-    label_names = [label.result_value for label in control.labels]
-    second_labels = build_label_map(control, second.class_names, label_map, case_sensitive) if second else None
-    unlabeled = [t for t in tasks if not t.get("total_annotations") and not t.get("is_labeled")]
-    labeled = [t for t in tasks if t.get("total_annotations") or t.get("is_labeled")]
+    if store is None or scores is None:
+        url = f"sqlite:///{Path(tempfile.mkdtemp(prefix='tandem-select-')) / 'select.db'}"
+        store, scores = store or PredictionRepo(url), scores or ScoreRepo(url)
+    plan1 = plan_for(primary, label_config, label_map, case_sensitive, prompts, min_confidence=threshold)
+    control = plan1.controls[0].control
+    plan2 = None
+    if second is not None:
+        build_label_map(control, second.class_names, label_map, case_sensitive)  # its clear error, first
+        plan2 = plan_for(second, label_config, label_map, case_sensitive, prompts, min_confidence=threshold)
+        if control.name not in {c.control.name for c in plan2.controls}:
+            raise ConfigError(f"the second opinion {second.name} cannot fill '{control.name}', the control "
+                              f"{primary.name} is ranked on")
+    names = reason_names(primary, second)
+    setup = ScoreSetup(plan1.version, plan2.version if plan2 else "", plan1.fingerprint, control.name, aggregate,
+                       threshold)
 
-    def load(task_list, stage):
-        images, ids, skipped = [], [], {}
-        for i, task in enumerate(task_list):
-            try:
-                images.append(fetcher.load(image_url(task, key) or "", task_id=task["id"]).image)
-                ids.append(task["id"])
-            except MediaError as exc:
-                skipped[task["id"]] = str(exc)
-            progress(stage, i + 1, len(task_list))
-        return images, ids, skipped
+    candidates = [t for t in tasks if not is_labeled(t)]
+    labeled = [t for t in tasks if is_labeled(t)]
+    keys1: dict[int, Key] = {}
+    keys2: dict[int, Key] = {}
+    for task in candidates:
+        k1 = task_key(task, plan1)
+        if k1 is not None:
+            keys1[k1[0]] = k1
+            if plan2 is not None:
+                keys2[k1[0]] = task_key(task, plan2)
+    by_id = {t["id"]: t for t in candidates if t.get("id") in keys1}
+    skipped: dict[int, str] = {}
 
-    images, ids, skipped = load(unlabeled, "fetch images")
-    outcome = SelectOutcome([], "empty", len(ids), len(labeled), skipped)
-    if not images:
+    # 1. scores stored at serve time (or by an earlier select)
+    found: dict[int, TaskScore] = scores.get_many(setup, {tid: k[2] for tid, k in keys1.items()})
+    progress("scores from the store", len(found), len(keys1))
+    # 2. both models' stored predictions, scored now
+    todo = [tid for tid in keys1 if tid not in found]
+    for part in _chunks(todo, SCORE_CHUNK):
+        got = score_stored_keys(store, scores, setup, project_id, {t: keys1[t] for t in part},
+                                {t: keys2[t] for t in part} if plan2 else None, names)
+        found.update((s.task_id, s) for s in got)
+        progress("scores from the store", len(found), len(keys1))
+    from_store = len(found)
+    # 3. what is missing is predicted, a chunk at a time, and stored like a /predict would
+    todo = [tid for tid in keys1 if tid not in found]
+    predictor = Predictor(fetcher, workers=min(8, max(chunk, 1)), store=store, max_chunk=chunk)
+    done = 0
+    for part in _chunks(todo, chunk):
+        part_tasks = [by_id[t] for t in part]
+        items = predictor.predict(part_tasks, plan1, project_id=project_id, role=Role.PRE_ANNOTATION, embed=True)
+        ok = [t for t, item in zip(part, items, strict=True) if "result" in item]
+        skipped.update((t, item["error"]) for t, item in zip(part, items, strict=True) if "result" not in item)
+        if plan2 is not None and ok:
+            items2 = predictor.predict([by_id[t] for t in ok], plan2, project_id=project_id, role=Role.SECOND_OPINION)
+            skipped.update((t, item["error"]) for t, item in zip(ok, items2, strict=True) if "result" not in item)
+        store.flush()
+        got = score_stored_keys(store, scores, setup, project_id, {t: keys1[t] for t in ok},
+                                {t: keys2[t] for t in ok} if plan2 else None, names)
+        found.update((s.task_id, s) for s in got)
+        done += len(part)
+        progress(f"predict {len(todo)} not stored ({from_store} from the store)", done, len(todo))
+    predictor.close()
+    skipped.update((t["id"], "no usable task id") for t in candidates if t.get("id") not in keys1)
+
+    ids = [tid for tid in keys1 if tid in found]
+    outcome = SelectOutcome([], "empty", len(ids), len(labeled), skipped, from_store=from_store,
+                            predicted=len(ids) - from_store)
+    if not ids:
         outcome.seconds = time.perf_counter() - t0
         return outcome, None, ids
+    table = ScoreTable(
+        uncertainty=np.array([found[t].uncertainty for t in ids]),
+        disagreement=np.array([found[t].disagreement for t in ids], dtype=float) if plan2 else None,
+        reasons=[found[t].reason for t in ids],
+    )
 
-    first = in_labels(_run_model(primary, images, progress, f"predict {primary.name}"), primary.class_names,
-                      planned.labels, label_names)
-    other = None
-    if second is not None:
-        other = in_labels(_run_model(second, images, progress, f"predict {second.name}"), second.class_names,
-                          second_labels, label_names)
-    table = score_outputs(first, label_names, other, label_names if second else None,
-                          model_names=reason_names(primary, second), aggregate=aggregate)
-    embeddings = _embed(primary, images, progress, "embed")
+    def compute(rows: list[int]) -> np.ndarray | None:
+        """Embeddings from the images of a few tasks (the pool), or None when one cannot be read."""
+        key = control.image_key
+        try:
+            images = [fetcher.load(image_url(by_id[ids[i]], key) or "", task_id=ids[i]).image for i in rows]
+        except MediaError:
+            return None
+        return _embed_all(primary, images)
+
+    embeddings = StoredEmbeddings(store, [keys1[t] for t in ids], control.name, compute) \
+        if callable(getattr(primary, "embed", None)) else None
     labeled_emb = None
     if embeddings is not None and labeled:
-        sample = labeled[:max_labeled_for_diversity]
-        lab_images, _, _ = load(sample, "fetch labeled images")
-        labeled_emb = _embed(primary, lab_images, progress, "embed labeled") if lab_images else None
-
-    selection = select(config, table.uncertainty, table.disagreement, embeddings, labeled_emb, num_labeled=len(labeled))
+        images = []
+        for task in labeled[:max_labeled_for_diversity]:
+            try:
+                images.append(fetcher.load(image_url(task, control.image_key) or "", task_id=task.get("id")).image)
+            except MediaError:
+                continue
+        labeled_emb = _embed_all(primary, images) if images else None
+        progress("embed labeled", len(images), len(images))
+    try:
+        selection = select(config, table.uncertainty, table.disagreement, embeddings, labeled_emb,
+                           num_labeled=len(labeled))
+    except MissingEmbeddings:
+        selection = select(config, table.uncertainty, table.disagreement, None, None, num_labeled=len(labeled))
+        selection = type(selection)(selection.indices, selection.acquisition, selection.control,
+                                    selection.mode + " (no diversity: images unavailable for embeddings)")
     entries = []
-    for rank, (idx, control) in enumerate(zip(selection.indices, selection.control, strict=True), start=1):
+    for rank, (idx, is_control) in enumerate(zip(selection.indices, selection.control, strict=True), start=1):
         entries.append(
             QueueEntry(
                 task_id=int(ids[idx]),
@@ -141,13 +243,17 @@ def run_selection(
                 score=float(selection.acquisition[idx]),
                 uncertainty=float(table.uncertainty[idx]),
                 disagreement=None if table.disagreement is None else float(table.disagreement[idx]),
-                reason=("control: random pick; " if control else "") + table.reasons[idx],
-                control=bool(control),
+                reason=("control: random pick; " if is_control else "") + table.reasons[idx],
+                control=bool(is_control),
             )
         )
     outcome.entries, outcome.mode = entries, selection.mode
     outcome.seconds = time.perf_counter() - t0
     return outcome, table, ids
+
+
+def _embed_all(adapter, images, size: int = 16) -> np.ndarray:
+    return np.concatenate([adapter.embed(part) for part in _chunks(images, size)]).astype(np.float32)
 
 
 def write_dry_run(outcome: SelectOutcome, table: ScoreTable | None, ids: Sequence[int], out_dir: Path) -> list[Path]:
@@ -178,7 +284,7 @@ def write_dry_run(outcome: SelectOutcome, table: ScoreTable | None, ids: Sequenc
 
 def write_queue(queue: LabelStudioQueue, outcome: SelectOutcome, tasks: Sequence[Any], run: str) -> None:
     data = {t["id"]: t.get("data") or {} for t in tasks}
-    outcome.written = queue.write(outcome.entries, data, run)
+    queue.write(outcome.entries, data, run)
     with_disagreement = any(e.disagreement is not None for e in outcome.entries)
     outcome.views = queue.ensure_views(with_disagreement)
 

@@ -19,7 +19,7 @@ import numpy as np
 from active_learning.boxes import BoxBatch, ImageBoxes
 from active_learning.disagreement import classification_disagreement, detection_disagreement
 from active_learning.uncertainty import NEAR, detection_uncertainty, margin
-from backend.models.base import ModelOutput
+from backend.core.prediction import CLASS_NAME, CLASS_SCORES, Prediction
 
 SELECT_AGGREGATE = "capped_sum"  # what `tandem select` ranks detections by: on digits it beat max (benchmarks/)
 
@@ -29,10 +29,9 @@ class ScoreTable:
     uncertainty: np.ndarray  # (N,) in [0, 1]
     disagreement: np.ndarray | None  # (N,) in [0, 1], None without a second model
     reasons: list[str]  # (N,) one sentence per image for the reviewer
-    box_counts: np.ndarray  # (N,) boxes of the first model (0 for classifiers)
 
 
-class LabelSpace:
+class SharedIds:
     """Class name -> shared integer id, growing as new names appear; `names` keeps each first spelling."""
 
     def __init__(self, names: Sequence[str] = ()) -> None:
@@ -53,21 +52,21 @@ class LabelSpace:
         return list(self._spelling)
 
 
-def to_image_boxes(output: ModelOutput, space: LabelSpace) -> ImageBoxes:
+def to_image_boxes(output: Prediction, space: SharedIds) -> ImageBoxes:
     det = output.detections
     if det is None or len(det) == 0:
         return ImageBoxes.empty()
-    labels = np.array([space.id(n) for n in det.data["class_name"]], dtype=int)
-    scores = det.data.get("class_scores")
+    labels = np.array([space.id(n) for n in det.data[CLASS_NAME]], dtype=int)
+    scores = det.data.get(CLASS_SCORES)
     return ImageBoxes(det.xyxy, det.confidence, labels, scores if scores is not None and len(scores) else None)
 
 
-def candidate_peaks(outputs: Sequence[ModelOutput]) -> np.ndarray:
+def candidate_peaks(outputs: Sequence[Prediction]) -> np.ndarray:
     """Each image's best pre-threshold score, NaN where the detector reports none."""
     return np.array([np.nan if o.candidate_peak is None else o.candidate_peak for o in outputs], dtype=float)
 
 
-def _aligned_probs(outputs: Sequence[ModelOutput], names: Sequence[str], space: LabelSpace) -> np.ndarray:
+def _aligned_probs(outputs: Sequence[Prediction], names: Sequence[str], space: SharedIds) -> np.ndarray:
     ids = [space.id(n) for n in names]
     out = np.zeros((len(outputs), len(space.ids)))
     for i, o in enumerate(outputs):
@@ -94,9 +93,10 @@ def _listed(boxes: BoxBatch, rows: np.ndarray, names: Sequence[str], top: int = 
     return shown + (f", +{len(rows) - top} more" if len(rows) > top else "")
 
 
-def _uncertainty_reason(boxes: BoxBatch, i: int, names: Sequence[str], model: str, peak: float) -> str:
-    """What the reviewer sees is the boxes at or above the threshold; fainter candidates count, said apart."""
-    threshold, band = NEAR
+def _uncertainty_reason(boxes: BoxBatch, i: int, names: Sequence[str], model: str, peak: float,
+                        threshold: float = NEAR[0], band: float = NEAR[1]) -> str:
+    """What the reviewer sees is the boxes at or above the serving threshold; fainter candidates count, said
+    apart."""
     rows = np.arange(boxes.offsets[i], boxes.offsets[i + 1])
     scores = boxes.scores[rows]
     near = np.abs(scores - threshold) < band
@@ -118,15 +118,17 @@ def _uncertainty_reason(boxes: BoxBatch, i: int, names: Sequence[str], model: st
 
 
 def score_outputs(
-    primary: Sequence[ModelOutput],
+    primary: Sequence[Prediction],
     primary_names: Sequence[str],
-    second: Sequence[ModelOutput] | None = None,
+    second: Sequence[Prediction] | None = None,
     second_names: Sequence[str] | None = None,
     model_names: tuple[str, str] = ("CNN", "VLM"),
     aggregate: str = "max",
     cap: float = 5.0,
+    threshold: float = NEAR[0],
 ) -> ScoreTable:
-    space = LabelSpace(primary_names)
+    """`threshold` is the serving confidence threshold: what annotators see, and what reasons name."""
+    space = SharedIds(primary_names)
     if second_names:
         for n in second_names:
             space.id(n)
@@ -135,7 +137,6 @@ def score_outputs(
     if classify:
         p = _aligned_probs(primary, primary_names, space)
         uncertainty = margin(p)
-        counts = np.zeros(n, dtype=int)
         reasons = _classification_reasons(p, space.names, model_names[0])
         disagreement = None
         if second is not None:
@@ -144,20 +145,20 @@ def score_outputs(
             disagreement = d.score
             reasons = [_both(reasons[i], d.reason(i, p, q, space.names, model_names), uncertainty[i], disagreement[i],
                              model_names) for i in range(n)]
-        return ScoreTable(uncertainty, disagreement, reasons, counts)
+        return ScoreTable(uncertainty, disagreement, reasons)
 
     a = BoxBatch.from_images([to_image_boxes(o, space) for o in primary])
     peaks = candidate_peaks(primary)
-    unc = detection_uncertainty(a, cap=cap, aggregate=aggregate, candidate_peaks=peaks)
-    reasons = [_uncertainty_reason(a, i, space.names, model_names[0], peaks[i]) for i in range(n)]
+    unc = detection_uncertainty(a, threshold=threshold, cap=cap, aggregate=aggregate, candidate_peaks=peaks)
+    reasons = [_uncertainty_reason(a, i, space.names, model_names[0], peaks[i], threshold) for i in range(n)]
     disagreement = None
     if second is not None:
         b = BoxBatch.from_images([to_image_boxes(o, space) for o in second])
         d = detection_disagreement(a, b)
         disagreement = np.minimum(d.mass, cap) / cap if aggregate == "capped_sum" else d.score
-        reasons = [_both(reasons[i], d.reason(i, model_names, space.names, faint=NEAR[0]), unc.score[i],
+        reasons = [_both(reasons[i], d.reason(i, model_names, space.names, faint=threshold), unc.score[i],
                          disagreement[i], model_names) for i in range(n)]
-    return ScoreTable(unc.score, disagreement, reasons, a.counts)
+    return ScoreTable(unc.score, disagreement, reasons)
 
 
 def _both(doubt: str, disagreement: str, u: float, d: float, model_names: tuple[str, str]) -> str:

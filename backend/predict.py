@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 from backend.errors import ConfigError, MediaError
 from backend.labeling.config import ControlSpec, LabelingConfig, parse_label_config
 from backend.labeling.label_map import LabelMap, build_label_map
@@ -29,12 +31,14 @@ from backend.labeling.results import WRITERS, prediction_score
 from backend.media.fetch import LoadedImage, MediaFetcher
 from backend.models.base import ModelAdapter, ModelTask
 from backend.models.vlm.base import OpenVocabularyModel, Vocabulary
-from backend.prediction_store import PredictionStore, fingerprint
+from backend.core.prediction import Prediction, Role
+from backend.storage.predictions import PredictionRepo, PredictionRow, fingerprint
 
 log = logging.getLogger("tandem.predict")
 
 _cached_config = lru_cache(maxsize=64)(parse_label_config)
 TASK_PREFERENCE = (ModelTask.DETECT, ModelTask.SEGMENT, ModelTask.CLASSIFY)
+DOWNLOAD_GRACE_S = 30.0  # past /predict's budget (60 s by default) and within Label Studio's 100 s
 
 
 def served_tasks(adapter: ModelAdapter | OpenVocabularyModel) -> frozenset[ModelTask]:
@@ -56,6 +60,18 @@ class PlannedControl:
     labels: LabelMap
     adapter: ModelAdapter  # for a VLM: the model bound to this control's labels
 
+    @property
+    def label_names(self) -> list[str]:
+        return [label.result_value for label in self.control.labels]
+
+    def in_labels(self, outputs: Sequence[Prediction], version: str, role: str) -> list[Prediction]:
+        """The model's outputs pooled onto this control's labels, as stored and scored."""
+        from active_learning.label_view import in_labels
+
+        names = tuple(self.label_names)
+        return [p.with_meta(class_names=names, model_version=version, role=role)
+                for p in in_labels(outputs, self.adapter.class_names, self.labels, names)]
+
 
 @dataclass(frozen=True)
 class ServingPlan:
@@ -66,6 +82,7 @@ class ServingPlan:
     version: str
     name: str
     fingerprint: str
+    min_confidence: float = 0.0  # boxes below it are stored (for scoring) but not shown to annotators
 
     @property
     def image_keys(self) -> list[str]:
@@ -93,6 +110,7 @@ def plan_for(
     label_map: Mapping[str, str] | None = None,
     case_sensitive: bool = False,
     prompts: Mapping[str, str] | None = None,
+    min_confidence: float = 0.0,
 ) -> ServingPlan:
     """Raise ConfigError naming what cannot be served, before any image is fetched.
 
@@ -120,11 +138,13 @@ def plan_for(
             "tandem serve --starter-task segment or classify)"
         )
     fp = fingerprint(label_config, dict(label_map or {}), dict(prompts or {}), case_sensitive)
-    return ServingPlan(config, tuple(planned), adapter.version, adapter.name, fp)
+    return ServingPlan(config, tuple(planned), adapter.version, adapter.name, fp, min_confidence)
 
 
 def image_url(task: Mapping[str, Any], key: str) -> str | None:
-    data = task.get("data") or {}
+    data = task.get("data") if isinstance(task, Mapping) else None
+    if not isinstance(data, Mapping):
+        return None
     value = data.get(key)
     if value is None:
         value = data.get("$undefined$")  # file uploads before Label Studio renames the key
@@ -142,36 +162,41 @@ def still_computing(version: str, done: int, total: int) -> dict[str, Any]:
 class Predictor:
     """Fetches concurrently (I/O-bound), then runs each adapter once per chunk of images."""
 
-    def __init__(self, fetcher: MediaFetcher, workers: int = 8, store: PredictionStore | None = None,
-                 max_chunk: int = 64) -> None:
+    def __init__(self, fetcher: MediaFetcher, workers: int = 8, store: PredictionRepo | None = None,
+                 max_chunk: int = 64, on_stored: Callable[[list[PredictionRow]], None] | None = None) -> None:
         self.fetcher = fetcher
         self.store = store
         self.max_chunk = max_chunk
+        self.on_stored = on_stored  # called on the store's writer thread once rows are written (scoring)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tandem-fetch")
         self._seconds_per_task: dict[str, float] = {}  # model version -> running estimate
 
-    def _fetch(self, task: Mapping[str, Any], key: str) -> LoadedImage | MediaError:
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    def _fetch(self, task: Mapping[str, Any], key: str, deadline: float | None = None) -> LoadedImage | MediaError:
         try:
-            return self.fetcher.load(image_url(task, key) or "", task_id=task.get("id"))
+            return self.fetcher.load(image_url(task, key) or "", task_id=task.get("id"), deadline=deadline)
         except MediaError as exc:
             return exc
 
     def _keys(self, tasks: Sequence[Mapping[str, Any]], plan: ServingPlan) -> list[tuple[int, str, str] | None]:
-        """Store keys; a task without an id (Label Studio's test call) is never cached."""
-        keys = []
-        for task in tasks:
-            tid = task.get("id")
-            urls = [image_url(task, k) for k in plan.image_keys]
-            keys.append((int(tid), plan.version, fingerprint(plan.fingerprint, urls)) if isinstance(tid, int) else None)
-        return keys
+        return [task_key(task, plan) for task in tasks]
 
     def predict_chunk(self, tasks: Sequence[Mapping[str, Any]], plan: ServingPlan) -> list[dict[str, Any]]:
+        return [item for item, _ in self.predict_typed(tasks, plan)]
+
+    def predict_typed(self, tasks: Sequence[Mapping[str, Any]], plan: ServingPlan, role: str = Role.PRE_ANNOTATION,
+                      embed: bool = False, deadline: float | None = None
+                      ) -> list[tuple[dict[str, Any], dict[str, Prediction]]]:
+        """Per task: the Label Studio item and {control: Prediction in the control's labels} ({} on error).
+        `embed` adds the model's image embedding to the first control's predictions (for diversity)."""
         keys = plan.image_keys
         jobs = [(i, key) for i in range(len(tasks)) for key in keys]
         if len(jobs) == 1:  # a task being opened: no thread hop
-            loaded = {jobs[0]: self._fetch(tasks[0], jobs[0][1])}
+            loaded = {jobs[0]: self._fetch(tasks[0], jobs[0][1], deadline)}
         else:
-            loaded = dict(zip(jobs, self._pool.map(lambda j: self._fetch(tasks[j[0]], j[1]), jobs), strict=True))
+            loaded = dict(zip(jobs, self._pool.map(lambda j: self._fetch(tasks[j[0]], j[1], deadline), jobs), strict=True))
 
         outputs: dict[tuple[int, int, str], Any] = {}
         for c_idx, planned in enumerate(plan.controls):
@@ -180,21 +205,34 @@ class Predictor:
             for i, out in zip(good, planned.adapter.predict(images) if images else [], strict=True):
                 outputs[(c_idx, i, planned.control.image_key)] = out
 
-        items: list[dict[str, Any]] = []
+        typed: dict[tuple[int, int], Prediction] = {}
+        for c_idx, planned in enumerate(plan.controls):
+            idx = [i for i in range(len(tasks)) if (c_idx, i, planned.control.image_key) in outputs]
+            pooled = planned.in_labels([outputs[(c_idx, i, planned.control.image_key)] for i in idx], plan.version,
+                                       role)
+            if embed and c_idx == 0 and idx and callable(getattr(planned.adapter, "embed", None)):
+                vectors = planned.adapter.embed([loaded[(i, planned.control.image_key)].image for i in idx])
+                pooled = [p.with_meta(embedding=np.asarray(v, dtype=np.float32)) for p, v in zip(pooled, vectors,
+                                                                                                  strict=True)]
+            typed.update({(c_idx, i): p for i, p in zip(idx, pooled, strict=True)})
+
+        items: list[tuple[dict[str, Any], dict[str, Prediction]]] = []
         for i, task in enumerate(tasks):
             errors = [str(loaded[(i, k)]) for k in keys if isinstance(loaded[(i, k)], MediaError)]
             if errors:
-                log.warning("task %s: %s", task.get("id"), "; ".join(errors))
-                items.append({"error": "; ".join(errors), "model_version": plan.version})
+                log.warning("task %s: %s", task.get("id") if isinstance(task, Mapping) else None, "; ".join(errors))
+                items.append(({"error": "; ".join(errors), "model_version": plan.version}, {}))
                 continue
             regions = []
             for c_idx, planned in enumerate(plan.controls):
                 image = loaded[(i, planned.control.image_key)]
                 writer = WRITERS[planned.control.kind]
-                output = outputs[(c_idx, i, planned.control.image_key)]
+                output = shown(outputs[(c_idx, i, planned.control.image_key)], plan.min_confidence)
                 regions.extend(writer.regions(planned.control, planned.labels, output, planned.adapter.class_names,
                                               image.size))
-            items.append({"result": regions, "score": prediction_score(regions), "model_version": plan.version})
+            controls = {planned.control.name: typed[(c_idx, i)] for c_idx, planned in enumerate(plan.controls)}
+            items.append(({"result": regions, "score": prediction_score(regions), "model_version": plan.version},
+                          controls))
         return items
 
     def predict(
@@ -205,12 +243,13 @@ class Predictor:
         on_overflow: Callable[[list[Mapping[str, Any]]], None] | None = None,
         project_id: int | None = None,
         role: str = "pre-annotation",
+        embed: bool = False,
     ) -> list[dict[str, Any]]:
         """One item per task. `deadline` is a time.monotonic() value; tasks past it go to `on_overflow`."""
         keys = self._keys(tasks, plan)
         items: list[dict[str, Any] | None] = [None] * len(tasks)
         if self.store is not None:
-            cached = self.store.get_many([k for k in keys if k is not None])
+            cached = self.store.get_items([k for k in keys if k is not None])
             for i, key in enumerate(keys):
                 if key in cached:
                     items[i] = cached[key]
@@ -230,12 +269,14 @@ class Predictor:
                 size = max(size, 1)
             chunk = todo[done : done + size]
             started = time.monotonic()
-            chunk_items = self.predict_chunk([tasks[i] for i in chunk], plan)
+            # a download may run past the budget by a grace (the first chunk always runs), never past Label Studio's
+            fetch_deadline = None if deadline is None else deadline + DOWNLOAD_GRACE_S
+            chunk_items = self.predict_typed([tasks[i] for i in chunk], plan, role, embed, fetch_deadline)
             took = (time.monotonic() - started) / len(chunk)
             self._seconds_per_task[plan.version] = took if per_task is None else 0.5 * per_task + 0.5 * took
-            for i, item in zip(chunk, chunk_items, strict=True):
+            for i, (item, _) in zip(chunk, chunk_items, strict=True):
                 items[i] = item
-            self._save([(keys[i], items[i]) for i in chunk], plan, project_id, role)
+            self._save([(keys[i], typed) for i, typed in zip(chunk, chunk_items, strict=True)], plan, project_id, role)
             done += len(chunk)
         rest = todo[done:]
         if rest:
@@ -250,7 +291,27 @@ class Predictor:
     def _save(self, pairs, plan: ServingPlan, project_id: int | None, role: str) -> None:
         if self.store is None:
             return
-        rows = [(key[0], key[1], key[2], project_id, plan.name, role, item)
-                for key, item in pairs if key is not None and "result" in item]
+        rows = [PredictionRow(key[0], key[1], key[2], project_id, plan.name, str(role), item, controls)
+                for key, (item, controls) in pairs if key is not None and "result" in item]
         if rows:
-            self.store.put_many_later(rows)
+            self.store.put_many_later(rows, then=self.on_stored)
+
+
+def shown(output: Prediction, min_confidence: float) -> Prediction:
+    """What annotators see: the boxes at or above the serving threshold (fainter candidates stay stored)."""
+    det = output.detections
+    if not min_confidence or det is None or det.confidence is None or not len(det):
+        return output
+    keep = det.confidence >= min_confidence
+    return output if keep.all() else output.with_meta(detections=det[keep])
+
+
+def task_key(task: Mapping[str, Any], plan: ServingPlan) -> tuple[int, str, str] | None:
+    """The store key of a task under a plan; a task without an id (Label Studio's test call) is never cached.
+    The fingerprint depends on the plan's config, label map and prompts and the task's image URLs, not on the
+    model: both models' predictions of one task share it."""
+    tid = task.get("id") if isinstance(task, Mapping) else None
+    if not isinstance(tid, int) or isinstance(tid, bool) or not 0 <= tid < 2**63:
+        return None
+    urls = [image_url(task, k) for k in plan.image_keys]
+    return (tid, plan.version, fingerprint(plan.fingerprint, urls))

@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from active_learning.boxes import BoxBatch
 from active_learning.disagreement import pairwise_iou
-from active_learning.scoring import LabelSpace, candidate_peaks, score_outputs, to_image_boxes
+from active_learning.scoring import SharedIds, candidate_peaks, score_outputs, to_image_boxes
 from active_learning.uncertainty import detection_uncertainty
 from backend.models.yolo import YoloAdapter
 from benchmarks.al_simulation import DEFAULTS, dataset, draw_split, evaluate, second_opinion, train
@@ -75,7 +75,7 @@ def main() -> None:
             lines.append(f"## {head}; mAP50 {metric:.3f} on the test split")
             errors = detection_errors(outputs, pool_samples)
             boxes = np.array([len(s.labels) for s in pool_samples])
-            space = LabelSpace(adapter.class_names)
+            space = SharedIds(adapter.class_names)
             batch = BoxBatch.from_images([to_image_boxes(o, space) for o in outputs])
             unc = detection_uncertainty(batch, candidate_peaks=candidate_peaks(outputs))
             signals = {f"uncertainty ({a})": getattr(unc, a) for a in ("max", "mean", "capped_sum")}

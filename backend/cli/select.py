@@ -79,15 +79,28 @@ def select(
     if not settings.label_studio_url or not settings.label_studio_api_key:
         console.print("[red]error:[/] set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
         raise typer.Exit(2)
-    weights = model
+    from backend.settings import CANDIDATE_CONF
+    from backend.storage.predictions import PredictionRepo
+    from backend.storage.projects import ProjectRepo
+    from backend.storage.scores import ScoreRepo
+
+    bound = ProjectRepo(settings.database_url).get(project)
+    weights = model or (bound and (bound.model or bound.served_model))
+    last = None
     if weights is None:
         last = Registry(settings.db_path).last_served()
         if last is None or not last.path:
             console.print("[red]error:[/] no --model given and this TANDEM_HOME has served none")
             raise typer.Exit(2)
         weights = last.path
+    if second_model is None and bound is not None and (bound.second_opinion or bound.served_second_opinion):
+        second_model = bound.second_opinion or bound.served_second_opinion
+        console.print(f"second opinion: [bold]{second_model}[/] (as served to project {project}; --second-model "
+                      "picks another)")
+    if registry_version := Registry(settings.db_path).get(str(weights)):
+        weights = registry_version.path or weights
     try:
-        primary = YoloAdapter(weights, device=settings.device, conf=min(settings.conf, 0.1))
+        primary = YoloAdapter(weights, device=settings.device, conf=min(settings.conf, CANDIDATE_CONF))
         queue = LabelStudioQueue(LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key),
                                  project)
         tasks = queue.tasks()
@@ -101,7 +114,8 @@ def select(
             plan_for(primary, label_config, settings.label_map, settings.case_sensitive_labels)
         except ConfigError as exc:
             chosen = (f"--model {weights}" if model else
-                      f"the model this TANDEM_HOME served last ({last.version}, {last.task}), as no --model was given")
+                      f"the model this TANDEM_HOME served last ({last.version}, {last.task}), as no --model was given"
+                      if last else f"the model served to project {project} ({weights})")
             raise ConfigError(f"{exc}. tandem select used {chosen}: pass --model WEIGHTS made for this project") from exc
         second = _second_opinion(second_model, label_config, settings) if second_model else None
     except TandemError as exc:
@@ -129,7 +143,9 @@ def select(
             outcome, table, ids = run_selection(
                 tasks, label_config, MediaFetcher(settings.media()), primary, config, second=second,
                 progress=progress, aggregate=aggregate, label_map=settings.label_map,
-                case_sensitive=settings.case_sensitive_labels)
+                case_sensitive=settings.case_sensitive_labels, store=PredictionRepo(settings.database_url),
+                scores=ScoreRepo(settings.database_url), project_id=project, threshold=settings.conf,
+                prompts=settings.vlm_prompts)
     except TandemError as exc:  # e.g. no class of the second model maps onto the project's labels
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
@@ -158,7 +174,8 @@ def select(
     console.print(
         f"{len(outcome.entries)} {'selected (dry run: Label Studio untouched)' if dry_run else 'queued'} of "
         f"{outcome.candidates} unlabeled ({outcome.labeled} labeled) "
-        f"in {outcome.seconds:.1f} s" + (f"; {len(outcome.skipped)} skipped (unreadable images)" if outcome.skipped else "")
+        f"in {outcome.seconds:.1f} s; {outcome.from_store} ranked from stored predictions, {outcome.predicted} "
+        "predicted now" + (f"; {len(outcome.skipped)} skipped (unreadable images)" if outcome.skipped else "")
     )
     for task_id, why in list(outcome.skipped.items())[:10]:
         console.print(f"  [yellow]skipped task {task_id}:[/] {why}")
@@ -173,8 +190,10 @@ def _second_opinion(source: str, label_config: str, settings):
     from backend.models.yolo import YoloAdapter
     from backend.predict import plan_for
 
+    from backend.settings import CANDIDATE_CONF
+
     if Path(source).suffix in (".pt", ".onnx", ".torchscript", ".engine") or source.endswith("_openvino_model"):
-        return YoloAdapter(source, device=settings.device, conf=min(settings.conf, 0.1))
+        return YoloAdapter(source, device=settings.device, conf=min(settings.conf, CANDIDATE_CONF))
     from backend.models.vlm.loader import load_vlm
 
     vlm = load_vlm(source, device=settings.device)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import and_, select
@@ -39,6 +39,7 @@ class TaskScore:
     uncertainty: float
     disagreement: float | None
     reason: str
+    task_fingerprint: str = ""  # the stored prediction's fingerprint (config + image URLs) it was scored from
 
 
 class ScoreRepo:
@@ -51,7 +52,7 @@ class ScoreRepo:
                    "primary_version": setup.primary_version, "second_version": setup.second_version,
                    "uncertainty": float(s.uncertainty),
                    "disagreement": None if s.disagreement is None else float(s.disagreement),
-                   "reason": s.reason, "created_at": now} for s in scores]
+                   "reason": s.reason, "task_fingerprint": s.task_fingerprint, "created_at": now} for s in scores]
         if not values:
             return 0
         insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
@@ -59,18 +60,21 @@ class ScoreRepo:
             for start in range(0, len(values), _CHUNK):
                 stmt = insert(T).values(values[start : start + _CHUNK])
                 keep = {c: stmt.excluded[c] for c in ("project_id", "uncertainty", "disagreement", "reason",
-                                                      "created_at")}
+                                                      "task_fingerprint", "created_at")}
                 conn.execute(stmt.on_conflict_do_update(index_elements=["task_id", "key"], set_=keep))
         return len(values)
 
-    def get_many(self, setup: ScoreSetup, task_ids: Sequence[int]) -> dict[int, TaskScore]:
+    def get_many(self, setup: ScoreSetup, fingerprints: Mapping[int, str]) -> dict[int, TaskScore]:
+        """task id -> its stored score, for the tasks scored under `setup` from the same task fingerprint."""
         key = setup.key
+        ids = list(fingerprints)
         out: dict[int, TaskScore] = {}
         with self.engine.connect() as conn:
-            for start in range(0, len(task_ids), _CHUNK):
-                part = list(task_ids[start : start + _CHUNK])
-                query = select(T.c.task_id, T.c.uncertainty, T.c.disagreement, T.c.reason).where(
-                    and_(T.c.key == key, T.c.task_id.in_(part)))
+            for start in range(0, len(ids), _CHUNK):
+                part = ids[start : start + _CHUNK]
+                query = select(T.c.task_id, T.c.uncertainty, T.c.disagreement, T.c.reason, T.c.task_fingerprint
+                               ).where(and_(T.c.key == key, T.c.task_id.in_(part)))
                 for row in conn.execute(query):
-                    out[row[0]] = TaskScore(row[0], row[1], row[2], row[3])
+                    if row[4] == fingerprints[row[0]]:
+                        out[row[0]] = TaskScore(row[0], row[1], row[2], row[3], row[4])
         return out
