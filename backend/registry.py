@@ -1,7 +1,8 @@
 """Model versions and server state in SQLite under TANDEM_HOME.
 
-The foundation records every version the server has served and every webhook event it received;
-the retraining issue adds metrics, parents and promotion on top of the same tables.
+Every version the server has served, every candidate a job made (with its metrics, parent and dataset)
+and every webhook event. A version a job made for a project carries that project's id: it is promoted
+into that project's binding only, never into the server's default model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ CREATE TABLE IF NOT EXISTS model_versions (
     parent      TEXT,
     dataset     TEXT,
     status      TEXT NOT NULL DEFAULT 'served',  -- served | candidate | promoted | rejected | rolled back
-    promoted_at REAL
+    promoted_at REAL,
+    project_id  INTEGER                          -- the project a job made it for; NULL: server-wide
 );
 CREATE TABLE IF NOT EXISTS webhook_events (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -54,6 +56,7 @@ class ModelVersion:
     dataset: str | None = None
     status: str = "served"
     promoted_at: float | None = None
+    project_id: int | None = None
 
     @property
     def kind(self) -> str:
@@ -61,7 +64,8 @@ class ModelVersion:
         return "vlm" if self.task.startswith("vlm:") else "cnn"
 
 
-_COLUMNS = "version, name, task, path, created_at, served_at, metrics, parent, dataset, status, promoted_at"
+_COLUMNS = ("version, name, task, path, created_at, served_at, metrics, parent, dataset, status, promoted_at, "
+            "project_id")
 
 
 def _row(row) -> ModelVersion:
@@ -73,6 +77,10 @@ def _row(row) -> ModelVersion:
 class Registry(SqliteDb):
     def __init__(self, db_path: Path) -> None:
         super().__init__(db_path, _SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(model_versions)")}
+        if "project_id" not in columns:  # a TANDEM_HOME from before per-project versions
+            with self._tx() as conn:
+                conn.execute("ALTER TABLE model_versions ADD COLUMN project_id INTEGER")
 
     def record_served(self, version: str, name: str, task: str, path: str | None) -> None:
         now = time.time()
@@ -94,13 +102,26 @@ class Registry(SqliteDb):
         return _row(row) if row else None
 
     def add_candidate(self, version: str, name: str, task: str, path: str, parent: str | None, dataset: str,
-                      metrics: dict) -> None:
+                      metrics: dict, project_id: int | None = None) -> None:
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO model_versions(version, name, task, path, created_at, metrics, parent, dataset, status) "
-                "VALUES (?,?,?,?,?,?,?,?, 'candidate') ON CONFLICT(version) DO UPDATE SET metrics=excluded.metrics",
-                (version, name, task, path, time.time(), json.dumps(metrics), parent, dataset),
+                "INSERT INTO model_versions(version, name, task, path, created_at, metrics, parent, dataset, status, "
+                "project_id) VALUES (?,?,?,?,?,?,?,?, 'candidate', ?) "
+                "ON CONFLICT(version) DO UPDATE SET metrics=excluded.metrics",
+                (version, name, task, path, time.time(), json.dumps(metrics), parent, dataset, project_id),
             )
+
+    def by_path(self, path: str) -> ModelVersion | None:
+        with self._lock:
+            row = self._conn.execute(f"SELECT {_COLUMNS} FROM model_versions WHERE path = ? ORDER BY created_at DESC",
+                                     (str(path),)).fetchone()
+        return _row(row) if row else None
+
+    def resolve(self, spec: str | None) -> ModelVersion | None:
+        """A binding's spec (a registry version or a weights path/folder) as a registry row, if it is one."""
+        if not spec:
+            return None
+        return self.get(spec) or self.by_path(spec)
 
     def set_status(self, version: str, status: str, metrics: dict | None = None) -> None:
         with self._tx() as conn:
@@ -113,15 +134,17 @@ class Registry(SqliteDb):
                 conn.execute("UPDATE model_versions SET status=? WHERE version=?", (status, version))
 
     def current(self, kind: str = "cnn") -> ModelVersion | None:
-        """The version of that kind (cnn | vlm) that should be served: the most recently started or promoted."""
-        live = [v for v in self.versions() if (v.served_at or v.promoted_at) and v.kind == kind]
+        """The server-wide version of that kind (cnn | vlm): the most recently started or promoted one that no
+        project owns (a project's retrains are served to that project only)."""
+        live = [v for v in self.versions() if (v.served_at or v.promoted_at) and v.kind == kind
+                and v.project_id is None]
         return max(live, key=lambda v: max(v.served_at or 0, v.promoted_at or 0)) if live else None
 
     def promoted(self, kind: str = "cnn", task: str | None = None) -> list[ModelVersion]:
         """What a restart without --model resumes, newest promotion first: versions promoted by a job's gate or
         `tandem models promote` (a rollback too), not since rejected, whose weights are still on disk."""
         found = [v for v in self.versions() if v.promoted_at and v.status == "promoted" and v.kind == kind
-                 and v.path and Path(v.path).exists() and (task is None or v.task == task)]
+                 and v.project_id is None and v.path and Path(v.path).exists() and (task is None or v.task == task)]
         return sorted(found, key=lambda v: v.promoted_at, reverse=True)
 
     def trained_on(self, dataset: str, serving: str) -> ModelVersion | None:

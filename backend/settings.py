@@ -14,6 +14,9 @@ from backend.errors import SettingsError
 from backend.media.fetch import MediaSettings
 
 
+CANDIDATE_CONF = 0.1  # boxes kept for scoring below the serving threshold
+
+
 def extra_setting(extra: Any, key: str) -> dict[str, str]:
     """extra_params[key] of a Label Studio ML backend (a dict, or its JSON text) as str -> str; {} if absent."""
     if isinstance(extra, str):
@@ -66,6 +69,8 @@ class Settings(BaseModel):
     max_downloads_per_host: int = Field(default=4, ge=1)  # at once, per host other than Label Studio
     max_decode_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)  # memory one image may take to decode
     max_cache_bytes: int = Field(default=2 * 1024 * 1024 * 1024, ge=0)  # the on-disk media cache
+    db_url: str | None = None  # TANDEM_DATABASE_URL; None: SQLite under home
+    model_memory_gb: float = Field(default=8.0, gt=0)  # the model pool's budget before it evicts
 
     @field_validator("int8_calibration")
     @classmethod
@@ -139,6 +144,8 @@ class Settings(BaseModel):
             "max_downloads_per_host": int(_env("TANDEM_MAX_DOWNLOADS_PER_HOST") or 4),
             "max_decode_bytes": int(_env("TANDEM_MAX_DECODE_BYTES") or 1024 * 1024 * 1024),
             "max_cache_bytes": int(_env("TANDEM_MAX_CACHE_BYTES") or 2 * 1024 * 1024 * 1024),
+            "db_url": _env("TANDEM_DATABASE_URL"),
+            "model_memory_gb": float(_env("TANDEM_MODEL_MEMORY_GB") or 8),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -152,6 +159,11 @@ class Settings(BaseModel):
     @property
     def db_path(self) -> Path:
         return self.home / "tandem.sqlite3"
+
+    @property
+    def database_url(self) -> str:
+        """TANDEM_DATABASE_URL, or the SQLite file under TANDEM_HOME that the registry and jobs share."""
+        return self.db_url or f"sqlite:///{self.db_path.resolve()}"
 
     def to_env(self) -> dict[str, str]:
         """The same settings as environment variables, for processes Tandem starts (training workers)."""
@@ -169,6 +181,7 @@ class Settings(BaseModel):
             "TANDEM_IMGSZ": str(self.imgsz) if self.imgsz else None,
             "TANDEM_VLM": self.vlm,
             "TANDEM_VLM_PROMPTS": json.dumps(self.vlm_prompts) if self.vlm_prompts else None,
+            "TANDEM_DATABASE_URL": self.db_url,
         }
         return {k: v for k, v in pairs.items() if v is not None}
 
@@ -176,10 +189,12 @@ class Settings(BaseModel):
         return {"epochs": self.train_epochs, "imgsz": self.train_imgsz}
 
     def load_cnn(self, weights: str | Path, **overrides):
-        """The served YOLO adapter for `weights`, with this server's device, threshold, engine and size."""
+        """The served YOLO adapter for `weights`, with this server's device, engine and size. It keeps boxes down
+        to CANDIDATE_CONF: they are stored and scored ("just below the threshold"); annotators are shown those
+        at or above `conf` (`ServingPlan.min_confidence`)."""
         from backend.models.yolo import YoloAdapter
 
-        options = dict(device=self.device, conf=self.conf, engine=self.engine, imgsz=self.imgsz,
+        options = dict(device=self.device, conf=min(self.conf, CANDIDATE_CONF), engine=self.engine, imgsz=self.imgsz,
                        cache_dir=self.home / "cache" / "openvino", calibration=self.int8_calibration)
         return YoloAdapter(weights, **{**options, **overrides})
 

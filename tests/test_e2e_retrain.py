@@ -47,21 +47,35 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_corrections_retrain_promote_and_serve(label_studio, weak_weights, tmp_path):
+def test_corrections_retrain_promote_and_serve(label_studio, weak_weights, classify_weights, tmp_path):
+    """Two projects on one server, each bound to its own model: a retrain on the detection project promotes into
+    that project only; the Choices project keeps its classifier and its version."""
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     project = client.projects.create(title="tandem e2e loop", label_config=RECT)
     items = generate_samples(44, seed=8080)
     upload_images(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    other = client.projects.create(title="tandem e2e loop, second project", label_config=CHOICES)
+    upload_images(label_studio.url, label_studio.token, other.id,
+                  {f"{s.name}.png": png_bytes(img) for img, s in generate_samples(4, seed=8081)})
     settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
                         label_studio_api_key=label_studio.token, train_after=36, train_epochs=30, train_imgsz=160)
     weak = YoloAdapter(weak_weights, device="cpu")
-    app = create_app(settings, ModelHolder(weak))
+    classifier = YoloAdapter(classify_weights, device="cpu")
+    app = create_app(settings, ModelHolder(weak))  # the server's default: the weak detector
     with ServerThread(app) as srv:
-        _connect(client, project.id, srv.url)
+        _connect(client, project.id, srv.url, extra_params={"model": str(weak_weights)})
+        _connect(client, other.id, srv.url, extra_params={"model": str(classify_weights)})
         _retrieve_predictions(client, project.id)
+        _retrieve_predictions(client, other.id)
         tasks = _tasks_by_name(client, project.id)
         assert all(p.model_version == weak.version for t in tasks.values()
                    for p in client.predictions.list(task=t["id"]))
+        other_tasks = list(client.tasks.list(project=other.id))
+
+        def other_versions() -> set[str]:
+            return {p.model_version for t in other_tasks for p in client.predictions.list(task=t.id)}
+
+        assert other_versions() == {classifier.version}
 
         # annotators correct 40 tasks; Label Studio itself posts ANNOTATION_CREATED to Tandem's /webhook
         for _, sample in items[:40]:
@@ -77,7 +91,10 @@ def test_corrections_retrain_promote_and_serve(label_studio, weak_weights, tmp_p
         assert job.promoted and new > old, (new, old)
         assert len(store.list(project.id)) == 1  # 40 events, threshold 36: one job, no second
 
-        _wait_for(lambda: httpx.get(f"{srv.url}/health").json()["model_version"] == job.version, 60, "the hot swap")
+        health = f"{srv.url}/health?project={project.id}"
+        _wait_for(lambda: httpx.get(health).json()["model_version"] == job.version, 60, "the hot swap")
+        assert httpx.get(f"{srv.url}/health?project={other.id}").json()["model_version"] == classifier.version
+        assert httpx.get(f"{srv.url}/health").json()["model_version"] == weak.version  # the default is untouched
         assert {weak.version, job.version} <= set(httpx.get(f"{srv.url}/versions").json()["versions"])
 
         _retrieve_predictions(client, project.id)  # a new version makes every task eligible again
@@ -85,6 +102,10 @@ def test_corrections_retrain_promote_and_serve(label_studio, weak_weights, tmp_p
         assert {p.model_version for p in fresh} == {weak.version, job.version}
         assert app.state.sync.wait_idle(60)
         assert client.projects.get(id=project.id).model_version == job.version
+        for task in other_tasks:  # the other project's predictions are asked again: still its own classifier
+            client.predictions.delete(id=client.predictions.list(task=task.id)[0].id)
+        _retrieve_predictions(client, other.id)
+        assert other_versions() == {classifier.version}
 
         # a coalesced follow-up whose corrections the job before it already had: nothing new, no retrain
         follow_up = store.create(project.id, "yolo", "local", "coalesced: 3 new corrections", {"epochs": 30})
@@ -93,7 +114,7 @@ def test_corrections_retrain_promote_and_serve(label_studio, weak_weights, tmp_p
         log = httpx.get(f"{srv.url}/jobs/{follow_up.id}/logs").text
         assert skipped.status is JobStatus.SUCCEEDED and skipped.version is None, log
         assert f"nothing new since {job.version}" in log and "Epoch" not in log
-        assert httpx.get(f"{srv.url}/health").json()["model_version"] == job.version
+        assert httpx.get(health).json()["model_version"] == job.version
 
 
 def test_kill_9_of_a_running_job_fails_it_and_keeps_serving(label_studio, weak_weights, detect_weights, tmp_path):

@@ -269,7 +269,8 @@ def test_controls_the_model_leaves_to_the_annotator_are_said_once_at_setup(tmp_p
 
 def test_serving_a_model_a_connected_project_cannot_use_is_said(tmp_path, samples, detect_adapter, classify_adapter,
                                                                  caplog):
-    """A retrain on one project hot-swaps the model every project of the server gets: say whom it leaves out."""
+    """A server-wide swap of the default model changes what every unbound project gets: say whom it leaves out,
+    and how to give that project its own model."""
     root, _, _ = samples
     settings = Settings(home=tmp_path / "home", local_files_root=root)
     holder = ModelHolder(detect_adapter)
@@ -280,4 +281,4 @@ def test_serving_a_model_a_connected_project_cannot_use_is_said(tmp_path, sample
         holder.swap(classify_adapter)
         said = [r.getMessage() for r in caplog.records if "cannot use" in r.getMessage()]
         assert len(said) == 1 and "project 6 (connected here)" in said[0] and classify_adapter.version in said[0]
-        assert "server of its own" in said[0]
+        assert "tandem models bind --project 6 --model" in said[0]

@@ -8,7 +8,8 @@ import typer
 
 from backend.cli.common import Home, app, console, stdout_console, stores
 
-models_app = typer.Typer(help="Model versions: list, promote, rollback.", no_args_is_help=True)
+models_app = typer.Typer(help="Model versions: list, promote, rollback; bind a project to its own models.",
+                        no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 
@@ -88,3 +89,56 @@ def models_rollback(
     registry.set_status(parent.version, "promoted")
     registry.set_status(current.version, "rolled back")  # not "rejected": the gate had promoted it
     console.print(f"rolled back from {current.version} to {parent.version}")
+
+
+@models_app.command("bind")
+def models_bind(
+    project: Annotated[int, typer.Option("--project", "-p", help="Label Studio project id.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="The project's CNN: YOLO weights or a registry "
+                                              "version (tandem models list).")] = None,
+    second_opinion: Annotated[str | None, typer.Option(help="The project's second opinion: a VLM hub id or "
+                                                       "save_pretrained folder, or other YOLO weights.")] = None,
+    pre_annotator: Annotated[str | None, typer.Option(help="Whose predictions the project's annotators see: "
+                                                      "cnn or vlm (the second opinion).")] = None,
+    clear: Annotated[bool, typer.Option(help="Remove the project's binding: it gets the server's defaults.")] = False,
+    home: Home = None,
+) -> None:
+    """Bind a project to its own models (as the backend's extra params {"model": …} do in Label Studio).
+
+    A running server picks the binding up at the project's next request, loading the model in the background;
+    a retrain on the project promotes into this binding only."""
+    from pathlib import Path
+
+    from backend.cli.common import load_settings
+    from backend.storage.projects import ProjectRepo
+
+    settings = load_settings(home=home)
+    _, registry, _ = stores(home)
+    if pre_annotator not in (None, "cnn", "vlm"):
+        raise typer.BadParameter("--pre-annotator must be cnn or vlm")
+    for spec in (model, second_opinion):
+        if spec and registry.get(spec) is None and not Path(spec).expanduser().exists() and "/" not in spec:
+            console.print(f"[red]error:[/] {spec} is neither a registry version (tandem models list) nor a file or "
+                          "folder here, nor a hub id")
+            raise typer.Exit(2)
+    projects = ProjectRepo(settings.database_url)
+    if clear:
+        projects.update(project, model=None, second_opinion=None, pre_annotator=None)
+        console.print(f"project {project}: binding removed; it gets the server's default models")
+        return
+    if not (model or second_opinion or pre_annotator):
+        current = projects.get(project)
+        stdout_console().print(
+            f"project {project}: model={current.model if current else None} "
+            f"second_opinion={current.second_opinion if current else None} "
+            f"pre_annotator={current.pre_annotator if current else None}")
+        return
+
+    def resolved(spec: str | None) -> str | None:
+        return str(Path(spec).expanduser().resolve()) if spec and Path(spec).expanduser().exists() else spec
+
+    changes = {k: v for k, v in (("model", resolved(model)), ("second_opinion", resolved(second_opinion)),
+                                 ("pre_annotator", pre_annotator)) if v is not None}
+    state = projects.update(project, **changes)
+    console.print(f"project {project} bound: model={state.model} second_opinion={state.second_opinion} "
+                  f"pre_annotator={state.pre_annotator or 'server default'}")

@@ -24,6 +24,10 @@ class Metrics:
         self.ready = Gauge("tandem_model_ready", "1 when a model is loaded", registry=self.registry)
         self.deferred = Gauge("tandem_deferred_predictions", "Tasks waiting for a background prediction",
                               registry=self.registry)
+        self.pool_models = Gauge("tandem_pool_models", "Project-bound models loaded in the model pool",
+                                 registry=self.registry)
+        self.pool_bytes = Gauge("tandem_pool_bytes", "Estimated memory of the models in the pool",
+                                registry=self.registry)
 
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

@@ -30,12 +30,16 @@ class ProjectState:
     model: str | None = None  # weights path, registry version or hub id of the pre-annotating CNN
     second_opinion: str | None = None  # VLM hub id / folder, or another YOLO's weights
     pre_annotator: str | None = None  # "cnn" | "vlm"; None: the server's default
+    extra_binding: dict[str, str] = field(default_factory=dict)  # what the extra params named when last applied
+    served_model: str | None = None  # the CNN the server last served this project (its binding or the default)
+    served_second_opinion: str | None = None  # and the second opinion: what `tandem select` ranks with by default
 
     def with_changes(self, **changes: Any) -> ProjectState:
         return replace(self, **changes)
 
 
-_FIELDS = ("hostname", "access_token", "label_config", "model", "second_opinion", "pre_annotator")
+_FIELDS = ("hostname", "access_token", "label_config", "model", "second_opinion", "pre_annotator", "served_model",
+           "served_second_opinion")
 
 
 class ProjectRepo:
@@ -55,6 +59,7 @@ class ProjectRepo:
     def save(self, state: ProjectState) -> ProjectState:
         values = {"project_id": state.project_id, **{f: getattr(state, f) for f in _FIELDS},
                   "label_map": json.dumps(state.label_map), "prompts": json.dumps(state.prompts),
+                  "extra_binding": json.dumps(state.extra_binding),
                   "updated_at": time.time()}
         insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
         stmt = insert(T).values(values)
@@ -75,5 +80,6 @@ def _state(row) -> ProjectState:
         project_id=row["project_id"],
         label_map=json.loads(row["label_map"] or "{}"),
         prompts=json.loads(row["prompts"] or "{}"),
+        extra_binding=json.loads(row["extra_binding"] or "{}"),
         **{f: row[f] for f in _FIELDS},
     )

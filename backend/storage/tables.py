@@ -34,6 +34,7 @@ task_scores = Table(
     Column("project_id", BigInteger, nullable=True),
     Column("primary_version", String(200), nullable=False),
     Column("second_version", String(200), nullable=False),  # "" without a second opinion
+    Column("task_fingerprint", String(64), nullable=False),  # of the task's image URLs: a changed image rescores
     Column("uncertainty", Float, nullable=False),
     Column("disagreement", Float, nullable=True),
     Column("reason", Text, nullable=False),
@@ -54,6 +55,9 @@ projects = Table(
     Column("model", String(1000), nullable=True),
     Column("second_opinion", String(1000), nullable=True),
     Column("pre_annotator", String(8), nullable=True),
+    Column("extra_binding", Text, nullable=False, default="{}"),  # the binding the extra params last named
+    Column("served_model", String(1000), nullable=True),  # what the server last served it (binding or default)
+    Column("served_second_opinion", String(1000), nullable=True),
     Column("updated_at", Float, nullable=False),
 )
 

@@ -26,6 +26,7 @@ from backend.media.fetch import MediaFetcher  # noqa: E402
 from backend.models.yolo import YoloAdapter, default_device  # noqa: E402
 from backend.registry import Registry  # noqa: E402
 from backend.settings import Settings  # noqa: E402
+from backend.storage.projects import ProjectRepo  # noqa: E402
 from backend.training.evaluate import evaluate  # noqa: E402
 from backend.training.export import TASK_FOR_CONTROL, export_yolo_dataset  # noqa: E402
 from backend.training.jobs import JobStatus, JobStore  # noqa: E402
@@ -87,6 +88,27 @@ def scoring_adapter(weights: Path, device: str | None, name: str | None = None) 
     return YoloAdapter(weights, name=name, device=device, conf=EVAL_CONF)
 
 
+def project_parent(settings: Settings, registry: Registry, project_id: int, kind: str):
+    """The version a job on this project fine-tunes: its binding, else what the server last served it, else the
+    server-wide one. A bound weights file the registry has not seen is recorded (as the project's) first."""
+    state = ProjectRepo(settings.database_url).get(project_id)
+    if state is not None:
+        spec = (state.model or state.served_model) if kind == "cnn" else (
+            state.second_opinion or state.served_second_opinion)
+        found = registry.resolve(spec)
+        if found is not None and found.kind == kind:
+            return found
+        if spec and kind == "cnn" and Path(spec).is_file():
+            from backend.models.yolo import file_digest
+
+            version = f"{Path(spec).stem}-{file_digest(Path(spec))}"
+            task = YoloAdapter(spec, device="cpu", engine="torch").task.value
+            registry.add_candidate(version, Path(spec).stem, task, spec, None, "", {}, project_id=project_id)
+            registry.set_status(version, "bound")
+            return registry.get(version)
+    return registry.current(kind)
+
+
 def run(job_id: int, settings: Settings) -> None:
     store, registry = JobStore(settings.db_path), Registry(settings.db_path)
     job = store.get(job_id)
@@ -101,7 +123,7 @@ def run(job_id: int, settings: Settings) -> None:
         return run_vlm(job, settings, store, registry, work)
     params = {**DEFAULTS, **job.params}
 
-    serving = registry.current()
+    serving = project_parent(settings, registry, job.project_id, "cnn")
     if serving is None or not serving.path or not Path(serving.path).is_file():
         raise TandemError("nothing to fine-tune from: serve a model first (its weights are the starting point)")
     log(f"job {job_id}: project {job.project_id}, fine-tuning {serving.version} ({job.reason})")
@@ -158,9 +180,11 @@ def run(job_id: int, settings: Settings) -> None:
     metrics = {"candidate": new, "serving": old, "serving_version": serving.version, "dataset": dataset.snapshot,
                "train": dataset.train, "val": dataset.val}
     registry.add_candidate(candidate.version, stem, candidate.task.value, str(target), serving.version,
-                           dataset.snapshot, metrics)
+                           dataset.snapshot, metrics, project_id=job.project_id)
     promote, verdict = gate(new["fitness"], old["fitness"], params["margin"], serving.version)
     registry.set_status(candidate.version, "promoted" if promote else "rejected")
+    if promote:  # into this project's binding only: other projects keep their models
+        ProjectRepo(settings.database_url).update(job.project_id, model=candidate.version)
     log(f"{candidate.version}: fitness {new['fitness']:.4f} vs {old['fitness']:.4f} -> {verdict}")
     store.finish(job_id, JobStatus.SUCCEEDED, version=candidate.version, promoted=int(promote), metrics=metrics)
 
@@ -177,7 +201,7 @@ def run_vlm(job, settings: Settings, store: JobStore, registry: Registry, work: 
     known = {*LORA_DEFAULTS, "margin", "val_percent"}
     params = {**LORA_DEFAULTS, "margin": 0.0, "val_percent": 20,
               **{k: v for k, v in job.params.items() if k in known and v is not None}}
-    serving = registry.current("vlm")
+    serving = project_parent(settings, registry, job.project_id, "vlm")
     base = serving.path if serving and serving.path else settings.vlm
     if not base:
         raise TandemError("nothing to fine-tune: serve a VLM first (tandem serve --vlm ID_OR_PATH) or set TANDEM_VLM")
@@ -217,9 +241,11 @@ def run_vlm(job, settings: Settings, store: JobStore, registry: Registry, work: 
     metrics = {"candidate": {"val_loss": after}, "serving": {"val_loss": before}, "serving_version": base,
                "dataset": annotated.snapshot, "train": result["train"], "val": result["val"], "lora": result}
     registry.add_candidate(candidate.version, stem, registry_task(candidate), str(target),
-                           serving.version if serving else None, annotated.snapshot, metrics)
+                           serving.version if serving else None, annotated.snapshot, metrics, project_id=job.project_id)
     promote = after <= before + params["margin"]
     registry.set_status(candidate.version, "promoted" if promote else "rejected")
+    if promote:
+        ProjectRepo(settings.database_url).update(job.project_id, second_opinion=candidate.version)
     log(f"{candidate.version}: validation loss {after:.4f} vs {before:.4f} -> {'promoted' if promote else 'rejected'}")
     store.finish(job.id, JobStatus.SUCCEEDED, version=candidate.version, promoted=int(promote), metrics=metrics)
 

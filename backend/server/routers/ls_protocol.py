@@ -1,0 +1,175 @@
+"""The Label Studio ML backend protocol: /health, /setup, /predict, /webhook, /versions.
+
+Label Studio's timeouts shape it: /health (1 s) and /setup (3 s) never wait for a model (bound models load
+in the background); /webhook (1 s) only records the event; /predict runs in a thread pool and returns one
+item per task. Everything is per project: its label map, prompts and models come from its binding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from backend.errors import ConfigError
+from backend.predict import describe, plan_for
+from backend.server.deps import get_state
+from backend.server.protocol import (
+    HealthResponse,
+    PredictRequest,
+    PredictResponse,
+    SetupRequest,
+    SetupResponse,
+    VersionsResponse,
+    WebhookRequest,
+    project_id,
+)
+from backend.server.state import ServerState, extra_params
+from backend.settings import extra_setting
+
+log = logging.getLogger("tandem.server")
+router = APIRouter(tags=["Label Studio protocol"])
+
+PREDICT_WAIT_FOR_MODEL_S = 60.0
+BINDING_KEYS = ("model", "second_opinion", "pre_annotator")
+
+
+@router.get("/", response_model=HealthResponse, include_in_schema=False)
+@router.get("/health", response_model=HealthResponse)
+def health(project: int | None = None, state: ServerState = Depends(get_state)) -> HealthResponse:
+    """Always 200 while the process serves; `ready` says whether a model is loaded. `?project=ID` reports
+    what serves that project (its binding, or the defaults)."""
+    served = state.serving.models(project)
+    adapter, second = served.lead, served.other
+    errors = [state.serving.cnn.error, state.serving.second.error]
+    st = state.serving.state(project)
+    for spec in (st.model, st.second_opinion) if st else ():
+        if spec:
+            errors.append(state.serving.pool.error(spec))
+    return HealthResponse(
+        status="UP",
+        ready=adapter is not None,
+        model_version=adapter.version if adapter else None,
+        model_task=describe(adapter) if adapter else None,
+        device=adapter.device if adapter else None,
+        engine=getattr(adapter, "engine", None),
+        error=next((e for e in errors if e), None),
+        pre_annotator=served.pre_annotator,
+        second_opinion=second.version if second else None,
+        deferred_pending=state.deferred.pending,
+    )
+
+
+def _binding(extra: dict[str, Any]) -> dict[str, str | None]:
+    """model / second_opinion / pre_annotator from the backend's extra params; a wrong role is a 422."""
+    found = {k: str(extra[k]) for k in BINDING_KEYS if isinstance(extra.get(k), (str, int)) and str(extra[k]).strip()}
+    if found.get("pre_annotator") not in (None, "cnn", "vlm"):
+        raise HTTPException(422, f"extra params: pre_annotator must be \"cnn\" or \"vlm\" (got {found['pre_annotator']!r})")
+    return found
+
+
+@router.post("/setup", response_model=SetupResponse)
+def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupResponse:
+    """Answers from what is loaded (Label Studio waits 3 s); a config the model cannot fill is a 422."""
+    settings = state.settings
+    pid = project_id(body.project)
+    extra = extra_params(body.extra_params)
+    label_map = {**settings.label_map, **extra_setting(extra, "label_map")}
+    prompts = {**settings.vlm_prompts, **extra_setting(extra, "prompts")}
+    project = None
+    if pid is not None:
+        hostname = body.hostname if (body.hostname or "").startswith("http") else None
+        changes: dict[str, Any] = {"hostname": hostname, "access_token": body.access_token,
+                                   "label_map": extra_setting(extra, "label_map"),
+                                   "prompts": extra_setting(extra, "prompts")}
+        binding = _binding(extra)
+        before = state.projects.get(pid)
+        # applied when the extra params change, not on every /setup: a retrain's promotion into the project's
+        # binding must not be undone by Label Studio re-sending the same extra params
+        if before is None or binding != before.extra_binding:
+            changes.update({k: binding.get(k) for k in BINDING_KEYS}, extra_binding=binding)
+        if body.schema_:
+            changes["label_config"] = body.schema_
+        project = state.projects.update(pid, **changes)
+        state.serving.prefetch(project)
+    adapter = state.serving.models(pid, project).lead
+    if adapter is None:
+        last = state.registry.last_served(settings.pre_annotator)
+        return SetupResponse(model_version=last.version if last else "loading")
+    if body.schema_:
+        plan = plan_for(adapter, body.schema_, label_map, settings.case_sensitive_labels, prompts)  # parsed once, cached
+        if state.warn_once((pid, plan.fingerprint, None)):  # said once per project and config
+            if left := plan.unserved_controls():
+                log.warning("project %s: %s fills %s only; left to the annotator: %s", pid, adapter.name,
+                            ", ".join(c.control.title for c in plan.controls), ", ".join(left))
+        for control, (labels, classes) in plan.unserved_labels().items():
+            if state.warn_once((pid, plan.fingerprint, control)):  # Label Studio calls /setup often
+                log.warning("project %s: label(s) %s of '%s' match none of %s's classes (%s) and will not be "
+                            "pre-annotated; map one with predicted_values=\"…\" on its <Label> or "
+                            "TANDEM_LABEL_MAP", pid, ", ".join(labels), control, adapter.name, ", ".join(classes))
+    state.schedule_sync(pid, adapter.version)
+    return SetupResponse(model_version=adapter.version)
+
+
+@router.post("/predict", response_model=PredictResponse)
+async def predict(body: PredictRequest, state: ServerState = Depends(get_state)) -> Response:
+    """One item per task, in order, from the project's own models. The answer is built as JSON here:
+    re-validating the items through the response model would cost more than the rest of the overhead."""
+    settings = state.settings
+    deadline = time.monotonic() + settings.predict_budget_s
+    if not body.label_config:
+        raise HTTPException(422, "label_config is required")
+    pid = project_id(body.project)
+    project = state.serving.state(pid)
+    adapter = state.serving.models(pid, project).lead or await run_in_threadpool(
+        state.serving.wait_lead, pid, PREDICT_WAIT_FOR_MODEL_S)
+    label_map = {**settings.label_map, **(project.label_map if project else {})}
+    prompts = {**settings.vlm_prompts, **(project.prompts if project else {})}
+    # off the event loop: a large labeling config takes a while to parse (it is cached after)
+    plan = await run_in_threadpool(plan_for, adapter, body.label_config, label_map, settings.case_sensitive_labels,
+                                   prompts, min_confidence=settings.conf)
+    chosen = state.predictor_for(pid)
+
+    def overflow(rest) -> None:
+        state.deferred.submit(chosen, rest, plan, pid, "pre-annotation")
+
+    results = await asyncio.get_running_loop().run_in_executor(
+        state.predict_pool, chosen.predict, body.tasks, plan, deadline, overflow, pid)
+    for item in results:
+        state.metrics.predictions.labels(adapter.version, "ok" if "result" in item else "error").inc()
+    served = state.serving.models(pid, project)
+    second = served.other
+    if second is not None and pid is not None:
+        try:
+            second_plan = plan_for(second, body.label_config, label_map, settings.case_sensitive_labels, prompts,
+                                   min_confidence=settings.conf)
+        except ConfigError as exc:
+            log.info("second opinion %s skipped for project %s: %s", second.version, pid, exc)
+        else:
+            state.deferred.submit(chosen, body.tasks, second_plan, pid, "second-opinion")
+    if pid is not None:
+        await run_in_threadpool(state.serving.record_served, pid, served)
+    state.schedule_sync(pid, adapter.version)
+    return Response(json.dumps({"results": results, "model_version": adapter.version}),
+                    media_type="application/json")
+
+
+@router.post("/webhook")
+def webhook(body: WebhookRequest, state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """Label Studio gives annotation webhooks 1 s and ignores the answer: record and queue, never train here."""
+    pid = project_id(body.project)
+    state.registry.record_event(pid, body.action)
+    job = state.training.on_webhook(body.action, pid, key=body.event_key()) if state.training else None
+    return {"status": "ok", "action": body.action, **({"job": job.id} if job else {})}
+
+
+@router.get("/versions", response_model=VersionsResponse)
+def versions(state: ServerState = Depends(get_state)) -> VersionsResponse:
+    # served or promoted (and so served within seconds): not candidates the gate rejected
+    return VersionsResponse(versions=[v.version for v in state.registry.versions() if v.served_at or v.promoted_at])

@@ -1,0 +1,95 @@
+"""Per-project models: bindings persist across restarts, the pool shares and evicts, and each project is
+served by its own model with its own label map."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from backend.errors import ModelLoadError
+from backend.models.yolo import YoloAdapter
+from backend.server.app import create_app
+from backend.server.pool import ModelPool, estimate_bytes
+from backend.serving import ModelHolder
+from backend.settings import Settings
+from backend.storage.projects import ProjectRepo
+from tests.harness import ServerThread
+from tests.test_server import CHOICES, RECT, samples  # noqa: F401 - the module fixture
+
+
+def _wait(predicate, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def test_pool_loads_each_spec_once_shares_it_and_evicts_the_least_recently_used(detect_weights, classify_weights):
+    calls: list[str] = []
+    gate = threading.Event()
+
+    def load(spec: str):
+        calls.append(spec)
+        gate.wait(30)
+        return YoloAdapter(spec, device="cpu")
+
+    one = estimate_bytes(YoloAdapter(detect_weights, device="cpu"))
+    assert one > 100_000  # a real parameter count, not a placeholder
+    pool = ModelPool(load, budget_bytes=one + 1000)  # room for one of the two models, not both
+    assert pool.ensure(str(detect_weights)) is None  # loading in the background: never blocks
+    assert pool.ensure(str(detect_weights)) is None  # and not started twice
+    gate.set()
+    first = pool.get(str(detect_weights), timeout=60)
+    assert pool.get(str(detect_weights), timeout=1) is first and calls == [str(detect_weights)]
+    second = pool.get(str(classify_weights), timeout=60)
+    assert second.task.value == "classify"
+    assert set(pool.loaded()) == {str(classify_weights)}  # the least recently used went over the budget
+    assert pool.used_bytes <= pool.budget_bytes
+
+
+def test_a_failed_load_says_why_and_is_retried(tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    pool = ModelPool(lambda spec: YoloAdapter(spec, device="cpu"), budget_bytes=10**9)
+    with pytest.raises(ModelLoadError, match="cannot load YOLO weights"):
+        pool.get(str(broken), timeout=60)
+    assert "cannot load YOLO weights" in pool.error(str(broken))
+    assert pool.ensure(str(broken)) is None  # a new try is started, not the failure cached forever
+
+
+def test_bindings_label_maps_and_prompts_survive_a_restart(tmp_path, samples, detect_adapter,  # noqa: F811
+                                                          detect_weights, classify_weights):
+    root, _, _ = samples
+    settings = Settings(home=tmp_path / "home", local_files_root=root)
+    renamed = RECT.replace("Square", "Box")
+    extra = {"model": str(detect_weights), "label_map": {"square": "Box"}, "prompts": {"Box": "a square"},
+             "pre_annotator": "cnn"}
+    with ServerThread(create_app(settings, ModelHolder(YoloAdapter(classify_weights, device="cpu")),
+                                 training=False)) as srv:
+        r = httpx.post(f"{srv.url}/setup", json={"project": "41.17", "schema": renamed, "extra_params": extra})
+        assert r.status_code == 200
+        other = httpx.post(f"{srv.url}/setup", json={"project": "42.1", "schema": CHOICES})
+        assert other.status_code == 200  # the default classifier serves the Choices project
+    state = ProjectRepo(settings.database_url).get(41)
+    assert (state.model, state.label_map, state.prompts, state.label_config) == (
+        str(detect_weights), {"square": "Box"}, {"Box": "a square"}, renamed)
+
+    # a new server on the same home: project 41 gets its bound detector and its label map, 42 the default
+    with ServerThread(create_app(settings, ModelHolder(YoloAdapter(classify_weights, device="cpu")),
+                                 training=False)) as srv:
+        health = _wait(lambda: (h := httpx.get(f"{srv.url}/health", params={"project": 41}).json())["ready"] and h)
+        assert health["model_version"] == detect_adapter.version and health["model_task"] == "detect"
+        task = {"id": 1, "data": {"image": f"/data/local-files/?d={samples[1][0].name}.png"}}
+        r = httpx.post(f"{srv.url}/predict", json={"tasks": [task], "label_config": renamed, "project": "41.2"},
+                       timeout=120)
+        result = r.json()["results"][0]
+        assert result["model_version"] == detect_adapter.version
+        labels = {reg["value"]["rectanglelabels"][0] for reg in result["result"]}
+        assert labels and "Square" not in labels and labels <= {"Box", "Circle", "Triangle"}
+        default = httpx.get(f"{srv.url}/health", params={"project": 42}).json()
+        assert default["model_task"] == "classify"
