@@ -22,12 +22,12 @@ from active_learning.pipeline import run_selection, write_queue
 from active_learning.queue import LabelStudioQueue
 from active_learning.selection import SelectionConfig, Strategy
 from backend.datasets.shapes import ShapeSample, generate_samples, write_yolo_dataset
-from backend.labelstudio.local import start_label_studio, upload_images
+from backend.dev.local_label_studio import start_label_studio, upload_images
 from backend.media.fetch import MediaFetcher, MediaSettings
 from backend.models.starter import StarterRecipe, train_starter_model
 from backend.models.yolo import YoloAdapter
 from backend.server.app import create_app
-from backend.server.background import ServerThread
+from backend.dev.server_thread import ServerThread
 from backend.serving import ModelHolder
 from backend.settings import Settings
 from backend.training.evaluate import evaluate

@@ -36,7 +36,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 import httpx  # noqa: E402
 
 from backend.datasets.shapes import generate_samples  # noqa: E402
-from backend.labelstudio.local import free_port  # noqa: E402
+from backend.dev.local_label_studio import free_port  # noqa: E402
 from backend.media.fetch import decode_image  # noqa: E402
 from backend.models.starter import train_starter_model  # noqa: E402
 from backend.models.yolo import YoloAdapter  # noqa: E402

@@ -6,8 +6,8 @@ import io
 
 from PIL import Image
 
-from backend.labelstudio.local import free_port, start_label_studio  # noqa: F401 - the demo uses them too
-from backend.server.background import ServerThread  # noqa: F401
+from backend.dev.local_label_studio import free_port, start_label_studio  # noqa: F401 - the demo uses them too
+from backend.dev.server_thread import ServerThread  # noqa: F401
 
 
 def png_bytes(image: Image.Image) -> bytes:

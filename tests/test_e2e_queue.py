@@ -16,7 +16,7 @@ from active_learning.pipeline import run_selection, write_queue
 from active_learning.queue import LabelStudioQueue
 from active_learning.selection import SelectionConfig, Strategy
 from backend.datasets.shapes import generate_samples
-from backend.labelstudio.local import upload_images
+from backend.dev.local_label_studio import upload_images
 from backend.media.fetch import MediaFetcher, MediaSettings
 from backend.server.app import create_app
 from backend.serving import ModelHolder
@@ -216,3 +216,50 @@ def test_cli_select_reads_the_label_map_from_the_projects_ml_backend(label_studi
     scores = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
     assert len(scores) == 4
     assert not any(name in s["reason"] for s in scores for name in ("square", "circle", "triangle"))
+
+
+def test_select_ranks_every_task_from_stored_predictions_with_the_images_gone(label_studio, detect_adapter,
+                                                                                tiny_vlm, tmp_path):
+    """Retrieve predictions with a second opinion configured, then delete the task images from Label Studio's
+    media folder: `tandem select` still ranks every task, from what serving stored, and names both models."""
+    import shutil
+    from pathlib import Path
+
+    from backend.models.vlm.loader import load_vlm
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    proj = client.projects.create(title="tandem e2e stored predictions", label_config=RECT)
+    items = generate_samples(8, seed=2026)
+    upload_images(label_studio.url, label_studio.token, proj.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    vlm = load_vlm(str(tiny_vlm("grounding_dino")), device="cpu")
+    settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
+                        label_studio_api_key=label_studio.token)
+    app = create_app(settings, ModelHolder(detect_adapter), training=False, vlm=ModelHolder(vlm))
+    with ServerThread(app) as srv:
+        client.ml.create(project=proj.id, url=srv.url, title="Tandem", is_interactive=False)
+        client.actions.create(id="retrieve_tasks_predictions", project=proj.id,
+                              selected_items={"all": True, "excluded": []})
+        assert app.state.deferred.wait_idle(300)  # the second opinion runs in the background
+        app.state.store.flush()
+    stored = app.state.store.for_project(proj.id)
+    assert {r.role for r in stored} == {"pre-annotation", "second-opinion"} and len(stored) == 16
+
+    media = Path(label_studio.log_path).parent / "media" / "upload" / str(proj.id)
+    removed = [f for f in media.iterdir() if f.is_file()]
+    assert len(removed) == 8
+    shutil.rmtree(media)
+    task = next(iter(client.tasks.list(project=proj.id, fields="all")))
+    gone = httpx.get(f"{label_studio.url}{task.data['image']}", headers={"Authorization": f"Token {label_studio.token}"})
+    assert gone.status_code == 404
+
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+           "TANDEM_HOME": str(settings.home)}
+    proc = subprocess.run(  # no --model, no --second-model: what served the project
+        [sys.executable, "-m", "backend.cli", "select", "--project", str(proj.id), "--budget", "3", "--dry-run",
+         "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert "8 ranked from stored predictions, 0 predicted now" in said and "skipped" not in said, said
+    scores = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
+    assert len(scores) == 8 and all(s["disagreement"] != "" for s in scores)
+    assert all("CNN" in s["reason"] and "grounding_dino" in s["reason"] for s in scores), scores

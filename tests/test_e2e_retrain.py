@@ -13,7 +13,7 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from backend.datasets.shapes import generate_samples
-from backend.labelstudio.local import upload_images
+from backend.dev.local_label_studio import upload_images
 from backend.demo import ground_truth_result
 from backend.models.starter import StarterRecipe, train_starter_model
 from backend.models.yolo import YoloAdapter

@@ -11,7 +11,7 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from backend.datasets.shapes import generate_samples
-from backend.labelstudio.local import upload_images
+from backend.dev.local_label_studio import upload_images
 from backend.server.app import create_app
 from backend.serving import ModelHolder
 from backend.settings import Settings

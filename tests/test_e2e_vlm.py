@@ -13,7 +13,7 @@ import torch
 from label_studio_sdk import LabelStudio
 
 from backend.datasets.shapes import generate_samples
-from backend.labelstudio.local import upload_images
+from backend.dev.local_label_studio import upload_images
 from backend.models.base import ModelTask
 from backend.models.vlm.base import Vocabulary
 from backend.models.vlm.loader import load_vlm

@@ -69,3 +69,14 @@ def test_typed_predictions_come_back_equal_and_last_write_wins(tmp_path):
     assert list(back.detections.data[CLASS_NAME]) == ["Dog"]
     assert store.count(7) == 1 and store.count(8) == 0
     store.close()
+
+
+def test_a_callback_on_the_writer_thread_reads_back_without_waiting_for_itself(tmp_path):
+    """Serve-time scoring reads stored predictions right after they are written, on the writer thread."""
+    store = repo(tmp_path)
+    seen = []
+    store.put_many_later([row(1)], then=lambda rows: seen.append(store.get_items([(1, "cnn-1", "fp")])))
+    store.put_many_later([row(2)])
+    assert store.get_items([(2, "cnn-1", "fp")])  # returns: the writer thread did not deadlock on its own flush
+    assert seen == [{(1, "cnn-1", "fp"): item(1)}]
+    store.close()

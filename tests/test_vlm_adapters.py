@@ -161,7 +161,7 @@ def test_an_uncached_hub_id_fails_fast_offline(tmp_path, monkeypatch):
 
 
 def test_an_unreachable_hub_fails_fast_without_offline_mode(tmp_path, monkeypatch):
-    from backend.labelstudio.local import free_port
+    from backend.dev.local_label_studio import free_port
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE")

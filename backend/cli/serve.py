@@ -60,8 +60,11 @@ def serve(
     ] = None,
     vlm: Annotated[
         str | None,
-        typer.Option(help="A vision-language model beside (or instead of) the CNN: a hub id such as "
-                     "google/owlv2-base-patch16-ensemble, or a folder written by save_pretrained.", envvar="TANDEM_VLM"),
+        typer.Option("--second-opinion", "--vlm",
+                     help="The default second opinion, beside (or instead of) the CNN: a VLM hub id such as "
+                     "google/owlv2-base-patch16-ensemble or a folder written by save_pretrained, or other YOLO "
+                     "weights (a differently trained CNN). Projects may bind their own (tandem models bind).",
+                     envvar="TANDEM_VLM"),
     ] = None,
     pre_annotator: Annotated[
         str | None,
@@ -89,7 +92,10 @@ def serve(
         console.print("[red]error:[/] --engine int8 needs --calibration DIR: a folder of 16 or more images like "
                       f"the ones you serve (got {settings.int8_calibration or 'none'})")
         raise typer.Exit(2)
-    if settings.vlm:  # before torch and ultralytics are imported: an unavailable checkpoint fails in under a second
+    from backend.server.projects import is_cnn_spec
+
+    second_is_cnn = bool(settings.vlm) and is_cnn_spec(settings.vlm)
+    if settings.vlm and not second_is_cnn:  # before torch is imported: an unavailable checkpoint fails in under 1 s
         from backend.models.vlm.source import resolve_source
 
         try:
@@ -106,7 +112,14 @@ def serve(
     settings.home.mkdir(parents=True, exist_ok=True)
 
     vlm_holder = None
-    if settings.vlm:
+    if second_is_cnn:
+        try:
+            vlm_holder = ModelHolder(settings.load_cnn(settings.vlm))
+        except TandemError as exc:
+            console.print(f"[red]error:[/] second opinion: {exc}")
+            raise typer.Exit(2) from exc
+        console.print(f"Second opinion: the CNN [bold]{vlm_holder.adapter.version}[/]")
+    elif settings.vlm:
         from backend.models.vlm.loader import load_vlm
 
         options = {"threshold": vlm_threshold} if vlm_threshold is not None else {}

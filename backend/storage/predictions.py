@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -76,6 +77,7 @@ class PredictionRepo:
         self.engine = engine_for(url)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tandem-store")
         self._last_write: Future | None = None
+        self._writer_ident: int | None = None
 
     # -- writes ---------------------------------------------------------------------------------------
     def put_many(self, rows: Iterable[PredictionRow]) -> int:
@@ -101,6 +103,7 @@ class PredictionRepo:
         rows = list(rows)
 
         def write() -> None:
+            self._writer_ident = threading.get_ident()
             try:
                 self.put_many(rows)
             except Exception:
@@ -115,7 +118,10 @@ class PredictionRepo:
         self._last_write = self._writer.submit(write)
 
     def flush(self) -> None:
-        """Wait for the writes handed over so far (one thread, in order: waiting for the last is enough)."""
+        """Wait for the writes handed over so far (one thread, in order: waiting for the last is enough). On the
+        writer thread itself (a `then` callback reading back) everything before is already written."""
+        if threading.get_ident() == self._writer_ident:
+            return
         last = self._last_write
         if last is not None and not last.done():
             last.result()

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
-from backend.server.background import ServerThread
+from backend.dev.server_thread import ServerThread
 from backend.server.guard import WEBHOOK_SECRET_HEADER, GuardMiddleware
 
 

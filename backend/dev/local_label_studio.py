@@ -1,9 +1,10 @@
 """A local Label Studio for the demo and the tests: installed once into its own uv tool environment
-(its pins clash with Tandem's), started on 127.0.0.1 with a known user and token, stopped at the end."""
+(its pins clash with Tandem's), started on 127.0.0.1 with an admin password and token made for this launch, stopped at the end."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -15,8 +16,6 @@ import httpx
 
 LABEL_STUDIO_VERSION = os.environ.get("TANDEM_LABEL_STUDIO_VERSION", "1.23.2")
 ADMIN_EMAIL = "admin@example.com"
-ADMIN_PASSWORD = "tandem-local-password"
-ADMIN_TOKEN = "tandemlocaltoken0123456789abcdef01234567"
 
 
 def free_port() -> int:
@@ -47,6 +46,7 @@ class LocalLabelStudio:
     token: str
     process: subprocess.Popen
     log_path: Path
+    password: str = ""  # the admin's (ADMIN_EMAIL), made for this launch: log in with it in a browser
 
     def stop(self) -> None:
         self.process.terminate()
@@ -61,12 +61,14 @@ def start_label_studio(data_dir: Path, port: int | None = None, timeout: float =
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
+    # made per launch, never shipped: a Label Studio started here is reachable by anything on this machine
+    password, token = secrets.token_urlsafe(16), secrets.token_hex(20)
     env = {
         **os.environ,
         "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
         "LABEL_STUDIO_USERNAME": ADMIN_EMAIL,
-        "LABEL_STUDIO_PASSWORD": ADMIN_PASSWORD,
-        "LABEL_STUDIO_USER_TOKEN": ADMIN_TOKEN,
+        "LABEL_STUDIO_PASSWORD": password,
+        "LABEL_STUDIO_USER_TOKEN": token,
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
         "LABEL_STUDIO_HOST": url,
         # 1.23 refuses ML backends on loopback unless both are off
@@ -88,9 +90,9 @@ def start_label_studio(data_dir: Path, port: int | None = None, timeout: float =
             raise RuntimeError(f"Label Studio exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                httpx.get(f"{url}/api/projects", headers={"Authorization": f"Token {ADMIN_TOKEN}"},
+                httpx.get(f"{url}/api/projects", headers={"Authorization": f"Token {token}"},
                           timeout=10).raise_for_status()
-                return LocalLabelStudio(url, ADMIN_TOKEN, proc, log_path)
+                return LocalLabelStudio(url, token, proc, log_path, password)
         except httpx.HTTPError:
             pass
         time.sleep(1)

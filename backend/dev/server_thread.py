@@ -7,7 +7,7 @@ import time
 
 import uvicorn
 
-from backend.labelstudio.local import free_port
+from backend.dev.local_label_studio import free_port
 
 
 class ServerThread:
