@@ -1,4 +1,5 @@
-"""Ultralytics YOLO (detect, segment, classify) behind the ModelAdapter protocol.
+"""Ultralytics YOLO (detect, segment, classify, embed) behind the `Model` protocol (and `ModelAdapter`: one
+task, its own classes; a request's vocabulary is not asked, the writers map classes onto labels).
 
 The model is loaded once and kept; ultralytics' predictor is not thread-safe, so calls are serialised on
 one inference thread (concurrent task-open requests from Label Studio are common). One thread, not a lock:
@@ -26,7 +27,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from backend.errors import ModelLoadError  # noqa: E402
-from backend.models.base import ModelOutput, ModelTask  # noqa: E402
+from backend.models.base import TASK_CAPABILITY, Capability, ModelOutput, ModelRequest, ModelTask  # noqa: E402
 
 Runner = Callable[[list[np.ndarray], float], list[ModelOutput]]  # RGB uint8 images, confidence -> outputs
 
@@ -158,6 +159,7 @@ class YoloAdapter:
         if self._model.task not in {t.value for t in ModelTask}:
             raise ModelLoadError(f"unsupported YOLO task '{self._model.task}' in {weights}")
         self.task = ModelTask(self._model.task)
+        self.capabilities = frozenset({TASK_CAPABILITY[self.task], Capability.EMBED})
         names = self._model.names
         self.class_names = tuple(names[i] for i in sorted(names))
         self.device = device or default_device()
@@ -252,7 +254,10 @@ class YoloAdapter:
                     check_images=lambda: parity_images() + load_images(cal.check, self.imgsz))
         return run
 
-    def predict(self, images: list[Image.Image]) -> list[ModelOutput]:
+    def predict(self, images: list[Image.Image], request: ModelRequest | None = None) -> list[ModelOutput]:
+        """Its own task and classes: a request's vocabulary is ignored (the labels are mapped afterwards)."""
+        if request is not None and request.task is not self.task:
+            raise ValueError(f"{self.name} is a {self.task.value} model, not {request.task.value}")
         if not images:
             return []
         arrays = [_rgb(img) for img in images]
