@@ -1,9 +1,7 @@
 """LoRA fine-tuning of a generative VLM on corrected labels (peft), with no Tandem state: the worker calls it.
 
-Only the language model is adapted. peft matches a string `target_modules` with re.fullmatch against
-module names, and a plain list such as ["q_proj", "v_proj"] would also adapt the vision tower (CLIP and
-SigLIP use the same names; Qwen2.5-VL's vision MLP is gate/up/down_proj), so each family gets a regex
-rooted in its language model.
+Only the language model is adapted: each family declares a `target_modules` regex rooted in its language
+model (`Family.lora_targets` in backend/models/families/; see `spec.llm_targets` for why not a plain list).
 """
 
 from __future__ import annotations
@@ -17,23 +15,13 @@ from pathlib import Path
 
 import torch
 
+from backend.models.vlm import ADAPTER_BASE_FILE
 from backend.models.vlm.base import chunks
 from backend.models.vlm.generative import GenerativeVlm
 from backend.training.vlm_examples import Example
 
-LLM_LINEAR = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
-TARGET_MODULES = {
-    "llava": rf".*language_model.*\.({LLM_LINEAR})",
-    "qwen2_vl": rf".*language_model.*\.({LLM_LINEAR})",
-    "qwen2_5_vl": rf".*language_model.*\.({LLM_LINEAR})",
-    "qwen3_vl": rf".*language_model.*\.({LLM_LINEAR})",
-    "paligemma": rf".*language_model.*\.({LLM_LINEAR})",
-    "idefics3": rf".*text_model.*\.({LLM_LINEAR})",
-    "smolvlm": rf".*text_model.*\.({LLM_LINEAR})",
-    "florence2": r".*language_model.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
-}
 DEFAULTS = {"epochs": 3, "batch": 4, "lr": 2e-4, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "seed": 0}
-BASE_FILE = "tandem_base.json"  # which checkpoint (hub id, folder or parent adapter) the adapter applies to
+
 
 @torch.no_grad()
 def mean_loss(vlm: GenerativeVlm, examples: Sequence[Example], batch: int) -> float:
@@ -63,7 +51,7 @@ def lora_fine_tune(
     random.seed(p["seed"])
     torch.manual_seed(p["seed"])
     config = LoraConfig(r=int(p["lora_r"]), lora_alpha=int(p["lora_alpha"]), lora_dropout=float(p["lora_dropout"]),
-                        target_modules=TARGET_MODULES[vlm.model_type], bias="none")
+                        target_modules=vlm.spec.lora_targets, bias="none")
     vlm.model = get_peft_model(vlm.model, config)
     trainable = [t for t in vlm.model.parameters() if t.requires_grad]
     n_trainable = sum(t.numel() for t in trainable)
@@ -94,6 +82,6 @@ def lora_fine_tune(
 
     out_dir = Path(out_dir)
     vlm.model.save_pretrained(out_dir)
-    (out_dir / BASE_FILE).write_text(json.dumps({"base": base_source, "model_type": vlm.model_type}))
+    (out_dir / ADAPTER_BASE_FILE).write_text(json.dumps({"base": base_source, "model_type": vlm.model_type}))
     return {"adapter": str(out_dir), "val_loss_before": before, "val_loss_after": after, "train_loss": history,
             "seconds": seconds, "trainable_parameters": n_trainable, "adapted_modules": len(adapted)}

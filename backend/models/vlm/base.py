@@ -11,32 +11,25 @@ from __future__ import annotations
 import hashlib
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import supervision as sv
 from PIL import Image
 
-from backend.models.base import ModelOutput, ModelTask
+from backend.models.base import (
+    TASK_CAPABILITY,
+    BoundModel,
+    Capability,
+    ModelOutput,
+    ModelRequest,
+    ModelTask,
+    Vocabulary,
+)
+from backend.models.families import Family, family_for
 
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """`names[i]` is the class reported (a label value); `prompts[i]` is the text the model is asked."""
-
-    names: tuple[str, ...]
-    prompts: tuple[str, ...]
-
-    @classmethod
-    def from_labels(cls, labels: Sequence[str], prompts: Mapping[str, str] | None = None) -> Vocabulary:
-        prompts = {k.lower(): v for k, v in (prompts or {}).items()}
-        return cls(tuple(labels), tuple(prompts.get(label.lower(), label) for label in labels))
-
-    def __post_init__(self) -> None:
-        if not self.names or len(self.names) != len(self.prompts):
-            raise ValueError("a vocabulary needs one prompt per label and at least one label")
+__all__ = ["BoundModel", "OpenVocabularyModel", "Vocabulary", "checkpoint_version", "chunks", "make_detections"]
 
 
 def chunks(items: Sequence, size: int):
@@ -70,9 +63,11 @@ def checkpoint_version(path: Path, name: str, config: str = "config.json") -> st
 
 
 class OpenVocabularyModel(ABC):
-    """Loaded once; `predict_vocab` is serialised by a lock (transformers models are not re-entrant on GPU)."""
+    """A promptable `Model`: the request's vocabulary is its classes. Loaded once; `predict_vocab` is
+    serialised by a lock (transformers models are not re-entrant on GPU). What differs between families
+    (prompts, box format, thresholds) is read from the family's entry in `backend.models.families`."""
 
-    family: str = ""
+    family: str = ""  # the loader kind, in words ("zero-shot detector", ...)
     tasks: frozenset[ModelTask] = frozenset()
 
     def __init__(self, model, processor, name: str, version: str, device: str) -> None:
@@ -81,10 +76,18 @@ class OpenVocabularyModel(ABC):
         self.name, self.version, self.device = name, version, device
         self.source = name  # the hub id or folder it was loaded from (set by the loader)
         self._lock = threading.Lock()
+        spec = family_for(self.model_type)
+        if spec is None:
+            raise ValueError(f"no family is registered for model type {self.model_type!r}")
+        self.spec: Family = spec
 
     @property
     def model_type(self) -> str:
         return self.model.config.model_type
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        return frozenset({Capability.PROMPTABLE, *(TASK_CAPABILITY[t] for t in self.tasks)})
 
     def _to_device(self, batch) -> dict:
         """A processor's output on the model's device; floating tensors (pixels) in the model's dtype."""
@@ -98,6 +101,14 @@ class OpenVocabularyModel(ABC):
             raise ValueError(f"{self.name} ({self.family}) cannot {task.value}")
         return BoundModel(self, task, vocabulary)
 
+    def predict(self, images: list[Image.Image], request: ModelRequest | None = None) -> list[ModelOutput]:
+        """The `Model` call: the request must carry the task and the vocabulary to ask about."""
+        if request is None or request.vocabulary is None:
+            raise ValueError(f"{self.name} is open-vocabulary: its request needs a task and a vocabulary")
+        if request.task not in self.tasks:
+            raise ValueError(f"{self.name} ({self.family}) cannot {request.task.value}")
+        return self.predict_vocab(images, request.task, request.vocabulary)
+
     def predict_vocab(self, images: list[Image.Image], task: ModelTask, vocabulary: Vocabulary) -> list[ModelOutput]:
         if not images:
             return []
@@ -108,31 +119,3 @@ class OpenVocabularyModel(ABC):
 
     @abstractmethod
     def _predict(self, images: list[Image.Image], task: ModelTask, vocabulary: Vocabulary) -> list[ModelOutput]: ...
-
-
-@dataclass(frozen=True)
-class BoundModel:
-    """An open-vocabulary model fixed to one task and one label set: a plain ModelAdapter."""
-
-    model: OpenVocabularyModel
-    task: ModelTask
-    vocabulary: Vocabulary
-    class_names: tuple[str, ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "class_names", self.vocabulary.names)
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def version(self) -> str:
-        return self.model.version
-
-    @property
-    def device(self) -> str:
-        return self.model.device
-
-    def predict(self, images: list[Image.Image]) -> list[ModelOutput]:
-        return self.model.predict_vocab(images, self.task, self.vocabulary)

@@ -8,80 +8,47 @@ keeps "cat" from winning for "caterpillar"; multi-token labels are summed.
 Grounding is generated in each family's own format, parsed into boxes (`grounding.py`), and each box
 gets a pseudo-confidence: the geometric mean of the probabilities of the tokens that wrote it — never
 a constant.
+
+How each family is asked and how it writes boxes is declared in its module under `backend.models.families`
+(`Family.prompt`, `Family.grounding`); nothing here branches on the model type.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
 from backend.models.base import ModelOutput, ModelTask
+from backend.models.families import LoaderKind
 from backend.models.vlm.base import OpenVocabularyModel, Vocabulary, chunks, make_detections
 from backend.models.vlm.grounding import (
+    BoxFormat,
     GroundedBox,
     format_boxes,
     match_phrase,
-    parse_florence2,
-    parse_paligemma,
-    parse_qwen_json,
+    parse_boxes,
     span_confidence,
     token_offsets,
 )
 
-
-@dataclass(frozen=True)
-class FamilyStyle:
-    """How one family is prompted: chat template or task prefix, answer framing, box format."""
-
-    chat: bool  # prompt rendered by the processor's chat template
-    answer_prefix: str  # between the generation prompt and the answer, as the chat template renders it
-    end_of_turn: str | None  # None: the tokenizer's eos
-    grounding: str | None  # florence2 | paligemma | qwen_pixels | qwen_1000 | None (not trained to ground)
-    nested_images: bool = True  # processor wants one list of images per sample
-
-
-STYLES: dict[str, FamilyStyle] = {
-    "llava": FamilyStyle(True, " ", None, None),
-    "idefics3": FamilyStyle(True, " ", "<end_of_utterance>", None),
-    "smolvlm": FamilyStyle(True, " ", "<end_of_utterance>", None),
-    "qwen2_vl": FamilyStyle(True, "", "<|im_end|>", "qwen_pixels"),
-    "qwen2_5_vl": FamilyStyle(True, "", "<|im_end|>", "qwen_pixels"),
-    "qwen3_vl": FamilyStyle(True, "", "<|im_end|>", "qwen_1000"),
-    "paligemma": FamilyStyle(False, "", None, "paligemma", nested_images=False),
-    "florence2": FamilyStyle(False, "", None, "florence2", nested_images=False),
-}
-
 CLASSIFY_QUESTION = "Which one of these is shown in the image: {options}? Answer with one of them."
 DETECT_QUESTION = ("Locate every instance of these categories in the image: {options}. "
                    "Report the bbox coordinates in JSON format.")
-# Hand-rendered prompts for processors saved without a chat template (identical to what the real
-# LLaVA-1.5, Qwen and SmolVLM templates render for one user turn with one image).
-MANUAL_PROMPTS = {
-    "llava": "USER: <image>\n{q} ASSISTANT:",
-    "idefics3": "<|im_start|>User:<image>{q}<end_of_utterance>\nAssistant:",
-    "smolvlm": "<|im_start|>User:<image>{q}<end_of_utterance>\nAssistant:",
-    "qwen2_vl": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                 "<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"),
-    "qwen2_5_vl": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                   "<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"),
-    "qwen3_vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n",
-}
 
 
 class GenerativeVlm(OpenVocabularyModel):
-    family = "generative VLM"
+    family = LoaderKind.GENERATIVE.value
 
     def __init__(self, model, processor, name, version, device, *, classify_question: str = CLASSIFY_QUESTION,
                  detect_question: str = DETECT_QUESTION, florence_task: str = "<CAPTION_TO_PHRASE_GROUNDING>",
                  max_new_tokens: int = 256, max_sequences: int = 16, min_confidence: float = 0.0) -> None:
         super().__init__(model, processor, name, version, device)
-        if self.model_type not in STYLES:
+        if self.spec.prompt is None:
             raise ValueError(f"no prompt style for model type {self.model_type!r}")
-        self.style = STYLES[self.model_type]
-        self.tasks = frozenset({ModelTask.CLASSIFY} | ({ModelTask.DETECT} if self.style.grounding else set()))
+        self.style = self.spec.prompt
+        self.box_format: BoxFormat | None = self.spec.grounding
+        self.tasks = frozenset({ModelTask.CLASSIFY} | ({ModelTask.DETECT} if self.box_format else set()))
         self.classify_question, self.detect_question = classify_question, detect_question
         self.florence_task, self.max_new_tokens = florence_task, max_new_tokens
         self.max_sequences, self.min_confidence = max_sequences, min_confidence
@@ -90,14 +57,14 @@ class GenerativeVlm(OpenVocabularyModel):
 
     # ---------------------------------------------------------------- prompts
     def prompt(self, question: str) -> str:
-        if self.model_type == "paligemma":
-            return "<image>" + question
-        if self.model_type == "florence2":
-            return question
+        if not self.style.chat:
+            return self.style.prompt_prefix + question
         if getattr(self.processor, "chat_template", None):
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return MANUAL_PROMPTS[self.model_type].format(q=question)
+        if self.style.manual_prompt is None:
+            raise ValueError(f"{self.name} has no chat template and {self.spec.name} no hand-rendered prompt")
+        return self.style.manual_prompt.format(q=question)
 
     def _end_of_turn(self) -> str:
         return self.style.end_of_turn or self.tokenizer.eos_token or ""
@@ -109,18 +76,8 @@ class GenerativeVlm(OpenVocabularyModel):
     # ---------------------------------------------------------------- questions and teacher forcing
     def question(self, task: ModelTask, vocabulary: Vocabulary) -> str:
         """The family's own way of asking (PaliGemma task prefixes, Florence-2 task tokens, chat otherwise)."""
-        options = ", ".join(vocabulary.prompts)
-        if task is ModelTask.CLASSIFY:
-            if self.model_type == "paligemma":
-                return "answer en " + self.classify_question.format(options=options)
-            if self.model_type == "florence2":
-                return "<CAPTION>"
-            return self.classify_question.format(options=options)
-        if self.model_type == "paligemma":
-            return "detect " + " ; ".join(vocabulary.prompts)
-        if self.model_type == "florence2":
-            return "<OD>" if self.florence_task == "<OD>" else self.florence_task + ". ".join(vocabulary.prompts) + "."
-        return self.detect_question.format(options=options)
+        ask = self.style.classify if task is ModelTask.CLASSIFY else self.style.detect
+        return ask(self, vocabulary.prompts)
 
     def teacher_forced(self, examples: list[tuple[Image.Image, str, str]]):
         """(image, question, answer) -> a batch whose `labels` cover only the answer and its end of turn.
@@ -130,7 +87,7 @@ class GenerativeVlm(OpenVocabularyModel):
         images = [im for im, _, _ in examples]
         prompts = [self.prompt(q) for _, q, _ in examples]
         answers = [a for _, _, a in examples]
-        if self.model_type == "paligemma":  # the processor masks the prefix itself when given `suffix`
+        if self.style.answer_as_suffix:  # the processor masks the prefix itself when given `suffix` (PaliGemma)
             return self._encode(prompts, images, suffix=answers)
         if self.encoder_decoder:
             batch = self._encode(prompts, images)
@@ -220,16 +177,11 @@ class GenerativeVlm(OpenVocabularyModel):
     # ---------------------------------------------------------------- grounding
     def _parse(self, text: str, image: Image.Image, coord_size: tuple[float, float] | None) -> list[GroundedBox]:
         w, h = image.size
-        kind = self.style.grounding
-        if kind == "florence2":
-            return parse_florence2(text, w, h)
-        if kind == "paligemma":
-            return parse_paligemma(text, w, h)
-        return parse_qwen_json(text, w, h, coord_size or (1000, 1000))
+        return parse_boxes(self.box_format, text, w, h, coord_size)
 
     def _qwen_coord_size(self, batch, i: int) -> tuple[float, float] | None:
         """Qwen2.5-VL writes pixels of the image *as resized by its processor* (multiples of 28)."""
-        if self.style.grounding != "qwen_pixels":
+        if self.box_format is not BoxFormat.QWEN_PIXELS:
             return None
         _, gh, gw = (int(v) for v in batch["image_grid_thw"][i])
         patch = self.processor.image_processor.patch_size
@@ -237,12 +189,12 @@ class GenerativeVlm(OpenVocabularyModel):
 
     def grounding_answer(self, image: Image.Image, boxes, labels) -> str:
         """The text this family should write for these pixel boxes: the fine-tuning target."""
-        if self.style.grounding is None:
+        if self.box_format is None:
             raise ValueError(f"{self.model_type} is not trained to ground boxes")
         coord_size = None
-        if self.style.grounding == "qwen_pixels":
+        if self.box_format is BoxFormat.QWEN_PIXELS:
             coord_size = self._qwen_coord_size(self.processor.image_processor(images=[image], return_tensors="pt"), 0)
-        return format_boxes(self.style.grounding, boxes, labels, image.width, image.height, coord_size)
+        return format_boxes(self.box_format, boxes, labels, image.width, image.height, coord_size)
 
     def _detect(self, images, vocabulary: Vocabulary) -> list[ModelOutput]:
         prompt = self.prompt(self.question(ModelTask.DETECT, vocabulary))

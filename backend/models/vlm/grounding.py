@@ -14,10 +14,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
+
+
+class BoxFormat(StrEnum):
+    """How a generative family writes boxes (each family declares its own in `backend.models.families`)."""
+
+    FLORENCE2 = "florence2"
+    PALIGEMMA = "paligemma"
+    QWEN_PIXELS = "qwen_pixels"  # pixels of the image as resized by the processor (Qwen2-VL, Qwen2.5-VL)
+    QWEN_1000 = "qwen_1000"  # 0..1000 relative coordinates (Qwen3-VL)
 
 
 @dataclass(frozen=True)
@@ -125,23 +135,57 @@ def span_confidence(offsets: np.ndarray, logprobs: np.ndarray, span: tuple[int, 
     return float(np.exp(np.mean(logprobs[hit])))
 
 
+def _bin(v: float, size: float, bins: int) -> int:
+    return int(min(max(v / size * bins, 0), bins - 1))
+
+
+def _format_florence2(boxes, labels, width, height, coord_size) -> str:
+    return "".join(f"{lab}<loc_{_bin(x0, width, 1000)}><loc_{_bin(y0, height, 1000)}><loc_{_bin(x1, width, 1000)}>"
+                   f"<loc_{_bin(y1, height, 1000)}>" for (x0, y0, x1, y1), lab in zip(boxes, labels, strict=True))
+
+
+def _format_paligemma(boxes, labels, width, height, coord_size) -> str:
+    return " ; ".join(f"<loc{_bin(y0, height, 1024):04d}><loc{_bin(x0, width, 1024):04d}>"
+                      f"<loc{_bin(y1, height, 1024):04d}><loc{_bin(x1, width, 1024):04d}> {lab}"
+                      for (x0, y0, x1, y1), lab in zip(boxes, labels, strict=True))
+
+
+def _format_qwen_json(boxes, labels, width, height, coord_size) -> str:
+    cw, ch = coord_size or (1000, 1000)
+    items = [{"bbox_2d": [round(x0 * cw / width), round(y0 * ch / height), round(x1 * cw / width),
+                          round(y1 * ch / height)], "label": lab}
+             for (x0, y0, x1, y1), lab in zip(boxes, labels, strict=True)]
+    return "```json\n" + json.dumps(items) + "\n```"
+
+
+# format -> (parse(text, width, height, coord_size), format(boxes, labels, width, height, coord_size))
+Parser = Callable[[str, int, int, tuple[float, float] | None], list[GroundedBox]]
+Formatter = Callable[[Sequence[Sequence[float]], Sequence[str], int, int, tuple[float, float] | None], str]
+FORMATS: dict[BoxFormat, tuple[Parser, Formatter]] = {
+    BoxFormat.FLORENCE2: (lambda text, w, h, size: parse_florence2(text, w, h), _format_florence2),
+    BoxFormat.PALIGEMMA: (lambda text, w, h, size: parse_paligemma(text, w, h), _format_paligemma),
+    BoxFormat.QWEN_PIXELS: (lambda text, w, h, size: parse_qwen_json(text, w, h, size or (1000, 1000)),
+                            _format_qwen_json),
+    BoxFormat.QWEN_1000: (lambda text, w, h, size: parse_qwen_json(text, w, h, (1000, 1000)),
+                          lambda boxes, labels, w, h, size: _format_qwen_json(boxes, labels, w, h, None)),
+}
+
+
+def _format_of(kind: str) -> BoxFormat:
+    try:
+        return BoxFormat(kind)
+    except ValueError:
+        raise ValueError(f"no box format {kind!r}") from None
+
+
+def parse_boxes(kind: str, text: str, width: int, height: int,
+                coord_size: tuple[float, float] | None = None) -> list[GroundedBox]:
+    """Generated text in format `kind` -> pixel boxes of a `width` x `height` image. `coord_size` (w, h) is
+    what QWEN_PIXELS coordinates are expressed in (the resized input); the other formats ignore it."""
+    return FORMATS[_format_of(kind)][0](text, width, height, coord_size)
+
+
 def format_boxes(kind: str, boxes: Sequence[Sequence[float]], labels: Sequence[str], width: int, height: int,
                  coord_size: tuple[float, float] | None = None) -> str:
     """The inverse of the parsers: the answer text a family is fine-tuned to write for these pixel boxes."""
-
-    def q(v: float, size: float, bins: int) -> int:
-        return int(min(max(v / size * bins, 0), bins - 1))
-
-    if kind == "florence2":
-        return "".join(f"{lab}<loc_{q(x0, width, 1000)}><loc_{q(y0, height, 1000)}><loc_{q(x1, width, 1000)}>"
-                       f"<loc_{q(y1, height, 1000)}>" for (x0, y0, x1, y1), lab in zip(boxes, labels, strict=True))
-    if kind == "paligemma":
-        return " ; ".join(f"<loc{q(y0, height, 1024):04d}><loc{q(x0, width, 1024):04d}><loc{q(y1, height, 1024):04d}>"
-                          f"<loc{q(x1, width, 1024):04d}> {lab}" for (x0, y0, x1, y1), lab in zip(boxes, labels, strict=True))
-    if kind in ("qwen_pixels", "qwen_1000"):
-        cw, ch = coord_size if kind == "qwen_pixels" and coord_size else (1000, 1000)
-        items = [{"bbox_2d": [round(x0 * cw / width), round(y0 * ch / height), round(x1 * cw / width),
-                              round(y1 * ch / height)], "label": lab}
-                 for (x0, y0, x1, y1), lab in zip(boxes, labels, strict=True)]
-        return "```json\n" + json.dumps(items) + "\n```"
-    raise ValueError(f"no box format {kind!r}")
+    return FORMATS[_format_of(kind)][1](boxes, labels, width, height, coord_size)

@@ -10,35 +10,38 @@ from pathlib import Path
 from typing import Any
 
 from backend.errors import ModelLoadError
+from backend.models.families import SUPPORTED, Family, LoaderKind, family_for
+from backend.models.vlm import ADAPTER_BASE_FILE
 from backend.models.vlm.base import OpenVocabularyModel, checkpoint_version
-from backend.models.vlm.generative import STYLES, GenerativeVlm
+from backend.models.vlm.generative import GenerativeVlm
 from backend.models.vlm.source import pick_device, resolve_source
-from backend.models.vlm.zero_shot import DETECTOR_TYPES, ZeroShotClassifier, ZeroShotDetector
+from backend.models.vlm.zero_shot import ZeroShotClassifier, ZeroShotDetector
 
 log = logging.getLogger("tandem.vlm")
 
-CLASSIFIER_TYPES = {"clip", "siglip", "siglip2", "metaclip_2", "chinese_clip", "altclip", "align"}
-SUPPORTED = sorted(DETECTOR_TYPES | CLASSIFIER_TYPES | set(STYLES))
+# loader kind -> (the transformers Auto* class that loads it, the adapter that runs it)
+LOADERS: dict[LoaderKind, tuple[str, type[OpenVocabularyModel]]] = {
+    LoaderKind.DETECTOR: ("AutoModelForZeroShotObjectDetection", ZeroShotDetector),
+    LoaderKind.CLASSIFIER: ("AutoModelForZeroShotImageClassification", ZeroShotClassifier),
+    LoaderKind.GENERATIVE: ("AutoModelForImageTextToText", GenerativeVlm),
+}
 
 
-def _refuse_unsupported(source: str, config: dict[str, Any]) -> None:
+def _family_of(source: str, config: dict[str, Any]) -> Family:
     model_type = config.get("model_type", "")
-    if model_type == "florence2" and config.get("auto_map"):
-        raise ModelLoadError(
-            f"{source} is a trust_remote_code Florence-2 checkpoint (its code would be fetched from the hub); "
-            "use florence-community/Florence-2-base or -large, which load with transformers' own Florence2 class"
-        )
-    if model_type not in SUPPORTED:
+    family = family_for(model_type)
+    if family is None:
         raise ModelLoadError(f"{source}: model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    reason = family.refuse(config, source) if family.refuse else None
+    if reason:
+        raise ModelLoadError(reason)
+    return family
 
 
 def display_name(source: str, path: Path) -> str:
     if Path(source).expanduser().exists():
         return path.name
     return source.split("/")[-1]
-
-
-ADAPTER_BASE_FILE = "tandem_base.json"
 
 
 def _load_lora(source: str, path: Path, device: str | None, options: dict[str, Any]) -> OpenVocabularyModel:
@@ -64,18 +67,14 @@ def load_vlm(source: str, device: str | None = None, revision: str | None = None
         return _load_lora(source, folder, device, options)
     path = resolve_source(source, revision)
     config = json.loads((path / "config.json").read_text())
-    _refuse_unsupported(source, config)
+    family = _family_of(source, config)
     model_type = config["model_type"]
     device, dtype = pick_device(device)
 
     import transformers
 
-    if model_type in DETECTOR_TYPES:
-        auto, adapter = transformers.AutoModelForZeroShotObjectDetection, ZeroShotDetector
-    elif model_type in CLASSIFIER_TYPES:
-        auto, adapter = transformers.AutoModelForZeroShotImageClassification, ZeroShotClassifier
-    else:
-        auto, adapter = transformers.AutoModelForImageTextToText, GenerativeVlm
+    auto_name, adapter = LOADERS[family.kind]
+    auto = getattr(transformers, auto_name)
     try:
         model = auto.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
         processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
@@ -84,5 +83,5 @@ def load_vlm(source: str, device: str | None = None, revision: str | None = None
     name = display_name(source, path)
     model_adapter = adapter(model, processor, name, checkpoint_version(path, name), device, **options)
     model_adapter.source = str(path)
-    log.info("loaded %s (%s, %s) on %s in %s", model_adapter.version, model_type, adapter.family, device, dtype)
+    log.info("loaded %s (%s, %s) on %s in %s", model_adapter.version, model_type, family.kind, device, dtype)
     return model_adapter

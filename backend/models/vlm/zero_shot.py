@@ -1,4 +1,5 @@
-"""Zero-shot detectors (OWLv2, OWL-ViT, Grounding DINO) and classifiers (CLIP, SigLIP, SigLIP2).
+"""Zero-shot detectors (OWLv2, OWL-ViT, Grounding DINO) and classifiers (CLIP, SigLIP, SigLIP2); what differs
+between families (default threshold, decoded phrases, sigmoid text padding) is read from `self.spec`.
 
 The labels' prompts are the text queries, all of them in one forward pass per batch of images (the
 transformers pipeline runs the model once per label instead).
@@ -12,11 +13,9 @@ import torch
 from PIL import Image
 
 from backend.models.base import ModelOutput, ModelTask
+from backend.models.families import LoaderKind
 from backend.models.vlm.base import OpenVocabularyModel, Vocabulary, chunks, make_detections
 from backend.models.vlm.grounding import match_phrase
-
-DETECTOR_TYPES = {"owlv2", "owlvit", "grounding-dino", "mm-grounding-dino"}
-SIGMOID_TYPES = {"siglip", "siglip2"}
 
 
 def _detections(xyxy: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, names: tuple[str, ...],
@@ -35,14 +34,14 @@ class ZeroShotDetector(OpenVocabularyModel):
     (a 224-px-high image got ymax 480): every box is clipped. OWL models score each patch for every query,
     hence class-wise NMS."""
 
-    family = "zero-shot detector"
+    family = LoaderKind.DETECTOR.value
     tasks = frozenset({ModelTask.DETECT})
 
     def __init__(self, model, processor, name, version, device, threshold: float | None = None,
                  text_threshold: float = 0.25, iou: float = 0.5, max_det: int = 100, batch_size: int = 4) -> None:
         super().__init__(model, processor, name, version, device)
-        self.grounding = "grounding" in self.model_type
-        self.threshold = threshold if threshold is not None else (0.25 if self.grounding else 0.1)
+        self.grounding = self.spec.phrase_labels  # boxes come with decoded phrases (Grounding DINO)
+        self.threshold = threshold if threshold is not None else self.spec.threshold
         self.text_threshold, self.iou, self.max_det, self.batch_size = text_threshold, iou, max_det, batch_size
 
     def _predict(self, images: list[Image.Image], task: ModelTask, vocabulary: Vocabulary) -> list[ModelOutput]:
@@ -83,19 +82,20 @@ class ZeroShotClassifier(OpenVocabularyModel):
     sigmoids, so its per-label sigmoids do not sum to 1 — for a single-choice question Tandem takes the
     softmax over the same logits (SigLIP's bias cancels), which ranks exactly as the sigmoids do."""
 
-    family = "zero-shot classifier"
+    family = LoaderKind.CLASSIFIER.value
     tasks = frozenset({ModelTask.CLASSIFY})
 
     def __init__(self, model, processor, name, version, device, template: str = "a photo of a {}.",
                  batch_size: int = 16) -> None:
         super().__init__(model, processor, name, version, device)
         self.template, self.batch_size = template, batch_size
-        self.sigmoid = self.model_type in SIGMOID_TYPES
+        self.sigmoid = self.spec.sigmoid
 
     def _predict(self, images: list[Image.Image], task: ModelTask, vocabulary: Vocabulary) -> list[ModelOutput]:
         texts = [self.template.format(p) for p in vocabulary.prompts]
         # SigLIP was trained on text padded to 64 tokens; other lengths shift its logits
-        pad = dict(padding="max_length", max_length=64) if self.sigmoid else dict(padding=True)
+        length = self.spec.text_length
+        pad = dict(padding="max_length", max_length=length) if length else dict(padding=True)
         out: list[ModelOutput] = []
         for chunk in chunks(images, self.batch_size):
             inputs = self._to_device(self.processor(text=texts, images=chunk, return_tensors="pt", truncation=True,
