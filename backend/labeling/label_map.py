@@ -1,4 +1,4 @@
-"""Mapping model class names onto a control's labels.
+"""Mapping model class names onto a control's labels: `backend.core.labels.LabelSpace` under its older names.
 
 Order of precedence: an explicit mapping from the user, then a label's `predicted_values`, then its
 value or alias compared case-insensitively (or exactly, when asked). Classes that map to nothing are
@@ -8,19 +8,11 @@ dropped: a COCO model on a two-label project predicts only those two labels.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
-from backend.errors import ConfigError
+from backend.core.labels import LabelSpace
 from backend.labeling.config import ControlSpec
 
-
-@dataclass(frozen=True)
-class LabelMap:
-    control: str
-    by_class: Mapping[str, str]  # model class name -> result value
-
-    def __call__(self, class_name: str) -> str | None:
-        return self.by_class.get(class_name)
+LabelMap = LabelSpace  # `labels(class_name)`, `.by_class`, `.control`: what callers used before LabelSpace
 
 
 def build_label_map(
@@ -30,36 +22,7 @@ def build_label_map(
     case_sensitive: bool = False,
 ) -> LabelMap:
     """Raise ConfigError when no model class reaches any label: predictions would all be empty."""
+    return LabelSpace.build(control, class_names, explicit, case_sensitive)
 
-    def norm(s: str) -> str:
-        return s if case_sensitive else s.strip().lower()
 
-    by_result = {label.result_value: label for label in control.labels}
-    lookup: dict[str, str] = {}
-    for label in control.labels:  # weakest first, so stronger rules overwrite
-        for name in (label.alias, label.value):
-            if name:
-                lookup.setdefault(norm(name), label.result_value)
-    for label in control.labels:
-        for name in label.predicted_values:
-            lookup[norm(name)] = label.result_value
-
-    explicit = dict(explicit or {})
-    by_value = {norm(label.value): label.result_value for label in control.labels}
-    for model_name, target in explicit.items():
-        resolved = target if target in by_result else by_value.get(norm(target))
-        if resolved is None:
-            raise ConfigError(
-                f"label mapping {model_name!r} -> {target!r}: control '{control.name}' has no label {target!r} "
-                f"(labels: {', '.join(by_result)})"
-            )
-        lookup[norm(model_name)] = resolved
-
-    mapping = {name: lookup[norm(name)] for name in class_names if norm(name) in lookup}
-    if not mapping:
-        raise ConfigError(
-            f"none of the model's classes ({', '.join(list(class_names)[:12])}) matches a label of control "
-            f"'{control.name}' ({', '.join(by_result)}); add predicted_values=\"...\" to the labels or set a "
-            "label_map (TANDEM_LABEL_MAP or the backend's extra_params)"
-        )
-    return LabelMap(control=control.name, by_class=mapping)
+__all__ = ["LabelMap", "build_label_map"]
