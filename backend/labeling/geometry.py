@@ -18,8 +18,11 @@ def xyxy_to_percent_xywh(xyxy: np.ndarray, width: int, height: int) -> np.ndarra
     return np.column_stack([pct[:, 0], pct[:, 1], pct[:, 2] - pct[:, 0], pct[:, 3] - pct[:, 1]])
 
 
-def percent_xywh_to_xyxy(xywh: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Inverse of `xyxy_to_percent_xywh` (for annotations coming back from Label Studio)."""
+def percent_xywh_to_xyxy(xywh: np.ndarray, width: int | np.ndarray, height: int | np.ndarray) -> np.ndarray:
+    """Inverse of `xyxy_to_percent_xywh` (for annotations coming back from Label Studio), not clipped.
+
+    `width` and `height` are the image's size, or (N,) arrays with each box's own image size.
+    """
     pct = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
     x1 = pct[:, 0] * width / 100.0
     y1 = pct[:, 1] * height / 100.0
@@ -34,5 +37,6 @@ def points_to_percent(points: np.ndarray, width: int, height: int) -> np.ndarray
 
 
 def percent_to_points(points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(K, 2) percent points -> (K, 2) pixel points: the inverse of `points_to_percent`, not clipped."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     return pts * np.array([width, height], dtype=np.float64) / 100.0
