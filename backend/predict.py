@@ -29,8 +29,7 @@ from backend.labeling.config import ControlSpec, LabelingConfig, parse_label_con
 from backend.labeling.label_map import LabelMap, build_label_map
 from backend.labeling.results import WRITERS, prediction_score
 from backend.media.fetch import LoadedImage, MediaFetcher
-from backend.models.base import ModelAdapter, ModelTask
-from backend.models.vlm.base import OpenVocabularyModel, Vocabulary
+from backend.models.base import Model, ModelAdapter, ModelTask, Vocabulary, bind, is_promptable, tasks_of
 from backend.core.prediction import Prediction, Role
 from backend.storage.predictions import PredictionRepo, PredictionRow, fingerprint
 
@@ -41,17 +40,19 @@ TASK_PREFERENCE = (ModelTask.DETECT, ModelTask.SEGMENT, ModelTask.CLASSIFY)
 DOWNLOAD_GRACE_S = 30.0  # past /predict's budget (60 s by default) and within Label Studio's 100 s
 
 
-def served_tasks(adapter: ModelAdapter | OpenVocabularyModel) -> frozenset[ModelTask]:
-    return adapter.tasks if isinstance(adapter, OpenVocabularyModel) else frozenset({adapter.task})
+def served_tasks(adapter: Model) -> frozenset[ModelTask]:
+    """The tasks a model can fill, read from its capabilities."""
+    return tasks_of(adapter)
 
 
-def describe(adapter: ModelAdapter | OpenVocabularyModel) -> str:
+def describe(adapter: Model) -> str:
     return "+".join(sorted(t.value for t in served_tasks(adapter)))
 
 
-def registry_task(adapter: ModelAdapter | OpenVocabularyModel) -> str:
-    """The registry's task column; "vlm:" keeps VLM versions apart from the CNN's (`ModelVersion.kind`)."""
-    return ("vlm:" if isinstance(adapter, OpenVocabularyModel) else "") + describe(adapter)
+def registry_task(adapter: Model) -> str:
+    """The registry's task column; "vlm:" keeps promptable (open-vocabulary) versions apart from the CNN's
+    (`ModelVersion.kind`)."""
+    return ("vlm:" if is_promptable(adapter) else "") + describe(adapter)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class ServingPlan:
 
 
 def plan_for(
-    adapter: ModelAdapter | OpenVocabularyModel,
+    adapter: Model,
     label_config: str,
     label_map: Mapping[str, str] | None = None,
     case_sensitive: bool = False,
@@ -124,14 +125,13 @@ def plan_for(
         task = next((t for t in TASK_PREFERENCE if t in tasks and t in WRITERS[control.kind].tasks), None)
         if task is None:
             continue
-        bound = adapter
-        if isinstance(adapter, OpenVocabularyModel):
-            bound = adapter.bind(task, Vocabulary.from_labels([lab.value for lab in control.labels], prompts))
+        vocabulary = Vocabulary.from_labels([lab.value for lab in control.labels], prompts)
+        bound: ModelAdapter = bind(adapter, task, vocabulary)  # a promptable model asks about this control's labels
         labels = build_label_map(control, bound.class_names, label_map, case_sensitive)
         planned.append(PlannedControl(control, labels, bound))
     if not planned:
         wanted = ", ".join(c.title for c in config.controls)
-        kind = "VLM" if isinstance(adapter, OpenVocabularyModel) else "YOLO"
+        kind = "VLM" if is_promptable(adapter) else "YOLO"
         raise ConfigError(
             f"model {adapter.name} is a {kind} {describe(adapter)} model and cannot fill {wanted}; "
             "serve a detect model for RectangleLabels, segment for PolygonLabels, classify for Choices (the starter: "
