@@ -91,13 +91,15 @@ def materialize_base(chain: list[dict], root: str) -> str:
     LoRA adapter re-pointed at the copy below it (its tandem_base.json names a path on the server)."""
     import json
 
+    from backend.models.vlm import ADAPTER_BASE_FILE
+
     source = ""
     for link in chain:
         if "hub" in link:
             source = link["hub"]
             continue
         folder = posixpath.join(root, link["vol"])
-        marker = posixpath.join(folder, "tandem_base.json")
+        marker = posixpath.join(folder, ADAPTER_BASE_FILE)
         if os.path.exists(marker):
             with open(marker) as fh:
                 meta = json.load(fh)

@@ -14,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backend.errors import TandemError
+from backend.models.vlm import ADAPTER_BASE_FILE
 from backend.training.export import ExportedDataset
 from backend.training.jobs import Job, JobStore
 
 APP_NAME = "tandem-train"
 FUNCTION_NAME = "train_yolo"
 VLM_FUNCTION_NAME = "train_vlm_lora"
-ADAPTER_BASE_FILE = "tandem_base.json"
 VOLUME_NAME = "tandem-data"
 
 
