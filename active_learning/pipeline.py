@@ -59,11 +59,12 @@ def _chunks(items: Sequence, size: int):
 def reason_names(primary, second) -> tuple[str, str]:
     """What reasons call the two models: the CNN as "CNN" (its file stem, often "best", says nothing), a VLM by its
     name ("grounding_dino"), a second YOLO model as "2nd CNN"."""
-    from backend.models.yolo import YoloAdapter
+    from backend.models.base import BoundModel, is_promptable
 
     if second is None:
         return "CNN", "second"
-    return "CNN", ("2nd CNN" if isinstance(second, YoloAdapter) else second.name)
+    model = second.model if isinstance(second, BoundModel) else second  # a VLM bound to the project's labels
+    return "CNN", (second.name if is_promptable(model) else "2nd CNN")
 
 
 def is_labeled(task: Mapping[str, Any]) -> bool:
@@ -215,8 +216,10 @@ def run_selection(
             return None
         return _embed_all(primary, images)
 
+    from backend.models.base import Capability
+
     embeddings = StoredEmbeddings(store, [keys1[t] for t in ids], control.name, compute) \
-        if callable(getattr(primary, "embed", None)) else None
+        if Capability.EMBED in getattr(primary, "capabilities", ()) else None
     labeled_emb = None
     if embeddings is not None and labeled:
         images = []

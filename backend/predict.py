@@ -29,7 +29,7 @@ from backend.labeling.config import ControlSpec, LabelingConfig, parse_label_con
 from backend.labeling.label_map import LabelMap, build_label_map
 from backend.labeling.results import WRITERS, prediction_score
 from backend.media.fetch import LoadedImage, MediaFetcher
-from backend.models.base import Model, ModelAdapter, ModelTask, Vocabulary, bind, is_promptable, tasks_of
+from backend.models.base import Capability, Model, ModelAdapter, ModelTask, Vocabulary, bind, is_promptable, tasks_of
 from backend.core.prediction import Prediction, Role
 from backend.storage.predictions import PredictionRepo, PredictionRow, fingerprint
 
@@ -210,7 +210,7 @@ class Predictor:
             idx = [i for i in range(len(tasks)) if (c_idx, i, planned.control.image_key) in outputs]
             pooled = planned.in_labels([outputs[(c_idx, i, planned.control.image_key)] for i in idx], plan.version,
                                        role)
-            if embed and c_idx == 0 and idx and callable(getattr(planned.adapter, "embed", None)):
+            if embed and c_idx == 0 and idx and Capability.EMBED in getattr(planned.adapter, "capabilities", ()):
                 vectors = planned.adapter.embed([loaded[(i, planned.control.image_key)].image for i in idx])
                 pooled = [p.with_meta(embedding=np.asarray(v, dtype=np.float32)) for p, v in zip(pooled, vectors,
                                                                                                   strict=True)]

@@ -30,7 +30,7 @@ YOLO_SUFFIXES = (".pt", ".onnx", ".torchscript", ".engine", ".xml")
 
 def spec_of(adapter: Any) -> str | None:
     """The spec that loads this adapter again: a YOLO's weights path, a VLM's folder or hub id."""
-    inner = getattr(adapter, "model", None) if not isinstance(adapter, OpenVocabularyModel) else adapter
+    inner = adapter if isinstance(adapter, OpenVocabularyModel) else getattr(adapter, "model", None)  # BoundModel
     for candidate in (adapter, inner):
         for attr in ("path", "source"):
             value = getattr(candidate, attr, None)
