@@ -18,6 +18,8 @@ Classification. Jensen–Shannon divergence / log 2 (∈ [0, 1]) and whether the
 
 from __future__ import annotations
 
+from collections import Counter
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,6 +73,8 @@ class DetectionDisagreement:
         `faint` (the serving threshold), the unmatched boxes scored below it are counted apart, since the
         annotator is not shown them.
         """
+        if not any(self.counts[key][i] for key in REASONS):  # the common case, and the cheap one
+            return "agree"
         named = class_names is not None and self.a is not None and self.b is not None
         what = self._classes(i, class_names, faint) if named else {}
         parts = []
@@ -99,7 +103,10 @@ class DetectionDisagreement:
         pa, pb, iou = self.pairs_a[lo:hi], self.pairs_b[lo:hi], self.pair_iou[lo:hi]
         out = {}
         for key, boxes, matched in (("only_a", a, pa), ("only_b", b, pb)):
-            alone = np.setdiff1d(np.arange(boxes.offsets[i], boxes.offsets[i + 1]), matched)
+            if not self.counts[key][i]:
+                continue
+            rows = np.arange(boxes.offsets[i], boxes.offsets[i + 1])
+            alone = rows[~np.isin(rows, matched, assume_unique=True)]
             out[key] = _tally(boxes.labels[alone], class_names)
             below = int((boxes.scores[alone] < faint).sum()) if faint is not None else 0
             if below:
@@ -112,10 +119,10 @@ class DetectionDisagreement:
 
 
 def _tally(labels: np.ndarray, class_names: Sequence[str]) -> str:
-    """"Dog ×2, Cat": most frequent first."""
-    ids, counts = np.unique(labels, return_counts=True)
-    order = np.argsort(-counts, kind="stable")
-    return ", ".join(class_names[ids[k]] + (f" ×{counts[k]}" if counts[k] > 1 else "") for k in order)
+    """"Dog ×2, Cat": most frequent first (ties by class id, as before)."""
+    counts = Counter(int(x) for x in labels)
+    order = sorted(counts, key=lambda k: (-counts[k], k))
+    return ", ".join(class_names[k] + (f" ×{counts[k]}" if counts[k] > 1 else "") for k in order)
 
 
 def _gather(boxes: BoxBatch, rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

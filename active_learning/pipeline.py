@@ -88,7 +88,7 @@ class StoredEmbeddings:
 
     def __getitem__(self, index) -> np.ndarray:
         rows = np.arange(len(self.keys))[index]
-        found = self.store.get_controls([self.keys[i] for i in rows])
+        found = self.store.get_controls([self.keys[i] for i in rows], embeddings=True)
         vectors: list[np.ndarray | None] = []
         for i in rows:
             pred = found.get(self.keys[i], {}).get(self.control)
@@ -125,7 +125,7 @@ def run_selection(
     project_id: int | None = None,
     threshold: float = NEAR[0],
     prompts: Mapping[str, str] | None = None,
-    chunk: int = 8,
+    chunk: int = 4,
 ) -> tuple[SelectOutcome, ScoreTable | None, list[int]]:
     """Rank the project's unlabeled tasks on the first control the primary model fills, in its labels.
 

@@ -80,7 +80,8 @@ class Prediction:
         return record
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Prediction:
+    def from_record(cls, record: dict[str, Any], embedding: bool = True) -> Prediction:
+        """`embedding=False` skips decoding a stored embedding (scoring never reads it)."""
         if record.get("v") != RECORD_VERSION:
             raise ValueError(f"unknown prediction record version {record.get('v')!r}")
         return cls(
@@ -88,7 +89,7 @@ class Prediction:
             probabilities=_unpack(record["probabilities"]) if "probabilities" in record else None,
             candidate_peak=record.get("candidate_peak"),
             class_names=tuple(record.get("class_names", ())),
-            embedding=_unpack(record["embedding"]) if "embedding" in record else None,
+            embedding=_unpack(record["embedding"]) if embedding and "embedding" in record else None,
             model_version=record.get("model_version"),
             role=record.get("role"),
             extra=record.get("extra", {}),

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from backend.core.prediction import Prediction
@@ -59,15 +59,16 @@ def _record(controls: Mapping[str, Prediction]) -> str | None:
     return json.dumps({name: p.to_record() for name, p in controls.items()})
 
 
-def decode_controls(record: str | None) -> dict[str, Prediction]:
+def decode_controls(record: str | None, embedding: bool = True) -> dict[str, Prediction]:
     if not record:
         return {}
-    return {name: Prediction.from_record(rec) for name, rec in json.loads(record).items()}
+    return {name: Prediction.from_record(rec, embedding) for name, rec in json.loads(record).items()}
 
 
-def _upsert(dialect: str, rows: list[dict[str, Any]]):
+def _upsert(dialect: str):
+    """One statement executed for many rows (executemany): compiled once, not once per chunk of values."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(T).values(rows)
+    stmt = insert(T)
     keep = {c: stmt.excluded[c] for c in ("project_id", "role", "model_name", "item", "record", "created_at")}
     return stmt.on_conflict_do_update(index_elements=["task_id", "model_version", "fingerprint"], set_=keep)
 
@@ -93,8 +94,7 @@ class PredictionRepo:
             return 0
         dedup = list({(v["task_id"], v["model_version"], v["fingerprint"]): v for v in values}.values())
         with self.engine.begin() as conn:
-            for start in range(0, len(dedup), _CHUNK):
-                conn.execute(_upsert(self.engine.dialect.name, dedup[start : start + _CHUNK]))
+            conn.execute(_upsert(self.engine.dialect.name), dedup)
         return len(dedup)
 
     def put_many_later(self, rows: Iterable[PredictionRow], then=None) -> None:
@@ -134,20 +134,28 @@ class PredictionRepo:
         """key -> the stored Label Studio item, for the keys that exist."""
         return {k: json.loads(item) for k, item, _ in self._rows(keys, with_record=False)}
 
-    def get_controls(self, keys: Sequence[Key]) -> dict[Key, dict[str, Prediction]]:
-        """key -> {control: Prediction}, for the keys that exist and hold typed predictions."""
-        return {k: decode_controls(rec) for k, _, rec in self._rows(keys, with_record=True) if rec}
+    def get_controls(self, keys: Sequence[Key], embeddings: bool = False) -> dict[Key, dict[str, Prediction]]:
+        """key -> {control: Prediction}, for the keys that exist and hold typed predictions. Stored embeddings
+        are decoded only when asked for (scoring never reads them)."""
+        return {k: decode_controls(rec, embeddings) for k, _, rec in self._rows(keys, with_record=True) if rec}
 
     def _rows(self, keys: Sequence[Key], with_record: bool) -> Iterator[tuple[Key, str, str | None]]:
+        """By version, then task ids through the primary key's index (a row-value IN makes SQLite scan the
+        table once per chunk); the fingerprint is checked here."""
         self.flush()
-        cols = [T.c.task_id, T.c.model_version, T.c.fingerprint, T.c.item] + ([T.c.record] if with_record else [])
-        unique = list(dict.fromkeys(keys))
+        cols = [T.c.task_id, T.c.fingerprint, T.c.item] + ([T.c.record] if with_record else [])
+        wanted: dict[str, dict[int, set[str]]] = {}
+        for task_id, version, fp in keys:
+            wanted.setdefault(version, {}).setdefault(task_id, set()).add(fp)
         with self.engine.connect() as conn:
-            for start in range(0, len(unique), _CHUNK):
-                part = unique[start : start + _CHUNK]
-                query = select(*cols).where(tuple_(T.c.task_id, T.c.model_version, T.c.fingerprint).in_(part))
-                for row in conn.execute(query):
-                    yield (row[0], row[1], row[2]), row[3], (row[4] if with_record else None)
+            for version, tasks in wanted.items():
+                ids = list(tasks)
+                for start in range(0, len(ids), _CHUNK):
+                    query = select(*cols).where(T.c.task_id.in_(ids[start : start + _CHUNK]),
+                                                T.c.model_version == version)
+                    for row in conn.execute(query):
+                        if row[1] in tasks[row[0]]:
+                            yield (row[0], version, row[1]), row[2], (row[3] if with_record else None)
 
     def for_project(self, project_id: int, role: str | None = None, model_version: str | None = None
                     ) -> list[PredictionRow]:

@@ -56,12 +56,11 @@ class ScoreRepo:
         if not values:
             return 0
         insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
-        with self.engine.begin() as conn:
-            for start in range(0, len(values), _CHUNK):
-                stmt = insert(T).values(values[start : start + _CHUNK])
-                keep = {c: stmt.excluded[c] for c in ("project_id", "uncertainty", "disagreement", "reason",
-                                                      "task_fingerprint", "created_at")}
-                conn.execute(stmt.on_conflict_do_update(index_elements=["task_id", "key"], set_=keep))
+        stmt = insert(T)
+        keep = {c: stmt.excluded[c] for c in ("project_id", "uncertainty", "disagreement", "reason",
+                                              "task_fingerprint", "created_at")}
+        with self.engine.begin() as conn:  # one statement, executemany: compiled once
+            conn.execute(stmt.on_conflict_do_update(index_elements=["task_id", "key"], set_=keep), values)
         return len(values)
 
     def get_many(self, setup: ScoreSetup, fingerprints: Mapping[int, str]) -> dict[int, TaskScore]:
