@@ -21,13 +21,17 @@ import supervision as sv
 from active_learning.pipeline import run_selection, write_queue
 from active_learning.queue import LabelStudioQueue
 from active_learning.selection import SelectionConfig, Strategy
-from backend.datasets.shapes import ShapeSample, generate_samples, write_yolo_dataset
+from backend.convert.labelstudio import from_results, to_results
+from backend.core.labels import LabelSpace
+from backend.core.prediction import CLASS_NAME, Prediction
+from backend.datasets.shapes import CLASS_NAMES, ShapeSample, generate_samples, write_yolo_dataset
 from backend.dev.local_label_studio import start_label_studio, upload_images
+from backend.dev.server_thread import ServerThread
+from backend.labeling.config import parse_label_config
 from backend.media.fetch import MediaFetcher, MediaSettings
 from backend.models.starter import StarterRecipe, train_starter_model
 from backend.models.yolo import YoloAdapter
 from backend.server.app import create_app
-from backend.dev.server_thread import ServerThread
 from backend.serving import ModelHolder
 from backend.settings import Settings
 from backend.training.evaluate import evaluate
@@ -37,6 +41,8 @@ from backend.training.service import TrainingPolicy
 
 CONFIG = """<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">
 <Label value="Square"/><Label value="Circle"/><Label value="Triangle"/></RectangleLabels></View>"""
+CONTROL = parse_label_config(CONFIG).controls[0]
+TRUTH_LABELS = LabelSpace.build(CONTROL, CLASS_NAMES)  # the generator's "square" is the config's "Square"
 
 
 @dataclass
@@ -63,30 +69,30 @@ class DemoSummary:
 
 def needs_correction(result: list[dict], truth: ShapeSample, min_iou: float = 0.5) -> bool:
     """Would an annotator have to touch this pre-annotation? Any missed, extra, misplaced or wrong box."""
-    boxes = [r for r in result if r.get("type") == "rectanglelabels"]
-    if len(boxes) != len(truth.objects):
+    shown = from_results(result, CONTROL, (truth.width, truth.height)).detections
+    if len(shown) != len(truth.objects):  # a box with a label outside the config counts as missing
         return True
-    if not boxes:
+    if not len(shown):
         return False
-    w, h = truth.width, truth.height
-    pred = np.array([[b["value"]["x"] * w / 100, b["value"]["y"] * h / 100,
-                      (b["value"]["x"] + b["value"]["width"]) * w / 100,
-                      (b["value"]["y"] + b["value"]["height"]) * h / 100] for b in boxes])
-    iou = sv.box_iou_batch(np.array([o.box for o in truth.objects]), pred)
+    iou = sv.box_iou_batch(np.array([o.box for o in truth.objects]), shown.xyxy)
     for i, obj in enumerate(truth.objects):
         j = int(iou[i].argmax())
-        if iou[i, j] < min_iou or boxes[j]["value"]["rectanglelabels"][0].lower() != obj.label:
+        if iou[i, j] < min_iou or str(shown.data[CLASS_NAME][j]).lower() != obj.label:
             return True
     return False
 
 
 def ground_truth_result(truth: ShapeSample) -> list[dict]:
-    w, h = truth.width, truth.height
-    return [{"from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": w,
-             "original_height": h, "value": {"x": o.box[0] / w * 100, "y": o.box[1] / h * 100,
-                                             "width": (o.box[2] - o.box[0]) / w * 100,
-                                             "height": (o.box[3] - o.box[1]) / h * 100, "rotation": 0,
-                                             "rectanglelabels": [o.label.capitalize()]}} for o in truth.objects]
+    """The sample's objects as an annotation's result for CONFIG (what a careful annotator would save)."""
+    objects = sv.Detections(xyxy=np.array([o.box for o in truth.objects], dtype=float).reshape(-1, 4),
+                            confidence=np.ones(len(truth.objects)),
+                            class_id=np.array([CLASS_NAMES.index(o.label) for o in truth.objects], dtype=int),
+                            data={CLASS_NAME: np.array([o.label for o in truth.objects], dtype=object)})
+    regions = to_results(Prediction(detections=objects, class_names=CLASS_NAMES), CONTROL,
+                         (truth.width, truth.height), labels=TRUTH_LABELS)
+    for region in regions:
+        del region["score"]  # an annotation, not a prediction
+    return regions
 
 
 def run_demo(

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from backend.core.prediction import CLASS_NAME  # noqa: E402
+
 
 def _learning_curve(out: Path, s) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -52,7 +54,7 @@ def _examples(out: Path, examples, cnn, second) -> Path:
         ax.imshow(image)
         for color, model in (("red", cnn), ("deepskyblue", second)):
             det = model.predict([image])[0].detections
-            for (x1, y1, x2, y2), name, conf in zip(det.xyxy, det.data["class_name"], det.confidence, strict=True):
+            for (x1, y1, x2, y2), name, conf in zip(det.xyxy, det.data[CLASS_NAME], det.confidence, strict=True):
                 ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=color, linewidth=1.6))
                 ax.text(x1, y1 - 2, f"{name} {conf:.2f}", color=color, fontsize=6)
         for obj in truth.objects:

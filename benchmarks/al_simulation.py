@@ -52,6 +52,7 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 from active_learning.scoring import SELECT_AGGREGATE, score_outputs  # noqa: E402
 from active_learning.selection import SelectionConfig, Strategy, select  # noqa: E402
 from active_learning.uncertainty import AGGREGATES  # noqa: E402
+from backend.convert.yolo_txt import box_lines  # noqa: E402
 from backend.models.base import ModelOutput  # noqa: E402
 from backend.models.yolo import YoloAdapter  # noqa: E402
 from backend.training.yolo_finetune import trainer_without_validation  # noqa: E402
@@ -80,9 +81,7 @@ def write_split(samples: list[DigitSample], idx, root: Path, split: str, task: s
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
         s.image.save(root / "images" / split / f"{i}.png")
-        w, h = s.image.size
-        lines = [f"{c} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} {(b[3] - b[1]) / h:.6f}"
-                 for b, c in zip(s.boxes, s.labels, strict=True)]
+        lines = box_lines(np.asarray(s.boxes, dtype=float).reshape(-1, 4), s.labels, s.image.size)
         (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines) + "\n")
 
 

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import supervision as sv
 
+from backend.convert.labelstudio import from_results
+from backend.core.prediction import CLASS_NAME
 from backend.datasets.shapes import ShapeSample
+from backend.labeling.config import ControlKind
 from backend.models.starter import train_starter_model
 from backend.models.yolo import YoloAdapter
 from tests.harness import start_label_studio
@@ -68,13 +71,9 @@ def label_studio(tmp_path_factory):
 
 def region_boxes(result: list[dict], width: int, height: int) -> tuple[np.ndarray, list[str]]:
     """Rectangle regions of a Label Studio result back to pixel xyxy (the inverse of what Tandem sends)."""
-    rects = [r for r in result if r["type"] == "rectanglelabels"]
-    xyxy = np.array(
-        [[r["value"]["x"] * width / 100, r["value"]["y"] * height / 100,
-          (r["value"]["x"] + r["value"]["width"]) * width / 100, (r["value"]["y"] + r["value"]["height"]) * height / 100]
-         for r in rects]
-    ).reshape(-1, 4)
-    return xyxy, [r["value"]["rectanglelabels"][0] for r in rects]
+    names = list(dict.fromkeys(r["value"]["rectanglelabels"][0] for r in result if r["type"] == "rectanglelabels"))
+    det = from_results(result, ControlKind.RECTANGLE, (width, height), names).detections
+    return det.xyxy, [str(n) for n in det.data[CLASS_NAME]]
 
 
 def assert_matches_truth(xyxy: np.ndarray, labels: list[str], truth: ShapeSample, min_iou: float = 0.5) -> None:

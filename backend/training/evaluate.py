@@ -15,47 +15,31 @@ import supervision as sv
 from PIL import Image
 from supervision.metrics import MeanAveragePrecision
 
+from backend.convert.yolo_txt import read_detections
+from backend.core.labels import LabelSpace
 from backend.errors import ConfigError
-from backend.labeling.label_map import build_label_map
 from backend.models.base import ModelAdapter, ModelTask
 from backend.training.export import ExportedDataset
 
 
-def _class_ids(adapter: ModelAdapter, dataset: ExportedDataset, label_map: Mapping[str, str] | None,
-               case_sensitive: bool) -> dict[str, int]:
-    """Model class name -> dataset class id; {} when no class maps (the model cannot serve this project)."""
-    index = {n: i for i, n in enumerate(dataset.class_names)}
+def _label_space(adapter: ModelAdapter, dataset: ExportedDataset, label_map: Mapping[str, str] | None,
+                 case_sensitive: bool) -> LabelSpace | None:
+    """The model's classes over the dataset's classes (columns = dataset class ids); None when no class maps
+    (the model cannot serve this project)."""
     if dataset.control is None:  # a dataset made outside export_yolo_dataset: names alone
-        wanted = {n.lower(): i for n, i in index.items()}
-        return {c: wanted[c.lower()] for c in adapter.class_names if c.lower() in wanted}
+        return LabelSpace.by_name(adapter.class_names, dataset.class_names)
     try:
-        labels = build_label_map(dataset.control, adapter.class_names, label_map, case_sensitive)
+        space = LabelSpace.build(dataset.control, adapter.class_names, label_map, case_sensitive)
     except ConfigError:
-        return {}
-    return {c: index[v] for c, v in labels.by_class.items() if v in index}
-
-
-def _read_targets(label_file: Path, width: int, height: int) -> sv.Detections:
-    rows = [line.split() for line in label_file.read_text().splitlines() if line.strip()] if label_file.exists() else []
-    if not rows:
-        return sv.Detections.empty()
-    cls = np.array([int(r[0]) for r in rows])
-    boxes = []
-    for r in rows:
-        vals = np.array(r[1:], dtype=float)
-        if len(vals) == 4:
-            cx, cy, w, h = vals
-            boxes.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
-        else:  # polygon: its bounding box
-            xs, ys = vals[0::2] * width, vals[1::2] * height
-            boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
-    return sv.Detections(xyxy=np.array(boxes, float), class_id=cls)
+        return None
+    return space.over(adapter.class_names, dataset.class_names)
 
 
 def evaluate(adapter: ModelAdapter, dataset: ExportedDataset, batch: int = 16,
              label_map: Mapping[str, str] | None = None, case_sensitive: bool = False) -> dict[str, float]:
     """{"fitness": …, plus map50/map50_95 or top1}; fitness is what the promotion gate compares."""
-    mapping = _class_ids(adapter, dataset, label_map, case_sensitive)
+    space = _label_space(adapter, dataset, label_map, case_sensitive)
+    mapping = space.class_ids() if space is not None else {}
     root = Path(dataset.root)
     if dataset.task == "classify":
         files = sorted((root / "val").glob("*/*.png"))
@@ -80,17 +64,16 @@ def evaluate(adapter: ModelAdapter, dataset: ExportedDataset, batch: int = 16,
     for start in range(0, len(files), batch):
         part = files[start : start + batch]
         images = [Image.open(f).convert("RGB") for f in part]
-        outs = adapter.predict(images) if adapter.task is not ModelTask.CLASSIFY else [None] * len(part)
+        scored = adapter.task is not ModelTask.CLASSIFY and space is not None
+        outs = space.to_labels(adapter.predict(images)) if scored else [None] * len(part)  # in the dataset's ids
         preds, targets = [], []
         for f, img, out in zip(part, images, outs, strict=True):
-            targets.append(_read_targets(root / "labels" / "val" / f"{f.stem}.txt", *img.size))
+            targets.append(read_detections(root / "labels" / "val" / f"{f.stem}.txt", img.size))
             det = out.detections if out is not None else None
             if det is None or len(det) == 0:
                 preds.append(sv.Detections.empty())
                 continue
-            keep = np.array([n in mapping for n in det.data["class_name"]], dtype=bool)
-            ids = np.array([mapping[n] for n in det.data["class_name"][keep]], dtype=int)
-            preds.append(sv.Detections(xyxy=det.xyxy[keep], confidence=det.confidence[keep], class_id=ids))
+            preds.append(sv.Detections(xyxy=det.xyxy, confidence=det.confidence, class_id=det.class_id))
         metric.update(preds, targets)
     result = metric.compute()
     map50, map50_95 = max(float(result.map50), 0.0), max(float(result.map50_95), 0.0)

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from backend.convert.labelstudio import from_results
+from backend.convert.yolo_txt import to_lines
 from backend.errors import ConfigError, MediaError
 from backend.labeling.config import ControlKind, ControlSpec, parse_label_config
 from backend.media.fetch import MediaFetcher
@@ -47,28 +51,10 @@ def latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return max(done, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0)) if done else None
 
 
-def _lines(control: ControlSpec, result: Iterable[Mapping[str, Any]], classes: dict[str, int]) -> list[str]:
-    lines = []
-    key = control.kind.value
-    for region in result:
-        if region.get("from_name") != control.name or region.get("type") != key:
-            continue
-        value = region.get("value") or {}
-        labels = value.get(key) or []
-        if not labels or labels[0] not in classes:
-            continue
-        cls = classes[labels[0]]
-        if control.kind is ControlKind.RECTANGLE:
-            x, y, w, h = (float(value[k]) / 100 for k in ("x", "y", "width", "height"))
-            if w <= 0 or h <= 0:
-                continue
-            lines.append(f"{cls} {x + w / 2:.6f} {y + h / 2:.6f} {w:.6f} {h:.6f}")
-        elif control.kind is ControlKind.POLYGON:
-            pts = value.get("points") or []
-            if len(pts) >= 3:
-                coords = " ".join(f"{min(max(px / 100, 0), 1):.6f} {min(max(py / 100, 0), 1):.6f}" for px, py in pts)
-                lines.append(f"{cls} {coords}")
-    return lines
+def _lines(control: ControlSpec, result: Iterable[Mapping[str, Any]], size: tuple[int, int]) -> list[str]:
+    """One annotation's regions of `control` -> YOLO label lines; class ids follow the control's labels."""
+    truth = from_results(list(result), control, size)
+    return to_lines(truth, size, segment=control.kind is ControlKind.POLYGON)
 
 
 def export_yolo_dataset(
@@ -86,7 +72,6 @@ def export_yolo_dataset(
         raise ConfigError(f"no control named {control_name!r} to export")
     task_kind = TASK_FOR_CONTROL[control.kind]
     names = [label.result_value for label in control.labels]
-    classes = {n: i for i, n in enumerate(names)}
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)  # a project with nothing annotated still gets a (empty) dataset
     out = ExportedDataset(root=root, task=task_kind, class_names=names, data="", control=control)
@@ -106,18 +91,17 @@ def export_yolo_dataset(
         stem = f"task{task['id']}_{digest}"
         result = annotation.get("result") or []
         if task_kind == "classify":
-            chosen = [r["value"]["choices"][0] for r in result
-                      if r.get("from_name") == control.name and (r.get("value") or {}).get("choices")]
-            if not chosen or chosen[0] not in classes:
+            chosen = from_results(result, control).probabilities
+            if chosen is None:
                 continue
-            folder = root / split / chosen[0]
+            folder = root / split / names[int(np.argmax(chosen))]
             folder.mkdir(parents=True, exist_ok=True)
             loaded.image.save(folder / f"{stem}.png")
         else:
             (root / "images" / split).mkdir(parents=True, exist_ok=True)
             (root / "labels" / split).mkdir(parents=True, exist_ok=True)
             loaded.image.save(root / "images" / split / f"{stem}.png")
-            text = "\n".join(_lines(control, result, classes))
+            text = "\n".join(_lines(control, result, loaded.image.size))
             (root / "labels" / split / f"{stem}.txt").write_text(text + ("\n" if text else ""))
         setattr(out, split, getattr(out, split) + 1)
         snapshot.update(f"{task['id']}:{annotation.get('id')}:{digest};".encode())

@@ -15,8 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
+from backend.convert.labelstudio import from_results
+from backend.core.prediction import CLASS_NAME
 from backend.errors import MediaError
 from backend.labeling.config import ControlKind, parse_label_config
 from backend.media.fetch import MediaFetcher
@@ -111,19 +114,14 @@ def collect_annotations(
                 break
             item = AnnotatedImage(task["id"], control.kind.value, [lab.value for lab in control.labels],
                                   [lab.result_value for lab in control.labels], image, validation)
+            truth = from_results(regions, control, image.size, item.result_values)
             if control.kind is ControlKind.CHOICES:
-                chosen = (regions[0].get("value") or {}).get("choices") or []
-                item.choice = chosen[0] if chosen else None
+                chosen = truth.probabilities
+                item.choice = item.result_values[int(np.argmax(chosen))] if chosen is not None else None
             else:
-                for region in regions:
-                    value = region.get("value") or {}
-                    names = value.get("rectanglelabels") or []
-                    if not names or value.get("width", 0) <= 0:
-                        continue
-                    x, y = value["x"] / 100 * image.width, value["y"] / 100 * image.height
-                    item.boxes.append((x, y, x + value["width"] / 100 * image.width,
-                                       y + value["height"] / 100 * image.height))
-                    item.box_labels.append(names[0])
+                det = truth.detections
+                item.boxes = [tuple(float(v) for v in box) for box in det.xyxy]
+                item.box_labels = [str(n) for n in det.data[CLASS_NAME]]
             out.items.append(item)
             snapshot.update(f"{task['id']}:{annotation.get('id')}:{control.name};".encode())
     out.snapshot = snapshot.hexdigest()[:16]

@@ -1,0 +1,125 @@
+"""Annotations -> training targets (YOLO label files, VLM examples) through the Label Studio reader, checked
+against the generator's ground truth; no model, no Label Studio (media from a local-files root)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backend.convert.yolo_txt import read_detections
+from backend.datasets.shapes import generate_samples
+from backend.labeling.config import parse_label_config
+from backend.media.fetch import MediaFetcher, MediaSettings
+from backend.training.export import _lines, export_yolo_dataset
+from backend.training.vlm_examples import collect_annotations
+
+CONFIG = """<View><Image name="image" value="$image"/>
+<RectangleLabels name="box" toName="image"><Label value="Square"/><Label value="Circle"/><Label value="Triangle"/></RectangleLabels>
+<PolygonLabels name="poly" toName="image"><Label value="Square"/><Label value="Circle"/><Label value="Triangle"/></PolygonLabels>
+<Choices name="main" toName="image"><Choice value="Square"/><Choice value="Circle"/><Choice value="Triangle"/></Choices>
+</View>"""
+NAMES = ["Square", "Circle", "Triangle"]
+BOX, POLY, _ = parse_label_config(CONFIG).controls
+
+
+def rect(x, y, w, h, label, from_name="box"):
+    return {"from_name": from_name, "to_name": "image", "type": "rectanglelabels",
+            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": [label]}}
+
+
+def test_export_lines_hand_computed():
+    results = [rect(10, 20, 30, 40, "Square"), rect(50, 50, 20, 10, "Circle"), rect(1, 1, 0, 5, "Square"),
+               rect(1, 1, 5, 5, "Hexagon"), rect(1, 1, 5, 5, "Square", from_name="other")]
+    assert _lines(BOX, results, (640, 480)) == ["0 0.250000 0.400000 0.300000 0.400000",
+                                                "1 0.600000 0.550000 0.200000 0.100000"]
+    polygons = [{"from_name": "poly", "type": "polygonlabels",
+                 "value": {"points": [[10, 20], [110, 20], [50, -5]], "polygonlabels": ["Circle"]}},
+                {"from_name": "poly", "type": "polygonlabels", "value": {"points": [[1, 1], [2, 2]],
+                                                                         "polygonlabels": ["Square"]}}]
+    assert _lines(POLY, polygons, (640, 480)) == ["1 0.100000 0.200000 1.000000 0.200000 0.500000 0.000000"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(x=st.floats(0, 90), y=st.floats(0, 90), w=st.floats(0.01, 10), h=st.floats(0.01, 10),
+       width=st.integers(8, 5000), height=st.integers(8, 5000))
+def test_export_lines_match_the_percent_formula_they_replaced(x, y, w, h, width, height):
+    """The old exporter went straight from percent to normalised centre/size; through pixels it is the same."""
+    (line,) = _lines(BOX, [rect(x, y, w, h, "Square")], (width, height))
+    cls, *vals = line.split()
+    assert cls == "0"
+    np.testing.assert_allclose([float(v) for v in vals], [(x + w / 2) / 100, (y + h / 2) / 100, w / 100, h / 100],
+                               atol=1.01e-6)
+
+
+@pytest.fixture
+def annotated(tmp_path):
+    """Tasks annotated from ground truth in all three controls, plus noise the readers must ignore."""
+    media = tmp_path / "media"
+    media.mkdir()
+    tasks, truth = [], {}
+    for i, (image, sample) in enumerate(generate_samples(6, seed=11), start=1):
+        image.save(media / f"{sample.name}.png")
+        w, h = sample.width, sample.height
+        result = []
+        for o in sample.objects:
+            label = o.label.capitalize()
+            result.append({"from_name": "box", "to_name": "image", "type": "rectanglelabels",
+                           "value": {"x": o.box[0] / w * 100, "y": o.box[1] / h * 100,
+                                     "width": (o.box[2] - o.box[0]) / w * 100,
+                                     "height": (o.box[3] - o.box[1]) / h * 100, "rectanglelabels": [label]}})
+            result.append({"from_name": "poly", "to_name": "image", "type": "polygonlabels",
+                           "value": {"points": [[x / w * 100, y / h * 100] for x, y in o.polygon],
+                                     "polygonlabels": [label]}})
+        result.append({"from_name": "box", "to_name": "image", "type": "rectanglelabels",  # not a config label
+                       "value": {"x": 1, "y": 1, "width": 5, "height": 5, "rectanglelabels": ["Hexagon"]}})
+        result.append({"from_name": "main", "to_name": "image", "type": "choices",
+                       "value": {"choices": [sample.objects[0].label.capitalize()]}})
+        tasks.append({"id": i, "data": {"image": f"/data/local-files/?d={sample.name}.png"},
+                      "annotations": [{"id": 100 + i, "result": result, "was_cancelled": False}]})
+        truth[i] = sample
+    return tasks, truth, MediaFetcher(MediaSettings(local_files_root=media))
+
+
+def _label_files(root, split="*"):
+    return {int(p.stem.split("_")[0].removeprefix("task")): p for p in root.glob(f"labels/{split}/*.txt")}
+
+
+@pytest.mark.parametrize("control", ["box", "poly"])
+def test_detect_and_segment_targets_are_the_ground_truth(tmp_path, annotated, control):
+    tasks, truth, fetcher = annotated
+    out = export_yolo_dataset(tasks, CONFIG, 7, fetcher, tmp_path / control, control_name=control, val_percent=50)
+    assert out.task == ("detect" if control == "box" else "segment") and out.class_names == NAMES
+    assert out.train + out.val == len(tasks) and out.train > 0 and out.val > 0
+    files = _label_files(tmp_path / control)
+    assert sorted(files) == sorted(truth)
+    for task_id, path in files.items():
+        sample = truth[task_id]
+        lines = path.read_text().splitlines()
+        assert len(lines) == len(sample.objects)  # the Hexagon box is not a target
+        det = read_detections(path, (sample.width, sample.height))
+        # six decimals of a normalised coordinate; the generator rounds its outlines to 2 decimals of a pixel
+        np.testing.assert_allclose(det.xyxy, [o.box for o in sample.objects], atol=1e-3 if control == "box" else 1e-2)
+        assert det.class_id.tolist() == [NAMES.index(o.label.capitalize()) for o in sample.objects]
+        if control == "poly":  # outlines, normalised
+            first = np.array(lines[0].split()[1:], dtype=float).reshape(-1, 2) * [sample.width, sample.height]
+            np.testing.assert_allclose(first, sample.objects[0].polygon, atol=1e-3)
+
+
+def test_classify_targets_are_class_folders(tmp_path, annotated):
+    tasks, truth, fetcher = annotated
+    out = export_yolo_dataset(tasks, CONFIG, 7, fetcher, tmp_path / "cls", control_name="main", val_percent=50)
+    assert out.task == "classify"
+    for task_id, sample in truth.items():
+        (png,) = (tmp_path / "cls").glob(f"*/*/task{task_id}_*.png")
+        assert png.parent.name == sample.objects[0].label.capitalize()
+
+
+def test_vlm_examples_read_boxes_in_pixels_and_the_choice(annotated):
+    tasks, truth, fetcher = annotated
+    annotated_set = collect_annotations(tasks, CONFIG, 7, fetcher, val_percent=50)
+    by_kind = {(item.task_id, item.kind): item for item in annotated_set.items}
+    for task_id, sample in truth.items():
+        boxes = by_kind[(task_id, "rectanglelabels")]
+        np.testing.assert_allclose(boxes.boxes, [o.box for o in sample.objects], atol=1e-6)
+        assert boxes.box_labels == [o.label.capitalize() for o in sample.objects]
+        assert by_kind[(task_id, "choices")].choice == sample.objects[0].label.capitalize()
