@@ -25,6 +25,7 @@ from active_learning.boxes import BoxBatch
 from active_learning.disagreement import pairwise_iou
 from active_learning.scoring import SharedIds, candidate_peaks, score_outputs, to_image_boxes
 from active_learning.uncertainty import detection_uncertainty
+from backend.core.prediction import CLASS_NAME
 from backend.models.yolo import YoloAdapter
 from benchmarks.al_simulation import DEFAULTS, dataset, draw_split, evaluate, second_opinion, train
 
@@ -35,7 +36,7 @@ def detection_errors(outputs, samples, conf: float = 0.25, iou_min: float = 0.5)
         d = out.detections
         keep = d.confidence >= conf
         xyxy = d.xyxy[keep]
-        cls = np.array([int(n) for n in d.data["class_name"]], dtype=int)[keep]
+        cls = np.array([int(n) for n in d.data[CLASS_NAME]], dtype=int)[keep]
         iou = pairwise_iou(xyxy, s.boxes) if len(xyxy) and len(s.boxes) else np.zeros((len(xyxy), len(s.boxes)))
         hit = (iou >= iou_min) & (cls[:, None] == s.labels[None, :])
         tp = min(int(hit.any(0).sum()), int(hit.any(1).sum()))

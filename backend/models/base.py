@@ -50,8 +50,9 @@ class Vocabulary:
 
     @classmethod
     def from_labels(cls, labels: Sequence[str], prompts: Mapping[str, str] | None = None) -> Vocabulary:
-        prompts = {k.lower(): v for k, v in (prompts or {}).items()}
-        return cls(tuple(labels), tuple(prompts.get(label.lower(), label) for label in labels))
+        from backend.core.labels import LabelSpace  # the one place label names and prompts are matched
+
+        return cls(*LabelSpace.vocabulary(list(labels), prompts))
 
     def __post_init__(self) -> None:
         if not self.names or len(self.names) != len(self.prompts):

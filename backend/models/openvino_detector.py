@@ -19,6 +19,7 @@ import supervision as sv
 import torch
 import torchvision
 
+from backend.core.prediction import CLASS_NAME, CLASS_SCORES
 from backend.models.base import ModelOutput
 
 PAD_VALUE = 114
@@ -77,8 +78,8 @@ def decode(raw: np.ndarray, box: Letterbox, size: tuple[int, int], conf: float, 
         xyxy=xyxy.astype(np.float64),
         confidence=confidence.astype(np.float64),
         class_id=class_id.astype(int),
-        data={"class_name": np.array([class_names[i] for i in class_id], dtype=object),
-              "class_scores": vectors.astype(np.float64).reshape(len(class_id), len(class_names))},
+        data={CLASS_NAME: np.array([class_names[i] for i in class_id], dtype=object),
+              CLASS_SCORES: vectors.astype(np.float64).reshape(len(class_id), len(class_names))},
     ))
 
 

@@ -26,6 +26,7 @@ import supervision as sv  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from backend.core.prediction import CLASS_NAME, CLASS_SCORES, POLYGON  # noqa: E402
 from backend.errors import ModelLoadError  # noqa: E402
 from backend.models.base import TASK_CAPABILITY, Capability, ModelOutput, ModelRequest, ModelTask  # noqa: E402
 
@@ -304,10 +305,10 @@ class YoloAdapter:
             return ModelOutput(probabilities=probs / probs.sum())
         boxes = result.boxes
         class_id = boxes.cls.cpu().numpy().astype(int)
-        data = {"class_name": np.array([self.class_names[i] for i in class_id], dtype=object)}
+        data = {CLASS_NAME: np.array([self.class_names[i] for i in class_id], dtype=object)}
         scores = getattr(result, "class_scores", None)
         if scores is not None:
-            data["class_scores"] = scores.detach().float().cpu().numpy().astype(np.float64).reshape(
+            data[CLASS_SCORES] = scores.detach().float().cpu().numpy().astype(np.float64).reshape(
                 len(class_id), len(self.class_names))
         detections = sv.Detections(
             xyxy=boxes.xyxy.cpu().numpy().astype(np.float64),
@@ -320,5 +321,5 @@ class YoloAdapter:
             outlines = result.masks.xy if result.masks is not None else []
             for i, outline in enumerate(outlines):
                 polygons[i] = np.asarray(outline, dtype=np.float64)
-            detections.data["polygon"] = polygons
+            detections.data[POLYGON] = polygons
         return ModelOutput(detections=detections, candidate_peak=getattr(result, "candidate_peak", None))

@@ -49,6 +49,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from backend.core.prediction import CLASS_NAME, CLASS_SCORES, POLYGON  # noqa: E402
 from backend.errors import MediaError, ModelLoadError  # noqa: E402
 from backend.models.base import ModelOutput, ModelTask  # noqa: E402
 
@@ -498,7 +499,7 @@ class GpuYoloPipeline:
         host = pred[:, :6].float().cpu().numpy().astype(np.float64) if len(pred) else np.zeros((0, 6))
         vec = vectors.float().cpu().numpy().astype(np.float64) if len(pred) else np.zeros((0, len(self.class_names)))
         out = self._output(host[:, :4], host[:, 4], host[:, 5].astype(int), vec, peak)
-        out.detections.data["polygon"] = polygons
+        out.detections.data[POLYGON] = polygons
         return out
 
     def _output(self, xyxy, confidence, class_id, class_scores, peak: float) -> ModelOutput:
@@ -506,8 +507,8 @@ class GpuYoloPipeline:
             xyxy=np.ascontiguousarray(xyxy, dtype=np.float64),
             confidence=np.ascontiguousarray(confidence, dtype=np.float64),
             class_id=class_id.astype(int),
-            data={"class_name": np.array([self.class_names[i] for i in class_id], dtype=object),
-                  "class_scores": np.ascontiguousarray(class_scores, dtype=np.float64).reshape(
+            data={CLASS_NAME: np.array([self.class_names[i] for i in class_id], dtype=object),
+                  CLASS_SCORES: np.ascontiguousarray(class_scores, dtype=np.float64).reshape(
                       len(class_id), len(self.class_names))},
         )
         return ModelOutput(detections=detections, candidate_peak=float(peak))

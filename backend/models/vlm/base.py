@@ -18,6 +18,7 @@ import numpy as np
 import supervision as sv
 from PIL import Image
 
+from backend.core.prediction import CLASS_NAME
 from backend.models.base import (
     TASK_CAPABILITY,
     BoundModel,
@@ -45,7 +46,7 @@ def make_detections(xyxy, confidence, class_ids, names: Sequence[str]) -> sv.Det
         xyxy=np.asarray(xyxy, dtype=np.float32).reshape(-1, 4),
         confidence=np.asarray(confidence, dtype=np.float32).reshape(-1),
         class_id=class_ids,
-        data={"class_name": np.array([names[i] for i in class_ids], dtype=object)},
+        data={CLASS_NAME: np.array([names[i] for i in class_ids], dtype=object)},
     )
 
 
