@@ -30,6 +30,7 @@ from backend.errors import ConfigError, MediaError
 from backend.labeling.label_map import build_label_map
 from backend.media.fetch import MediaFetcher
 from backend.predict import Predictor, image_url, plan_for, task_key
+from backend.storage.db import dispose
 from backend.storage.predictions import Key, PredictionRepo
 from backend.storage.scores import ScoreRepo, ScoreSetup, TaskScore
 
@@ -133,10 +134,26 @@ def run_selection(
     `store`, predictions go to a throwaway one. Raises ConfigError, before any image is fetched, when the
     primary cannot fill the config or no class of the second model maps onto that control's labels.
     """
+    if store is not None and scores is not None:
+        return _run_selection(tasks, label_config, fetcher, primary, config, second, progress,
+                              max_labeled_for_diversity, aggregate, label_map, case_sensitive, store, scores,
+                              project_id, threshold, prompts, chunk)
+    with tempfile.TemporaryDirectory(prefix="tandem-select-") as folder:  # a throwaway store, removed after
+        url = f"sqlite:///{Path(folder) / 'select.db'}"
+        throwaway = PredictionRepo(url)
+        try:
+            return _run_selection(tasks, label_config, fetcher, primary, config, second, progress,
+                                  max_labeled_for_diversity, aggregate, label_map, case_sensitive,
+                                  store or throwaway, scores or ScoreRepo(url), project_id, threshold, prompts, chunk)
+        finally:
+            throwaway.close()
+            dispose(url)
+
+
+def _run_selection(tasks, label_config, fetcher, primary, config, second, progress, max_labeled_for_diversity,
+                   aggregate, label_map, case_sensitive, store: PredictionRepo, scores: ScoreRepo, project_id,
+                   threshold, prompts, chunk) -> tuple[SelectOutcome, ScoreTable | None, list[int]]:
     t0 = time.perf_counter()
-    if store is None or scores is None:
-        url = f"sqlite:///{Path(tempfile.mkdtemp(prefix='tandem-select-')) / 'select.db'}"
-        store, scores = store or PredictionRepo(url), scores or ScoreRepo(url)
     plan1 = plan_for(primary, label_config, label_map, case_sensitive, prompts, min_confidence=threshold)
     control = plan1.controls[0].control
     plan2 = None
