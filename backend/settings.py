@@ -71,6 +71,7 @@ class Settings(BaseModel):
     max_cache_bytes: int = Field(default=2 * 1024 * 1024 * 1024, ge=0)  # the on-disk media cache
     db_url: str | None = None  # TANDEM_DATABASE_URL; None: SQLite under home
     model_memory_gb: float = Field(default=8.0, gt=0)  # the model pool's budget before it evicts
+    max_projects: int = Field(default=10_000, ge=1)  # projects /setup may record; a new one past it is refused
 
     @field_validator("int8_calibration")
     @classmethod
@@ -146,6 +147,7 @@ class Settings(BaseModel):
             "max_cache_bytes": int(_env("TANDEM_MAX_CACHE_BYTES") or 2 * 1024 * 1024 * 1024),
             "db_url": _env("TANDEM_DATABASE_URL"),
             "model_memory_gb": float(_env("TANDEM_MODEL_MEMORY_GB") or 8),
+            "max_projects": int(_env("TANDEM_MAX_PROJECTS") or 10_000),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

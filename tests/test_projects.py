@@ -93,3 +93,15 @@ def test_bindings_label_maps_and_prompts_survive_a_restart(tmp_path, samples, de
         assert labels and "Square" not in labels and labels <= {"Box", "Circle", "Triangle"}
         default = httpx.get(f"{srv.url}/health", params={"project": 42}).json()
         assert default["model_task"] == "classify"
+
+
+def test_setup_records_a_bounded_number_of_projects(tmp_path, detect_adapter):
+    """/setup names any project id: the server records up to TANDEM_MAX_PROJECTS of them, then refuses new ones."""
+    settings = Settings(home=tmp_path / "home", max_projects=3)
+    with ServerThread(create_app(settings, ModelHolder(detect_adapter), training=False)) as srv:
+        for pid in (1, 2, 3):
+            assert httpx.post(f"{srv.url}/setup", json={"project": f"{pid}.1", "schema": RECT}).status_code == 200
+        refused = httpx.post(f"{srv.url}/setup", json={"project": "4.1", "schema": RECT})
+        assert refused.status_code == 422 and "TANDEM_MAX_PROJECTS" in refused.text
+        assert httpx.post(f"{srv.url}/setup", json={"project": "2.9", "schema": RECT}).status_code == 200  # known
+    assert ProjectRepo(settings.database_url).count() == 3

@@ -51,6 +51,12 @@ class ProjectRepo:
             row = conn.execute(select(T).where(T.c.project_id == project_id)).mappings().first()
         return _state(row) if row else None
 
+    def count(self) -> int:
+        from sqlalchemy import func
+
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(T)).scalar_one())
+
     def all(self) -> list[ProjectState]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(T).order_by(T.c.project_id)).mappings().all()

@@ -90,6 +90,9 @@ def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupR
                                    "prompts": extra_setting(extra, "prompts")}
         binding = _binding(extra)
         before = state.projects.get(pid)
+        if before is None and state.projects.count() >= settings.max_projects:  # bounded: /setup names any id
+            raise HTTPException(422, f"this server already serves {settings.max_projects} projects "
+                                     f"(TANDEM_MAX_PROJECTS); project {pid} was not recorded")
         # applied when the extra params change, not on every /setup: a retrain's promotion into the project's
         # binding must not be undone by Label Studio re-sending the same extra params
         if before is None or binding != before.extra_binding:
