@@ -132,18 +132,18 @@ class PredictionRepo:
     # -- reads ----------------------------------------------------------------------------------------
     def get_items(self, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
         """key -> the stored Label Studio item, for the keys that exist."""
-        return {k: json.loads(item) for k, item, _ in self._rows(keys, with_record=False)}
+        return {k: json.loads(item) for k, item in self._rows(keys, T.c.item)}
 
     def get_controls(self, keys: Sequence[Key], embeddings: bool = False) -> dict[Key, dict[str, Prediction]]:
         """key -> {control: Prediction}, for the keys that exist and hold typed predictions. Stored embeddings
         are decoded only when asked for (scoring never reads them)."""
-        return {k: decode_controls(rec, embeddings) for k, _, rec in self._rows(keys, with_record=True) if rec}
+        return {k: decode_controls(rec, embeddings) for k, rec in self._rows(keys, T.c.record) if rec}
 
-    def _rows(self, keys: Sequence[Key], with_record: bool) -> Iterator[tuple[Key, str, str | None]]:
+    def _rows(self, keys: Sequence[Key], column) -> Iterator[tuple[Key, str | None]]:
         """By version, then task ids through the primary key's index (a row-value IN makes SQLite scan the
         table once per chunk); the fingerprint is checked here."""
         self.flush()
-        cols = [T.c.task_id, T.c.fingerprint, T.c.item] + ([T.c.record] if with_record else [])
+        cols = [T.c.task_id, T.c.fingerprint, column]
         wanted: dict[str, dict[int, set[str]]] = {}
         for task_id, version, fp in keys:
             wanted.setdefault(version, {}).setdefault(task_id, set()).add(fp)
@@ -155,7 +155,7 @@ class PredictionRepo:
                                                 T.c.model_version == version)
                     for row in conn.execute(query):
                         if row[1] in tasks[row[0]]:
-                            yield (row[0], version, row[1]), row[2], (row[3] if with_record else None)
+                            yield (row[0], version, row[1]), row[2]
 
     def for_project(self, project_id: int, role: str | None = None, model_version: str | None = None
                     ) -> list[PredictionRow]:
