@@ -250,7 +250,7 @@ def test_select_ranks_every_task_from_stored_predictions_with_the_images_gone(la
     shutil.rmtree(media)
     task = next(iter(client.tasks.list(project=proj.id, fields="all")))
     gone = httpx.get(f"{label_studio.url}{task.data['image']}", headers={"Authorization": f"Token {label_studio.token}"})
-    assert gone.status_code == 404
+    assert gone.status_code != 200  # Label Studio 1.23 answers 500 for a missing upload
 
     env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
            "TANDEM_HOME": str(settings.home)}

@@ -103,7 +103,8 @@ def test_vlm_lora_job_from_label_studio_annotations_is_promoted_and_served(label
         assert version.metrics["candidate"]["val_loss"] < version.metrics["serving"]["val_loss"]
         assert version.status == "promoted"
         deadline = time.monotonic() + 60
-        while httpx.get(f"{srv.url}/health").json()["second_opinion"] != done.version:
+        # promoted into this project's binding (the server-wide default is untouched): ask about the project
+        while httpx.get(f"{srv.url}/health", params={"project": project.id}).json()["second_opinion"] != done.version:
             assert time.monotonic() < deadline, "the server did not swap to the new VLM version"
             time.sleep(0.5)
         assert app.state.holder.adapter.version == detect_adapter.version  # the CNN is untouched
