@@ -1,0 +1,212 @@
+"""The pre-annotation engine: page through a project's tasks, predict what the store lacks, store, write.
+
+Resumable by construction: the prediction store is the ledger. A chunk's predictions are written to the
+store (synchronously) before they are written into Label Studio and counted done, so a job killed at any
+point and run again predicts only tasks with no stored prediction for this version and key, and writes into
+Label Studio the stored ones Label Studio does not show yet (a kill between the two writes) — no task is
+predicted twice. The keys are /predict's (`task_key` under the same `ServingPlan`), so "Retrieve
+predictions" afterwards answers from the store.
+
+Memory is bounded: one page of task references, and at most two chunks of decoded images (the one being
+predicted and the next, fetched meanwhile by `concurrency` threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from backend.batch.records import Progress
+from backend.batch.tasks import TaskRef
+from backend.errors import MediaError
+from backend.media.fetch import LoadedImage
+from backend.predict import Predictor, ServingPlan, image_url, task_key
+from backend.storage.predictions import PredictionRepo, PredictionRow
+
+log = logging.getLogger("tandem.batch")
+
+MAX_FAILURES_KEPT = 100
+
+
+class TaskSource(Protocol):
+    def count(self) -> int: ...
+    def pages(self) -> Iterator[list[TaskRef]]: ...
+
+
+class Writer(Protocol):
+    def write(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> int: ...
+
+
+class ImageLoader(Protocol):
+    def load(self, url: str, task_id: int | None = None, deadline: float | None = None) -> LoadedImage: ...
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    concurrency: int = 4  # parallel image fetches
+    batch: int = 16  # tasks per chunk: one inference call, one store write, one Label Studio request
+    role: str = "pre-annotation"
+
+
+class Cancelled(Exception):
+    pass
+
+
+class _Prefetched:
+    """The fetcher the Predictor sees for one chunk: images fetched ahead by the job's own threads."""
+
+    def __init__(self) -> None:
+        self.ready: dict[tuple[int | None, str], Future] = {}
+
+    def load(self, url: str, task_id: int | None = None, deadline: float | None = None) -> LoadedImage:
+        future = self.ready.get((task_id, url))
+        if future is None:
+            raise MediaError(f"{url}: not fetched")
+        result = future.result()
+        if isinstance(result, MediaError):
+            raise result
+        return result
+
+    def close(self) -> None:
+        self.ready.clear()
+
+
+class PredictJob:
+    """One run over a project. `on_progress(progress)` is called after every chunk (records, bars, metrics);
+    `should_stop()` is checked between chunks (a cancelled job stops after the chunk in hand)."""
+
+    def __init__(self, plan: ServingPlan, source: TaskSource, fetcher: ImageLoader, store: PredictionRepo,
+                 writer: Writer, project_id: int, options: JobOptions = JobOptions(),
+                 on_progress: Callable[[Progress], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None,
+                 predict_chunk: Callable[[Sequence[Mapping[str, Any]], _Prefetched], list] | None = None) -> None:
+        self.plan, self.source, self.fetcher, self.store, self.writer = plan, source, fetcher, store, writer
+        self.project_id, self.options = project_id, options
+        self.on_progress = on_progress or (lambda p: None)
+        self.should_stop = should_stop or (lambda: False)
+        self._prefetched = _Prefetched()
+        self._predictor = Predictor(self._prefetched, workers=max(1, options.concurrency), store=None)  # type: ignore[arg-type]
+        self._predict_chunk = predict_chunk or self._local_chunk
+        self._lock = threading.Lock()
+        self.progress = Progress(model_version=plan.version)
+
+    # -- the run ----------------------------------------------------------------------------------------
+    def run(self) -> Progress:
+        total = self.source.count()
+        self._set(total=total, remaining=total)
+        pool = ThreadPoolExecutor(max(1, self.options.concurrency), thread_name_prefix="tandem-job-fetch")
+        in_flight: deque[tuple[list[dict[str, Any]], dict]] = deque()
+        try:
+            for chunk in self._chunks_to_predict():
+                in_flight.append((chunk, self._fetch(pool, chunk)))  # the next chunk downloads meanwhile
+                if len(in_flight) > 1:
+                    self._predict(*in_flight.popleft())
+                if self.should_stop():
+                    raise Cancelled()
+            while in_flight:
+                self._predict(*in_flight.popleft())
+        finally:
+            for _, futures in in_flight:
+                for f in futures.values():
+                    f.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._predictor.close()
+        return self.progress
+
+    def _chunks_to_predict(self) -> Iterator[list[dict[str, Any]]]:
+        """Tasks with no stored prediction, in chunks; stored ones Label Studio lacks are written on the way."""
+        pending: list[dict[str, Any]] = []
+        for page in self.source.pages():
+            tasks = [ref.as_task() for ref in page]
+            keys = [task_key(t, self.plan) for t in tasks]
+            stored = self.store.get_items([k for k in keys if k is not None])
+            unwritten: list[tuple[int, Mapping[str, Any]]] = []
+            already = 0
+            for ref, task, key in zip(page, tasks, keys, strict=True):
+                if key is not None and key in stored:
+                    if self.plan.version in ref.versions:
+                        already += 1
+                    else:
+                        unwritten.append((ref.id, stored[key]))
+                    continue
+                pending.append(task)
+                if len(pending) >= self.options.batch:
+                    yield pending
+                    pending = []
+            if unwritten:
+                written = self.writer.write(unwritten)
+                self._add(done=len(unwritten), written=written)
+            if already:
+                self._add(done=already)
+        if pending:
+            yield pending
+
+    def _fetch(self, pool: ThreadPoolExecutor, chunk: list[dict[str, Any]]) -> dict:
+        def one(url: str, tid: int) -> LoadedImage | MediaError:
+            try:
+                return self.fetcher.load(url, task_id=tid)
+            except MediaError as exc:
+                return exc
+            except Exception as exc:  # noqa: BLE001 - a task's own failure, never the job's
+                return MediaError(f"{url}: {type(exc).__name__}: {exc}")
+
+        futures = {}
+        for task in chunk:
+            for key in self.plan.image_keys:
+                url = image_url(task, key) or ""
+                futures[(task["id"], url)] = pool.submit(one, url, task["id"])
+        return futures
+
+    def _local_chunk(self, tasks: Sequence[Mapping[str, Any]], prefetched: _Prefetched) -> list:
+        return self._predictor.predict_typed(tasks, self.plan, self.options.role)
+
+    def _predict(self, chunk: list[dict[str, Any]], futures: dict) -> None:
+        self._prefetched.ready = futures
+        try:
+            typed = self._predict_chunk(chunk, self._prefetched)
+        finally:
+            self._prefetched.close()
+        rows, ok, failures = [], [], {}
+        for task, (item, controls) in zip(chunk, typed, strict=True):
+            if "result" not in item:
+                failures[str(task["id"])] = str(item.get("error", "no prediction"))
+                continue
+            key = task_key(task, self.plan)
+            rows.append(PredictionRow(key[0], key[1], key[2], self.project_id, self.plan.name, str(self.options.role),
+                                      item, controls))
+            ok.append((task["id"], item))
+        self.store.put_many(rows)  # the ledger first: a task stored is never predicted again
+        written = self.writer.write(ok) if ok else 0
+        self._add(done=len(ok), predicted=len(ok), written=written, failed=len(failures), failures=failures)
+
+    # -- progress ---------------------------------------------------------------------------------------
+    def _set(self, **changes: Any) -> None:
+        with self._lock:
+            self.progress = replace(self.progress, **changes)
+        self.on_progress(self.progress)
+
+    def _add(self, done: int = 0, predicted: int = 0, written: int = 0, failed: int = 0,
+             failures: dict[str, str] | None = None) -> None:
+        with self._lock:
+            p = self.progress
+            kept = dict(p.failures)
+            for tid, why in (failures or {}).items():
+                if len(kept) >= MAX_FAILURES_KEPT:
+                    break
+                kept[tid] = why
+            total = max(p.total, p.done + done + p.failed + failed)
+            self.progress = replace(p, done=p.done + done, predicted=p.predicted + predicted,
+                                    written=p.written + written, failed=p.failed + failed, failures=kept,
+                                    total=total, remaining=total - p.done - done - p.failed - failed)
+        self.on_progress(self.progress)  # a failed task's reason is logged by the predictor, once
+
+
+def elapsed_rate(progress: Progress, started: float) -> float:
+    """Tasks predicted per second since `started` (time.perf_counter())."""
+    return progress.predicted / max(time.perf_counter() - started, 1e-9)

@@ -1,0 +1,157 @@
+"""Wires a predict job for one project from Tandem's settings and state, as the server would serve it: the
+project's bound model (or `--model`), its label map and prompts, its Label Studio credentials. Used by
+`tandem predict` and by the process `POST /predict-jobs` starts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from backend.batch.bulk_write import LabelStudioWriter
+from backend.batch.predict_job import Cancelled, JobOptions, PredictJob
+from backend.batch.records import PredictJobRecord, PredictJobs, Progress, holder_id
+from backend.batch.tasks import LabelStudioTasks
+from backend.errors import ConfigError
+from backend.media.policy import setup_credentials
+from backend.predict import ServingPlan, plan_for
+from backend.settings import Settings
+
+log = logging.getLogger("tandem.batch")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    plan: ServingPlan
+    adapter: Any
+    spec: str
+    url: str
+    token: str
+
+
+def model_spec(settings: Settings, project_id: int, model: str | None = None) -> str:
+    """`--model`, else what serves the project: its binding for its pre-annotator role, else what the server
+    last served it, else the default the registry last served."""
+    from backend.registry import Registry
+    from backend.storage.projects import ProjectRepo
+
+    if model:
+        return model
+    state = ProjectRepo(settings.database_url).get(project_id)
+    pre = (state.pre_annotator if state and state.pre_annotator else None) or settings.pre_annotator
+    if state is not None:
+        bound = state.model if pre == "cnn" else state.second_opinion
+        served = state.served_model if pre == "cnn" else state.served_second_opinion
+        if bound or served:
+            return bound or served  # type: ignore[return-value]
+    last = Registry(settings.db_path).last_served("cnn" if pre == "cnn" else None)
+    if last is not None and last.path:
+        return last.path
+    if pre == "vlm" and settings.vlm:
+        return settings.vlm
+    raise ConfigError(f"project {project_id} has no bound model and this TANDEM_HOME served none: pass --model "
+                      "WEIGHTS (or bind one: tandem models bind)")
+
+
+def prepare(settings: Settings, project_id: int, model: str | None = None, client=None) -> Prepared:
+    """Loads the model and plans the project's labeling config exactly as /predict does (same keys)."""
+    from label_studio_sdk import LabelStudio
+
+    from backend.registry import Registry
+    from backend.server.projects import load_spec
+    from backend.storage.projects import ProjectRepo
+
+    state = ProjectRepo(settings.database_url).get(project_id)
+    pair = setup_credentials(settings.label_studio_url, settings.label_studio_api_key,
+                             state.hostname if state else None, state.access_token if state else None)
+    if pair is None or not pair[1]:
+        raise ConfigError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or connect the project to `tandem serve` "
+                          "once, so its /setup credentials are known)")
+    url, token = pair
+    client = client or LabelStudio(base_url=url, api_key=token)
+    spec = model_spec(settings, project_id, model)
+    adapter = load_spec(settings, Registry(settings.db_path), spec)
+    label_config = client.projects.get(project_id).label_config
+    plan = plan_for(adapter, label_config, {**settings.label_map, **(state.label_map if state else {})},
+                    settings.case_sensitive_labels, {**settings.vlm_prompts, **(state.prompts if state else {})},
+                    min_confidence=settings.conf)
+    return Prepared(plan, adapter, spec, url, token)
+
+
+def open_job(records: PredictJobs, project_id: int, runner: str, params: dict[str, Any],
+             job_id: int | None = None) -> PredictJobRecord:
+    """The job to run: `job_id`, else the project's job whose runner died (taken over), else a new one; claimed
+    with a lease so two runners never work one job."""
+    job = records.get(job_id) if job_id is not None else records.resumable(project_id)
+    if job_id is not None and job is None:
+        raise ConfigError(f"no predict job {job_id}")
+    if job is None:
+        job = records.create(project_id, runner, params)
+    if not records.claim(job.id):
+        raise ConfigError(f"predict job {job.id} is {records.get(job.id).status} or held by another runner "
+                          f"({records.get(job.id).holder}); wait for its lease ({job.lease_until}) to run out")
+    return records.get(job.id)  # type: ignore[return-value]
+
+
+def run_project(settings: Settings, project_id: int, *, model: str | None = None, options: JobOptions = JobOptions(),
+                runner: str = "local", job_id: int | None = None,
+                on_progress: Callable[[Progress], None] | None = None,
+                on_job: Callable[[PredictJobRecord], None] | None = None) -> tuple[PredictJobRecord, Progress]:
+    """Claim (or create) the job, run it to the end, record the outcome. Raises what stopped it."""
+    from label_studio_sdk import LabelStudio
+
+    from backend.media.fetch import MediaFetcher
+    from backend.storage.predictions import PredictionRepo
+
+    records = PredictJobs(settings.database_url)
+    params = {"model": model, "concurrency": options.concurrency, "batch": options.batch}
+    job = open_job(records, project_id, runner, params, job_id)
+    if on_job:
+        on_job(job)
+    log.info("predict job %s on project %s (%s)", job.id, project_id, holder_id())
+    last_write = [0.0]
+
+    def progress(p: Progress) -> None:
+        now = time.monotonic()
+        if now - last_write[0] >= 0.5 or p.remaining == 0:  # the lease and the counts, twice a second at most
+            records.set_progress(job.id, p.as_dict())
+            last_write[0] = now
+        if on_progress:
+            on_progress(p)
+
+    def cancelled() -> bool:
+        current = records.get(job.id)
+        return current is None or current.status == "cancelled"
+
+    store = None
+    try:
+        prepared = prepare(settings, project_id, model)
+        client = LabelStudio(base_url=prepared.url, api_key=prepared.token)
+        media = settings.media()
+        media.label_studio_url, media.api_key = prepared.url, prepared.token
+        store = PredictionRepo(settings.database_url)
+        fetcher = MediaFetcher(media)
+        if runner == "modal":
+            from infra.modal_predict import modal_chunk_predictor
+
+            chunk = modal_chunk_predictor(prepared.plan, prepared.spec, job.id, batch=options.batch)
+        else:
+            chunk = None
+        engine = PredictJob(prepared.plan, LabelStudioTasks(client, project_id), fetcher, store,
+                            LabelStudioWriter(client, project_id), project_id, options, progress, cancelled, chunk)
+        result = engine.run()
+        fetcher.close()
+    except Cancelled:
+        records.set_progress(job.id, engine.progress.as_dict())
+        return records.get(job.id), engine.progress  # type: ignore[return-value]
+    except BaseException as exc:
+        records.finish(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if store is not None:
+            store.close()
+    records.set_progress(job.id, result.as_dict())
+    records.finish(job.id, "succeeded")
+    return records.get(job.id), result  # type: ignore[return-value]

@@ -1,0 +1,73 @@
+"""`tandem predict`: pre-annotate every task of a project that lacks a prediction for the current model version."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from backend.cli.common import Home, app, console, load_settings, setup_logging
+
+
+@app.command()
+def predict(
+    project: Annotated[int, typer.Option("--project", "-p", help="Label Studio project id.")],
+    runner: Annotated[str, typer.Option(help="local (this process) or modal (images fanned out to a GPU "
+                                             "function over the Modal Volume).")] = "local",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Weights, registry version or VLM; default: "
+                                                                    "what serves the project.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Parallel image fetches.")] = 4,
+    batch: Annotated[int, typer.Option(min=1, max=512, help="Tasks per chunk (one inference call, one store "
+                                                           "write, one Label Studio request).")] = 16,
+    job: Annotated[int | None, typer.Option(help="Resume this predict job (default: the project's job whose "
+                                                 "runner died, else a new one).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda:0 … (default: CUDA when present).")] = None,
+    home: Home = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar (the server's worker).")] = False,
+) -> None:
+    """Pre-annotate a whole project as a resumable job: stored, written into Label Studio in bulk, and served
+    from the store by "Retrieve predictions" afterwards. Killed and run again, it continues where it stopped."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    from backend.batch.predict_job import JobOptions
+    from backend.batch.runner import run_project
+    from backend.errors import TandemError
+
+    setup_logging("warning")
+    if runner not in ("local", "modal"):
+        raise typer.BadParameter("--runner must be local or modal")
+    settings = load_settings(home=home, device=device)
+    options = JobOptions(concurrency=concurrency, batch=batch)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=quiet) as bar:
+        bar_id = bar.add_task(f"project {project}", total=None, failed=0)
+
+        def on_job(record) -> None:
+            bar.update(bar_id, description=f"predict job {record.id} · project {project}")
+            if quiet:
+                console.print(f"predict job {record.id} on project {project}")
+
+        def on_progress(p) -> None:
+            bar.update(bar_id, total=p.total or None, completed=p.done + p.failed, failed=p.failed)
+
+        try:
+            record, result = run_project(settings, project, model=model, options=options, runner=runner, job_id=job,
+                                         on_progress=on_progress, on_job=on_job)
+        except TandemError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from exc
+        except Exception as exc:  # Label Studio unreachable, wrong key, no such project
+            from backend.labelstudio.errors import describe
+
+            console.print(f"[red]error:[/] predict on project {project} stopped: "
+                          f"{describe(exc, settings.label_studio_url)}; run it again to continue")
+            raise typer.Exit(1) from exc
+    console.print(f"predict job {record.id}: {record.status}; {result.done} of {result.total} tasks have a "
+                  f"{result.model_version} prediction ({result.predicted} predicted now, {result.written} written to "
+                  f"Label Studio), {result.failed} failed")
+    for tid, why in list(result.failures.items())[:10]:
+        console.print(f"  [yellow]task {tid}:[/] {why}")
+    if record.status == "cancelled":
+        raise typer.Exit(1)
