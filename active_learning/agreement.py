@@ -119,7 +119,8 @@ def _polygon_masks(p: Prediction, extent: tuple[float, float]) -> np.ndarray:
     return masks.astype(bool)
 
 
-def _region_iou(a: Prediction, b: Prediction) -> tuple[np.ndarray, str]:
+def region_iou(a: Prediction, b: Prediction) -> tuple[np.ndarray, str]:
+    """IoU of every region of `a` with every region of `b` (both non-empty): masks, else outlines, else boxes."""
     da, db = a.detections, b.detections
     if da.mask is not None and db.mask is not None and da.mask.shape[1:] == db.mask.shape[1:]:
         return mask_iou(da.mask, db.mask), "masks"
@@ -153,7 +154,7 @@ def match(a: Prediction, b: Prediction, iou: float = 0.5) -> Match:
     if len(na) == 0 or len(nb) == 0:
         return Match(empty, empty, np.zeros(0), np.zeros(0), np.arange(len(na)), np.arange(len(nb)),
                      "empty" if len(na) == len(nb) == 0 else "boxes")
-    ious, kind = _region_iou(a, b)
+    ious, kind = region_iou(a, b)
     allowed = (na[:, None] == nb[None, :]) & (ious >= iou)
     weights = ious * np.minimum(_confidence(a)[:, None], _confidence(b)[None, :])
     if allowed.any():
@@ -216,4 +217,4 @@ def agreed(a: Prediction, m: Match) -> Prediction:
 
 
 __all__ = ["AgreementTable", "Match", "TaskAgreement", "agreed", "agreements", "box_iou", "mask_iou", "match",
-           "task_agreement"]
+           "region_iou", "task_agreement"]
