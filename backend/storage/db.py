@@ -1,8 +1,8 @@
-"""One SQLAlchemy engine per database URL: SQLite under TANDEM_HOME by default (embedded, zero setup).
+"""One SQLAlchemy engine per database URL, migrated to the newest schema before it is handed out.
 
-SQLite runs in WAL mode with a busy timeout, since the server, its background threads and the training
-worker process share the file. Tables are created on first use; the registry and job tables still live
-in `backend.sqlite_db` beside these in the same file.
+`TANDEM_DATABASE_URL` selects the database: by default the SQLite file `TANDEM_HOME/tandem.sqlite3`
+(embedded, zero setup; WAL mode and a busy timeout, since the server, its threads, the training worker and
+the CLI share it), or PostgreSQL (`postgresql://…`, through psycopg 3) for several replicas.
 """
 
 from __future__ import annotations
@@ -11,43 +11,77 @@ import threading
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
-
-from backend.storage.tables import metadata
+from sqlalchemy.engine import make_url
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 
+SQLITE_BUSY_TIMEOUT_S = 30
+
 
 def default_url(home: Path) -> str:
-    return f"sqlite:///{(home / 'tandem.db').resolve()}"
+    return sqlite_url(home / "tandem.sqlite3")
 
 
-def engine_for(url: str) -> Engine:
-    """Shared per URL and per process; the tables exist when it returns."""
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def normalise_url(url: str | Path) -> str:
+    """A Path is a SQLite file; `postgresql://` and `postgres://` get the psycopg 3 driver."""
+    if isinstance(url, Path):
+        return sqlite_url(url)
+    if "://" not in url:
+        return sqlite_url(Path(url))
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file behind a SQLite URL (None for other databases and in-memory ones)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def engine_for(url: str | Path) -> Engine:
+    """Shared per URL and per process; the schema is at the newest revision when it returns."""
+    from backend.storage.migrate import upgrade
+
+    url = normalise_url(url)
     with _lock:
         engine = _engines.get(url)
         if engine is None:
-            if url.startswith("sqlite"):
-                path = url.split("///", 1)[-1]
-                if path and path != ":memory:":
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
-                engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-                @event.listens_for(engine, "connect")
-                def _sqlite_pragmas(conn, _record) -> None:
-                    cur = conn.cursor()
-                    cur.execute("PRAGMA journal_mode=WAL")
-                    cur.execute("PRAGMA synchronous=NORMAL")
-                    cur.close()
-            else:
-                engine = create_engine(url, pool_pre_ping=True)
-            metadata.create_all(engine)
+            engine = _create(url)
+            upgrade(engine)
             _engines[url] = engine
         return engine
 
 
-def dispose(url: str) -> None:
+def _create(url: str) -> Engine:
+    if make_url(url).get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    path = sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(conn, _record) -> None:
+        cur = conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cur.close()
+
+    return engine
+
+
+def dispose(url: str | Path) -> None:
     with _lock:
-        engine = _engines.pop(url, None)
+        engine = _engines.pop(normalise_url(url), None)
     if engine is not None:
         engine.dispose()

@@ -1,10 +1,16 @@
-"""The tables behind the repositories, as SQLAlchemy Core (portable between SQLite and PostgreSQL)."""
+"""Every table Tandem has, as SQLAlchemy Core (portable between SQLite and PostgreSQL).
+
+The schema is owned by the Alembic revisions in `backend/storage/migrations/`; these objects are what the
+repositories query with, and must agree with the newest revision (tests/test_storage_migrations.py checks).
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text, text
 
 metadata = MetaData()
+
+ACTIVE_STATUSES = ("queued", "running")
 
 # One row per task, model version and fingerprint of what was asked (config, label map, prompts, image
 # URLs): `item` is the Label Studio answer (the /predict cache), `record` the typed predictions per control
@@ -61,4 +67,91 @@ projects = Table(
     Column("updated_at", Float, nullable=False),
 )
 
-__all__ = ["metadata", "predictions", "projects", "task_scores", "Integer"]
+# Every version the server has served and every candidate a job made (metrics, parent, dataset). `path` is
+# an artifact URI (or, for rows from before the artifact store, a local path).
+model_versions = Table(
+    "model_versions",
+    metadata,
+    Column("version", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("task", Text, nullable=False),
+    Column("path", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("served_at", Float, nullable=True),
+    Column("metrics", Text, nullable=False, server_default="{}"),
+    Column("parent", Text, nullable=True),
+    Column("dataset", Text, nullable=True),
+    Column("status", Text, nullable=False, server_default="served"),  # served|candidate|promoted|rejected|...
+    Column("promoted_at", Float, nullable=True),
+    Column("project_id", BigInteger, nullable=True),  # the project a job made it for; NULL: server-wide
+)
+
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project_id", BigInteger, nullable=True),
+    Column("action", Text, nullable=False),
+    Column("received_at", Float, nullable=False),
+)
+
+# The model version each Label Studio project was last told about.
+project_versions = Table(
+    "project_versions",
+    metadata,
+    Column("project_id", BigInteger, primary_key=True),
+    Column("model_version", Text, nullable=False),
+    Column("synced_at", Float, nullable=False),
+)
+
+# Training and predict jobs. A job is held by one runner through a lease (`holder`, `lease_until`); the
+# partial unique index lets the database, not a check-then-insert, keep one active job per project and kind.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project_id", BigInteger, nullable=False),
+    Column("model_kind", Text, nullable=False),
+    Column("runner", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("params", Text, nullable=False, server_default="{}"),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("pid", Integer, nullable=True),  # the worker's pid on the holder's host (shown; not trusted)
+    Column("remote_id", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("version", Text, nullable=True),
+    Column("promoted", Integer, nullable=True),
+    Column("metrics", Text, nullable=False, server_default="{}"),
+    Column("kind", String(16), nullable=False, server_default="train"),  # train | predict
+    Column("progress", Text, nullable=False, server_default="{}"),
+    Column("holder", String(300), nullable=True),  # host:pid:random of the runner holding the lease
+    Column("lease_until", Float, nullable=True),
+    Column("follow_up", Text, nullable=True),  # reason of a trigger coalesced into this job's successor
+    Index("one_active_job", "project_id", "kind", unique=True,
+          sqlite_where=text("status IN ('queued', 'running')"),
+          postgresql_where=text("status IN ('queued', 'running')")),
+    Index("jobs_by_lease", "status", "lease_until"),
+)
+
+# Annotation webhooks counted toward auto-retrain, kept across restarts and shared by replicas.
+corrections = Table(
+    "corrections",
+    metadata,
+    Column("project_id", BigInteger, primary_key=True),
+    Column("count", Integer, nullable=False, server_default="0"),
+    Column("updated_at", Float, nullable=False),
+)
+
+# Recent webhook deliveries already counted (Label Studio retries and repeats them); bounded.
+correction_events = Table(
+    "correction_events",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("at", Float, nullable=False),
+)
+
+__all__ = ["ACTIVE_STATUSES", "correction_events", "corrections", "jobs", "metadata", "model_versions",
+           "predictions", "project_versions", "projects", "task_scores", "webhook_events"]

@@ -1,56 +1,56 @@
-"""Training job records in SQLite (TANDEM_HOME/tandem.sqlite3), shared by the server, the worker
-process and the CLI. WAL mode lets all three read and write at once."""
+"""Job records (training and predict jobs) in the shared database, held by runners through leases.
+
+Every state change is one conditional statement whose row count says whether it happened, so two replicas,
+a server and a CLI, or a worker and a cancel can race without either overwriting the other:
+
+- `create(project_id, model_kind, runner, reason, params=None, kind="train", holder=None, lease_s=...)`
+  inserts a queued job. The partial unique index `one_active_job` allows one queued-or-running job per
+  (project, kind): a second `create` raises `ActiveJobExists` carrying the active job. With `holder` the
+  job is born claimed (no window in which another replica could take it).
+- `start(job_id, pid=None) -> bool`: queued -> running.
+- `finish(job_id, status, error=None, **fields) -> bool`: to a terminal state, only from an active one (a
+  cancelled job is not turned into a failed one by its dying worker).
+- `update(job_id, **fields)`, `set_progress(job_id, dict)`: plain field writes (no state change).
+
+Leases (all times are `time.time()` seconds; `holder` is `new_holder_id()`: host, pid and a random part):
+
+- `claim(job_id, holder, lease_s) -> bool`: take an active job that nobody holds, that `holder` already
+  holds, or whose lease expired. Exactly one of many concurrent claimers wins.
+- `heartbeat(job_id, holder, lease_s) -> bool`: extend the lease. False when the job was cancelled or
+  finished meanwhile, or another holder took it: the caller must stop its worker now.
+- `release(job_id, holder)`: give a job back without finishing it (a queued job another runner may take).
+- `expire_leases(now=None) -> list[Job]`: fail every *running* job whose lease ran out ("lease expired:
+  <holder> stopped heartbeating") and return them; any replica or CLI may call it, each job is failed once.
+  Queued jobs whose holder vanished before starting them are not failed: `claimable()` lists them and a
+  runner with a free slot claims them (safe: no worker ran yet).
+
+Corrections toward auto-retrain are counted here too (`add_correction`, `take_corrections`), so every
+replica sees one count per project.
+"""
 
 from __future__ import annotations
 
 import json
-import sqlite3
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    project_id  INTEGER NOT NULL,
-    model_kind  TEXT NOT NULL,
-    runner      TEXT NOT NULL,
-    status      TEXT NOT NULL,
-    reason      TEXT NOT NULL DEFAULT '',
-    params      TEXT NOT NULL DEFAULT '{}',
-    created_at  REAL NOT NULL,
-    started_at  REAL,
-    finished_at REAL,
-    pid         INTEGER,
-    remote_id   TEXT,
-    error       TEXT,
-    version     TEXT,
-    promoted    INTEGER,
-    metrics     TEXT NOT NULL DEFAULT '{}'
-);
--- which process a job's pid is: the pid alone may be reused by another process after a restart
-CREATE TABLE IF NOT EXISTS job_process (
-    job_id      INTEGER PRIMARY KEY,
-    pid         INTEGER,
-    identity    TEXT,           -- boot id and start time of the worker process
-    holder      TEXT            -- identity of the server process holding the job in its queue (no pid yet)
-);
--- annotation webhooks counted toward auto-retrain, kept across restarts
-CREATE TABLE IF NOT EXISTS corrections (
-    project_id  INTEGER PRIMARY KEY,
-    count       INTEGER NOT NULL DEFAULT 0,
-    updated_at  REAL NOT NULL
-);
--- recent webhook deliveries already counted (Label Studio retries and repeats them); bounded
-CREATE TABLE IF NOT EXISTS correction_events (
-    key         TEXT PRIMARY KEY,
-    at          REAL NOT NULL
-);
-"""
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from backend.storage.db import engine_for
+from backend.storage.tables import ACTIVE_STATUSES, correction_events, corrections
+from backend.storage.tables import jobs as jobs_table
+
 MAX_ID = 2**63 - 1
 MAX_CORRECTION_EVENTS = 10_000
+DEFAULT_LEASE_S = 30.0
+KINDS = ("train", "predict")
 
 
 class JobStatus(StrEnum):
@@ -83,6 +83,11 @@ class Job:
     version: str | None
     promoted: bool | None
     metrics: dict[str, Any]
+    kind: str = "train"
+    progress: dict[str, Any] | None = None
+    holder: str | None = None
+    lease_until: float | None = None
+    follow_up: str | None = None
 
     def public(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -90,133 +95,237 @@ class Job:
         return out
 
 
-_COLS = ("id, project_id, model_kind, runner, status, reason, params, created_at, started_at, finished_at, pid, "
-         "remote_id, error, version, promoted, metrics")
+class ActiveJobExists(ValueError):
+    """The project already has an active job of that kind (the database's unique index said so)."""
+
+    def __init__(self, active: Job) -> None:
+        super().__init__(f"project {active.project_id} already has {active.kind} job {active.id} "
+                         f"({active.status.value})")
+        self.active = active
+
+
+_JSON = ("params", "metrics", "progress")
+_ACTIVE = jobs_table.c.status.in_(ACTIVE_STATUSES)
+
+
+def new_holder_id() -> str:
+    """Who holds a lease: readable (host and pid) and unique (a pid is reused; a random part is not)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def holder_host(holder: str | None) -> str | None:
+    return holder.split(":", 1)[0] if holder and holder.count(":") >= 2 else None
 
 
 def _job(row) -> Job:
-    v = list(row)
-    v[4] = JobStatus(v[4])
-    v[6] = json.loads(v[6])
-    v[14] = None if v[14] is None else bool(v[14])
-    v[15] = json.loads(v[15])
-    return Job(*v)
+    v = dict(row._mapping)
+    v["status"] = JobStatus(v["status"])
+    for key in _JSON:
+        v[key] = json.loads(v[key]) if v.get(key) else {}
+    v["promoted"] = None if v["promoted"] is None else bool(v["promoted"])
+    return Job(**v)
 
 
 class JobStore:
-    def __init__(self, db_path: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(_SCHEMA)
+    def __init__(self, db: str | Path) -> None:
+        """`db`: a database URL (TANDEM_DATABASE_URL) or the path of a SQLite file."""
+        self.engine = engine_for(db)
 
-    def create(self, project_id: int, model_kind: str, runner: str, reason: str, params: dict | None = None) -> Job:
-        cur = self._conn.execute(
-            "INSERT INTO jobs(project_id, model_kind, runner, status, reason, params, created_at) VALUES (?,?,?,?,?,?,?)",
-            (project_id, model_kind, runner, JobStatus.QUEUED.value, reason, json.dumps(params or {}), time.time()),
-        )
-        return self.get(cur.lastrowid)
+    # -- records ------------------------------------------------------------------------------------
+    def create(self, project_id: int, model_kind: str, runner: str, reason: str, params: dict | None = None,
+               kind: str = "train", holder: str | None = None, lease_s: float = DEFAULT_LEASE_S) -> Job:
+        if kind not in KINDS:
+            raise ValueError(f"job kind must be one of {KINDS}, not {kind!r}")
+        now = time.time()
+        values = dict(project_id=project_id, model_kind=model_kind, runner=runner, status=JobStatus.QUEUED.value,
+                      reason=reason, params=json.dumps(params or {}), created_at=now, kind=kind,
+                      holder=holder, lease_until=now + lease_s if holder else None)
+        try:
+            with self.engine.begin() as conn:
+                job_id = conn.execute(insert(jobs_table).values(**values).returning(jobs_table.c.id)).scalar_one()
+        except IntegrityError:
+            active = self.active(project_id, kind)
+            if not active:  # finished between the insert and this read: try once more
+                return self.create(project_id, model_kind, runner, reason, params, kind, holder, lease_s)
+            raise ActiveJobExists(active[0]) from None
+        return self.get(job_id)
 
     def get(self, job_id: int) -> Job | None:
         if not _in_range(job_id):
             return None
-        row = self._conn.execute(f"SELECT {_COLS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs_table).where(jobs_table.c.id == job_id)).first()
         return _job(row) if row else None
 
-    def list(self, project_id: int | None = None, limit: int = 50) -> list[Job]:
+    def list(self, project_id: int | None = None, limit: int = 50, kind: str | None = None) -> list[Job]:
         if project_id is not None and not _in_range(project_id):
             return []
-        where, args = ("WHERE project_id = ?", (project_id,)) if project_id is not None else ("", ())
-        rows = self._conn.execute(f"SELECT {_COLS} FROM jobs {where} ORDER BY id DESC LIMIT ?", (*args, limit))
-        return [_job(r) for r in rows.fetchall()]
+        query = select(jobs_table).order_by(jobs_table.c.id.desc()).limit(limit)
+        if project_id is not None:
+            query = query.where(jobs_table.c.project_id == project_id)
+        if kind is not None:
+            query = query.where(jobs_table.c.kind == kind)
+        with self.engine.connect() as conn:
+            return [_job(r) for r in conn.execute(query)]
 
-    def active(self, project_id: int) -> list[Job]:
+    def active(self, project_id: int, kind: str | None = None) -> list[Job]:
         if not _in_range(project_id):
             return []
-        rows = self._conn.execute(
-            f"SELECT {_COLS} FROM jobs WHERE project_id = ? AND status IN ('queued', 'running') ORDER BY id",
-            (project_id,),
-        ).fetchall()
-        return [_job(r) for r in rows]
+        query = select(jobs_table).where(jobs_table.c.project_id == project_id, _ACTIVE).order_by(jobs_table.c.id)
+        if kind is not None:
+            query = query.where(jobs_table.c.kind == kind)
+        with self.engine.connect() as conn:
+            return [_job(r) for r in conn.execute(query)]
 
-    def update(self, job_id: int, **fields: Any) -> None:
+    def all_active(self) -> list[Job]:
+        with self.engine.connect() as conn:
+            return [_job(r) for r in conn.execute(select(jobs_table).where(_ACTIVE).order_by(jobs_table.c.id))]
+
+    def _set(self, job_id: int, *where, **fields: Any) -> bool:
+        if not _in_range(job_id):
+            return False
         if "status" in fields:
             fields["status"] = JobStatus(fields["status"]).value
-        for key in ("params", "metrics"):
+        for key in _JSON:
             if key in fields:
-                fields[key] = json.dumps(fields[key])
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        self._conn.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
+                fields[key] = json.dumps(fields[key] or {})
+        with self.engine.begin() as conn:
+            result = conn.execute(update(jobs_table).where(jobs_table.c.id == job_id, *where).values(**fields))
+        return result.rowcount == 1
 
-    def finish(self, job_id: int, status: JobStatus, error: str | None = None, **fields: Any) -> None:
+    def update(self, job_id: int, **fields: Any) -> None:
+        self._set(job_id, **fields)
+
+    def set_progress(self, job_id: int, progress: dict[str, Any]) -> None:
+        self._set(job_id, progress=progress)
+
+    def start(self, job_id: int, pid: int | None = None) -> bool:
+        """queued -> running; False when it is no longer queued (cancelled, or another worker started it)."""
+        return self._set(job_id, jobs_table.c.status == JobStatus.QUEUED.value, status=JobStatus.RUNNING,
+                         started_at=time.time(), pid=pid)
+
+    def finish(self, job_id: int, status: JobStatus, error: str | None = None, **fields: Any) -> bool:
         """Terminal states are final: a cancelled job is not turned into a failed one by its dying process."""
-        job = self.get(job_id)
-        if job is None or not job.status.active:
-            return
-        self.update(job_id, status=status, error=error, finished_at=time.time(), **fields)
+        return self._set(job_id, _ACTIVE, status=status, error=error, finished_at=time.time(), **fields)
 
     def counts(self) -> dict[str, int]:
-        return dict(self._conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs_table.c.status, func.count()).group_by(jobs_table.c.status))
+            return {status: n for status, n in rows}
 
-    def with_process(self) -> list[tuple[Job, str | None]]:
-        """Active jobs that have a worker pid, each with the identity recorded for that pid (None if unknown)."""
-        rows = self._conn.execute(
-            f"SELECT {', '.join('j.' + c.strip() for c in _COLS.split(','))}, p.identity FROM jobs j "
-            "LEFT JOIN job_process p ON p.job_id = j.id AND p.pid = j.pid "
-            "WHERE j.status IN ('queued', 'running') AND j.pid IS NOT NULL ORDER BY j.id").fetchall()
-        return [(_job(r[:-1]), r[-1]) for r in rows]
+    def set_follow_up(self, job_id: int, reason: str) -> bool:
+        """Fold a trigger into the successor of an active job (run when it ends, unless it was cancelled)."""
+        return self._set(job_id, _ACTIVE, follow_up=reason)
 
-    # -- worker processes ---------------------------------------------------------------------------
-    def record_process(self, job_id: int, pid: int, identity: str | None) -> None:
-        """Before the pid is written on the job: whoever reads the pid can tell a reused pid from the worker."""
-        self._conn.execute("INSERT INTO job_process(job_id, pid, identity, holder) VALUES (?,?,?,NULL) "
-                           "ON CONFLICT(job_id) DO UPDATE SET pid = excluded.pid, identity = excluded.identity",
-                           (job_id, pid, identity))
+    def take_follow_up(self, job_id: int) -> str | None:
+        """The follow-up reason of an ended job, once: whoever takes it (one replica) queues the successor."""
+        job = self.get(job_id)
+        if job is None or not job.follow_up or job.status.active:
+            return None
+        taken = self._set(job_id, jobs_table.c.follow_up == job.follow_up, follow_up=None)
+        return job.follow_up if taken else None
 
-    def hold(self, job_id: int, holder: str) -> None:
-        """A queued job waiting for a free training slot in the server process `holder`."""
-        self._conn.execute("INSERT INTO job_process(job_id, holder) VALUES (?,?) "
-                           "ON CONFLICT(job_id) DO UPDATE SET holder = excluded.holder", (job_id, holder))
+    # -- leases -------------------------------------------------------------------------------------
+    def claim(self, job_id: int, holder: str, lease_s: float = DEFAULT_LEASE_S) -> bool:
+        now = time.time()
+        free = or_(jobs_table.c.holder.is_(None), jobs_table.c.holder == holder, jobs_table.c.lease_until < now)
+        return self._set(job_id, _ACTIVE, free, holder=holder, lease_until=now + lease_s)
 
-    def held(self) -> list[tuple[Job, str | None]]:
-        """Queued jobs without a worker yet, each with the server process holding it (None: not recorded)."""
-        rows = self._conn.execute(
-            f"SELECT {', '.join('j.' + c.strip() for c in _COLS.split(','))}, p.holder FROM jobs j "
-            "LEFT JOIN job_process p ON p.job_id = j.id WHERE j.status = 'queued' AND j.pid IS NULL "
-            "ORDER BY j.id").fetchall()
-        return [(_job(r[:-1]), r[-1]) for r in rows]
+    def heartbeat(self, job_id: int, holder: str, lease_s: float = DEFAULT_LEASE_S) -> bool:
+        return self._set(job_id, _ACTIVE, jobs_table.c.holder == holder, lease_until=time.time() + lease_s)
+
+    def release(self, job_id: int, holder: str) -> bool:
+        return self._set(job_id, jobs_table.c.holder == holder, holder=None, lease_until=None)
+
+    def held_by(self, holder: str) -> list[Job]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs_table).where(jobs_table.c.holder == holder, _ACTIVE))
+            return [_job(r) for r in rows]
+
+    def expire_leases(self, now: float | None = None) -> list[Job]:
+        now = time.time() if now is None else now
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs_table).where(
+                jobs_table.c.status == JobStatus.RUNNING.value, jobs_table.c.lease_until < now)).all()
+        failed = []
+        for job in map(_job, rows):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.lease_until or 0))
+            error = f"lease expired: {job.holder or 'its runner'} stopped heartbeating (lease ran out {when})"
+            if self._set(job.id, jobs_table.c.status == JobStatus.RUNNING.value, jobs_table.c.lease_until < now,
+                         jobs_table.c.holder == job.holder if job.holder else jobs_table.c.holder.is_(None),
+                         status=JobStatus.FAILED, error=error, finished_at=now):
+                failed.append(self.get(job.id))
+        return failed
+
+    def claimable(self, now: float | None = None, kind: str | None = None) -> list[Job]:
+        """Queued jobs whose holder's lease ran out before it started them: safe to claim and run."""
+        now = time.time() if now is None else now
+        query = select(jobs_table).where(jobs_table.c.status == JobStatus.QUEUED.value,
+                                         and_(jobs_table.c.lease_until.is_not(None), jobs_table.c.lease_until < now))
+        if kind is not None:
+            query = query.where(jobs_table.c.kind == kind)
+        with self.engine.connect() as conn:
+            return [_job(r) for r in conn.execute(query.order_by(jobs_table.c.id))]
 
     # -- corrections toward auto-retrain ------------------------------------------------------------
     def add_correction(self, project_id: int, key: str | None = None) -> int:
         """Count one annotation event for the project and return the count; a delivery already counted (same
         `key`: annotation id and its update time) is not counted twice."""
         now = time.time()
-        with self._conn:  # one transaction: the event key and the count together
-            self._conn.execute("BEGIN IMMEDIATE")
+        with self.engine.begin() as conn:  # one transaction, write first: the event key and the count together
             if key is not None:
                 key = key[:200]
-                if self._conn.execute("SELECT 1 FROM correction_events WHERE key = ?", (key,)).fetchone():
-                    row = self._conn.execute("SELECT count FROM corrections WHERE project_id = ?",
-                                             (project_id,)).fetchone()
-                    return row[0] if row else 0
-                self._conn.execute("INSERT INTO correction_events(key, at) VALUES (?, ?)", (key, now))
-                self._conn.execute("DELETE FROM correction_events WHERE key IN (SELECT key FROM correction_events "
-                                   "ORDER BY at DESC LIMIT -1 OFFSET ?)", (MAX_CORRECTION_EVENTS,))
-            self._conn.execute("INSERT INTO corrections(project_id, count, updated_at) VALUES (?, 1, ?) "
-                               "ON CONFLICT(project_id) DO UPDATE SET count = count + 1, updated_at = excluded.updated_at",
-                               (project_id, now))
-            return self._conn.execute("SELECT count FROM corrections WHERE project_id = ?", (project_id,)).fetchone()[0]
+                fresh = conn.execute(_insert_ignore(conn, correction_events, {"key": key, "at": now})).rowcount
+                if not fresh:
+                    return conn.execute(select(corrections.c.count).where(
+                        corrections.c.project_id == project_id)).scalar() or 0
+            conn.execute(_upsert_increment(conn, project_id, now))
+            if key is not None:
+                oldest = select(correction_events.c.key).order_by(correction_events.c.at.desc()) \
+                    .offset(MAX_CORRECTION_EVENTS).limit(1_000_000).scalar_subquery()
+                conn.execute(delete(correction_events).where(correction_events.c.key.in_(oldest)))
+            return conn.execute(select(corrections.c.count).where(corrections.c.project_id == project_id)).scalar_one()
 
     def corrections(self, project_id: int) -> int:
-        row = self._conn.execute("SELECT count FROM corrections WHERE project_id = ?", (project_id,)).fetchone()
-        return row[0] if row else 0
+        with self.engine.connect() as conn:
+            return conn.execute(select(corrections.c.count).where(corrections.c.project_id == project_id)).scalar() or 0
+
+    def take_corrections(self, project_id: int, at_least: int) -> bool:
+        """Reset the project's count if it reached `at_least`; True for exactly one of concurrent callers (the
+        one that queues the job the count asked for)."""
+        with self.engine.begin() as conn:
+            result = conn.execute(update(corrections).where(
+                corrections.c.project_id == project_id, corrections.c.count >= at_least).values(
+                count=0, updated_at=time.time()))
+        return result.rowcount == 1
 
     def reset_corrections(self, project_id: int) -> None:
-        self._conn.execute("UPDATE corrections SET count = 0, updated_at = ? WHERE project_id = ?",
-                           (time.time(), project_id))
+        with self.engine.begin() as conn:
+            conn.execute(update(corrections).where(corrections.c.project_id == project_id).values(
+                count=0, updated_at=time.time()))
 
     def projects_with_corrections(self) -> list[int]:
-        return [r[0] for r in self._conn.execute("SELECT project_id FROM corrections WHERE count > 0 ORDER BY project_id")]
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(corrections.c.project_id).where(corrections.c.count > 0)
+                                     .order_by(corrections.c.project_id)).scalars())
+
+
+def _insert_ignore(conn, table, values: dict):
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(table).values(**values).on_conflict_do_nothing()
+
+
+def _upsert_increment(conn, project_id: int, now: float):
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    stmt = dialect_insert(corrections).values(project_id=project_id, count=1, updated_at=now)
+    return stmt.on_conflict_do_update(index_elements=[corrections.c.project_id],
+                                      set_={"count": corrections.c.count + 1, "updated_at": now})
 
 
 def _in_range(value: object) -> bool:
