@@ -216,5 +216,43 @@ def agreed(a: Prediction, m: Match) -> Prediction:
     return a.with_meta(detections=a.detections[np.sort(m.rows)])
 
 
+@dataclass(frozen=True)
+class Verified:
+    """A human-verified task seen through auto-accept: what it would have written, and whether that was right."""
+
+    verdict: TaskAgreement
+    correct: np.ndarray  # (K,) per agreed region (one for a choice): the human kept it (same class, IoU ≥ iou)
+    missed: int  # human regions the agreed set lacks (auto-accept would have left them out)
+
+    @property
+    def task_correct(self) -> bool:
+        return bool(self.correct.all()) and self.missed == 0
+
+
+def verify(a: Prediction, b: Prediction, human: Prediction, iou: float = 0.5) -> Verified:
+    """Compare the regions both models agree on (`a`'s geometry) with the human's final annotation."""
+    verdict = task_agreement(a, b, iou)
+    if verdict.kind == "choices":
+        hc, _ = _top(human)
+        ac, _ = _top(a)
+        right = np.array([ac is not None and ac == hc]) if verdict.matched else np.zeros(0, bool)
+        return Verified(verdict, right, int(hc is not None and not right.any()))
+    kept = agreed(a, verdict.match) if verdict.matched else None
+    if kept is None:
+        return Verified(verdict, np.zeros(0, bool), len(_names(human)))
+    m = match(kept.with_meta(detections=_certain(kept.detections)), human, iou)
+    correct = np.zeros(len(kept.detections), bool)
+    correct[m.rows] = True
+    return Verified(verdict, correct, len(m.only_b))
+
+
+def _certain(det):
+    """Matching against a human ignores the model's confidence (only which regions pair up matters)."""
+    import supervision as sv
+
+    return sv.Detections(xyxy=det.xyxy, mask=det.mask, confidence=np.ones(len(det)), class_id=det.class_id,
+                         data=det.data)
+
+
 __all__ = ["AgreementTable", "Match", "TaskAgreement", "agreed", "agreements", "box_iou", "mask_iou", "match",
-           "region_iou", "task_agreement"]
+           "region_iou", "task_agreement", "Verified", "verify"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import supervision as sv
 
-from active_learning.agreement import AgreementTable, agreed, box_iou, match, task_agreement
+from active_learning.agreement import AgreementTable, agreed, box_iou, match, task_agreement, verify
 from backend.core.prediction import CLASS_NAME, POLYGON, Prediction
 
 NAMES = ("Cat", "Dog")
@@ -132,3 +132,22 @@ def test_agreed_keeps_only_matched_regions_of_a():
     m = match(a, boxes([[0, 0, 10, 10]], ["Cat"]))
     kept = agreed(a, m)
     assert len(kept.detections) == 1 and kept.detections.data[CLASS_NAME].tolist() == ["Cat"]
+
+
+def test_verify_marks_each_agreed_region_against_the_human():
+    a = boxes([[0, 0, 10, 10], [20, 20, 30, 30]], ["Cat", "Dog"], conf=[0.9, 0.9])
+    b = boxes([[0, 0, 10, 10], [20, 20, 30, 30]], ["Cat", "Dog"], conf=[0.8, 0.7])
+    human = boxes([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], ["Cat", "Cat", "Dog"])
+    v = verify(a, b, human)
+    assert v.verdict.candidate and v.verdict.score == pytest.approx(0.7)
+    np.testing.assert_array_equal(v.correct, [True, False])  # the Dog was relabelled by the human
+    assert v.missed == 2 and not v.task_correct  # the relabelled Cat and the Dog at 50 are not in the agreed set
+    ok = verify(a, b, boxes([[0, 0, 10, 10], [20, 20, 30, 30]], ["Cat", "Dog"]))
+    assert ok.correct.all() and ok.missed == 0 and ok.task_correct
+
+
+def test_verify_choices():
+    a = Prediction(probabilities=np.array([0.7, 0.3]), class_names=NAMES)
+    human = Prediction(probabilities=np.array([0.0, 1.0]), class_names=NAMES)
+    v = verify(a, a, human)
+    assert v.verdict.candidate and v.correct.tolist() == [False] and v.missed == 1

@@ -53,7 +53,8 @@ def jobs_logs(job_id: int, lines: int = 200, home: Home = None) -> None:
 
     settings, _, store = stores(home)
     if store.get(job_id) is None:
-        console.print(f"[red]error:[/] no job {job_id} (tandem jobs list shows them)")
+        console.print(f"[red]error:[/] no job {job_id} in {settings.home} (database {settings.database_url}; set "
+                      "TANDEM_HOME or --home to the server's state folder; tandem jobs list shows its jobs)")
         raise typer.Exit(2)
     typer.echo(tail(log_path(settings.home, job_id), lines))
 
