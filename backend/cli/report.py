@@ -1,0 +1,190 @@
+"""`tandem report`: what the pre-annotations were worth — edit rates per model version and class, minutes
+saved against labelling from scratch, and where auto-accept stands (threshold, bound, coverage)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from backend.cli.common import Home, app, console, load_settings, setup_logging, stdout_console
+
+
+def project_edits(evidence) -> list:
+    """Every (model version's pre-annotation, final human annotation) pair of the project's reviewed tasks."""
+    from active_learning.telemetry import edits
+
+    out = []
+    for ev in evidence.tasks:
+        if ev.human is None:
+            continue
+        for version, pred in ev.pre.items():
+            out.append(edits(pred, ev.human, ev.task_id, version, ev.human_when))
+    return out
+
+
+def summary_json(project: int, summaries, total, cal, data, effort) -> dict[str, Any]:
+    def counts(c):
+        return {"unchanged": c.unchanged, "moved": c.moved, "relabelled": c.relabelled, "deleted": c.deleted,
+                "missed": c.missed, "choices": c.choices, "choices_accepted": c.choices_accepted}
+
+    def rates(c):
+        return {k: (None if math.isnan(v) else v) for k, v in (
+            ("unchanged", c.rate("unchanged")), ("modified", c.rate("modified")), ("deleted", c.rate("deleted")),
+            ("missed", c.rate("missed")), ("choice_accept", c.rate("choice_accept")))}
+
+    def one(s):
+        return {"tasks": s.tasks, "counts": counts(s.counts), "rates": rates(s.counts),
+                "per_class": {k: counts(v) for k, v in s.per_class.items()},
+                "scratch_seconds": s.scratch_seconds, "assisted_seconds": s.assisted_seconds,
+                "saved_minutes": s.saved_minutes}
+
+    return {"project": project, "at": time.time(), "effort": effort.as_dict(),
+            "versions": {v: one(s) for v, s in summaries.items()}, "total": one(total),
+            "auto_accept": {"threshold": cal.threshold, "bound": cal.bound, "coverage": cal.coverage,
+                            "n_verified": cal.n_verified, "needed": cal.needed, "reason": cal.reason,
+                            "source": data.source}}
+
+
+def write_plots(out: Path, summaries, items, data) -> list[Path]:
+    """Edit rates by model version (in the order they served), a reliability diagram, precision vs coverage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from active_learning.telemetry import precision_coverage, reliability
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    versions = sorted(summaries.values(), key=lambda s: s.first)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    kinds = ("unchanged", "modified", "deleted", "missed")
+    x = range(len(versions))
+    for k in kinds:
+        ax.plot(x, [s.counts.rate(k) for s in versions], marker="o", label=k)
+    ax.set_xticks(list(x), [s.model_version for s in versions], rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of predicted regions (missed: of final)")
+    ax.set_title("Edit rates by model version (oldest first)")
+    ax.legend()
+    fig.tight_layout()
+    files.append(out / "edit_rates.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+
+    centres, share, count = reliability(items)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    ok = count > 0
+    ax.plot(centres[ok], share[ok], marker="o", label="accepted unchanged")
+    for c, s, n in zip(centres[ok], share[ok], count[ok], strict=True):
+        ax.annotate(str(int(n)), (c, s), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xlabel("pre-annotation confidence")
+    ax.set_ylabel("share accepted unchanged")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Reliability: confidence vs acceptance")
+    ax.legend()
+    fig.tight_layout()
+    files.append(out / "reliability.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+
+    coverage, precision = precision_coverage(data.scores, data.correct, max(data.regions, len(data.scores)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if len(coverage):
+        ax.plot(coverage, precision, marker=".")
+    ax.set_xlabel("coverage (share of final regions auto-accepted)")
+    ax.set_ylabel("precision of auto-accepted regions")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"Auto-accept on verified tasks ({data.source})")
+    fig.tight_layout()
+    files.append(out / "precision_coverage.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+    return files
+
+
+def reports_dir(home: Path) -> Path:
+    """Where the latest report of each project is kept as JSON; /metrics reads it."""
+    return home / "reports"
+
+
+@app.command()
+def report(
+    project: Annotated[int, typer.Option("--project", "-p", help="Label Studio project id.")],
+    out: Annotated[Path | None, typer.Option(help="Folder for the PNGs and report.json "
+                                                  "(default tandem-report-PROJECT).")] = None,
+    target: Annotated[float, typer.Option(help="Auto-accept precision target (as tandem accept).")] = 0.98,
+    delta: Annotated[float, typer.Option(help="Auto-accept confidence 1 - delta (as tandem accept).")] = 0.05,
+    iou: Annotated[float, typer.Option(help="IoU at which two regions are the same region.")] = 0.5,
+    control_name: Annotated[str | None, typer.Option("--control", help="The control to report on.")] = None,
+    home: Home = None,
+) -> None:
+    """Edit rates of the pre-annotations per model version and class, human minutes saved, auto-accept status."""
+    from rich.table import Table
+
+    from active_learning.calibration import calibrate, min_verified
+    from active_learning.effort import EffortModel
+    from active_learning.telemetry import summarise, total
+    from backend.cli.accept import calibration_data, load_evidence
+
+    setup_logging("warning")
+    settings = load_settings(home=home)
+    try:
+        effort = EffortModel.from_env()
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    _, evidence = load_evidence(settings, project, control_name)
+    items = project_edits(evidence)
+    summaries = summarise(items, effort)
+    everything = total(summaries)
+    data = calibration_data(evidence, iou, min_verified(target, delta))
+    cal = calibrate(data.scores, data.correct, target, delta)
+
+    def pct(v: float) -> str:
+        return "—" if math.isnan(v) else f"{v:.0%}"
+
+    table = Table(title=f"Pre-annotation quality — project {project}, control '{evidence.control.name}'")
+    for col in ("model version", "tasks", "regions shown", "unchanged", "modified (moved/relabelled)", "deleted",
+                "missed", "choices accepted", "minutes saved"):
+        table.add_column(col, justify="right" if col != "model version" else "left")
+    for s in [*sorted(summaries.values(), key=lambda s: s.first), everything]:
+        c = s.counts
+        table.add_row(s.model_version, str(s.tasks), str(c.predicted), f"{c.unchanged} ({pct(c.rate('unchanged'))})",
+                      f"{c.modified} ({c.moved}/{c.relabelled})", f"{c.deleted} ({pct(c.rate('deleted'))})",
+                      f"{c.missed} ({pct(c.rate('missed'))})",
+                      f"{c.choices_accepted} of {c.choices}" if c.choices else "—", f"{s.saved_minutes:.1f}")
+    stdout_console().print(table)
+    if everything.per_class:
+        per = Table(title="Per class (all versions)")
+        for col in ("class", "unchanged", "moved", "relabelled", "deleted", "missed"):
+            per.add_column(col, justify="right" if col != "class" else "left")
+        for name, c in sorted(everything.per_class.items()):
+            per.add_row(name, str(c.unchanged), str(c.moved), str(c.relabelled), str(c.deleted), str(c.missed))
+        stdout_console().print(per)
+    console.print(f"Human time: {everything.assisted_seconds / 60:.1f} min with pre-annotations vs "
+                  f"{everything.scratch_seconds / 60:.1f} min from scratch on {everything.tasks} reviewed "
+                  f"task-version pair{'s' * (everything.tasks != 1)}: [bold]{everything.saved_minutes:.1f} min saved[/] "
+                  f"(effort model: draw {effort.draw_box:g} s, verify {effort.verify_box:g} s, modify "
+                  f"{effort.modify_box:g} s, delete {effort.delete_box:g} s per box; TANDEM_EFFORT changes them)")
+    console.print(f"Auto-accept ({data.source}): {cal.reason}")
+
+    folder = out or Path(f"tandem-report-{project}")
+    files = write_plots(folder, summaries, items, data)
+    payload = summary_json(project, summaries, everything, cal, data, effort)
+    (folder / "report.json").write_text(json.dumps(payload, indent=2))
+    reports = reports_dir(settings.home)
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / f"project-{project}.json").write_text(json.dumps(payload, indent=2))
+    console.print("wrote " + ", ".join(str(f) for f in [*files, folder / "report.json"]))
+
+
+__all__ = ["project_edits", "reports_dir", "summary_json", "write_plots"]
