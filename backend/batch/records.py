@@ -112,9 +112,9 @@ class PredictJobs:
 
     def create(self, project_id: int, runner: str = "local", params: dict | None = None) -> PredictJobRecord:
         with self.engine.begin() as conn:
-            job_id = conn.execute(insert(predict_jobs).values(
+            job_id = conn.execute(insert(predict_jobs).values(  # its runner has a lease's time to claim it
                 project_id=project_id, runner=runner, status="queued", params=json.dumps(params or {}),
-                progress="{}", created_at=time.time())).inserted_primary_key[0]
+                progress="{}", created_at=time.time(), lease_until=time.time() + LEASE_S)).inserted_primary_key[0]
         return self.get(job_id)
 
     def get(self, job_id: int) -> PredictJobRecord | None:
@@ -139,12 +139,13 @@ class PredictJobs:
         return None
 
     def claim(self, job_id: int, holder: str | None = None, lease_s: float = LEASE_S) -> bool:
-        """One conditional statement: the job is ours if it is active and nobody holds a live lease on it (a
-        holder on this host whose process is gone holds none: a kill -9 is taken over at once)."""
+        """One conditional statement: the job is ours if it is queued (not yet claimed), or running with nobody
+        holding a live lease on it (a holder on this host whose process is gone holds none: a kill -9 is taken
+        over at once)."""
         now = time.time()
         c = predict_jobs.c
         job = self.get(job_id)
-        free = (c.lease_until.is_(None)) | (c.lease_until < now)
+        free = (c.status == "queued") | (c.lease_until.is_(None)) | (c.lease_until < now)
         if job is not None and job.holder and dead_here(job.holder):
             free = free | (c.holder == job.holder)
         stmt = (update(predict_jobs)
@@ -173,11 +174,9 @@ class PredictJobs:
             return conn.execute(update(predict_jobs).where(c.id == job_id, c.status.in_(ACTIVE))
                                 .values(status="cancelled", finished_at=time.time())).rowcount == 1
 
-    def counts(self) -> list[PredictJobRecord]:
-        """Active jobs, for /metrics."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(predict_jobs).where(predict_jobs.c.status.in_(ACTIVE))).mappings().all()
-        return [_record(r) for r in rows]
+    def recent(self, limit: int = 20) -> list[PredictJobRecord]:
+        """The newest jobs, active or not (for /metrics: a finished job's final counts stay visible)."""
+        return self.list(limit=limit)
 
 
 def _record(row) -> PredictJobRecord:

@@ -136,7 +136,7 @@ def run_project(settings: Settings, project_id: int, *, model: str | None = None
         if runner == "modal":
             from infra.modal_predict import modal_chunk_predictor
 
-            chunk = modal_chunk_predictor(prepared.plan, prepared.spec, job.id, batch=options.batch)
+            chunk = modal_chunk_predictor(prepared.plan, prepared.spec, job.id)
         else:
             chunk = None
         engine = PredictJob(prepared.plan, LabelStudioTasks(client, project_id), fetcher, store,

@@ -21,7 +21,7 @@ from backend.server.guard import WEBHOOK_SECRET_HEADER, GuardMiddleware  # noqa:
 from backend.server.metrics import Metrics, MetricsMiddleware
 from backend.server.pool import ModelPool
 from backend.server.projects import ProjectServing, load_spec
-from backend.server.routers import jobs, ls_protocol, ops
+from backend.server.routers import jobs, ls_protocol, ops, predict_jobs
 from backend.server.scoring import ServeTimeScorer
 from backend.server.state import ServerState
 from backend.serving import ModelHolder
@@ -45,7 +45,7 @@ def create_app(
     bind their own. `training=True` starts the job service (webhook triggers, hot swaps); False serves
     predictions only.
     """
-    registry = registry or Registry(settings.db_path)
+    registry = registry or Registry(settings.database_url)
     if settings.pre_annotator == "vlm" and vlm is None:
         raise ConfigError("TANDEM_PRE_ANNOTATOR=vlm needs a VLM (tandem serve --vlm ID_OR_PATH)")
     vlm = vlm or ModelHolder()
@@ -117,4 +117,5 @@ def create_app(
 
     for router in (ls_protocol.router, jobs.router, ops.router):
         app.include_router(router)
+    predict_jobs.install(app, state)  # POST /predict-jobs, its counts on /metrics
     return app

@@ -59,3 +59,21 @@ class MetricsMiddleware:
             path = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(path, scope["method"], str(status["code"])).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
+class PredictJobCollector:
+    """The newest predict jobs' counts at each scrape, read from their rows (any replica's job shows):
+    `tandem_predict_job_tasks{job, project, state="done"|"failed"|"remaining"}`."""
+
+    def __init__(self, source) -> None:
+        self.source = source  # () -> job records with .id, .project_id, .progress
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily("tandem_predict_job_tasks", "Tasks of recent predict jobs by state",
+                                   labels=["job", "project", "state"])
+        for job in self.source():
+            for name in ("done", "failed", "remaining"):
+                family.add_metric([str(job.id), str(job.project_id), name], float(job.progress.get(name, 0)))
+        yield family

@@ -1,0 +1,122 @@
+"""Whole-project pre-annotation over HTTP: start a predict job, follow its counts, cancel it.
+
+The server only records the job and starts `tandem predict --job ID` as its own process (its memory and its
+CPU are the job's, not the server's); that process claims the job with a lease and writes its counts
+(done / failed / remaining) back to the job row, which any replica reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException
+from pydantic import BaseModel, Field
+
+from backend.batch.records import PredictJobs
+from backend.server.deps import get_state
+from backend.server.metrics import PredictJobCollector
+from backend.server.protocol import Id
+from backend.server.state import ServerState
+
+log = logging.getLogger("tandem.server")
+router = APIRouter(tags=["predict jobs"])
+
+
+class PredictJobRequest(BaseModel):
+    project: Id
+    model: str | None = Field(None, max_length=1000, description="Weights, registry version or VLM; default: "
+                                                                 "what serves the project.")
+    runner: Literal["local", "modal"] = "local"
+    concurrency: int = Field(4, ge=1, le=64, description="Parallel image fetches.")
+    batch: int = Field(16, ge=1, le=512, description="Tasks per chunk.")
+
+
+def _records(state: ServerState) -> PredictJobs:
+    return PredictJobs(state.settings.database_url)
+
+
+def log_path(home: Path, job_id: int) -> Path:
+    return home / "predict-jobs" / f"{job_id}.log"
+
+
+def _spawn(state: ServerState, job_id: int, body: PredictJobRequest) -> None:
+    settings = state.settings
+    argv = [sys.executable, "-m", "backend.cli", "predict", "--project", str(body.project), "--job", str(job_id),
+            "--runner", body.runner, "--concurrency", str(body.concurrency), "--batch", str(body.batch), "--quiet"]
+    if body.model:
+        argv += ["--model", body.model]
+    path = log_path(settings.home, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as out:
+        proc = subprocess.Popen(argv, env={**os.environ, **settings.to_env()}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def reap() -> None:  # collects the process; one that died before finishing its job fails it, with its log
+        code = proc.wait()
+        job = _records(state).get(job_id)
+        if job is not None and job.active and (job.holder is None or job.holder.endswith(f":{proc.pid}")):
+            tail = path.read_text(errors="replace")[-2000:] if path.exists() else ""
+            _records(state).finish(job_id, "failed", error=f"the predict process exited with {code}: {tail}")
+
+    threading.Thread(target=reap, name=f"tandem-predict-job-{job_id}", daemon=True).start()
+
+
+@router.post("/predict-jobs")
+def start(body: PredictJobRequest, state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """Pre-annotate every task of the project lacking a prediction for the current version. One job per
+    project at a time: a running one is a 409 naming it; one whose runner died is taken over."""
+    if body.runner == "modal":
+        from infra.modal_runner import require_modal_credentials
+
+        require_modal_credentials()
+    pair = state.credentials(body.project)
+    if pair is None or not pair[1]:  # said now, not by a process that fails a second later
+        raise HTTPException(422, f"no Label Studio credentials for project {body.project}: set LABEL_STUDIO_URL and "
+                                 "LABEL_STUDIO_API_KEY, or connect the project to this server first")
+    from backend.batch.runner import model_spec
+
+    model_spec(state.settings, body.project, body.model)  # a ConfigError (422) when nothing serves the project
+    records = _records(state)
+    resumable = records.resumable(body.project)
+    running = [j for j in records.list(body.project) if j.active and (resumable is None or j.id != resumable.id)]
+    if running:
+        raise HTTPException(409, f"predict job {running[0].id} is already {running[0].status} on project "
+                                 f"{body.project}")
+    job = resumable or records.create(body.project, body.runner, body.model_dump())
+    _spawn(state, job.id, body)
+    return records.get(job.id).public()  # type: ignore[union-attr]
+
+
+@router.get("/predict-jobs")
+def list_jobs(project: int | None = None, state: ServerState = Depends(get_state)) -> list[dict[str, Any]]:
+    return [j.public() for j in _records(state).list(project)]
+
+
+@router.get("/predict-jobs/{job_id}")
+def get_job(job_id: int, state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    job = _records(state).get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no predict job {job_id}")
+    return job.public()
+
+
+@router.post("/predict-jobs/{job_id}/cancel")
+def cancel(job_id: int, state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """The runner stops after the chunk in hand; what it stored stays stored (a later job continues)."""
+    records = _records(state)
+    if not records.cancel(job_id):
+        raise HTTPException(409, f"predict job {job_id} is not queued or running")
+    return records.get(job_id).public()  # type: ignore[union-attr]
+
+
+def install(app: FastAPI, state: ServerState) -> None:
+    """The routes, and the jobs' counts on /metrics (read from the job rows at each scrape)."""
+    app.include_router(router)
+    records = _records(state)
+    state.metrics.registry.register(PredictJobCollector(records.recent))
