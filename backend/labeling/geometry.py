@@ -40,3 +40,24 @@ def percent_to_points(points: np.ndarray, width: int, height: int) -> np.ndarray
     """(K, 2) percent points -> (K, 2) pixel points: the inverse of `points_to_percent`, not clipped."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     return pts * np.array([width, height], dtype=np.float64) / 100.0
+
+
+def mask_to_polygon(mask: np.ndarray, tolerance: float = 1.0) -> np.ndarray | None:
+    """A boolean (H, W) mask -> the (K, 2) pixel outline of its largest part, simplified (Douglas-Peucker,
+    `tolerance` px), or None when it has no part of 3 points. Outlines follow pixel edges (OpenCV traces pixel
+    centres, so the outline is grown by half a pixel): a filled polygon then covers the mask it came from."""
+    import cv2
+
+    m = np.ascontiguousarray(np.asarray(mask, dtype=np.uint8))
+    if not m.any():
+        return None
+    # trace on a 2x upsampled mask so the outline sits on pixel edges, not pixel centres
+    big = cv2.resize(m, (m.shape[1] * 2, m.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    largest = max(contours, key=cv2.contourArea)
+    simplified = cv2.approxPolyDP(largest, 2 * tolerance, True).reshape(-1, 2).astype(np.float64)
+    if len(simplified) < 3:
+        return None
+    return (simplified + 0.5) / 2.0
