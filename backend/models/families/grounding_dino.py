@@ -45,5 +45,6 @@ FAMILY = Family(
     kind=LoaderKind.DETECTOR,
     threshold=0.25,
     phrase_labels=True,
+    same_size_batches=True,
     tiny={"grounding_dino": build_tiny},
 )

@@ -78,6 +78,9 @@ class Family:
     # zero-shot detectors
     threshold: float = 0.1  # default score threshold
     phrase_labels: bool = False  # boxes come with decoded phrases (Grounding DINO), mapped back onto the labels
+    # its processor pads a batch's images to the largest and the backbone sees the padding (Grounding DINO's
+    # Swin): only images of one size share a forward pass, so a batch answers as each image alone would
+    same_size_batches: bool = False
     # zero-shot classifiers
     sigmoid: bool = False  # trained with independent sigmoids, on text padded to `text_length` tokens (SigLIP)
     text_length: int | None = None

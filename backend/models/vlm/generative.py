@@ -22,6 +22,7 @@ from PIL import Image
 from backend.models.base import ModelOutput, ModelTask
 from backend.models.families import LoaderKind
 from backend.models.vlm.base import OpenVocabularyModel, Vocabulary, chunks, make_detections
+from backend.models.vlm.batching import CPU_IMAGES, CPU_SEQUENCES, accepts, fit, text_cost
 from backend.models.vlm.grounding import (
     BoxFormat,
     GroundedBox,
@@ -42,7 +43,8 @@ class GenerativeVlm(OpenVocabularyModel):
 
     def __init__(self, model, processor, name, version, device, *, classify_question: str = CLASSIFY_QUESTION,
                  detect_question: str = DETECT_QUESTION, florence_task: str = "<CAPTION_TO_PHRASE_GROUNDING>",
-                 max_new_tokens: int = 256, max_sequences: int = 16, min_confidence: float = 0.0) -> None:
+                 max_new_tokens: int = 256, max_sequences: int | None = None, max_images: int | None = None,
+                 min_confidence: float = 0.0) -> None:
         super().__init__(model, processor, name, version, device)
         if self.spec.prompt is None:
             raise ValueError(f"no prompt style for model type {self.model_type!r}")
@@ -51,7 +53,8 @@ class GenerativeVlm(OpenVocabularyModel):
         self.tasks = frozenset({ModelTask.CLASSIFY} | ({ModelTask.DETECT} if self.box_format else set()))
         self.classify_question, self.detect_question = classify_question, detect_question
         self.florence_task, self.max_new_tokens = florence_task, max_new_tokens
-        self.max_sequences, self.min_confidence = max_sequences, min_confidence
+        # per forward pass; None: sized from free GPU memory (a fixed default on a CPU), see batching.py
+        self.max_sequences, self.max_images, self.min_confidence = max_sequences, max_images, min_confidence
         self.tokenizer = processor.tokenizer
         self.encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
 
@@ -84,6 +87,7 @@ class GenerativeVlm(OpenVocabularyModel):
 
         Used to score candidate labels and to fine-tune (LoRA): both need exactly the answer's likelihood.
         """
+        self.tokenizer.padding_side = "right"  # answers follow their prompts; padding after them changes nothing
         images = [im for im, _, _ in examples]
         prompts = [self.prompt(q) for _, q, _ in examples]
         answers = [a for _, _, a in examples]
@@ -111,19 +115,38 @@ class GenerativeVlm(OpenVocabularyModel):
     # ---------------------------------------------------------------- classification
     def label_logprobs(self, image: Image.Image, prompts: tuple[str, ...], question: str,
                        reuse_prompt: bool = True) -> np.ndarray:
-        """log p(answer | image, question) for each candidate, summed over its tokens.
+        """log p(answer | image, question) for each candidate, summed over its tokens (one image)."""
+        return self.batch_logprobs([image], prompts, question, reuse_prompt)[0]
 
-        Decoder-only chat models run the image and question once and score every candidate from that one
-        KV cache (one prefill instead of K); the others, or a prompt/answer token boundary that does not
-        line up, take the plain batch of K teacher-forced sequences.
+    def batch_logprobs(self, images: list[Image.Image], prompts: tuple[str, ...], question: str,
+                       reuse_prompt: bool = True) -> np.ndarray:
+        """(images, candidates) log-likelihoods, as few forward passes as memory allows.
+
+        Decoder-only chat models run each image's prefix (image and question) once, a batch of images in one
+        left-padded pass, and score all K candidates from that KV cache; the others, or a prompt/answer token
+        boundary that does not line up, take B x K teacher-forced sequences in memory-sized passes.
         """
+        out = np.empty((len(images), len(prompts)), dtype=np.float64)
+        todo = list(range(len(images)))
         if reuse_prompt and self.style.chat:
-            cached = self._logprobs_from_cache(image, prompts, question)
-            if cached is not None:
-                return cached
+            tails = self._answer_tails(prompts, question)
+            if tails is not None:
+                for part in chunks(todo, self._images_per_pass(images[0], len(prompts), tails[0].shape[1])):
+                    cached = self._cached_logprobs([images[i] for i in part], tails, question)
+                    if cached is None:
+                        break
+                    out[part] = cached
+                    todo = todo[len(part):]
+        if todo:
+            out[todo] = self._plain_logprobs([images[i] for i in todo], prompts, question)
+        return out
+
+    def _plain_logprobs(self, images: list[Image.Image], answers: tuple[str, ...], question: str) -> np.ndarray:
+        """B x K teacher-forced sequences, each carrying its image, `max_sequences` (or memory) at a time."""
+        pairs = [(im, question, a) for im in images for a in answers]
         parts = []
-        for answers in chunks(list(prompts), self.max_sequences):
-            batch = self._to_device(self.teacher_forced([(image, question, a) for a in answers]))
+        for part in chunks(pairs, self._sequences_per_pass()):
+            batch = self._to_device(self.teacher_forced(part))
             labels = batch.pop("labels")
             if self.encoder_decoder:
                 logits = self.model(**batch, labels=labels).logits
@@ -131,48 +154,110 @@ class GenerativeVlm(OpenVocabularyModel):
             else:
                 logits = self.model(**batch).logits[:, :-1]
                 target = labels[:, 1:]
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            mask = target != -100
-            token_lp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-            parts.append(token_lp.sum(-1).cpu().numpy())
-        return np.concatenate(parts).astype(np.float64)
+            scored = target != -100
+            start = int(scored.any(0).nonzero()[0, 0]) if scored.any() else 0  # the prompts' logits are not needed
+            parts.append(_answer_logprob(logits[:, start:], target[:, start:], scored[:, start:]))
+        return np.concatenate(parts).reshape(len(images), len(answers))
 
     def _logprobs_from_cache(self, image: Image.Image, answers: tuple[str, ...], question: str) -> np.ndarray | None:
+        """One image's candidates from its prefix's KV cache, or None where that path does not apply."""
+        tails = self._answer_tails(answers, question)
+        cached = None if tails is None else self._cached_logprobs([image], tails, question)
+        return None if cached is None else cached[0]
+
+    def _answer_tails(self, answers: tuple[str, ...], question: str):
+        """(K, T) right-padded token ids of each answer and its end of turn as they follow the prompt, and
+        their mask; None when the tokenizer merges a token across the prompt/answer boundary.
+
+        Tokenised on the text alone: the processor expands the image placeholder in the middle of the prompt,
+        far from its end, so the boundary tokenises the same with or without the image's tokens."""
         prompt = self.prompt(question)
-        self.tokenizer.padding_side = "right"
-        head = self._to_device(self._encode([prompt], [image]))
-        n = head["input_ids"].shape[1]
-        full = self._encode([prompt + self.style.answer_prefix + a + self._end_of_turn() for a in answers],
-                            [image] * len(answers))
-        ids, mask = full["input_ids"].to(self.device), full["attention_mask"].to(self.device)
-        if ids.shape[1] <= n or not torch.equal(ids[:, :n], head["input_ids"].expand(len(answers), -1)):
-            return None  # the tokenizer merged across the boundary: score the plain way
-        out = self.model(**head, use_cache=True)
+        head = self.tokenizer(prompt)["input_ids"]
+        rows = []
+        for answer in answers:
+            ids = self.tokenizer(prompt + self.style.answer_prefix + answer + self._end_of_turn())["input_ids"]
+            if len(ids) <= len(head) or ids[: len(head)] != head:
+                return None
+            rows.append(ids[len(head):])
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        return ids, mask, torch.tensor(head[-4:], device=self.device)  # the prompt's last tokens, to check
+
+    def _cached_logprobs(self, images: list[Image.Image], tails, question: str) -> np.ndarray | None:
+        """Prefill the B prefixes once (left-padded), repeat the cache K times, score B x K answer tails."""
+        tail_ids, tail_mask, prompt_end = tails
+        k, width = tail_ids.shape
+        b = len(images)
+        self.tokenizer.padding_side = "left"  # every prefix ends at the same column: the tails follow it
+        head = self._to_device(self._encode([self.prompt(question)] * b, images))
+        head.pop("labels", None)
+        ids, mask = head["input_ids"], head["attention_mask"]
+        if not torch.equal(ids[:, -len(prompt_end):], prompt_end.expand(b, -1)):
+            return None  # the processor ended the prompt otherwise than the text alone tokenises
+        n = ids.shape[1]
+        lengths = mask.sum(-1)  # each prefix's real length
+        inner = getattr(self.model, "model", None)
+        mrope = hasattr(inner, "get_rope_index")  # Qwen: 3-axis positions computed from the mask, shifted by deltas
+        extra = {}
+        if mrope:
+            inner.rope_deltas = None  # a fresh prefill computes this batch's
+        else:  # left padding: real tokens count their positions from 0, as alone
+            extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        if accepts(self.model.forward, "logits_to_keep"):
+            extra["logits_to_keep"] = 1  # only the last position's logits: (B, n, vocab) would be gigabytes
+        out = self.model(**head, use_cache=True, **extra)
         cache = out.past_key_values
         if not hasattr(cache, "batch_repeat_interleave"):
             return None
-        cache.batch_repeat_interleave(len(answers))
-        tail, tail_mask = ids[:, n:], mask[:, n:]
-        positions = torch.arange(n, ids.shape[1], device=ids.device)
-        extra = {}
-        deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
-        if deltas is not None:  # Qwen's 3-axis rotary positions: text after the image is shifted by rope_deltas
-            extra["position_ids"] = (positions + deltas.reshape(-1)[0]).expand(3, len(answers), -1)
-        rest = self.model(input_ids=tail, attention_mask=torch.cat([head["attention_mask"].expand(len(answers), -1),
-                                                                    tail_mask], dim=1),
-                          past_key_values=cache, cache_position=positions, **extra)
-        logits = torch.cat([out.logits[:, -1:].expand(len(answers), -1, -1), rest.logits[:, :-1]], dim=1)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tail.unsqueeze(-1)).squeeze(-1)
-        return (logp * tail_mask).sum(-1).cpu().numpy().astype(np.float64)
+        cache.batch_repeat_interleave(k)
+        positions = lengths.repeat_interleave(k)[:, None] + torch.arange(width, device=ids.device)
+        if mrope:
+            deltas = inner.rope_deltas.reshape(-1).to(ids.device).repeat_interleave(k)[:, None]
+            positions = (positions + deltas).unsqueeze(0).expand(3, -1, -1)
+        rest = self.model(input_ids=tail_ids.repeat(b, 1),
+                          attention_mask=torch.cat([mask.repeat_interleave(k, 0), tail_mask.repeat(b, 1)], dim=1),
+                          past_key_values=cache, cache_position=torch.arange(n, n + width, device=ids.device),
+                          position_ids=positions)
+        first = out.logits[:, -1:].repeat_interleave(k, 0)  # predicts each answer's first token
+        logits = torch.cat([first, rest.logits[:, :-1]], dim=1)
+        return _answer_logprob(logits, tail_ids.repeat(b, 1), tail_mask.repeat(b, 1).bool()).reshape(b, k)
+
+    # ---------------------------------------------------------------- batch sizes
+    def _images_per_pass(self, sample: Image.Image, candidates: int, tail: int) -> int:
+        """Images whose prefixes (and K cached copies each) fit one pass: `max_images` if set, else memory."""
+        if self.max_images:
+            return self.max_images
+        if not str(self.device).startswith("cuda"):
+            return fit(self.device, 1, CPU_IMAGES)
+        self.tokenizer.padding_side = "left"
+        n = self._encode([self.prompt("?")], [sample])["input_ids"].shape[1]
+        cost = text_cost(self.model)
+        per_image = candidates * cost.sequence_bytes(n + tail, tail) + n * cost.activation_per_token
+        return fit(self.device, per_image, CPU_IMAGES)
+
+    def _sequences_per_pass(self, tokens: int = 1024) -> int:
+        """Teacher-forced sequences per pass: `max_sequences` if set, else memory (on a CPU, a fixed default)."""
+        if self.max_sequences:
+            return self.max_sequences
+        return fit(self.device, text_cost(self.model).sequence_bytes(tokens, tokens), CPU_SEQUENCES)
+
+    def _generations_per_pass(self, sample: Image.Image) -> int:
+        """Images per `generate` call: `max_images` if set, else memory (prompt + new tokens, scores kept)."""
+        if self.max_images:
+            return self.max_images
+        if not str(self.device).startswith("cuda"):
+            return fit(self.device, 1, CPU_IMAGES)
+        n = self._encode([self.prompt("?")], [sample])["input_ids"].shape[1]
+        return fit(self.device, text_cost(self.model).sequence_bytes(n + self.max_new_tokens, self.max_new_tokens),
+                   CPU_IMAGES)
 
     def _classify(self, images, vocabulary: Vocabulary) -> list[ModelOutput]:
         question = self.question(ModelTask.CLASSIFY, vocabulary)
-        out = []
-        for image in images:
-            lp = self.label_logprobs(image, vocabulary.prompts, question)
-            p = np.exp(lp - lp.max())
-            out.append(ModelOutput(probabilities=p / p.sum()))
-        return out
+        lp = self.batch_logprobs(images, vocabulary.prompts, question)
+        p = np.exp(lp - lp.max(axis=1, keepdims=True))
+        return [ModelOutput(probabilities=row / row.sum()) for row in p]
 
     # ---------------------------------------------------------------- grounding
     def _parse(self, text: str, image: Image.Image, coord_size: tuple[float, float] | None) -> list[GroundedBox]:
@@ -197,10 +282,13 @@ class GenerativeVlm(OpenVocabularyModel):
         return format_boxes(self.box_format, boxes, labels, image.width, image.height, coord_size)
 
     def _detect(self, images, vocabulary: Vocabulary) -> list[ModelOutput]:
+        """One `generate` call per batch of images; each image's text is parsed against its own size."""
         prompt = self.prompt(self.question(ModelTask.DETECT, vocabulary))
-        self.tokenizer.padding_side = "left"  # batched generation continues from the right edge
         out = []
-        for chunk in chunks(images, self.max_sequences):
+        for chunk in chunks(images, self._generations_per_pass(images[0])):
+            # a decoder continues from the right edge (left padding); an encoder's learned positions
+            # (Florence-2's BART) must start at 0 (right padding)
+            self.tokenizer.padding_side = "right" if self.encoder_decoder else "left"
             batch = self._encode([prompt] * len(chunk), chunk)
             inputs = self._to_device(batch)
             inputs.pop("labels", None)  # PaliGemma's processor always adds them
@@ -236,3 +324,13 @@ class GenerativeVlm(OpenVocabularyModel):
         if task is ModelTask.CLASSIFY:
             return self._classify(images, vocabulary)
         return self._detect(images, vocabulary)
+
+
+def _answer_logprob(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """Sum over each row of log p(target token), where `mask`: logits (N, T, V) predict target (N, T).
+
+    log p = logit - logsumexp(logits), in float32, without a (N, T, V) log-softmax copy."""
+    logits = logits.float()
+    picked = logits.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_lp = (picked - torch.logsumexp(logits, dim=-1)) * mask
+    return token_lp.sum(-1).cpu().numpy().astype(np.float64)

@@ -60,6 +60,18 @@ def _load_lora(source: str, path: Path, device: str | None, options: dict[str, A
     return vlm
 
 
+def _from_pretrained(auto, path: Path, dtype):
+    """With PyTorch's scaled-dot-product attention (fused kernels on CUDA) where the architecture supports it;
+    the others (Grounding DINO's deformable attention) load with their own."""
+    try:
+        return auto.from_pretrained(path, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
+    except ValueError as exc:
+        if "sdpa" not in str(exc).lower() and "scaled_dot_product" not in str(exc).lower():
+            raise
+        log.info("%s: no SDPA attention (%s); loading with its default", path, exc)
+        return auto.from_pretrained(path, dtype=dtype, local_files_only=True)
+
+
 def load_vlm(source: str, device: str | None = None, revision: str | None = None, **options: Any) -> OpenVocabularyModel:
     """Options go to the adapter (threshold, iou, template, classify_question, max_new_tokens, ...)."""
     folder = Path(source).expanduser()
@@ -76,7 +88,7 @@ def load_vlm(source: str, device: str | None = None, revision: str | None = None
     auto_name, adapter = LOADERS[family.kind]
     auto = getattr(transformers, auto_name)
     try:
-        model = auto.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+        model = _from_pretrained(auto, path, dtype).to(device)
         processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, ImportError) as exc:  # missing weights, wrong files, a missing optional package
         raise ModelLoadError(f"could not load {source}: {exc}") from exc
