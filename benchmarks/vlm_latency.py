@@ -655,25 +655,25 @@ def build_model(family: Family, config, dtype: torch.dtype):
     return model.eval()
 
 
-def make_adapter(family: Family, model, processor):
+def make_adapter(family: Family, model, processor, device: str = "cpu"):
     name, version = family.checkpoint.split("/")[-1], "random-weights"
     if family.adapter == "classifier":
-        return ZeroShotClassifier(model, processor, name, version, device="cpu")
+        return ZeroShotClassifier(model, processor, name, version, device=device)
     if family.adapter == "detector":
-        return ZeroShotDetector(model, processor, name, version, device="cpu", threshold=0.0, max_det=MAX_DET)
+        return ZeroShotDetector(model, processor, name, version, device=device, threshold=0.0, max_det=MAX_DET)
     # generation runs to max_new_tokens: EOS is suppressed until then
     model.generation_config.min_new_tokens = MAX_NEW_TOKENS
     model.generation_config.pad_token_id = (
         processor.tokenizer.pad_token_id or processor.tokenizer.eos_token_id
     )
-    return GenerativeVlm(model, processor, name, version, device="cpu", max_new_tokens=MAX_NEW_TOKENS)
+    return GenerativeVlm(model, processor, name, version, device=device, max_new_tokens=MAX_NEW_TOKENS)
 
 
 @torch.inference_mode()
 def calibrate_threshold(adapter: ZeroShotDetector, image, vocabulary: Vocabulary) -> float:
     """Just below the MAX_DET-th best score: random weights score all boxes alike, trained ones do not."""
     prompts = list(vocabulary.prompts)
-    inputs = adapter.processor(images=[image], text=[prompts], return_tensors="pt")
+    inputs = adapter._to_device(adapter.processor(images=[image], text=[prompts], return_tensors="pt"))
     outputs = adapter.model(**inputs)
     kwargs = (
         dict(input_ids=inputs["input_ids"], text_threshold=0.0)
@@ -683,7 +683,7 @@ def calibrate_threshold(adapter: ZeroShotDetector, image, vocabulary: Vocabulary
     result = adapter.processor.post_process_grounded_object_detection(
         outputs, threshold=0.0, target_sizes=[(image.height, image.width)], **kwargs
     )[0]
-    scores = np.sort(result["scores"].float().numpy())[::-1]
+    scores = np.sort(result["scores"].float().cpu().numpy())[::-1]
     kth = np.float32(scores[min(MAX_DET, len(scores)) - 1])
     # boxes pass with `score > threshold`; saturated sigmoids tie at 1.0 and then all pass
     return float(np.nextafter(kth, np.float32(0)))
