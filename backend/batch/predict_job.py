@@ -8,7 +8,8 @@ predicted twice. The keys are /predict's (`task_key` under the same `ServingPlan
 predictions" afterwards answers from the store.
 
 Memory is bounded: one page of task references, and at most two chunks of decoded images (the one being
-predicted and the next, fetched meanwhile by `concurrency` threads).
+predicted and the next, fetched meanwhile by `concurrency` threads). Label Studio's bulk import of a chunk
+runs on a writer thread beside the next chunk's inference (at most two imports queued).
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class PredictJob:
         self._predictor = Predictor(self._prefetched, workers=max(1, options.concurrency), store=None)  # type: ignore[arg-type]
         self._predict_chunk = predict_chunk or self._local_chunk
         self._lock = threading.Lock()
+        self._write_pool = ThreadPoolExecutor(1, thread_name_prefix="tandem-job-write")
+        self._writes: deque[Future] = deque()
         self.progress = Progress(model_version=plan.version)
 
     # -- the run ----------------------------------------------------------------------------------------
@@ -111,7 +114,9 @@ class PredictJob:
                     raise Cancelled()
             while in_flight:
                 self._predict(*in_flight.popleft())
+            self._drain_writes()
         finally:
+            self._write_pool.shutdown(wait=True)
             for _, futures in in_flight:
                 for f in futures.values():
                     f.cancel()
@@ -182,8 +187,18 @@ class PredictJob:
                                       item, controls))
             ok.append((task["id"], item))
         self.store.put_many(rows)  # the ledger first: a task stored is never predicted again
-        written = self.writer.write(ok) if ok else 0
-        self._add(done=len(ok), predicted=len(ok), written=written, failed=len(failures), failures=failures)
+        self._add(predicted=len(ok), failed=len(failures), failures=failures)
+        if ok:  # Label Studio's import runs beside the next chunk's inference; at most two requests queued
+            self._writes.append(self._write_pool.submit(self._write, ok))
+            while len(self._writes) > 2:
+                self._writes.popleft().result()
+
+    def _write(self, ok: list[tuple[int, Mapping[str, Any]]]) -> None:
+        self._add(done=len(ok), written=self.writer.write(ok))
+
+    def _drain_writes(self) -> None:
+        while self._writes:
+            self._writes.popleft().result()
 
     # -- progress ---------------------------------------------------------------------------------------
     def _set(self, **changes: Any) -> None:
@@ -204,7 +219,8 @@ class PredictJob:
             self.progress = replace(p, done=p.done + done, predicted=p.predicted + predicted,
                                     written=p.written + written, failed=p.failed + failed, failures=kept,
                                     total=total, remaining=total - p.done - done - p.failed - failed)
-        self.on_progress(self.progress)  # a failed task's reason is logged by the predictor, once
+            current = self.progress
+        self.on_progress(current)  # a failed task's reason is logged by the predictor, once
 
 
 def elapsed_rate(progress: Progress, started: float) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 
 from backend.batch.bulk_write import LabelStudioWriter
 from backend.batch.predict_job import Cancelled, JobOptions, PredictJob
-from backend.batch.records import PredictJobRecord, PredictJobs, Progress, holder_id
+from backend.batch.records import ActiveJobExists, Job, PredictJobs, Progress, new_holder_id
 from backend.batch.tasks import LabelStudioTasks
 from backend.errors import ConfigError
 from backend.media.policy import setup_credentials
@@ -80,25 +80,35 @@ def prepare(settings: Settings, project_id: int, model: str | None = None, clien
     return Prepared(plan, adapter, spec, url, token)
 
 
-def open_job(records: PredictJobs, project_id: int, runner: str, params: dict[str, Any],
-             job_id: int | None = None) -> PredictJobRecord:
-    """The job to run: `job_id`, else the project's job whose runner died (taken over), else a new one; claimed
-    with a lease so two runners never work one job."""
-    job = records.get(job_id) if job_id is not None else records.resumable(project_id)
-    if job_id is not None and job is None:
-        raise ConfigError(f"no predict job {job_id}")
-    if job is None:
-        job = records.create(project_id, runner, params)
-    if not records.claim(job.id):
-        raise ConfigError(f"predict job {job.id} is {records.get(job.id).status} or held by another runner "
-                          f"({records.get(job.id).holder}); wait for its lease ({job.lease_until}) to run out")
+def open_job(records: PredictJobs, project_id: int, runner: str, params: dict[str, Any], holder: str,
+             job_id: int | None = None, handed_by: str | None = None) -> Job:
+    """The job to run, claimed under `holder`: `job_id`, else the project's job whose runner is gone (taken
+    over), else a new one. A live runner's job is an error naming it: two runners never work one project."""
+    if job_id is not None:
+        job = records.get(job_id)
+        if job is None:
+            raise ConfigError(f"no predict job {job_id}")
+    else:
+        job = records.resumable(project_id)
+        if job is None:
+            try:
+                created = records.create(project_id, runner, params, holder=holder)
+                records.store.start(created.id)
+                return records.get(created.id)  # type: ignore[return-value]
+            except ActiveJobExists as exc:
+                job = exc.active
+    if not records.claim(job.id, holder, handed_by):
+        current = records.get(job.id) or job
+        raise ConfigError(f"predict job {job.id} on project {project_id} is {current.status.value}"
+                          + (f", held by {current.holder} until {time.strftime('%H:%M:%S', time.localtime(current.lease_until))}"
+                             if current.status.active and current.holder and current.lease_until else ""))
     return records.get(job.id)  # type: ignore[return-value]
 
 
 def run_project(settings: Settings, project_id: int, *, model: str | None = None, options: JobOptions = JobOptions(),
                 runner: str = "local", job_id: int | None = None,
                 on_progress: Callable[[Progress], None] | None = None,
-                on_job: Callable[[PredictJobRecord], None] | None = None) -> tuple[PredictJobRecord, Progress]:
+                on_job: Callable[[Job], None] | None = None, handed_by: str | None = None) -> tuple[Job, Progress]:
     """Claim (or create) the job, run it to the end, record the outcome. Raises what stopped it."""
     from label_studio_sdk import LabelStudio
 
@@ -107,23 +117,24 @@ def run_project(settings: Settings, project_id: int, *, model: str | None = None
 
     records = PredictJobs(settings.database_url)
     params = {"model": model, "concurrency": options.concurrency, "batch": options.batch}
-    job = open_job(records, project_id, runner, params, job_id)
+    holder = new_holder_id()
+    job = open_job(records, project_id, runner, params, holder, job_id, handed_by)
     if on_job:
         on_job(job)
-    log.info("predict job %s on project %s (%s)", job.id, project_id, holder_id())
+    log.info("predict job %s on project %s (%s)", job.id, project_id, holder)
     last_write = [0.0]
+    lost = [False]
 
     def progress(p: Progress) -> None:
         now = time.monotonic()
-        if now - last_write[0] >= 0.5 or p.remaining == 0:  # the lease and the counts, twice a second at most
-            records.set_progress(job.id, p.as_dict())
+        if now - last_write[0] >= 0.5 or p.remaining == 0:  # the counts and the lease, twice a second at most
+            lost[0] = not records.set_progress(job.id, holder, p.as_dict()) or lost[0]
             last_write[0] = now
         if on_progress:
             on_progress(p)
 
-    def cancelled() -> bool:
-        current = records.get(job.id)
-        return current is None or current.status == "cancelled"
+    def cancelled() -> bool:  # cancelled, or the lease was taken by another runner: stop after this chunk
+        return lost[0]
 
     store = None
     try:
@@ -144,7 +155,7 @@ def run_project(settings: Settings, project_id: int, *, model: str | None = None
         result = engine.run()
         fetcher.close()
     except Cancelled:
-        records.set_progress(job.id, engine.progress.as_dict())
+        log.warning("predict job %s stopped: cancelled, or its lease was taken", job.id)
         return records.get(job.id), engine.progress  # type: ignore[return-value]
     except BaseException as exc:
         records.finish(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -152,6 +163,6 @@ def run_project(settings: Settings, project_id: int, *, model: str | None = None
     finally:
         if store is not None:
             store.close()
-    records.set_progress(job.id, result.as_dict())
+    records.set_progress(job.id, holder, result.as_dict())
     records.finish(job.id, "succeeded")
     return records.get(job.id), result  # type: ignore[return-value]

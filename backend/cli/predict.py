@@ -24,6 +24,8 @@ def predict(
     device: Annotated[str | None, typer.Option(help="cpu, cuda:0 … (default: CUDA when present).")] = None,
     home: Home = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar (the server's worker).")] = False,
+    handed_by: Annotated[str | None, typer.Option(hidden=True, envvar="TANDEM_PREDICT_HANDED_BY",
+                                                  help="The server's lease this process takes over.")] = None,
 ) -> None:
     """Pre-annotate a whole project as a resumable job: stored, written into Label Studio in bulk, and served
     from the store by "Retrieve predictions" afterwards. Killed and run again, it continues where it stopped."""
@@ -54,7 +56,7 @@ def predict(
 
         try:
             record, result = run_project(settings, project, model=model, options=options, runner=runner, job_id=job,
-                                         on_progress=on_progress, on_job=on_job)
+                                         on_progress=on_progress, on_job=on_job, handed_by=handed_by)
         except TandemError as exc:
             console.print(f"[red]error:[/] {exc}")
             raise typer.Exit(2) from exc
@@ -64,7 +66,7 @@ def predict(
             console.print(f"[red]error:[/] predict on project {project} stopped: "
                           f"{describe(exc, settings.label_studio_url)}; run it again to continue")
             raise typer.Exit(1) from exc
-    console.print(f"predict job {record.id}: {record.status}; {result.done} of {result.total} tasks have a "
+    console.print(f"predict job {record.id}: {record.status.value}; {result.done} of {result.total} tasks have a "
                   f"{result.model_version} prediction ({result.predicted} predicted now, {result.written} written to "
                   f"Label Studio), {result.failed} failed")
     for tid, why in list(result.failures.items())[:10]:

@@ -75,5 +75,5 @@ class PredictJobCollector:
                                    labels=["job", "project", "state"])
         for job in self.source():
             for name in ("done", "failed", "remaining"):
-                family.add_metric([str(job.id), str(job.project_id), name], float(job.progress.get(name, 0)))
+                family.add_metric([str(job.id), str(job.project_id), name], float((job.progress or {}).get(name, 0)))
         yield family

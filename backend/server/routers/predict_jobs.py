@@ -18,7 +18,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
-from backend.batch.records import PredictJobs
+from backend.batch.records import ActiveJobExists, PredictJobs, new_holder_id
 from backend.server.deps import get_state
 from backend.server.metrics import PredictJobCollector
 from backend.server.protocol import Id
@@ -45,7 +45,7 @@ def log_path(home: Path, job_id: int) -> Path:
     return home / "predict-jobs" / f"{job_id}.log"
 
 
-def _spawn(state: ServerState, job_id: int, body: PredictJobRequest) -> None:
+def _spawn(state: ServerState, job_id: int, body: PredictJobRequest, handed_by: str | None) -> None:
     settings = state.settings
     argv = [sys.executable, "-m", "backend.cli", "predict", "--project", str(body.project), "--job", str(job_id),
             "--runner", body.runner, "--concurrency", str(body.concurrency), "--batch", str(body.batch), "--quiet"]
@@ -53,24 +53,27 @@ def _spawn(state: ServerState, job_id: int, body: PredictJobRequest) -> None:
         argv += ["--model", body.model]
     path = log_path(settings.home, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **settings.to_env(), **({"TANDEM_PREDICT_HANDED_BY": handed_by} if handed_by else {})}
     with open(path, "ab") as out:
-        proc = subprocess.Popen(argv, env={**os.environ, **settings.to_env()}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def reap() -> None:  # collects the process; one that died before finishing its job fails it, with its log
         code = proc.wait()
-        job = _records(state).get(job_id)
-        if job is not None and job.active and (job.holder is None or job.holder.endswith(f":{proc.pid}")):
+        records = _records(state)
+        job = records.get(job_id)
+        holder = job.holder or "" if job else ""
+        if job is not None and job.status.active and (holder == handed_by or holder.split(":")[1:2] == [str(proc.pid)]):
             tail = path.read_text(errors="replace")[-2000:] if path.exists() else ""
-            _records(state).finish(job_id, "failed", error=f"the predict process exited with {code}: {tail}")
+            records.finish(job_id, "failed", error=f"the predict process exited with {code}: {tail}")
 
     threading.Thread(target=reap, name=f"tandem-predict-job-{job_id}", daemon=True).start()
 
 
 @router.post("/predict-jobs")
 def start(body: PredictJobRequest, state: ServerState = Depends(get_state)) -> dict[str, Any]:
-    """Pre-annotate every task of the project lacking a prediction for the current version. One job per
-    project at a time: a running one is a 409 naming it; one whose runner died is taken over."""
+    """Pre-annotate every task of the project lacking a prediction for the current version, in a process of
+    its own; follow it at `GET /jobs/{id}` (or `/predict-jobs/{id}`). One job per project: a live one is a
+    409 naming it; one whose runner died is taken over."""
     if body.runner == "modal":
         from infra.modal_runner import require_modal_credentials
 
@@ -83,13 +86,15 @@ def start(body: PredictJobRequest, state: ServerState = Depends(get_state)) -> d
 
     model_spec(state.settings, body.project, body.model)  # a ConfigError (422) when nothing serves the project
     records = _records(state)
-    resumable = records.resumable(body.project)
-    running = [j for j in records.list(body.project) if j.active and (resumable is None or j.id != resumable.id)]
-    if running:
-        raise HTTPException(409, f"predict job {running[0].id} is already {running[0].status} on project "
-                                 f"{body.project}")
-    job = resumable or records.create(body.project, body.runner, body.model_dump())
-    _spawn(state, job.id, body)
+    handed_by: str | None = new_holder_id()  # the job is born held: no other replica starts it meanwhile
+    try:
+        job = records.create(body.project, body.runner, body.model_dump(), holder=handed_by)
+    except ActiveJobExists as exc:
+        if records.resumable(body.project) is None:
+            raise HTTPException(409, f"predict job {exc.active.id} is already {exc.active.status.value} on project "
+                                     f"{body.project}") from exc
+        job, handed_by = exc.active, None  # its runner is gone: a new one takes it over
+    _spawn(state, job.id, body, handed_by)
     return records.get(job.id).public()  # type: ignore[union-attr]
 
 

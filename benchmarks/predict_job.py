@@ -1,0 +1,211 @@
+"""Whole-project pre-annotation (`tandem predict`) on a real Label Studio, with the fastest CPU engine.
+
+1. `--tasks` generated 640x480 JPEGs (the shapes set) uploaded into a new Label Studio 1.23 project: Label
+   Studio's own import time.
+2. The local predict job on the whole project (OpenVINO engine, in this process): tasks/s from the job's
+   start (model loaded) to its end, peak RSS; and the raw engine's images/s on the first `--raw` of the same
+   images, decoded in memory beforehand, in batches of the job's size, measured in this same process after
+   the job. Target: job tasks/s >= 0.9x raw images/s.
+3. "Retrieve predictions" on 1,000 stored tasks: the Tandem server's /predict called as Label Studio calls
+   it (every selected task in one request, the tasks as Label Studio serialises them), and Label Studio's
+   own "Retrieve predictions" action on the same 1,000 tasks (wall time including Label Studio). Target < 5 s.
+4. Resume: a second project of `--resume-tasks` tasks (the same uploaded images), `tandem predict` in a
+   subprocess killed with SIGKILL at ~50 % stored, then run again: total predictions == tasks, none twice.
+
+    uv run python benchmarks/predict_job.py [--tasks 5000] [--resume-tasks 1000] [--out benchmarks/results/predict_job.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+RECT = """<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="label" toName="image">
+    <Label value="square"/><Label value="circle"/><Label value="triangle"/>
+  </RectangleLabels>
+</View>"""
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_images(folder: Path, count: int) -> list[Path]:
+    """`count` 640x480 JPEGs (quality 90), reused when already there."""
+    from backend.datasets.shapes import generate_samples
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"img_{i:05d}.jpg" for i in range(count)]
+    if not all(p.is_file() for p in paths):
+        for i, (img, _) in enumerate(generate_samples(count, seed=5, size=(640, 480))):
+            img.convert("RGB").save(paths[i], quality=90)
+    return paths
+
+
+def weights(home: Path) -> Path:
+    from backend.models.starter import train_starter_model
+
+    cache = ROOT / ".test-cache" / "home"
+    found = cache / "models" / "starter" / "shapes-yolov8n-detect.pt"
+    return found if found.is_file() else train_starter_model(cache, "detect")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--resume-tasks", type=int, default=1000)
+    parser.add_argument("--raw", type=int, default=500, help="images for the raw engine's rate")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--retrieve", type=int, default=1000)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tandem-predict-bench")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "predict_job.md")
+    args = parser.parse_args()
+
+    import httpx
+    from label_studio_sdk import LabelStudio
+    from PIL import Image
+
+    from backend.batch.predict_job import JobOptions
+    from backend.batch.records import PredictJobs
+    from backend.batch.runner import run_project
+    from backend.dev.local_label_studio import start_label_studio, upload_images
+    from backend.dev.server_thread import ServerThread
+    from backend.server.app import create_app
+    from backend.serving import ModelHolder
+    from backend.settings import Settings
+    from backend.storage.predictions import PredictionRepo
+
+    work = args.work
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    images = make_images(work / "images", args.tasks)
+    home = Path(tempfile.mkdtemp(prefix="home-", dir=work))
+    w = weights(home)
+    ls = start_label_studio(Path(tempfile.mkdtemp(prefix="ls-", dir=work)))
+    try:
+        client = LabelStudio(base_url=ls.url, api_key=ls.token)
+        settings = Settings(home=home, label_studio_url=ls.url, label_studio_api_key=ls.token, engine="openvino")
+        adapter = settings.load_cnn(w)  # exported to OpenVINO once, parity-checked (cached under the home)
+        say(f"model {adapter.version}, engine {getattr(adapter, 'engine', '?')}; {os.cpu_count()} CPUs "
+            f"({platform.processor() or platform.machine()}), shared with other work")
+
+        # 1. Label Studio's own import
+        project = client.projects.create(title=f"bench {args.tasks}", label_config=RECT).id
+        t0 = time.perf_counter()
+        upload_images(ls.url, ls.token, project, {p.name: p.read_bytes() for p in images})
+        import_s = time.perf_counter() - t0
+        say(f"Label Studio import: {args.tasks} JPEG uploads in {import_s:.1f} s ({args.tasks / import_s:.1f} tasks/s)")
+
+        # 2. the job
+        rss_before = peak_rss_mb()
+        marks: list[float] = []
+        record, result = run_project(settings, project, model=str(w),
+                                     options=JobOptions(concurrency=args.concurrency, batch=args.batch),
+                                     on_progress=lambda p: marks or marks.append(time.perf_counter()))
+        job_s = time.perf_counter() - marks[0]
+        job_rate = result.predicted / job_s
+        job_peak = peak_rss_mb()
+        say(f"job {record.id}: {record.status}, {result.done}/{result.total} done, {result.failed} failed, "
+            f"{result.predicted} predicted, {result.written} written in {job_s:.1f} s = {job_rate:.2f} tasks/s; "
+            f"peak RSS {job_peak:.0f} MB (before the job {rss_before:.0f} MB)")
+        assert result.done == args.tasks and result.failed == 0
+
+        # the raw engine on the same images, decoded beforehand, same batch size, same process
+        raw = [Image.open(io.BytesIO(p.read_bytes())).convert("RGB") for p in images[: args.raw]]
+        adapter.predict(raw[: args.batch])  # warm
+        t0 = time.perf_counter()
+        for start in range(0, len(raw), args.batch):
+            adapter.predict(raw[start : start + args.batch])
+        raw_rate = len(raw) / (time.perf_counter() - t0)
+        say(f"raw engine: {raw_rate:.2f} images/s on {len(raw)} decoded images; job/raw = {job_rate / raw_rate:.3f} "
+            f"(target >= 0.9)")
+        del raw
+
+        # 3. Retrieve predictions on 1,000 stored tasks
+        headers = {"Authorization": f"Token {ls.token}"}
+        listed = httpx.get(f"{ls.url}/api/tasks", params={"project": project, "page_size": args.retrieve,
+                                                          "page": 1, "fields": "all"}, headers=headers,
+                           timeout=300).json()
+        tasks = listed["tasks"] if isinstance(listed, dict) else listed
+        label_config = client.projects.get(project).label_config
+        app = create_app(settings, ModelHolder(adapter), training=False)
+        with ServerThread(app) as srv:
+            body = {"tasks": tasks, "label_config": label_config, "project": f"{project}.1700000000",
+                    "params": {"login": None, "password": None, "context": None}}
+            t0 = time.perf_counter()
+            answer = httpx.post(f"{srv.url}/predict", json=body, timeout=300).json()
+            predict_s = time.perf_counter() - t0
+            ok = sum(1 for item in answer["results"] if "result" in item)
+            say(f"/predict on {len(tasks)} stored tasks (one call, as Label Studio sends them): {predict_s:.2f} s, "
+                f"{ok} answered from the store (target < 5 s)")
+            client.ml.create(project=project, url=srv.url, title="Tandem", is_interactive=False)
+            ids = [t["id"] for t in tasks]
+            t0 = time.perf_counter()
+            client.actions.create(id="retrieve_tasks_predictions", project=project,
+                                  selected_items={"all": False, "included": ids},
+                                  request_options={"timeout_in_seconds": 600})
+            action_s = time.perf_counter() - t0
+            say(f"Label Studio's Retrieve predictions action on the same {len(ids)} tasks: {action_s:.2f} s wall "
+                f"(Tandem's /predict plus Label Studio storing what it got)")
+
+        # 4. resume after kill -9
+        m = min(args.resume_tasks, args.tasks)
+        second = client.projects.create(title=f"bench resume {m}", label_config=RECT).id
+        client.projects.import_tasks(second, request=[{"image": t["data"]["image"]} for t in
+                                                       httpx.get(f"{ls.url}/api/tasks", params={
+                                                           "project": project, "page_size": m, "page": 1},
+                                                                 headers=headers, timeout=300).json()["tasks"]])
+        env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "backend.cli", "predict", "--project", str(second), "--model", str(w),
+               "--batch", str(args.batch), "--quiet"]
+        store = PredictionRepo(settings.database_url)
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while store.count(second) < m // 2 and proc.poll() is None:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        at_kill = store.count(second)
+        t0 = time.perf_counter()
+        again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        resume_s = time.perf_counter() - t0
+        assert again.returncode == 0, again.stderr[-2000:]
+        job = PredictJobs(settings.database_url).list(second)[0]
+        ls_total = client.projects.get(second).total_predictions_number
+        per_task = [t.total_predictions for t in client.tasks.list(project=second, page_size=500, fields="all")]
+        say(f"resume: {m} tasks, kill -9 at {at_kill} stored; the restart took over job {job.id} and predicted "
+            f"{job.progress['predicted']} (= {m} - {at_kill}: {job.progress['predicted'] == m - at_kill}) in "
+            f"{resume_s:.1f} s; stored {store.count(second)}, Label Studio predictions {ls_total}, tasks with "
+            f"exactly one: {sum(1 for n in per_task if n == 1)}/{len(per_task)}")
+        assert store.count(second) == m and ls_total == m and all(n == 1 for n in per_task)
+    finally:
+        ls.stop()
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("# Whole-project pre-annotation job (`benchmarks/predict_job.py`)\n\n"
+                        f"`uv run python benchmarks/predict_job.py --tasks {args.tasks} --resume-tasks "
+                        f"{args.resume_tasks}` (batch {args.batch}, concurrency {args.concurrency}), "
+                        f"{time.strftime('%Y-%m-%d')}.\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
