@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -202,7 +203,8 @@ def markdown(result: dict) -> str:
     """The tables of one run, for benchmarks/results/."""
     info, batches = result["info"], result["info"]["batches"]
     lines = [f"Device: **{info['device']}**; torch {info['torch']}, transformers {info['transformers']}; "
-             f"VLM size: {info['size']}; {info['threads']} torch threads.", ""]
+             f"VLM size: {info['size']}; {info['threads']} torch threads; peak RSS of the run "
+             f"{info.get('peak_rss_gib', '?')} GiB.", ""]
     if result["yolo"]:
         lines += ["| YOLO path | batch | imgsz | images | images/s | boxes | agree@0.9 with ultralytics |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
@@ -215,12 +217,12 @@ def markdown(result: dict) -> str:
     if result["vlm"]:
         rows = [VlmRow(**r) for r in result["vlm"]]
         lines += ["| family | model | task | " + " | ".join(f"s/image at batch {b}" for b in batches)
-                  + f" | batch {batches[-1]} vs {batches[0]} |",
+                  + f" | speed-up (s at {batches[0]} / s at {batches[-1]}) |",
                   "|---|---|---|" + "---:|" * (len(batches) + 1)]
         for (family, task), group in _grouped(rows).items():
             by_batch = {r.batch: r.seconds_per_image for r in group}
             first, last = by_batch.get(batches[0]), by_batch.get(batches[-1])
-            gain = f"{first / last:.1f}x faster" if first and last and last == last else "-"
+            gain = f"{first / last:.1f}x" if first and last and last == last else "-"
             lines.append(f"| {family} | {group[0].model} | {task} | "
                          + " | ".join(f"{by_batch[b]:.4f}" if b in by_batch else "-" for b in batches) + f" | {gain} |")
     return "\n".join(lines) + "\n"
@@ -276,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows = bench_vlms(adapters, batches, args.min_images or max(batches), args.device, vocabulary, images)
         result["vlm"] = [asdict(r) for r in rows]
         print_vlm_table(rows, batches)
+    info["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
+    console.print(f"peak RSS {info['peak_rss_gib']} GiB", highlight=False)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     if args.markdown:
