@@ -21,7 +21,9 @@ from backend.models.vlm.zero_shot import CPU_CLASSIFIER_IMAGES, CPU_DETECTOR_IMA
 from tests.tiny_vlms import teach
 
 GENERATIVE = ["llava", "idefics3", "qwen2_5_vl", "qwen3_vl", "paligemma", "florence2"]
-SHARED_PREFIX = {"idefics3", "qwen2_5_vl", "qwen3_vl"}  # the tiny LLaVA's vocab merges across the answer boundary
+# one pass for the B prefixes (decoder-only: KV cache; Florence-2: encoder states), one for the B x K answers;
+# the tiny LLaVA's vocab merges across the answer boundary, PaliGemma's prefix attends both ways: B x K sequences
+SHARED_PREFIX = {"idefics3", "qwen2_5_vl", "qwen3_vl", "florence2"}
 GROUNDING = ["qwen2_5_vl", "qwen3_vl", "paligemma", "florence2"]
 ZERO_SHOT = ["owlv2", "grounding_dino", "clip", "siglip", "siglip2"]
 LABELS = ["square", "circle", "circle red", "a big triangle"]

@@ -1,8 +1,10 @@
 """Generative VLMs (LLaVA-1.5, Qwen2.5-VL, Qwen3-VL, Florence-2, PaliGemma, SmolVLM/Idefics3).
 
 Classification is not "generate a word and hope it is a label": every candidate label's log-likelihood
-`log p(label + end-of-turn | image, question)` is scored with teacher forcing, all candidates of a batch of
-images in one forward pass, and the softmax over candidates is the distribution. The end-of-turn token
+`log p(label + end-of-turn | image, question)` is scored with teacher forcing, and the softmax over
+candidates is the distribution. A batch of images shares passes: their prefixes (image and question) run
+once, in one pass (a KV cache for decoder-only chat models, encoder states for Florence-2), and all B x K
+candidates are scored from them in a second; other families take B x K teacher-forced sequences. The end-of-turn token
 keeps "cat" from winning for "caterpillar"; multi-token labels are summed.
 
 Grounding is generated in each family's own format, parsed into boxes (`grounding.py`), and each box
@@ -137,9 +139,35 @@ class GenerativeVlm(OpenVocabularyModel):
                         break
                     out[part] = cached
                     todo = todo[len(part):]
+        if reuse_prompt and self.encoder_decoder:
+            for part in chunks(todo, self._images_per_pass(images[0], len(prompts), 8)):
+                out[part] = self._shared_encoder_logprobs([images[i] for i in part], prompts, question)
+            todo = []
         if todo:
             out[todo] = self._plain_logprobs([images[i] for i in todo], prompts, question)
         return out
+
+    def _shared_encoder_logprobs(self, images: list[Image.Image], answers: tuple[str, ...], question: str
+                                 ) -> np.ndarray:
+        """Encoder-decoders (Florence-2): each image and question encoded once, a batch of images in one pass;
+        the decoder scores the K answers of every image against its repeated encoder states."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        k, b = len(answers), len(images)
+        self.tokenizer.padding_side = "right"  # learned encoder positions start at 0
+        batch = self._to_device(self._encode([self.prompt(question)] * b, images))
+        batch.pop("labels", None)
+        config = self.model.config
+        start = getattr(config, "decoder_start_token_id", None)
+        if start is None:
+            start = config.get_text_config(decoder=True).decoder_start_token_id
+        first = torch.full((b, 1), int(start), dtype=torch.long, device=batch["input_ids"].device)
+        encoded = self.model(**batch, decoder_input_ids=first).encoder_last_hidden_state
+        target = self.tokenizer(list(answers), padding="longest", return_tensors="pt")  # as teacher_forced
+        labels = target.input_ids.masked_fill(target.attention_mask == 0, -100).to(encoded.device).repeat(b, 1)
+        logits = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded.repeat_interleave(k, 0)),
+                            attention_mask=batch["attention_mask"].repeat_interleave(k, 0), labels=labels).logits
+        return _answer_logprob(logits, labels, labels != -100).reshape(b, k)
 
     def _plain_logprobs(self, images: list[Image.Image], answers: tuple[str, ...], question: str) -> np.ndarray:
         """B x K teacher-forced sequences, each carrying its image, `max_sequences` (or memory) at a time."""
