@@ -129,6 +129,8 @@ class GenerativeVlm(OpenVocabularyModel):
         boundary that does not line up, take B x K teacher-forced sequences in memory-sized passes.
         """
         out = np.empty((len(images), len(prompts)), dtype=np.float64)
+        if not images:
+            return out
         todo = list(range(len(images)))
         if reuse_prompt and self.style.chat:
             tails = self._answer_tails(prompts, question)
