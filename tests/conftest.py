@@ -18,6 +18,7 @@ from backend.labeling.config import ControlKind
 from backend.models.starter import train_starter_model
 from backend.models.yolo import YoloAdapter
 from tests.harness import start_label_studio
+from tests.postgres import PostgresUnavailable, start_cluster
 from tests.tiny_vlms import build as build_tiny_vlm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +68,36 @@ def label_studio(tmp_path_factory):
     ls = start_label_studio(tmp_path_factory.mktemp("label-studio"))
     yield ls
     ls.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 for the session (tests/postgres.py); skipped only where the
+    server binaries are not installed (CI installs them)."""
+    try:
+        cluster = start_cluster()
+    except PostgresUnavailable as e:
+        pytest.skip(str(e))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_cluster) -> str:
+    """A database on the session's cluster, made once (SQLAlchemy URL, psycopg 3 driver)."""
+    return postgres_cluster.create_database("tandem_session")
+
+
+@pytest.fixture
+def postgres_db(postgres_cluster, request):
+    """A fresh, empty database for one test; its pooled engine is closed and the database dropped after."""
+    from backend.storage.db import dispose
+
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:40] + f"_{os.getpid()}"
+    url = postgres_cluster.create_database(name)
+    yield url
+    dispose(url)
+    postgres_cluster.drop_database(name)
 
 
 def region_boxes(result: list[dict], width: int, height: int) -> tuple[np.ndarray, list[str]]:
