@@ -1,0 +1,237 @@
+"""The repositories on both databases Tandem supports: the embedded SQLite default and PostgreSQL for replicas.
+
+Every test runs twice, on a SQLite file and on a fresh database of a real PostgreSQL cluster (tests/postgres.py),
+because the guarantees replicas rely on (one active job per project and kind, exactly one lease claimer, each
+expired job failed once, one correction count) are the database's, and the two dialects enforce them differently.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import supervision as sv
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, func, inspect, select
+
+from backend.core.prediction import CLASS_NAME, CLASS_SCORES, Prediction
+from backend.storage import migrate
+from backend.storage.db import engine_for, normalise_url
+from backend.storage.predictions import PredictionRepo, PredictionRow
+from backend.storage.scores import ScoreRepo, ScoreSetup, TaskScore
+from backend.storage.tables import jobs as jobs_table
+from backend.storage.tables import metadata
+from backend.training.jobs import ActiveJobExists, JobStatus, JobStore
+
+THREADS = 20
+BIG_ID = 2**40 + 7  # Label Studio ids are 64-bit; PostgreSQL's INTEGER would overflow
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tandem.sqlite3'}"
+    return request.getfixturevalue("postgres_db")
+
+
+def _together(n: int, fn):
+    """Run fn(i) in n threads released at once by a barrier; results in thread order (exceptions returned)."""
+    barrier = threading.Barrier(n)
+
+    def run(i):
+        barrier.wait()
+        try:
+            return fn(i)
+        except Exception as e:  # noqa: BLE001 - the caller asserts on what each thread got
+            return e
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(run, range(n)))
+
+
+# -- migrations -------------------------------------------------------------------------------------------
+def test_migrations_run_from_empty_and_match_the_tables(db_url):
+    engine = engine_for(db_url)
+    with engine.connect() as conn:
+        assert migrate.current(conn) == migrate.head()
+        names = set(inspect(conn).get_table_names())
+        assert set(metadata.tables) <= names
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+        indexes = {ix["name"]: ix for ix in inspect(conn).get_indexes("jobs")}
+    assert diff == [], f"tables.py and the newest migration disagree on {engine.dialect.name}: {diff}"
+    assert indexes["one_active_job"]["unique"]
+    migrate.upgrade(engine)  # at head: a no-op
+    with engine.connect() as conn:
+        assert migrate.current(conn) == migrate.head()
+
+
+def test_replicas_starting_at_once_migrate_once(db_url):
+    """Four processes' worth of engines upgrade one empty database together: the lock lets one migrate."""
+    engines = [create_engine(normalise_url(db_url)) for _ in range(4)]
+    try:
+        results = _together(4, lambda i: migrate.upgrade(engines[i]))
+        assert results == [None] * 4
+        with engines[0].connect() as conn:
+            assert migrate.current(conn) == migrate.head()
+            assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar_one() == 1
+    finally:
+        for e in engines:
+            e.dispose()
+
+
+# -- jobs -------------------------------------------------------------------------------------------------
+def test_job_lifecycle_transitions_are_conditional(db_url):
+    store = JobStore(db_url)
+    job = store.create(BIG_ID, "detect", "local", "manual", params={"epochs": 3}, holder="host-a:1:aa", lease_s=60)
+    assert job.status == JobStatus.QUEUED and job.project_id == BIG_ID and job.params == {"epochs": 3}
+    assert job.holder == "host-a:1:aa" and job.lease_until > time.time() + 50
+
+    with pytest.raises(ActiveJobExists) as raised:
+        store.create(BIG_ID, "detect", "local", "webhook")
+    assert raised.value.active.id == job.id
+    other_kind = store.create(BIG_ID, "detect", "local", "pre-annotate", kind="predict")
+    assert other_kind.kind == "predict" and {j.id for j in store.all_active()} == {job.id, other_kind.id}
+
+    assert not store.claim(job.id, "host-b:2:bb", lease_s=60)  # held, lease running
+    assert not store.heartbeat(job.id, "host-b:2:bb")
+    assert store.claim(job.id, "host-a:1:aa", lease_s=60)  # its holder may claim again
+    assert store.start(job.id, pid=123) and not store.start(job.id)  # queued -> running once
+    assert store.heartbeat(job.id, "host-a:1:aa", lease_s=60)
+    store.set_progress(job.id, {"done": 4, "failed": 1, "remaining": 5})
+    assert store.get(job.id).progress == {"done": 4, "failed": 1, "remaining": 5}
+
+    assert store.expire_leases() == []  # lease still running
+    expired = store.expire_leases(now=time.time() + 120)
+    assert [j.id for j in expired] == [job.id] and expired[0].status == JobStatus.FAILED
+    assert "host-a:1:aa stopped heartbeating" in expired[0].error
+    assert store.expire_leases(now=time.time() + 120) == []  # failed once
+    assert not store.heartbeat(job.id, "host-a:1:aa")  # the runner learns it must stop
+    assert not store.finish(job.id, JobStatus.SUCCEEDED, version="v2")  # terminal states are final
+    assert store.get(job.id).status == JobStatus.FAILED and store.get(job.id).version is None
+
+    nxt = store.create(BIG_ID, "detect", "local", "after the failure")  # the slot is free again
+    assert store.finish(nxt.id, JobStatus.CANCELLED)
+    assert not store.finish(nxt.id, JobStatus.FAILED, error="worker died")  # a dying worker does not overwrite
+    assert store.get(nxt.id).status == JobStatus.CANCELLED and store.get(nxt.id).error is None
+    assert store.finish(other_kind.id, JobStatus.SUCCEEDED, metrics={"map50": 0.5}, promoted=True)
+    done = store.get(other_kind.id)
+    assert done.metrics == {"map50": 0.5} and done.promoted is True and done.finished_at is not None
+    assert store.counts() == {"failed": 1, "cancelled": 1, "succeeded": 1}
+    assert store.get(2**63) is None and store.list(project_id=2**63) == []
+
+
+def test_an_abandoned_queued_job_is_claimable_not_failed(db_url):
+    store = JobStore(db_url)
+    job = store.create(5, "detect", "local", "webhook", holder="gone:1:aa", lease_s=0.01)
+    time.sleep(0.05)
+    assert store.expire_leases() == []  # never started: nothing ran, nothing to fail
+    assert [j.id for j in store.claimable()] == [job.id] and store.claimable(kind="predict") == []
+    assert store.claim(job.id, "here:2:bb", lease_s=60)
+    assert store.get(job.id).holder == "here:2:bb" and store.claimable() == []
+    assert store.release(job.id, "here:2:bb") and store.get(job.id).holder is None
+    assert not store.release(job.id, "here:2:bb")
+
+
+def test_a_follow_up_is_taken_once(db_url):
+    store = JobStore(db_url)
+    job = store.create(6, "detect", "local", "webhook")
+    assert store.set_follow_up(job.id, "10 more corrections")
+    assert store.take_follow_up(job.id) is None  # still active
+    store.finish(job.id, JobStatus.SUCCEEDED)
+    assert not store.set_follow_up(job.id, "too late")
+    taken = _together(THREADS, lambda i: store.take_follow_up(job.id))
+    assert taken.count("10 more corrections") == 1 and taken.count(None) == THREADS - 1
+
+
+def test_twenty_threads_triggering_one_project_make_exactly_one_active_job(db_url):
+    store = JobStore(db_url)
+    results = _together(THREADS, lambda i: store.create(BIG_ID, "detect", "local", f"trigger {i}"))
+    made = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, ActiveJobExists)]
+    assert len(made) == 1 and len(refused) == THREADS - 1, [type(r) for r in results]
+    assert {r.active.id for r in refused} == {made[0].id}
+    assert [j.id for j in store.active(BIG_ID)] == [made[0].id]
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(jobs_table)).scalar_one() == 1
+
+
+def test_exactly_one_of_twenty_claimers_wins_and_an_expired_job_fails_once(db_url):
+    store = JobStore(db_url)
+    job = store.create(9, "detect", "local", "webhook")
+    wins = _together(THREADS, lambda i: store.claim(job.id, f"replica-{i}:1:00", lease_s=60))
+    assert wins.count(True) == 1 and wins.count(False) == THREADS - 1
+    winner = f"replica-{wins.index(True)}:1:00"
+    assert store.get(job.id).holder == winner and store.start(job.id)
+    later = time.time() + 61  # every replica notices the lease ran out
+    failed = _together(THREADS, lambda i: store.expire_leases(now=later))
+    assert sorted(len(f) for f in failed) == [0] * (THREADS - 1) + [1]
+    assert store.get(job.id).status == JobStatus.FAILED and winner in store.get(job.id).error
+
+
+def test_corrections_are_counted_once_per_delivery_and_taken_by_one(db_url):
+    store = JobStore(db_url)
+    counts = _together(THREADS, lambda i: store.add_correction(BIG_ID, key=f"annotation-{i % 10}:t"))
+    assert store.corrections(BIG_ID) == 10 and max(counts) == 10  # repeated deliveries not counted twice
+    assert store.projects_with_corrections() == [BIG_ID]
+    assert not store.take_corrections(BIG_ID, at_least=11)
+    taken = _together(THREADS, lambda i: store.take_corrections(BIG_ID, at_least=10))
+    assert taken.count(True) == 1 and store.corrections(BIG_ID) == 0
+    assert store.add_correction(BIG_ID) == 1 and store.add_correction(BIG_ID, key="annotation-0:t") == 1
+
+
+# -- predictions and scores -------------------------------------------------------------------------------
+def _detections() -> Prediction:
+    det = sv.Detections(xyxy=np.array([[1.5, 2.25, 30.0, 40.125]]), confidence=np.array([0.75]),
+                        class_id=np.array([1]), data={CLASS_NAME: np.array(["Dog"], dtype=object),
+                                                      CLASS_SCORES: np.array([[0.2, 0.75]])})
+    return Prediction(detections=det, class_names=("Cat", "Dog"), candidate_peak=0.8, model_version="cnn-1")
+
+
+def _row(task: int, controls=None, version="cnn-1", project=BIG_ID) -> PredictionRow:
+    item = {"result": [{"id": f"r{task}", "value": {"x": task}}], "score": 0.5, "model_version": version}
+    return PredictionRow(task, version, "fp", project, "cnn", "pre-annotation", item, controls or {})
+
+
+def test_predictions_round_trip(db_url):
+    store = PredictionRepo(db_url)
+    try:
+        tasks = [BIG_ID + n for n in range(1000)]
+        assert store.put_many(_row(t) for t in tasks) == 1000
+        store.put_many_later([_row(tasks[0], {"label": _detections()})])  # same key: replaces
+        store.put_many([_row(tasks[1], version="cnn-2"), _row(7, project=8)])
+        keys = [(t, "cnn-1", "fp") for t in tasks] + [(tasks[1], "cnn-1", "other-fp"), (1, "cnn-1", "fp")]
+        items = store.get_items(keys)
+        assert len(items) == 1000 and items[(tasks[-1], "cnn-1", "fp")]["result"][0]["value"] == {"x": tasks[-1]}
+        controls = store.get_controls(keys)
+        assert list(controls) == [(tasks[0], "cnn-1", "fp")]
+        back = controls[(tasks[0], "cnn-1", "fp")]["label"]
+        np.testing.assert_array_equal(back.detections.xyxy, _detections().detections.xyxy)
+        np.testing.assert_array_equal(back.detections.data[CLASS_SCORES], [[0.2, 0.75]])
+        assert list(back.detections.data[CLASS_NAME]) == ["Dog"] and back.class_names == ("Cat", "Dog")
+        assert store.get_record_texts([(tasks[1], "cnn-1", "fp")]) == {}
+        assert store.count(BIG_ID) == 1001 and store.count() == 1002
+        assert {r.task_id for r in store.for_project(BIG_ID, model_version="cnn-2")} == {tasks[1]}
+        store.delete_project(BIG_ID)
+        assert store.count() == 1 and store.for_project(8)[0].task_id == 7
+    finally:
+        store.close()
+
+
+def test_scores_round_trip(db_url):
+    repo = ScoreRepo(db_url)
+    setup = ScoreSetup("cnn-1", "vlm-1", "plan", "label", "mean", 0.25)
+    other = ScoreSetup("cnn-1", "", "plan", "label", "mean", 0.25)
+    scores = [TaskScore(BIG_ID + n, n / 100, None if n % 2 else n / 50, f"reason {n}", f"fp{n}") for n in range(50)]
+    assert repo.put_many(setup, BIG_ID, scores) == 50
+    repo.put_many(setup, BIG_ID, [TaskScore(BIG_ID, 0.9, 0.1, "rescored", "fp0")])  # upsert
+    wanted = {s.task_id: s.task_fingerprint for s in scores} | {BIG_ID + 1: "changed image"}
+    got = repo.get_many(setup, wanted)
+    assert set(got) == {BIG_ID + n for n in range(50)} - {BIG_ID + 1}
+    assert got[BIG_ID] == TaskScore(BIG_ID, 0.9, 0.1, "rescored", "fp0")
+    assert got[BIG_ID + 3] == scores[3] and got[BIG_ID + 4].disagreement == pytest.approx(0.08)
+    assert repo.get_many(other, wanted) == {}
