@@ -275,7 +275,9 @@ class JobStore:
         with self.engine.begin() as conn:  # one transaction, write first: the event key and the count together
             if key is not None:
                 key = key[:200]
-                fresh = conn.execute(_insert_ignore(conn, correction_events, {"key": key, "at": now})).rowcount
+                # RETURNING, not rowcount: psycopg's INSERT rowcount is -1 (truthy) once SQLAlchemy closed the cursor
+                fresh = conn.execute(_insert_ignore(conn, correction_events, {"key": key, "at": now})
+                                     .returning(correction_events.c.key)).first() is not None
                 if not fresh:
                     return conn.execute(select(corrections.c.count).where(
                         corrections.c.project_id == project_id)).scalar() or 0
