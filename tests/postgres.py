@@ -90,7 +90,7 @@ class PostgresCluster:
         cmd = [str(a) for a in args]
         if self.run_as:
             cmd = ["runuser", "-u", self.run_as, "--", *cmd]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=START_TIMEOUT_S)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=START_TIMEOUT_S, check=False)
 
     def _check(self, result: subprocess.CompletedProcess, what: str) -> None:
         if result.returncode != 0:
