@@ -22,6 +22,7 @@ from backend.core.prediction import CLASS_NAME, CLASS_SCORES, Prediction
 from backend.storage import migrate
 from backend.storage.db import engine_for, normalise_url
 from backend.storage.predictions import PredictionRepo, PredictionRow
+from backend.storage.projects import ProjectRepo, ProjectState
 from backend.storage.scores import ScoreRepo, ScoreSetup, TaskScore
 from backend.storage.tables import jobs as jobs_table
 from backend.storage.tables import metadata
@@ -234,3 +235,16 @@ def test_scores_round_trip(db_url):
     assert got[BIG_ID] == TaskScore(BIG_ID, 0.9, 0.1, "rescored", "fp0")
     assert got[BIG_ID + 3] == scores[3] and got[BIG_ID + 4].disagreement == pytest.approx(0.08)
     assert repo.get_many(other, wanted) == {}
+
+
+def test_project_bindings_round_trip(db_url):
+    repo = ProjectRepo(db_url)
+    state = ProjectState(BIG_ID, hostname="http://ls:8080", access_token="tok", label_config="<View/>",
+                         label_map={"Car": "car"}, prompts={"car": "a car"}, model="cnn-3", pre_annotator="vlm",
+                         extra_binding={"model": "cnn-3"})
+    repo.save(state)
+    assert repo.get(BIG_ID) == state and repo.get(1) is None
+    updated = repo.update(BIG_ID, served_model="cnn-3", prompts={})
+    assert repo.get(BIG_ID) == updated == state.with_changes(served_model="cnn-3", prompts={})
+    repo.update(2, model="yolo.pt")
+    assert [p.project_id for p in repo.all()] == [2, BIG_ID] and repo.count() == 2
