@@ -23,7 +23,7 @@ import numpy as np
 from active_learning.queue import LabelStudioQueue, QueueEntry
 from active_learning.scoring import SELECT_AGGREGATE, ScoreTable
 from active_learning.selection import SelectionConfig, select
-from active_learning.stored_scores import score_stored_keys
+from active_learning.stored_scores import reasons_for, score_stored_keys
 from active_learning.uncertainty import NEAR
 from backend.core.prediction import Role
 from backend.errors import ConfigError, MediaError
@@ -32,7 +32,7 @@ from backend.media.fetch import MediaFetcher
 from backend.predict import Predictor, image_url, plan_for, task_key
 from backend.storage.db import dispose
 from backend.storage.predictions import Key, PredictionRepo
-from backend.storage.scores import ScoreRepo, ScoreSetup, TaskScore
+from backend.storage.scores import NO_REASON, ScoreRepo, ScoreSetup, TaskScore
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 SCORE_CHUNK = 2000  # stored predictions decoded and scored at a time
@@ -108,6 +108,36 @@ class StoredEmbeddings:
         return out.astype(dtype) if dtype is not None else out
 
 
+class LazyReasons(Sequence[str]):
+    """Each candidate's reason, built from the stored predictions only when read: a ranking pass over 100k stored
+    tasks stores their scores without sentences (`NO_REASON`), and only the picked few (or, for a dry run's
+    scores.csv, every candidate, a chunk at a time) pay for one."""
+
+    def __init__(self, reasons: list[str], build: Callable[[list[int]], dict[int, str]],
+                 chunk: int = SCORE_CHUNK) -> None:
+        self._reasons: list[str | None] = [r if r != NO_REASON else None for r in reasons]
+        self._build, self._chunk = build, chunk
+
+    def __len__(self) -> int:
+        return len(self._reasons)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]
+        if self._reasons[index] is None:
+            self.fill(range(index, min(index + self._chunk, len(self))))  # read in order (scores.csv): one build a chunk
+        return self._reasons[index]
+
+    def fill(self, rows) -> None:
+        missing = [int(i) for i in rows if self._reasons[int(i)] is None]
+        if not missing:
+            return
+        built = self._build(missing)
+        for i in missing:
+            self._reasons[i] = built.get(i, NO_REASON)  # gone from the store since: said as nothing, not retried
+
+
 def run_selection(
     tasks: Sequence[Any],
     label_config: str,
@@ -171,23 +201,26 @@ def _run_selection(tasks, label_config, fetcher, primary, config, second, progre
     labeled = [t for t in tasks if is_labeled(t)]
     keys1: dict[int, Key] = {}
     keys2: dict[int, Key] = {}
+    # task_key fingerprints (plan fingerprint, image URLs): the second plan's equals the first's when both ask
+    # the same of the same images, so it is hashed once per task, not twice
+    same_ask = plan2 is not None and (plan2.fingerprint, plan2.image_keys) == (plan1.fingerprint, plan1.image_keys)
     for task in candidates:
         k1 = task_key(task, plan1)
         if k1 is not None:
             keys1[k1[0]] = k1
             if plan2 is not None:
-                keys2[k1[0]] = task_key(task, plan2)
+                keys2[k1[0]] = (k1[0], plan2.version, k1[2]) if same_ask else task_key(task, plan2)
     by_id = {t["id"]: t for t in candidates if t.get("id") in keys1}
     skipped: dict[int, str] = {}
 
     # 1. scores stored at serve time (or by an earlier select)
     found: dict[int, TaskScore] = scores.get_many(setup, {tid: k[2] for tid, k in keys1.items()})
     progress("scores from the store", len(found), len(keys1))
-    # 2. both models' stored predictions, scored now
+    # 2. both models' stored predictions, scored now (and stored); reasons only for what is picked (below)
     todo = [tid for tid in keys1 if tid not in found]
     for part in _chunks(todo, SCORE_CHUNK):
         got = score_stored_keys(store, scores, setup, project_id, {t: keys1[t] for t in part},
-                                {t: keys2[t] for t in part} if plan2 else None, names)
+                                {t: keys2[t] for t in part} if plan2 else None, names, reasons=False)
         found.update((s.task_id, s) for s in got)
         progress("scores from the store", len(found), len(keys1))
     from_store = len(found)
@@ -218,10 +251,17 @@ def _run_selection(tasks, label_config, fetcher, primary, config, second, progre
     if not ids:
         outcome.seconds = time.perf_counter() - t0
         return outcome, None, ids
+
+    def build_reasons(rows: list[int]) -> dict[int, str]:
+        part = [ids[i] for i in rows]
+        got = reasons_for(store, scores, setup, project_id, {t: keys1[t] for t in part},
+                          {t: keys2[t] for t in part} if plan2 else None, names)
+        return {i: got[t] for i, t in zip(rows, part, strict=True) if t in got}
+
     table = ScoreTable(
         uncertainty=np.array([found[t].uncertainty for t in ids]),
         disagreement=np.array([found[t].disagreement for t in ids], dtype=float) if plan2 else None,
-        reasons=[found[t].reason for t in ids],
+        reasons=LazyReasons([found[t].reason for t in ids], build_reasons),
     )
 
     def compute(rows: list[int]) -> np.ndarray | None:
@@ -254,6 +294,7 @@ def _run_selection(tasks, label_config, fetcher, primary, config, second, progre
         selection = select(config, table.uncertainty, table.disagreement, None, None, num_labeled=len(labeled))
         selection = type(selection)(selection.indices, selection.acquisition, selection.control,
                                     selection.mode + " (no diversity: images unavailable for embeddings)")
+    table.reasons.fill(selection.indices)
     entries = []
     for rank, (idx, is_control) in enumerate(zip(selection.indices, selection.control, strict=True), start=1):
         entries.append(

@@ -19,7 +19,7 @@ import numpy as np
 from active_learning.boxes import BoxBatch, ImageBoxes
 from active_learning.disagreement import classification_disagreement, detection_disagreement
 from active_learning.uncertainty import NEAR, detection_uncertainty, margin
-from backend.core.prediction import CLASS_NAME, CLASS_SCORES, Prediction
+from backend.core.prediction import CLASS_NAME, CLASS_SCORES, DetectionColumns, Prediction
 
 SELECT_AGGREGATE = "capped_sum"  # what `tandem select` ranks detections by: on digits it beat max (benchmarks/)
 
@@ -28,7 +28,7 @@ SELECT_AGGREGATE = "capped_sum"  # what `tandem select` ranks detections by: on 
 class ScoreTable:
     uncertainty: np.ndarray  # (N,) in [0, 1]
     disagreement: np.ndarray | None  # (N,) in [0, 1], None without a second model
-    reasons: list[str]  # (N,) one sentence per image for the reviewer
+    reasons: Sequence[str]  # (N,) one sentence per image for the reviewer ("" where not built: `score_columns`)
 
 
 class SharedIds:
@@ -59,6 +59,14 @@ def to_image_boxes(output: Prediction, space: SharedIds) -> ImageBoxes:
     labels = np.array([space.id(n) for n in det.data[CLASS_NAME]], dtype=int)
     scores = det.data.get(CLASS_SCORES)
     return ImageBoxes(det.xyxy, det.confidence, labels, scores if scores is not None and len(scores) else None)
+
+
+def column_boxes(columns: DetectionColumns, space: SharedIds) -> BoxBatch:
+    """Stored detections decoded column-wise -> the BoxBatch `to_image_boxes` + `BoxBatch.from_images` would build."""
+    ids: dict[str, int] = {}
+    labels = np.fromiter((ids[n] if n in ids else ids.setdefault(n, space.id(n)) for n in columns.class_name),
+                         dtype=int, count=len(columns.class_name))
+    return BoxBatch(columns.xyxy, columns.confidence, labels, columns.offsets, columns.class_scores)
 
 
 def candidate_peaks(outputs: Sequence[Prediction]) -> np.ndarray:
@@ -148,16 +156,42 @@ def score_outputs(
         return ScoreTable(uncertainty, disagreement, reasons)
 
     a = BoxBatch.from_images([to_image_boxes(o, space) for o in primary])
-    peaks = candidate_peaks(primary)
+    b = BoxBatch.from_images([to_image_boxes(o, space) for o in second]) if second is not None else None
+    return _score_boxes(a, candidate_peaks(primary), b, space, model_names, aggregate, cap, threshold)
+
+
+def score_columns(
+    primary: DetectionColumns,
+    names: Sequence[str],
+    second: DetectionColumns | None = None,
+    model_names: tuple[str, str] = ("CNN", "VLM"),
+    aggregate: str = "max",
+    cap: float = 5.0,
+    threshold: float = NEAR[0],
+    reasons: bool = True,
+) -> ScoreTable:
+    """`score_outputs` for detections decoded column-wise from the store, both in the same labels `names`.
+    `reasons=False` leaves every reason "" (the ranking pass of `tandem select`: a sentence is built only for
+    the images it picks, and each image's numbers do not depend on the others)."""
+    space = SharedIds(names)
+    a = column_boxes(primary, space)
+    b = column_boxes(second, space) if second is not None else None
+    return _score_boxes(a, primary.candidate_peak, b, space, model_names, aggregate, cap, threshold, reasons)
+
+
+def _score_boxes(a: BoxBatch, peaks: np.ndarray, b: BoxBatch | None, space: SharedIds, model_names: tuple[str, str],
+                 aggregate: str, cap: float, threshold: float, with_reasons: bool = True) -> ScoreTable:
+    n = a.num_images
     unc = detection_uncertainty(a, threshold=threshold, cap=cap, aggregate=aggregate, candidate_peaks=peaks)
-    reasons = [_uncertainty_reason(a, i, space.names, model_names[0], peaks[i], threshold) for i in range(n)]
+    reasons = [_uncertainty_reason(a, i, space.names, model_names[0], peaks[i], threshold) for i in range(n)] \
+        if with_reasons else [""] * n
     disagreement = None
-    if second is not None:
-        b = BoxBatch.from_images([to_image_boxes(o, space) for o in second])
+    if b is not None:
         d = detection_disagreement(a, b)
         disagreement = np.minimum(d.mass, cap) / cap if aggregate == "capped_sum" else d.score
-        reasons = [_both(reasons[i], d.reason(i, model_names, space.names, faint=threshold), unc.score[i],
-                         disagreement[i], model_names) for i in range(n)]
+        if with_reasons:
+            reasons = [_both(reasons[i], d.reason(i, model_names, space.names, faint=threshold), unc.score[i],
+                             disagreement[i], model_names) for i in range(n)]
     return ScoreTable(unc.score, disagreement, reasons)
 
 

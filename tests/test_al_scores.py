@@ -299,3 +299,82 @@ def test_reasons_count_apart_the_unmatched_boxes_below_the_serving_threshold():
     d = detection_disagreement(BoxBatch.from_images(a), BoxBatch.from_images(b))
     assert d.reason(0, ("A", "B"), ["cat", "dog", "bird"], faint=0.25) == (
         "2 boxes only A sees (dog ×2; 2 of them are below 0.25); 1 box only B sees (bird; it is below 0.25)")
+
+
+# --- scoring stored detections column-wise equals scoring decoded Predictions ------------------------
+def _stored_record(rng: np.random.Generator, names: list[str], vectors: bool) -> dict:
+    """One image's prediction as the store keeps it (to_record through JSON text): 0-5 boxes (often none, sometimes
+    no detections at all), float32 or float64 boxes, confidences and class vectors, a candidate peak or none,
+    class names in any case (and one neither model list knows)."""
+    import json
+
+    from backend.core.prediction import CLASS_NAME, CLASS_SCORES, Prediction
+
+    peak = None if rng.random() < 0.3 else float(rng.uniform(0.01, 0.4))
+    if rng.random() < 0.1:
+        return json.loads(json.dumps(Prediction(candidate_peak=peak).to_record()))  # no detections at all
+    k = int(rng.choice([0, 0, 1, 2, 3, 5]))
+    box_t, conf_t, vec_t = (rng.choice([np.float32, np.float64]) for _ in range(3))
+    xy = rng.uniform(0, 200, (k, 2))
+    xyxy = np.hstack([xy, xy + rng.uniform(5, 60, (k, 2))]).astype(box_t)
+    conf = rng.uniform(0.05, 1, k).astype(conf_t)
+    spelled = [*names, *(n.upper() for n in names), "Zebra"]
+    data = {CLASS_NAME: np.array([spelled[i] for i in rng.integers(0, len(spelled), k)], dtype=object)}
+    if vectors:
+        data[CLASS_SCORES] = rng.dirichlet(np.ones(len(names)), k).astype(vec_t)
+    det = sv.Detections(xyxy=xyxy.reshape(k, 4), confidence=conf, class_id=rng.integers(0, len(names), k),
+                        data=data)
+    return json.loads(json.dumps(Prediction(detections=det, candidate_peak=peak,
+                                            class_names=tuple(names)).to_record()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), vectors=st.sampled_from(["all", "none", "some"]),
+       aggregate=st.sampled_from(["max", "mean", "capped_sum"]), threshold=st.sampled_from([0.25, 0.4]))
+def test_scoring_stored_columns_equals_scoring_decoded_predictions(seed, n, vectors, aggregate, threshold):
+    """`score_columns(detection_columns(records))` gives bit for bit the numbers and sentences of
+    `score_outputs([Prediction.from_record(r) ...])`: empty images, images with no detections, class vectors on
+    every, no or some images, float32 and float64 mixed, candidate peaks missing (NaN)."""
+    from active_learning.scoring import score_columns
+    from backend.core.prediction import Prediction, detection_columns
+
+    rng = np.random.default_rng(seed)
+    names = ["Cat", "dog", "Bird"]
+    def has_vectors() -> bool:
+        return vectors == "all" or (vectors == "some" and rng.random() < 0.7)
+    first = [_stored_record(rng, names, has_vectors()) for _ in range(n)]
+    second = [_stored_record(rng, names, has_vectors()) for _ in range(n)]
+    before = score_outputs([Prediction.from_record(r) for r in first], names,
+                           [Prediction.from_record(r) for r in second], names, model_names=("CNN", "2nd CNN"),
+                           aggregate=aggregate, threshold=threshold)
+    columns_a, columns_b = detection_columns(first), detection_columns(second)
+    after = score_columns(columns_a, names, columns_b, model_names=("CNN", "2nd CNN"), aggregate=aggregate,
+                          threshold=threshold)
+    np.testing.assert_array_equal(after.uncertainty, before.uncertainty)
+    np.testing.assert_array_equal(after.disagreement, before.disagreement)
+    assert list(after.reasons) == list(before.reasons)
+    assert all(before.reasons)  # every image has a sentence: "" is free to mean "not built yet"
+    unexplained = score_columns(columns_a, names, columns_b, model_names=("CNN", "2nd CNN"), aggregate=aggregate,
+                                threshold=threshold, reasons=False)
+    np.testing.assert_array_equal(unexplained.uncertainty, before.uncertainty)
+    np.testing.assert_array_equal(unexplained.disagreement, before.disagreement)
+    assert list(unexplained.reasons) == [""] * n
+    alone = score_columns(columns_a, names, aggregate=aggregate, threshold=threshold)
+    alone_before = score_outputs([Prediction.from_record(r) for r in first], names, aggregate=aggregate,
+                                 threshold=threshold)
+    np.testing.assert_array_equal(alone.uncertainty, alone_before.uncertainty)
+    assert alone.disagreement is None and list(alone.reasons) == list(alone_before.reasons)
+
+
+def test_stored_columns_refuse_what_cannot_be_scored():
+    from backend.core.prediction import detection_columns
+
+    with pytest.raises(ValueError, match="record version"):
+        detection_columns([{"v": 99}])
+    rng = np.random.default_rng(0)
+    record = _stored_record(rng, ["cat"], True)
+    while "detections" not in record or not record["detections"]["xyxy"]["shape"][0]:
+        record = _stored_record(rng, ["cat"], True)
+    del record["detections"]["confidence"]
+    with pytest.raises(ValueError, match="without confidences"):
+        detection_columns([record])

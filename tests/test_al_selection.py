@@ -133,3 +133,121 @@ def test_a_selection_config_that_would_fail_late_is_refused_when_made(options, w
     with pytest.raises(ValueError, match=words):
         SelectionConfig(**{"strategy": Strategy.HYBRID, **options})
     SelectionConfig(strategy=Strategy.HYBRID, control_fraction=1.0, pool_factor=1.0)  # the edges are fine
+
+
+RECT = """<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">
+<Label value="Square"/><Label value="Circle"/><Label value="Triangle"/></RectangleLabels></View>"""
+
+
+def _model_output(rng, class_names, base=None):
+    """A detector's output in its own classes: 0-4 boxes (or `base` jittered, some dropped, some relabelled),
+    class vectors, a candidate peak unless the model reports none."""
+    import supervision as sv
+
+    from backend.core.prediction import CLASS_NAME, CLASS_SCORES, Prediction
+
+    c = len(class_names)
+    if base is None:
+        k = int(rng.integers(0, 5))
+        xy = rng.uniform(0, 500, (k, 2))
+        xyxy, cls = np.hstack([xy, xy + rng.uniform(10, 100, (k, 2))]), rng.integers(0, c, k)
+    else:
+        keep = rng.random(len(base.detections)) > 0.2
+        xyxy = (base.detections.xyxy + rng.normal(0, 3, (len(keep), 4)))[keep]
+        cls = np.where(rng.random(len(keep)) < 0.15, rng.integers(0, c, len(keep)), base.detections.class_id)[keep]
+    k = len(cls)
+    conf = rng.uniform(0.05, 1, k)
+    scores = rng.dirichlet(np.ones(c), k) * (1 - conf)[:, None]
+    scores[np.arange(k), cls] = conf
+    det = sv.Detections(xyxy=xyxy.reshape(k, 4), confidence=conf, class_id=cls.astype(int),
+                        data={CLASS_NAME: np.array([class_names[i] for i in cls], dtype=object), CLASS_SCORES: scores})
+    return Prediction(detections=det, candidate_peak=None if rng.random() < 0.2 else float(rng.uniform(0.01, 0.3)))
+
+
+def test_selection_from_stored_predictions_equals_the_decoded_prediction_path(tmp_path, detect_weights):
+    """`run_selection` on stored predictions (scored column-wise, reasons built only for the picks) picks the same
+    tasks with the same scores and sentences as scoring every task's decoded Predictions and selecting from
+    those; a second run reads the stored scores and picks the same again; a dry run's scores.csv names every
+    candidate's reason."""
+    import csv
+
+    from active_learning.pipeline import reason_names, run_selection, write_dry_run
+    from active_learning.stored_scores import score_pairs
+    from active_learning.uncertainty import NEAR
+    from backend.core.prediction import Role
+    from backend.media.fetch import MediaFetcher, MediaSettings
+    from backend.models.yolo import YoloAdapter
+    from backend.predict import plan_for, task_key
+    from backend.storage.predictions import PredictionRepo, PredictionRow
+    from backend.storage.scores import ScoreRepo
+
+    primary = YoloAdapter(detect_weights, device="cpu")
+    second = YoloAdapter(detect_weights, device="cpu", name="second")
+    plan1, plan2 = (plan_for(m, RECT, min_confidence=NEAR[0]) for m in (primary, second))
+    assert plan1.version != plan2.version
+    db = f"sqlite:///{tmp_path / 'tandem.db'}"
+    store, scores = PredictionRepo(db), ScoreRepo(db)
+    rng = np.random.default_rng(7)
+    n = 2500  # more than one scoring chunk (2,000)
+    tasks = [{"id": i, "data": {"image": f"/data/local-files/?d=gone/img{i}.png"}} for i in range(n)]
+    firsts = [_model_output(rng, primary.class_names) for _ in tasks]
+    seconds = [_model_output(rng, second.class_names, base=a if rng.random() > 0.1 else None) for a in firsts]
+    embeddings = rng.normal(size=(n, 8)).astype(np.float32)
+    rows = []
+    for plan, outs, role, emb in ((plan1, firsts, Role.PRE_ANNOTATION, embeddings),
+                                  (plan2, seconds, Role.SECOND_OPINION, None)):
+        planned = plan.controls[0]
+        typed = planned.in_labels(outs, plan.version, role)
+        if emb is not None:
+            typed = [p.with_meta(embedding=v) for p, v in zip(typed, emb, strict=True)]
+        for task, p in zip(tasks, typed, strict=True):
+            key = task_key(task, plan)
+            rows.append(PredictionRow(*key, 1, plan.name, str(role), {"result": [], "model_version": plan.version},
+                                      {planned.control.name: p}))
+    store.put_many(rows)
+
+    # before: every task's stored predictions decoded as Predictions, scored at once, and selected from
+    keys1 = [task_key(t, plan1) for t in tasks]
+    keys2 = [task_key(t, plan2) for t in tasks]
+    got1, got2 = store.get_controls(keys1), store.get_controls(keys2)
+    names = reason_names(primary, second)
+    before = score_pairs([k[0] for k in keys1], [got1[k]["label"] for k in keys1], [got2[k]["label"] for k in keys2],
+                         names, "capped_sum", NEAR[0])
+    u = np.array([s.uncertainty for s in before])
+    d = np.array([s.disagreement for s in before])
+    config = SelectionConfig(Strategy.HYBRID, budget=40, seed=3)
+    expected_sel = select(config, u, d, embeddings, None, num_labeled=0)
+    expected = [(int(i), float(expected_sel.acquisition[i]), float(u[i]), float(d[i]),
+                 ("control: random pick; " if c else "") + before[i].reason)
+                for i, c in zip(expected_sel.indices, expected_sel.control, strict=True)]
+    assert all(s.reason for s in before) and expected_sel.control.any() and "k-center" in expected_sel.mode
+
+    fetcher = MediaFetcher(MediaSettings(local_files_root=tmp_path / "no-images"))
+    for run in ("scored from stored predictions", "read back from stored scores"):
+        outcome, table, ids = run_selection(tasks, RECT, fetcher, primary, config, second=second, store=store,
+                                            scores=scores, project_id=1)
+        assert ids == list(range(n)) and outcome.from_store == n and outcome.predicted == 0, run
+        assert outcome.mode == expected_sel.mode, run
+        got = [(e.task_id, e.score, e.uncertainty, e.disagreement, e.reason) for e in outcome.entries]
+        assert got == expected, run
+        np.testing.assert_array_equal(table.uncertainty, u)
+        np.testing.assert_array_equal(table.disagreement, d)
+    # scores stored by the ranking pass carry no sentence until picked; the picks' were built and stored
+    stored = scores.get_many(_setup(plan1, plan2), {k[0]: k[2] for k in keys1})
+    picked = {e.task_id for e in outcome.entries}
+    assert all(stored[t].reason == before[t].reason for t in picked)
+    assert sum(stored[t].reason == "" for t in stored) == n - len(picked)
+    files = write_dry_run(outcome, table, ids, tmp_path / "dry")
+    with (tmp_path / "dry" / "scores.csv").open() as fh:
+        reasons = [r["reason"] for r in csv.DictReader(fh)]
+    assert files and reasons == [s.reason for s in before]
+    store.close()
+
+
+def _setup(plan1, plan2):
+    from active_learning.scoring import SELECT_AGGREGATE
+    from active_learning.uncertainty import NEAR
+    from backend.storage.scores import ScoreSetup
+
+    return ScoreSetup(plan1.version, plan2.version, plan1.fingerprint, plan1.controls[0].control.name,
+                      SELECT_AGGREGATE, NEAR[0])

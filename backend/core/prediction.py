@@ -13,6 +13,8 @@ not as Label Studio JSON.
 from __future__ import annotations
 
 import base64
+import binascii
+from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
@@ -97,6 +99,114 @@ class Prediction:
         )
 
 
+@dataclass(frozen=True)
+class DetectionColumns:
+    """Many images' stored detections as flat columns, for scoring without building a Prediction each: image i
+    owns rows offsets[i]:offsets[i + 1]. Holds exactly what `active_learning.scoring` reads of a detection
+    (boxes, confidence, class names, class vectors, candidate peak); masks, polygons and embeddings stay unread."""
+
+    xyxy: np.ndarray  # (M, 4) float64
+    confidence: np.ndarray  # (M,) float64
+    class_name: list[str]  # (M,)
+    class_scores: np.ndarray | None  # (M, C), None unless every image with boxes has them
+    offsets: np.ndarray  # (N + 1,)
+    candidate_peak: np.ndarray  # (N,) NaN where a record has none
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def detection_columns(records: Iterable[dict[str, Any]]) -> DetectionColumns:
+    """Records (as `to_record` writes them, parsed) -> DetectionColumns (`ColumnsBuilder`)."""
+    builder = ColumnsBuilder()
+    for record in records:
+        builder.add(record)
+    return builder.build()
+
+
+class ColumnsBuilder:
+    """Stored detection records -> DetectionColumns, decoded column-wise: each field's bytes of every image joined and
+    read by NumPy once, instead of a Prediction and an `sv.Detections` per image. `add` keeps only bytes and
+    strings of a record, so the caller can parse a row, add it and drop it (no parsed dict kept alive).
+
+    Equal to what scoring reads from `Prediction.from_record(r)` of each record: an image with no box keeps none
+    of its columns, boxes and confidences as float64, class vectors concatenated as NumPy would.
+    """
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self.peaks: list[float] = []
+        self.xyxy: list[bytes] = []
+        self.xyxy_types: list[str] = []
+        self.conf: list[bytes] = []
+        self.conf_types: list[str] = []
+        self.names: list[str] = []
+        self.vectors: list[tuple[bytes, str, tuple[int, ...]]] = []
+        self.every_vector = True
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def add(self, record: dict[str, Any]) -> None:
+        if record.get("v") != RECORD_VERSION:
+            raise ValueError(f"unknown prediction record version {record.get('v')!r}")
+        det = record.get("detections")
+        k = 0 if det is None else int(det["xyxy"]["shape"][0])  # len(sv.Detections)
+        if k and "confidence" not in det:
+            raise ValueError("stored detections without confidences cannot be scored")
+        peak = record.get("candidate_peak")
+        self.peaks.append(np.nan if peak is None else peak)
+        self.counts.append(k)
+        if k == 0:
+            return
+        a2b = binascii.a2b_base64
+        box, conf = det["xyxy"], det["confidence"]
+        self.xyxy.append(a2b(box["b64"]))
+        self.xyxy_types.append(box["dtype"])
+        self.conf.append(a2b(conf["b64"]))
+        self.conf_types.append(conf["dtype"])
+        data = det.get("data", {})
+        self.names.extend(data[CLASS_NAME]["strings"])
+        vec = data.get(CLASS_SCORES)
+        if vec is None or "b64" not in vec or not vec["shape"] or not vec["shape"][0]:
+            self.every_vector = False
+        elif self.every_vector:
+            self.vectors.append((a2b(vec["b64"]), vec["dtype"], tuple(vec["shape"])))
+
+    def build(self) -> DetectionColumns:
+        offsets = np.zeros(len(self.counts) + 1, dtype=np.int64)
+        np.cumsum(self.counts, out=offsets[1:])
+        total = int(offsets[-1])
+        if len(self.names) != total:
+            raise ValueError(f"stored detections name {len(self.names)} classes for {total} boxes")
+        return DetectionColumns(
+            xyxy=_joined(self.xyxy, self.xyxy_types).astype(float).reshape(total, 4),
+            confidence=_joined(self.conf, self.conf_types).astype(float).reshape(total),
+            class_name=self.names,
+            class_scores=_joined_rows(self.vectors) if self.every_vector and self.vectors else None,
+            offsets=offsets,
+            candidate_peak=np.asarray(self.peaks, dtype=float),
+        )
+
+
+def _joined(raws: list[bytes], dtypes: list[str]) -> np.ndarray:
+    """One array from many arrays' raw bytes; read piece by piece only where their dtypes differ."""
+    if len(set(dtypes)) <= 1:
+        return np.frombuffer(b"".join(raws), dtype=np.dtype(dtypes[0]) if dtypes else float)
+    return np.concatenate([np.frombuffer(r, dtype=np.dtype(d)) for r, d in zip(raws, dtypes, strict=True)])
+
+
+def _joined_rows(vectors: list[tuple[bytes, str, tuple[int, ...]]]) -> np.ndarray:
+    """(k_i, C) arrays stacked as `np.concatenate(...).reshape(-1, C)` would (C of the first), bytes joined when
+    all share one dtype and one width."""
+    width = vectors[0][2][1] if len(vectors[0][2]) > 1 else 1
+    if len({d for _, d, _ in vectors}) == 1 and all(len(s) == 2 and s[1] == width for _, _, s in vectors):
+        return np.frombuffer(b"".join(r for r, _, _ in vectors), dtype=np.dtype(vectors[0][1])).reshape(-1, width).copy()
+    pieces = [np.frombuffer(r, dtype=np.dtype(d)).reshape(s) for r, d, s in vectors]
+    return np.concatenate(pieces).reshape(-1, width)
+
+
 def empty_detections(with_class_names: bool = True) -> sv.Detections:
     det = sv.Detections.empty()
     if with_class_names:
@@ -174,4 +284,5 @@ def _trusted_detections(values: dict[str, Any]) -> sv.Detections:
     return det
 
 
-__all__ = ["CLASS_NAME", "CLASS_SCORES", "POLYGON", "Prediction", "Role", "empty_detections"]
+__all__ = ["CLASS_NAME", "CLASS_SCORES", "POLYGON", "ColumnsBuilder", "DetectionColumns", "Prediction", "Role",
+           "detection_columns", "empty_detections"]

@@ -139,6 +139,12 @@ class PredictionRepo:
         are decoded only when asked for (scoring never reads them)."""
         return {k: decode_controls(rec, embeddings) for k, rec in self._rows(keys, T.c.record) if rec}
 
+    def get_record_texts(self, keys: Sequence[Key]) -> dict[Key, str]:
+        """key -> the stored typed-predictions JSON text, undecoded, for the keys that hold one: what bulk decoders
+        (`detection_columns`) parse a row at a time, keeping no parsed dict alive (100k parsed records kept
+        at once made Python's garbage collector, not the parsing, the cost)."""
+        return {k: rec for k, rec in self._rows(keys, T.c.record) if rec}
+
     def _rows(self, keys: Sequence[Key], column) -> Iterator[tuple[Key, str | None]]:
         """By version, then task ids through the primary key's index (a row-value IN makes SQLite scan the
         table once per chunk); the fingerprint is checked here."""

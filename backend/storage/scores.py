@@ -33,12 +33,15 @@ class ScoreSetup:
                            self.aggregate, round(self.threshold, 6))
 
 
+NO_REASON = ""  # a score stored without its sentence (a ranking pass over many tasks); built when picked
+
+
 @dataclass(frozen=True)
 class TaskScore:
     task_id: int
     uncertainty: float
     disagreement: float | None
-    reason: str
+    reason: str  # NO_REASON until built
     task_fingerprint: str = ""  # the stored prediction's fingerprint (config + image URLs) it was scored from
 
 
