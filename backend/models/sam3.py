@@ -167,7 +167,7 @@ class Sam3Segmenter:
         mask = np.concatenate(masks) if masks else np.zeros((0, height, width), bool)
         score = np.concatenate(scores) if scores else np.zeros(0)
         class_id = np.concatenate(ids) if ids else np.zeros(0, int)
-        keep = mask.reshape(len(mask), -1).any(axis=1)  # an instance whose mask is empty at this threshold
+        keep = mask.reshape(len(mask), height * width).any(axis=1)  # an instance whose mask is empty at this threshold
         order = np.argsort(-score[keep], kind="stable")[: self.options.max_det]
         mask, score, class_id = mask[keep][order], score[keep][order], class_id[keep][order]
         det = make_detections(sv.mask_to_xyxy(mask) if len(mask) else np.zeros((0, 4)), score, class_id, names)
