@@ -1,7 +1,7 @@
 """Label Studio results <-> `Prediction`, both directions, for the control tags Tandem fills.
 
 Reading (`from_results`) turns a control's regions — an annotation or a stored prediction — into a
-`Prediction` in pixels: rectangles and polygons become detections, choices a probability vector. It is
+`Prediction` in pixels: rectangles, polygons and brush masks become detections, choices a probability vector. It is
 how annotations become training targets (`training/export.py`, `training/vlm_examples.py`), the demo's
 truth and the tests' truth. Writing is one `ControlWriter` per tag (`WRITERS[kind].regions(...)`), which
 `to_results` wraps for a prediction already in the control's labels.
@@ -59,7 +59,8 @@ def from_results(
     Returns:
         For rectangles and polygons, `detections` with pixel `xyxy`, `confidence` (the region's "score",
         1.0 where it has none, as an annotation), `class_id` into `label_names`, `data[CLASS_NAME]`, and for
-        polygons `data[POLYGON]` ((K, 2) pixel outlines; `xyxy` is their bounding box). A region's first
+        polygons `data[POLYGON]` ((K, 2) pixel outlines; `xyxy` is their bounding box); brushes `mask`
+        ((N, H, W) bool, decoded from the RLE), their outline and extent. A region's first
         label is used; regions without a label or without area (rectangles with width or height <= 0,
         polygons under 3 points) are skipped. For choices, `probabilities` over `label_names`: each chosen
         label carries its region's score (1.0 for an annotation; a score of 0 as the smallest positive
@@ -108,6 +109,8 @@ def from_results(
         return Prediction(probabilities=probabilities, class_names=names)
     if kind is ControlKind.RECTANGLE:
         return Prediction(detections=_rectangles(picked, sizes, names), class_names=names)
+    if kind is ControlKind.BRUSH:
+        return Prediction(detections=_brushes(picked, sizes, names), class_names=names)
     return Prediction(detections=_polygons(picked, sizes, names), class_names=names)
 
 
@@ -149,6 +152,31 @@ def _polygons(picked, sizes, names) -> sv.Detections:
         xyxy[i] = [*outlines[i].min(axis=0), *outlines[i].max(axis=0)]
         keep[i] = True
     return _detections(xyxy, picked, names, keep, **{POLYGON: outlines})
+
+
+def _brushes(picked, sizes, names) -> sv.Detections:
+    """Brush regions -> detections with `mask` (decoded by the SDK), their extent as `xyxy` and their outline as
+    `data[POLYGON]`; regions without an RLE or with an empty mask are skipped."""
+    from backend.convert.brush import rle_to_mask
+    from backend.labeling.geometry import mask_to_polygon
+
+    if len({(int(w), int(h)) for w, h in sizes}) > 1:
+        raise ValueError("brush regions of one image must share its size")
+    w, h = (int(v) for v in sizes[0]) if sizes else (0, 0)
+    masks = np.zeros((len(picked), h, w), dtype=bool)
+    for i, (value, _, _) in enumerate(picked):
+        if value.get("rle"):
+            masks[i] = rle_to_mask(value["rle"], w, h)
+    keep = masks.reshape(len(picked), h * w).any(axis=1)
+    xyxy = np.zeros((len(picked), 4))
+    outlines = np.empty(len(picked), dtype=object)
+    for i in np.flatnonzero(keep):
+        ys, xs = np.nonzero(masks[i])
+        xyxy[i] = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]  # pixel corners: the mask's own extent
+        outlines[i] = mask_to_polygon(masks[i])
+    det = _detections(xyxy, picked, names, keep, **{POLYGON: outlines})
+    det.mask = masks[keep]
+    return det
 
 
 # -- writing: Prediction -> Label Studio regions, one writer per control tag ----------------------------------------
@@ -233,6 +261,31 @@ class PolygonLabelsWriter(ControlWriter):
         return out
 
 
+class BrushLabelsWriter(ControlWriter):
+    """Each instance's mask as Label Studio's brush RLE (the SDK's encoder); a model that gives outlines only
+    (YOLO-seg) has them filled, so any segmenting model fills BrushLabels."""
+
+    kind = ControlKind.BRUSH
+    tasks = frozenset({ModelTask.SEGMENT})
+
+    def regions(self, control, labels, output, class_names, size):
+        from backend.convert.brush import instance_masks, mask_to_rle
+
+        det = output.detections
+        if det is None or len(det) == 0 or (det.mask is None and POLYGON not in det.data):
+            return []
+        masks = instance_masks(det, *size)
+        out = []
+        for i, name in enumerate(det.data[CLASS_NAME]):
+            label = labels(name)
+            if label is None or not masks[i].any():
+                continue
+            region = self._base(control, self.kind, size, det.confidence[i])
+            region["value"] = {"format": "rle", "rle": mask_to_rle(masks[i]), "brushlabels": [label]}
+            out.append(region)
+        return out
+
+
 class ChoicesWriter(ControlWriter):
     """The top choice, scored by the summed probability of the classes mapped onto it."""
 
@@ -256,7 +309,7 @@ class ChoicesWriter(ControlWriter):
 
 
 WRITERS: dict[ControlKind, ControlWriter] = {
-    w.kind: w for w in (RectangleLabelsWriter(), PolygonLabelsWriter(), ChoicesWriter())
+    w.kind: w for w in (RectangleLabelsWriter(), PolygonLabelsWriter(), BrushLabelsWriter(), ChoicesWriter())
 }
 
 
@@ -298,6 +351,7 @@ def prediction_score(regions: Sequence[Region]) -> float:
 
 __all__ = [
     "WRITERS",
+    "BrushLabelsWriter",
     "ChoicesWriter",
     "ControlWriter",
     "PolygonLabelsWriter",

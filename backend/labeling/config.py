@@ -17,10 +17,12 @@ from backend.errors import ConfigError
 class ControlKind(StrEnum):
     RECTANGLE = "rectanglelabels"
     POLYGON = "polygonlabels"
+    BRUSH = "brushlabels"  # masks, as Label Studio's RLE (`backend.convert.brush`)
     CHOICES = "choices"
 
 
-_TAGS = {"RectangleLabels": ControlKind.RECTANGLE, "PolygonLabels": ControlKind.POLYGON, "Choices": ControlKind.CHOICES}
+_TAGS = {"RectangleLabels": ControlKind.RECTANGLE, "PolygonLabels": ControlKind.POLYGON,
+         "BrushLabels": ControlKind.BRUSH, "Choices": ControlKind.CHOICES}
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def parse_label_config(xml: str) -> LabelingConfig:
     if not controls:
         found = ", ".join(ignored) or "none"
         raise ConfigError(
-            "the labeling config has no control Tandem can fill: it needs RectangleLabels, PolygonLabels or "
-            f"Choices pointing at an <Image> (found: {found})"
+            "the labeling config has no control Tandem can fill: it needs RectangleLabels, PolygonLabels, "
+            f"BrushLabels or Choices pointing at an <Image> (found: {found})"
         )
     return LabelingConfig(controls=tuple(controls), ignored=tuple(ignored))
