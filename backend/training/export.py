@@ -119,3 +119,45 @@ def export_yolo_dataset(
         {"project": project_id, "task": task_kind, "classes": names, "train": out.train, "val": out.val,
          "snapshot": out.snapshot, "skipped": out.skipped}, indent=1))
     return out
+
+
+def add_replay(dataset: ExportedDataset, items: Iterable[tuple[str, Any, list[str]]]) -> int:
+    """Add (stem, image, YOLO label lines) to the training split only: replay of what the parent knew.
+
+    A fine-tune on a few corrections alone forgets what the serving model learned; mixing in images from
+    its own training data (or its own confident predictions on unreviewed images) keeps it anchored. The
+    frozen validation split is never touched, so the gate still scores on human corrections only.
+    Returns how many images were added; the snapshot is unchanged (replay is derived, not labelled)."""
+    if dataset.task == "classify":
+        raise ConfigError("replay is for detect and segment datasets")
+    root = Path(dataset.root)
+    (root / "images" / "train").mkdir(parents=True, exist_ok=True)
+    (root / "labels" / "train").mkdir(parents=True, exist_ok=True)
+    added = 0
+    for stem, image, lines in items:
+        image.save(root / "images" / "train" / f"replay_{stem}.png")
+        (root / "labels" / "train" / f"replay_{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        added += 1
+    return added
+
+
+def pseudo_labels(adapter, images: list[Any], class_ids: Mapping[str, int], conf: float = 0.5,
+                  label_map: Mapping[str, str] | None = None) -> list[list[str]]:
+    """The adapter's own boxes at or above `conf`, as YOLO lines in the dataset's class ids.
+
+    A model class is mapped through `label_map` (model name -> label), then matched to the dataset's labels
+    ignoring case ("square" serves as "Square"); boxes of classes the dataset lacks are dropped."""
+    from backend.convert.yolo_txt import box_lines
+
+    lookup = {str(k).lower(): v for k, v in class_ids.items()}
+    mapped = {str(k).lower(): str(v).lower() for k, v in (label_map or {}).items()}
+    out = []
+    for image, output in zip(images, adapter.predict(images), strict=True):
+        det = output.detections
+        if det is None or len(det) == 0:
+            out.append([])
+            continue
+        names = [mapped.get(n.lower(), n.lower()) for n in (str(adapter.class_names[int(c)]) for c in det.class_id)]
+        keep = [i for i, n in enumerate(names) if det.confidence[i] >= conf and n in lookup]
+        out.append(box_lines(det.xyxy[keep], [lookup[names[i]] for i in keep], image.size))
+    return out

@@ -1,0 +1,133 @@
+"""Replay for fine-tunes on a few corrections: the frozen split stays human, classes map by name, the
+schedule follows what was measured, and the gate says what its split can resolve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from backend.convert.yolo_txt import box_lines
+from backend.datasets.shapes import CLASS_NAMES, generate_samples
+from backend.models.yolo import YoloAdapter
+from backend.training.evaluate import paired_bootstrap
+from backend.training.export import ExportedDataset, add_replay, pseudo_labels
+from backend.training.replay import (
+    FROZEN_LAYERS,
+    choose_schedule,
+    dataset_replay,
+    existing_task_ids,
+    parent_dataset,
+    pseudo_replay,
+    replay_count,
+)
+
+
+def _dataset(root: Path, classes: list[str], train: list[int], val: list[int], seed: int = 3) -> ExportedDataset:
+    """An exported dataset as the job writes it (task<id>_<digest> stems, tandem_export.json)."""
+    samples = generate_samples(len(train) + len(val), seed=seed)
+    for split, ids in (("train", train), ("val", val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+    for task, split, (image, s) in zip(train + val, ["train"] * len(train) + ["val"] * len(val), samples, strict=True):
+        lines = box_lines(np.array([o.box for o in s.objects], float).reshape(-1, 4),
+                          [classes.index(o.label) for o in s.objects], image.size)
+        image.save(root / "images" / split / f"task{task}_abc.png")
+        (root / "labels" / split / f"task{task}_abc.txt").write_text("\n".join(lines) + "\n")
+    body = "\n".join(f"  {i}: {json.dumps(n)}" for i, n in enumerate(classes))
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n{body}\n")
+    (root / "tandem_export.json").write_text(json.dumps({"classes": classes}))
+    return ExportedDataset(root=root, task="detect", class_names=classes, data=str(root / "data.yaml"),
+                           train=len(train), val=len(val))
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_add_replay_never_touches_the_frozen_validation_split(tmp_path):
+    ds = _dataset(tmp_path / "child", list(CLASS_NAMES), train=[1, 2, 3], val=[4, 5])
+    val_before = {k: v for k, v in _snapshot(ds.root).items() if "/val/" in k}
+    image = Image.new("RGB", (64, 48))
+    added = add_replay(ds, [("a", image, ["0 0.5 0.5 0.2 0.2"]), ("b", image, [])])
+    after = _snapshot(ds.root)
+    assert added == 2
+    assert {k: v for k, v in after.items() if "/val/" in k} == val_before
+    assert after["labels/train/replay_a.txt"] == b"0 0.5 0.5 0.2 0.2\n" and after["labels/train/replay_b.txt"] == b""
+    assert len(list((ds.root / "images" / "train").glob("*.png"))) == 5
+
+
+def test_dataset_replay_remaps_classes_and_leaves_out_the_childs_tasks(tmp_path):
+    parent_classes = ["circle", "square", "triangle"]  # another order than the child's labels
+    parent = _dataset(tmp_path / "parent", parent_classes, train=[1, 2, 3, 4, 5, 6], val=[7])
+    child_classes = ["square", "circle", "triangle"]
+    items = dataset_replay(parent.root, child_classes, exclude_tasks={2, 3}, count=10)
+    assert sorted(i.stem for i in items) == ["dtask1_abc", "dtask4_abc", "dtask5_abc", "dtask6_abc"]
+    for item in items:  # the same boxes, each class id now the child's id of the same name
+        original = (parent.root / "labels" / "train" / f"{item.stem[1:]}.txt").read_text().split("\n")
+        expected = [" ".join([str(child_classes.index(parent_classes[int(r.split()[0])])), *r.split()[1:]])
+                    for r in original if r.strip()]
+        assert item.lines == expected
+    assert len(dataset_replay(parent.root, child_classes, set(), count=2)) == 2
+    # a parent class the child lacks: those images are not replayed (a dropped box would teach background)
+    narrow = dataset_replay(parent.root, ["square", "circle"], set(), count=10)
+    labels = {p.stem: p.read_text() for p in (parent.root / "labels" / "train").glob("*.txt")}
+    assert {i.stem[1:] for i in narrow} == {s for s, t in labels.items() if all(r.split()[0] != "2" for r in t.split("\n") if r)}
+
+
+def test_parent_dataset_is_found_from_the_version_or_its_job_folder(tmp_path):
+    ds = _dataset(tmp_path / "jobs" / "7" / "dataset", list(CLASS_NAMES), train=[1], val=[2])
+    assert parent_dataset({}, "p3-job7", tmp_path) == ds.root
+    assert parent_dataset({"dataset_root": str(ds.root)}, "starter", tmp_path / "elsewhere") == ds.root
+    assert parent_dataset({}, "shapes-yolov8n-detect", tmp_path) is None
+    assert existing_task_ids(ds.root) == {1, 2}
+
+
+def test_pseudo_labels_map_the_models_classes_onto_the_datasets_labels(detect_weights):
+    model = YoloAdapter(detect_weights, device="cpu", conf=0.25)
+    images = [img for img, _ in generate_samples(4, seed=11)]
+    labels = {"Triangle": 0, "Square": 1, "Circle": 2}  # the project's labels, another case and order
+    got = pseudo_labels(model, images, labels, conf=0.5)
+    for out, lines in zip(model.predict(images), got, strict=True):
+        det = out.detections
+        keep = det.confidence >= 0.5
+        names = [model.class_names[int(c)].capitalize() for c in det.class_id[keep]]
+        assert sorted(int(ln.split()[0]) for ln in lines) == sorted(labels[n] for n in names)
+    assert sum(map(len, got)) > 0
+    # through a label map; a class the dataset lacks is dropped
+    mapped = pseudo_labels(model, images, {"Box": 0}, conf=0.5, label_map={"square": "Box"})
+    for out, lines in zip(model.predict(images), mapped, strict=True):
+        det = out.detections
+        squares = sum(model.class_names[int(c)] == "square" for c in det.class_id[det.confidence >= 0.5])
+        assert len(lines) == squares and all(ln.startswith("0 ") for ln in lines)
+    items = pseudo_replay(model, [("u1", images[0]), ("u2", images[1])], labels, count=1)
+    assert [i.stem for i in items] == ["pu1"]
+    assert items[0].lines == pseudo_labels(model, [images[0]], labels, conf=0.5)[0]  # batch of one: same floats
+
+
+def test_the_schedule_trains_the_whole_network_only_with_replay():
+    base = {"epochs": 30, "lr0": 0.001, "freeze": None}
+    assert choose_schedule(base, 8, 0, "detect").params["freeze"] == FROZEN_LAYERS
+    with_replay = choose_schedule(base, 8, replay_count(8), "detect")
+    assert with_replay.params["freeze"] is None and "16 replayed" in with_replay.reason
+    assert choose_schedule({**base, "freeze": 3}, 8, 0, "detect").params["freeze"] == 3  # the user's choice wins
+    assert choose_schedule(base, 40, 0, "detect").params["freeze"] is None
+    assert choose_schedule(base, 8, 0, "classify").params["freeze"] is None
+    assert replay_count(8) == 16 and replay_count(100) == 32
+
+
+def test_the_gate_says_what_a_small_frozen_split_can_resolve(tmp_path, detect_weights):
+    ds = _dataset(tmp_path / "d", list(CLASS_NAMES), train=[1], val=[2, 3, 4])
+    model = YoloAdapter(detect_weights, device="cpu", conf=0.001)
+    same = paired_bootstrap(model, model, ds, margin=0.01, resamples=30)
+    assert same.images == 3 and same.difference == 0 and same.low == same.high == 0
+    assert "frozen split of 3 images" in same.describe()
+    strict = YoloAdapter(detect_weights, device="cpu", conf=0.9)  # drops its less sure boxes: scores differ
+    other = paired_bootstrap(model, strict, ds, margin=0.01, resamples=50)
+    half = (other.high - other.low) / 2
+    assert other.resolves_margin == (half <= 0.01)
+    text = other.describe()
+    assert f"[{other.low:+.3f}, {other.high:+.3f}]" in text
+    assert ("cannot tell differences smaller than" in text) == (not other.resolves_margin)
