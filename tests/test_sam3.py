@@ -116,3 +116,48 @@ def test_taught_on_one_image_its_mask_matches_the_truth(checkpoint):
     top = det.mask[0]
     iou = (top & truth).sum() / (top | truth).sum()
     assert iou >= 0.8, iou
+
+
+SERVED = """<View><Image name="image" value="$image"/>
+<RectangleLabels name="box" toName="image"><Label value="Square"/><Label value="Circle"/></RectangleLabels>
+<PolygonLabels name="poly" toName="image"><Label value="Square"/><Label value="Circle"/></PolygonLabels>
+<BrushLabels name="brush" toName="image"><Label value="Square"/><Label value="Circle"/></BrushLabels>
+</View>"""
+
+
+def test_served_through_load_vlm_it_fills_rectangles_polygons_and_brushes(checkpoint):
+    """`--vlm <SAM 3 folder>` loads it like any VLM; the config's labels (reworded by per-label prompts) are its
+    text prompts, and one prediction fills every control: boxes, outlines and Label Studio RLE masks."""
+    from backend.convert.brush import rle_to_mask
+    from backend.convert.labelstudio import WRITERS
+    from backend.models.sam3 import Sam3Segmenter
+    from backend.models.vlm.loader import load_vlm
+    from backend.predict import describe, plan_for
+
+    sam = load_vlm(str(checkpoint), device="cpu", threshold=0.0, max_det=5)
+    assert isinstance(sam, Sam3Segmenter) and describe(sam) == "detect+segment"
+    plan = plan_for(sam, SERVED, prompts={"Square": "bright square"})
+    assert [p.control.name for p in plan.controls] == ["box", "poly", "brush"]
+    assert [p.adapter.task for p in plan.controls] == [ModelTask.DETECT, ModelTask.SEGMENT, ModelTask.SEGMENT]
+    assert plan.controls[0].adapter.vocabulary.prompts == ("bright square", "Circle")
+    image = _noise(70, 50, 8)
+    out = {}
+    for planned in plan.controls:
+        pred = planned.adapter.predict([image])[0]
+        out[planned.control.name] = (pred, WRITERS[planned.control.kind].regions(
+            planned.control, planned.labels, pred, planned.adapter.class_names, image.size))
+    pred, boxes = out["box"]
+    _, polygons = out["poly"]
+    _, brushes = out["brush"]
+    n = len(pred.detections)
+    assert n == 5 and len(boxes) == len(polygons) == len(brushes) == n
+    for k, (box, brush) in enumerate(zip(boxes, brushes, strict=True)):
+        label = box["value"]["rectanglelabels"][0]
+        assert label in ("Square", "Circle") and brush["value"]["brushlabels"] == [label]
+        assert box["score"] == brush["score"] == round(float(pred.detections.confidence[k]), 6)
+        mask = rle_to_mask(brush["value"]["rle"], *image.size)
+        assert np.array_equal(mask, pred.detections.mask[k])  # Label Studio gets the mask itself
+        ys, xs = np.nonzero(mask)
+        np.testing.assert_allclose([box["value"]["x"], box["value"]["width"]],
+                                   [xs.min() / 70 * 100, (xs.max() + 1 - xs.min()) / 70 * 100], atol=1e-3)
+    assert all(len(p["value"]["points"]) >= 3 for p in polygons)

@@ -27,6 +27,16 @@ LOADERS: dict[LoaderKind, tuple[str, type[OpenVocabularyModel]]] = {
 }
 
 
+def _load_sam3(source: str, **kwargs: Any) -> OpenVocabularyModel:
+    from backend.models.sam3 import load_sam3
+
+    return load_sam3(source, **kwargs)  # type: ignore[return-value]  # a promptable Model like the others
+
+
+# config.json model_type -> a loader of its own (an architecture no Auto* class above runs)
+OWN_LOADERS: dict[str, Any] = {"sam3": _load_sam3}
+
+
 def _family_of(source: str, config: dict[str, Any]) -> Family:
     model_type = config.get("model_type", "")
     family = family_for(model_type)
@@ -79,6 +89,8 @@ def load_vlm(source: str, device: str | None = None, revision: str | None = None
         return _load_lora(source, folder, device, options)
     path = resolve_source(source, revision)
     config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") in OWN_LOADERS:  # a family with its own loader (SAM 3's masks)
+        return OWN_LOADERS[config["model_type"]](source, device=device, revision=revision, **options)
     family = _family_of(source, config)
     model_type = config["model_type"]
     device, dtype = pick_device(device)
