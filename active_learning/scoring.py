@@ -154,6 +154,11 @@ def score_outputs(
             reasons = [_both(reasons[i], d.reason(i, p, q, space.names, model_names), uncertainty[i], disagreement[i],
                              model_names) for i in range(n)]
         return ScoreTable(uncertainty, disagreement, reasons)
+    if second is not None:  # two segmenters (masks, or outlines beside masks) compare by mask IoU
+        from active_learning import masks
+
+        if masks.carry_masks(primary, second):
+            return masks.score_masks(primary, second, space, model_names, aggregate, cap, threshold)
 
     a = BoxBatch.from_images([to_image_boxes(o, space) for o in primary])
     b = BoxBatch.from_images([to_image_boxes(o, space) for o in second]) if second is not None else None
