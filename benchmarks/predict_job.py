@@ -72,6 +72,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--retrieve", type=int, default=1000)
+    parser.add_argument("--media", choices=("local", "upload"), default="local",
+                        help="local: tasks name the JPEGs as Label Studio local files, read from disk by Tandem "
+                             "(LOCAL_FILES_DOCUMENT_ROOT); upload: uploaded into Label Studio, fetched from it")
+    parser.add_argument("--imgsz", type=int, default=None, help="inference size (default: the model's own, 160)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tandem-predict-bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "predict_job.md")
     args = parser.parse_args()
@@ -103,17 +107,26 @@ def main() -> None:
     ls = start_label_studio(Path(tempfile.mkdtemp(prefix="ls-", dir=work)))
     try:
         client = LabelStudio(base_url=ls.url, api_key=ls.token)
-        settings = Settings(home=home, label_studio_url=ls.url, label_studio_api_key=ls.token, engine="openvino")
+        settings = Settings(home=home, label_studio_url=ls.url, label_studio_api_key=ls.token, engine="openvino",
+                            imgsz=args.imgsz, local_files_root=(work / "images") if args.media == "local" else None)
         adapter = settings.load_cnn(w)  # exported to OpenVINO once, parity-checked (cached under the home)
-        say(f"model {adapter.version}, engine {getattr(adapter, 'engine', '?')}; {os.cpu_count()} CPUs "
+        say(f"model {adapter.version}, engine {getattr(adapter, 'engine', '?')}, imgsz {adapter.imgsz}, media "
+            f"{args.media}; {os.cpu_count()} CPUs "
             f"({platform.processor() or platform.machine()}), shared with other work")
 
         # 1. Label Studio's own import
         project = client.projects.create(title=f"bench {args.tasks}", label_config=RECT).id
         t0 = time.perf_counter()
-        upload_images(ls.url, ls.token, project, {p.name: p.read_bytes() for p in images})
+        if args.media == "upload":
+            upload_images(ls.url, ls.token, project, {p.name: p.read_bytes() for p in images})
+        else:
+            for start in range(0, len(images), 1000):
+                client.projects.import_tasks(project, request=[{"image": f"/data/local-files/?d={p.name}"}
+                                                               for p in images[start : start + 1000]],
+                                             request_options={"timeout_in_seconds": 600})
         import_s = time.perf_counter() - t0
-        say(f"Label Studio import: {args.tasks} JPEG uploads in {import_s:.1f} s ({args.tasks / import_s:.1f} tasks/s)")
+        what = "JPEG uploads" if args.media == "upload" else "tasks naming local files (JSON import)"
+        say(f"Label Studio import: {args.tasks} {what} in {import_s:.1f} s ({args.tasks / import_s:.1f} tasks/s)")
 
         # 2. the job
         rss_before = peak_rss_mb()
@@ -201,8 +214,8 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("# Whole-project pre-annotation job (`benchmarks/predict_job.py`)\n\n"
-                        f"`uv run python benchmarks/predict_job.py --tasks {args.tasks} --resume-tasks "
-                        f"{args.resume_tasks}` (batch {args.batch}, concurrency {args.concurrency}), "
+                        f"`uv run python benchmarks/predict_job.py {' '.join(sys.argv[1:])}` (batch {args.batch}, "
+                        f"concurrency {args.concurrency}), "
                         f"{time.strftime('%Y-%m-%d')}.\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
     print(f"wrote {args.out}")
 

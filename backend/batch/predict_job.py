@@ -9,7 +9,8 @@ predictions" afterwards answers from the store.
 
 Memory is bounded: one page of task references, and at most two chunks of decoded images (the one being
 predicted and the next, fetched meanwhile by `concurrency` threads). Label Studio's bulk import of a chunk
-runs on a writer thread beside the next chunk's inference (at most two imports queued).
+runs on a writer thread beside the next chunks' inference, `write_batch` predictions a request (at most two
+requests queued).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class ImageLoader(Protocol):
 @dataclass(frozen=True)
 class JobOptions:
     concurrency: int = 4  # parallel image fetches
-    batch: int = 16  # tasks per chunk: one inference call, one store write, one Label Studio request
+    batch: int = 16  # tasks per chunk: one inference call, one store write
+    write_batch: int = 256  # predictions per Label Studio request (bulk import): fewer, larger requests
     role: str = "pre-annotation"
 
 
@@ -97,6 +99,7 @@ class PredictJob:
         self._lock = threading.Lock()
         self._write_pool = ThreadPoolExecutor(1, thread_name_prefix="tandem-job-write")
         self._writes: deque[Future] = deque()
+        self._unwritten: list[tuple[int, Mapping[str, Any]]] = []  # stored, not yet handed to the writer
         self.progress = Progress(model_version=plan.version)
 
     # -- the run ----------------------------------------------------------------------------------------
@@ -111,6 +114,7 @@ class PredictJob:
                 if len(in_flight) > 1:
                     self._predict(*in_flight.popleft())
                 if self.should_stop():
+                    self._drain_writes()  # what is stored goes to Label Studio before stopping
                     raise Cancelled()
             while in_flight:
                 self._predict(*in_flight.popleft())
@@ -187,16 +191,24 @@ class PredictJob:
                                       item, controls))
             ok.append((task["id"], item))
         self.store.put_many(rows)  # the ledger first: a task stored is never predicted again
-        self._add(predicted=len(ok), failed=len(failures), failures=failures)
-        if ok:  # Label Studio's import runs beside the next chunk's inference; at most two requests queued
-            self._writes.append(self._write_pool.submit(self._write, ok))
-            while len(self._writes) > 2:
-                self._writes.popleft().result()
+        self._add(done=len(ok), predicted=len(ok), failed=len(failures), failures=failures)
+        self._unwritten.extend(ok)
+        if len(self._unwritten) >= self.options.write_batch:
+            self._flush_writes()
+
+    def _flush_writes(self) -> None:
+        """Label Studio's import runs beside the next chunks' inference; at most two requests queued."""
+        if self._unwritten:
+            self._writes.append(self._write_pool.submit(self._write, self._unwritten))
+            self._unwritten = []
+        while len(self._writes) > 2:
+            self._writes.popleft().result()
 
     def _write(self, ok: list[tuple[int, Mapping[str, Any]]]) -> None:
-        self._add(done=len(ok), written=self.writer.write(ok))
+        self._add(written=self.writer.write(ok))
 
     def _drain_writes(self) -> None:
+        self._flush_writes()
         while self._writes:
             self._writes.popleft().result()
 

@@ -45,7 +45,9 @@ class LabelStudioTasks:
 
     def pages(self) -> Iterator[list[TaskRef]]:
         page: list[TaskRef] = []
-        for task in self.client.tasks.list(project=self.project_id, page_size=self.page_size, fields="all"):
+        # only the three fields: Label Studio computes every other column of its data manager per task otherwise
+        for task in self.client.tasks.list(project=self.project_id, page_size=self.page_size,
+                                           include="id,data,predictions_model_versions"):
             page.append(TaskRef(int(task.id), dict(task.data or {}), _versions(task.predictions_model_versions)))
             if len(page) >= self.page_size:
                 yield page

@@ -18,7 +18,7 @@ def predict(
                                                                     "what serves the project.")] = None,
     concurrency: Annotated[int, typer.Option(min=1, max=64, help="Parallel image fetches.")] = 4,
     batch: Annotated[int, typer.Option(min=1, max=512, help="Tasks per chunk (one inference call, one store "
-                                                           "write, one Label Studio request).")] = 16,
+                                                           "write).")] = 16,
     job: Annotated[int | None, typer.Option(help="Resume this predict job (default: the project's job whose "
                                                  "runner died, else a new one).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda:0 … (default: CUDA when present).")] = None,
