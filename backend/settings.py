@@ -70,6 +70,8 @@ class Settings(BaseModel):
     max_decode_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)  # memory one image may take to decode
     max_cache_bytes: int = Field(default=2 * 1024 * 1024 * 1024, ge=0)  # the on-disk media cache
     db_url: str | None = None  # TANDEM_DATABASE_URL; None: SQLite under home
+    artifacts: str | None = None  # TANDEM_ARTIFACTS: fsspec URL or folder; None: home/artifacts
+    lease_seconds: float = Field(default=30.0, gt=0)  # a job whose runner stops heartbeating this long fails
     model_memory_gb: float = Field(default=8.0, gt=0)  # the model pool's budget before it evicts
     max_projects: int = Field(default=10_000, ge=1)  # projects /setup may record; a new one past it is refused
 
@@ -146,6 +148,8 @@ class Settings(BaseModel):
             "max_decode_bytes": int(_env("TANDEM_MAX_DECODE_BYTES") or 1024 * 1024 * 1024),
             "max_cache_bytes": int(_env("TANDEM_MAX_CACHE_BYTES") or 2 * 1024 * 1024 * 1024),
             "db_url": _env("TANDEM_DATABASE_URL"),
+            "artifacts": _env("TANDEM_ARTIFACTS"),
+            "lease_seconds": float(_env("TANDEM_LEASE_SECONDS") or 30),
             "model_memory_gb": float(_env("TANDEM_MODEL_MEMORY_GB") or 8),
             "max_projects": int(_env("TANDEM_MAX_PROJECTS") or 10_000),
         }
@@ -184,6 +188,8 @@ class Settings(BaseModel):
             "TANDEM_VLM": self.vlm,
             "TANDEM_VLM_PROMPTS": json.dumps(self.vlm_prompts) if self.vlm_prompts else None,
             "TANDEM_DATABASE_URL": self.db_url,
+            "TANDEM_ARTIFACTS": self.artifacts,
+            "TANDEM_LEASE_SECONDS": str(self.lease_seconds),
         }
         return {k: v for k, v in pairs.items() if v is not None}
 

@@ -87,7 +87,7 @@ def test_serve_answers_label_studio_routes(tmp_path, detect_weights):
 def test_a_restart_without_model_serves_the_version_promoted_last(tmp_path, detect_weights):
     """Not the starter again: a retrain promoted before the restart is what Label Studio gets after it, and
     promoted weights that no longer load are passed over for the promotion before them."""
-    registry = Registry(Settings(home=tmp_path / "home").db_path)
+    registry = Registry(Settings(home=tmp_path / "home").database_url)
     good = tmp_path / "p1-job7.pt"
     good.write_bytes(detect_weights.read_bytes())
     registry.add_candidate("p1-job7-aaaa", "p1-job7", "detect", str(good), None, "d7", {})

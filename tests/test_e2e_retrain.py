@@ -157,8 +157,8 @@ def test_a_retrain_that_cannot_start_says_why_in_one_line(label_studio, detect_w
                   {f"{s.name}.png": png_bytes(img) for img, s in generate_samples(3, seed=5)})
     good = Settings(home=tmp_path / "home", label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
     wrong_key = Settings(home=good.home, label_studio_url=label_studio.url, label_studio_api_key="not-a-token")
-    Registry(good.db_path).record_served("start", "start", "detect", str(detect_weights))
-    store = JobStore(good.db_path)
+    Registry(good.database_url).record_served("start", "start", "detect", str(detect_weights))
+    store = JobStore(good.database_url)
     choices = client.projects.create(title="tandem e2e wrong task", label_config=CHOICES)
     expected = {(empty.id, "good"): "0 usable annotated tasks (0 train, 0 validation)",
                 (choices.id, "good"): f"the serving model start is a detect model, but project {choices.id}'s "

@@ -284,7 +284,7 @@ def test_cancelling_a_modal_job_cancels_its_remote_call(tmp_path, monkeypatch):
 
     cancelled.clear()  # `tandem jobs cancel`, from another process than the one that started the job: the same
     home = tmp_path / "cli-home"
-    store = JobStore(Settings(home=home).db_path)
+    store = JobStore(Settings(home=home).database_url)
     job = store.create(1, "yolo", "modal", "test")
     store.update(job.id, status="running", remote_id="fc-remote-8")
     out = CliRunner().invoke(app, ["jobs", "cancel", str(job.id), "--home", str(home)])

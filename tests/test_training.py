@@ -47,7 +47,7 @@ def test_100_webhook_events_make_one_job_and_each_answers_fast(tmp_path, detect_
 
 def test_triggers_during_a_job_coalesce_into_one_follow_up(tmp_path, detect_adapter):
     settings = Settings(home=tmp_path / "home")
-    service = TrainingService(settings, ModelHolder(detect_adapter), Registry(settings.db_path))
+    service = TrainingService(settings, ModelHolder(detect_adapter), Registry(settings.database_url))
     first = service.trigger(3, "button")
     for reason in ("schedule", "button again", "webhooks", "cli"):
         assert service.trigger(3, reason).id == first.id
@@ -67,14 +67,14 @@ def test_triggers_during_a_job_coalesce_into_one_follow_up(tmp_path, detect_adap
 
 def test_cancel_and_orphans(tmp_path, detect_adapter):
     settings = Settings(home=tmp_path / "home")
-    store = JobStore(settings.db_path)
+    store = JobStore(settings.database_url)
     orphan = store.create(1, "yolo", "local", "test")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     store.update(orphan.id, status=JobStatus.RUNNING, pid=dead.pid)
     assert mark_orphans(store) == 1
     assert store.get(orphan.id).status is JobStatus.FAILED
-    service = TrainingService(settings, ModelHolder(detect_adapter), Registry(settings.db_path))
+    service = TrainingService(settings, ModelHolder(detect_adapter), Registry(settings.database_url))
     job = service.trigger(2, "to cancel")
     assert service.cancel(job.id)
     assert store.get(job.id).status is JobStatus.CANCELLED  # the dying worker cannot overwrite it
@@ -85,7 +85,7 @@ def test_cancel_and_orphans(tmp_path, detect_adapter):
 
 def test_corrupt_promoted_weights_are_never_served(tmp_path, detect_adapter, detect_weights):
     settings = Settings(home=tmp_path / "home")
-    registry = Registry(settings.db_path)
+    registry = Registry(settings.database_url)
     holder = ModelHolder(detect_adapter)
     registry.record_served(detect_adapter.version, "start", "detect", str(detect_weights))
     service = TrainingService(settings, holder, registry, watch_interval_s=3600)
@@ -176,7 +176,7 @@ def test_a_frozen_backbone_stays_put_while_the_head_learns(tmp_path, detect_weig
 def test_a_promoted_version_is_served_on_the_same_engine(tmp_path, detect_adapter, detect_weights):
     """A retrained model must not fall back to PyTorch because the server was started with OpenVINO."""
     settings = Settings(home=tmp_path / "home", device="cpu", engine="openvino")
-    registry = Registry(settings.db_path)
+    registry = Registry(settings.database_url)
     holder = ModelHolder(detect_adapter)
     registry.record_served(detect_adapter.version, "start", "detect", str(detect_weights))
     service = TrainingService(settings, holder, registry, watch_interval_s=3600)
@@ -210,7 +210,7 @@ def test_the_promotion_gate_scores_every_box_not_only_those_above_the_serving_th
 
 def test_models_list_shows_yolo_fitness_and_vlm_loss_side_by_side(tmp_path):
     settings = Settings(home=tmp_path / "home")
-    registry = Registry(settings.db_path)
+    registry = Registry(settings.database_url)
     registry.add_candidate("p1-job1", "yolo", "detect", "x.pt", None, "s",
                            {"candidate": {"fitness": 0.61}, "serving": {"fitness": 0.55}})
     registry.add_candidate("p1-job2", "lora", "vlm-generative", "adapter", None, "s",
@@ -259,7 +259,7 @@ def test_models_promote_and_rollback_handle_vlm_versions(tmp_path, tiny_vlm, det
     """A VLM version is checked by loading it as the server would (not as YOLO weights), and `rollback --vlm`
     returns to the VLM's parent while the CNN stays as it is."""
     home = tmp_path / "home"
-    registry = Registry(Settings(home=home).db_path)
+    registry = Registry(Settings(home=home).database_url)
     registry.record_served(detect_adapter.version, "start", "detect", str(detect_weights))
     clip = str(tiny_vlm("clip"))
     registry.record_served("clip-base", "clip", "vlm:classify", clip)
@@ -304,7 +304,7 @@ def test_train_with_server_follows_the_job_on_that_server_not_in_local_state(tmp
     assert proc.returncode == 1, err
     assert f"queued job {job.id} on {srv.url}" in err and f"job {job.id} failed" in err
     assert job.status is JobStatus.FAILED and job.error.split()[0] in err  # the server's verdict, as it recorded it
-    assert not JobStore(Settings(home=tmp_path / "cli-home").db_path).list(5)  # nothing ran here
+    assert not JobStore(Settings(home=tmp_path / "cli-home").database_url).list(5)  # nothing ran here
 
     gone = subprocess.run([sys.executable, "-m", "backend.cli", "train", "--project", "5", "--server", srv.url],
                           capture_output=True, text=True, env=env, timeout=120)
@@ -315,7 +315,7 @@ def test_train_with_server_follows_the_job_on_that_server_not_in_local_state(tmp
 def test_the_cli_fails_a_job_whose_worker_died_with_no_server_running(tmp_path):
     """Else it showed 'running' for good and `tandem train` on its project answered 'already has job N'."""
     home = tmp_path / "home"
-    store = JobStore(Settings(home=home).db_path)
+    store = JobStore(Settings(home=home).database_url)
     job = store.create(1, "yolo", "local", "tandem train")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -46,7 +46,7 @@ def model_spec(settings: Settings, project_id: int, model: str | None = None) ->
         served = state.served_model if pre == "cnn" else state.served_second_opinion
         if bound or served:
             return bound or served  # type: ignore[return-value]
-    last = Registry(settings.db_path).last_served("cnn" if pre == "cnn" else None)
+    last = Registry(settings.database_url).last_served("cnn" if pre == "cnn" else None)
     if last is not None and last.path:
         return last.path
     if pre == "vlm" and settings.vlm:
@@ -72,7 +72,7 @@ def prepare(settings: Settings, project_id: int, model: str | None = None, clien
     url, token = pair
     client = client or LabelStudio(base_url=url, api_key=token)
     spec = model_spec(settings, project_id, model)
-    adapter = load_spec(settings, Registry(settings.db_path), spec)
+    adapter = load_spec(settings, Registry(settings.database_url), spec)
     label_config = client.projects.get(project_id).label_config
     plan = plan_for(adapter, label_config, {**settings.label_map, **(state.label_map if state else {})},
                     settings.case_sensitive_labels, {**settings.vlm_prompts, **(state.prompts if state else {})},

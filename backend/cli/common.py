@@ -61,9 +61,9 @@ def load_settings(**overrides):
 def stores(home: Path | None):
     from backend.registry import Registry
     from backend.training.jobs import JobStore
-    from backend.training.runner import mark_orphans
+    from backend.training.runner import reap_abandoned
 
     settings = load_settings(home=home)
-    jobs = JobStore(settings.db_path)
-    mark_orphans(jobs)  # a job whose worker died with no server running would otherwise show 'running' for good
-    return settings, Registry(settings.db_path), jobs
+    jobs = JobStore(settings.database_url)
+    reap_abandoned(jobs)  # a job whose worker died (or whose lease ran out) would otherwise show 'running' for good
+    return settings, Registry(settings.database_url), jobs

@@ -88,7 +88,7 @@ def select(
     weights = model or (bound and (bound.model or bound.served_model))
     last = None
     if weights is None:
-        last = Registry(settings.db_path).last_served()
+        last = Registry(settings.database_url).last_served()
         if last is None or not last.path:
             console.print("[red]error:[/] no --model given and this TANDEM_HOME has served none")
             raise typer.Exit(2)
@@ -97,7 +97,7 @@ def select(
         second_model = bound.second_opinion or bound.served_second_opinion
         console.print(f"second opinion: [bold]{second_model}[/] (as served to project {project}; --second-model "
                       "picks another)")
-    if registry_version := Registry(settings.db_path).get(str(weights)):
+    if registry_version := Registry(settings.database_url).get(str(weights)):
         weights = registry_version.path or weights
     try:
         primary = YoloAdapter(weights, device=settings.device, conf=min(settings.conf, CANDIDATE_CONF))

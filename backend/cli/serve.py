@@ -176,7 +176,7 @@ def _resume_promoted(settings, task: str | None):
     from backend.errors import TandemError
     from backend.registry import Registry
 
-    for version in Registry(settings.db_path).promoted("cnn", task):
+    for version in Registry(settings.database_url).promoted("cnn", task):
         try:
             adapter = settings.load_cnn(version.path)
         except TandemError as exc:

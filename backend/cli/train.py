@@ -46,9 +46,10 @@ def train(
 
 
 def _start_here(settings, store, project: int, runner: str, model: str, params: dict) -> tuple[int, JobReader]:
+    from backend.training.jobs import ActiveJobExists
     from backend.training.runner import LocalRunner, log_path
 
-    active = store.active(project)
+    active = store.active(project, kind="train")
     if active:
         console.print(f"project {project} already has job {active[0].id} ({active[0].status.value})")
         job_id = active[0].id
@@ -61,10 +62,16 @@ def _start_here(settings, store, project: int, runner: str, model: str, params: 
             except ModalUnavailable as exc:
                 console.print(f"[red]error:[/] {exc}")
                 raise typer.Exit(2) from exc
-        job = store.create(project, model, runner, "tandem train", params)
-        job_id = job.id
-        LocalRunner(settings, store).start(job)
-        console.print(f"job {job_id} started ({runner})")
+        local = LocalRunner(settings, store)
+        try:  # born held by this runner: no server's runner takes it over meanwhile
+            job = store.create(project, model, runner, "tandem train", params, holder=local.holder,
+                               lease_s=local.lease_s)
+            job_id = job.id
+            local.start(job)
+            console.print(f"job {job_id} started ({runner})")
+        except ActiveJobExists as exists:  # another process created one since the look above
+            console.print(f"project {project} already has job {exists.active.id} ({exists.active.status.value})")
+            job_id = exists.active.id
     path = log_path(settings.home, job_id)
 
     def read() -> tuple[dict | None, str]:

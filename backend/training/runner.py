@@ -1,14 +1,18 @@
-"""Runs training jobs as separate local processes and reaps them.
+"""Runs jobs as separate local processes under a lease, and reaps them.
 
-The worker writes its own terminal state; the runner only steps in when the process dies without one
-(a crash, `kill -9`, the OOM killer), so the job never stays "running" forever:
+Correctness comes from leases (`backend.training.jobs`): the runner claims a job for its holder id before
+it starts a worker and heartbeats it while it waits in the queue; the worker heartbeats its own job while
+it runs (`backend.training.worker`). Whichever replica or CLI notices a running job whose lease ran out
+fails it (`expire_leases`); a queued job whose holder vanished before starting it is claimed by another
+server's runner (nothing ran yet, so that is safe). Cancelling is a status change in the database: the
+holder's next heartbeat is refused and it stops the worker.
 
-- the reaper thread survives any error (a full disk, a locked database): it logs, waits and tries again, and
-  a dead worker's failure is recorded once the store takes it — the exit status is kept until then;
-- it polls its own workers (so none stays a zombie) and, every few seconds, checks the workers it did not start
-  (a previous server's, the CLI's): a pid counts as alive only while the process with that pid is the one
-  recorded when the worker started (boot id and start time), never a later process that reuses the pid;
-- with `max_concurrent`, at most that many workers run at once; further jobs wait, queued, in start order.
+Local optimisations on top (never needed for correctness):
+- the reaper polls its own workers, so a worker killed by a signal fails its job at once with the signal,
+  not a lease later, and none stays a zombie;
+- `mark_orphans` fails a job whose worker pid on *this* host is gone (a job held by another host is left
+  to its lease).
+With `max_concurrent`, at most that many workers run at once; further jobs wait, queued, in start order.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,20 +30,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backend.settings import Settings
-from backend.training.jobs import Job, JobStatus, JobStore
+from backend.training.jobs import Job, JobStatus, JobStore, holder_host, new_holder_id
+from backend.training.lease import LeaseKeeper
 
 log = logging.getLogger("tandem.training")
 
 ADOPT_EVERY_S = 2.0
 WORKER_MODULE = b"backend.training.worker"
-
-
-# -- process identity --------------------------------------------------------------------------------
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+PRE_LEASE_HOLDER = "pid-runner (before leases)"  # what migration 0002 wrote on jobs the old runner held
 
 
 def _stat(pid: int) -> tuple[str, str] | None:
@@ -53,37 +52,27 @@ def _stat(pid: int) -> tuple[str, str] | None:
     return fields[0], fields[19]
 
 
-def process_identity(pid: int) -> str | None:
-    """Boot id and start time of `pid`: equal only for the very same process. None where /proc is missing."""
-    if not Path("/proc/self/stat").exists():
-        return None
-    found = _stat(pid)
-    return f"{_boot_id()}:{found[1]}" if found and found[1] else None
-
-
-def process_alive(pid: int, identity: str | None = None) -> bool:
-    """Whether the worker recorded as (`pid`, `identity`) still runs: not gone, not a zombie, not another process
-    that got the same pid. Without an identity (jobs from before it was recorded) the command line must still be
-    a training worker's."""
+def worker_alive(pid: int | None, job_id: int | None = None) -> bool:
+    """Whether `pid` on this host is still a live worker (for `job_id`, when given): not gone, not a zombie, not
+    another process that got the same pid."""
     if not pid or pid <= 0:
         return False
-    if Path("/proc/self/stat").exists():
-        found = _stat(pid)
-        if found is None or found[0] in ("Z", "X", "x"):
-            return False
-        if identity is not None:
-            return process_identity(pid) == identity
+    if not Path("/proc/self/stat").exists():
         try:
-            return WORKER_MODULE in Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return True  # cannot look: assume it is the worker rather than fail a live job
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    found = _stat(pid)
+    if found is None or found[0] in ("Z", "X", "x"):
         return False
-    except PermissionError:
-        return True
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # cannot look: assume it is the worker rather than fail a live job
+    return any(WORKER_MODULE in a for a in argv) and (job_id is None or str(job_id).encode() in argv)
 
 
 def log_path(home: Path, job_id: int) -> Path:
@@ -96,19 +85,31 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def cancel_job(store: JobStore, job_id: int, pid: int | None = None) -> bool:
-    """Cancel a queued or running job from any process (the server, the CLI): record it first, so the dying
-    worker cannot overwrite it, then stop the worker's process group and, for Modal, the remote call."""
-    job = store.get(job_id)
-    if job is None or not job.status.active:
-        return False
-    store.finish(job_id, JobStatus.CANCELLED, error="cancelled")
-    pid = pid or job.pid
-    if pid:
+def _on_this_host(job: Job) -> bool:
+    host = holder_host(job.holder)
+    return host is None or host == socket.gethostname()
+
+
+def _stop_worker(pid: int, job_id: int) -> None:
+    if worker_alive(pid, job_id):
         try:
             os.killpg(pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def cancel_job(store: JobStore, job_id: int, pid: int | None = None) -> bool:
+    """Cancel a queued or running job from any process or replica: the status change is the cancel (the holder's
+    next heartbeat is refused and it stops the worker). A worker on this host is stopped at once; for Modal, the
+    remote call too."""
+    job = store.get(job_id)
+    if job is None or not job.status.active:
+        return False
+    if not store.finish(job_id, JobStatus.CANCELLED, error="cancelled"):
+        return False
+    pid = pid or job.pid
+    if pid and _on_this_host(job):
+        _stop_worker(pid, job_id)
     if job.runner == "modal" and job.remote_id:
         try:
             from infra.modal_runner import cancel_remote
@@ -121,33 +122,40 @@ def cancel_job(store: JobStore, job_id: int, pid: int | None = None) -> bool:
 
 class LocalRunner:
     def __init__(self, settings: Settings, store: JobStore, on_done: Callable[[Job], None] | None = None,
-                 max_concurrent: int | None = None, worker_argv: list[str] | None = None) -> None:
-        """`worker_argv`: the worker's command, to which the job id is appended (the training worker by default)."""
+                 max_concurrent: int | None = None, worker_argv: list[str] | None = None,
+                 take_over: bool | None = None) -> None:
+        """`worker_argv`: the worker's command, to which the job id is appended (the training worker by default).
+        `take_over`: claim queued jobs a vanished runner left (the server's runner does; the CLI's does not)."""
         self.settings = settings
         self.worker_argv = list(worker_argv or [sys.executable, "-m", "backend.training.worker"])
         self.home = settings.home
         self.store = store
         self.on_done = on_done
         self.max_concurrent = max_concurrent
+        self.take_over = on_done is not None if take_over is None else take_over
+        self.holder = new_holder_id()
+        self.lease_s = float(getattr(settings, "lease_seconds", 30.0))
         self._procs: dict[int, subprocess.Popen] = {}
         self._exited: dict[int, subprocess.Popen] = {}  # dead workers whose end is not recorded yet
         self._queue: deque[int] = deque()
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._identity = process_identity(os.getpid()) or f"pid:{os.getpid()}"
         self._last_adopt = 0.0
         self.errors = 0  # reaper rounds that failed (and were retried)
-        if max_concurrent:
-            self._take_over_queue()
+        self.leases = LeaseKeeper(store, self.holder, self.lease_s, on_lost=self._lost)
         self._reaper = threading.Thread(target=self._reap_loop, name="tandem-job-reaper", daemon=True)
         self._reaper.start()
 
     def start(self, job: Job) -> subprocess.Popen | None:
-        """Start the job's worker now, or, with `max_concurrent` workers already running, queue it (None)."""
+        """Claim the job and start its worker now, or, with `max_concurrent` workers already running, queue it
+        (None). None too when another runner holds it."""
+        if not self.store.claim(job.id, self.holder, self.lease_s):
+            log.info("job %s is held by another runner: not started here", job.id)
+            return None
+        self.leases.hold(job.id)
         with self._lock:
             if self.max_concurrent and (self._queue or self._busy() >= self.max_concurrent):
                 self._queue.append(job.id)
-                self.store.hold(job.id, self._identity)
                 log.info("job %s queued: %s training worker(s) already running (TANDEM_MAX_TRAINING_JOBS=%s)",
                          job.id, self._busy(), self.max_concurrent)
                 return None
@@ -156,36 +164,54 @@ class LocalRunner:
     def _spawn(self, job: Job) -> subprocess.Popen:
         path = log_path(self.home, job.id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1", "TANDEM_JOB_HOLDER": self.holder,
+               "TANDEM_LEASE_SECONDS": str(self.lease_s)}
         with open(path, "ab") as out:
             proc = subprocess.Popen([*self.worker_argv, str(job.id)], env=env,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         with self._lock:
             self._procs[job.id] = proc
-        self.store.record_process(job.id, proc.pid, process_identity(proc.pid))  # before the pid is visible
         self.store.update(job.id, pid=proc.pid)
         return proc
 
     def _busy(self) -> int:
-        """Workers running now: this runner's, and live ones other processes started (same TANDEM_HOME)."""
-        others = sum(1 for job, ident in self.store.with_process()
-                     if job.id not in self._procs and process_alive(job.pid, ident))
+        """Workers running now: this runner's, and live ones other runners on this host started."""
+        others = sum(1 for job in self.store.all_active()
+                     if job.id not in self._procs and job.holder != self.holder and job.pid
+                     and _on_this_host(job) and worker_alive(job.pid, job.id))
         return len(self._procs) + others
 
+    def _lost(self, job_id: int) -> None:
+        """The lease was refused (cancelled elsewhere, or taken over): stop what this runner does for it."""
+        with self._lock:
+            proc = self._procs.get(job_id)
+            if job_id in self._queue:
+                self._queue.remove(job_id)
+        if proc is not None and proc.poll() is None:
+            log.info("job %s: lease refused (cancelled or taken over), stopping its worker", job_id)
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def _take_over_queue(self) -> None:
-        """Queued jobs a stopped server was holding (its process is gone) wait in this one's queue instead."""
-        for job, holder in self.store.held():
-            if holder and holder != self._identity and not _holder_alive(holder):
-                self._queue.append(job.id)
-                self.store.hold(job.id, self._identity)
+        """Queued jobs whose holder vanished before starting them wait in this runner's queue instead."""
+        for job in self.store.claimable(kind="train"):
+            if self.store.claim(job.id, self.holder, self.lease_s):
+                log.info("job %s: taken over from %s (its lease ran out before it started)", job.id, job.holder)
+                self.leases.hold(job.id)
+                with self._lock:
+                    self._queue.append(job.id)
 
     def _start_queued(self) -> None:
         with self._lock:
             while self._queue and self._busy() < (self.max_concurrent or 1 << 30):
                 job = self.store.get(self._queue[0])
                 self._queue.popleft()
-                if job is None or job.status is not JobStatus.QUEUED or job.pid:
-                    continue  # cancelled while it waited
+                if job is None or job.status is not JobStatus.QUEUED or job.pid or job.holder != self.holder:
+                    if job is not None:
+                        self.leases.drop(job.id)
+                    continue  # cancelled (or taken) while it waited
                 self._spawn(job)
 
     def cancel(self, job_id: int) -> bool:
@@ -206,7 +232,10 @@ class LocalRunner:
                 self.reap()
                 if time.monotonic() - self._last_adopt >= ADOPT_EVERY_S:
                     self._last_adopt = time.monotonic()
-                    mark_orphans(self.store, skip=set(self.running()))
+                    for job in reap_abandoned(self.store, skip=set(self.running())):
+                        self._done(job)
+                    if self.take_over:
+                        self._take_over_queue()
                 self._start_queued()
                 pause = 0.5
             except Exception:  # noqa: BLE001 - the reaper outlives any error: a full disk, a locked database
@@ -226,13 +255,21 @@ class LocalRunner:
                 why = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
                 self.store.finish(jid, JobStatus.FAILED, error=f"worker {why}\n{tail(log_path(self.home, jid))}")
             job = self.store.get(jid)
+            self.leases.drop(jid)
+            if job is not None and job.holder == self.holder:
+                self.store.release(jid, self.holder)
             with self._lock:
                 self._exited.pop(jid, None)  # recorded: an error above keeps it for the next round
-            if self.on_done and job is not None:
-                try:
-                    self.on_done(job)
-                except Exception:  # noqa: BLE001 - a follow-up that cannot start must not stop the reaper
-                    log.exception("job %s: after it ended", jid)
+            if job is not None:
+                self._done(job)
+
+    def _done(self, job: Job) -> None:
+        if self.on_done is None:
+            return
+        try:
+            self.on_done(job)
+        except Exception:  # noqa: BLE001 - a follow-up that cannot start must not stop the reaper
+            log.exception("job %s: after it ended", job.id)
 
     def running(self) -> list[int]:
         with self._lock:
@@ -240,45 +277,31 @@ class LocalRunner:
 
     def close(self) -> None:
         self._stop.set()
-
-
-def _holder_alive(holder: str) -> bool:
-    if holder.startswith("pid:"):
-        try:
-            return process_alive(int(holder[4:]))
-        except ValueError:
-            return False
-    boot, _, start = holder.partition(":")
-    if boot != _boot_id():
-        return False
-    # the holder's identity has no pid: look for a live process with that start time is costly; a server that
-    # still runs holds its own queue, and one that stopped left it here — any process started then is it
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            found = _stat(int(entry.name))
-            if found and found[1] == start and found[0] not in ("Z", "X", "x"):
-                return True
-    return False
+        self.leases.close()
 
 
 def mark_orphans(store: JobStore, skip: set[int] | None = None) -> int:
-    """Jobs left 'running' (or 'queued' with a worker) by a dead worker are failed, not left hanging (and blocking
-    their project): at server start, every few seconds in the server's reaper, and before the CLI lists jobs or
-    starts one. A worker counts as dead when its pid is gone, a zombie, or now another process. `skip`: job ids
-    the caller's own reaper watches."""
+    """A local shortcut before the lease runs out: active jobs whose worker on this host is gone (killed, or the
+    machine restarted) are failed now. Jobs held by another host are left to their lease. `skip`: job ids the
+    caller's own reaper watches."""
     n = 0
-    for job, identity in store.with_process():
-        if skip and job.id in skip:
+    for job in store.all_active():
+        if (skip and job.id in skip) or not job.pid or not _on_this_host(job):
             continue
-        if not process_alive(job.pid, identity):
-            store.finish(job.id, JobStatus.FAILED,
-                         error="the worker process disappeared (killed, or its machine restarted)")
-            n += 1
+        if not worker_alive(job.pid, job.id):
+            if store.finish(job.id, JobStatus.FAILED,
+                            error="the worker process disappeared (killed, or its machine restarted)"):
+                n += 1
     return n
 
 
-def _alive(pid: int) -> bool:
-    return process_alive(pid)
+def reap_abandoned(store: JobStore, skip: set[int] | None = None) -> list[Job]:
+    """What any replica or CLI does before trusting the job list: fail jobs whose worker vanished here, and
+    running jobs whose lease ran out (held anywhere). Returns the jobs it failed."""
+    before = {j.id for j in store.all_active()}
+    mark_orphans(store, skip)
+    store.expire_leases()
+    return [j for j in (store.get(i) for i in before) if j is not None and j.status is JobStatus.FAILED]
 
 
 def wait(store: JobStore, job_id: int, timeout: float = 3600, poll: float = 0.5) -> Job:

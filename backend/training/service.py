@@ -1,11 +1,14 @@
 """Triggers -> jobs -> promoted versions -> the server swaps models. Lives inside the server process.
 
-- Annotation webhooks are counted per project; after `train_after` new corrections a job is queued.
+- Annotation webhooks are counted per project in the database (every replica adds to one count); the one
+  caller whose `take_corrections` resets a count that reached `train_after` queues the job.
 - START_TRAINING (the Train button), `POST /train`, `tandem train` and the periodic schedule queue one
   directly.
-- One job per project at a time: triggers that arrive while one runs coalesce into a single follow-up.
-- A watcher notices newly promoted (or rolled-back-to) versions in the registry, loads them in the
-  background and swaps them in; a failed load keeps the current model.
+- One job per project at a time, enforced by the database's unique index: a trigger that finds one active
+  records itself as that job's follow-up (in the job's row), and whoever sees the job end queues it once.
+- A watcher polls the registry for newly promoted (or rolled-back-to) versions — made by this replica or
+  any other — loads their weights through the artifact store in the background and swaps them in; a failed
+  load keeps the current model.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from dataclasses import dataclass
 from backend.registry import Registry
 from backend.serving import ModelHolder
 from backend.settings import Settings
-from backend.training.jobs import Job, JobStatus, JobStore
-from backend.training.runner import LocalRunner, mark_orphans
+from backend.storage.artifacts import ArtifactStore
+from backend.training.jobs import ActiveJobExists, Job, JobStatus, JobStore
+from backend.training.runner import LocalRunner, reap_abandoned
 
 log = logging.getLogger("tandem.training")
 
@@ -48,13 +52,13 @@ class TrainingService:
         self.settings, self.holder, self.registry = settings, holder, registry
         self.vlm_holder = vlm_holder
         self.policy = policy or TrainingPolicy()
-        self.store = JobStore(settings.db_path)
-        mark_orphans(self.store)
+        self.store = JobStore(settings.database_url)
+        self.artifacts = ArtifactStore.from_settings(settings)
+        reap_abandoned(self.store)
         self.runner = LocalRunner(settings, self.store, on_done=self._on_done,
                                   max_concurrent=getattr(settings, "max_training_jobs", None))
         self._loader = loader
         self._lock = threading.Lock()
-        self._pending: dict[int, str] = {}  # project -> reason of the coalesced follow-up
         self._seen_change = self._latest_change()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._watch, args=(watch_interval_s,), daemon=True,
@@ -72,9 +76,8 @@ class TrainingService:
         if action == "START_TRAINING":
             return self.trigger(project_id, "Train button (START_TRAINING)")
         if action in ANNOTATION_EVENTS:
-            with self._lock:  # the count lives in TANDEM_HOME: a restart keeps it
-                due = self.store.add_correction(project_id, key) >= self.policy.train_after
-            if due:
+            self.store.add_correction(project_id, key)  # in the database: restarts and replicas share it
+            if self.store.take_corrections(project_id, self.policy.train_after):  # true for one caller only
                 return self.trigger(project_id, f"{self.policy.train_after} new corrections")
         return None
 
@@ -86,16 +89,18 @@ class TrainingService:
             from infra.modal_runner import require_modal_credentials
 
             require_modal_credentials()  # a clear error now, not a job that fails a minute later
-        with self._lock:
-            active = self.store.active(project_id)
-            if active:
-                self._pending[project_id] = reason
-                log.info("project %s: job %s active, '%s' coalesced into the next run", project_id, active[0].id,
+        defaults = (self.policy.params or {}) if model_kind == "yolo" else {}  # YOLO's epochs are not LoRA's
+        try:
+            job = self.store.create(project_id, model_kind, runner, reason, {**defaults, **(params or {})},
+                                    kind="train", holder=self.runner.holder, lease_s=self.runner.lease_s)
+        except ActiveJobExists as exists:
+            active = exists.active
+            if self.store.set_follow_up(active.id, reason):
+                log.info("project %s: job %s active, '%s' coalesced into the next run", project_id, active.id,
                          reason)
-                return active[0]
-            self.store.reset_corrections(project_id)
-            defaults = (self.policy.params or {}) if model_kind == "yolo" else {}  # YOLO's epochs are not LoRA's
-            job = self.store.create(project_id, model_kind, runner, reason, {**defaults, **(params or {})})
+                return self.store.get(active.id) or active
+            return self.trigger(project_id, reason, runner, model_kind, params)  # it ended meanwhile
+        self.store.reset_corrections(project_id)
         self.runner.start(job)  # a local process either way; for "modal" it drives the remote H100
         log.info("project %s: job %s queued (%s, %s runner)", project_id, job.id, reason, runner)
         return job
@@ -105,22 +110,19 @@ class TrainingService:
 
     def _on_done(self, job: Job) -> None:
         log.info("job %s %s%s", job.id, job.status.value, f": {job.error.splitlines()[0]}" if job.error else "")
-        with self._lock:
-            follow_up = self._pending.pop(job.project_id, None)
+        follow_up = self.store.take_follow_up(job.id)  # once, whichever replica saw it end
         if follow_up and job.status is not JobStatus.CANCELLED:
             self.trigger(job.project_id, f"coalesced: {follow_up}", runner=job.runner, model_kind=job.model_kind,
                          params=job.params)
 
     def _schedule(self) -> None:
         while not self._stop.wait(self.policy.interval_s):
-            with self._lock:
-                due = self.store.projects_with_corrections()
-            for project_id in due:
+            for project_id in self.store.projects_with_corrections():
                 self.trigger(project_id, "schedule")
 
     # -- serving the promoted version ---------------------------------------------------------------
     def _latest_change(self) -> float:
-        return max((v.promoted_at or 0 for v in self.registry.versions()), default=0.0)
+        return self.registry.latest_promotion()
 
     def _watch(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -143,7 +145,7 @@ class TrainingService:
                 continue
             log.info("serving %s (was %s)", target.version, current.version if current else None)
             loader = self._vlm_loader if kind == "vlm" else (self._loader or self._default_loader)
-            started = holder.load_in_background(lambda t=target, f=loader: f(t.path))
+            started = holder.load_in_background(lambda t=target, f=loader: f(str(self.artifacts.local_path(t.path))))
         return started
 
     def _vlm_loader(self, path: str):

@@ -30,6 +30,7 @@ from backend.storage.projects import ProjectRepo  # noqa: E402
 from backend.training.evaluate import evaluate  # noqa: E402
 from backend.training.export import TASK_FOR_CONTROL, export_yolo_dataset  # noqa: E402
 from backend.training.jobs import JobStatus, JobStore  # noqa: E402
+from backend.training.lease import keep_worker_lease  # noqa: E402
 from backend.training.yolo_finetune import fine_tune  # noqa: E402
 
 # Fine-tuning on a few dozen corrections (see yolo_finetune.py): AdamW, no warm-up, a step every batch.
@@ -42,6 +43,13 @@ FEW_IMAGES, FROZEN_LAYERS = 24, 10
 # threshold, a fine-tune whose confidences dropped below 0.25 scores 0 however well it localises
 EVAL_CONF = 0.001
 FEW_VAL_IMAGES = 5  # below this the frozen split's mAP moves by a whole image's worth: say so in the log
+
+
+def tiny_set_params(params: dict, train_images: int, task: str) -> dict:
+    """The fine-tune schedule for this many training images: a detector's backbone stays frozen below FEW_IMAGES."""
+    if params.get("freeze") is None and task != "classify" and train_images < FEW_IMAGES:
+        return {**params, "freeze": FROZEN_LAYERS}
+    return params
 
 
 def log(message: str) -> None:
@@ -110,13 +118,13 @@ def project_parent(settings: Settings, registry: Registry, project_id: int, kind
 
 
 def run(job_id: int, settings: Settings) -> None:
-    store, registry = JobStore(settings.db_path), Registry(settings.db_path)
+    store, registry = JobStore(settings.database_url), Registry(settings.database_url)
     job = store.get(job_id)
     if job is None:
         raise SystemExit(f"no job {job_id}")
-    if job.status is not JobStatus.QUEUED:
-        raise SystemExit(f"job {job_id} is {job.status.value}, not queued")
-    store.update(job_id, status=JobStatus.RUNNING, started_at=time.time(), pid=os.getpid())
+    keep_worker_lease(store, job_id)  # heartbeats while this process runs; a cancel stops it
+    if not store.start(job_id, pid=os.getpid()):  # queued -> running, or someone else got there first
+        raise SystemExit(f"job {job_id} is {store.get(job_id).status.value}, not queued")
     work = settings.home / "jobs" / str(job_id)
     work.mkdir(parents=True, exist_ok=True)
     if job.model_kind == "vlm":
@@ -156,9 +164,10 @@ def run(job_id: int, settings: Settings) -> None:
     if dataset.val < FEW_VAL_IMAGES:
         log(f"only {dataset.val} frozen validation images: the promotion verdict below is noisy — annotate more "
             "tasks before trusting it")
-    if params.get("freeze") is None and dataset.task != "classify" and dataset.train < FEW_IMAGES:
-        params["freeze"] = FROZEN_LAYERS
+    scheduled = tiny_set_params(params, dataset.train, dataset.task)
+    if scheduled.get("freeze") != params.get("freeze"):
         log(f"only {dataset.train} training images: the backbone (first {FROZEN_LAYERS} layers) stays frozen")
+    params = scheduled
 
     if job.runner == "modal":
         from infra.modal_runner import train_on_modal
@@ -259,11 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except TandemError as exc:  # expected (no labels, Label Studio down...): one line, no traceback
         print(f"error: {exc}", flush=True)
-        JobStore(settings.db_path).finish(job_id, JobStatus.FAILED, error=str(exc))
+        JobStore(settings.database_url).finish(job_id, JobStatus.FAILED, error=str(exc))
         return 1
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
         traceback.print_exc()
-        JobStore(settings.db_path).finish(job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+        JobStore(settings.database_url).finish(job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         return 1
 
 

@@ -1,0 +1,104 @@
+"""Weights, datasets, adapters and job logs addressed by URI, on any fsspec filesystem.
+
+The root is `TANDEM_ARTIFACTS`: by default the folder `TANDEM_HOME/artifacts` (`file://…`); a folder every
+replica mounts, or `s3://bucket/prefix` (any fsspec URL whose driver is installed), for several replicas.
+The registry stores these URIs. Loaders that need a file on disk (ultralytics) ask `local_path(uri)`: a
+`file://` URI or plain path is the file itself; anything else is downloaded once into a local cache keyed by
+the URI, written to a temporary name and renamed, so a half-downloaded file is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import fsspec
+
+
+def is_uri(value: str) -> bool:
+    return "://" in str(value)
+
+
+def _local(uri: str) -> Path | None:
+    """The local path a `file://` URI or a plain path names; None for remote URIs."""
+    if not is_uri(uri):
+        return Path(uri)
+    parsed = urlparse(uri)
+    return Path(parsed.path) if parsed.scheme in ("file", "local") else None
+
+
+def exists(uri: str) -> bool:
+    local = _local(uri)
+    if local is not None:
+        return local.exists()
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path, cache_dir: Path) -> None:
+        root = str(root)
+        self.root = root.rstrip("/") if is_uri(root) else Path(root).resolve().as_uri()
+        self.cache_dir = cache_dir
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+
+    @classmethod
+    def from_settings(cls, settings) -> ArtifactStore:
+        root = getattr(settings, "artifacts", None) or os.environ.get("TANDEM_ARTIFACTS") or settings.home / "artifacts"
+        return cls(root, settings.home / "cache" / "artifacts")
+
+    def uri(self, *parts: str | int) -> str:
+        """The URI of an artifact under the root: `uri("jobs", 7, "log.txt")`."""
+        return "/".join([self.root, *(str(p).strip("/") for p in parts)])
+
+    def put(self, local: str | Path, *parts: str | int) -> str:
+        """Copy a local file (or folder) in; returns its URI."""
+        uri = self.uri(*parts)
+        fs, path = fsspec.core.url_to_fs(uri)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.put(str(local), path, recursive=Path(local).is_dir())
+        return uri
+
+    def write_text(self, text: str, *parts: str | int) -> str:
+        uri = self.uri(*parts)
+        fs, path = fsspec.core.url_to_fs(uri)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "w") as out:
+            out.write(text)
+        return uri
+
+    def local_path(self, uri: str) -> Path:
+        return local_path(uri, self.cache_dir)
+
+
+def open_uri(uri: str, mode: str = "rb"):
+    local = _local(uri)
+    if local is not None:
+        return open(local, mode)
+    return fsspec.open(uri, mode).open()
+
+
+def read_text(uri: str, errors: str = "replace") -> str:
+    if not exists(uri):
+        return ""
+    with open_uri(uri, "rb") as f:
+        return f.read().decode(errors=errors)
+
+
+def local_path(uri: str, cache_dir: Path) -> Path:
+    """A file on this machine holding the artifact (the file itself where it is local)."""
+    local = _local(uri)
+    if local is not None:
+        return local
+    name = Path(urlparse(uri).path).name
+    target = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24] / name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fs, path = fsspec.core.url_to_fs(uri)
+    partial = target.with_name(target.name + f".part-{os.getpid()}")
+    fs.get(path, str(partial), recursive=fs.isdir(path))
+    os.replace(partial, target)
+    return target
