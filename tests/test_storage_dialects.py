@@ -248,3 +248,41 @@ def test_project_bindings_round_trip(db_url):
     assert repo.get(BIG_ID) == updated == state.with_changes(served_model="cnn-3", prompts={})
     repo.update(2, model="yolo.pt")
     assert [p.project_id for p in repo.all()] == [2, BIG_ID] and repo.count() == 2
+
+
+def test_registry_candidates_promotions_and_events(db_url, tmp_path):
+    from backend.registry import Registry
+
+    registry = Registry(db_url)
+    weights = tmp_path / "start.pt"
+    weights.write_bytes(b"weights")
+    registry.record_served("start", "start", "detect", str(weights))
+    assert registry.current().version == "start" and registry.latest_promotion() == 0.0
+    registry.add_candidate("cand-1", "p7-job1", "detect", weights.as_uri(), "start", "snap-1",
+                           {"candidate": {"fitness": 0.6}}, project_id=BIG_ID)
+    registry.add_candidate("cand-2", "job2", "detect", str(weights), "start", "snap-2", {"candidate": {"fitness": 0.7}})
+    got = registry.get("cand-1")
+    assert got.status == "candidate" and got.project_id == BIG_ID and got.metrics == {"candidate": {"fitness": 0.6}}
+    assert got.parent == "start" and got.path == weights.as_uri() and registry.resolve(str(weights)) is not None
+
+    before = time.time()
+    registry.set_status("cand-1", "promoted")
+    seen = registry.latest_promotion()
+    assert seen >= before and registry.current().version == "start"  # a project's promotion is not the default's
+    assert registry.promoted() == []
+    time.sleep(0.01)
+    registry.set_status("cand-2", "promoted")
+    assert registry.latest_promotion() > seen and registry.current().version == "cand-2"
+    assert [v.version for v in registry.promoted(task="detect")] == ["cand-2"]
+    registry.set_status("cand-2", "rejected", metrics={"rolled_back": True})
+    assert registry.promoted() == [] and registry.get("cand-2").metrics == {"rolled_back": True}
+    assert registry.trained_on("snap-1", "start").version == "cand-1" and registry.trained_on("snap-1", "x") is None
+
+    for action in ("ANNOTATION_CREATED", "ANNOTATION_CREATED", "START_TRAINING"):
+        registry.record_event(BIG_ID, action)
+    registry.record_event(None, "PROJECT_UPDATED")
+    assert registry.event_counts(BIG_ID) == {"ANNOTATION_CREATED": 2, "START_TRAINING": 1}
+    assert sum(registry.event_counts().values()) == 4
+    registry.record_synced(BIG_ID, "cand-1")
+    registry.record_synced(BIG_ID, "cand-2")
+    assert registry.synced_version(BIG_ID) == "cand-2" and registry.synced_version(1) is None
