@@ -214,3 +214,11 @@ class LabelStudioQueue:
     def ensure_auto_view(self) -> int:
         return self._upsert_view(auto_view_spec(getattr(self, "_data_keys", ()), self.image_keys()),
                                  self._existing_views())
+
+    def remove_auto_view(self) -> bool:
+        """Delete the auto-accept view (when auto-accept is off or undone, an empty tab would read as "nothing
+        agreed"); returns whether there was one."""
+        view = self._existing_views().get(AUTO_VIEW)
+        if view is not None:
+            self.client.views.delete(id=str(view.id))
+        return view is not None

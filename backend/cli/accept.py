@@ -44,7 +44,16 @@ class TaskEvidence:
 
     @property
     def labeled(self) -> bool:
-        return any(not a.get("was_cancelled") for a in self.annotations)
+        """A person finished it (auto-accept's own annotation does not count: re-running keeps those tasks)."""
+        from active_learning.queue import is_auto_accepted
+
+        return any(not a.get("was_cancelled") and not is_auto_accepted(a) for a in self.annotations)
+
+    def auto_annotation(self) -> int | None:
+        """The id of the task's annotation auto-accept wrote (still marked), if any."""
+        from active_learning.queue import is_auto_accepted
+
+        return next((int(a["id"]) for a in self.annotations if a.get("id") is not None and is_auto_accepted(a)), None)
 
 
 @dataclass
@@ -258,8 +267,10 @@ def load_evidence(settings, project: int, control: str | None = None):
 
 
 def undo(queue, home: Path, project: int) -> tuple[int, int]:
-    """Delete the annotations auto-accept created (recorded, and still marked) and clear its fields. Returns
-    (deleted, kept because a human has since changed them)."""
+    """Delete the annotations auto-accept created (recorded, and still marked), clear its fields and remove its
+    view. Returns (deleted, kept because a person has since changed them)."""
+    from label_studio_sdk.core.api_error import ApiError
+
     from active_learning.queue import is_auto_accepted
 
     record = read_record(home, project)
@@ -268,8 +279,10 @@ def undo(queue, home: Path, project: int) -> tuple[int, int]:
     for task_id, annotation_id in record.get("annotations", {}).items():
         try:
             annotation = queue.client.annotations.get(id=int(annotation_id)).model_dump()
-        except Exception:  # already gone
-            continue
+        except ApiError as exc:
+            if exc.status_code == 404:  # deleted in Label Studio meanwhile: nothing to undo
+                continue
+            raise
         if is_auto_accepted(annotation):
             queue.client.annotations.delete(id=int(annotation_id))
             deleted += 1
@@ -278,6 +291,7 @@ def undo(queue, home: Path, project: int) -> tuple[int, int]:
             remaining[task_id] = annotation_id
     tasks = {t["id"]: t.get("data") or {} for t in queue.tasks()}
     queue.write_accepted({}, tasks)
+    queue.remove_auto_view()
     write_record(home, project, {**record, "annotations": remaining, "undone_at": time.time()})
     return deleted, kept
 
@@ -314,37 +328,52 @@ def accept(
         deleted, kept = undo(queue, settings.home, project)
         console.print(f"undone: {deleted} auto-accepted annotation{'s' * (deleted != 1)} deleted"
                       + (f"; {kept} kept (changed by a person since)" if kept else "")
-                      + "; auto-accept fields cleared")
+                      + f"; auto-accept fields cleared, view '{AUTO_VIEW}' removed")
         return
     if not 0 < target < 1 or not 0 < delta < 1:
         raise typer.BadParameter("--target and --delta must be between 0 and 1")
     queue, evidence = load_evidence(settings, project, control_name)
     data = calibration_data(evidence, iou, min_verified(target, delta))
     cal = calibrate(data.scores, data.correct, target, delta)
-    accepted, candidates = plan(evidence, cal.threshold, iou, spot_check, seed)
-    record = read_record(settings.home, project)
-    created = 0
-    fields = {}
-    for a in accepted:
-        annotation_id = None
-        if create_annotations:
-            ev = next(e for e in evidence.tasks if e.task_id == a.task_id)
-            result = marked_results(a, evidence.control, ev.size)
-            annotation = queue.client.annotations.create(id=a.task_id, result=result, was_cancelled=False,
-                                                         ground_truth=False)
-            annotation_id = annotation.id
-            record["annotations"][str(a.task_id)] = annotation_id
-            created += 1
-        elif str(a.task_id) in record["annotations"]:
-            annotation_id = record["annotations"][str(a.task_id)]
-        fields[a.task_id] = accept_fields(a, cal.bound, annotation_id)
     tasks = {e.task_id: e.data for e in evidence.tasks}
-    queue.write_accepted(fields, tasks)
-    view = queue.ensure_auto_view()
+    record = read_record(settings.home, project)
     record["calibration"] = {"threshold": cal.threshold, "bound": cal.bound, "coverage": cal.coverage,
                              "n_verified": cal.n_verified, "needed": cal.needed, "reason": cal.reason,
-                             "target": target, "delta": delta, "source": data.source, "at": time.time(),
-                             "accepted_tasks": len(accepted), "accepted_regions": sum(a.regions for a in accepted)}
+                             "target": target, "delta": delta, "source": data.source, "at": time.time()}
+    if not cal.on:  # a guarantee that no longer holds must not stay on tasks: clear earlier fields, drop the view
+        cleared = queue.write_accepted({}, tasks)["cleared"]
+        queue.remove_auto_view()
+        write_record(settings.home, project, {**record, "calibration": {**record["calibration"], "accepted_tasks": 0,
+                                                                         "accepted_regions": 0}})
+        console.print(f"[red]refused:[/] {cal.reason}. Verified so far: {data.tasks} reviewed task"
+                      f"{'s' * (data.tasks != 1)} with both models' predictions ({data.source}), "
+                      f"{len(data.scores)} agreed region{'s' * (len(data.scores) != 1)}."
+                      + (f" Auto-accept fields cleared from {cleared} task{'s' * (cleared != 1)}." if cleared else "")
+                      + (" Earlier auto-accepted annotations stay until `tandem accept --undo`."
+                         if record.get("annotations") else ""))
+        raise typer.Exit(1)
+    accepted, candidates = plan(evidence, cal.threshold, iou, spot_check, seed)
+    created = reused = 0
+    fields = {}
+    by_id = {e.task_id: e for e in evidence.tasks}
+    for a in accepted:
+        ev = by_id[a.task_id]
+        annotation_id = ev.auto_annotation()  # written by an earlier run: never a second one
+        if annotation_id is not None:
+            reused += 1
+        elif create_annotations:
+            result = marked_results(a, evidence.control, ev.size)
+            annotation_id = queue.client.annotations.create(id=a.task_id, result=result, was_cancelled=False,
+                                                            ground_truth=False).id
+            created += 1
+        if annotation_id is not None:
+            record["annotations"][str(a.task_id)] = int(annotation_id)
+        fields[a.task_id] = accept_fields(a, cal.bound, annotation_id)
+    accepted_ids = {a.task_id for a in accepted}
+    stale = sum(1 for e in evidence.tasks if e.task_id not in accepted_ids and e.auto_annotation() is not None)
+    queue.write_accepted(fields, tasks)
+    view = queue.ensure_auto_view()
+    record["calibration"].update(accepted_tasks=len(accepted), accepted_regions=sum(a.regions for a in accepted))
     write_record(settings.home, project, record)
 
     table = Table(title=f"Auto-accept — project {project}, control '{evidence.control.name}'")
@@ -361,8 +390,12 @@ def accept(
     table.add_row("auto-accepted now", f"{len(accepted)} of {candidates} candidate task{'s' * (candidates != 1)} "
                                        f"({sum(a.regions for a in accepted)} regions, "
                                        f"{sum(a.spot_check for a in accepted)} marked spot-check)")
-    if create_annotations:
-        table.add_row("annotations", f"{created} created, marked 'tandem auto-accept' (tandem accept --undo removes them)")
+    if create_annotations or reused:
+        table.add_row("annotations", f"{created} created, {reused} kept from an earlier run, marked 'tandem auto-accept' "
+                                     "(tandem accept --undo removes them)")
+    if stale:
+        table.add_row("no longer accepted", f"{stale} task{'s' * (stale != 1)} with an auto-accepted annotation now "
+                                            "below the threshold (tandem accept --undo removes them)")
     stdout_console().print(table)
     console.print(cal.reason)
     console.print(f"Label Studio view: {AUTO_VIEW} (#{view})")
