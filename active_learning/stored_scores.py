@@ -57,7 +57,7 @@ def score_stored_keys(
     cols_a, cols_b = ColumnsBuilder(), ColumnsBuilder()
     preds_a: list[Prediction] = []
     preds_b: list[Prediction] = []
-    classify = None
+    classify = decoded = None
     for task_id, key in first_keys.items():
         mine = _control(firsts.get(key), control)
         if mine is None:
@@ -67,7 +67,8 @@ def score_stored_keys(
             continue
         if classify is None:
             classify, names = "probabilities" in mine, mine.get("class_names", [])
-        if classify:  # a probability vector each: small, decoded one by one
+            decoded = classify or (paired and _masked(mine, other))  # masks compare by mask IoU (masks.py)
+        if decoded:  # a probability vector each (small), or masks: decoded one by one
             preds_a.append(Prediction.from_record(mine, embedding=False))
             if paired:
                 preds_b.append(Prediction.from_record(other, embedding=False))
@@ -79,7 +80,7 @@ def score_stored_keys(
         fps.append(key[2])
     if not ids:
         return []
-    if classify:
+    if decoded:
         found = score_pairs(ids, preds_a, preds_b if paired else None, model_names, setup.aggregate, setup.threshold,
                             fps)
         if not reasons:
@@ -105,6 +106,10 @@ def reasons_for(
     numbers: each image is scored on its own)."""
     found = score_stored_keys(predictions, scores, setup, project_id, first_keys, second_keys, model_names)
     return {s.task_id: s.reason for s in found}
+
+
+def _masked(*records: dict) -> bool:
+    return any("mask" in (r.get("detections") or {}) for r in records)
 
 
 def _control(text: str | None, control: str) -> dict | None:
