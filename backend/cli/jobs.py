@@ -49,14 +49,14 @@ def jobs_show(job_id: int, home: Home = None) -> None:
 @jobs_app.command("logs")
 def jobs_logs(job_id: int, lines: int = 200, home: Home = None) -> None:
     """The last LINES lines of a job's log (ultralytics' epochs, the export, the promotion verdict)."""
-    from backend.training.runner import log_path, tail
+    from backend.training.runner import job_log
 
     settings, _, store = stores(home)
     if store.get(job_id) is None:
         console.print(f"[red]error:[/] no job {job_id} in {settings.home} (database {settings.database_url}; set "
                       "TANDEM_HOME or --home to the server's state folder; tandem jobs list shows its jobs)")
         raise typer.Exit(2)
-    typer.echo(tail(log_path(settings.home, job_id), lines))
+    typer.echo(job_log(settings, job_id, lines))
 
 
 @jobs_app.command("cancel")

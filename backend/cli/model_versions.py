@@ -38,21 +38,23 @@ def models_list(home: Home = None) -> None:
     stdout_console().print(table)
 
 
-def _require_loadable(found) -> None:
+def _require_loadable(found, settings) -> None:
     """Never serve weights that do not load: a YOLO file through the YOLO adapter, a VLM (or LoRA) folder as
     the server would load it."""
     from backend.errors import TandemError
+    from backend.storage.artifacts import localise
 
     try:
+        path = localise(settings, found.path)  # an artifact URL is fetched into this machine's cache
         if found.kind == "vlm":
             from backend.models.vlm.loader import load_vlm
 
             console.print(f"checking that {found.version} loads ({found.path})…")
-            load_vlm(found.path, device="cpu")
+            load_vlm(path, device="cpu")
         else:
             from backend.models.yolo import YoloAdapter
 
-            YoloAdapter(found.path, device="cpu")
+            YoloAdapter(path, device="cpu")
     except TandemError as exc:
         console.print(f"[red]error:[/] {found.version}: {exc}")
         raise typer.Exit(2) from exc
@@ -61,12 +63,12 @@ def _require_loadable(found) -> None:
 @models_app.command("promote")
 def models_promote(version: str, home: Home = None) -> None:
     """Serve VERSION now, a CNN or a VLM version (a running server swaps within seconds)."""
-    _, registry, _ = stores(home)
+    settings, registry, _ = stores(home)
     found = registry.get(version)
     if found is None or not found.path:
         console.print(f"[red]error:[/] no version {version} (tandem models list shows them)")
         raise typer.Exit(2)
-    _require_loadable(found)
+    _require_loadable(found, settings)
     registry.set_status(version, "promoted")
     console.print(f"{version} promoted")
 
@@ -77,7 +79,7 @@ def models_rollback(
     home: Home = None,
 ) -> None:
     """Serve the parent of the current CNN version (or, with --vlm, of the current VLM version) again."""
-    _, registry, _ = stores(home)
+    settings, registry, _ = stores(home)
     kind = "vlm" if vlm else "cnn"
     current = registry.current(kind)
     parent = registry.get(current.parent) if current and current.parent else None
@@ -85,7 +87,7 @@ def models_rollback(
         console.print(f"[red]error:[/] the current {kind.upper()} version "
                       f"{current.version if current else '(none)'} has no parent to roll back to")
         raise typer.Exit(2)
-    _require_loadable(parent)
+    _require_loadable(parent, settings)
     registry.set_status(parent.version, "promoted")
     registry.set_status(current.version, "rolled back")  # not "rejected": the gate had promoted it
     console.print(f"rolled back from {current.version} to {parent.version}")

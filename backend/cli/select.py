@@ -82,6 +82,7 @@ def select(
     from backend.settings import CANDIDATE_CONF
     from backend.storage.predictions import PredictionRepo
     from backend.storage.projects import ProjectRepo
+    from backend.storage.artifacts import localise
     from backend.storage.scores import ScoreRepo
 
     bound = ProjectRepo(settings.database_url).get(project)
@@ -92,13 +93,13 @@ def select(
         if last is None or not last.path:
             console.print("[red]error:[/] no --model given and this TANDEM_HOME has served none")
             raise typer.Exit(2)
-        weights = last.path
+        weights = localise(settings, last.path)
     if second_model is None and bound is not None and (bound.second_opinion or bound.served_second_opinion):
         second_model = bound.second_opinion or bound.served_second_opinion
         console.print(f"second opinion: [bold]{second_model}[/] (as served to project {project}; --second-model "
                       "picks another)")
     if registry_version := Registry(settings.database_url).get(str(weights)):
-        weights = registry_version.path or weights
+        weights = localise(settings, registry_version.path) if registry_version.path else weights
     try:
         primary = YoloAdapter(weights, device=settings.device, conf=min(settings.conf, CANDIDATE_CONF))
         queue = LabelStudioQueue(LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key),

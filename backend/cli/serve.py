@@ -175,10 +175,11 @@ def _resume_promoted(settings, task: str | None):
 
     from backend.errors import TandemError
     from backend.registry import Registry
+    from backend.storage.artifacts import localise
 
     for version in Registry(settings.database_url).promoted("cnn", task):
         try:
-            adapter = settings.load_cnn(version.path)
+            adapter = settings.load_cnn(localise(settings, version.path))
         except TandemError as exc:
             console.print(f"[yellow]warning:[/] cannot resume {version.version}: {exc}")
             continue

@@ -128,6 +128,10 @@ def load_spec(settings: Settings, registry, spec: str, vlm_options: dict | None 
     """A binding's spec -> a loaded adapter: a registry version (its weights), YOLO weights, or a VLM."""
     version = registry.resolve(spec) if registry is not None else None
     path = version.path if version is not None and version.path else spec
+    if version is not None and version.path:  # an artifact URL (weights another replica made): fetched once here
+        from backend.storage.artifacts import localise
+
+        path = localise(settings, path)
     kind = version.kind if version is not None else ("cnn" if is_cnn_spec(path) else "vlm")
     if kind == "cnn":
         return settings.load_cnn(path)

@@ -1,9 +1,10 @@
 """Weights, datasets, adapters and job logs addressed by URI, on any fsspec filesystem.
 
-The root is `TANDEM_ARTIFACTS`: by default the folder `TANDEM_HOME/artifacts` (`file://…`); a folder every
-replica mounts, or `s3://bucket/prefix` (any fsspec URL whose driver is installed), for several replicas.
-The registry stores these URIs. Loaders that need a file on disk (ultralytics) ask `local_path(uri)`: a
-`file://` URI or plain path is the file itself; anything else is downloaded once into a local cache keyed by
+The root is `TANDEM_ARTIFACTS`: by default the folder `TANDEM_HOME/artifacts`; a folder every replica mounts,
+or `s3://bucket/prefix` (any fsspec URL whose driver is installed, `memory://` in tests), for several replicas.
+The registry stores what `put` returns: an absolute path under a local root (what older rows and tools read
+as they are), the URL under any other. Loaders that need a file on disk (ultralytics) ask `local_path(uri)`:
+a local path or `file://` URI is the file itself; anything else is downloaded once into a local cache keyed by
 the URI, written to a temporary name and renamed, so a half-downloaded file is never loaded.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -47,22 +49,54 @@ class ArtifactStore:
     @classmethod
     def from_settings(cls, settings) -> ArtifactStore:
         root = getattr(settings, "artifacts", None) or os.environ.get("TANDEM_ARTIFACTS") or settings.home / "artifacts"
-        return cls(root, settings.home / "cache" / "artifacts")
+        return cls(root, cache_dir(settings))
+
+    @property
+    def local_root(self) -> Path | None:
+        """The root folder where it is on this machine's file system (None for remote roots)."""
+        return _local(self.root)
 
     def uri(self, *parts: str | int) -> str:
-        """The URI of an artifact under the root: `uri("jobs", 7, "log.txt")`."""
-        return "/".join([self.root, *(str(p).strip("/") for p in parts)])
+        """The address of an artifact under the root: `uri("jobs", 7, "log.txt")` (a plain path if local)."""
+        names = [str(p).strip("/") for p in parts]
+        if any(n in ("", ".", "..") for n in names):
+            raise ValueError(f"artifact names must be plain names, not {parts!r}")
+        local = self.local_root
+        return str(local.joinpath(*names)) if local is not None else "/".join([self.root, *names])
 
     def put(self, local: str | Path, *parts: str | int) -> str:
-        """Copy a local file (or folder) in; returns its URI."""
-        uri = self.uri(*parts)
+        """Copy a local file (or folder) in; returns its address. A file is written under a temporary name and
+        moved into place where the file system can (local roots), so a reader never sees half a file."""
+        uri, local = self.uri(*parts), Path(local)
+        if not local.exists():
+            raise FileNotFoundError(f"no file to store as an artifact: {local}")
+        target = _local(uri)
+        if target is not None:
+            if target.resolve() == local.resolve():
+                return uri
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if local.is_dir():
+                shutil.copytree(local, target, dirs_exist_ok=True)
+            else:
+                partial = target.with_name(f"{target.name}.part-{os.getpid()}")
+                shutil.copyfile(local, partial)
+                os.replace(partial, target)
+            return uri
         fs, path = fsspec.core.url_to_fs(uri)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.put(str(local), path, recursive=Path(local).is_dir())
+        if local.is_dir():
+            fs.put(str(local).rstrip("/") + "/", path, recursive=True)
+        else:
+            fs.put_file(str(local), path)
         return uri
 
     def write_text(self, text: str, *parts: str | int) -> str:
         uri = self.uri(*parts)
+        target = _local(uri)
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+            return uri
         fs, path = fsspec.core.url_to_fs(uri)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "w") as out:
@@ -85,6 +119,18 @@ def read_text(uri: str, errors: str = "replace") -> str:
         return ""
     with open_uri(uri, "rb") as f:
         return f.read().decode(errors=errors)
+
+
+def cache_dir(settings) -> Path:
+    return settings.home / "cache" / "artifacts"
+
+
+def localise(settings, spec: str) -> str:
+    """A weights spec as a loader takes it: an artifact URL is fetched into this machine's cache; a local path,
+    a hub id or a registry version is returned as it is."""
+    if not is_uri(spec) or _local(spec) is not None:
+        return str(_local(spec)) if is_uri(spec) else spec
+    return str(local_path(spec, cache_dir(settings)))
 
 
 def local_path(uri: str, cache_dir: Path) -> Path:

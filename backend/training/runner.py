@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backend.settings import Settings
+from backend.storage.artifacts import ArtifactStore, read_text
 from backend.training.jobs import Job, JobStatus, JobStore, holder_host, new_holder_id
 from backend.training.lease import LeaseKeeper
 
@@ -77,6 +78,16 @@ def worker_alive(pid: int | None, job_id: int | None = None) -> bool:
 
 def log_path(home: Path, job_id: int) -> Path:
     return home / "jobs" / str(job_id) / "log.txt"
+
+
+def job_log(settings: Settings, job_id: int, lines: int = 200) -> str:
+    """The end of a job's log: this host's file while it runs here, else the copy in the artifact store (a job
+    another replica ran)."""
+    path = log_path(settings.home, job_id)
+    if path.exists():
+        return tail(path, lines)
+    text = read_text(ArtifactStore.from_settings(settings).uri("jobs", job_id, "log.txt"))
+    return "\n".join(text.splitlines()[-lines:]) if lines > 0 else ""
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -143,6 +154,7 @@ class LocalRunner:
         self._last_adopt = 0.0
         self.errors = 0  # reaper rounds that failed (and were retried)
         self.leases = LeaseKeeper(store, self.holder, self.lease_s, on_lost=self._lost)
+        self.artifacts = ArtifactStore.from_settings(settings)
         self._reaper = threading.Thread(target=self._reap_loop, name="tandem-job-reaper", daemon=True)
         self._reaper.start()
 
@@ -251,9 +263,12 @@ class LocalRunner:
             pending = list(self._exited.items())
         for jid, proc in pending:
             rc = proc.returncode
-            if rc != 0:
-                why = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
-                self.store.finish(jid, JobStatus.FAILED, error=f"worker {why}\n{tail(log_path(self.home, jid))}")
+            why = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+            if rc == 0:
+                why += " without recording an outcome"
+            # conditional: a worker that recorded its own end (or a cancel) is not overwritten
+            self.store.finish(jid, JobStatus.FAILED, error=f"worker {why}\n{tail(log_path(self.home, jid))}")
+            self._keep_log(jid)
             job = self.store.get(jid)
             self.leases.drop(jid)
             if job is not None and job.holder == self.holder:
@@ -262,6 +277,16 @@ class LocalRunner:
                 self._exited.pop(jid, None)  # recorded: an error above keeps it for the next round
             if job is not None:
                 self._done(job)
+
+    def _keep_log(self, job_id: int) -> None:
+        """The job's log into the artifact store, where every replica's `GET /jobs/{id}/logs` finds it."""
+        path = log_path(self.home, job_id)
+        if not path.exists():
+            return
+        try:
+            self.artifacts.put(path, "jobs", job_id, "log.txt")
+        except Exception:  # noqa: BLE001 - the log stays here; the job's outcome is already recorded
+            log.exception("job %s: keeping its log in the artifact store", job_id)
 
     def _done(self, job: Job) -> None:
         if self.on_done is None:

@@ -30,6 +30,7 @@ from backend.storage.projects import ProjectRepo  # noqa: E402
 from backend.training.evaluate import evaluate  # noqa: E402
 from backend.training.export import TASK_FOR_CONTROL, export_yolo_dataset  # noqa: E402
 from backend.training.jobs import JobStatus, JobStore  # noqa: E402
+from backend.storage.artifacts import ArtifactStore, localise  # noqa: E402
 from backend.training.lease import keep_worker_lease  # noqa: E402
 from backend.training.yolo_finetune import fine_tune  # noqa: E402
 
@@ -131,8 +132,10 @@ def run(job_id: int, settings: Settings) -> None:
         return run_vlm(job, settings, store, registry, work)
     params = {**DEFAULTS, **job.params}
 
+    artifacts = ArtifactStore.from_settings(settings)
     serving = project_parent(settings, registry, job.project_id, "cnn")
-    if serving is None or not serving.path or not Path(serving.path).is_file():
+    parent_weights = artifacts.local_path(serving.path) if serving is not None and serving.path else None
+    if parent_weights is None or not parent_weights.is_file():
         raise TandemError("nothing to fine-tune from: serve a model first (its weights are the starting point)")
     log(f"job {job_id}: project {job.project_id}, fine-tuning {serving.version} ({job.reason})")
 
@@ -172,12 +175,11 @@ def run(job_id: int, settings: Settings) -> None:
     if job.runner == "modal":
         from infra.modal_runner import train_on_modal
 
-        weights = train_on_modal(job, serving.path, dataset, work, params, log, store=store)
+        weights = train_on_modal(job, str(parent_weights), dataset, work, params, log, store=store)
     else:
-        weights = train_local(serving.path, dataset, work, params)
+        weights = train_local(str(parent_weights), dataset, work, params)
     stem = f"p{job.project_id}-job{job_id}"
-    target = settings.home / "models" / "versions" / f"{stem}.pt"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = work / f"{stem}.pt"
     shutil.copyfile(weights, target)
 
     log("scoring candidate and serving model on the frozen validation split")
@@ -185,10 +187,11 @@ def run(job_id: int, settings: Settings) -> None:
     # both through the project's label map, as they are served: else a parent mapped "square" -> "Box" scores 0
     scored = {"label_map": label_map, "case_sensitive": settings.case_sensitive_labels}
     new = evaluate(candidate, dataset, **scored)
-    old = evaluate(scoring_adapter(Path(serving.path), settings.device), dataset, **scored)
+    old = evaluate(scoring_adapter(parent_weights, settings.device), dataset, **scored)
     metrics = {"candidate": new, "serving": old, "serving_version": serving.version, "dataset": dataset.snapshot,
                "train": dataset.train, "val": dataset.val}
-    registry.add_candidate(candidate.version, stem, candidate.task.value, str(target), serving.version,
+    uri = artifacts.put(target, "models", "versions", f"{stem}.pt")  # where every replica can load it from
+    registry.add_candidate(candidate.version, stem, candidate.task.value, uri, serving.version,
                            dataset.snapshot, metrics, project_id=job.project_id)
     promote, verdict = gate(new["fitness"], old["fitness"], params["margin"], serving.version)
     registry.set_status(candidate.version, "promoted" if promote else "rejected")
@@ -211,7 +214,7 @@ def run_vlm(job, settings: Settings, store: JobStore, registry: Registry, work: 
     params = {**LORA_DEFAULTS, "margin": 0.0, "val_percent": 20,
               **{k: v for k, v in job.params.items() if k in known and v is not None}}
     serving = project_parent(settings, registry, job.project_id, "vlm")
-    base = serving.path if serving and serving.path else settings.vlm
+    base = localise(settings, serving.path) if serving and serving.path else settings.vlm
     if not base:
         raise TandemError("nothing to fine-tune: serve a VLM first (tandem serve --vlm ID_OR_PATH) or set TANDEM_VLM")
     log(f"job {job.id}: project {job.project_id}, LoRA on {serving.version if serving else base} ({job.reason})")
@@ -225,7 +228,7 @@ def run_vlm(job, settings: Settings, store: JobStore, registry: Registry, work: 
         raise TandemError(f"too few annotations: {len(annotated.items) - n_val} train and {n_val} validation images "
                           "(the validation split is a fixed ~20% of tasks)")
     stem = f"p{job.project_id}-job{job.id}-lora"
-    target = settings.home / "models" / "vlm" / stem
+    target = work / stem
 
     if job.runner == "modal":
         from infra.modal_runner import train_vlm_on_modal
@@ -249,7 +252,8 @@ def run_vlm(job, settings: Settings, store: JobStore, registry: Registry, work: 
     before = result["val_loss_before"]
     metrics = {"candidate": {"val_loss": after}, "serving": {"val_loss": before}, "serving_version": base,
                "dataset": annotated.snapshot, "train": result["train"], "val": result["val"], "lora": result}
-    registry.add_candidate(candidate.version, stem, registry_task(candidate), str(target),
+    uri = ArtifactStore.from_settings(settings).put(target, "models", "vlm", stem)
+    registry.add_candidate(candidate.version, stem, registry_task(candidate), uri,
                            serving.version if serving else None, annotated.snapshot, metrics, project_id=job.project_id)
     promote = after <= before + params["margin"]
     registry.set_status(candidate.version, "promoted" if promote else "rejected")

@@ -10,7 +10,7 @@ from fastapi.responses import PlainTextResponse
 from backend.server.deps import get_state, get_training
 from backend.server.protocol import TrainRequest
 from backend.server.state import ServerState
-from backend.training.runner import log_path, tail
+from backend.training.runner import job_log
 from backend.training.service import TrainingService
 
 router = APIRouter(tags=["jobs"])
@@ -41,7 +41,7 @@ def job_logs(job_id: int, lines: int = 200, training: TrainingService = Depends(
              state: ServerState = Depends(get_state)) -> str:
     if training.store.get(job_id) is None:
         raise HTTPException(404, f"no job {job_id}")
-    return tail(log_path(state.settings.home, job_id), lines)
+    return job_log(state.settings, job_id, lines)
 
 
 @router.post("/jobs/{job_id}/cancel")
