@@ -43,6 +43,8 @@ CONFIG = """<View><Image name="image" value="$image"/><RectangleLabels name="lab
 <Label value="Square"/><Label value="Circle"/><Label value="Triangle"/></RectangleLabels></View>"""
 CONTROL = parse_label_config(CONFIG).controls[0]
 TRUTH_LABELS = LabelSpace.build(CONTROL, CLASS_NAMES)  # the generator's "square" is the config's "Square"
+CNN_RECIPE = StarterRecipe("detect", epochs=8, classes=("square", "circle"))  # a blind spot: never saw a triangle
+SECOND_RECIPE = StarterRecipe("detect", epochs=6, seed=1, imgsz=128)
 
 
 @dataclass
@@ -65,6 +67,8 @@ class DemoSummary:
     disagreement_after: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     report: str = ""
+    rounds: list[dict] = field(default_factory=list)  # backend.demo_rounds.RoundRecord per arm and round
+    savings: dict = field(default_factory=dict)  # backend.demo_rounds.Savings, computed from `rounds`
 
 
 def needs_correction(result: list[dict], truth: ShapeSample, min_iou: float = 0.5) -> bool:
@@ -95,8 +99,20 @@ def ground_truth_result(truth: ShapeSample) -> list[dict]:
     return regions
 
 
+@dataclass(frozen=True)
+class RoundsPlan:
+    """The offline rounds after the live walk-through: Tandem's loop beside random labelling, same data."""
+
+    rounds: int = 3
+    images: int = 150
+    budget: int = 20
+    epochs: int = 10
+    test_images: int = 60
+
+
 def run_demo(
-    home: Path, out: Path, images: int = 60, budget: int = 20, epochs: int = 30, step=print, progress=lambda *_: None
+    home: Path, out: Path, images: int = 60, budget: int = 20, epochs: int = 30, step=print, progress=lambda *_: None,
+    plan: RoundsPlan | None = RoundsPlan(), effort=None,
 ) -> DemoSummary:
     from label_studio_sdk import LabelStudio
 
@@ -115,9 +131,8 @@ def run_demo(
     try:
         t0 = time.perf_counter()
         step("Training a CNN that never saw a triangle, and a differently trained second opinion (offline)")
-        cnn_path = train_starter_model(home / "cnn", "detect", StarterRecipe("detect", epochs=8,
-                                                                             classes=("square", "circle")))
-        second_path = train_starter_model(home / "second", "detect", StarterRecipe("detect", epochs=6, seed=1, imgsz=128))
+        cnn_path = train_starter_model(home / "cnn", "detect", CNN_RECIPE)
+        second_path = train_starter_model(home / "second", "detect", SECOND_RECIPE)
         cnn = YoloAdapter(cnn_path, name="cnn", device="cpu")
         second = YoloAdapter(second_path, name="second-opinion", device="cpu", conf=0.1)
         summary.cnn_version, summary.second_version = cnn.version, second.version
@@ -205,6 +220,13 @@ def run_demo(
             summary.disagreement_after = [round(float(v), 4) for v in table2.disagreement]
             timed("rescore", t0)
 
+            if plan is not None and plan.rounds > 0:
+                t0 = time.perf_counter()
+                step(f"{plan.rounds} rounds of Tandem's loop (auto-accept + queue + retrain) beside random labelling, "
+                     f"{plan.budget} reviewed tasks a round, every human action counted")
+                run_savings(summary, home, cnn_path, second_path, plan, effort, progress=step)
+                timed("rounds", t0)
+
             step(f"Writing the report to {out}")
             from backend.demo_report import write_report
 
@@ -219,6 +241,20 @@ def run_demo(
     return summary
 
 
+def run_savings(summary: DemoSummary, home: Path, cnn_path: Path, second_path: Path, plan: RoundsPlan,
+                effort=None, progress=lambda _: None) -> None:
+    """Both arms' rounds on a generated pool (`backend.demo_rounds`); fills summary.rounds and summary.savings."""
+    from active_learning.effort import EffortModel
+    from backend.demo_rounds import LoopConfig, build_pool, run_rounds, savings
+
+    pool = build_pool(home / "rounds", plan.images, plan.test_images, parent_recipe=CNN_RECIPE)
+    config = LoopConfig(rounds=plan.rounds, budget=plan.budget, epochs=plan.epochs,
+                        effort=effort or EffortModel.from_env())
+    records = run_rounds(pool, str(cnn_path), str(second_path), home / "rounds" / "work", config, progress=progress)
+    summary.rounds = [asdict(r) for r in records]
+    summary.savings = asdict(savings(records))
+
+
 def pool_image(pool, name):
     return next(img for img, s in pool if f"{s.name}.png" == name)
 
@@ -231,4 +267,4 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["DemoSummary", "needs_correction", "run_demo"]
+__all__ = ["DemoSummary", "RoundsPlan", "needs_correction", "run_demo", "run_savings"]
