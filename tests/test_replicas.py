@@ -289,11 +289,15 @@ def test_a_promotion_through_one_replica_is_served_by_the_other_within_10_s(pair
 
     _wait_for(served_by_b, max(0.5, done.finished_at + 10 - time.time()), "replica B to serve the promotion",
               every=0.1)
+    print(f"\nreplica B served the promotion {time.time() - done.finished_at:.2f} s after the job ended")
     task = tasks[f"{items[0][1].name}.png"]
     answer = httpx.post(f"{pair.b.url}/predict", json={"tasks": [{"id": task["id"], "data": task["data"]}],
                                                        "label_config": RECT, "project": f"{project.id}.0"},
                         timeout=120)
     assert answer.status_code == 200 and answer.json()["results"][0]["model_version"] == done.version, answer.text
+    # and B shows the log of the job A ran (kept in the artifact store when it ended)
+    _wait_for(lambda: f"job {done.id}: project {project.id}, fine-tuning" in
+              httpx.get(f"{pair.b.url}/jobs/{done.id}/logs").text, 15, "the job's log through replica B")
 
 
 def test_kill_9_of_the_replica_running_a_job(pair, label_studio):
@@ -322,6 +326,7 @@ def test_kill_9_of_the_replica_running_a_job(pair, label_studio):
 
     failed = _wait_for(ended, LEASE_S + 15, "replica B to fail the dead replica's job")
     assert failed.status is JobStatus.FAILED
+    print(f"\nthe dead replica's job failed {failed.finished_at - killed_at:.2f} s after kill -9 (lease {LEASE_S} s)")
     if SEPARATE_HOSTS:  # another machine's job: only its lease could tell
         assert "lease expired" in failed.error and running.holder in failed.error, failed.error
         assert failed.finished_at >= running.lease_until - 0.5 and failed.finished_at - killed_at >= 0
