@@ -25,8 +25,11 @@ from active_learning.queue import AUTO_MARKER, AUTO_VIEW, CONTROL_PICK
 from backend.convert.labelstudio import from_results
 from backend.core.prediction import Role
 from backend.labeling.config import parse_label_config
+from backend.server.app import create_app
+from backend.serving import ModelHolder
 from backend.settings import Settings
 from backend.storage.predictions import PredictionRepo, PredictionRow
+from tests.harness import ServerThread
 from tests.test_server import RECT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -105,7 +108,7 @@ def tandem(label_studio, home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
            "TANDEM_HOME": str(home), "COLUMNS": "200"}
     env.pop("TANDEM_EFFORT", None)
-    return subprocess.run([sys.executable, "-m", "backend.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "backend.cli", *args], capture_output=True, text=True, env=env, check=False,
                           timeout=300, cwd=REPO)
 
 
@@ -275,9 +278,22 @@ def test_accept_refuses_then_accepts_exactly_the_agreed_tasks_undo_reverts_and_r
         with Image.open(out / name) as img:
             assert img.format == "PNG" and img.width > 300 and img.height > 300
     assert json.loads((home / "reports" / f"project-{p.id}.json").read_text())["versions"] == report["versions"]
+    app = create_app(Settings(home=home), ModelHolder(), training=False)  # /metrics reads the latest report
+    with ServerThread(app) as srv:
+        metrics = httpx.get(f"{srv.url}/metrics").text
+    for version, c in ((CNN2, v2), (CNN1, v1)):
+        for kind in ("unchanged", "moved", "relabelled", "deleted", "missed"):
+            assert (f'tandem_preannotation_regions{{kind="{kind}",model_version="{version}",project="{p.id}"}} '
+                    f'{float(c[kind])}') in metrics
+        rate = report["versions"][version]["rates"]["unchanged"]
+        assert f'tandem_preannotation_rate{{kind="unchanged",model_version="{version}",project="{p.id}"}} {rate}' \
+            in metrics
+        minutes = report["versions"][version]["saved_minutes"]
+        assert f'tandem_minutes_saved{{model_version="{version}",project="{p.id}"}} {minutes}' in metrics
+    assert f'tandem_auto_accept{{project="{p.id}",value="threshold"}} 0.9' in metrics
 
     # -- a person changes one auto-accepted annotation; --undo removes exactly the others
-    changed_task = sorted(accepted)[0]
+    changed_task = min(accepted)
     changed = after[changed_task][0]
     p.client.annotations.update(id=changed["id"], result=results([("Square", A)]))
     undone = tandem(label_studio, home, "accept", "--project", str(p.id), "--undo")

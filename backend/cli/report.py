@@ -113,7 +113,9 @@ def write_plots(out: Path, summaries, items, data) -> list[Path]:
 
 def reports_dir(home: Path) -> Path:
     """Where the latest report of each project is kept as JSON; /metrics reads it."""
-    return home / "reports"
+    from backend.server.metrics import reports_dir as folder
+
+    return folder(home)
 
 
 @app.command()

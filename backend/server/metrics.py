@@ -1,5 +1,6 @@
 """Prometheus metrics on GET /metrics: requests, latencies, predictions by model version, training jobs by
-state (the training queue is `status="queued"`), background predictions waiting (the prediction queue)."""
+state (the training queue is `status="queued"`), background predictions waiting (the prediction queue), predict
+jobs' counts, and each project's latest `tandem report` (edit rates, minutes saved, auto-accept)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,61 @@ class PredictJobCollector:
             for name in ("done", "failed", "remaining"):
                 family.add_metric([str(job.id), str(job.project_id), name], float((job.progress or {}).get(name, 0)))
         yield family
+
+
+def reports_dir(home):
+    """Where `tandem report` keeps each project's latest report as JSON (TANDEM_HOME/reports)."""
+    from pathlib import Path
+
+    return Path(home) / "reports"
+
+
+class ReportCollector:
+    """The latest `tandem report` of each project (TANDEM_HOME/reports/project-N.json, any replica sharing the home)
+    at each scrape: pre-annotation edit rates and region counts per model version, minutes saved, auto-accept's
+    threshold, bound and coverage. A report that cannot be read is skipped (the next `tandem report` rewrites it)."""
+
+    RATES = ("unchanged", "modified", "deleted", "missed", "choice_accept")
+    COUNTS = ("unchanged", "moved", "relabelled", "deleted", "missed")
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+
+    def _reports(self):
+        import json
+        from pathlib import Path
+
+        folder = Path(self.folder)
+        for path in sorted(folder.glob("project-*.json")) if folder.is_dir() else []:
+            try:
+                report = json.loads(path.read_text())
+                yield str(report["project"]), report
+            except (OSError, ValueError, KeyError):
+                continue
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        rates = GaugeMetricFamily("tandem_preannotation_rate", "Share of pre-annotated regions a human kept, modified "
+                                  "or deleted (missed: of final regions; choice_accept: of choices), from tandem report",
+                                  labels=["project", "model_version", "kind"])
+        regions = GaugeMetricFamily("tandem_preannotation_regions", "Pre-annotated regions by what the human did",
+                                    labels=["project", "model_version", "kind"])
+        saved = GaugeMetricFamily("tandem_minutes_saved", "Estimated human minutes saved against labelling from "
+                                  "scratch (effort model)", labels=["project", "model_version"])
+        auto = GaugeMetricFamily("tandem_auto_accept", "Auto-accept calibration: threshold, bound on the false-accept "
+                                 "rate, coverage (absent while off)", labels=["project", "value"])
+        for project, report in self._reports():
+            for version, s in (report.get("versions") or {}).items():
+                for kind in self.RATES:
+                    value = (s.get("rates") or {}).get(kind)
+                    if value is not None:
+                        rates.add_metric([project, version, kind], float(value))
+                for kind in self.COUNTS:
+                    regions.add_metric([project, version, kind], float((s.get("counts") or {}).get(kind, 0)))
+                saved.add_metric([project, version], float(s.get("saved_minutes", 0.0)))
+            for name in ("threshold", "bound", "coverage"):
+                value = (report.get("auto_accept") or {}).get(name)
+                if value is not None:
+                    auto.add_metric([project, name], float(value))
+        yield from (rates, regions, saved, auto)

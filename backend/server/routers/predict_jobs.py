@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from backend.batch.records import ActiveJobExists, PredictJobs, new_holder_id
 from backend.server.deps import get_state
-from backend.server.metrics import PredictJobCollector
+from backend.server.metrics import PredictJobCollector, ReportCollector, reports_dir
 from backend.server.protocol import Id
 from backend.server.state import ServerState
 
@@ -121,7 +121,9 @@ def cancel(job_id: int, state: ServerState = Depends(get_state)) -> dict[str, An
 
 
 def install(app: FastAPI, state: ServerState) -> None:
-    """The routes, and the jobs' counts on /metrics (read from the job rows at each scrape)."""
+    """The routes, and on /metrics the jobs' counts (read from the job rows at each scrape) and the latest
+    `tandem report` of each project (edit rates, minutes saved, auto-accept)."""
     app.include_router(router)
     records = _records(state)
     state.metrics.registry.register(PredictJobCollector(records.recent))
+    state.metrics.registry.register(ReportCollector(reports_dir(state.settings.home)))
