@@ -108,8 +108,8 @@ def tandem(label_studio, home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
            "TANDEM_HOME": str(home), "COLUMNS": "200"}
     env.pop("TANDEM_EFFORT", None)
-    return subprocess.run([sys.executable, "-m", "backend.cli", *args], capture_output=True, text=True, env=env, check=False,
-                          timeout=300, cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "backend.cli", *args], capture_output=True, text=True, env=env,
+                          check=False, timeout=300, cwd=REPO)
 
 
 def said(proc: subprocess.CompletedProcess) -> str:
