@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -88,12 +89,16 @@ def postgres_url(postgres_cluster) -> str:
     return postgres_cluster.create_database("tandem_session")
 
 
+_database_numbers = itertools.count(1)  # names stay unique even where tests' names share their first 40 characters
+
+
 @pytest.fixture
 def postgres_db(postgres_cluster, request):
     """A fresh, empty database for one test; its pooled engine is closed and the database dropped after."""
     from backend.storage.db import dispose
 
-    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:40] + f"_{os.getpid()}"
+    stem = "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:40]
+    name = f"t_{stem}_{next(_database_numbers)}"
     url = postgres_cluster.create_database(name)
     yield url
     dispose(url)
