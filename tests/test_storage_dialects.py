@@ -286,3 +286,26 @@ def test_registry_candidates_promotions_and_events(db_url, tmp_path):
     registry.record_synced(BIG_ID, "cand-1")
     registry.record_synced(BIG_ID, "cand-2")
     assert registry.synced_version(BIG_ID) == "cand-2" and registry.synced_version(1) is None
+
+
+def test_predict_job_records_hand_over_and_take_over_once(db_url):
+    from backend.batch.records import ActiveJobExists as PredictJobExists
+    from backend.batch.records import PredictJobs
+
+    jobs = PredictJobs(db_url)
+    server = "server:1:aa"
+    job = jobs.create(BIG_ID, "local", {"concurrency": 4}, holder=server)
+    with pytest.raises(PredictJobExists):
+        jobs.create(BIG_ID, "local", {})
+    assert JobStore(db_url).create(BIG_ID, "detect", "local", "train beside it").kind == "train"  # other kind
+    assert jobs.resumable(BIG_ID) is None  # its holder's lease runs
+    # the server hands the job to its process; of twenty processes told the same, one takes it
+    wins = _together(THREADS, lambda i: jobs.claim(job.id, f"proc-{i}:1:bb", handed_by=server))
+    assert wins.count(True) == 1
+    holder = f"proc-{wins.index(True)}:1:bb"
+    assert jobs.get(job.id).status == JobStatus.RUNNING and jobs.get(job.id).holder == holder
+    progress = {"total": 10, "done": 4, "failed": 0, "remaining": 6}
+    assert jobs.set_progress(job.id, holder, progress) and jobs.get(job.id).progress == progress
+    assert not jobs.set_progress(job.id, "someone:2:cc", progress)  # not the holder: told to stop
+    assert jobs.cancel(job.id) and not jobs.finish(job.id, "succeeded")
+    assert jobs.get(job.id).status == JobStatus.CANCELLED and [j.id for j in jobs.list(BIG_ID)] == [job.id]
