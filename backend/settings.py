@@ -200,8 +200,12 @@ class Settings(BaseModel):
         """The served YOLO adapter for `weights`, with this server's device, engine and size. It keeps boxes down
         to CANDIDATE_CONF: they are stored and scored ("just below the threshold"); annotators are shown those
         at or above `conf` (`ServingPlan.min_confidence`)."""
+        from backend.models.open_vocab import is_open_vocab, load_open_vocab
         from backend.models.yolo import YoloAdapter
 
+        if is_open_vocab(str(weights)):  # YOLOE / YOLO-World: promptable, the project's labels are its classes
+            sized = {"imgsz": self.imgsz} if self.imgsz else {}
+            return load_open_vocab(str(weights), device=self.device, conf=min(self.conf, CANDIDATE_CONF), **sized)
         options = dict(device=self.device, conf=min(self.conf, CANDIDATE_CONF), engine=self.engine, imgsz=self.imgsz,
                        cache_dir=self.home / "cache" / "openvino", calibration=self.int8_calibration)
         return YoloAdapter(weights, **{**options, **overrides})

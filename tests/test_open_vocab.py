@@ -64,3 +64,12 @@ def test_without_a_text_encoder_offline_the_error_is_one_clear_line():
     assert "\n" not in str(err.value) and "run once with internet" in str(err.value)
     with pytest.raises(ModelLoadError, match="no such weights file"):
         load_open_vocab("/nowhere/yoloe-11s-seg.pt", device="cpu")
+
+
+def test_served_weights_named_yoloe_or_world_load_as_open_vocabulary(tmp_path):
+    """`--model yoloe-11s-seg.pt` (or as the second opinion) goes to `load_open_vocab`, not the closed-set adapter:
+    here, offline, its one-line text-encoder error."""
+    from backend.settings import Settings
+
+    with pytest.raises(ModelLoadError, match="YOLOE yoloe-11s-seg.yaml needs its text encoder"):
+        Settings(home=tmp_path).load_cnn("yoloe-11s-seg.yaml")
