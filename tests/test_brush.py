@@ -129,3 +129,16 @@ def test_a_brush_config_is_served_by_the_starter_segment_model(segment_adapter, 
     back = from_results(regions, plan.controls[0].control, image.size)
     for outline, mask in zip(out.detections.data[POLYGON], back.detections.mask, strict=False):
         assert _iou(polygon_to_mask(outline, *image.size), mask) == 1.0
+
+
+def test_brush_annotations_export_as_yolo_segment_lines():
+    """A BrushLabels project trains a segment model: each brushed mask becomes its outline's YOLO-seg line."""
+    from backend.training.export import TASK_FOR_CONTROL, _lines
+
+    mask = _rect(10, 6, 50, 40)
+    regions = to_results(_masks_prediction([mask], ["Circle"], [1.0]), BRUSH, (W, H))
+    assert TASK_FOR_CONTROL[ControlKind.BRUSH] == "segment"
+    (line,) = _lines(BRUSH, regions, (W, H))
+    cls, *coords = line.split()
+    xy = np.array(coords, float).reshape(-1, 2) * [W, H]
+    assert cls == "1" and _iou(polygon_to_mask(xy, W, H), mask) >= 0.9

@@ -25,7 +25,8 @@ from backend.labeling.config import ControlKind, ControlSpec, parse_label_config
 from backend.media.fetch import MediaFetcher
 from backend.predict import image_url
 
-TASK_FOR_CONTROL = {ControlKind.RECTANGLE: "detect", ControlKind.POLYGON: "segment", ControlKind.CHOICES: "classify"}
+TASK_FOR_CONTROL = {ControlKind.RECTANGLE: "detect", ControlKind.POLYGON: "segment", ControlKind.BRUSH: "segment",
+                    ControlKind.CHOICES: "classify"}
 
 
 @dataclass
@@ -54,7 +55,7 @@ def latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
 def _lines(control: ControlSpec, result: Iterable[Mapping[str, Any]], size: tuple[int, int]) -> list[str]:
     """One annotation's regions of `control` -> YOLO label lines; class ids follow the control's labels."""
     truth = from_results(list(result), control, size)
-    return to_lines(truth, size, segment=control.kind is ControlKind.POLYGON)
+    return to_lines(truth, size, segment=control.kind in (ControlKind.POLYGON, ControlKind.BRUSH))  # brush: outlines
 
 
 def export_yolo_dataset(
