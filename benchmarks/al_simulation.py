@@ -27,6 +27,16 @@ processes (one torch thread each) and be summarised afterwards — the longer-ho
 
 (classify_h440 is the same run at the old `--epochs0 120`.)
 
+`--human-seconds` (detection) counts human work instead of labels: the arms of `backend.demo_rounds` —
+Tandem's loop (auto-accept of the boxes both models agree on, calibrated on the boxes humans verified,
+with a Clopper-Pearson bound; the rest queued by hybrid disagreement; the simulated annotator verifies,
+modifies, deletes and draws) beside random labelling (every box drawn) — from the same round-0 CNN and
+second opinion, each action priced by `active_learning.effort.EffortModel`. The initial labels are the
+replay the job would find on the parent's version. Results: al_<tag>_human_seed<S>.json and
+al_human_seconds.md (`--summarise --human-seconds`).
+
+    uv run python benchmarks/al_simulation.py --task detect --human-seconds --seeds 3
+
 `--strategies fixed` adds a control that no selection can beat: every round fine-tunes on the initial
 labels alone. What that curve climbs is training time, not labels — every strategy's curve holds it too,
 and the summary says how much of random's climb it is. A strategy run later in its own process joins a
@@ -217,6 +227,77 @@ def run_seed(task: str, args, seed: int, work: Path) -> dict:
     return curves
 
 
+def human_seconds_seed(args, seed: int, work: Path) -> list[dict]:
+    """The auto-accept arm and random labelling on one seed's digits, every human action in seconds."""
+    from dataclasses import asdict
+
+    from active_learning.effort import EffortModel
+    from backend.demo_rounds import LoopConfig, Pool, run_rounds, truth_prediction
+    from backend.training.export import ExportedDataset
+    from backend.training.replay import MAX_REPLAY, ReplayItem
+
+    samples, test, pool_all = draw_split("detect", args, seed)
+    initial, pool = list(pool_all[: args.initial]), list(pool_all[args.initial :])
+    data0 = dataset(samples, initial, test, work / "data", "detect")
+    w0 = train("detect", data0, "yolov8n.yaml", args.epochs0, args.imgsz, seed, work / "a")
+    data_b = dataset(samples, initial, initial[:8], work / "data_b", "detect")
+    second = train("detect", data_b, "yolov8n.yaml", args.epochs0, args.imgsz - 32, seed + 1000, work / "b")
+    test_root = work / "test"
+    dataset(samples, [], test, test_root, "detect")
+    names = lambda s: [NAMES[int(c)] for c in s.labels]  # noqa: E731
+    replay = [ReplayItem(f"init{i}", samples[i].image, box_lines(np.asarray(samples[i].boxes, float).reshape(-1, 4),
+                                                                  samples[i].labels, samples[i].image.size))
+              for i in initial[:MAX_REPLAY]]
+    world = Pool(images=[samples[i].image for i in pool],
+                 truth=[truth_prediction(np.asarray(samples[i].boxes, float).reshape(-1, 4), names(samples[i]))
+                        for i in pool],
+                 class_names=list(NAMES), replay=replay,
+                 test=ExportedDataset(root=test_root, task="detect", class_names=list(NAMES),
+                                      data=str(test_root / "data.yaml")))
+    config = LoopConfig(rounds=args.rounds, budget=args.budget, epochs=args.epochs, imgsz=args.imgsz,
+                        lr0=args.lr_finetune, seed=seed, effort=EffortModel.from_env())
+    records = run_rounds(world, w0, second, work / "rounds", config,
+                         progress=lambda m: print(f"  seed {seed} {m}", flush=True))
+    return [asdict(r) for r in records]
+
+
+def summarise_human(results: dict[int, list[dict]], out: Path, tag: str) -> str:
+    """Per seed and mean ± std: human seconds to reach random's final mAP50, auto-accept precision, coverage."""
+    from backend.demo_report import quality_vs_seconds
+    from backend.demo_rounds import RoundRecord, savings
+
+    rows = {seed: savings([RoundRecord(**r) for r in recs]) for seed, recs in results.items()}
+    ms = lambda v: (f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) else "n/a")  # noqa: E731
+    lines = [f"| seed | random: human s (final mAP50) | Tandem: human s (final mAP50) | Tandem s to random's final "
+             "| share of random's s | auto-accepted boxes | precision vs truth | coverage |", "|---" * 8 + "|"]
+    for seed, s in sorted(rows.items()):
+        reach = "not reached" if s.tandem_seconds_to_random_final is None else f"{s.tandem_seconds_to_random_final:.0f}"
+        share = "-" if s.share_of_random_seconds is None else f"{s.share_of_random_seconds:.0%}"
+        prec = "-" if s.auto_accept_precision is None else f"{s.auto_accept_precision:.3f}"
+        lines.append(f"| {seed} | {s.random_seconds:.0f} ({s.random_final_map50:.3f}) | {s.tandem_seconds:.0f} "
+                     f"({s.tandem_final_map50:.3f}) | {reach} | {share} | {s.auto_accepted_boxes} | {prec} | "
+                     f"{s.coverage:.0%} |")
+    shares = [s.share_of_random_seconds for s in rows.values() if s.share_of_random_seconds is not None]
+    precs = [s.auto_accept_precision for s in rows.values() if s.auto_accept_precision is not None]
+    lines += ["", f"- seeds: {len(rows)}; Tandem reached random's final mAP50 in {len(shares)} of them",
+              f"- share of random's human seconds to reach it: {ms(shares)} (target ≤ 0.30)",
+              f"- auto-accepted boxes' precision against ground truth: {ms(precs)} (target ≥ 0.98), over seeds "
+              f"with any auto-accepted",
+              f"- coverage (auto-accepted / all boxes Tandem labelled): {ms([s.coverage for s in rows.values()])} "
+              "(target ≥ 0.50)",
+              "- second opinion: a differently trained YOLOv8n (another seed and input size); no VLM weights offline"]
+    first = results[min(results)]
+    quality_vs_seconds(out, first, name=f"al_{tag}_human_seconds.png")
+    (out / f"al_{tag}_human_summary.json").write_text(json.dumps({k: asdict_(v) for k, v in rows.items()}, indent=1))
+    return "\n".join(lines)
+
+
+def asdict_(obj) -> dict:
+    from dataclasses import asdict
+
+    return asdict(obj)
+
+
 def labels_to_reach(labels, scores, target) -> float | None:
     """Labels at which a (mean) curve first reaches target, linearly interpolated."""
     for k in range(len(scores)):
@@ -372,6 +453,8 @@ def main() -> None:
                          "al_<tag>_seed<S>_<part>.json; --summarise merges the parts")
     ap.add_argument("--summarise", action="store_true",
                     help="no training: summarise the per-seed files al_<tag>_seed<S>.json already in --out")
+    ap.add_argument("--human-seconds", action="store_true",
+                    help="detection: the auto-accept arm beside random labelling, in human seconds (backend.demo_rounds)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     if args.imbalance > 1 and args.task != "classify":
@@ -381,6 +464,8 @@ def main() -> None:
             setattr(args, k, v)
     args.out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or (f"{args.task}_lt{args.imbalance:g}" if args.imbalance > 1 else args.task)
+    if args.human_seconds:
+        return run_human_seconds(args, tag)
     if args.summarise:
         results = load_seed_files(args.out, tag)
         if not results:
@@ -406,6 +491,27 @@ def main() -> None:
     if "random" in args.strategies.split(",") and not args.seed_list:
         print(summarise(args.task, results, args.out, tag, args.imbalance))
     print(f"\n{time.perf_counter() - t0:.0f} s; wrote {args.out}/al_{tag}_*")
+
+
+def run_human_seconds(args, tag: str) -> None:
+    if args.task != "detect":
+        raise SystemExit("--human-seconds is implemented for --task detect (classification auto-accept: not yet)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not args.summarise:
+        seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+        for seed in seeds:
+            t_seed = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="tandem-al-") as tmp:
+                records = human_seconds_seed(args, seed, Path(tmp))
+            (args.out / f"al_{tag}_human_seed{seed}.json").write_text(
+                json.dumps({"seed": seed, "seconds": time.perf_counter() - t_seed, "records": records}, indent=1))
+    results = {json.loads(f.read_text())["seed"]: json.loads(f.read_text())["records"]
+               for f in sorted(args.out.glob(f"al_{tag}_human_seed*.json"))}
+    if results:
+        print(summarise_human(results, args.out, tag))
 
 
 if __name__ == "__main__":
