@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -27,11 +28,12 @@ from backend.models.yolo import YoloAdapter, default_device  # noqa: E402
 from backend.registry import Registry  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from backend.storage.projects import ProjectRepo  # noqa: E402
-from backend.training.evaluate import evaluate  # noqa: E402
-from backend.training.export import TASK_FOR_CONTROL, export_yolo_dataset  # noqa: E402
+from backend.training.evaluate import evaluate, paired_bootstrap  # noqa: E402
+from backend.training.export import TASK_FOR_CONTROL, add_replay, export_yolo_dataset  # noqa: E402
 from backend.training.jobs import JobStatus, JobStore  # noqa: E402
 from backend.storage.artifacts import ArtifactStore, localise  # noqa: E402
 from backend.training.lease import keep_worker_lease  # noqa: E402
+from backend.training.replay import choose_schedule, gather_replay, unlabelled_images  # noqa: E402
 from backend.training.yolo_finetune import fine_tune  # noqa: E402
 
 # Fine-tuning on a few dozen corrections (see yolo_finetune.py): AdamW, no warm-up, a step every batch.
@@ -167,10 +169,19 @@ def run(job_id: int, settings: Settings) -> None:
     if dataset.val < FEW_VAL_IMAGES:
         log(f"only {dataset.val} frozen validation images: the promotion verdict below is noisy — annotate more "
             "tasks before trusting it")
-    scheduled = tiny_set_params(params, dataset.train, dataset.task)
-    if scheduled.get("freeze") != params.get("freeze"):
-        log(f"only {dataset.train} training images: the backbone (first {FROZEN_LAYERS} layers) stays frozen")
-    params = scheduled
+    # replay what the parent knew, and the schedule measured for it (backend/training/replay.py)
+    items, said = gather_replay(
+        dataset, serving.metrics, serving.name, settings.home,
+        lambda: YoloAdapter(parent_weights, device=settings.device),
+        lambda exclude, count: unlabelled_images(settings, job.project_id, control.image_key, exclude, count),
+        label_map=label_map, seed=job_id)
+    replayed = add_replay(dataset, items) if items else 0
+    if said:
+        log(said)
+    schedule = choose_schedule(params, dataset.train, replayed, dataset.task)
+    if schedule.reason:
+        log(schedule.reason)
+    params = schedule.params
 
     if job.runner == "modal":
         from infra.modal_runner import train_on_modal
@@ -188,8 +199,13 @@ def run(job_id: int, settings: Settings) -> None:
     scored = {"label_map": label_map, "case_sensitive": settings.case_sensitive_labels}
     new = evaluate(candidate, dataset, **scored)
     old = evaluate(scoring_adapter(parent_weights, settings.device), dataset, **scored)
+    resolution = paired_bootstrap(candidate, scoring_adapter(parent_weights, settings.device), dataset,
+                                  params["margin"], **scored)
+    if resolution is not None:
+        log(f"what the gate can resolve: {resolution.describe()}")
     metrics = {"candidate": new, "serving": old, "serving_version": serving.version, "dataset": dataset.snapshot,
-               "train": dataset.train, "val": dataset.val}
+               "train": dataset.train, "val": dataset.val, "replay": replayed, "dataset_root": str(dataset.root),
+               "gate_resolution": None if resolution is None else asdict(resolution)}
     uri = artifacts.put(target, "models", "versions", f"{stem}.pt")  # where every replica can load it from
     registry.add_candidate(candidate.version, stem, candidate.task.value, uri, serving.version,
                            dataset.snapshot, metrics, project_id=job.project_id)
