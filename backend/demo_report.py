@@ -108,12 +108,15 @@ def savings_text(savings: dict) -> str:
         f"{savings['spot_checks']} spot-checks) for mAP50 {savings['tandem_final_map50']:.3f}",
         ("- Tandem reached random's final mAP50 after " f"{reach / 60:.1f} minutes: "
          f"{savings['share_of_random_seconds']:.0%} of random's time, {savings['seconds_saved'] / 60:.1f} minutes saved")
-        if reach is not None else "- Tandem did not reach random's final mAP50 in these rounds",
+        if reach is not None else (
+            "- Tandem did not reach random's final mAP50 in these rounds"
+            if savings["random_final_map50"] > savings.get("start_map50", -1) else
+            f"- random labelling ended where it started (mAP50 {savings['random_final_map50']:.3f}): no level to compare"),
         (f"- to reach mAP50 {savings['common_map50']:.3f} (the lower final): random "
          f"{savings['random_seconds_to_common'] / 60:.1f} minutes, Tandem {savings['tandem_seconds_to_common'] / 60:.1f}"
          f" ({savings['share_at_common']:.0%} of random's, "
          f"{(savings['random_seconds_to_common'] - savings['tandem_seconds_to_common']) / 60:.1f} minutes saved)") if savings.get("share_at_common") is not None else
-        "- no quality level both arms reached at a cost (both stayed at the starting CNN's)",
+        "- no quality level above the starting CNN's that both arms reached: no saving at equal quality claimed",
         f"- auto-accepted: {savings['auto_accepted_tasks']} tasks, {savings['auto_accepted_boxes']} boxes "
         f"({savings['coverage']:.0%} of the boxes Tandem labelled); precision against ground truth "
         + (f"{prec:.3f}" if prec is not None else "n/a (nothing auto-accepted: too few verified boxes to calibrate)"),

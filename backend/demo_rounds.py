@@ -326,6 +326,7 @@ class Savings:
     """What the run shows, every figure recomputed from its records."""
 
     rounds: int
+    start_map50: float  # the shared starting CNN's
     random_seconds: float  # random labelling's human seconds over all its rounds
     random_final_map50: float
     tandem_seconds: float
@@ -350,13 +351,16 @@ def savings(records: Sequence[RoundRecord]) -> Savings:
     rnd = [r for r in records if r.arm == "random"]
     tan = [r for r in records if r.arm == "tandem"]
     last_r, last_t = rnd[-1], tan[-1]
-    reach = seconds_to_reach(records, "tandem", last_r.test_map50)
+    start = rnd[0].test_map50
+    # a level the starting CNN already had costs nothing in either arm: no saving is claimed there
+    reach = seconds_to_reach(records, "tandem", last_r.test_map50) if last_r.test_map50 > start else None
     common = min(last_r.test_map50, last_t.test_map50)
-    r_common, t_common = seconds_to_reach(records, "random", common), seconds_to_reach(records, "tandem", common)
+    r_common, t_common = ((seconds_to_reach(records, "random", common), seconds_to_reach(records, "tandem", common))
+                          if common > start else (None, None))
     human_boxes = sum(last_t.actions[k] for k in ("verify", "modify", "draw"))  # the boxes humans left in
     labelled = human_boxes + last_t.auto_boxes
     return Savings(
-        rounds=last_t.round, random_seconds=last_r.human_seconds, random_final_map50=last_r.test_map50,
+        rounds=last_t.round, start_map50=start, random_seconds=last_r.human_seconds, random_final_map50=last_r.test_map50,
         tandem_seconds=last_t.human_seconds, tandem_final_map50=last_t.test_map50,
         tandem_seconds_to_random_final=reach,
         share_of_random_seconds=None if reach is None or last_r.human_seconds == 0 else reach / last_r.human_seconds,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from backend.convert.yolo_txt import box_lines
@@ -131,3 +132,48 @@ def test_the_gate_says_what_a_small_frozen_split_can_resolve(tmp_path, detect_we
     text = other.describe()
     assert f"[{other.low:+.3f}, {other.high:+.3f}]" in text
     assert ("cannot tell differences smaller than" in text) == (not other.resolves_margin)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(1200)
+def test_a_job_on_a_few_corrections_replays_the_parents_boxes_and_says_what_the_gate_resolves(
+        label_studio, detect_weights, tmp_path):
+    """A new project's first retrain on 12 corrections (a starter parent: no dataset of its own in Tandem), as
+    a new user meets it: the job replays the parent's confident boxes on unlabelled tasks, fine-tunes the whole
+    network, and its log says what the frozen split can and cannot resolve."""
+    import httpx
+    from label_studio_sdk import LabelStudio
+
+    from backend.demo import ground_truth_result
+    from backend.dev.local_label_studio import upload_images
+    from backend.server.app import create_app
+    from backend.serving import ModelHolder
+    from backend.settings import Settings
+    from backend.training.jobs import JobStatus
+    from backend.training.runner import wait
+    from tests.harness import ServerThread, png_bytes
+    from tests.test_server import RECT
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="tandem replay", label_config=RECT)
+    items = generate_samples(30, seed=7070)
+    upload_images(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
+                        label_studio_api_key=label_studio.token, train_after=10_000, train_epochs=3, train_imgsz=160)
+    app = create_app(settings, ModelHolder(YoloAdapter(detect_weights, device="cpu")))
+    names = {t.data["image"].rsplit("/", 1)[-1].split("-", 1)[-1]: t.id for t in client.tasks.list(project=project.id)}
+    for _, sample in items[:12]:
+        client.annotations.create(id=names[f"{sample.name}.png"], result=ground_truth_result(sample))
+    with ServerThread(app) as srv:
+        job = app.state.training.trigger(project.id, "test: 12 corrections")
+        job = wait(app.state.training.store, job.id, timeout=900)
+        log = httpx.get(f"{srv.url}/jobs/{job.id}/logs").text
+    assert job.status is JobStatus.SUCCEEDED, f"{job.error}\n{log}"
+    m = job.metrics
+    assert m["train"] + m["val"] == 12 and m["replay"] == min(2 * m["train"], 18)  # 18 tasks left unlabelled
+    assert f"replaying {m['replay']} unlabelled tasks with" in log and "pseudo-labels" in log
+    assert "the whole network is fine-tuned" in log
+    res = m["gate_resolution"]
+    assert res["images"] == m["val"] and res["low"] <= res["high"]
+    assert f"what the gate can resolve: frozen split of {m['val']} images" in log
+    assert f"[{res['low']:+.3f}, {res['high']:+.3f}]" in log
