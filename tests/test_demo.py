@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 from PIL import Image
 
 from backend.datasets.shapes import generate_samples
-from backend.demo import ground_truth_result, needs_correction, run_demo
+from backend.demo import RoundsPlan, ground_truth_result, needs_correction, run_demo
+from backend.demo_rounds import RoundRecord, savings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
@@ -26,7 +28,8 @@ def test_needs_correction_judges_pre_annotations():
 
 def test_demo_runs_the_whole_loop(tmp_path):
     steps = []
-    s = run_demo(tmp_path / "home", tmp_path / "report", images=30, budget=10, epochs=4, step=steps.append)
+    s = run_demo(tmp_path / "home", tmp_path / "report", images=30, budget=10, epochs=4, step=steps.append,
+                 plan=RoundsPlan(rounds=1, images=24, budget=6, epochs=1, test_images=10))
     assert len(steps) >= 8 and s.cnn_version and s.second_version and s.new_version
     assert s.queued_active + s.queued_control == 10 and s.queued_control == 2
     assert 0 <= s.active_needed_correction <= s.queued_active
@@ -36,3 +39,11 @@ def test_demo_runs_the_whole_loop(tmp_path):
         assert (tmp_path / "report" / name).is_file(), name
     assert Image.open(tmp_path / "report" / "learning_curve.png").size[0] > 300
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["new_version"] == s.new_version
+    # the rounds beside random labelling: the savings are the run's own records, summed and read off
+    assert {(r["arm"], r["round"]) for r in s.rounds} == {(a, k) for a in ("random", "tandem") for k in (0, 1)}
+    assert s.savings == asdict(savings([RoundRecord(**r) for r in s.rounds]))
+    last_random = next(r for r in s.rounds if r["arm"] == "random" and r["round"] == 1)
+    assert s.savings["random_seconds"] == last_random["human_seconds"] == last_random["actions"]["draw"] * 35.0
+    assert (tmp_path / "report" / "quality_vs_human_seconds.png").is_file()
+    assert "What Tandem saved" in (tmp_path / "report" / "README.md").read_text()
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["savings"] == s.savings
