@@ -57,7 +57,8 @@ def _predict_cmd(project: int, weights: Path, *extra: str) -> list[str]:
 
 def test_http_job_writes_in_bulk_counts_failures_and_retrieve_answers_from_the_store(
         label_studio, detect_weights, detect_adapter, tmp_path):
-    project = _project(label_studio, "predict job http", 20, {"corrupt.png": b"definitely not a PNG"})
+    n = 60  # 15 chunks of 4: long enough that a poll sees the counts part-way
+    project = _project(label_studio, "predict job http", n, {"corrupt.png": b"definitely not a PNG"})
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     client.projects.import_tasks(project, request=[{"image": f"/data/upload/{project}/gone-404.png"}])
     settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
@@ -82,19 +83,19 @@ def test_http_job_writes_in_bulk_counts_failures_and_retrieve_answers_from_the_s
         assert httpx.get(f"{srv.url}/jobs/{job_id}").json()["progress"] == job["progress"]  # one job store
         assert job["kind"] == "predict"
         progress = job["progress"]
-        assert (progress["total"], progress["done"], progress["failed"], progress["remaining"]) == (22, 20, 2, 0)
-        assert progress["model_version"] == version and progress["predicted"] == progress["written"] == 20
+        assert (progress["total"], progress["done"], progress["failed"], progress["remaining"]) == (n + 2, n, 2, 0)
+        assert progress["model_version"] == version and progress["predicted"] == progress["written"] == n
         reasons = " ".join(progress["failures"].values())
         assert "corrupt or not an image" in reasons and "gone-404.png" in reasons
-        partial = [p for p in seen if p and 0 < p["done"] < 20]
-        assert partial and all(p["done"] + p["failed"] + p["remaining"] == 22 for p in partial)  # counts as it ran
+        partial = [p for p in seen if p and 0 < p["done"] < n]
+        assert partial and all(p["done"] + p["failed"] + p["remaining"] == n + 2 for p in partial)  # counts as it ran
         metrics = httpx.get(f"{srv.url}/metrics").text
-        for state, value in (("done", 20), ("failed", 2), ("remaining", 0)):
+        for state, value in (("done", n), ("failed", 2), ("remaining", 0)):
             assert f'tandem_predict_job_tasks{{job="{job_id}",project="{project}",state="{state}"}} {value}.0' in metrics
 
         tasks = _ls_tasks(label_studio, project)
         good = [t for t in tasks if t.total_predictions]
-        assert len(good) == 20 and all(t.total_predictions == 1 and t.predictions_model_versions == version
+        assert len(good) == n and all(t.total_predictions == 1 and t.predictions_model_versions == version
                                        for t in good)
         assert any(r for t in good for r in t.predictions[0].result)  # real boxes, not empty results
 
@@ -116,8 +117,8 @@ def test_http_job_writes_in_bulk_counts_failures_and_retrieve_answers_from_the_s
                            capture_output=True, text=True, timeout=300, cwd=REPO)
     assert rerun.returncode == 0, rerun.stderr
     last = PredictJobs(settings.database_url).list(project)[0]
-    assert last.id != job_id and last.progress["predicted"] == 0 and last.progress["done"] == 20  # nothing again
-    assert sum(t.total_predictions for t in _ls_tasks(label_studio, project)) == 20
+    assert last.id != job_id and last.progress["predicted"] == 0 and last.progress["done"] == n  # nothing again
+    assert sum(t.total_predictions for t in _ls_tasks(label_studio, project)) == n
 
 
 def test_killed_job_resumes_and_predicts_no_task_twice(label_studio, detect_weights, tmp_path):

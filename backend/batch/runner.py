@@ -124,12 +124,16 @@ def run_project(settings: Settings, project_id: int, *, model: str | None = None
     log.info("predict job %s on project %s (%s)", job.id, project_id, holder)
     last_write = [0.0]
     lost = [False]
+    shown_start = [False]
 
     def progress(p: Progress) -> None:
         now = time.monotonic()
-        if now - last_write[0] >= 0.5 or p.remaining == 0:  # the counts and the lease, twice a second at most
+        first = not shown_start[0] and p.done + p.failed > 0  # the first finished chunk shows at once: it runs
+        # the counts and the lease, twice a second at most
+        if now - last_write[0] >= 0.5 or p.remaining == 0 or first:
             lost[0] = not records.set_progress(job.id, holder, p.as_dict()) or lost[0]
             last_write[0] = now
+            shown_start[0] = shown_start[0] or p.done + p.failed > 0
         if on_progress:
             on_progress(p)
 
