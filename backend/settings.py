@@ -57,6 +57,7 @@ class Settings(BaseModel):
     max_image_pixels: int = 80_000_000
     webhook_secret: str | None = None
     train_after: int = 10
+    train_auto_accepted: bool = False  # TANDEM_TRAIN_AUTO_ACCEPTED: fine-tunes also learn from `tandem accept`'s labels
     train_interval_s: float = 0.0
     train_epochs: int = 30
     train_imgsz: int | None = None
@@ -135,6 +136,7 @@ class Settings(BaseModel):
             "imgsz": int(_env("TANDEM_IMGSZ")) if _env("TANDEM_IMGSZ") else None,
             "webhook_secret": _env("TANDEM_WEBHOOK_SECRET"),
             "train_after": int(_env("TANDEM_TRAIN_AFTER") or 10),
+            "train_auto_accepted": (_env("TANDEM_TRAIN_AUTO_ACCEPTED") or "").lower() in ("1", "true", "yes"),
             "train_interval_s": float(_env("TANDEM_TRAIN_INTERVAL") or 0),
             "train_epochs": int(_env("TANDEM_TRAIN_EPOCHS") or 30),
             "train_imgsz": int(_env("TANDEM_TRAIN_IMGSZ")) if _env("TANDEM_TRAIN_IMGSZ") else None,
@@ -190,6 +192,7 @@ class Settings(BaseModel):
             "TANDEM_DATABASE_URL": self.db_url,
             "TANDEM_ARTIFACTS": self.artifacts,
             "TANDEM_LEASE_SECONDS": str(self.lease_seconds),
+            "TANDEM_TRAIN_AUTO_ACCEPTED": "1" if self.train_auto_accepted else None,
         }
         return {k: v for k, v in pairs.items() if v is not None}
 

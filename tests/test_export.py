@@ -123,3 +123,30 @@ def test_vlm_examples_read_boxes_in_pixels_and_the_choice(annotated):
         np.testing.assert_allclose(boxes.boxes, [o.box for o in sample.objects], atol=1e-6)
         assert boxes.box_labels == [o.label.capitalize() for o in sample.objects]
         assert by_kind[(task_id, "choices")].choice == sample.objects[0].label.capitalize()
+
+
+def test_auto_accepted_labels_train_only_when_asked_and_never_judge_the_gate(tmp_path, annotated):
+    """`tandem accept`'s annotations (every region marked) stay out of the frozen split always, and out of
+    training unless asked for; a human's annotation with the same boxes is exported as before."""
+    from active_learning.queue import AUTO_MARKER
+    from backend.training.export import is_validation
+
+    tasks, truth, fetcher = annotated
+    marked = {1, 2, 3, 4}
+    for task in tasks:
+        if task["id"] in marked:
+            for region in task["annotations"][0]["result"]:
+                region["meta"] = {"text": [AUTO_MARKER]}
+    in_val = {t for t in marked if is_validation(7, t, 50)}
+    assert in_val and in_val != marked  # the seeds put marked tasks on both sides of the split
+
+    default = export_yolo_dataset(tasks, CONFIG, 7, fetcher, tmp_path / "default", control_name="box", val_percent=50)
+    assert sorted(_label_files(tmp_path / "default")) == [5, 6]
+    assert (default.auto_accepted, default.auto_left_out) == (0, len(marked))
+
+    asked = export_yolo_dataset(tasks, CONFIG, 7, fetcher, tmp_path / "asked", control_name="box", val_percent=50,
+                                auto_accepted=True)
+    assert sorted(_label_files(tmp_path / "asked", "train")) == sorted((marked - in_val) | {t for t in (5, 6)
+                                                                                          if not is_validation(7, t, 50)})
+    assert not set(_label_files(tmp_path / "asked", "val")) & marked  # the gate judges on people's labels only
+    assert (asked.auto_accepted, asked.auto_left_out) == (len(marked - in_val), len(in_val))

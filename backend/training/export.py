@@ -38,6 +38,8 @@ class ExportedDataset:
     train: int = 0
     val: int = 0
     skipped: dict[int, str] = field(default_factory=dict)
+    auto_accepted: int = 0  # tasks whose labels `tandem accept` wrote, exported to the training split
+    auto_left_out: int = 0  # such tasks left out (not asked for, or in the frozen split: the gate judges on people)
     snapshot: str = ""  # sha256 over (task id, annotation id, image sha) of everything exported
     control: ControlSpec | None = None  # the control exported: the gate maps model classes onto its labels
 
@@ -66,7 +68,12 @@ def export_yolo_dataset(
     root: Path,
     control_name: str | None = None,
     val_percent: int = 20,
+    auto_accepted: bool = False,
 ) -> ExportedDataset:
+    """`auto_accepted`: train on the labels `tandem accept --create-annotations` wrote too. They never enter the
+    frozen validation split, so the gate keeps judging every candidate against people's labels only."""
+    from active_learning.queue import is_auto_accepted
+
     controls = parse_label_config(label_config).controls
     control = next((c for c in controls if control_name in (None, c.name)), None)
     if control is None:
@@ -82,6 +89,10 @@ def export_yolo_dataset(
         if annotation is None:
             continue
         split = "val" if is_validation(project_id, task["id"], val_percent) else "train"
+        auto = is_auto_accepted(annotation)
+        if auto and (split == "val" or not auto_accepted):
+            out.auto_left_out += 1
+            continue
         try:
             loaded = fetcher.load(image_url(task, control.image_key) or "", task_id=task["id"])
         except MediaError as exc:
@@ -105,6 +116,7 @@ def export_yolo_dataset(
             text = "\n".join(_lines(control, result, loaded.image.size))
             (root / "labels" / split / f"{stem}.txt").write_text(text + ("\n" if text else ""))
         setattr(out, split, getattr(out, split) + 1)
+        out.auto_accepted += auto
         snapshot.update(f"{task['id']}:{annotation.get('id')}:{digest};".encode())
     out.snapshot = snapshot.hexdigest()[:16]
     if task_kind == "classify":
@@ -118,7 +130,8 @@ def export_yolo_dataset(
         out.data = str(root / "data.yaml")
     (root / "tandem_export.json").write_text(json.dumps(
         {"project": project_id, "task": task_kind, "classes": names, "train": out.train, "val": out.val,
-         "snapshot": out.snapshot, "skipped": out.skipped}, indent=1))
+         "snapshot": out.snapshot, "skipped": out.skipped, "auto_accepted": out.auto_accepted,
+         "auto_left_out": out.auto_left_out}, indent=1))
     return out
 
 

@@ -151,8 +151,12 @@ def run(job_id: int, settings: Settings) -> None:
                           "own --port and TANDEM_HOME if other projects use this server")
     log(f"exporting {len(tasks)} annotated tasks")
     dataset = export_yolo_dataset(tasks, label_config, job.project_id, MediaFetcher(settings.media()),
-                                  work / "dataset", val_percent=params["val_percent"])
+                                  work / "dataset", val_percent=params["val_percent"],
+                                  auto_accepted=bool(params.get("auto_accepted", settings.train_auto_accepted)))
     log(f"dataset {dataset.snapshot}: {dataset.train} train / {dataset.val} frozen val, {len(dataset.skipped)} skipped")
+    if dataset.auto_accepted or dataset.auto_left_out:
+        log(f"auto-accepted tasks: {dataset.auto_accepted} in training, {dataset.auto_left_out} left out (never in the "
+            "frozen split; TANDEM_TRAIN_AUTO_ACCEPTED=1 trains on them)")
     if dataset.train == 0 or dataset.val == 0:
         raise TandemError(f"project {job.project_id} has {dataset.train + dataset.val} usable annotated tasks "
                           f"({dataset.train} train, {dataset.val} validation): a retrain needs at least one of each. "
