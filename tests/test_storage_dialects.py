@@ -306,6 +306,7 @@ def test_predict_job_records_hand_over_and_take_over_once(db_url):
     assert jobs.get(job.id).status == JobStatus.RUNNING and jobs.get(job.id).holder == holder
     progress = {"total": 10, "done": 4, "failed": 0, "remaining": 6}
     assert jobs.set_progress(job.id, holder, progress) and jobs.get(job.id).progress == progress
-    assert not jobs.set_progress(job.id, "someone:2:cc", progress)  # not the holder: told to stop
+    assert not jobs.set_progress(job.id, "someone:2:cc", {**progress, "done": 9})  # not the holder: told to stop
+    assert jobs.get(job.id).progress == progress  # and what it sent is not written
     assert jobs.cancel(job.id) and not jobs.finish(job.id, "succeeded")
     assert jobs.get(job.id).status == JobStatus.CANCELLED and [j.id for j in jobs.list(BIG_ID)] == [job.id]

@@ -115,8 +115,7 @@ class PredictJobs:
 
     def set_progress(self, job_id: int, holder: str, progress: dict[str, Any]) -> bool:
         """Writes the counts and renews the lease; False when the job was cancelled or taken by another."""
-        self.store.set_progress(job_id, progress)
-        return self.store.heartbeat(job_id, holder, LEASE_S)
+        return self.store.heartbeat(job_id, holder, LEASE_S, progress=progress)
 
     def finish(self, job_id: int, status: str, error: str | None = None) -> bool:
         return self.store.finish(job_id, JobStatus(status), error=error)

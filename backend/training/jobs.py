@@ -231,8 +231,10 @@ class JobStore:
         free = or_(jobs_table.c.holder.is_(None), jobs_table.c.holder == holder, jobs_table.c.lease_until < now)
         return self._set(job_id, _ACTIVE, free, holder=holder, lease_until=now + lease_s)
 
-    def heartbeat(self, job_id: int, holder: str, lease_s: float = DEFAULT_LEASE_S) -> bool:
-        return self._set(job_id, _ACTIVE, jobs_table.c.holder == holder, lease_until=time.time() + lease_s)
+    def heartbeat(self, job_id: int, holder: str, lease_s: float = DEFAULT_LEASE_S, **fields: Any) -> bool:
+        """Renew the lease, and write `fields` (progress) in the same statement: nothing is written by a holder
+        that lost the job (cancelled, expired, taken over)."""
+        return self._set(job_id, _ACTIVE, jobs_table.c.holder == holder, lease_until=time.time() + lease_s, **fields)
 
     def release(self, job_id: int, holder: str) -> bool:
         return self._set(job_id, jobs_table.c.holder == holder, holder=None, lease_until=None)
