@@ -88,7 +88,8 @@ class DetectionDisagreement:
             n = int(self.counts[key][i])
             if n:
                 noun = "box" if n == 1 else "boxes"
-                text = f"{n} {noun} {labels[key]}" if key.startswith("only") else f"{n} {labels[key]}"
+                said = labels[key] + ("s" if key == "class_swap" and n > 1 else "")  # "2 class swaps"
+                text = f"{n} {noun} {said}" if key.startswith("only") else f"{n} {said}"
                 if key == "class_swap" and what.get(key):
                     text += f" ({names[0]} {what[key][0]}, {names[1]} {what[key][1]})"
                 elif what.get(key):

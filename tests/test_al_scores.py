@@ -378,3 +378,12 @@ def test_stored_columns_refuse_what_cannot_be_scored():
     del record["detections"]["confidence"]
     with pytest.raises(ValueError, match="without confidences"):
         detection_columns([record])
+
+
+def test_two_class_swaps_are_said_in_the_plural():
+    """What a reviewer reads: "2 class swaps", never "2 class swap"."""
+    a = [_img([[0, 0, 10, 10], [40, 40, 50, 50]], [0.9, 0.9], [0, 0])]
+    b = [_img([[0, 0, 10, 10], [40, 40, 50, 50]], [0.9, 0.9], [1, 2])]
+    d = detection_disagreement(BoxBatch.from_images(a), BoxBatch.from_images(b))
+    assert d.reason(0) == "2 class swaps"
+    assert d.reason(0, ("A", "B"), ["cat", "dog", "bird"]) == "2 class swaps (A cat ×2, B dog, bird)"
