@@ -133,3 +133,75 @@ def test_a_job_log_is_kept_in_the_store_and_read_by_another_replica(tmp_path, me
     assert "epoch 1/1 done" in job_log(b, job.id)  # another replica: the store's copy
     shutil.rmtree(a.home / "jobs")
     assert job_log(a, job.id, lines=1) == "epoch 1/1 done"
+
+
+def _export(root, labels: dict[str, str]):
+    """A small exported dataset as the job writes it: images named by their pixels' digest, YOLO label files."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+    for i, (stem, text) in enumerate(labels.items()):
+        split = "val" if i == 0 else "train"
+        Image.new("RGB", (32, 24), (i * 40, 10, 200)).save(root / "images" / split / f"{stem}.png")
+        (root / "labels" / split / f"{stem}.txt").write_text(text)
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: \"a\"\n")
+    (root / "tandem_export.json").write_text('{"classes": ["a"]}')
+    return root
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local-root", "memory-root"])
+def test_a_dataset_is_stored_once_per_content_and_unpacked_on_another_replica(tmp_path, memory_root, remote):
+    from backend.storage.artifacts import fetch_dataset
+
+    artifacts = memory_root if remote else str(tmp_path / "shared-artifacts")
+    a = ArtifactStore.from_settings(Settings(home=tmp_path / "a", artifacts=artifacts))
+    root = _export(tmp_path / "a" / "jobs" / "1" / "dataset",
+                   {"task1_aa": "0 0.5 0.5 0.1 0.1\n", "task2_bb": "0 0.2 0.2 0.1 0.1\n", "task3_cc": ""})
+    uri = a.put_dataset(root, 4, "0123abcd")
+    assert uri.startswith(f"{memory_root}/datasets/p4/0123abcd-" if remote
+                          else str((tmp_path / "shared-artifacts" / "datasets" / "p4").resolve()) + "/0123abcd-")
+    assert uri.endswith(".tar") and exists(uri)
+    assert a.put_dataset(root, 4, "0123abcd") == uri  # the same files again: the same archive
+    copy = _export(tmp_path / "a" / "jobs" / "2" / "dataset",
+                   {"task1_aa": "0 0.5 0.5 0.1 0.1\n", "task2_bb": "0 0.2 0.2 0.1 0.1\n", "task3_cc": ""})
+    assert a.put_dataset(copy, 4, "0123abcd") == uri  # another job's export of the same snapshot: stored once
+    (copy / "labels" / "train" / "task2_bb.txt").write_text("0 0.3 0.3 0.1 0.1\n")  # edited under the same ids
+    edited = a.put_dataset(copy, 4, "0123abcd")
+    assert edited != uri and exists(uri) and exists(edited)
+
+    b_cache = tmp_path / "b" / "cache" / "datasets"  # replica B: its own home, the same store
+    shutil.rmtree(tmp_path / "a" / "jobs")  # and replica A's work folder is gone too
+    got = fetch_dataset(uri, b_cache)
+    assert got.is_relative_to(b_cache)
+    files = sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file())
+    assert files == ["data.yaml", "images/train/task2_bb.png", "images/train/task3_cc.png", "images/val/task1_aa.png",
+                     "labels/train/task2_bb.txt", "labels/train/task3_cc.txt", "labels/val/task1_aa.txt",
+                     "tandem_export.json"]
+    assert (got / "labels" / "train" / "task2_bb.txt").read_text() == "0 0.2 0.2 0.1 0.1\n"
+    assert (got / "data.yaml").read_text().startswith(f"path: {got}\n")  # names where it now is
+    assert fetch_dataset(uri, b_cache) == got  # unpacked once
+    assert (fetch_dataset(edited, b_cache) / "labels" / "train" / "task2_bb.txt").read_text() == "0 0.3 0.3 0.1 0.1\n"
+    assert not [p for p in b_cache.iterdir() if ".part-" in p.name]
+    with pytest.raises(FileNotFoundError, match="no dataset archive"):
+        fetch_dataset(uri.replace("0123abcd", "ffff0000"), b_cache)
+    with pytest.raises(ValueError, match="plain hex id"):
+        a.put_dataset(got, 4, "../x")
+
+
+def test_a_dataset_archive_cannot_write_outside_its_folder(tmp_path):
+    import io
+    import tarfile
+
+    from backend.storage.artifacts import fetch_dataset
+
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("../../escaped.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(tarfile.TarError):
+        fetch_dataset(str(archive), tmp_path / "cache" / "datasets")
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not list((tmp_path / "cache" / "datasets").iterdir())  # nothing half-unpacked left behind

@@ -4,6 +4,7 @@ schedule follows what was measured, and the gate says what its split can resolve
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from backend.training.replay import (
     choose_schedule,
     dataset_replay,
     existing_task_ids,
+    find_parent_dataset,
+    gather_replay,
     parent_dataset,
     pseudo_replay,
     replay_count,
@@ -177,3 +180,82 @@ def test_a_job_on_a_few_corrections_replays_the_parents_boxes_and_says_what_the_
     assert res["images"] == m["val"] and res["low"] <= res["high"]
     assert f"what the gate can resolve: frozen split of {m['val']} images" in log
     assert f"[{res['low']:+.3f}, {res['high']:+.3f}]" in log
+
+
+@pytest.fixture
+def memory_root():
+    import uuid
+
+    import fsspec
+
+    root = f"memory://tandem-replay-{uuid.uuid4().hex[:8]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root[len("memory://"):]):
+        fs.rm(root[len("memory://"):], recursive=True)
+
+
+def _no_pseudo_labels():
+    raise AssertionError("the parent's dataset was there: no pseudo-labels")
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local-root", "memory-root"])
+def test_a_parents_dataset_put_by_one_replica_is_replayed_by_another(tmp_path, memory_root, remote):
+    """Replica A's job stored its export (before its own replay) and recorded `dataset_uri`; replica B (another
+    home, the same artifact store, A's folder gone) replays the same images with the same labels."""
+    from backend.settings import Settings
+    from backend.storage.artifacts import ArtifactStore
+
+    artifacts = memory_root if remote else str(tmp_path / "shared-artifacts")
+    home_a, home_b = tmp_path / "a", tmp_path / "b"
+    parent = _dataset(home_a / "jobs" / "7" / "dataset", ["circle", "square", "triangle"],
+                      train=[1, 2, 3, 4, 5, 6, 7, 8], val=[9, 10])
+    uri = ArtifactStore.from_settings(Settings(home=home_a, artifacts=artifacts)).put_dataset(parent.root, 3, "5eed")
+    add_replay(parent, [("ptask99_x", Image.new("RGB", (32, 32)), ["0 0.5 0.5 0.2 0.2"])])  # A's own replay
+    metrics = {"dataset_root": str(parent.root), "dataset_uri": uri}
+    child = _dataset(tmp_path / "child", ["square", "circle", "triangle"], train=[2, 11], val=[12])
+
+    on_a, said_a = gather_replay(child, metrics, "p3-job7", home_a, _no_pseudo_labels, None)
+    assert f"({parent.root})" in said_a
+    train_a = {p.relative_to(parent.root).as_posix(): p.read_bytes()
+               for p in parent.root.glob("*/train/task*") if p.is_file()}
+    shutil.rmtree(home_a / "jobs")  # replica B has no such folder; here A's work folder is cleaned as well
+
+    found = find_parent_dataset(metrics, "p3-job7", home_b)
+    assert found.root is not None and found.root.is_relative_to(home_b / "cache" / "datasets") and found.source == uri
+    train_b = {p.relative_to(found.root).as_posix(): p.read_bytes()
+               for p in found.root.glob("*/train/*") if p.is_file()}
+    assert train_b == train_a and len(train_b) == 16  # the export's train split, byte for byte; no replay_* files
+    on_b, said_b = gather_replay(child, metrics, "p3-job7", home_b, _no_pseudo_labels, None)
+    assert said_b == f"replaying {len(on_b)} images of p3-job7's own training data ({uri})"
+    assert len(on_a) == len(on_b) == replay_count(child.train) == 4
+    assert [(i.stem, i.lines, i.image.tobytes()) for i in on_a] == [(i.stem, i.lines, i.image.tobytes()) for i in on_b]
+    assert not any(i.stem.startswith("dreplay_") for i in on_a)  # a job's own replay is never replayed again
+
+
+def test_a_missing_dataset_archive_falls_back_to_pseudo_labels_and_says_why(tmp_path, memory_root, detect_weights):
+    child = _dataset(tmp_path / "child", list(CLASS_NAMES), train=[1, 2], val=[3])
+    uri = f"{memory_root}/datasets/p3/5eed-000000000000.tar"
+    metrics = {"dataset_root": str(tmp_path / "gone" / "dataset"), "dataset_uri": uri}
+    found = find_parent_dataset(metrics, "p3-job7", tmp_path / "home")
+    assert found.root is None and found.problem.startswith("p3-job7's dataset archive could not be read")
+    assert uri in found.problem
+    assert parent_dataset(metrics, "p3-job7", tmp_path / "home") is None
+    images = [(f"task{20 + k}", img) for k, (img, _) in enumerate(generate_samples(6, seed=5))]
+    asked = []
+
+    def unlabelled(exclude, count):
+        asked.append((exclude, count))
+        return images[:count]
+
+    items, said = gather_replay(child, metrics, "p3-job7", tmp_path / "home",
+                                lambda: YoloAdapter(detect_weights, device="cpu"), unlabelled)
+    assert asked == [({1, 2, 3}, 4)]
+    assert [i.stem for i in items] == ["ptask20", "ptask21", "ptask22", "ptask23"]
+    assert said.startswith(f"p3-job7's dataset archive could not be read (no dataset archive at {uri}); "
+                           "replaying 4 unlabelled tasks with p3-job7's own confident boxes")
+    assert "pseudo-labels" in said
+    # no archive recorded (a version from before the store): the same fallback, with nothing to explain
+    _, plain = gather_replay(child, {"dataset_root": metrics["dataset_root"]}, "p3-job7", tmp_path / "home",
+                             lambda: YoloAdapter(detect_weights, device="cpu"), unlabelled)
+    assert plain.startswith("replaying 4 unlabelled tasks with p3-job7's own confident boxes")

@@ -6,6 +6,11 @@ The registry stores what `put` returns: an absolute path under a local root (wha
 as they are), the URL under any other. Loaders that need a file on disk (ultralytics) ask `local_path(uri)`:
 a local path or `file://` URI is the file itself; anything else is downloaded once into a local cache keyed by
 the URI, written to a temporary name and renamed, so a half-downloaded file is never loaded.
+
+Exported datasets go in as one tar per content (`put_dataset`): the name is the export's snapshot plus a digest
+of what the files hold, so a snapshot exported twice is stored once, and labels edited under the same
+annotation ids get a new archive rather than overwriting the old one. `fetch_dataset` unpacks one into a local
+cache on any replica, again under a temporary name renamed into place.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tarfile
+import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -105,6 +112,66 @@ class ArtifactStore:
 
     def local_path(self, uri: str) -> Path:
         return local_path(uri, self.cache_dir)
+
+    def put_dataset(self, root: str | Path, project_id: int, snapshot: str) -> str:
+        """Store an exported dataset folder as `datasets/p{project}/{snapshot}-{content}.tar`; returns its address.
+        An archive already there under that name holds the same files and is not written again."""
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"no dataset folder to store: {root}")
+        if not snapshot or not all(c.isalnum() for c in snapshot):
+            raise ValueError(f"a dataset snapshot is a plain hex id, not {snapshot!r}")
+        uri = self.uri("datasets", f"p{int(project_id)}", f"{snapshot}-{dataset_digest(root)}.tar")
+        if exists(uri):
+            return uri
+        with tempfile.TemporaryDirectory(prefix="tandem-dataset-") as tmp:
+            archive = Path(tmp) / "dataset.tar"
+            with tarfile.open(archive, "w") as tar:  # uncompressed: the images are PNGs already
+                for path in sorted(root.rglob("*")):
+                    if path.is_file():
+                        tar.add(path, arcname=path.relative_to(root).as_posix(), recursive=False)
+            return self.put(archive, "datasets", f"p{int(project_id)}", Path(uri).name)
+
+
+def dataset_digest(root: Path) -> str:
+    """What an exported dataset holds, cheaply: every file's place, and the bytes of all but the images (an
+    image's name already carries its pixels' digest) and of data.yaml (it names the folder it was written in)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        name = path.relative_to(root).as_posix()
+        digest.update(f"{name}\0".encode())
+        if path.suffix.lower() not in (".png", ".jpg", ".jpeg") and name != "data.yaml":
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def fetch_dataset(uri: str, cache: Path) -> Path:
+    """The dataset archive at `uri` unpacked on this machine (under `cache`, once per address).
+
+    Raises FileNotFoundError when the store has no such archive. The archive is streamed (never kept beside the
+    unpacked copy) and unpacked with tarfile's `data` filter, so an entry cannot land outside its folder."""
+    target = Path(cache) / hashlib.sha256(uri.encode()).hexdigest()[:24]
+    if target.is_dir():
+        return target
+    if not exists(uri):
+        raise FileNotFoundError(f"no dataset archive at {uri}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.part-", dir=target.parent))
+    try:
+        with open_uri(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            tar.extractall(partial, filter="data")
+        yaml = partial / "data.yaml"
+        if yaml.is_file():  # it named the exporting replica's folder: name this one, so it trains as it is
+            lines = yaml.read_text().splitlines()
+            yaml.write_text("\n".join(f"path: {target}" if ln.startswith("path:") else ln for ln in lines) + "\n")
+        try:
+            os.replace(partial, target)
+        except OSError:  # another process unpacked it first: theirs is the same archive
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
 
 
 def open_uri(uri: str, mode: str = "rb"):

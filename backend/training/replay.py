@@ -9,15 +9,20 @@ knew every class, +0.17 to +0.34 on one with a blind spot). Replay therefore dec
 replay the network is trained whole; without it, few images keep the backbone frozen (the least harm).
 
 Where replay comes from, in order: the parent's own exported dataset (a job's dataset stays under
-TANDEM_HOME/jobs/<id>/dataset and its path is recorded on the version), else the parent's confident
-predictions on the project's tasks no human has labelled (pseudo-labels). Replay goes into the training
-split only; the frozen validation split stays human corrections, so the gate is unchanged.
+TANDEM_HOME/jobs/<id>/dataset, its path is recorded on the version as `dataset_root` and its archive in the
+artifact store as `dataset_uri`, which any replica unpacks into TANDEM_HOME/cache/datasets when the folder is
+not on this machine), else the parent's confident predictions on the project's tasks no human has labelled
+(pseudo-labels). Only exported images are replayed, never a job's own replay (`replay_*`): a replica with the
+folder and one with the archive replay the same images, and pseudo-labels do not compound over generations.
+Replay goes into the training split only; the frozen validation split stays human corrections, so the gate
+is unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,15 +81,44 @@ def _dataset_classes(root: Path) -> list[str]:
     return [json.loads(n) if n.startswith('"') else n.strip() for n in names]
 
 
-def parent_dataset(metrics: Mapping[str, Any], name: str, home: Path) -> Path | None:
-    """The dataset the parent version was trained on, where Tandem still has it (detect/segment only)."""
+class ParentDataset(NamedTuple):
+    """Where the parent's dataset was found (None: nowhere) and, when its archive could not be read, why."""
+
+    root: Path | None
+    source: str = ""  # the folder or the archive's address, for the job log
+    problem: str = ""
+
+
+def _is_dataset(root: Path) -> bool:
+    return (root / "images" / "train").is_dir() and (root / "data.yaml").is_file()
+
+
+def find_parent_dataset(metrics: Mapping[str, Any], name: str, home: Path) -> ParentDataset:
+    """The dataset the parent version was trained on (detect/segment only): its folder where this machine has it,
+    else its archive in the artifact store, unpacked into TANDEM_HOME/cache/datasets."""
+    from backend.storage.artifacts import fetch_dataset
+
     candidates = [metrics.get("dataset_root")]
     if found := re.match(r"^p\d+-job(\d+)$", name or ""):  # a job's version: its work folder
         candidates.append(str(Path(home) / "jobs" / found.group(1) / "dataset"))
     for root in filter(None, candidates):
-        if (Path(root) / "images" / "train").is_dir() and (Path(root) / "data.yaml").is_file():
-            return Path(root)
-    return None
+        if _is_dataset(Path(root)):
+            return ParentDataset(Path(root), str(root))
+    uri = metrics.get("dataset_uri")
+    if not uri:
+        return ParentDataset(None)
+    try:
+        root = fetch_dataset(str(uri), Path(home) / "cache" / "datasets")
+    except (OSError, tarfile.TarError) as exc:  # missing, unreadable or cut short: replay falls back
+        return ParentDataset(None, str(uri), f"{name}'s dataset archive could not be read ({exc})")
+    if not _is_dataset(root):
+        return ParentDataset(None, str(uri), f"{name}'s dataset archive {uri} holds no detect/segment dataset")
+    return ParentDataset(root, str(uri))
+
+
+def parent_dataset(metrics: Mapping[str, Any], name: str, home: Path) -> Path | None:
+    """The parent's dataset folder on this machine (fetched from the artifact store if need be), or None."""
+    return find_parent_dataset(metrics, name, home).root
 
 
 def dataset_replay(root: Path, class_names: Sequence[str], exclude_tasks: set[int], count: int,
@@ -98,7 +132,7 @@ def dataset_replay(root: Path, class_names: Sequence[str], exclude_tasks: set[in
     root = Path(root)
     names = _dataset_classes(root)
     ids = {n: i for i, n in enumerate(class_names)}
-    files = sorted((root / "images" / "train").glob("*.png"))
+    files = sorted(f for f in (root / "images" / "train").glob("*.png") if not f.stem.startswith("replay_"))
     order = np.random.default_rng(seed).permutation(len(files))
     out: list[ReplayItem] = []
     for k in order:
@@ -169,20 +203,21 @@ def gather_replay(dataset, parent_metrics: Mapping[str, Any], parent_name: str, 
         return [], ""
     count = replay_count(dataset.train)
     have = existing_task_ids(dataset.root)
-    root = parent_dataset(parent_metrics, parent_name, home)
-    if root is not None:
-        items = dataset_replay(root, dataset.class_names, have, count, seed)
+    found = find_parent_dataset(parent_metrics, parent_name, home)
+    if found.root is not None:
+        items = dataset_replay(found.root, dataset.class_names, have, count, seed)
         if items:
-            return items, f"replaying {len(items)} images of {parent_name}'s own training data ({root})"
+            return items, f"replaying {len(items)} images of {parent_name}'s own training data ({found.source})"
+    said = f"{found.problem}; " if found.problem else ""
     images = unlabelled(have, count)
     ids = {n: i for i, n in enumerate(dataset.class_names)}
     items = pseudo_replay(parent_adapter(), images, ids, count, label_map=label_map) if images else []
     if not items:
-        return [], f"nothing to replay: {parent_name}'s training data is not here and no task is left unlabelled"
+        return [], f"{said}nothing to replay: {parent_name}'s training data is not here and no task is left unlabelled"
     boxes = sum(len(i.lines) for i in items)
-    return items, (f"replaying {len(items)} unlabelled tasks with {parent_name}'s own confident boxes "
+    return items, (f"{said}replaying {len(items)} unlabelled tasks with {parent_name}'s own confident boxes "
                    f"({boxes} pseudo-labels at confidence ≥ {PSEUDO_CONF})")
 
 
 __all__ = ["gather_replay", "unlabelled_images", "FEW_IMAGES", "FROZEN_LAYERS", "MAX_REPLAY", "ReplayItem", "Schedule", "choose_schedule", "dataset_replay",
-           "existing_task_ids", "parent_dataset", "pseudo_replay", "replay_count"]
+           "existing_task_ids", "find_parent_dataset", "parent_dataset", "ParentDataset", "pseudo_replay", "replay_count"]

@@ -173,6 +173,9 @@ def run(job_id: int, settings: Settings) -> None:
     if dataset.val < FEW_VAL_IMAGES:
         log(f"only {dataset.val} frozen validation images: the promotion verdict below is noisy — annotate more "
             "tasks before trusting it")
+    # the export as it is (before any replay), where every replica can replay it from as this version's data
+    dataset_uri = artifacts.put_dataset(dataset.root, job.project_id, dataset.snapshot)
+    log(f"dataset stored at {dataset_uri}")
     # replay what the parent knew, and the schedule measured for it (backend/training/replay.py)
     items, said = gather_replay(
         dataset, serving.metrics, serving.name, settings.home,
@@ -209,6 +212,7 @@ def run(job_id: int, settings: Settings) -> None:
         log(f"what the gate can resolve: {resolution.describe()}")
     metrics = {"candidate": new, "serving": old, "serving_version": serving.version, "dataset": dataset.snapshot,
                "train": dataset.train, "val": dataset.val, "replay": replayed, "dataset_root": str(dataset.root),
+               "dataset_uri": dataset_uri,
                "gate_resolution": None if resolution is None else asdict(resolution)}
     uri = artifacts.put(target, "models", "versions", f"{stem}.pt")  # where every replica can load it from
     registry.add_candidate(candidate.version, stem, candidate.task.value, uri, serving.version,
