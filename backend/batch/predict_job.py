@@ -7,10 +7,10 @@ Label Studio the stored ones Label Studio does not show yet (a kill between the 
 predicted twice. The keys are /predict's (`task_key` under the same `ServingPlan`), so "Retrieve
 predictions" afterwards answers from the store.
 
-Memory is bounded: one page of task references, and at most two chunks of decoded images (the one being
-predicted and the next, fetched meanwhile by `concurrency` threads). Label Studio's bulk import of a chunk
-runs on a writer thread beside the next chunks' inference, `write_batch` predictions a request (at most two
-requests queued).
+Memory is bounded: one page of task references, and at most two chunks of images (decoded, or their bytes for
+the GPU engine): the one being predicted and the next, fetched meanwhile by `concurrency` threads. Label
+Studio's bulk import of a chunk runs on a writer thread beside the next chunks' inference, `write_batch`
+predictions a request (at most two requests queued).
 """
 
 from __future__ import annotations
@@ -49,6 +49,12 @@ class ImageLoader(Protocol):
     def load(self, url: str, task_id: int | None = None, deadline: float | None = None) -> LoadedImage: ...
 
 
+class BytesLoader(Protocol):
+    """What a job whose chunks decode their own images (the GPU engine) fetches with: encoded bytes."""
+
+    def load_bytes(self, url: str, task_id: int | None = None, deadline: float | None = None) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class JobOptions:
     concurrency: int = 4  # parallel image fetches
@@ -62,7 +68,7 @@ class Cancelled(Exception):
 
 
 class _Prefetched:
-    """The fetcher the Predictor sees for one chunk: images fetched ahead by the job's own threads."""
+    """The fetcher the Predictor sees for one chunk: images (or their bytes) fetched ahead by the job's threads."""
 
     def __init__(self) -> None:
         self.ready: dict[tuple[int | None, str], Future] = {}
@@ -76,21 +82,28 @@ class _Prefetched:
             raise result
         return result
 
+    load_bytes = load  # the futures hold bytes when the job fetches encoded images
+
     def close(self) -> None:
         self.ready.clear()
 
 
 class PredictJob:
     """One run over a project. `on_progress(progress)` is called after every chunk (records, bars, metrics);
-    `should_stop()` is checked between chunks (a cancelled job stops after the chunk in hand)."""
+    `should_stop()` is checked between chunks (a cancelled job stops after the chunk in hand).
+    `encoded`: fetch encoded bytes (`fetcher.load_bytes`), not decoded images, for a `predict_chunk` that
+    decodes them itself (the GPU engine, backend/batch/gpu_engine.py)."""
 
     def __init__(self, plan: ServingPlan, source: TaskSource, fetcher: ImageLoader, store: PredictionRepo,
                  writer: Writer, project_id: int, options: JobOptions = JobOptions(),
                  on_progress: Callable[[Progress], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 predict_chunk: Callable[[Sequence[Mapping[str, Any]], _Prefetched], list] | None = None) -> None:
+                 predict_chunk: Callable[[Sequence[Mapping[str, Any]], _Prefetched], list] | None = None,
+                 encoded: bool = False) -> None:
         self.plan, self.source, self.fetcher, self.store, self.writer = plan, source, fetcher, store, writer
-        self.project_id, self.options = project_id, options
+        self.project_id, self.options, self.encoded = project_id, options, encoded
+        if encoded and predict_chunk is None:
+            raise ValueError("encoded=True needs a predict_chunk that decodes the bytes")
         self.on_progress = on_progress or (lambda p: None)
         self.should_stop = should_stop or (lambda: False)
         self._prefetched = _Prefetched()
@@ -157,9 +170,11 @@ class PredictJob:
             yield pending
 
     def _fetch(self, pool: ThreadPoolExecutor, chunk: list[dict[str, Any]]) -> dict:
-        def one(url: str, tid: int) -> LoadedImage | MediaError:
+        load = self.fetcher.load_bytes if self.encoded else self.fetcher.load  # type: ignore[attr-defined]
+
+        def one(url: str, tid: int) -> LoadedImage | bytes | MediaError:
             try:
-                return self.fetcher.load(url, task_id=tid)
+                return load(url, task_id=tid)
             except MediaError as exc:
                 return exc
             except Exception as exc:  # noqa: BLE001 - a task's own failure, never the job's

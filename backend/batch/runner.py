@@ -108,15 +108,20 @@ def open_job(records: PredictJobs, project_id: int, runner: str, params: dict[st
 def run_project(settings: Settings, project_id: int, *, model: str | None = None, options: JobOptions = JobOptions(),
                 runner: str = "local", job_id: int | None = None,
                 on_progress: Callable[[Progress], None] | None = None,
-                on_job: Callable[[Job], None] | None = None, handed_by: str | None = None) -> tuple[Job, Progress]:
-    """Claim (or create) the job, run it to the end, record the outcome. Raises what stopped it."""
+                on_job: Callable[[Job], None] | None = None, handed_by: str | None = None,
+                engine: str = "auto") -> tuple[Job, Progress]:
+    """Claim (or create) the job, run it to the end, record the outcome. Raises what stopped it.
+    `engine` (local runner): pipeline (GPU decode from bytes), adapter, or auto (backend/batch/gpu_engine.py)."""
     from label_studio_sdk import LabelStudio
 
+    from backend.batch.gpu_engine import ENGINES, choose_engine, pipeline_chunk_predictor, pipeline_for
     from backend.media.fetch import MediaFetcher
     from backend.storage.predictions import PredictionRepo
 
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown predict engine {engine!r}: {', '.join(ENGINES)}")
     records = PredictJobs(settings.database_url)
-    params = {"model": model, "concurrency": options.concurrency, "batch": options.batch}
+    params = {"model": model, "concurrency": options.concurrency, "batch": options.batch, "engine": engine}
     holder = new_holder_id()
     job = open_job(records, project_id, runner, params, holder, job_id, handed_by)
     if on_job:
@@ -140,7 +145,7 @@ def run_project(settings: Settings, project_id: int, *, model: str | None = None
     def cancelled() -> bool:  # cancelled, or the lease was taken by another runner: stop after this chunk
         return lost[0]
 
-    store = None
+    store = pipeline = None
     try:
         prepared = prepare(settings, project_id, model)
         client = LabelStudio(base_url=prepared.url, api_key=prepared.token)
@@ -151,22 +156,29 @@ def run_project(settings: Settings, project_id: int, *, model: str | None = None
         if runner == "modal":
             from infra.modal_predict import modal_chunk_predictor
 
-            chunk = modal_chunk_predictor(prepared.plan, prepared.spec, job.id)
+            chunk, encoded = modal_chunk_predictor(prepared.plan, prepared.spec, job.id), False
+        elif choose_engine(engine, prepared.adapter) == "pipeline":
+            pipeline = pipeline_for(prepared.adapter, media.max_pixels)
+            chunk, encoded = pipeline_chunk_predictor(prepared.plan, pipeline, options.role), True
         else:
-            chunk = None
-        engine = PredictJob(prepared.plan, LabelStudioTasks(client, project_id), fetcher, store,
-                            LabelStudioWriter(client, project_id), project_id, options, progress, cancelled, chunk)
-        result = engine.run()
+            chunk, encoded = None, False
+        log.info("predict job %s: %s engine", job.id, "GPU pipeline" if pipeline is not None else runner + " adapter")
+        work = PredictJob(prepared.plan, LabelStudioTasks(client, project_id), fetcher, store,
+                          LabelStudioWriter(client, project_id), project_id, options, progress, cancelled, chunk,
+                          encoded=encoded)
+        result = work.run()
         fetcher.close()
     except Cancelled:
         log.warning("predict job %s stopped: cancelled, or its lease was taken", job.id)
-        return records.get(job.id), engine.progress  # type: ignore[return-value]
+        return records.get(job.id), work.progress  # type: ignore[return-value]
     except BaseException as exc:
         records.finish(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         if store is not None:
             store.close()
+        if pipeline is not None:
+            pipeline.close()
     records.set_progress(job.id, holder, result.as_dict())
     records.finish(job.id, "succeeded")
     return records.get(job.id), result  # type: ignore[return-value]

@@ -22,6 +22,10 @@ def predict(
     job: Annotated[int | None, typer.Option(help="Resume this predict job (default: the project's job whose "
                                                  "runner died, else a new one).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda:0 … (default: CUDA when present).")] = None,
+    engine: Annotated[str, typer.Option(help="pipeline (YOLO detect/segment: images decoded, letterboxed and "
+                                             "predicted on the GPU from their bytes), adapter (the model as "
+                                             "/predict serves it), or auto: pipeline on CUDA where it serves "
+                                             "the model, else adapter.")] = "auto",
     home: Home = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar (the server's worker).")] = False,
     handed_by: Annotated[str | None, typer.Option(hidden=True, envvar="TANDEM_PREDICT_HANDED_BY",
@@ -39,6 +43,8 @@ def predict(
     setup_logging("warning")
     if runner not in ("local", "modal"):
         raise typer.BadParameter("--runner must be local or modal")
+    if engine not in ("auto", "pipeline", "adapter"):
+        raise typer.BadParameter("--engine must be auto, pipeline or adapter")
     settings = load_settings(home=home, device=device)
     options = JobOptions(concurrency=concurrency, batch=batch)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -56,7 +62,8 @@ def predict(
 
         try:
             record, result = run_project(settings, project, model=model, options=options, runner=runner, job_id=job,
-                                         on_progress=on_progress, on_job=on_job, handed_by=handed_by)
+                                         on_progress=on_progress, on_job=on_job, handed_by=handed_by,
+                                         engine=engine)
         except TandemError as exc:
             console.print(f"[red]error:[/] {exc}")
             raise typer.Exit(2) from exc

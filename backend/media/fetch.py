@@ -232,6 +232,13 @@ class MediaFetcher:
 
         `deadline` (a time.monotonic() value) shortens the download deadline, e.g. to a request's budget.
         """
+        return self._load(url, task_id, deadline, decode=True)  # type: ignore[return-value]
+
+    def load_bytes(self, url: str, task_id: int | None = None, deadline: float | None = None) -> bytes:
+        """The task's encoded image, checked and fetched as `load` does but not decoded (a GPU decodes it)."""
+        return self._load(url, task_id, deadline, decode=False)  # type: ignore[return-value]
+
+    def _load(self, url: str, task_id: int | None, deadline: float | None, decode: bool) -> LoadedImage | bytes:
         own = time.monotonic() + self.settings.download_deadline_s
         deadline = own if deadline is None else min(deadline, own)
         if isinstance(url, str) and url.startswith(INVALID_TASK_PREFIX):
@@ -241,6 +248,8 @@ class MediaFetcher:
         try:
             url = check_text(url.strip())
             data = self._read_bytes(url, task_id, deadline)
+            if not decode:
+                return data
             return LoadedImage(image=self._decode(data, url, deadline), source=url)
         except MediaError:
             raise

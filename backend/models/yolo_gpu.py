@@ -333,13 +333,20 @@ class GpuYoloPipeline:
                 tensors = [torch.from_numpy(np.array(im.convert("RGB") if im.mode != "RGB" else im, dtype=np.uint8))
                            .permute(2, 0, 1).to(self._device) for im in chunk]
                 prepared = self._letterbox(list(range(len(chunk))), tensors, {})
-                outputs.extend(r for _, r in self._infer(prepared))
+                outputs.extend(r for _, r, _ in self._infer(prepared))
         return outputs
 
     def stream(self, sources: Iterable[tuple[Any, bytes | Callable[[], bytes]]], fetch_workers: int = 8
                ) -> Iterator[tuple[Any, ModelOutput | MediaError]]:
         """(key, Prediction | MediaError) for each source, in order; the next batches are read, decoded and
         letterboxed in a producer thread while this one runs the network."""
+        for key, result, _ in self.stream_sized(sources, fetch_workers):
+            yield key, result
+
+    def stream_sized(self, sources: Iterable[tuple[Any, bytes | Callable[[], bytes]]], fetch_workers: int = 8
+                     ) -> Iterator[tuple[Any, ModelOutput | MediaError, tuple[int, int] | None]]:
+        """As `stream`, with each decoded image's (width, height) as shown (EXIF applied; None on error):
+        Label Studio's regions are percentages of it, and only the decoder knows it."""
         with self._lock:
             q: queue.Queue = queue.Queue(maxsize=self.prefetch)
             stop = threading.Event()
@@ -424,15 +431,16 @@ class GpuYoloPipeline:
         return _Prepared(keys, letterbox_batch(tensors, shape, placements), placements, rows, errors)
 
     # -- consumer ----------------------------------------------------------------------------------------
-    def _infer(self, prep: _Prepared) -> Iterator[tuple[Any, ModelOutput | MediaError]]:
+    def _infer(self, prep: _Prepared) -> Iterator[tuple[Any, ModelOutput | MediaError, tuple[int, int] | None]]:
         results: dict[int, ModelOutput] = {}
+        sizes = {row: (p.width, p.height) for row, p in zip(prep.rows, prep.placements)}
         if prep.batch is not None:
             if prep.ready is not None:
                 torch.cuda.current_stream(self._device).wait_event(prep.ready)
                 prep.batch.record_stream(torch.cuda.current_stream(self._device))
             results = dict(zip(prep.rows, self._forward(prep.batch, prep.placements)))
         for i, key in enumerate(prep.keys):
-            yield key, prep.errors[i] if i in prep.errors else results[i]
+            yield key, prep.errors[i] if i in prep.errors else results[i], sizes.get(i)
 
     def _forward(self, batch: torch.Tensor, placements: list[Placement]) -> list[ModelOutput]:
         from ultralytics.utils import nms

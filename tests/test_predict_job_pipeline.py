@@ -1,0 +1,172 @@
+"""The predict job on its GPU engine (`--engine pipeline`), run here on the pipeline's CPU path: fed the encoded
+bytes the real fetcher reads (local files), it stores the same predictions as the adapter engine, EXIF-rotated
+JPEGs and PNGs included; a corrupt image fails its own task with the reason; a rerun predicts nothing again.
+Label Studio's two boundaries (the task pager and the bulk writer) are small in-memory implementations of the
+job's protocols; the model, the store (SQLite) and the fetcher are the real ones."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from backend.batch.gpu_engine import choose_engine, pipeline_chunk_predictor, pipeline_for
+from backend.batch.predict_job import JobOptions, PredictJob
+from backend.batch.tasks import TaskRef
+from backend.datasets.shapes import generate_samples
+from backend.errors import ConfigError
+from backend.media.fetch import MediaFetcher, MediaSettings
+from backend.predict import plan_for, task_key
+from backend.storage.predictions import PredictionRepo
+from tests.test_server import RECT
+from tests.test_yolo_gpu_pipeline import BOX_TOL, SCORE_TOL, encode
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class MemoryTasks:
+    def __init__(self, refs: list[TaskRef], page: int = 4) -> None:
+        self.refs, self.page = refs, page
+
+    def count(self) -> int:
+        return len(self.refs)
+
+    def pages(self) -> Iterator[list[TaskRef]]:
+        for start in range(0, len(self.refs), self.page):
+            yield self.refs[start:start + self.page]
+
+
+class MemoryWriter:
+    def __init__(self) -> None:
+        self.items: dict[int, Mapping[str, Any]] = {}
+
+    def write(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
+        for tid, item in items:
+            assert tid not in self.items, f"task {tid} written twice"
+            self.items[tid] = item
+        return len(items)
+
+
+class CountingFetcher(MediaFetcher):
+    """The real fetcher, counting which kind of load the job asked for."""
+
+    def __init__(self, settings: MediaSettings) -> None:
+        super().__init__(settings)
+        self.decoded = self.encoded = 0
+
+    def load(self, url, task_id=None, deadline=None):
+        self.decoded += 1
+        return super().load(url, task_id, deadline)
+
+    def load_bytes(self, url, task_id=None, deadline=None):
+        self.encoded += 1
+        return super().load_bytes(url, task_id, deadline)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[MediaSettings, list[TaskRef]]:
+    """12 tasks: JPEGs with EXIF rotations and sizes, PNGs, a grey JPEG, one corrupt file (task 112)."""
+    root = tmp_path_factory.mktemp("images")
+    files: dict[str, bytes] = {}
+    for i, (img, _) in enumerate(generate_samples(11, seed=24, size=(320, 240))):
+        if i < 6:
+            files[f"{i}.jpg"] = encode(img if i % 2 else img.resize((300, 260)), "JPEG", orientation=(1, 6, 8, 3, 5, 2)[i])
+        elif i < 10:
+            files[f"{i}.png"] = encode(img if i % 2 else img.resize((400, 230)), "PNG")
+        else:
+            files[f"{i}.jpg"] = encode(img.convert("L"), "JPEG", orientation=6)
+    files["corrupt.jpg"] = b"\xff\xd8\xff\xe0 not really a JPEG"
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    refs = [TaskRef(101 + i, {"image": f"/data/local-files/?d={name}"}, frozenset())
+            for i, name in enumerate(files)]
+    return MediaSettings(local_files_root=root), refs
+
+
+def run_job(plan, media, refs, db, engine: str, adapter=None) -> tuple[PredictJob, MemoryWriter, PredictionRepo,
+                                                                        CountingFetcher]:
+    store, writer, fetcher = PredictionRepo(f"sqlite:///{db}"), MemoryWriter(), CountingFetcher(media)
+    options = JobOptions(concurrency=2, batch=5)
+    if engine == "pipeline":
+        pipeline = pipeline_for(adapter, media.max_pixels)
+        job = PredictJob(plan, MemoryTasks(refs), fetcher, store, writer, 7, options,
+                         predict_chunk=pipeline_chunk_predictor(plan, pipeline), encoded=True)
+    else:
+        pipeline = None
+        job = PredictJob(plan, MemoryTasks(refs), fetcher, store, writer, 7, options)
+    try:
+        job.run()
+    finally:
+        fetcher.close()
+        if pipeline is not None:
+            pipeline.close()
+    return job, writer, store, fetcher
+
+
+def test_pipeline_engine_stores_what_the_adapter_engine_stores(detect_adapter, project, tmp_path):
+    media, refs = project
+    plan = plan_for(detect_adapter, RECT)
+    a_job, a_writer, a_store, a_fetch = run_job(plan, media, refs, tmp_path / "a.sqlite3", "adapter")
+    p_job, p_writer, p_store, p_fetch = run_job(plan, media, refs, tmp_path / "p.sqlite3", "pipeline", detect_adapter)
+    assert (a_fetch.decoded, a_fetch.encoded) == (12, 0)
+    assert (p_fetch.decoded, p_fetch.encoded) == (0, 12)  # bytes in: decoding is the pipeline's
+
+    for job in (a_job, p_job):
+        p = job.progress
+        assert (p.total, p.done, p.predicted, p.written, p.failed, p.remaining) == (12, 11, 11, 11, 1, 0)
+        assert list(p.failures) == ["112"]
+        assert "corrupt or not an image" in p.failures["112"] and "corrupt.jpg" in p.failures["112"]
+
+    tasks = [r.as_task() for r in refs[:11]]
+    keys = [task_key(t, plan) for t in tasks]
+    a_items, p_items = a_store.get_items(keys), p_store.get_items(keys)
+    a_typed, p_typed = a_store.get_controls(keys), p_store.get_controls(keys)
+    assert len(a_items) == len(p_items) == 11
+    boxes = 0
+    for task, key in zip(tasks, keys, strict=True):
+        ai, pi = a_items[key], p_items[key]
+        assert p_writer.items[task["id"]] == pi and a_writer.items[task["id"]] == ai  # stored = written
+        assert pi["model_version"] == ai["model_version"] == plan.version
+        assert pi["score"] == pytest.approx(ai["score"], abs=SCORE_TOL)
+        assert len(pi["result"]) == len(ai["result"])
+        for ra, rp in zip(ai["result"], pi["result"], strict=True):
+            assert (rp["original_width"], rp["original_height"]) == (ra["original_width"], ra["original_height"])
+            assert rp["value"]["rectanglelabels"] == ra["value"]["rectanglelabels"]
+            tol = 100 * BOX_TOL / min(ra["original_width"], ra["original_height"])  # half a pixel, in percent
+            for field in ("x", "y", "width", "height"):
+                assert rp["value"][field] == pytest.approx(ra["value"][field], abs=tol)
+            assert rp["score"] == pytest.approx(ra["score"], abs=SCORE_TOL)
+        da, dp = a_typed[key]["label"].detections, p_typed[key]["label"].detections
+        boxes += len(da)
+        assert dp.class_id.tolist() == da.class_id.tolist()
+        np.testing.assert_allclose(dp.xyxy, da.xyxy, atol=BOX_TOL)
+        np.testing.assert_allclose(dp.confidence, da.confidence, atol=SCORE_TOL)
+        np.testing.assert_allclose(dp.data["class_scores"], da.data["class_scores"], atol=SCORE_TOL)
+    assert boxes >= 8, "the starter model should find shapes here"
+    rotated = p_items[keys[1]]["result"]  # EXIF 6 on a 320x240 JPEG: shown 240 wide, 320 high
+    assert rotated and (rotated[0]["original_width"], rotated[0]["original_height"]) == (240, 320)
+
+    # resumed on the same store: nothing predicted twice, the corrupt image fails again with its reason
+    again, writer, _, _ = run_job(plan, media, [TaskRef(r.id, r.data, frozenset({plan.version}))
+                                                for r in refs], tmp_path / "p.sqlite3", "pipeline", detect_adapter)
+    assert (again.progress.predicted, again.progress.done, again.progress.failed) == (0, 11, 1)
+    assert writer.items == {}
+
+
+def test_auto_picks_the_pipeline_only_on_cuda_for_yolo_detect_segment(detect_adapter, classify_adapter):
+    assert choose_engine("auto", detect_adapter) == "adapter"  # on the CPU the adapter (OpenVINO) pays better
+    assert choose_engine("adapter", detect_adapter) == "adapter"
+    assert choose_engine("pipeline", detect_adapter) == "pipeline"
+    on_gpu = copy.copy(detect_adapter)
+    on_gpu.device = "cuda:0"  # the rule reads the served device only
+    assert choose_engine("auto", on_gpu) == "pipeline"
+    classify_on_gpu = copy.copy(classify_adapter)
+    classify_on_gpu.device = "cuda:0"
+    assert choose_engine("auto", classify_on_gpu) == "adapter"
+    with pytest.raises(ConfigError, match="classify model"):
+        choose_engine("pipeline", classify_adapter)
+    with pytest.raises(ConfigError, match="unknown predict engine"):
+        choose_engine("fast", detect_adapter)
