@@ -35,6 +35,9 @@ class PredictJobRequest(BaseModel):
     runner: Literal["local", "modal"] = "local"
     concurrency: int = Field(4, ge=1, le=64, description="Parallel image fetches.")
     batch: int = Field(16, ge=1, le=512, description="Tasks per chunk.")
+    engine: Literal["auto", "pipeline", "adapter"] = Field(
+        "auto", description="pipeline: YOLO detect/segment decoded on the GPU from the images' bytes; adapter: the "
+                            "served adapter; auto: the pipeline on CUDA where it applies.")
 
 
 def _records(state: ServerState) -> PredictJobs:
@@ -48,7 +51,7 @@ def log_path(home: Path, job_id: int) -> Path:
 def _spawn(state: ServerState, job_id: int, body: PredictJobRequest, handed_by: str | None) -> None:
     settings = state.settings
     argv = [sys.executable, "-m", "backend.cli", "predict", "--project", str(body.project), "--job", str(job_id),
-            "--runner", body.runner, "--concurrency", str(body.concurrency), "--batch", str(body.batch), "--quiet"]
+            "--runner", body.runner, "--concurrency", str(body.concurrency), "--batch", str(body.batch), "--engine", body.engine, "--quiet"]
     if body.model:
         argv += ["--model", body.model]
     path = log_path(settings.home, job_id)
