@@ -176,6 +176,9 @@ def test_a_job_on_a_few_corrections_replays_the_parents_boxes_and_says_what_the_
     assert m["train"] + m["val"] == 12 and m["replay"] == min(2 * m["train"], 18)  # 18 tasks left unlabelled
     assert f"replaying {m['replay']} unlabelled tasks with" in log and "pseudo-labels" in log
     assert "the whole network is fine-tuned" in log
+    from backend.storage.artifacts import exists  # the export is in the store, where any replica replays it from
+    assert m["dataset_uri"].endswith(".tar") and exists(m["dataset_uri"]) and f"dataset stored at {m['dataset_uri']}" in log
+    assert f"/datasets/p{project.id}/{m['dataset']}-" in m["dataset_uri"]
     res = m["gate_resolution"]
     assert res["images"] == m["val"] and res["low"] <= res["high"]
     assert f"what the gate can resolve: frozen split of {m['val']} images" in log
