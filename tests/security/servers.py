@@ -37,6 +37,7 @@ class Recorder:
                     recorder.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
                     recorder.active += 1
                     recorder.peak = max(recorder.peak, recorder.active)
+                    self.counted = True
                 try:
                     route = recorder.routes.get(self.path.split("?")[0])
                     if route is None:
@@ -50,8 +51,7 @@ class Recorder:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 finally:
-                    with recorder._lock:
-                        recorder.active -= 1
+                    recorder.leave(self)
 
         self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
@@ -59,6 +59,14 @@ class Recorder:
         self.port = self.server.server_address[1]
         self.url = f"http://{host}:{self.port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def leave(self, req) -> None:
+        """A request stops counting as active once: a handler may leave before its last byte, since the client can
+        finish, free its slot and send the next request before this handler's thread gets to run again."""
+        with self._lock:
+            if getattr(req, "counted", False):
+                req.counted = False
+                self.active -= 1
 
     def redirect(self, path: str, location: str, status: int = 302) -> None:
         def handler(req):
@@ -77,6 +85,8 @@ class Recorder:
             for i in range(total):
                 if i:
                     time.sleep(every)
+                if i == total - 1:
+                    self.leave(req)  # the client may be done the moment this byte arrives
                 req.wfile.write(b"x")
                 req.wfile.flush()
         self.routes[path] = handler
