@@ -310,3 +310,10 @@ def test_predict_job_records_hand_over_and_take_over_once(db_url):
     assert jobs.get(job.id).progress == progress  # and what it sent is not written
     assert jobs.cancel(job.id) and not jobs.finish(job.id, "succeeded")
     assert jobs.get(job.id).status == JobStatus.CANCELLED and [j.id for j in jobs.list(BIG_ID)] == [job.id]
+
+
+def test_a_project_id_past_64_bits_is_no_project(tmp_path):
+    """/health?project=2**63 (a fuzzer found it) asks the repository for a project no column can hold."""
+    from backend.storage.projects import ProjectRepo
+
+    assert ProjectRepo(f"sqlite:///{tmp_path / 'p.sqlite3'}").get(2**63) is None

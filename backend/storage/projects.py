@@ -47,6 +47,8 @@ class ProjectRepo:
         self.engine = engine_for(url)
 
     def get(self, project_id: int) -> ProjectState | None:
+        if not -(2**63) <= project_id < 2**63:  # no 64-bit database column holds it: no such project
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(select(T).where(T.c.project_id == project_id)).mappings().first()
         return _state(row) if row else None
