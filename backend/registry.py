@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import func, insert, select, update
 
-from backend.storage.db import engine_for
+from backend.storage.db import engine_for, insert_for
 from backend.storage.tables import model_versions as mv
 from backend.storage.tables import project_versions, webhook_events
 
@@ -48,11 +48,7 @@ def _row(row) -> ModelVersion:
 
 
 def _upsert(conn, values: dict, on_conflict: dict):
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    stmt = dialect_insert(mv).values(**values)
+    stmt = insert_for(conn.dialect.name)(mv).values(**values)
     return stmt.on_conflict_do_update(index_elements=[mv.c.version],
                                       set_={k: getattr(stmt.excluded, k) for k in on_conflict})
 
@@ -155,11 +151,7 @@ class Registry:
     def record_synced(self, project_id: int, version: str) -> None:
         now = time.time()
         with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                from sqlalchemy.dialects.postgresql import insert as dialect_insert
-            else:
-                from sqlalchemy.dialects.sqlite import insert as dialect_insert
-            stmt = dialect_insert(project_versions).values(project_id=project_id, model_version=version, synced_at=now)
+            stmt = insert_for(conn.dialect.name)(project_versions).values(project_id=project_id, model_version=version, synced_at=now)
             conn.execute(stmt.on_conflict_do_update(index_elements=[project_versions.c.project_id],
                                                     set_={"model_version": version, "synced_at": now}))
 

@@ -47,6 +47,13 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def insert_for(dialect: str):
+    """The dialect's own `insert` (its ON CONFLICT clauses differ from Core's): PostgreSQL's or SQLite's."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
 def engine_for(url: str | Path) -> Engine:
     """Shared per URL and per process; the schema is at the newest revision when it returns."""
     from backend.storage.migrate import upgrade

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from backend.core.prediction import Prediction
-from backend.storage.db import engine_for
+from backend.storage.db import engine_for, insert_for
 from backend.storage.tables import predictions as T
 
 log = logging.getLogger("tandem.store")
@@ -67,8 +66,7 @@ def decode_controls(record: str | None, embedding: bool = True) -> dict[str, Pre
 
 def _upsert(dialect: str):
     """One statement executed for many rows (executemany): compiled once, not once per chunk of values."""
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(T)
+    stmt = insert_for(dialect)(T)
     keep = {c: stmt.excluded[c] for c in ("project_id", "role", "model_name", "item", "record", "created_at")}
     return stmt.on_conflict_do_update(index_elements=["task_id", "model_version", "fingerprint"], set_=keep)
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 
-from backend.storage.db import engine_for
+from backend.storage.db import engine_for, insert_for
 from backend.storage.tables import projects as T
 
 
@@ -69,7 +68,7 @@ class ProjectRepo:
                   "label_map": json.dumps(state.label_map), "prompts": json.dumps(state.prompts),
                   "extra_binding": json.dumps(state.extra_binding),
                   "updated_at": time.time()}
-        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        insert = insert_for(self.engine.dialect.name)
         stmt = insert(T).values(values)
         stmt = stmt.on_conflict_do_update(index_elements=["project_id"],
                                           set_={k: stmt.excluded[k] for k in values if k != "project_id"})

@@ -7,9 +7,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import and_, select
-from sqlalchemy.dialects import postgresql, sqlite
 
-from backend.storage.db import engine_for
+from backend.storage.db import engine_for, insert_for
 from backend.storage.predictions import fingerprint
 from backend.storage.tables import task_scores as T
 
@@ -58,7 +57,7 @@ class ScoreRepo:
                    "reason": s.reason, "task_fingerprint": s.task_fingerprint, "created_at": now} for s in scores]
         if not values:
             return 0
-        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        insert = insert_for(self.engine.dialect.name)
         stmt = insert(T)
         keep = {c: stmt.excluded[c] for c in ("project_id", "uncertainty", "disagreement", "reason",
                                               "task_fingerprint", "created_at")}

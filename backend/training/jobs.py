@@ -43,7 +43,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from backend.storage.db import engine_for
+from backend.storage.db import engine_for, insert_for
 from backend.storage.tables import ACTIVE_STATUSES, correction_events, corrections
 from backend.storage.tables import jobs as jobs_table
 
@@ -315,19 +315,11 @@ class JobStore:
 
 
 def _insert_ignore(conn, table, values: dict):
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    return dialect_insert(table).values(**values).on_conflict_do_nothing()
+    return insert_for(conn.dialect.name)(table).values(**values).on_conflict_do_nothing()
 
 
 def _upsert_increment(conn, project_id: int, now: float):
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    stmt = dialect_insert(corrections).values(project_id=project_id, count=1, updated_at=now)
+    stmt = insert_for(conn.dialect.name)(corrections).values(project_id=project_id, count=1, updated_at=now)
     return stmt.on_conflict_do_update(index_elements=[corrections.c.project_id],
                                       set_={"count": corrections.c.count + 1, "updated_at": now})
 
