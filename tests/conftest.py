@@ -121,3 +121,17 @@ def assert_matches_truth(xyxy: np.ndarray, labels: list[str], truth: ShapeSample
         j = int(iou[i].argmax())
         assert iou[i, j] >= min_iou, f"{truth.name}: {obj.label} best IoU {iou[i, j]:.2f}"
         assert labels[j].lower() == obj.label, f"{truth.name}: expected {obj.label}, got {labels[j]}"
+
+
+@pytest.fixture
+def memory_root():
+    """A fresh fsspec memory:// artifact root, removed afterwards (memory:// is one store per process)."""
+    import uuid
+
+    import fsspec
+
+    root = f"memory://tandem-{uuid.uuid4().hex[:8]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root[len("memory://"):]):
+        fs.rm(root[len("memory://"):], recursive=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-import uuid
 
 import fsspec
 import pytest
@@ -23,15 +22,6 @@ from backend.storage.artifacts import ArtifactStore, exists, local_path, localis
 from backend.training.jobs import JobStatus, JobStore
 from backend.training.runner import LocalRunner, job_log, log_path
 from backend.training.service import TrainingService
-
-
-@pytest.fixture
-def memory_root():
-    root = f"memory://tandem-{uuid.uuid4().hex[:8]}"
-    yield root
-    fs = fsspec.filesystem("memory")
-    if fs.exists(root[len("memory://"):]):
-        fs.rm(root[len("memory://"):], recursive=True)
 
 
 def test_a_local_root_keeps_plain_paths_and_writes_whole_files(tmp_path):

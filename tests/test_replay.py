@@ -185,19 +185,6 @@ def test_a_job_on_a_few_corrections_replays_the_parents_boxes_and_says_what_the_
     assert f"[{res['low']:+.3f}, {res['high']:+.3f}]" in log
 
 
-@pytest.fixture
-def memory_root():
-    import uuid
-
-    import fsspec
-
-    root = f"memory://tandem-replay-{uuid.uuid4().hex[:8]}"
-    yield root
-    fs = fsspec.filesystem("memory")
-    if fs.exists(root[len("memory://"):]):
-        fs.rm(root[len("memory://"):], recursive=True)
-
-
 def _no_pseudo_labels():
     raise AssertionError("the parent's dataset was there: no pseudo-labels")
 

@@ -28,6 +28,7 @@ from backend.serving import ModelHolder
 from backend.settings import Settings
 from backend.training.jobs import JobStatus, JobStore
 from backend.training.service import TrainingPolicy, TrainingService
+from tests.harness import until
 
 THREADS = 20
 
@@ -62,12 +63,7 @@ def replicas(settings):
 
 
 def _until(check, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
+    return until(check, timeout)
 
 
 def _together(n: int, fn):

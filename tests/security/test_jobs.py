@@ -28,6 +28,7 @@ from backend.settings import Settings
 from backend.training.jobs import JobStatus, JobStore
 from backend.training.runner import LocalRunner, mark_orphans, reap_abandoned, worker_alive
 from backend.training.service import TrainingPolicy, TrainingService
+from tests.harness import until as _until
 
 
 def _sleeper(seconds: float, code: int = 1) -> list[str]:
@@ -38,15 +39,6 @@ def _worker_like(seconds: float, job_id: int) -> subprocess.Popen:
     """A process whose command line is a training worker's for `job_id` (what /proc shows of a real one)."""
     return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})", "backend.training.worker",
                              str(job_id)], start_new_session=True)
-
-
-def _until(check, timeout: float = 15.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
 
 
 class FullDisk(JobStore):
