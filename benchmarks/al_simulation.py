@@ -37,6 +37,17 @@ al_human_seconds.md (`--summarise --human-seconds`).
 
     uv run python benchmarks/al_simulation.py --task detect --human-seconds --seeds 3
 
+Classification (`benchmarks/al_human_classify.py`): the same two arms from one round-0 YOLOv8n-cls on
+`run_seed`'s pool and test split; random chooses every class from scratch, Tandem auto-accepts the tasks where
+the CNN and the logistic-regression second opinion (refit on human labels only) agree above the calibrated
+threshold, and the annotator confirms (verify_class) or chooses (choose_class) on the hybrid queue. Results:
+al_<tag>_human_seed<S>.json (records as detection's, `test_map50` = top-1 accuracy) and
+al_human_seconds_classify.md.
+
+    for s in 0 1 2; do uv run python benchmarks/al_simulation.py --task classify --human-seconds \
+        --seed-list $s --threads 1 & done; wait
+    uv run python benchmarks/al_simulation.py --task classify --human-seconds --summarise
+
 `--strategies fixed` adds a control that no selection can beat: every round fine-tunes on the initial
 labels alone. What that curve climbs is training time, not labels — every strategy's curve holds it too,
 and the summary says how much of random's climb it is. A strategy run later in its own process joins a
@@ -454,7 +465,8 @@ def main() -> None:
     ap.add_argument("--summarise", action="store_true",
                     help="no training: summarise the per-seed files al_<tag>_seed<S>.json already in --out")
     ap.add_argument("--human-seconds", action="store_true",
-                    help="detection: the auto-accept arm beside random labelling, in human seconds (backend.demo_rounds)")
+                    help="the auto-accept arm beside random labelling, in human seconds (detection: "
+                         "backend.demo_rounds; classification: benchmarks.al_human_classify)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     if args.imbalance > 1 and args.task != "classify":
@@ -494,8 +506,9 @@ def main() -> None:
 
 
 def run_human_seconds(args, tag: str) -> None:
-    if args.task != "detect":
-        raise SystemExit("--human-seconds is implemented for --task detect (classification auto-accept: not yet)")
+    """Detection: `backend.demo_rounds`; classification: `benchmarks.al_human_classify` (same records, same savings)."""
+    from benchmarks.al_human_classify import human_seconds_classify_seed, summarise_classify
+
     if args.threads:
         import torch
 
@@ -504,14 +517,21 @@ def run_human_seconds(args, tag: str) -> None:
         seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
         for seed in seeds:
             t_seed = time.perf_counter()
+            path = args.out / f"al_{tag}_human_seed{seed}.json"
+            write = lambda saved: path.write_text(json.dumps(  # noqa: E731
+                {"seed": seed, "seconds": time.perf_counter() - t_seed, **saved}, indent=1))
             with tempfile.TemporaryDirectory(prefix="tandem-al-") as tmp:
-                records = human_seconds_seed(args, seed, Path(tmp))
-            (args.out / f"al_{tag}_human_seed{seed}.json").write_text(
-                json.dumps({"seed": seed, "seconds": time.perf_counter() - t_seed, "records": records}, indent=1))
-    results = {json.loads(f.read_text())["seed"]: json.loads(f.read_text())["records"]
-               for f in sorted(args.out.glob(f"al_{tag}_human_seed*.json"))}
-    if results:
-        print(summarise_human(results, args.out, tag))
+                if args.task == "classify":  # written after every round: a run stopped early keeps its rounds
+                    write(human_seconds_classify_seed(args, seed, Path(tmp), checkpoint=write))
+                else:
+                    write({"records": human_seconds_seed(args, seed, Path(tmp))})
+    files = {f: json.loads(f.read_text()) for f in sorted(args.out.glob(f"al_{tag}_human_seed*.json"))}
+    if not files:
+        return
+    if args.task == "classify":
+        print(summarise_classify({d["seed"]: d for d in files.values()}, args.out, tag))
+    else:
+        print(summarise_human({d["seed"]: d["records"] for d in files.values()}, args.out, tag))
 
 
 if __name__ == "__main__":
