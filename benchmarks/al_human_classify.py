@@ -295,6 +295,11 @@ def summarise_classify(results: dict[int, dict], out: Path, tag: str) -> str:
                     cell += f" (+{x['auto_accepted']} auto, {x['auto_correct']} right)"
                 cells.append(cell)
             lines.append(f"| {seed} | {arm} | " + " | ".join(cells) + " |")
+    # the headline share hangs on random's last round alone (and random saturates): the same ratio at every horizon
+    lines += ["", "## Share of random's human seconds Tandem needs to reach random's top-1 at each round", "",
+              "| seed | " + " | ".join(f"r{k}" for k in range(1, common + 1)) + " |", "|---" * (common + 1) + "|"]
+    for seed, res in sorted(results.items()):
+        lines.append(f"| {seed} | " + " | ".join(horizon_shares(res["records"])) + " |")
     lines += ["", "## Tandem's calibration, per round (agreed tasks in the pool; the verified agreed sample; "
               "the calibration's verdict)", ""]
     for seed, res in sorted(results.items()):
@@ -309,5 +314,22 @@ def summarise_classify(results: dict[int, dict], out: Path, tag: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ClassifyConfig", "human_seconds_classify_seed", "random_arm", "second_opinion", "summarise_classify",
+def horizon_shares(records: list[dict]) -> list[str]:
+    """Per round k ≥ 1: Tandem's seconds to reach random's top-1 at k, over random's seconds at k ("–": not
+    reached; "start": the round-0 CNN already had it, no saving claimed)."""
+    from backend.demo_rounds import seconds_to_reach
+
+    recs = [RoundRecord(**r) for r in records]
+    rnd = sorted((r for r in recs if r.arm == "random"), key=lambda r: r.round)
+    out = []
+    for row in rnd[1:]:
+        if row.test_map50 <= rnd[0].test_map50:
+            out.append("start")
+            continue
+        need = seconds_to_reach(recs, "tandem", row.test_map50)
+        out.append("–" if need is None else f"{need / row.human_seconds:.0%}")
+    return out
+
+
+__all__ = ["ClassifyConfig", "horizon_shares", "human_seconds_classify_seed", "random_arm", "second_opinion", "summarise_classify",
            "tandem_arm", "write_labels"]

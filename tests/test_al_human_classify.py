@@ -16,7 +16,12 @@ import pytest
 
 from active_learning.effort import EffortModel
 from backend.demo_rounds import RoundRecord, savings
-from benchmarks.al_human_classify import human_seconds_classify_seed, second_opinion, summarise_classify
+from benchmarks.al_human_classify import (
+    horizon_shares,
+    human_seconds_classify_seed,
+    second_opinion,
+    summarise_classify,
+)
 from benchmarks.al_simulation import draw_split
 
 ARGS = dict(pool=90, test=40, initial=20, budget=10, rounds=2, epochs0=3, epochs=1, imgsz=32, lr_finetune=0.002,
@@ -113,3 +118,14 @@ def test_summary_reads_seeds_to_the_rounds_all_finished(run, tmp_path):
     assert "- rounds: 1 (finished per seed: 0: 2, 1: 1)" in text
     summary = json.loads((tmp_path / "al_t_human_summary.json").read_text())
     assert summary["0"]["rounds"] == summary["1"]["rounds"] == 1
+
+
+def test_horizon_shares_divide_tandem_seconds_by_randoms():
+    def rec(arm, r, seconds, acc):
+        return dict(arm=arm, round=r, labelled=0, human_tasks=0, human_seconds=seconds, actions={}, test_map50=acc)
+
+    records = [rec("random", 0, 0, 0.5), rec("random", 1, 100, 0.5), rec("random", 2, 200, 0.7),
+               rec("random", 3, 300, 0.95), rec("tandem", 0, 0, 0.5), rec("tandem", 1, 50, 0.6),
+               rec("tandem", 2, 80, 0.9)]
+    # r1: no better than the start; r2: 0.7 is reached at 50 + (0.1/0.3)·30 = 60 s of random's 200; r3: never
+    assert horizon_shares(records) == ["start", "30%", "–"]
