@@ -195,3 +195,25 @@ def test_a_dataset_archive_cannot_write_outside_its_folder(tmp_path):
         fetch_dataset(str(archive), tmp_path / "cache" / "datasets")
     assert not list(tmp_path.rglob("escaped.txt"))
     assert not list((tmp_path / "cache" / "datasets").iterdir())  # nothing half-unpacked left behind
+
+
+def test_a_running_jobs_log_reaches_another_replica_while_it_runs(tmp_path, memory_root):
+    db = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    a = Settings(home=tmp_path / "a", db_url=db, artifacts=memory_root)
+    b = Settings(home=tmp_path / "b", db_url=db, artifacts=memory_root)
+    store = JobStore(a.database_url)
+    script = "import time; print('epoch 1/3', flush=True); time.sleep(2); print('epoch 2/3', flush=True); time.sleep(60)"
+    runner = LocalRunner(a, store, worker_argv=[sys.executable, "-c", script])
+    runner.log_every_s = 0.2
+    try:
+        job = store.create(1, "yolo", "local", "test")
+        runner.start(job)
+        deadline = time.monotonic() + 20
+        while "epoch 2/3" not in job_log(b, job.id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.get(job.id).status.active  # still running
+        assert not log_path(b.home, job.id).exists()
+        assert job_log(b, job.id).splitlines()[-2:] == ["epoch 1/3", "epoch 2/3"]  # B reads A's copy, as it grows
+        assert runner.cancel(job.id)
+    finally:
+        runner.close()

@@ -25,7 +25,7 @@ from backend.server.app import create_app
 from backend.serving import ModelHolder
 from backend.settings import Settings
 from backend.storage.predictions import PredictionRepo
-from tests.harness import ServerThread, png_bytes
+from tests.harness import ServerThread, png_bytes, until
 from tests.test_server import RECT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -82,6 +82,10 @@ def test_http_job_writes_in_bulk_counts_failures_and_retrieve_answers_from_the_s
         assert job["status"] == "succeeded", job
         assert httpx.get(f"{srv.url}/jobs/{job_id}").json()["progress"] == job["progress"]  # one job store
         assert job["kind"] == "predict"
+        logs = lambda: httpx.get(f"{srv.url}/jobs/{job_id}/logs").text  # noqa: E731 - its process's output
+        assert until(lambda: f"predict job {job_id}: succeeded" in logs()), logs()
+        stored = settings.home / "artifacts" / "jobs" / str(job_id) / "log.txt"  # what other replicas read
+        assert until(lambda: stored.exists() and f"predict job {job_id}: succeeded" in stored.read_text())
         progress = job["progress"]
         assert (progress["total"], progress["done"], progress["failed"], progress["remaining"]) == (n + 2, n, 2, 0)
         assert progress["model_version"] == version and progress["predicted"] == progress["written"] == n

@@ -37,6 +37,7 @@ from backend.training.lease import LeaseKeeper
 log = logging.getLogger("tandem.training")
 
 ADOPT_EVERY_S = 2.0
+LOG_EVERY_S = 5.0  # a running job's log is copied into the artifact store this often (when it grew)
 WORKER_MODULE = b"backend.training.worker"
 PRE_LEASE_HOLDER = "pid-runner (before leases)"  # what migration 0002 wrote on jobs the old runner held
 
@@ -88,6 +89,24 @@ def job_log(settings: Settings, job_id: int, lines: int = 200) -> str:
         return tail(path, lines)
     text = read_text(ArtifactStore.from_settings(settings).uri("jobs", job_id, "log.txt"))
     return "\n".join(text.splitlines()[-lines:]) if lines > 0 else ""
+
+
+def publish_log(artifacts: ArtifactStore, path: Path, job_id: int, published: dict[int, int] | None = None) -> None:
+    """Copy a job's log into the artifact store, where every replica's `GET /jobs/{id}/logs` finds it: while the job
+    runs (then only when it grew since the size in `published`) and once more when it ends."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return
+    if published is not None and published.get(job_id) == size:
+        return
+    try:
+        artifacts.put(path, "jobs", job_id, "log.txt")
+    except Exception:  # noqa: BLE001 - the log stays on this host; the job itself is unaffected
+        log.exception("job %s: copying its log into the artifact store", job_id)
+        return
+    if published is not None:
+        published[job_id] = size
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -152,6 +171,9 @@ class LocalRunner:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._last_adopt = 0.0
+        self.log_every_s = LOG_EVERY_S
+        self._last_logs = 0.0
+        self._published: dict[int, int] = {}  # job id -> log size last copied into the artifact store
         self.errors = 0  # reaper rounds that failed (and were retried)
         self.leases = LeaseKeeper(store, self.holder, self.lease_s, on_lost=self._lost)
         self.artifacts = ArtifactStore.from_settings(settings)
@@ -249,6 +271,9 @@ class LocalRunner:
                     if self.take_over:
                         self._take_over_queue()
                 self._start_queued()
+                if time.monotonic() - self._last_logs >= self.log_every_s:
+                    self._last_logs = time.monotonic()
+                    self._publish_running_logs()
                 pause = 0.5
             except Exception:  # noqa: BLE001 - the reaper outlives any error: a full disk, a locked database
                 self.errors += 1
@@ -278,15 +303,17 @@ class LocalRunner:
             if job is not None:
                 self._done(job)
 
+    def _publish_running_logs(self) -> None:
+        """Running workers' logs into the artifact store (when they grew): another replica shows a job as it runs."""
+        with self._lock:
+            running = list(self._procs)
+        for jid in running:
+            publish_log(self.artifacts, log_path(self.home, jid), jid, self._published)
+
     def _keep_log(self, job_id: int) -> None:
-        """The job's log into the artifact store, where every replica's `GET /jobs/{id}/logs` finds it."""
-        path = log_path(self.home, job_id)
-        if not path.exists():
-            return
-        try:
-            self.artifacts.put(path, "jobs", job_id, "log.txt")
-        except Exception:  # noqa: BLE001 - the log stays here; the job's outcome is already recorded
-            log.exception("job %s: keeping its log in the artifact store", job_id)
+        """The job's whole log into the artifact store once it ended."""
+        publish_log(self.artifacts, log_path(self.home, job_id), job_id)
+        self._published.pop(job_id, None)
 
     def _done(self, job: Job) -> None:
         if self.on_done is None:

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException
@@ -23,6 +22,8 @@ from backend.server.deps import get_state
 from backend.server.metrics import PredictJobCollector, ReportCollector, reports_dir
 from backend.server.protocol import Id
 from backend.server.state import ServerState
+from backend.storage.artifacts import ArtifactStore
+from backend.training.runner import LOG_EVERY_S, log_path, publish_log
 
 log = logging.getLogger("tandem.server")
 router = APIRouter(tags=["predict jobs"])
@@ -44,10 +45,6 @@ def _records(state: ServerState) -> PredictJobs:
     return PredictJobs(state.settings.database_url)
 
 
-def log_path(home: Path, job_id: int) -> Path:
-    return home / "predict-jobs" / f"{job_id}.log"
-
-
 def _spawn(state: ServerState, job_id: int, body: PredictJobRequest, handed_by: str | None) -> None:
     settings = state.settings
     argv = [sys.executable, "-m", "backend.cli", "predict", "--project", str(body.project), "--job", str(job_id),
@@ -60,8 +57,16 @@ def _spawn(state: ServerState, job_id: int, body: PredictJobRequest, handed_by: 
     with open(path, "ab") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
+    artifacts, published = ArtifactStore.from_settings(settings), {}
+
     def reap() -> None:  # collects the process; one that died before finishing its job fails it, with its log
-        code = proc.wait()
+        while True:  # meanwhile its log goes to the artifact store, as a training job's does
+            try:
+                code = proc.wait(timeout=LOG_EVERY_S)
+                break
+            except subprocess.TimeoutExpired:
+                publish_log(artifacts, path, job_id, published)
+        publish_log(artifacts, path, job_id)
         records = _records(state)
         job = records.get(job_id)
         holder = job.holder or "" if job else ""
