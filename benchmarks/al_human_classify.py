@@ -132,9 +132,9 @@ def tandem_arm(samples, initial, pool, test, w0: str, work: Path, config: Classi
     verify = choose = auto_tasks = auto_correct = spot = 0
     for r in range(1, config.rounds + 1):
         todo = [int(i) for i in pool if int(i) not in labels]
-        images = [samples[i].image for i in todo]
-        shown = predict(weights, images)
-        seen = second_opinion(samples, human, truth, todo)
+        # once every pool task is labelled (auto-accept can take all that is left at once) the arm only retrains
+        shown = predict(weights, [samples[i].image for i in todo]) if todo else []
+        seen = second_opinion(samples, human, truth, todo) if todo else []
         verdicts = [task_agreement(a, b) for a, b in zip(shown, seen, strict=True)]
         cal = calibrate(np.array(scores, float), np.array(right, bool), config.target, config.delta)
         accepted = [k for k, v in enumerate(verdicts) if v.accepted(cal.threshold)]

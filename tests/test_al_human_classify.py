@@ -129,3 +129,35 @@ def test_horizon_shares_divide_tandem_seconds_by_randoms():
                rec("tandem", 2, 80, 0.9)]
     # r1: no better than the start; r2: 0.7 is reached at 50 + (0.1/0.3)·30 = 60 s of random's 200; r3: never
     assert horizon_shares(records) == ["start", "30%", "–"]
+
+
+def test_tandem_arm_goes_on_retraining_once_the_pool_is_labelled(tmp_path):
+    """Auto-accept can take every task left at once; the rounds after that cost nothing and still retrain."""
+    from backend.core.prediction import Prediction
+    from benchmarks.al_human_classify import ClassifyConfig, tandem_arm
+    from benchmarks.digits_data import classification_set
+
+    samples = classification_set(0)
+    initial, pool = list(range(100)), list(range(100, 130))
+    index = {id(samples[i].image): i for i in pool}
+    fits: list[int] = []
+
+    def predict(_weights, images):  # a CNN that is always right: its top-1 is the truth, at 0.9
+        out = []
+        for image in images:
+            probs = np.full(10, 0.1 / 9)
+            probs[int(samples[index[id(image)]].labels[0])] = 0.9
+            out.append(Prediction(probabilities=probs, class_names=tuple(str(c) for c in range(10))))
+        return out
+
+    config = ClassifyConfig(rounds=4, budget=10, seed=0)
+    rows = list(tandem_arm(samples, initial, pool, [], "w0", tmp_path, config,
+                           lambda _d, w, r: fits.append(r) or w, lambda _w, _d: 0.5, predict,
+                           prefill=([0.0] * 200, [True] * 200)))
+    assert fits == [1, 2, 3, 4]  # every round retrains
+    assert rows[0][1]["auto_accepted"] > 0
+    last, note = rows[-1]
+    assert last.labelled == len(pool) == last.auto_tasks + last.human_tasks
+    assert note["pool_unlabelled"] == 0 and note["reviewed"] == 0 and note["auto_accepted"] == 0
+    assert last.human_seconds == rows[-2][0].human_seconds  # nothing left to pay for
+    assert last.auto_correct == last.auto_tasks  # the CNN is always right, so every agreed class is
