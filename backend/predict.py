@@ -89,6 +89,12 @@ class ServingPlan:
     def image_keys(self) -> list[str]:
         return sorted({c.control.image_key for c in self.controls})
 
+    def decode_side(self, key: str) -> int | None:
+        """The longer side every model reading image `key` resizes it to (`adapter.decode_side`), so that a large
+        JPEG may be decoded smaller; None when one of them needs the whole image."""
+        sides = [getattr(p.adapter, "decode_side", None) for p in self.controls if p.control.image_key == key]
+        return max(sides) if sides and all(sides) else None
+
     def unserved_controls(self) -> list[str]:
         """Tags of the config this model leaves to the annotator: ones of another task, and ones Tandem never fills."""
         served = {planned.control.name for planned in self.controls}
@@ -174,9 +180,11 @@ class Predictor:
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
-    def _fetch(self, task: Mapping[str, Any], key: str, deadline: float | None = None) -> LoadedImage | MediaError:
+    def _fetch(self, task: Mapping[str, Any], key: str, deadline: float | None = None,
+               min_side: int | None = None) -> LoadedImage | MediaError:
+        sized = {"min_side": min_side} if min_side else {}
         try:
-            return self.fetcher.load(image_url(task, key) or "", task_id=task.get("id"), deadline=deadline)
+            return self.fetcher.load(image_url(task, key) or "", task_id=task.get("id"), deadline=deadline, **sized)
         except MediaError as exc:
             return exc
 
@@ -192,18 +200,21 @@ class Predictor:
         """Per task: the Label Studio item and {control: Prediction in the control's labels} ({} on error).
         `embed` adds the model's image embedding to the first control's predictions (for diversity)."""
         keys = plan.image_keys
+        sides = {key: plan.decode_side(key) for key in keys}
         jobs = [(i, key) for i in range(len(tasks)) for key in keys]
         if len(jobs) == 1:  # a task being opened: no thread hop
-            loaded = {jobs[0]: self._fetch(tasks[0], jobs[0][1], deadline)}
+            loaded = {jobs[0]: self._fetch(tasks[0], jobs[0][1], deadline, sides[jobs[0][1]])}
         else:
-            loaded = dict(zip(jobs, self._pool.map(lambda j: self._fetch(tasks[j[0]], j[1], deadline), jobs), strict=True))
+            loaded = dict(zip(jobs, self._pool.map(lambda j: self._fetch(tasks[j[0]], j[1], deadline, sides[j[1]]),
+                                                   jobs), strict=True))
 
         outputs: dict[tuple[int, int, str], Any] = {}
         for c_idx, planned in enumerate(plan.controls):
             good = [i for i in range(len(tasks)) if isinstance(loaded[(i, planned.control.image_key)], LoadedImage)]
             images = [loaded[(i, planned.control.image_key)].image for i in good]
             for i, out in zip(good, planned.adapter.predict(images) if images else [], strict=True):
-                outputs[(c_idx, i, planned.control.image_key)] = out
+                # an image decoded smaller (LoadedImage.scale): its boxes back in the whole image's pixels
+                outputs[(c_idx, i, planned.control.image_key)] = out.scaled(*loaded[(i, planned.control.image_key)].scale)
 
         typed: dict[tuple[int, int], Prediction] = {}
         for c_idx, planned in enumerate(plan.controls):

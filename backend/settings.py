@@ -70,6 +70,7 @@ class Settings(BaseModel):
     max_downloads_per_host: int = Field(default=4, ge=1)  # at once, per host other than Label Studio
     max_decode_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)  # memory one image may take to decode
     max_cache_bytes: int = Field(default=2 * 1024 * 1024 * 1024, ge=0)  # the on-disk media cache
+    reduced_decode: bool = True  # TANDEM_REDUCED_DECODE=0: always decode every pixel (see backend.media.fetch)
     db_url: str | None = None  # TANDEM_DATABASE_URL; None: SQLite under home
     artifacts: str | None = None  # TANDEM_ARTIFACTS: fsspec URL or folder; None: home/artifacts
     lease_seconds: float = Field(default=30.0, gt=0)  # a job whose runner stops heartbeating this long fails
@@ -149,6 +150,7 @@ class Settings(BaseModel):
             "max_downloads_per_host": int(_env("TANDEM_MAX_DOWNLOADS_PER_HOST") or 4),
             "max_decode_bytes": int(_env("TANDEM_MAX_DECODE_BYTES") or 1024 * 1024 * 1024),
             "max_cache_bytes": int(_env("TANDEM_MAX_CACHE_BYTES") or 2 * 1024 * 1024 * 1024),
+            "reduced_decode": (_env("TANDEM_REDUCED_DECODE") or "1").lower() not in ("0", "false", "no"),
             "db_url": _env("TANDEM_DATABASE_URL"),
             "artifacts": _env("TANDEM_ARTIFACTS"),
             "lease_seconds": float(_env("TANDEM_LEASE_SECONDS") or 30),
@@ -193,6 +195,7 @@ class Settings(BaseModel):
             "TANDEM_ARTIFACTS": self.artifacts,
             "TANDEM_LEASE_SECONDS": str(self.lease_seconds),
             "TANDEM_TRAIN_AUTO_ACCEPTED": "1" if self.train_auto_accepted else None,
+            "TANDEM_REDUCED_DECODE": None if self.reduced_decode else "0",
         }
         return {k: v for k, v in pairs.items() if v is not None}
 
@@ -227,4 +230,5 @@ class Settings(BaseModel):
             max_decode_bytes=self.max_decode_bytes,
             max_decode_bytes_total=max(2 * self.max_decode_bytes, 2 * 1024 * 1024 * 1024),
             max_cache_bytes=self.max_cache_bytes,
+            reduced_decode=self.reduced_decode,
         )

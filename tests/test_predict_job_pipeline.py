@@ -57,9 +57,9 @@ class CountingFetcher(MediaFetcher):
         super().__init__(settings)
         self.decoded = self.encoded = 0
 
-    def load(self, url, task_id=None, deadline=None):
+    def load(self, url, task_id=None, deadline=None, min_side=None):
         self.decoded += 1
-        return super().load(url, task_id, deadline)
+        return super().load(url, task_id, deadline, min_side)
 
     def load_bytes(self, url, task_id=None, deadline=None):
         self.encoded += 1
@@ -170,3 +170,37 @@ def test_auto_picks_the_pipeline_only_on_cuda_for_yolo_detect_segment(detect_ada
         choose_engine("pipeline", classify_adapter)
     with pytest.raises(ConfigError, match="unknown predict engine"):
         choose_engine("fast", detect_adapter)
+
+
+def test_read_ahead_keeps_order_raises_where_it_failed_and_stops_with_its_consumer():
+    import threading
+    import time
+
+    from backend.batch.tasks import read_ahead
+
+    assert list(read_ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ConnectionError("Label Studio went away")
+
+    got = read_ahead(failing())
+    assert next(got) == 1
+    with pytest.raises(ConnectionError, match="went away"):
+        next(got)
+
+    produced = []
+
+    def endless():
+        for i in range(10**6):
+            produced.append(i)
+            yield i
+
+    reader = read_ahead(endless(), depth=1)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    reader.close()  # a cancelled job
+    time.sleep(0.5)
+    stopped_at = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == stopped_at <= 6  # at most an item or two ahead, then it stopped
+    assert not [t for t in threading.enumerate() if t.name == "tandem-read-ahead"]  # every producer has ended

@@ -77,7 +77,8 @@ class _Decoded:
     def __init__(self, images: dict[tuple[int, str], _Shown | MediaError]) -> None:
         self.images = images
 
-    def load(self, url: str, task_id: int | None = None, deadline: float | None = None) -> LoadedImage:
+    def load(self, url: str, task_id: int | None = None, deadline: float | None = None,
+             min_side: int | None = None) -> LoadedImage:  # the pipeline decoded every pixel already
         found = self.images.get((task_id, url))  # type: ignore[arg-type]
         if found is None:
             raise MediaError(f"{url}: not fetched")

@@ -46,7 +46,8 @@ class Writer(Protocol):
 
 
 class ImageLoader(Protocol):
-    def load(self, url: str, task_id: int | None = None, deadline: float | None = None) -> LoadedImage: ...
+    def load(self, url: str, task_id: int | None = None, deadline: float | None = None,
+             min_side: int | None = None) -> LoadedImage: ...
 
 
 class BytesLoader(Protocol):
@@ -73,7 +74,8 @@ class _Prefetched:
     def __init__(self) -> None:
         self.ready: dict[tuple[int | None, str], Future] = {}
 
-    def load(self, url: str, task_id: int | None = None, deadline: float | None = None) -> LoadedImage:
+    def load(self, url: str, task_id: int | None = None, deadline: float | None = None,
+             min_side: int | None = None) -> LoadedImage:  # fetched (and sized) by the job's threads already
         future = self.ready.get((task_id, url))
         if future is None:
             raise MediaError(f"{url}: not fetched")
@@ -172,9 +174,9 @@ class PredictJob:
     def _fetch(self, pool: ThreadPoolExecutor, chunk: list[dict[str, Any]]) -> dict:
         load = self.fetcher.load_bytes if self.encoded else self.fetcher.load  # type: ignore[attr-defined]
 
-        def one(url: str, tid: int) -> LoadedImage | bytes | MediaError:
+        def one(url: str, tid: int, sized: dict) -> LoadedImage | bytes | MediaError:
             try:
-                return load(url, task_id=tid)
+                return load(url, task_id=tid, **sized)
             except MediaError as exc:
                 return exc
             except Exception as exc:  # noqa: BLE001 - a task's own failure, never the job's
@@ -184,7 +186,8 @@ class PredictJob:
         for task in chunk:
             for key in self.plan.image_keys:
                 url = image_url(task, key) or ""
-                futures[(task["id"], url)] = pool.submit(one, url, task["id"])
+                side = None if self.encoded else self.plan.decode_side(key)
+                futures[(task["id"], url)] = pool.submit(one, url, task["id"], {"min_side": side} if side else {})
         return futures
 
     def _local_chunk(self, tasks: Sequence[Mapping[str, Any]], prefetched: _Prefetched) -> list:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 PAGE_SIZE = 500
 
@@ -44,6 +48,10 @@ class LabelStudioTasks:
         return int(getattr(project, "task_number", None) or 0)
 
     def pages(self) -> Iterator[list[TaskRef]]:
+        """A page at a time; the next is requested while the job works on this one (two pages held at most)."""
+        return read_ahead(self._pages())
+
+    def _pages(self) -> Iterator[list[TaskRef]]:
         page: list[TaskRef] = []
         # only the three fields: Label Studio computes every other column of its data manager per task otherwise
         for task in self.client.tasks.list(project=self.project_id, page_size=self.page_size,
@@ -54,3 +62,49 @@ class LabelStudioTasks:
                 page = []
         if page:
             yield page
+
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+def read_ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """`items` produced on a thread of their own, up to `depth` ahead of the consumer: Label Studio serialises
+    the next page while the job predicts. An error is raised where the item would have been; a consumer that
+    stops early (a cancelled job) stops the producer at its next item."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(value: object) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(_Failed(exc))
+
+    threading.Thread(target=produce, name="tandem-read-ahead", daemon=True).start()
+    try:
+        while True:
+            value = slots.get()
+            if value is _END:
+                return
+            if isinstance(value, _Failed):
+                raise value.error
+            yield value  # type: ignore[misc]
+    finally:
+        stop.set()

@@ -64,6 +64,23 @@ class Prediction:
     def with_meta(self, **changes: Any) -> Prediction:
         return replace(self, **changes)
 
+    def scaled(self, sx: float, sy: float) -> Prediction:
+        """Boxes and outlines in pixels `sx`, `sy` times larger: from an image decoded smaller to the whole image.
+        Masks have no such exact mapping: a model whose output holds them reads the whole image instead."""
+        det = self.detections
+        if det is None or len(det) == 0 or (sx, sy) == (1.0, 1.0):
+            return self
+        if det.mask is not None:
+            raise ValueError("a prediction with masks cannot be rescaled; decode the whole image for this model")
+        factor = np.array([sx, sy, sx, sy], dtype=np.float64)
+        data = dict(det.data)
+        if POLYGON in data:
+            data[POLYGON] = np.array([None if p is None else np.asarray(p, np.float64) * factor[:2]
+                                      for p in data[POLYGON]] + [None], dtype=object)[:-1]
+        return replace(self, detections=sv.Detections(xyxy=np.asarray(det.xyxy, np.float64) * factor, mask=None,
+                                                      confidence=det.confidence, class_id=det.class_id,
+                                                      tracker_id=det.tracker_id, data=data))
+
     def to_record(self) -> dict[str, Any]:
         """A JSON-able dict from which `from_record` rebuilds an equal Prediction."""
         record: dict[str, Any] = {"v": RECORD_VERSION, "class_names": list(self.class_names)}

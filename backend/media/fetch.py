@@ -15,6 +15,7 @@ import base64
 import hashlib
 import io
 import logging
+import math
 import os
 import stat
 import struct
@@ -49,12 +50,20 @@ MAX_TASK_ID = 2**63 - 1
 
 @dataclass(frozen=True)
 class LoadedImage:
-    image: Image.Image  # RGB, EXIF orientation applied
+    image: Image.Image  # RGB, EXIF orientation applied; smaller than the file when decoded for a small model input
     source: str
+    original_size: tuple[int, int] | None = None  # (w, h) of the whole image when `image` was decoded smaller
 
     @property
     def size(self) -> tuple[int, int]:
-        return self.image.size
+        """The whole image's size, oriented: what Label Studio's results are relative to."""
+        return self.original_size or self.image.size
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Pixels of the whole image per pixel of `image`, (x, y): 1.0 unless decoded smaller."""
+        (w, h), (dw, dh) = self.size, self.image.size
+        return w / dw, h / dh
 
 
 @dataclass
@@ -73,6 +82,7 @@ class MediaSettings:
     max_decode_bytes: int = 1024 * 1024 * 1024  # memory one image may take to decode
     max_decode_bytes_total: int = 2 * 1024 * 1024 * 1024  # memory all images decoding at once may take
     max_cache_bytes: int = 2 * 1024 * 1024 * 1024  # the on-disk media cache; oldest files go first
+    reduced_decode: bool = True  # a JPEG whose model input is far smaller decodes at 1/2, 1/4 or 1/8 (see decode_image)
 
 
 class DecodeBudget:
@@ -227,18 +237,22 @@ class MediaFetcher:
         self._client.close()
 
     # -- public -------------------------------------------------------------------------------------
-    def load(self, url: str, task_id: int | None = None, deadline: float | None = None) -> LoadedImage:
+    def load(self, url: str, task_id: int | None = None, deadline: float | None = None,
+             min_side: int | None = None) -> LoadedImage:
         """The task's image, or a MediaError saying why not: nothing else escapes (one task, one error).
 
         `deadline` (a time.monotonic() value) shortens the download deadline, e.g. to a request's budget.
+        `min_side`: the model resizes the image so its longer side is this; a JPEG at least twice as large may
+        then be decoded smaller (`LoadedImage.scale` says by how much). None: the whole image.
         """
-        return self._load(url, task_id, deadline, decode=True)  # type: ignore[return-value]
+        return self._load(url, task_id, deadline, decode=True, min_side=min_side)  # type: ignore[return-value]
 
     def load_bytes(self, url: str, task_id: int | None = None, deadline: float | None = None) -> bytes:
         """The task's encoded image, checked and fetched as `load` does but not decoded (a GPU decodes it)."""
         return self._load(url, task_id, deadline, decode=False)  # type: ignore[return-value]
 
-    def _load(self, url: str, task_id: int | None, deadline: float | None, decode: bool) -> LoadedImage | bytes:
+    def _load(self, url: str, task_id: int | None, deadline: float | None, decode: bool,
+              min_side: int | None = None) -> LoadedImage | bytes:
         own = time.monotonic() + self.settings.download_deadline_s
         deadline = own if deadline is None else min(deadline, own)
         if isinstance(url, str) and url.startswith(INVALID_TASK_PREFIX):
@@ -250,7 +264,8 @@ class MediaFetcher:
             data = self._read_bytes(url, task_id, deadline)
             if not decode:
                 return data
-            return LoadedImage(image=self._decode(data, url, deadline), source=url)
+            image, size = self._decode(data, url, deadline, min_side if self.settings.reduced_decode else None)
+            return LoadedImage(image=image, source=url, original_size=size if size != image.size else None)
         except MediaError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever a hostile URL or file provokes stays this task's
@@ -378,10 +393,11 @@ class MediaFetcher:
             resp.close()
 
     # -- decoding -----------------------------------------------------------------------------------
-    def _decode(self, data: bytes, url: str, deadline: float | None = None) -> Image.Image:
+    def _decode(self, data: bytes, url: str, deadline: float | None = None,
+                min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
         left = 30.0 if deadline is None else max(0.0, deadline - time.monotonic())
-        return decode_image(data, url, self.settings.max_pixels, self.settings.max_decode_bytes, self._budget,
-                            max(left, 1.0))
+        return decode_sized(data, url, self.settings.max_pixels, self.settings.max_decode_bytes, self._budget,
+                            max(left, 1.0), min_side)
 
 
 _CHUNK_PIXELS = 1 << 20
@@ -476,9 +492,10 @@ def _check_ico(data: bytes, url: str, max_pixels: int, max_bytes: int) -> None:
             raise MediaError(f"image {url[:200]} is an ICO holding a {width}x{height} image, over the limits")
 
 
-def _exif_rotates(img: Image.Image) -> bool:
+def _exif_rotates(img: Image.Image, quarter: bool = False) -> bool:
+    """Whether EXIF orientation transposes the image (with `quarter`: turns it by 90°, swapping its sides)."""
     try:
-        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8, 2, 3, 4)
+        return img.getexif().get(0x0112, 1) in ((5, 6, 7, 8) if quarter else (5, 6, 7, 8, 2, 3, 4))
     except Exception:  # noqa: BLE001 - a broken EXIF block is the decoder's problem, reported below
         return False
 
@@ -498,6 +515,28 @@ def decode_image(
     32-bit, palette…) against `max_bytes`; then that memory is reserved from the process-wide `budget`.
     Transposes in place and converts only images not already RGB.
     """
+    return decode_sized(data, url, max_pixels, max_bytes, budget, wait_s)[0]
+
+
+def _draft_request(width: int, height: int, min_side: int) -> tuple[int, int]:
+    """The smallest size whose longer side is still `min_side`, in the image's proportions."""
+    s = min_side / max(width, height)
+    return max(1, math.ceil(width * s)), max(1, math.ceil(height * s))
+
+
+def decode_sized(
+    data: bytes,
+    url: str,
+    max_pixels: int,
+    max_bytes: int | None = None,
+    budget: DecodeBudget | None = None,
+    wait_s: float = 30.0,
+    min_side: int | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """`decode_image`, and the whole image's oriented size. With `min_side`, a JPEG at least twice that size
+    is decoded at the largest of 1/2, 1/4, 1/8 scale that keeps its longer side ≥ `min_side` (libjpeg's DCT
+    scaling: several times faster and smaller than decoding every pixel and resizing afterwards, which a model
+    at 160 or 640 pixels does anyway). Other formats decode whole."""
     max_bytes = max_bytes if max_bytes is not None else max_pixels * 12
     try:
         with warnings.catch_warnings():
@@ -510,18 +549,23 @@ def decode_image(
             width, height = img.size
             if width * height > max_pixels:
                 raise MediaError(f"image {url} is {width}x{height} pixels, over the {max_pixels}-pixel limit")
-            cost = decode_cost(img.mode, width, height, _exif_rotates(img))
+            if min_side and img.format == "JPEG" and max(width, height) >= 2 * min_side:
+                img.draft("RGB", _draft_request(width, height, min_side))
+            declared = img.size  # the header's size, or the reduced one the draft chose
+            cost = decode_cost(img.mode, *declared, _exif_rotates(img))
             if cost > max_bytes:
                 raise MediaError(f"image {url} ({width}x{height}, mode {img.mode}) would take {cost >> 20} MiB to "
                                  f"decode, over the {max_bytes >> 20} MiB limit")
             with budget.reserve(cost, wait_s, f"image {url}") if budget is not None else _nothing():
                 img.load()
-                if img.size != (width, height):  # a container whose frame differs from its header
-                    raise MediaError(f"image {url} decoded to {img.size}, not the {width}x{height} it declared")
+                if img.size != declared:  # a container whose frame differs from its header
+                    raise MediaError(f"image {url} decoded to {img.size}, not the {declared[0]}x{declared[1]} it "
+                                     "declared")
+                turned = _exif_rotates(img, quarter=True)  # the whole image's sides swap too
                 ImageOps.exif_transpose(img, in_place=True)
                 if img.mode.startswith("I") or img.mode == "F":
                     img = _to_8bit(img)
-                return img if img.mode == "RGB" else img.convert("RGB")
+                return (img if img.mode == "RGB" else img.convert("RGB")), ((height, width) if turned else (width, height))
     except MediaError:
         raise
     except Image.DecompressionBombError as exc:  # over twice PIL's limit: refused before our check could run

@@ -166,6 +166,9 @@ class YoloAdapter:
         self.device = device or default_device()
         self.conf, self.iou, self.batch = conf, iou, batch
         self.imgsz = imgsz or int(self._model.overrides.get("imgsz") or 640)
+        # a detector letterboxes the longer side to imgsz, so a photo may be decoded smaller (backend.media.fetch);
+        # masks come out at the image's own resolution, and a classifier center-crops: those read whole images
+        self.decode_side: int | None = self.imgsz if self.task is ModelTask.DETECT else None
         weights_path = Path(self._model.ckpt_path or resolved)
         self.path = weights_path if weights_path.is_file() else None
         stem = name or Path(resolved).stem
