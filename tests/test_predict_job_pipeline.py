@@ -176,7 +176,7 @@ def test_read_ahead_keeps_order_raises_where_it_failed_and_stops_with_its_consum
     import threading
     import time
 
-    from backend.batch.tasks import read_ahead
+    from backend.core.read_ahead import read_ahead
 
     assert list(read_ahead(iter(range(50)), depth=2)) == list(range(50))
 

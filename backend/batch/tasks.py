@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from backend.core.read_ahead import read_ahead
 
 PAGE_SIZE = 500
 
@@ -63,48 +61,3 @@ class LabelStudioTasks:
         if page:
             yield page
 
-
-_END = object()
-
-
-@dataclass(frozen=True)
-class _Failed:
-    error: BaseException
-
-
-def read_ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
-    """`items` produced on a thread of their own, up to `depth` ahead of the consumer: Label Studio serialises
-    the next page while the job predicts. An error is raised where the item would have been; a consumer that
-    stops early (a cancelled job) stops the producer at its next item."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(value: object) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(value, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_END)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            put(_Failed(exc))
-
-    threading.Thread(target=produce, name="tandem-read-ahead", daemon=True).start()
-    try:
-        while True:
-            value = slots.get()
-            if value is _END:
-                return
-            if isinstance(value, _Failed):
-                raise value.error
-            yield value  # type: ignore[misc]
-    finally:
-        stop.set()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import io
 import os
-import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -50,6 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from backend.core.prediction import CLASS_NAME, CLASS_SCORES, POLYGON  # noqa: E402
+from backend.core.read_ahead import read_ahead  # noqa: E402
 from backend.errors import MediaError, ModelLoadError  # noqa: E402
 from backend.models.base import ModelOutput, ModelTask  # noqa: E402
 
@@ -248,8 +248,6 @@ class _Prepared:
     ready: Any = None  # a CUDA event recorded on the side stream
 
 
-_END = object()
-
 
 class GpuYoloPipeline:
     """One YOLO detect/segment checkpoint served from encoded bytes in large batches.
@@ -347,56 +345,20 @@ class GpuYoloPipeline:
                      ) -> Iterator[tuple[Any, ModelOutput | MediaError, tuple[int, int] | None]]:
         """As `stream`, with each decoded image's (width, height) as shown (EXIF applied; None on error):
         Label Studio's regions are percentages of it, and only the decoder knows it."""
-        with self._lock:
-            q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-            stop = threading.Event()
-            producer = threading.Thread(target=self._produce, args=(sources, fetch_workers, q, stop),
-                                        name="tandem-gpu-producer", daemon=True)
-            producer.start()
-            try:
-                with torch.inference_mode():
-                    while True:
-                        item = q.get()
-                        if item is _END:
-                            break
-                        if isinstance(item, BaseException):
-                            raise item
-                        yield from self._infer(item)
-            finally:
-                stop.set()
-                while producer.is_alive():  # unblock a producer waiting on a full queue
-                    try:
-                        q.get(timeout=0.05)
-                    except queue.Empty:
-                        pass
-                producer.join()
+        with self._lock, torch.inference_mode():
+            for prepared in read_ahead(self._prepared(sources, fetch_workers), self.prefetch, "tandem-gpu-producer"):
+                yield from self._infer(prepared)
 
-    # -- producer ----------------------------------------------------------------------------------------
-    def _produce(self, sources, fetch_workers: int, q: queue.Queue, stop: threading.Event) -> None:
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
+    # -- producer (on read_ahead's thread) ---------------------------------------------------------------
+    def _prepared(self, sources, fetch_workers: int) -> Iterator[Any]:
         side = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
-        try:
-            with torch.inference_mode(), (torch.cuda.stream(side) if side is not None else _nullcontext()):
-                for chunk in _chunks(_fetched(sources, fetch_workers, self.batch), self.batch):
-                    if stop.is_set():
-                        return
-                    prepared = self._prepare(chunk)
-                    if side is not None:
-                        prepared.ready = torch.cuda.Event()
-                        prepared.ready.record(side)
-                    if not put(prepared):
-                        return
-            put(_END)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            put(exc)
+        with torch.inference_mode(), (torch.cuda.stream(side) if side is not None else _nullcontext()):
+            for chunk in _chunks(_fetched(sources, fetch_workers, self.batch), self.batch):
+                prepared = self._prepare(chunk)
+                if side is not None:
+                    prepared.ready = torch.cuda.Event()
+                    prepared.ready.record(side)
+                yield prepared
 
     def _prepare(self, chunk: list[tuple[Any, bytes | MediaError]]) -> _Prepared:
         keys = [k for k, _ in chunk]
