@@ -251,6 +251,7 @@ def summarise_classify(results: dict[int, dict], out: Path, tag: str) -> str:
 
     from backend.demo_report import quality_vs_seconds
     from backend.demo_rounds import savings
+    from benchmarks.al_simulation import mean_std, savings_table
 
     # a seed stopped early (at a deadline) keeps its finished rounds: every seed is read to the rounds all finished
     done = {seed: min(max(r["round"] for r in res["records"] if r["arm"] == arm) for arm in ("random", "tandem"))
@@ -260,24 +261,10 @@ def summarise_classify(results: dict[int, dict], out: Path, tag: str) -> str:
                       "tandem_rounds": [x for x in res.get("tandem_rounds", []) if x["round"] <= common]}
                for seed, res in results.items()}
     rows = {seed: savings([RoundRecord(**r) for r in res["records"]]) for seed, res in results.items()}
-    ms = lambda v: (f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) else "n/a")  # noqa: E731
-    lines = ["| seed | random: human s (final top-1) | Tandem: human s (final top-1) | Tandem s to random's final "
-             "| share of random's s | auto-accepted tasks | precision vs truth | coverage |", "|---" * 8 + "|"]
-    for seed, s in sorted(rows.items()):
-        reach = "not reached" if s.tandem_seconds_to_random_final is None else f"{s.tandem_seconds_to_random_final:.0f}"
-        share = "-" if s.share_of_random_seconds is None else f"{s.share_of_random_seconds:.0%}"
-        prec = "-" if s.auto_accept_precision is None else f"{s.auto_accept_precision:.3f}"
-        lines.append(f"| {seed} | {s.random_seconds:.0f} ({s.random_final_map50:.3f}) | {s.tandem_seconds:.0f} "
-                     f"({s.tandem_final_map50:.3f}) | {reach} | {share} | {s.auto_accepted_tasks} | {prec} | "
-                     f"{s.coverage:.0%} |")
-    shares = [s.share_of_random_seconds for s in rows.values() if s.share_of_random_seconds is not None]
-    precs = [s.auto_accept_precision for s in rows.values() if s.auto_accept_precision is not None]
-    lines += ["", f"- rounds: {common} (finished per seed: {', '.join(f'{k}: {v}' for k, v in sorted(done.items()))})",
-              f"- seeds: {len(rows)}; Tandem reached random's final top-1 in {len(shares)} of them",
-              f"- share of random's human seconds to reach it: {ms(shares)} (target ≤ 0.30)",
-              f"- auto-accepted tasks' precision against ground truth: {ms(precs)} (target ≥ 0.98), over seeds "
-              "with any auto-accepted",
-              f"- coverage (auto-accepted / all pool tasks Tandem labelled): {ms([s.coverage for s in rows.values()])}"
+    lines = savings_table(rows, "top-1", "tasks")
+    lines[-3:-3] = [f"- rounds: {common} (finished per seed: {', '.join(f'{k}: {v}' for k, v in sorted(done.items()))})"]
+    lines += [
+              f"- coverage (auto-accepted / all pool tasks Tandem labelled): {mean_std([s.coverage for s in rows.values()])}"
               " (target ≥ 0.50)",
               "- second opinion: logistic regression on the raw 8×8 scans, refit each round on human labels only; "
               "no VLM weights offline"]

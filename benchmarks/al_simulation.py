@@ -272,30 +272,39 @@ def human_seconds_seed(args, seed: int, work: Path) -> list[dict]:
     return [asdict(r) for r in records]
 
 
+def mean_std(values) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) else "n/a"
+
+
+def savings_table(rows: dict, score: str, unit: str) -> list[str]:
+    """The per-seed table of `demo_rounds.Savings` and the share / precision lines under it, for detection
+    (`score` mAP50, `unit` boxes) and classification (top-1, tasks)."""
+    lines = [f"| seed | random: human s (final {score}) | Tandem: human s (final {score}) | Tandem s to random's final "
+             f"| share of random's s | auto-accepted {unit} | precision vs truth | coverage |", "|---" * 8 + "|"]
+    for seed, s in sorted(rows.items()):
+        reach = "not reached" if s.tandem_seconds_to_random_final is None else f"{s.tandem_seconds_to_random_final:.0f}"
+        share = "-" if s.share_of_random_seconds is None else f"{s.share_of_random_seconds:.0%}"
+        prec = "-" if s.auto_accept_precision is None else f"{s.auto_accept_precision:.3f}"
+        auto = s.auto_accepted_boxes if unit == "boxes" else s.auto_accepted_tasks
+        lines.append(f"| {seed} | {s.random_seconds:.0f} ({s.random_final_map50:.3f}) | {s.tandem_seconds:.0f} "
+                     f"({s.tandem_final_map50:.3f}) | {reach} | {share} | {auto} | {prec} | {s.coverage:.0%} |")
+    shares = [s.share_of_random_seconds for s in rows.values() if s.share_of_random_seconds is not None]
+    precs = [s.auto_accept_precision for s in rows.values() if s.auto_accept_precision is not None]
+    return lines + ["", f"- seeds: {len(rows)}; Tandem reached random's final {score} in {len(shares)} of them",
+                    f"- share of random's human seconds to reach it: {mean_std(shares)} (target ≤ 0.30)",
+                    f"- auto-accepted {unit}' precision against ground truth: {mean_std(precs)} (target ≥ 0.98), "
+                    "over seeds with any auto-accepted"]
+
+
 def summarise_human(results: dict[int, list[dict]], out: Path, tag: str) -> str:
     """Per seed and mean ± std: human seconds to reach random's final mAP50, auto-accept precision, coverage."""
     from backend.demo_report import quality_vs_seconds
     from backend.demo_rounds import RoundRecord, savings
 
     rows = {seed: savings([RoundRecord(**r) for r in recs]) for seed, recs in results.items()}
-    ms = lambda v: (f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) else "n/a")  # noqa: E731
-    lines = [f"| seed | random: human s (final mAP50) | Tandem: human s (final mAP50) | Tandem s to random's final "
-             "| share of random's s | auto-accepted boxes | precision vs truth | coverage |", "|---" * 8 + "|"]
-    for seed, s in sorted(rows.items()):
-        reach = "not reached" if s.tandem_seconds_to_random_final is None else f"{s.tandem_seconds_to_random_final:.0f}"
-        share = "-" if s.share_of_random_seconds is None else f"{s.share_of_random_seconds:.0%}"
-        prec = "-" if s.auto_accept_precision is None else f"{s.auto_accept_precision:.3f}"
-        lines.append(f"| {seed} | {s.random_seconds:.0f} ({s.random_final_map50:.3f}) | {s.tandem_seconds:.0f} "
-                     f"({s.tandem_final_map50:.3f}) | {reach} | {share} | {s.auto_accepted_boxes} | {prec} | "
-                     f"{s.coverage:.0%} |")
-    shares = [s.share_of_random_seconds for s in rows.values() if s.share_of_random_seconds is not None]
-    precs = [s.auto_accept_precision for s in rows.values() if s.auto_accept_precision is not None]
-    lines += ["", f"- seeds: {len(rows)}; Tandem reached random's final mAP50 in {len(shares)} of them",
-              f"- share of random's human seconds to reach it: {ms(shares)} (target ≤ 0.30)",
-              f"- auto-accepted boxes' precision against ground truth: {ms(precs)} (target ≥ 0.98), over seeds "
-              f"with any auto-accepted",
-              f"- coverage (auto-accepted / all boxes Tandem labelled): {ms([s.coverage for s in rows.values()])} "
-              "(target ≥ 0.50)",
+    lines = savings_table(rows, "mAP50", "boxes") + [
+              "- coverage (auto-accepted / all boxes Tandem labelled): "
+              f"{mean_std([s.coverage for s in rows.values()])} (target ≥ 0.50)",
               "- second opinion: a differently trained YOLOv8n (another seed and input size); no VLM weights offline"]
     first = results[min(results)]
     quality_vs_seconds(out, first, name=f"al_{tag}_human_seconds.png")
