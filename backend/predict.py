@@ -182,9 +182,9 @@ class Predictor:
 
     def _fetch(self, task: Mapping[str, Any], key: str, deadline: float | None = None,
                min_side: int | None = None) -> LoadedImage | MediaError:
-        sized = {"min_side": min_side} if min_side else {}
         try:
-            return self.fetcher.load(image_url(task, key) or "", task_id=task.get("id"), deadline=deadline, **sized)
+            return self.fetcher.load(image_url(task, key) or "", task_id=task.get("id"), deadline=deadline,
+                                     min_side=min_side)
         except MediaError as exc:
             return exc
 

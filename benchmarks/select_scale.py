@@ -73,7 +73,7 @@ def counting_fetcher():
     class Counting(MediaFetcher):
         calls = 0
 
-        def load(self, url, task_id=None, deadline=None):
+        def load(self, url, task_id=None, deadline=None, min_side=None):
             type(self).calls += 1
             raise MediaError(f"benchmark: no image is served ({url})")
 

@@ -492,12 +492,12 @@ def _check_ico(data: bytes, url: str, max_pixels: int, max_bytes: int) -> None:
             raise MediaError(f"image {url[:200]} is an ICO holding a {width}x{height} image, over the limits")
 
 
-def _exif_rotates(img: Image.Image, quarter: bool = False) -> bool:
-    """Whether EXIF orientation transposes the image (with `quarter`: turns it by 90°, swapping its sides)."""
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation: 1 as stored, 2-4 mirrored or upside down, 5-8 a quarter turn (the sides swap)."""
     try:
-        return img.getexif().get(0x0112, 1) in ((5, 6, 7, 8) if quarter else (5, 6, 7, 8, 2, 3, 4))
+        return int(img.getexif().get(0x0112, 1))
     except Exception:  # noqa: BLE001 - a broken EXIF block is the decoder's problem, reported below
-        return False
+        return 1
 
 
 def decode_image(
@@ -552,7 +552,8 @@ def decode_sized(
             if min_side and img.format == "JPEG" and max(width, height) >= 2 * min_side:
                 img.draft("RGB", _draft_request(width, height, min_side))
             declared = img.size  # the header's size, or the reduced one the draft chose
-            cost = decode_cost(img.mode, *declared, _exif_rotates(img))
+            orientation = _orientation(img)
+            cost = decode_cost(img.mode, *declared, orientation in range(2, 9))
             if cost > max_bytes:
                 raise MediaError(f"image {url} ({width}x{height}, mode {img.mode}) would take {cost >> 20} MiB to "
                                  f"decode, over the {max_bytes >> 20} MiB limit")
@@ -561,11 +562,11 @@ def decode_sized(
                 if img.size != declared:  # a container whose frame differs from its header
                     raise MediaError(f"image {url} decoded to {img.size}, not the {declared[0]}x{declared[1]} it "
                                      "declared")
-                turned = _exif_rotates(img, quarter=True)  # the whole image's sides swap too
                 ImageOps.exif_transpose(img, in_place=True)
                 if img.mode.startswith("I") or img.mode == "F":
                     img = _to_8bit(img)
-                return (img if img.mode == "RGB" else img.convert("RGB")), ((height, width) if turned else (width, height))
+                whole = (height, width) if orientation in range(5, 9) else (width, height)  # a quarter turn swaps
+                return (img if img.mode == "RGB" else img.convert("RGB")), whole
     except MediaError:
         raise
     except Image.DecompressionBombError as exc:  # over twice PIL's limit: refused before our check could run
