@@ -87,3 +87,23 @@ def test_served_boxes_match_the_whole_decode_in_the_whole_images_pixels(tmp_path
         for region in item_r["result"]:
             assert (region["original_width"], region["original_height"]) == (1280, 960)
     assert boxes >= 12 and matched / boxes >= 0.98, (matched, boxes)
+
+
+def test_scaled_maps_boxes_and_outlines_and_refuses_masks():
+    import supervision as sv
+
+    from backend.core.prediction import POLYGON, Prediction
+
+    outlines = np.empty(2, dtype=object)
+    outlines[0], outlines[1] = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), None
+    det = sv.Detections(xyxy=np.array([[1.0, 2.0, 5.0, 6.0], [0.0, 0.0, 1.0, 1.0]]), class_id=np.array([0, 1]),
+                        data={POLYGON: outlines})
+    out = Prediction(detections=det).scaled(2.0, 4.0)
+    assert out.detections.xyxy.tolist() == [[2.0, 8.0, 10.0, 24.0], [0.0, 0.0, 2.0, 4.0]]
+    assert out.detections.data[POLYGON][0].tolist() == [[2.0, 8.0], [6.0, 16.0], [10.0, 24.0]]
+    assert out.detections.data[POLYGON][1] is None and out.detections.class_id.tolist() == [0, 1]
+    assert det.xyxy[0, 2] == 5.0  # the original is untouched
+    masked = sv.Detections(xyxy=det.xyxy, mask=np.zeros((2, 8, 8), bool), class_id=det.class_id)
+    with pytest.raises(ValueError, match="masks"):
+        Prediction(detections=masked).scaled(2.0, 2.0)
+    assert Prediction(detections=masked).scaled(1.0, 1.0).detections is masked  # nothing to map

@@ -75,8 +75,10 @@ class Prediction:
         factor = np.array([sx, sy, sx, sy], dtype=np.float64)
         data = dict(det.data)
         if POLYGON in data:
-            data[POLYGON] = np.array([None if p is None else np.asarray(p, np.float64) * factor[:2]
-                                      for p in data[POLYGON]] + [None], dtype=object)[:-1]
+            outlines = np.empty(len(data[POLYGON]), dtype=object)
+            for i, p in enumerate(data[POLYGON]):
+                outlines[i] = None if p is None else np.asarray(p, np.float64) * factor[:2]
+            data[POLYGON] = outlines
         return replace(self, detections=sv.Detections(xyxy=np.asarray(det.xyxy, np.float64) * factor, mask=None,
                                                       confidence=det.confidence, class_id=det.class_id,
                                                       tracker_id=det.tracker_id, data=data))
