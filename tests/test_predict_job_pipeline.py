@@ -1,12 +1,14 @@
 """The predict job on its GPU engine (`--engine pipeline`), run here on the pipeline's CPU path: fed the encoded
 bytes the real fetcher reads (local files), it stores the same predictions as the adapter engine, EXIF-rotated
-JPEGs and PNGs included; a corrupt image fails its own task with the reason; a rerun predicts nothing again.
+JPEGs and PNGs included (both decode every pixel: the pipeline always does, so the adapter engine's reduced JPEG
+decode is switched off here; its own parity is tests/test_reduced_decode.py); a corrupt image fails its own task with the reason; a rerun predicts nothing again.
 Label Studio's two boundaries (the task pager and the bulk writer) are small in-memory implementations of the
 job's protocols; the model, the store (SQLite) and the fetcher are the real ones."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -88,6 +90,7 @@ def project(tmp_path_factory) -> tuple[MediaSettings, list[TaskRef]]:
 
 def run_job(plan, media, refs, db, engine: str, adapter=None) -> tuple[PredictJob, MemoryWriter, PredictionRepo,
                                                                         CountingFetcher]:
+    media = dataclasses.replace(media, reduced_decode=False)  # the same pixels in both engines
     store, writer, fetcher = PredictionRepo(f"sqlite:///{db}"), MemoryWriter(), CountingFetcher(media)
     options = JobOptions(concurrency=2, batch=5)
     if engine == "pipeline":
