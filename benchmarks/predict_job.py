@@ -128,6 +128,9 @@ def main() -> None:
                         help="local: tasks name the JPEGs as Label Studio local files, read from disk by Tandem "
                              "(LOCAL_FILES_DOCUMENT_ROOT); upload: uploaded into Label Studio, fetched from it")
     parser.add_argument("--imgsz", type=int, default=None, help="inference size (default: the model's own, 160)")
+    parser.add_argument("--ls-fast-import", action="store_true",
+                        help="start Label Studio with its batched prediction import flag on "
+                             "(MEMORY_EFFICIENT_IMPORT_FLAG; off by default in Label Studio 1.23)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tandem-predict-bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "predict_job.md")
     args = parser.parse_args()
@@ -138,7 +141,7 @@ def main() -> None:
     from backend.batch.predict_job import JobOptions
     from backend.batch.records import PredictJobs
     from backend.batch.runner import run_project
-    from backend.dev.local_label_studio import start_label_studio, upload_images
+    from backend.dev.local_label_studio import MEMORY_EFFICIENT_IMPORT_FLAG, start_label_studio, upload_images
     from backend.dev.server_thread import ServerThread
     from backend.server.app import create_app
     from backend.serving import ModelHolder
@@ -155,7 +158,8 @@ def main() -> None:
     images = make_images(work / "images", args.tasks)
     home = Path(tempfile.mkdtemp(prefix="home-", dir=work))
     w = weights(home)
-    ls = start_label_studio(Path(tempfile.mkdtemp(prefix="ls-", dir=work)))
+    ls = start_label_studio(Path(tempfile.mkdtemp(prefix="ls-", dir=work)),
+                            extra_env={MEMORY_EFFICIENT_IMPORT_FLAG: "true"} if args.ls_fast_import else None)
     try:
         client = LabelStudio(base_url=ls.url, api_key=ls.token)
         settings = Settings(home=home, label_studio_url=ls.url, label_studio_api_key=ls.token, engine="openvino",
@@ -163,7 +167,7 @@ def main() -> None:
         adapter = settings.load_cnn(w)  # exported to OpenVINO once, parity-checked (cached under the home)
         say(f"model {adapter.version}, engine {getattr(adapter, 'engine', '?')}, imgsz {adapter.imgsz}, media "
             f"{args.media}; {os.cpu_count()} CPUs "
-            f"({platform.processor() or platform.machine()}), shared with other work")
+            f"({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.1f} before the run")
 
         # 1. Label Studio's own import
         project = client.projects.create(title=f"bench {args.tasks}", label_config=RECT).id

@@ -18,6 +18,11 @@ LABEL_STUDIO_VERSION = os.environ.get("TANDEM_LABEL_STUDIO_VERSION", "1.23.2")
 ADMIN_EMAIL = "admin@example.com"
 
 
+# Label Studio 1.23's feature flag (an environment variable of Label Studio's process) for its batched prediction
+# import: with it off (the default) every import request recounts every predicted task of the project.
+MEMORY_EFFICIENT_IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,7 +61,9 @@ class LocalLabelStudio:
             self.process.kill()
 
 
-def start_label_studio(data_dir: Path, port: int | None = None, timeout: float = 240.0) -> LocalLabelStudio:
+def start_label_studio(data_dir: Path, port: int | None = None, timeout: float = 240.0,
+                       extra_env: dict[str, str] | None = None) -> LocalLabelStudio:
+    """`extra_env`: Label Studio settings or feature flags for this launch (e.g. MEMORY_EFFICIENT_IMPORT_FLAG)."""
     exe = label_studio_executable()
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -78,6 +85,7 @@ def start_label_studio(data_dir: Path, port: int | None = None, timeout: float =
     }
     for leak in ("VIRTUAL_ENV", "PYTHONPATH", "UV_PROJECT_ENVIRONMENT"):
         env.pop(leak, None)
+    env.update(extra_env or {})
     log_path = data_dir / "label-studio.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
