@@ -1,4 +1,4 @@
-"""Predictions into Label Studio in bulk: one `POST /api/projects/{id}/import/predictions` per chunk
+"""Predictions into Label Studio in bulk: one `POST /api/projects/{id}/import/predictions` per write
 (label-studio-sdk `projects.import_predictions`, Label Studio 1.23), never one call per task."""
 
 from __future__ import annotations

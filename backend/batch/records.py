@@ -34,7 +34,7 @@ class Progress:
     retried by the next run)."""
 
     total: int = 0
-    done: int = 0  # has a stored prediction of this version (Label Studio gets it within `write_batch`)
+    done: int = 0  # has a stored prediction of this version (Label Studio gets it with the next bulk import)
     failed: int = 0
     remaining: int = 0
     predicted: int = 0  # predicted by this run (done also counts what an earlier run or /predict stored)
