@@ -148,6 +148,19 @@ def test_a_follow_up_is_taken_once(db_url):
     assert taken.count("10 more corrections") == 1 and taken.count(None) == THREADS - 1
 
 
+def test_a_follow_up_keeps_the_trigger_folded_in_until_taken(db_url):
+    store = JobStore(db_url)
+    job = store.create(7, "yolo", "local", "webhook", {"epochs": 30})
+    assert store.set_follow_up(job.id, "button", {"runner": "local", "model_kind": "yolo", "params": {"epochs": 5}})
+    spec = {"runner": "modal", "model_kind": "vlm", "params": {"rank": 4}}
+    assert store.set_follow_up(job.id, "lora button", spec)  # the last trigger folded in is the one run
+    assert store.get(job.id).follow_up_spec == spec and store.get(job.id).params == {"epochs": 30}
+    store.finish(job.id, JobStatus.FAILED, error="boom")
+    assert store.get(job.id).follow_up_spec == spec  # still there for whoever queues the follow-up
+    assert store.take_follow_up(job.id) == "lora button"
+    assert store.get(job.id).follow_up is None and store.get(job.id).follow_up_spec is None
+
+
 def test_twenty_threads_triggering_one_project_make_exactly_one_active_job(db_url):
     store = JobStore(db_url)
     results = _together(THREADS, lambda i: store.create(BIG_ID, "detect", "local", f"trigger {i}"))

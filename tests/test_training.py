@@ -65,6 +65,25 @@ def test_triggers_during_a_job_coalesce_into_one_follow_up(tmp_path, detect_adap
     service.close()
 
 
+def test_the_follow_up_runs_the_trigger_folded_in_not_the_job_before_it(tmp_path, detect_adapter):
+    """A LoRA trigger folded into a running YOLO job's follow-up runs as LoRA with its own params (it used to
+    run as YOLO with the ended job's params). With no Label Studio configured every job fails at once."""
+    settings = Settings(home=tmp_path / "home")
+    service = TrainingService(settings, ModelHolder(detect_adapter), Registry(settings.database_url))
+    first = service.trigger(5, "button", params={"epochs": 7})
+    assert first.model_kind == "yolo" and first.params["epochs"] == 7
+    assert service.trigger(5, "lora button", model_kind="vlm", params={"lora_rank": 4}).id == first.id
+    assert wait(service.store, first.id, timeout=120).status is JobStatus.FAILED
+    deadline = time.monotonic() + 120
+    while len(service.store.list(5)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    follow = service.store.list(5)[0]
+    assert follow.id != first.id and follow.reason == "coalesced: lora button"
+    assert (follow.model_kind, follow.params, follow.runner) == ("vlm", {"lora_rank": 4}, first.runner)
+    wait(service.store, follow.id, timeout=120)
+    service.close()
+
+
 def test_cancel_and_orphans(tmp_path, detect_adapter):
     settings = Settings(home=tmp_path / "home")
     store = JobStore(settings.database_url)

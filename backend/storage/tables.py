@@ -130,6 +130,7 @@ jobs = Table(
     Column("holder", String(300), nullable=True),  # host:pid:random of the runner holding the lease
     Column("lease_until", Float, nullable=True),
     Column("follow_up", Text, nullable=True),  # reason of a trigger coalesced into this job's successor
+    Column("follow_up_spec", Text, nullable=True),  # that trigger's runner, model kind and params (JSON)
     Index("one_active_job", "project_id", "kind", unique=True,
           sqlite_where=text("status IN ('queued', 'running')"),
           postgresql_where=text("status IN ('queued', 'running')")),

@@ -88,6 +88,7 @@ class Job:
     holder: str | None = None
     lease_until: float | None = None
     follow_up: str | None = None
+    follow_up_spec: dict[str, Any] | None = None  # the coalesced trigger's runner, model_kind and params
 
     def public(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -123,6 +124,7 @@ def _job(row) -> Job:
     for key in _JSON:
         v[key] = json.loads(v[key]) if v.get(key) else {}
     v["promoted"] = None if v["promoted"] is None else bool(v["promoted"])
+    v["follow_up_spec"] = json.loads(v["follow_up_spec"]) if v.get("follow_up_spec") else None
     return Job(**v)
 
 
@@ -213,16 +215,17 @@ class JobStore:
             rows = conn.execute(select(jobs_table.c.status, func.count()).group_by(jobs_table.c.status))
             return {status: n for status, n in rows}
 
-    def set_follow_up(self, job_id: int, reason: str) -> bool:
-        """Fold a trigger into the successor of an active job (run when it ends, unless it was cancelled)."""
-        return self._set(job_id, _ACTIVE, follow_up=reason)
+    def set_follow_up(self, job_id: int, reason: str, spec: dict[str, Any] | None = None) -> bool:
+        """Fold a trigger into the successor of an active job (run when it ends, unless it was cancelled).
+        `spec`: the trigger's runner, model_kind and params; the last trigger folded in is the one run."""
+        return self._set(job_id, _ACTIVE, follow_up=reason, follow_up_spec=json.dumps(spec) if spec else None)
 
     def take_follow_up(self, job_id: int) -> str | None:
         """The follow-up reason of an ended job, once: whoever takes it (one replica) queues the successor."""
         job = self.get(job_id)
         if job is None or not job.follow_up or job.status.active:
             return None
-        taken = self._set(job_id, jobs_table.c.follow_up == job.follow_up, follow_up=None)
+        taken = self._set(job_id, jobs_table.c.follow_up == job.follow_up, follow_up=None, follow_up_spec=None)
         return job.follow_up if taken else None
 
     # -- leases -------------------------------------------------------------------------------------

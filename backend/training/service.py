@@ -95,7 +95,8 @@ class TrainingService:
                                     kind="train", holder=self.runner.holder, lease_s=self.runner.lease_s)
         except ActiveJobExists as exists:
             active = exists.active
-            if self.store.set_follow_up(active.id, reason):
+            spec = {"runner": runner, "model_kind": model_kind, "params": params or {}}
+            if self.store.set_follow_up(active.id, reason, spec):
                 log.info("project %s: job %s active, '%s' coalesced into the next run", project_id, active.id,
                          reason)
                 return self.store.get(active.id) or active
@@ -110,10 +111,14 @@ class TrainingService:
 
     def _on_done(self, job: Job) -> None:
         log.info("job %s %s%s", job.id, job.status.value, f": {job.error.splitlines()[0]}" if job.error else "")
+        ended = self.store.get(job.id) or job  # its follow-up spec, fixed now that the job is no longer active
         follow_up = self.store.take_follow_up(job.id)  # once, whichever replica saw it end
         if follow_up and job.status is not JobStatus.CANCELLED:
-            self.trigger(job.project_id, f"coalesced: {follow_up}", runner=job.runner, model_kind=job.model_kind,
-                         params=job.params)
+            spec = ended.follow_up_spec
+            if spec is None:  # folded in by a version before 0003 stored the trigger: run as the job before it
+                spec = {"runner": job.runner, "model_kind": job.model_kind, "params": job.params}
+            self.trigger(job.project_id, f"coalesced: {follow_up}", runner=spec["runner"],
+                         model_kind=spec["model_kind"], params=spec["params"])
 
     def _schedule(self) -> None:
         while not self._stop.wait(self.policy.interval_s):
