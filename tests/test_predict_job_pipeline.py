@@ -207,3 +207,34 @@ def test_read_ahead_keeps_order_raises_where_it_failed_and_stops_with_its_consum
     time.sleep(0.3)
     assert len(produced) == stopped_at <= 6  # at most an item or two ahead, then it stopped
     assert not [t for t in threading.enumerate() if t.name == "tandem-read-ahead"]  # every producer has ended
+
+
+class RecordingWriter(MemoryWriter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def write(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
+        self.sizes.append(len(items))
+        return super().write(items)
+
+
+def test_label_studio_writes_grow_with_what_was_written_and_never_pass_the_cap(detect_adapter, tmp_path):
+    """30 tasks in chunks of 3, writes from 2 up to 8: each write as large as half of what went before (Label
+    Studio 1.23 recounts the whole project per request), a write handed over early rather than passing the cap."""
+    for i, (img, _) in enumerate(generate_samples(30, seed=31, size=(200, 150))):
+        (tmp_path / f"{i}.jpg").write_bytes(encode(img, "JPEG"))
+    refs = [TaskRef(500 + i, {"image": f"/data/local-files/?d={i}.jpg"}, frozenset()) for i in range(30)]
+    plan = plan_for(detect_adapter, RECT)
+    writer, fetcher = RecordingWriter(), MediaFetcher(MediaSettings(local_files_root=tmp_path))
+    store = PredictionRepo(f"sqlite:///{tmp_path / 'w.sqlite3'}")
+    options = JobOptions(concurrency=2, batch=3, write_batch=2, max_write_batch=8)
+    try:
+        progress = PredictJob(plan, MemoryTasks(refs, page=7), fetcher, store, writer, 9, options).run()
+    finally:
+        fetcher.close()
+    assert (progress.done, progress.written, progress.failed) == (30, 30, 0)
+    assert sorted(writer.items) == [r.id for r in refs]
+    # by hand: 3 (threshold 2), 3 (2), 3 (3), 6 (4), 6 (7: a third chunk would make 9 > 8, so handed over at 6),
+    # 6 (8: likewise), and the last 3 when the job ends
+    assert writer.sizes == [3, 3, 3, 6, 6, 6, 3]

@@ -22,7 +22,7 @@ def requests_for(tasks: int, options: JobOptions) -> list[int]:
     return sizes
 
 
-def test_starts_at_write_batch_grows_to_a_quarter_and_stops_at_the_cap():
+def test_starts_at_write_batch_grows_to_half_of_what_was_written_and_stops_at_the_cap():
     o = JobOptions(write_batch=256, max_write_batch=4096)
     assert write_threshold(0, o) == 256
     assert write_threshold(512, o) == 256

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-MAX_PER_REQUEST = 4096  # the job's largest write (JobOptions.max_write_batch) in one request: Label Studio 1.23
-# recounts the whole project's predicted tasks per request, so splitting a write multiplies that work
+MAX_PER_REQUEST = 4096  # = JobOptions.max_write_batch: the job's writes go in one request each (Label Studio
+# 1.23 recounts the whole project's predicted tasks per request, so splitting a write adds a recount)
 
 
 class LabelStudioWriter:

@@ -10,9 +10,10 @@ predictions" afterwards answers from the store.
 Memory is bounded: one page of task references, and at most two chunks of images (decoded, or their bytes for
 the GPU engine): the one being predicted and the next, fetched meanwhile by `concurrency` threads. Label
 Studio's bulk import of a chunk runs on a writer thread beside the next chunks' inference (at most two
-requests queued). Its requests grow with the project's written share (`write_threshold`): Label Studio 1.23's
-default prediction import recounts every task of the project that has a prediction on every request, so a
-fixed request size makes its work grow with the square of the project's size.
+requests queued). Its requests grow with what this run has handed to the writer (`write_threshold`): Label
+Studio 1.23's default prediction import recounts every task of the project that has a prediction on every
+request, so a fixed request size makes its work grow with the square of the project's size. Held for the
+writer: at most three writes of up to `max_write_batch` predictions (two queued, one filling).
 """
 
 from __future__ import annotations
@@ -214,6 +215,8 @@ class PredictJob:
             ok.append((task["id"], item))
         self.store.put_many(rows)  # the ledger first: a task stored is never predicted again
         self._add(done=len(ok), predicted=len(ok), failed=len(failures), failures=failures)
+        if self._unwritten and len(self._unwritten) + len(ok) > self.options.max_write_batch:
+            self._flush_writes()  # never a write over the cap (the writer would split it: one more recount)
         self._unwritten.extend(ok)
         if len(self._unwritten) >= write_threshold(self._handed, self.options):
             self._flush_writes()
