@@ -161,6 +161,19 @@ def test_a_follow_up_keeps_the_trigger_folded_in_until_taken(db_url):
     assert store.get(job.id).follow_up is None and store.get(job.id).follow_up_spec is None
 
 
+def test_an_automatic_trigger_keeps_a_follow_up_already_folded_in(db_url):
+    store = JobStore(db_url)
+    job = store.create(8, "yolo", "local", "button")
+    auto = {"runner": "local", "model_kind": "yolo", "params": {}}
+    assert store.set_follow_up(job.id, "schedule", auto, keep_existing=True)  # none yet: set
+    asked = {"runner": "local", "model_kind": "vlm", "params": {"lora_rank": 8}}
+    assert store.set_follow_up(job.id, "lora button", asked)  # someone asked: replaces
+    assert store.set_follow_up(job.id, "10 new corrections", auto, keep_existing=True)  # kept, still True
+    assert (store.get(job.id).follow_up, store.get(job.id).follow_up_spec) == ("lora button", asked)
+    store.finish(job.id, JobStatus.SUCCEEDED)
+    assert not store.set_follow_up(job.id, "schedule", auto, keep_existing=True)  # ended: the caller queues
+
+
 def test_twenty_threads_triggering_one_project_make_exactly_one_active_job(db_url):
     store = JobStore(db_url)
     results = _together(THREADS, lambda i: store.create(BIG_ID, "detect", "local", f"trigger {i}"))

@@ -73,14 +73,30 @@ def test_the_follow_up_runs_the_trigger_folded_in_not_the_job_before_it(tmp_path
     first = service.trigger(5, "button", params={"epochs": 7})
     assert first.model_kind == "yolo" and first.params["epochs"] == 7
     assert service.trigger(5, "lora button", model_kind="vlm", params={"lora_rank": 4}).id == first.id
+    # counted corrections (automatic) do not replace a follow-up someone asked for
+    assert service.trigger(5, "10 new corrections", automatic=True).id == first.id
+    assert service.store.get(first.id).follow_up == "lora button"
+
+    def next_job(after: int):
+        deadline = time.monotonic() + 120
+        while service.store.list(5)[0].id == after and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return service.store.list(5)[0]
+
     assert wait(service.store, first.id, timeout=120).status is JobStatus.FAILED
-    deadline = time.monotonic() + 120
-    while len(service.store.list(5)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    follow = service.store.list(5)[0]
-    assert follow.id != first.id and follow.reason == "coalesced: lora button"
+    follow = next_job(first.id)
+    assert follow.reason == "coalesced: lora button"
     assert (follow.model_kind, follow.params, follow.runner) == ("vlm", {"lora_rank": 4}, first.runner)
     wait(service.store, follow.id, timeout=120)
+
+    # a follow-up folded in by a replica from before migration 0003 (reason only) runs as the job before it
+    third = service.trigger(5, "button", params={"epochs": 9})
+    assert service.store.set_follow_up(third.id, "an older replica's trigger")
+    wait(service.store, third.id, timeout=120)
+    fourth = next_job(third.id)
+    assert fourth.reason == "coalesced: an older replica's trigger"
+    assert (fourth.model_kind, fourth.params) == ("yolo", third.params)
+    wait(service.store, fourth.id, timeout=120)
     service.close()
 
 

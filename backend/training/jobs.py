@@ -215,10 +215,18 @@ class JobStore:
             rows = conn.execute(select(jobs_table.c.status, func.count()).group_by(jobs_table.c.status))
             return {status: n for status, n in rows}
 
-    def set_follow_up(self, job_id: int, reason: str, spec: dict[str, Any] | None = None) -> bool:
-        """Fold a trigger into the successor of an active job (run when it ends, unless it was cancelled).
-        `spec`: the trigger's runner, model_kind and params; the last trigger folded in is the one run."""
-        return self._set(job_id, _ACTIVE, follow_up=reason, follow_up_spec=json.dumps(spec) if spec else None)
+    def set_follow_up(self, job_id: int, reason: str, spec: dict[str, Any] | None = None,
+                      keep_existing: bool = False) -> bool:
+        """Fold a trigger into the successor of an active job (run when it ends, unless it was cancelled); True
+        while the job is active. `spec`: the trigger's runner, model_kind and params; the last trigger folded in
+        is the one run, except that with `keep_existing` (automatic triggers) one already folded in is kept."""
+        values = dict(follow_up=reason, follow_up_spec=json.dumps(spec) if spec else None)
+        if not keep_existing:
+            return self._set(job_id, _ACTIVE, **values)
+        if self._set(job_id, _ACTIVE, jobs_table.c.follow_up.is_(None), **values):
+            return True
+        job = self.get(job_id)
+        return bool(job and job.status.active and job.follow_up)
 
     def take_follow_up(self, job_id: int) -> str | None:
         """The follow-up reason of an ended job, once: whoever takes it (one replica) queues the successor."""

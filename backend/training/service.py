@@ -78,12 +78,14 @@ class TrainingService:
         if action in ANNOTATION_EVENTS:
             self.store.add_correction(project_id, key)  # in the database: restarts and replicas share it
             if self.store.take_corrections(project_id, self.policy.train_after):  # true for one caller only
-                return self.trigger(project_id, f"{self.policy.train_after} new corrections")
+                return self.trigger(project_id, f"{self.policy.train_after} new corrections", automatic=True)
         return None
 
     def trigger(self, project_id: int, reason: str, runner: str | None = None, model_kind: str = "yolo",
-                params: dict | None = None) -> Job:
-        """Queue a job, or fold this trigger into the follow-up of the one already active."""
+                params: dict | None = None, automatic: bool = False) -> Job:
+        """Queue a job, or fold this trigger into the follow-up of the one already active. An `automatic`
+        trigger (corrections counted, schedule) does not replace a follow-up someone asked for: any follow-up
+        trains on every correction so far."""
         runner = runner or self.policy.default_runner
         if runner == "modal":
             from infra.modal_runner import require_modal_credentials
@@ -96,11 +98,11 @@ class TrainingService:
         except ActiveJobExists as exists:
             active = exists.active
             spec = {"runner": runner, "model_kind": model_kind, "params": params or {}}
-            if self.store.set_follow_up(active.id, reason, spec):
+            if self.store.set_follow_up(active.id, reason, spec, keep_existing=automatic):
                 log.info("project %s: job %s active, '%s' coalesced into the next run", project_id, active.id,
                          reason)
                 return self.store.get(active.id) or active
-            return self.trigger(project_id, reason, runner, model_kind, params)  # it ended meanwhile
+            return self.trigger(project_id, reason, runner, model_kind, params, automatic)  # it ended meanwhile
         self.store.reset_corrections(project_id)
         self.runner.start(job)  # a local process either way; for "modal" it drives the remote H100
         log.info("project %s: job %s queued (%s, %s runner)", project_id, job.id, reason, runner)
@@ -123,7 +125,7 @@ class TrainingService:
     def _schedule(self) -> None:
         while not self._stop.wait(self.policy.interval_s):
             for project_id in self.store.projects_with_corrections():
-                self.trigger(project_id, "schedule")
+                self.trigger(project_id, "schedule", automatic=True)
 
     # -- serving the promoted version ---------------------------------------------------------------
     def _latest_change(self) -> float:
