@@ -6,8 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-MAX_PER_REQUEST = 4096  # = JobOptions.max_write_batch: the job's writes go in one request each (Label Studio
-# 1.23 recounts the whole project's predicted tasks per request, so splitting a write adds a recount)
+from backend.batch.predict_job import JobOptions
+
+# The job's largest write in one request: Label Studio 1.23 recounts the whole project's predicted tasks per
+# request, so splitting a write adds a recount.
+MAX_PER_REQUEST = JobOptions.max_write_batch
 
 
 class LabelStudioWriter:

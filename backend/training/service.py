@@ -113,12 +113,11 @@ class TrainingService:
 
     def _on_done(self, job: Job) -> None:
         log.info("job %s %s%s", job.id, job.status.value, f": {job.error.splitlines()[0]}" if job.error else "")
-        ended = self.store.get(job.id) or job  # its follow-up spec, fixed now that the job is no longer active
+        # `job` was read after it ended (the reaper, reap_abandoned): its follow-up spec can no longer change
         follow_up = self.store.take_follow_up(job.id)  # once, whichever replica saw it end
         if follow_up and job.status is not JobStatus.CANCELLED:
-            spec = ended.follow_up_spec
-            if spec is None:  # folded in by a version before 0003 stored the trigger: run as the job before it
-                spec = {"runner": job.runner, "model_kind": job.model_kind, "params": job.params}
+            # no spec: folded in by a version before 0003 stored the trigger, so run as the job before it
+            spec = job.follow_up_spec or {"runner": job.runner, "model_kind": job.model_kind, "params": job.params}
             self.trigger(job.project_id, f"coalesced: {follow_up}", runner=spec["runner"],
                          model_kind=spec["model_kind"], params=spec["params"])
 
