@@ -45,6 +45,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (Label Studio runs its server under a launcher)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (every core), to show what else took the cores."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+
 def _write_images(folder: Path, count: int, chunk: int = 200) -> None:
     from backend.datasets.shapes import generate_samples
 
@@ -185,6 +208,8 @@ def main() -> None:
 
         # 2. the job
         rss_before = peak_rss_mb()
+        cpu_t0, cpu_before = time.perf_counter(), (cpu_seconds(ls.process.pid), time.process_time(),
+                                                    machine_busy_seconds())
         marks: list[float] = []
         record, result = run_project(settings, project, model=str(w),
                                      options=JobOptions(concurrency=args.concurrency, batch=args.batch),
@@ -192,9 +217,15 @@ def main() -> None:
         job_s = time.perf_counter() - marks[0]
         job_rate = result.predicted / job_s
         job_peak = peak_rss_mb()
+        call_s = time.perf_counter() - cpu_t0
+        ls_cpu, own_cpu, busy = (cpu_seconds(ls.process.pid) - cpu_before[0], time.process_time() - cpu_before[1],
+                                 machine_busy_seconds() - cpu_before[2])
         say(f"job {record.id}: {record.status}, {result.done}/{result.total} done, {result.failed} failed, "
             f"{result.predicted} predicted, {result.written} written in {job_s:.1f} s = {job_rate:.2f} tasks/s; "
             f"peak RSS {job_peak:.0f} MB (before the job {rss_before:.0f} MB)")
+        say(f"CPU seconds over the job's whole call ({call_s:.1f} s wall, loading the model included): Tandem's "
+            f"process {own_cpu:.1f}, Label Studio's {ls_cpu:.1f}, the whole machine {busy:.1f} of "
+            f"{call_s * (os.cpu_count() or 1):.1f} available")
         assert result.done == args.tasks and result.failed == 0
 
         # the raw engine on the same images, same batch size, same process, after the job: three baselines
