@@ -211,10 +211,19 @@ def main() -> None:
         cpu_t0, cpu_before = time.perf_counter(), (cpu_seconds(ls.process.pid), time.process_time(),
                                                     machine_busy_seconds())
         marks: list[float] = []
+        last_predicted = {"count": -1, "at": 0.0}  # when the job's last prediction was stored
+
+        def on_progress(p) -> None:
+            now = time.perf_counter()
+            marks or marks.append(now)
+            if p.predicted != last_predicted["count"]:
+                last_predicted.update(count=p.predicted, at=now)
+
         record, result = run_project(settings, project, model=str(w),
                                      options=JobOptions(concurrency=args.concurrency, batch=args.batch),
-                                     on_progress=lambda p: marks or marks.append(time.perf_counter()))
+                                     on_progress=on_progress)
         job_s = time.perf_counter() - marks[0]
+        tail_s = marks[0] + job_s - last_predicted["at"]
         job_rate = result.predicted / job_s
         job_peak = peak_rss_mb()
         call_s = time.perf_counter() - cpu_t0
@@ -222,7 +231,8 @@ def main() -> None:
                                  machine_busy_seconds() - cpu_before[2])
         say(f"job {record.id}: {record.status}, {result.done}/{result.total} done, {result.failed} failed, "
             f"{result.predicted} predicted, {result.written} written in {job_s:.1f} s = {job_rate:.2f} tasks/s; "
-            f"peak RSS {job_peak:.0f} MB (before the job {rss_before:.0f} MB)")
+            f"peak RSS {job_peak:.0f} MB (before the job {rss_before:.0f} MB); after the last prediction was "
+            f"stored the job waited {tail_s:.1f} s for Label Studio's last import")
         say(f"CPU seconds over the job's whole call ({call_s:.1f} s wall, loading the model included): Tandem's "
             f"process {own_cpu:.1f}, Label Studio's {ls_cpu:.1f}, the whole machine {busy:.1f} of "
             f"{call_s * (os.cpu_count() or 1):.1f} available")

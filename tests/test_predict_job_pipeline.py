@@ -220,7 +220,7 @@ class RecordingWriter(MemoryWriter):
 
 
 def test_label_studio_writes_grow_with_what_was_written_and_never_pass_the_cap(detect_adapter, tmp_path):
-    """30 tasks in chunks of 3, writes from 2 up to 8: each write as large as half of what went before (Label
+    """30 tasks in chunks of 3, writes from 2 up to 8: each write as large as twice what went before (Label
     Studio 1.23 recounts the whole project per request), a write handed over early rather than passing the cap."""
     for i, (img, _) in enumerate(generate_samples(30, seed=31, size=(200, 150))):
         (tmp_path / f"{i}.jpg").write_bytes(encode(img, "JPEG"))
@@ -235,6 +235,6 @@ def test_label_studio_writes_grow_with_what_was_written_and_never_pass_the_cap(d
         fetcher.close()
     assert (progress.done, progress.written, progress.failed) == (30, 30, 0)
     assert sorted(writer.items) == [r.id for r in refs]
-    # by hand: 3 (threshold 2), 3 (2), 3 (3), 6 (4), 6 (7: a third chunk would make 9 > 8, so handed over at 6),
-    # 6 (8: likewise), and the last 3 when the job ends
-    assert writer.sizes == [3, 3, 3, 6, 6, 6, 3]
+    # by hand: 3 (threshold 2), 6 (6), 6 (8: a third chunk would make 9 > 8, so handed over at 6), 6 and 6
+    # (likewise), and the last 3 when the job ends
+    assert writer.sizes == [3, 6, 6, 6, 6, 3]

@@ -22,12 +22,19 @@ def requests_for(tasks: int, options: JobOptions) -> list[int]:
     return sizes
 
 
-def test_starts_at_write_batch_grows_to_half_of_what_was_written_and_stops_at_the_cap():
+def test_starts_at_write_batch_grows_to_twice_what_was_written_and_stops_at_the_cap():
     o = JobOptions(write_batch=256, max_write_batch=4096)
     assert write_threshold(0, o) == 256
-    assert write_threshold(512, o) == 256
-    assert write_threshold(4000, o) == 2000
+    assert write_threshold(100, o) == 256
+    assert write_threshold(512, o) == 1024
+    assert write_threshold(1500, o) == 3000
+    assert write_threshold(4000, o) == 4096
     assert write_threshold(10**6, o) == 4096
+
+
+def test_a_5000_task_project_is_written_in_four_requests():
+    """By hand: 256 first, then twice what went before (512, 1536), the rest (2696) when the job ends."""
+    assert requests_for(5_000, JobOptions(write_batch=256, max_write_batch=4096)) == [256, 512, 1536, 2696]
 
 
 @pytest.mark.parametrize("tasks", [100, 5_000, 100_000])
@@ -44,5 +51,5 @@ def test_every_prediction_is_written_once_and_the_recount_work_is_near_linear(ta
     if tasks <= 512:
         assert recount == fixed  # small projects: the same requests as a fixed size
     else:
-        assert recount < fixed / 3  # a third of the fixed size's work at 5,000 tasks; 1/14 at 100,000
-    assert recount <= {100: 1, 5_000: 4, 100_000: 15}[tasks] * tasks
+        assert recount < fixed / 6  # a sixth of the fixed size's work at 5,000 tasks; 1/15 at 100,000
+    assert recount <= {100: 1, 5_000: 1.7, 100_000: 13}[tasks] * tasks
