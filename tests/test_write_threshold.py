@@ -37,6 +37,12 @@ def test_a_5000_task_project_is_written_in_four_requests():
     assert requests_for(5_000, JobOptions(write_batch=256, max_write_batch=4096)) == [256, 512, 1536, 2696]
 
 
+def test_a_100000_task_project_grows_to_the_default_cap_of_16384():
+    """By hand: 256, 512, 1536, 4608, 13824 (twice what went before), then the cap four times (65536), and the
+    rest, 100000 - 20736 - 65536 = 13728, when the job ends: ten requests."""
+    assert requests_for(100_000, JobOptions()) == [256, 512, 1536, 4608, 13824] + [16384] * 4 + [13728]
+
+
 @pytest.mark.parametrize("tasks", [100, 5_000, 100_000])
 def test_every_prediction_is_written_once_and_the_recount_work_is_near_linear(tasks):
     o = JobOptions()
@@ -51,5 +57,5 @@ def test_every_prediction_is_written_once_and_the_recount_work_is_near_linear(ta
     if tasks <= 512:
         assert recount == fixed  # small projects: the same requests as a fixed size
     else:
-        assert recount < fixed / 6  # a sixth of the fixed size's work at 5,000 tasks; 1/15 at 100,000
-    assert recount <= {100: 1, 5_000: 1.7, 100_000: 13}[tasks] * tasks
+        assert recount < fixed / 6  # a sixth of the fixed size's work at 5,000 tasks; 1/50 at 100,000
+    assert recount <= {100: 1, 5_000: 1.7, 100_000: 3.8}[tasks] * tasks

@@ -13,7 +13,9 @@ Studio's bulk import of a chunk runs on a writer thread beside the next chunks' 
 requests queued). Its requests grow with what this run has handed to the writer (`write_threshold`): Label
 Studio 1.23's default prediction import recounts every task of the project that has a prediction on every
 request, so a fixed request size makes its work grow with the square of the project's size. Held for the
-writer: at most three writes of up to `max_write_batch` predictions (two queued, one filling).
+writer: task ids and store keys only (at most three writes of up to `max_write_batch`: two queued, one
+filling); the writer reads each write's predictions back from the store when it sends it, so only the write in
+flight holds predictions.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from backend.batch.tasks import TaskRef
 from backend.errors import MediaError
 from backend.media.fetch import LoadedImage
 from backend.predict import Predictor, ServingPlan, image_url, task_key
-from backend.storage.predictions import PredictionRepo, PredictionRow
+from backend.storage.predictions import Key, PredictionRepo, PredictionRow
 
 log = logging.getLogger("tandem.batch")
 
@@ -64,7 +66,7 @@ class JobOptions:
     concurrency: int = 4  # parallel image fetches
     batch: int = 16  # tasks per chunk: one inference call, one store write
     write_batch: int = 256  # predictions per Label Studio bulk import at first; grows with what is written
-    max_write_batch: int = 4096  # ... up to this many (bounds the memory held for the writer)
+    max_write_batch: int = 16384  # ... up to this many (one request; read back from the store when sent)
     role: str = "pre-annotation"
 
 
@@ -118,7 +120,7 @@ class PredictJob:
         self._lock = threading.Lock()
         self._write_pool = ThreadPoolExecutor(1, thread_name_prefix="tandem-job-write")
         self._writes: deque[Future] = deque()
-        self._unwritten: list[tuple[int, Mapping[str, Any]]] = []  # stored, not yet handed to the writer
+        self._unwritten: list[tuple[int, Key]] = []  # (task id, store key) stored, not yet handed to the writer
         self._handed = 0  # predictions handed to the writer so far
         self.progress = Progress(model_version=plan.version)
 
@@ -212,7 +214,7 @@ class PredictJob:
             key = task_key(task, self.plan)
             rows.append(PredictionRow(key[0], key[1], key[2], self.project_id, self.plan.name, str(self.options.role),
                                       item, controls))
-            ok.append((task["id"], item))
+            ok.append((task["id"], key))
         self.store.put_many(rows)  # the ledger first: a task stored is never predicted again
         self._add(done=len(ok), predicted=len(ok), failed=len(failures), failures=failures)
         if self._unwritten and len(self._unwritten) + len(ok) > self.options.max_write_batch:
@@ -230,8 +232,13 @@ class PredictJob:
         while len(self._writes) > 2:
             self._writes.popleft().result()
 
-    def _write(self, ok: list[tuple[int, Mapping[str, Any]]]) -> None:
-        self._add(written=self.writer.write(ok))
+    def _write(self, ok: list[tuple[int, Key]]) -> None:
+        """On the writer thread: the predictions back from the store (the ledger), then one bulk import."""
+        items = self.store.get_items([key for _, key in ok])
+        lost = [tid for tid, key in ok if key not in items]
+        if lost:  # stored synchronously before they were handed over: a broken store, not a task's failure
+            raise RuntimeError(f"{len(lost)} stored predictions could not be read back (tasks {lost[:5]}...)")
+        self._add(written=self.writer.write([(tid, items[key]) for tid, key in ok]))
 
     def _drain_writes(self) -> None:
         self._flush_writes()
@@ -266,9 +273,9 @@ def write_threshold(handed: int, options: JobOptions) -> int:
     [write_batch, max_write_batch]. Label Studio's default import recounts every predicted task of the project
     per request (`update_tasks_counters` over the whole project in 1.23), so requests that grow geometrically
     keep its work near-linear: 1.7x the project's tasks recounted at 5,000 tasks (1x of it the last request's,
-    which the job waits for), 13x at 100,000 (the cap), where a fixed 256 a request recounts 11x and 196x.
-    Half of what was handed (before 2026-12-06) recounted 3.2x at 5,000: more of Label Studio's CPU taken
-    from inference on a small machine."""
+    which the job waits for), 3.8x at 100,000, where a fixed 256 a request recounts 11x and 196x. Half of what
+    was handed, capped at 4,096 (before 2026-12-06), recounted 3.2x at 5,000 and 14x at 100,000: Label Studio's
+    CPU taken from inference on a small machine, and on a large project the pace of the whole job."""
     return min(options.max_write_batch, max(options.write_batch, 2 * handed))
 
 
