@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 
 from backend.batch.gpu_engine import choose_engine, pipeline_chunk_predictor, pipeline_for
 from backend.batch.predict_job import JobOptions, PredictJob
+from backend.batch.records import Progress
 from backend.batch.tasks import TaskRef
 from backend.datasets.shapes import generate_samples
 from backend.errors import ConfigError
@@ -213,9 +215,11 @@ class RecordingWriter(MemoryWriter):
     def __init__(self) -> None:
         super().__init__()
         self.sizes: list[int] = []
+        self.requests: list[list[int]] = []  # the task ids of each request, in order
 
     def write(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> int:
         self.sizes.append(len(items))
+        self.requests.append([tid for tid, _ in items])
         return super().write(items)
 
 
@@ -238,3 +242,57 @@ def test_label_studio_writes_grow_with_what_was_written_and_never_pass_the_cap(d
     # by hand: 3 (threshold 2), 6 (6), 6 (8: a third chunk would make 9 > 8, so handed over at 6), 6 and 6
     # (likewise), and the last 3 when the job ends
     assert writer.sizes == [3, 6, 6, 6, 6, 3]
+
+
+def _thirty_tasks(tmp_path) -> list[TaskRef]:
+    for i, (img, _) in enumerate(generate_samples(30, seed=31, size=(200, 150))):
+        (tmp_path / f"{i}.jpg").write_bytes(encode(img, "JPEG"))
+    return [TaskRef(500 + i, {"image": f"/data/local-files/?d={i}.jpg"}, frozenset()) for i in range(30)]
+
+
+def _run(plan, refs, tmp_path, writer, options, page=7) -> Progress:
+    fetcher = MediaFetcher(MediaSettings(local_files_root=tmp_path))
+    store = PredictionRepo(f"sqlite:///{tmp_path / 'w.sqlite3'}")
+    try:
+        return PredictJob(plan, MemoryTasks(refs, page=page), fetcher, store, writer, 9, options).run()
+    finally:
+        fetcher.close()
+        store.close()
+
+
+def test_predictions_stored_but_missing_from_label_studio_are_written_in_growing_requests(detect_adapter, tmp_path):
+    """A run killed between the store and Label Studio leaves stored predictions Label Studio lacks; the next
+    run writes them as it writes fresh ones (each request a whole-project recount in Label Studio 1.23), not one
+    request per page of tasks, and predicts none of them again."""
+    refs, plan = _thirty_tasks(tmp_path), plan_for(detect_adapter, RECT)
+    first = MemoryWriter()
+    _run(plan, refs, tmp_path, first, JobOptions(concurrency=2, batch=3))
+    again = RecordingWriter()
+    options = JobOptions(concurrency=2, batch=3, write_batch=2, max_write_batch=16)
+    progress = _run(plan, refs, tmp_path, again, options)  # Label Studio shows none of them (versions empty)
+    assert (progress.done, progress.predicted, progress.written, progress.failed) == (30, 0, 30, 0)
+    assert again.items == first.items  # what was stored, read back and written, not predicted again
+    # by hand, pages of 7: 7 (threshold 2), 7 + 7 = 14 (threshold 14), 7 + 2 = 9 when the job ends (threshold
+    # 16); one request per page would have been 7, 7, 7, 7, 2
+    assert again.sizes == [7, 14, 9]
+
+
+def test_a_write_past_max_request_bytes_goes_in_several_requests_each_within_it(detect_adapter, tmp_path):
+    """Large predictions (brush masks, hundreds of regions) must not make one request Label Studio or a proxy
+    refuses: a write is cut where its JSON would pass `max_request_bytes`; an item larger alone goes alone."""
+    refs, plan = _thirty_tasks(tmp_path), plan_for(detect_adapter, RECT)
+    whole = RecordingWriter()
+    _run(plan, refs, tmp_path, whole, JobOptions(concurrency=2, batch=3))
+    sizes = {tid: len(json.dumps(item)) for tid, item in whole.items.items()}  # as the store holds them
+    assert whole.sizes == [30]  # 256 a request at first: the whole project at once
+    budget = 3 * int(np.median(list(sizes.values())))
+    cut = RecordingWriter()
+    (tmp_path / "w.sqlite3").unlink()  # predicted again, into a new store
+    progress = _run(plan, refs, tmp_path, cut, JobOptions(concurrency=2, batch=3, max_request_bytes=budget))
+    assert (progress.done, progress.written) == (30, 30) and cut.items == whole.items
+    assert len(cut.requests) >= 30 * np.median(list(sizes.values())) // budget
+    for request in cut.requests:
+        assert len(request) == 1 or sum(sizes[t] for t in request) <= budget
+    # greedy: a request ends only where the next prediction would not fit
+    for request, following in zip(cut.requests, cut.requests[1:]):
+        assert sum(sizes[t] for t in request) + sizes[following[0]] > budget

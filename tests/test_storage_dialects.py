@@ -7,6 +7,8 @@ expired job failed once, one correction count) are the database's, and the two d
 
 from __future__ import annotations
 
+import json
+
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -240,6 +242,11 @@ def test_predictions_round_trip(db_url):
         np.testing.assert_array_equal(back.detections.data[CLASS_SCORES], [[0.2, 0.75]])
         assert list(back.detections.data[CLASS_NAME]) == ["Dog"] and back.class_names == ("Cat", "Dog")
         assert store.get_record_texts([(tasks[1], "cnn-1", "fp")]) == {}
+        # the job's ledger check and its writer's read-back: the keys that exist, the item's JSON undecoded
+        assert store.stored_keys(keys) == set(items) and len(store.stored_keys(keys)) == 1000
+        texts = store.get_item_texts(keys[-3:])
+        assert list(texts) == [(tasks[-1], "cnn-1", "fp")]
+        assert json.loads(texts[(tasks[-1], "cnn-1", "fp")]) == items[(tasks[-1], "cnn-1", "fp")]
         assert store.count(BIG_ID) == 1001 and store.count() == 1002
         assert {r.task_id for r in store.for_project(BIG_ID, model_version="cnn-2")} == {tasks[1]}
         store.delete_project(BIG_ID)

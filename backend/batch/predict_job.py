@@ -14,12 +14,13 @@ requests queued). Its requests grow with what this run has handed to the writer 
 Studio 1.23's default prediction import recounts every task of the project that has a prediction on every
 request, so a fixed request size makes its work grow with the square of the project's size. Held for the
 writer: task ids and store keys only (at most three writes of up to `max_write_batch`: two queued, one
-filling); the writer reads each write's predictions back from the store when it sends it, so only the write in
-flight holds predictions.
+filling); the writer reads each write's predictions back from the store when it sends it, so only the request in
+flight holds predictions, and a write whose JSON would pass `max_request_bytes` goes in several requests.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ from backend.predict import Predictor, ServingPlan, image_url, task_key
 from backend.storage.predictions import Key, PredictionRepo, PredictionRow
 
 log = logging.getLogger("tandem.batch")
+READ_BACK = 1024  # predictions read back from the store at a time by the writer
 
 MAX_FAILURES_KEPT = 100
 
@@ -67,6 +69,7 @@ class JobOptions:
     batch: int = 16  # tasks per chunk: one inference call, one store write
     write_batch: int = 256  # predictions per Label Studio bulk import at first; grows with what is written
     max_write_batch: int = 16384  # ... up to this many (one request; read back from the store when sent)
+    max_request_bytes: int = 32 * 2**20  # a write's JSON past this goes in several requests (masks, many regions)
     role: str = "pre-annotation"
 
 
@@ -156,23 +159,23 @@ class PredictJob:
         for page in self.source.pages():
             tasks = [ref.as_task() for ref in page]
             keys = [task_key(t, self.plan) for t in tasks]
-            stored = self.store.get_items([k for k in keys if k is not None])
-            unwritten: list[tuple[int, Mapping[str, Any]]] = []
+            stored = self.store.stored_keys([k for k in keys if k is not None])
+            unwritten: list[tuple[int, Key]] = []
             already = 0
             for ref, task, key in zip(page, tasks, keys, strict=True):
                 if key is not None and key in stored:
                     if self.plan.version in ref.versions:
                         already += 1
                     else:
-                        unwritten.append((ref.id, stored[key]))
+                        unwritten.append((ref.id, key))
                     continue
                 pending.append(task)
                 if len(pending) >= self.options.batch:
                     yield pending
                     pending = []
-            if unwritten:
-                written = self.writer.write(unwritten)
-                self._add(done=len(unwritten), written=written)
+            if unwritten:  # a run killed between the store and Label Studio: written like fresh predictions
+                self._add(done=len(unwritten))
+                self._hand(unwritten)
             if already:
                 self._add(done=already)
         if pending:
@@ -217,11 +220,18 @@ class PredictJob:
             ok.append((task["id"], key))
         self.store.put_many(rows)  # the ledger first: a task stored is never predicted again
         self._add(done=len(ok), predicted=len(ok), failed=len(failures), failures=failures)
-        if self._unwritten and len(self._unwritten) + len(ok) > self.options.max_write_batch:
-            self._flush_writes()  # never a write over the cap (the writer would split it: one more recount)
-        self._unwritten.extend(ok)
-        if len(self._unwritten) >= write_threshold(self._handed, self.options):
-            self._flush_writes()
+        self._hand(ok)
+
+    def _hand(self, stored: list[tuple[int, Key]]) -> None:
+        """Stored predictions toward the next bulk import, handed to the writer at `write_threshold`."""
+        cap = self.options.max_write_batch
+        for start in range(0, len(stored), cap):
+            piece = stored[start : start + cap]
+            if self._unwritten and len(self._unwritten) + len(piece) > cap:
+                self._flush_writes()  # never a write over the cap (the writer would split it: one more recount)
+            self._unwritten.extend(piece)
+            if len(self._unwritten) >= write_threshold(self._handed, self.options):
+                self._flush_writes()
 
     def _flush_writes(self) -> None:
         """Label Studio's import runs beside the next chunks' inference; at most two requests queued."""
@@ -233,12 +243,31 @@ class PredictJob:
             self._writes.popleft().result()
 
     def _write(self, ok: list[tuple[int, Key]]) -> None:
-        """On the writer thread: the predictions back from the store (the ledger), then one bulk import."""
-        items = self.store.get_items([key for _, key in ok])
-        lost = [tid for tid, key in ok if key not in items]
-        if lost:  # stored synchronously before they were handed over: a broken store, not a task's failure
-            raise RuntimeError(f"{len(lost)} stored predictions could not be read back (tasks {lost[:5]}...)")
-        self._add(written=self.writer.write([(tid, items[key]) for tid, key in ok]))
+        """On the writer thread: the predictions back from the store (the ledger), one bulk import per part."""
+        for part in self._request_parts(ok):
+            self._add(written=self.writer.write(part))
+
+    def _request_parts(self, ok: list[tuple[int, Key]]) -> Iterator[list[tuple[int, Mapping[str, Any]]]]:
+        """A write as one request, or as several where its JSON would pass `max_request_bytes` (brush masks or
+        hundreds of regions a task: Label Studio refuses a body over 250 MB by default, a proxy often far less).
+        Read from the store a slice at a time, so a write of large predictions is never all in memory."""
+        part: list[tuple[int, Mapping[str, Any]]] = []
+        size = 0
+        for start in range(0, len(ok), READ_BACK):
+            piece = ok[start : start + READ_BACK]
+            texts = self.store.get_item_texts([key for _, key in piece])
+            lost = [tid for tid, key in piece if key not in texts]
+            if lost:  # stored synchronously before they were handed over: a broken store, not a task's failure
+                raise RuntimeError(f"{len(lost)} stored predictions could not be read back (tasks {lost[:5]}...)")
+            for tid, key in piece:
+                text = texts[key]
+                if part and size + len(text) > self.options.max_request_bytes:
+                    yield part
+                    part, size = [], 0
+                part.append((tid, json.loads(text)))
+                size += len(text)
+        if part:
+            yield part
 
     def _drain_writes(self) -> None:
         self._flush_writes()

@@ -132,6 +132,14 @@ class PredictionRepo:
         """key -> the stored Label Studio item, for the keys that exist."""
         return {k: json.loads(item) for k, item in self._rows(keys, T.c.item)}
 
+    def stored_keys(self, keys: Sequence[Key]) -> set[Key]:
+        """The keys that have a stored prediction, reading none of them (a job's ledger check)."""
+        return {k for k, _ in self._rows(keys, T.c.created_at)}
+
+    def get_item_texts(self, keys: Sequence[Key]) -> dict[Key, str]:
+        """key -> the stored Label Studio item's JSON text, undecoded: what a bulk writer sizes its requests by."""
+        return {k: item for k, item in self._rows(keys, T.c.item) if item}
+
     def get_controls(self, keys: Sequence[Key], embeddings: bool = False) -> dict[Key, dict[str, Prediction]]:
         """key -> {control: Prediction}, for the keys that exist and hold typed predictions. Stored embeddings
         are decoded only when asked for (scoring never reads them)."""
