@@ -24,7 +24,7 @@ from backend.datasets.shapes import generate_samples
 from backend.errors import ConfigError
 from backend.media.fetch import MediaFetcher, MediaSettings
 from backend.predict import plan_for, task_key
-from backend.storage.predictions import PredictionRepo
+from backend.storage.predictions import PredictionRepo, PredictionRow
 from tests.test_server import RECT
 from tests.test_yolo_gpu_pipeline import BOX_TOL, SCORE_TOL, encode
 
@@ -250,9 +250,9 @@ def _thirty_tasks(tmp_path) -> list[TaskRef]:
     return [TaskRef(500 + i, {"image": f"/data/local-files/?d={i}.jpg"}, frozenset()) for i in range(30)]
 
 
-def _run(plan, refs, tmp_path, writer, options, page=7) -> Progress:
+def _run(plan, refs, tmp_path, writer, options, page=7, db="w.sqlite3") -> Progress:
     fetcher = MediaFetcher(MediaSettings(local_files_root=tmp_path))
-    store = PredictionRepo(f"sqlite:///{tmp_path / 'w.sqlite3'}")
+    store = PredictionRepo(f"sqlite:///{tmp_path / db}")
     try:
         return PredictJob(plan, MemoryTasks(refs, page=page), fetcher, store, writer, 9, options).run()
     finally:
@@ -286,13 +286,45 @@ def test_a_write_past_max_request_bytes_goes_in_several_requests_each_within_it(
     sizes = {tid: len(json.dumps(item)) for tid, item in whole.items.items()}  # as the store holds them
     assert whole.sizes == [30]  # 256 a request at first: the whole project at once
     budget = 3 * int(np.median(list(sizes.values())))
-    cut = RecordingWriter()
-    (tmp_path / "w.sqlite3").unlink()  # predicted again, into a new store
-    progress = _run(plan, refs, tmp_path, cut, JobOptions(concurrency=2, batch=3, max_request_bytes=budget))
-    assert (progress.done, progress.written) == (30, 30) and cut.items == whole.items
-    assert len(cut.requests) >= 30 * np.median(list(sizes.values())) // budget
+    cut = RecordingWriter()  # predicted again, into another store
+    progress = _run(plan, refs, tmp_path, cut, JobOptions(concurrency=2, batch=3, max_request_bytes=budget),
+                    db="cut.sqlite3")
+    assert (progress.done, progress.predicted, progress.written) == (30, 30, 30)
+    unnamed = lambda items: {t: [{**r, "id": None} for r in i["result"]] for t, i in items.items()}  # noqa: E731
+    assert unnamed(cut.items) == unnamed(whole.items)  # the same predictions (region ids are drawn afresh)
+    assert len(cut.requests) >= -(-sum(sizes.values()) // budget)
     for request in cut.requests:
         assert len(request) == 1 or sum(sizes[t] for t in request) <= budget
     # greedy: a request ends only where the next prediction would not fit
     for request, following in zip(cut.requests, cut.requests[1:]):
         assert sum(sizes[t] for t in request) + sizes[following[0]] > budget
+
+
+def test_the_writer_reads_large_predictions_back_about_a_request_at_a_time(detect_adapter, tmp_path):
+    """300 stored predictions of ~47 KB (a brush mask's RLE) and a 400 KB request budget: requests of 8, each
+    within the budget, read back from the store 64 first, then slices sized by what the first weighed, never
+    all 300 (14 MB) at once."""
+    plan = plan_for(detect_adapter, RECT)
+    store = PredictionRepo(f"sqlite:///{tmp_path / 'masks.sqlite3'}")
+    rle = list(range(256)) * 40
+    keys = [(1000 + i, plan.version, "fp") for i in range(300)]
+    store.put_many(PredictionRow(*key, 9, plan.name, "pre-annotation",
+                                 {"result": [{"type": "brushlabels", "value": {"format": "rle", "rle": rle}}],
+                                  "model_version": plan.version}, {}) for key in keys)
+    text = len(store.get_item_texts(keys[:1])[keys[0]])
+    slices: list[int] = []
+    read = store.get_item_texts
+    store.get_item_texts = lambda ks: (slices.append(len(ks)), read(ks))[1]  # the real read, its sizes recorded
+    fetcher = MediaFetcher(MediaSettings(local_files_root=tmp_path))
+    try:
+        job = PredictJob(plan, MemoryTasks([]), fetcher, store, MemoryWriter(), 9, JobOptions(max_request_bytes=400_000))
+        parts = list(job._request_parts([(key[0], key) for key in keys]))
+    finally:
+        fetcher.close()
+        store.close()
+    per_request = 400_000 // text
+    assert per_request == 8  # 40 x (10 + 180 + 468 digits + 256 ", "): ~47 KB a prediction
+    assert [len(p) for p in parts] == [8] * 37 + [4]
+    assert [tid for p in parts for tid, _ in p] == [k[0] for k in keys]
+    assert parts[0][0][1]["result"][0]["value"]["rle"] == rle
+    assert slices[0] == 64 and set(slices[1:-1]) == {per_request} and sum(slices) == 300

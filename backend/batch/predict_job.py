@@ -14,8 +14,9 @@ requests queued). Its requests grow with what this run has handed to the writer 
 Studio 1.23's default prediction import recounts every task of the project that has a prediction on every
 request, so a fixed request size makes its work grow with the square of the project's size. Held for the
 writer: task ids and store keys only (at most three writes of up to `max_write_batch`: two queued, one
-filling); the writer reads each write's predictions back from the store when it sends it, so only the request in
-flight holds predictions, and a write whose JSON would pass `max_request_bytes` goes in several requests.
+filling); the writer reads each write's predictions back from the store when it sends it, a slice of about
+`max_request_bytes` of JSON at a time, and a write whose JSON would pass `max_request_bytes` goes in several
+requests: what the writer holds is about one slice's text and one request's predictions.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from backend.predict import Predictor, ServingPlan, image_url, task_key
 from backend.storage.predictions import Key, PredictionRepo, PredictionRow
 
 log = logging.getLogger("tandem.batch")
-READ_BACK = 1024  # predictions read back from the store at a time by the writer
+READ_BACK = (64, 1024)  # predictions the writer reads back at a time: first, and at most (sized to the bytes)
 
 MAX_FAILURES_KEPT = 100
 
@@ -68,7 +69,7 @@ class JobOptions:
     concurrency: int = 4  # parallel image fetches
     batch: int = 16  # tasks per chunk: one inference call, one store write
     write_batch: int = 256  # predictions per Label Studio bulk import at first; grows with what is written
-    max_write_batch: int = 16384  # ... up to this many (one request; read back from the store when sent)
+    max_write_batch: int = 16384  # ... up to this many a write (read back from the store when sent)
     max_request_bytes: int = 32 * 2**20  # a write's JSON past this goes in several requests (masks, many regions)
     role: str = "pre-annotation"
 
@@ -154,7 +155,7 @@ class PredictJob:
         return self.progress
 
     def _chunks_to_predict(self) -> Iterator[list[dict[str, Any]]]:
-        """Tasks with no stored prediction, in chunks; stored ones Label Studio lacks are written on the way."""
+        """Tasks with no stored prediction, in chunks; stored ones Label Studio lacks go to the writer on the way."""
         pending: list[dict[str, Any]] = []
         for page in self.source.pages():
             tasks = [ref.as_task() for ref in page]
@@ -250,12 +251,16 @@ class PredictJob:
     def _request_parts(self, ok: list[tuple[int, Key]]) -> Iterator[list[tuple[int, Mapping[str, Any]]]]:
         """A write as one request, or as several where its JSON would pass `max_request_bytes` (brush masks or
         hundreds of regions a task: Label Studio refuses a body over 250 MB by default, a proxy often far less).
-        Read from the store a slice at a time, so a write of large predictions is never all in memory."""
+        Read from the store a slice at a time, each slice sized to hold about `max_request_bytes` of JSON by
+        the size of the one before, so a write of large predictions is never all in memory."""
         part: list[tuple[int, Mapping[str, Any]]] = []
-        size = 0
-        for start in range(0, len(ok), READ_BACK):
-            piece = ok[start : start + READ_BACK]
+        size, start, count = 0, 0, READ_BACK[0]
+        while start < len(ok):
+            piece = ok[start : start + count]
+            start += len(piece)
             texts = self.store.get_item_texts([key for _, key in piece])
+            mean = sum(map(len, texts.values())) / max(len(texts), 1)
+            count = max(1, min(READ_BACK[1], int(self.options.max_request_bytes // max(mean, 1.0))))
             lost = [tid for tid, key in piece if key not in texts]
             if lost:  # stored synchronously before they were handed over: a broken store, not a task's failure
                 raise RuntimeError(f"{len(lost)} stored predictions could not be read back (tasks {lost[:5]}...)")
