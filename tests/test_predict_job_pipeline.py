@@ -328,3 +328,30 @@ def test_the_writer_reads_large_predictions_back_about_a_request_at_a_time(detec
     assert [tid for p in parts for tid, _ in p] == [k[0] for k in keys]
     assert parts[0][0][1]["result"][0]["value"]["rle"] == rle
     assert slices[0] == 64 and set(slices[1:-1]) == {per_request} and sum(slices) == 300
+
+
+def test_a_job_with_nothing_to_predict_still_stops_when_cancelled(detect_adapter, tmp_path):
+    """Pages of stored predictions yield no chunk to predict; cancelling must not wait for the whole project to
+    be paged: the job stops after the page in hand, with what it handed written, and a rerun writes the rest."""
+    from backend.batch.predict_job import Cancelled
+
+    refs, plan = _thirty_tasks(tmp_path), plan_for(detect_adapter, RECT)
+    _run(plan, refs, tmp_path, MemoryWriter(), JobOptions(concurrency=2, batch=3))
+    stopped = RecordingWriter()
+    fetcher = MediaFetcher(MediaSettings(local_files_root=tmp_path))
+    store = PredictionRepo(f"sqlite:///{tmp_path / 'w.sqlite3'}")
+    job = PredictJob(plan, MemoryTasks(refs, page=7), fetcher, store, stopped, 9, JobOptions(write_batch=2),
+                     should_stop=lambda: True)
+    try:
+        with pytest.raises(Cancelled):
+            job.run()
+    finally:
+        fetcher.close()
+        store.close()
+    assert sorted(stopped.items) == [r.id for r in refs[:7]]  # the first page, written before it stopped
+    assert (job.progress.done, job.progress.written) == (7, 7)
+    rest = MemoryWriter()
+    shown = [TaskRef(r.id, r.data, frozenset({plan.version}) if r.id in stopped.items else frozenset()) for r in refs]
+    progress = _run(plan, shown, tmp_path, rest, JobOptions(concurrency=2, batch=3))
+    assert (progress.done, progress.predicted, progress.written) == (30, 0, 23)
+    assert sorted(rest.items) == [r.id for r in refs[7:]]

@@ -179,6 +179,9 @@ class PredictJob:
                 self._hand(unwritten)
             if already:
                 self._add(done=already)
+            if (unwritten or already) and self.should_stop():  # pages with nothing to predict: no chunk checks it
+                self._drain_writes()
+                raise Cancelled()
         if pending:
             yield pending
 
