@@ -140,8 +140,7 @@ class PredictJob:
                 if len(in_flight) > 1:
                     self._predict(*in_flight.popleft())
                 if self.should_stop():
-                    self._drain_writes()  # what is stored goes to Label Studio before stopping
-                    raise Cancelled()
+                    self._cancel()
             while in_flight:
                 self._predict(*in_flight.popleft())
             self._drain_writes()
@@ -180,8 +179,7 @@ class PredictJob:
             if already:
                 self._add(done=already)
             if (unwritten or already) and self.should_stop():  # pages with nothing to predict: no chunk checks it
-                self._drain_writes()
-                raise Cancelled()
+                self._cancel()
         if pending:
             yield pending
 
@@ -276,6 +274,11 @@ class PredictJob:
                 size += len(text)
         if part:
             yield part
+
+    def _cancel(self) -> None:
+        """What is stored goes to Label Studio before the job stops."""
+        self._drain_writes()
+        raise Cancelled()
 
     def _drain_writes(self) -> None:
         self._flush_writes()

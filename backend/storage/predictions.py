@@ -130,7 +130,7 @@ class PredictionRepo:
     # -- reads ----------------------------------------------------------------------------------------
     def get_items(self, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
         """key -> the stored Label Studio item, for the keys that exist."""
-        return {k: json.loads(item) for k, item in self._rows(keys, T.c.item)}
+        return {k: json.loads(item) for k, item in self.get_item_texts(keys).items()}
 
     def stored_keys(self, keys: Sequence[Key]) -> set[Key]:
         """The keys that have a stored prediction, reading none of them (a job's ledger check)."""
