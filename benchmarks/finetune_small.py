@@ -47,6 +47,13 @@ SCHEDULES = {
     "replay-pseudo": ({"lr0": 1e-3, "epochs": 30, "freeze": 10}, "pseudo"),
     "unfrozen+replay-data": ({"lr0": 1e-3, "epochs": 30, "freeze": None}, "data"),
     "unfrozen+replay-pseudo": ({"lr0": 1e-3, "epochs": 30, "freeze": None}, "pseudo"),
+    # for a parent that already knows every class (10 corrections moved it below the margin): gentler variants
+    "unfrozen+replay-data@lr3e-4": ({"lr0": 3e-4, "epochs": 30, "freeze": None}, "data"),
+    "unfrozen+replay-data@15ep": ({"lr0": 1e-3, "epochs": 15, "freeze": None}, "data"),
+    "unfrozen+replay4x-data": ({"lr0": 1e-3, "epochs": 30, "freeze": None, "replay_per": 4, "replay_max": 64}, "data"),
+    "unfrozen+replay-pseudo@lr3e-4": ({"lr0": 3e-4, "epochs": 30, "freeze": None}, "pseudo"),
+    "unfrozen+replay4x-pseudo": ({"lr0": 1e-3, "epochs": 30, "freeze": None, "replay_per": 4, "replay_max": 64},
+                                 "pseudo"),
 }
 MARGIN, EVAL_CONF, VAL_PERCENT = 0.01, 0.001, 20
 
@@ -98,13 +105,15 @@ def run(args) -> list[dict]:
                     base = corrections(Path(tmp) / "base", n, seed)
                     for name in args.schedules.split(","):
                         params, replay = SCHEDULES[name]
+                        params = dict(params)
+                        per, most = params.pop("replay_per", 2), params.pop("replay_max", 32)
                         data_root = Path(tmp) / name
                         shutil.copytree(base.root, data_root)
                         (data_root / "data.yaml").write_text(
                             (base.root / "data.yaml").read_text().replace(str(base.root.resolve()), str(data_root.resolve())))
                         ds = ExportedDataset(root=data_root, task="detect", class_names=list(CLASS_NAMES),
                                              data=str(data_root / "data.yaml"), train=base.train, val=base.val)
-                        added = add_replay(ds, replay_items(replay, recipe, parent, min(2 * n, 32), seed)) if replay else 0
+                        added = add_replay(ds, replay_items(replay, recipe, parent, min(per * n, most), seed)) if replay else 0
                         t0 = time.perf_counter()
                         out = fine_tune(str(weights), ds.data, Path(tmp) / f"run-{name}",
                                         {**params, "imgsz": recipe.imgsz, "batch": 16}, "cpu")
@@ -118,7 +127,7 @@ def run(args) -> list[dict]:
                                "parent_test": parent_test["map50_95"], "test": held["map50_95"],
                                "test_map50": held["map50"], "parent_test_map50": parent_test["map50"],
                                "gate_diff": gate.difference, "gate_low": gate.low, "gate_high": gate.high,
-                               "promoted": bool(promoted)}
+                               "promoted": bool(promoted), **({"run": args.run} if args.run else {})}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     return rows
@@ -150,6 +159,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune_small.json"))
     ap.add_argument("--append", action="store_true", help="add these rows to --out (another schedule, say)")
+    ap.add_argument("--run", type=int, default=None, help="tag the rows with this run number")
     args = ap.parse_args()
     if args.threads:
         import torch
