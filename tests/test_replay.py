@@ -115,11 +115,11 @@ def test_the_schedule_trains_the_whole_network_only_with_replay():
     base = {"epochs": 30, "lr0": 0.001, "freeze": None}
     assert choose_schedule(base, 8, 0, "detect").params["freeze"] == FROZEN_LAYERS
     with_replay = choose_schedule(base, 8, replay_count(8), "detect")
-    assert with_replay.params["freeze"] is None and "16 replayed" in with_replay.reason
+    assert with_replay.params["freeze"] is None and "32 replayed" in with_replay.reason
     assert choose_schedule({**base, "freeze": 3}, 8, 0, "detect").params["freeze"] == 3  # the user's choice wins
     assert choose_schedule(base, 40, 0, "detect").params["freeze"] is None
     assert choose_schedule(base, 8, 0, "classify").params["freeze"] is None
-    assert replay_count(8) == 16 and replay_count(100) == 32
+    assert replay_count(8) == 32 and replay_count(100) == 64
 
 
 def test_the_gate_says_what_a_small_frozen_split_can_resolve(tmp_path, detect_weights):
@@ -199,7 +199,7 @@ def test_a_parents_dataset_put_by_one_replica_is_replayed_by_another(tmp_path, m
     artifacts = memory_root if remote else str(tmp_path / "shared-artifacts")
     home_a, home_b = tmp_path / "a", tmp_path / "b"
     parent = _dataset(home_a / "jobs" / "7" / "dataset", ["circle", "square", "triangle"],
-                      train=[1, 2, 3, 4, 5, 6, 7, 8], val=[9, 10])
+                      train=[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], val=[13, 14])
     uri = ArtifactStore.from_settings(Settings(home=home_a, artifacts=artifacts)).put_dataset(parent.root, 3, "5eed")
     add_replay(parent, [("ptask99_x", Image.new("RGB", (32, 32)), ["0 0.5 0.5 0.2 0.2"])])  # A's own replay
     metrics = {"dataset_root": str(parent.root), "dataset_uri": uri}
@@ -215,10 +215,10 @@ def test_a_parents_dataset_put_by_one_replica_is_replayed_by_another(tmp_path, m
     assert found.root is not None and found.root.is_relative_to(home_b / "cache" / "datasets") and found.source == uri
     train_b = {p.relative_to(found.root).as_posix(): p.read_bytes()
                for p in found.root.glob("*/train/*") if p.is_file()}
-    assert train_b == train_a and len(train_b) == 16  # the export's train split, byte for byte; no replay_* files
+    assert train_b == train_a and len(train_b) == 20  # the export's train split, byte for byte; no replay_* files
     on_b, said_b = gather_replay(child, metrics, "p3-job7", home_b, _no_pseudo_labels, None)
     assert said_b == f"replaying {len(on_b)} images of p3-job7's own training data ({uri})"
-    assert len(on_a) == len(on_b) == replay_count(child.train) == 4
+    assert len(on_a) == len(on_b) == replay_count(child.train) == 8
     assert [(i.stem, i.lines, i.image.tobytes()) for i in on_a] == [(i.stem, i.lines, i.image.tobytes()) for i in on_b]
     assert not any(i.stem.startswith("dreplay_") for i in on_a)  # a job's own replay is never replayed again
 
@@ -231,7 +231,7 @@ def test_a_missing_dataset_archive_falls_back_to_pseudo_labels_and_says_why(tmp_
     assert found.root is None and found.problem.startswith("p3-job7's dataset archive could not be read")
     assert uri in found.problem
     assert parent_dataset(metrics, "p3-job7", tmp_path / "home") is None
-    images = [(f"task{20 + k}", img) for k, (img, _) in enumerate(generate_samples(6, seed=5))]
+    images = [(f"task{20 + k}", img) for k, (img, _) in enumerate(generate_samples(10, seed=5))]
     asked = []
 
     def unlabelled(exclude, count):
@@ -240,12 +240,12 @@ def test_a_missing_dataset_archive_falls_back_to_pseudo_labels_and_says_why(tmp_
 
     items, said = gather_replay(child, metrics, "p3-job7", tmp_path / "home",
                                 lambda: YoloAdapter(detect_weights, device="cpu"), unlabelled)
-    assert asked == [({1, 2, 3}, 4)]
-    assert [i.stem for i in items] == ["ptask20", "ptask21", "ptask22", "ptask23"]
+    assert asked == [({1, 2, 3}, 8)]
+    assert [i.stem for i in items] == [f"ptask{20 + k}" for k in range(8)]
     assert said.startswith(f"p3-job7's dataset archive could not be read (no dataset archive at {uri}); "
-                           "replaying 4 unlabelled tasks with p3-job7's own confident boxes")
+                           "replaying 8 unlabelled tasks with p3-job7's own confident boxes")
     assert "pseudo-labels" in said
     # no archive recorded (a version from before the store): the same fallback, with nothing to explain
     _, plain = gather_replay(child, {"dataset_root": metrics["dataset_root"]}, "p3-job7", tmp_path / "home",
                              lambda: YoloAdapter(detect_weights, device="cpu"), unlabelled)
-    assert plain.startswith("replaying 4 unlabelled tasks with p3-job7's own confident boxes")
+    assert plain.startswith("replaying 8 unlabelled tasks with p3-job7's own confident boxes")
