@@ -215,14 +215,17 @@ def _run_selection(tasks, label_config, fetcher, primary, config, second, progre
 
     # 1. scores stored at serve time (or by an earlier select)
     found: dict[int, TaskScore] = scores.get_many(setup, {tid: k[2] for tid, k in keys1.items()})
-    progress("scores from the store", len(found), len(keys1))
+    # the bar counts tasks looked up, found or not, so that it ends full; what was missing is the next bar's
+    checked = len(found)
+    progress("looked up in the store", checked, len(keys1))
     # 2. both models' stored predictions, scored now (and stored); reasons only for what is picked (below)
     todo = [tid for tid in keys1 if tid not in found]
     for part in _chunks(todo, SCORE_CHUNK):
         got = score_stored_keys(store, scores, setup, project_id, {t: keys1[t] for t in part},
                                 {t: keys2[t] for t in part} if plan2 else None, names, reasons=False)
         found.update((s.task_id, s) for s in got)
-        progress("scores from the store", len(found), len(keys1))
+        checked += len(part)
+        progress("looked up in the store", checked, len(keys1))
     from_store = len(found)
     # 3. what is missing is predicted, a chunk at a time, and stored like a /predict would
     todo = [tid for tid in keys1 if tid not in found]

@@ -241,6 +241,15 @@ def test_selection_from_stored_predictions_equals_the_decoded_prediction_path(tm
     with (tmp_path / "dry" / "scores.csv").open() as fh:
         reasons = [r["reason"] for r in csv.DictReader(fh)]
     assert files and reasons == [s.reason for s in before]
+    # five tasks nothing was stored for (their images are gone: predicting them fails): every progress bar a
+    # user sees ends full, and the prediction bar says how many came from the store
+    reports: list[tuple[str, int, int]] = []
+    more = tasks + [{"id": n + k, "data": {"image": f"/data/local-files/?d=gone/new{k}.png"}} for k in range(5)]
+    outcome, _, ids = run_selection(more, RECT, fetcher, primary, config, second=second, store=store, scores=scores,
+                                    project_id=1, progress=lambda *r: reports.append(r))
+    assert ids == list(range(n)) and outcome.from_store == n and sorted(outcome.skipped) == list(range(n, n + 5))
+    last = {stage: (done, total) for stage, done, total in reports}
+    assert last == {"looked up in the store": (n + 5, n + 5), f"predict 5 not stored ({n} from the store)": (5, 5)}
     store.close()
 
 
