@@ -49,6 +49,16 @@ def upper_bound(errors: np.ndarray | int, n: np.ndarray | int, delta: float) -> 
     return np.where(n <= 0, 1.0, np.where(errors >= n, 1.0, ub))
 
 
+def by_threshold(scores: np.ndarray, *counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each distinct score, strictest first, and the running totals of each of `counts` over the items scoring
+    at least that much: a threshold accepts every tie, so totals are read at the last of equal scores."""
+    scores = np.asarray(scores, float)
+    order = np.argsort(-scores, kind="stable")
+    s = scores[order]
+    last = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, bool)
+    return (s[last], *(np.cumsum(np.asarray(c)[order])[last] for c in counts))
+
+
 def min_verified(target: float = 0.98, delta: float = 0.05) -> int:
     """Fewest accepted items with which even zero errors pass: (1 − α)^n ≤ δ, α = 1 − target."""
     return int(math.ceil(math.log(delta) / math.log(target)))
@@ -108,12 +118,7 @@ def calibrate(
                            reason=f"auto-accept stays off: {n} verified item{'s' * (n != 1)}, "
                                   f"{min_n - n} more needed (at least {min_n} with no errors for "
                                   f"precision ≥ {target:g} at {1 - delta:.0%} confidence)")
-    order = np.argsort(-scores, kind="stable")
-    s, wrong = scores[order], ~correct[order]
-    last = np.r_[s[1:] != s[:-1], True]  # a threshold accepts every tie: test only at the last of equal scores
-    accepted = np.arange(1, n + 1)[last]
-    errors = np.cumsum(wrong)[last]
-    thresholds = s[last]
+    thresholds, accepted, errors = by_threshold(scores, np.ones(n, int), ~correct)
     testable = accepted >= floor_n
     accepted, errors, thresholds = accepted[testable], errors[testable], thresholds[testable]
     bounds = upper_bound(errors, accepted, delta)
@@ -139,4 +144,4 @@ def calibrate(
                               f"confidence (precision ≥ {1 - bounds[i]:.3f}), coverage {accepted[i] / n:.0%}")
 
 
-__all__ = ["Calibration", "calibrate", "min_verified", "needed_at", "upper_bound"]
+__all__ = ["Calibration", "by_threshold", "calibrate", "min_verified", "needed_at", "upper_bound"]

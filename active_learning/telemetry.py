@@ -19,6 +19,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from active_learning.agreement import _names, _top, region_iou
+from active_learning.calibration import by_threshold
 from active_learning.effort import EffortModel
 from backend.core.prediction import Prediction
 
@@ -188,11 +189,8 @@ def precision_coverage(scores: np.ndarray, correct: np.ndarray, total_items: int
     scores, correct = np.asarray(scores, float), np.asarray(correct, bool)
     if not len(scores):
         return np.zeros(0), np.zeros(0)
-    order = np.argsort(-scores, kind="stable")
-    n = np.arange(1, len(scores) + 1)
-    right = np.cumsum(correct[order])
-    last = np.r_[scores[order][1:] != scores[order][:-1], True]
-    return n[last] / (total_items or len(scores)), right[last] / n[last]
+    _, n, right = by_threshold(scores, np.ones(len(scores), int), correct)
+    return n / (total_items or len(scores)), right / n
 
 
 __all__ = ["KINDS", "Counts", "TaskEdits", "VersionSummary", "edits", "precision_coverage", "reliability", "summarise",

@@ -26,16 +26,15 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "False")
 
 import numpy as np  # noqa: E402
 
+from active_learning.calibration import by_threshold  # noqa: E402
+
 TARGET_PRECISION, TARGET_COVERAGE = 0.98, 0.5
 
 
 def ceiling_curve(scores: np.ndarray, boxes: np.ndarray, correct: np.ndarray, true_boxes: int) -> dict:
     """Candidate tasks' (agreement score, agreed boxes, correct boxes) -> precision and coverage when every
     candidate at or above each score is accepted (strictest first), and the best of them against the targets."""
-    order = np.argsort(-scores, kind="stable")
-    s, b, c = scores[order], np.cumsum(boxes[order]), np.cumsum(correct[order])
-    last = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, bool)  # ties are accepted together
-    s, b, c = s[last], b[last], c[last]
+    s, b, c = by_threshold(scores, boxes, correct)  # ties are accepted together
     keep = b > 0
     s, b, c = s[keep], b[keep], c[keep]
     precision = c / np.maximum(b, 1)
