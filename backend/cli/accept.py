@@ -40,6 +40,7 @@ class TaskEvidence:
     size: tuple[int, int] | None = None  # (width, height) as the stored regions give it
     human: Prediction | None = None  # the newest finished annotation not written by auto-accept
     human_when: float = 0.0
+    human_first: float = 0.0  # when a person first annotated the task: models made later may have learned it
     annotations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -80,10 +81,14 @@ def _size(item: Mapping[str, Any]) -> tuple[int, int] | None:
 
 
 def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_id: int,
-           control_name: str | None = None) -> ProjectEvidence:
+           control_name: str | None = None, learned_at: Mapping[str, float] | None = None) -> ProjectEvidence:
     """Label Studio tasks (with annotations) + stored rows -> the evidence per task, for one control.
 
-    The control is `control_name`, else the first of the config that stored predictions fill.
+    The control is `control_name`, else the first of the config that stored predictions fill. `learned_at` maps
+    the model versions Tandem trained on project labels to when they were made: on a task a person had annotated
+    by then, such a version's prediction is left out. It may have learned that very annotation, so agreeing
+    with it proves nothing (a calibration on it would promise a precision the models do not have), and no
+    annotator was shown it. Versions not in `learned_at` (hub, starter or bound weights) always count.
     """
     from active_learning.queue import CONTROL_PICK, is_auto_accepted
     from backend.convert.labelstudio import from_results
@@ -112,11 +117,16 @@ def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_
             last = max(human, key=lambda a: (_when(a.get("updated_at") or a.get("created_at")), a.get("id") or 0))
             ev.human = from_results(last.get("result") or [], control)
             ev.human_when = _when(last.get("updated_at") or last.get("created_at"))
+            ev.human_first = min(_when(a.get("created_at") or a.get("updated_at")) for a in human)
         by_task[ev.task_id] = ev
+    learned_at = learned_at or {}
     for r in rows:  # oldest first: the newest row of each role wins
         ev = by_task.get(r.task_id)
         p = r.controls.get(control.name)
         if ev is None or p is None:
+            continue
+        made = learned_at.get(r.model_version)
+        if made is not None and ev.human is not None and made >= ev.human_first:
             continue
         if r.role == Role.SECOND_OPINION:
             ev.second = p
@@ -244,6 +254,19 @@ def _client(settings):
     return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
 
 
+def learned_versions(database_url: str, project: int) -> dict[str, float]:
+    """Model version -> when Tandem made it from this project's labels (registered with a dataset; a version of
+    no recorded project counts as this one's, to be safe)."""
+    from backend.registry import Registry
+
+    registry = Registry(database_url)
+    try:
+        return {v.version: v.created_at for v in registry.versions()
+                if v.dataset and v.project_id in (None, project)}
+    finally:
+        registry.close()
+
+
 def load_evidence(settings, project: int, control: str | None = None):
     """Read the project from Label Studio and the store; a failure is one clear line and exit 2."""
     from active_learning.queue import LabelStudioQueue
@@ -255,7 +278,7 @@ def load_evidence(settings, project: int, control: str | None = None):
         tasks = queue.tasks()
         config = queue.label_config()
         rows = PredictionRepo(settings.database_url).for_project(project)
-        return queue, gather(tasks, config, rows, project, control)
+        return queue, gather(tasks, config, rows, project, control, learned_versions(settings.database_url, project))
     except TandemError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc

@@ -1,0 +1,105 @@
+"""Which stored predictions count as evidence against a human annotation (`backend.cli.accept.gather`).
+
+A model Tandem trained after a person annotated a task may have learned that annotation: its agreement there is
+train-set agreement, so calibrating on it would promise a precision the models do not have, and the telemetry
+would credit it with edits no annotator saw. Built from plain Label Studio task dicts and stored rows; the
+registry part uses a real SQLite registry.
+"""
+
+from __future__ import annotations
+
+from backend.cli.accept import calibration_data, gather, learned_versions, plan
+from backend.cli.report import project_edits
+from backend.convert.labelstudio import from_results
+from backend.core.prediction import Role
+from backend.labeling.config import parse_label_config
+from backend.registry import Registry
+from backend.storage.predictions import PredictionRow
+
+CFG = ('<View><Image name="image" value="$image"/><Choices name="label" toName="image">'
+       '<Choice value="cat"/><Choice value="dog"/></Choices></View>')
+CONTROL = parse_label_config(CFG).controls[0]
+T0 = 1_700_000_000.0  # the annotations' epoch seconds below are T0 + 10 and T0 + 30
+OLD, TRAINED, VLM, VLM_LORA = "cnn-old", "cnn-retrained", "vlm", "vlm-lora"
+
+
+def choice(label: str, score: float = 0.9) -> list[dict]:
+    return [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]},
+             "score": score}]
+
+
+def row(task_id: int, version: str, role: Role, label: str) -> PredictionRow:
+    res = choice(label)
+    return PredictionRow(task_id, version, "fp", 1, version, str(role), {"result": res, "model_version": version},
+                         {"label": from_results(res, CONTROL)})
+
+
+def task(task_id: int, human: str | None, at: float | None = None) -> dict:
+    from datetime import UTC, datetime
+
+    out: dict = {"id": task_id, "data": {"image": f"https://example.invalid/{task_id}.png"}, "annotations": []}
+    if human is not None:
+        when = datetime.fromtimestamp(T0 + at, UTC).isoformat().replace("+00:00", "Z")
+        out["annotations"] = [{"id": 100 + task_id, "result": choice(human), "was_cancelled": False,
+                               "created_at": when, "updated_at": when}]
+    return out
+
+
+# task 1, a person said "cat" at T0+10. The old CNN and the VLM both said "dog" (agreed, wrong: what the annotator
+# was shown); the CNN retrained at T0+20 on the labels says "cat". Task 2 was annotated at T0+30, after the
+# retrain: its prediction was made without that label. Task 3 has no annotation. Task 4's only second opinion
+# comes from a VLM LoRA made at T0+20, after its annotation at T0+10.
+TASKS = [task(1, "cat", 10), task(2, "dog", 30), task(3, None), task(4, "cat", 10)]
+ROWS = [row(1, OLD, Role.PRE_ANNOTATION, "dog"), row(1, VLM, Role.SECOND_OPINION, "dog"),
+        row(2, OLD, Role.PRE_ANNOTATION, "cat"), row(2, VLM, Role.SECOND_OPINION, "dog"),
+        row(3, OLD, Role.PRE_ANNOTATION, "cat"), row(3, VLM, Role.SECOND_OPINION, "cat"),
+        row(4, OLD, Role.PRE_ANNOTATION, "cat"), row(4, VLM_LORA, Role.SECOND_OPINION, "cat"),
+        # newest last, as PredictionRepo.for_project returns them
+        row(1, TRAINED, Role.PRE_ANNOTATION, "cat"), row(2, TRAINED, Role.PRE_ANNOTATION, "dog"),
+        row(3, TRAINED, Role.PRE_ANNOTATION, "dog")]
+LEARNED = {TRAINED: T0 + 20, VLM_LORA: T0 + 20}
+
+
+def by_id(evidence) -> dict:
+    return {ev.task_id: ev for ev in evidence.tasks}
+
+
+def test_a_model_made_after_the_annotation_is_not_evidence_for_it():
+    ev = by_id(gather(TASKS, CFG, ROWS, 1, learned_at=LEARNED))
+    assert set(ev[1].pre) == {OLD} and ev[1].pre_version == OLD  # what the annotator was shown
+    assert set(ev[2].pre) == {OLD, TRAINED} and ev[2].pre_version == TRAINED  # made before the label existed
+    assert ev[3].pre_version == TRAINED  # unlabelled: the newest model pre-annotates it
+    assert ev[4].second is None  # the LoRA that learned task 4 is its only second opinion
+    data = calibration_data(gather(TASKS, CFG, ROWS, 1, learned_at=LEARNED), min_items=1)
+    # task 1: agreed on "dog", a person said "cat" -> one wrong item; task 2: TRAINED "dog" vs VLM "dog", right
+    assert sorted(data.correct.tolist()) == [False, True] and data.tasks == 2
+    accepted, candidates = plan(gather(TASKS, CFG, ROWS, 1, learned_at=LEARNED), 0.5)
+    assert candidates == 0 and accepted == []  # task 3: TRAINED "dog" vs VLM "cat"
+
+
+def test_without_the_registry_the_retrained_model_hides_the_error():
+    """What calibrating on every stored row did: task 1's error disappears behind the retrained model's answer."""
+    data = calibration_data(gather(TASKS, CFG, ROWS, 1), min_items=1)
+    # task 1 (TRAINED "cat" vs VLM "dog") is no longer even agreed; tasks 2 and 4 (the LoRA's "cat") look right
+    assert data.correct.tolist() == [True, True]
+    strict = calibration_data(gather(TASKS, CFG, ROWS, 1, learned_at=LEARNED), min_items=1)
+    assert (~strict.correct).sum() == 1
+
+
+def test_the_report_counts_only_what_an_annotator_was_shown():
+    pairs = {(e.task_id, e.model_version) for e in project_edits(gather(TASKS, CFG, ROWS, 1, learned_at=LEARNED))}
+    assert pairs == {(1, OLD), (2, OLD), (2, TRAINED), (4, OLD)}
+    everything = {(e.task_id, e.model_version) for e in project_edits(gather(TASKS, CFG, ROWS, 1))}
+    assert (1, TRAINED) in everything
+
+
+def test_learned_versions_reads_the_registry(tmp_path):
+    registry = Registry(tmp_path / "tandem.db")
+    registry.record_served("yolov8n-hub", "yolov8n", "detect", "yolov8n.pt")  # not trained here
+    registry.add_candidate("bound-spec", "bound", "detect", "w.pt", None, "", {}, project_id=1)  # no dataset
+    registry.add_candidate("ft-1", "ft", "detect", "ft1.pt", "yolov8n-hub", "snap-a", {}, project_id=1)
+    registry.add_candidate("ft-other", "ft", "detect", "ft2.pt", "yolov8n-hub", "snap-b", {}, project_id=2)
+    registry.add_candidate("ft-old", "ft", "detect", "ft3.pt", "yolov8n-hub", "snap-c", {})  # no project recorded
+    made = {v.version: v.created_at for v in registry.versions()}
+    learned = learned_versions(str(tmp_path / "tandem.db"), 1)
+    assert learned == {"ft-1": made["ft-1"], "ft-old": made["ft-old"]}
