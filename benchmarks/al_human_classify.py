@@ -295,10 +295,76 @@ def summarise_classify(results: dict[int, dict], out: Path, tag: str) -> str:
                          f"({x['agreed_correct']} of them right); reviewed {x['reviewed']} ({x['reviewed_agreed']} "
                          f"agreed); sample after the round {x['calibration_sample']} ({x['calibration_errors']} wrong); "
                          f"{x['calibration']}")
+    from active_learning.calibration import min_verified
+
+    need = min_verified()
+    lines += ["", f"## When auto-accept could first switch on (the verified agreed sample reaches {need} items)", "",
+              "| seed | round | Tandem's human s by then | share of random's | sample (wrong) | last round within 30% "
+              "| its sample (wrong) | its top-1 |", "|---" * 8 + "|"]
+    for seed, res in sorted(results.items()):
+        g = guarantee_reach(res["records"], res.get("tandem_rounds", []), need)
+        reached = ("never", "–", "–", "–") if g["round"] is None else (
+            f"r{g['round']}", f"{g['seconds']:.0f}", f"{g['share']:.0%}", f"{g['sample']} ({g['errors']})")
+        within = ("–", "–", "–") if g["within_round"] is None else (
+            f"r{g['within_round']}", f"{g['within_sample']} ({g['within_errors']})", f"{g['within_top1']:.3f}")
+        lines.append(f"| {seed} | " + " | ".join([*reached, *within]) + " |")
+    lines += ["", f"## A floor for a verification slice (what the best-timed slice of {need} agreed tasks could do)",
+              "", "Per round r: the agreed pool's error rate, the chance a random slice of it holds no error, and "
+                  "the human seconds (as a share of random's) if it replaced round r's queue, passed, and auto-accept "
+                  "then took the agreed pool (5% spot-checked); see `slice_bound` for what the floor assumes.", "",
+              "| seed | " + " | ".join(f"r{k}" for k in range(1, 8)) + " |", "|---" * 8 + "|"]
+    for seed, res in sorted(results.items()):
+        cells = {b["round"]: f"{b['error_rate']:.1%} wrong, p {b['p_pass']:.2f}, {b['share']:.0%}"
+                 for b in slice_bound(res["records"], res.get("tandem_rounds", []), need)}
+        lines.append(f"| {seed} | " + " | ".join(cells.get(k, "–") for k in range(1, 8)) + " |")
     first = results[min(results)]["records"]
     quality_vs_seconds(out, first, name=f"al_{tag}_human_seconds.png")
     (out / f"al_{tag}_human_summary.json").write_text(json.dumps({k: asdict(v) for k, v in rows.items()}, indent=1))
     return "\n".join(lines)
+
+
+def guarantee_reach(records: list[dict], notes: list[dict], min_n: int, share: float = 0.30) -> dict:
+    """When auto-accept could first have switched on, in human seconds: the round after which the verified agreed
+    sample first held `min_n` items (the fewest with which even zero errors pass), Tandem's seconds by then as a
+    share of random's final seconds, and the sample at the last round within `share` of them."""
+    tandem = {r["round"]: r for r in records if r["arm"] == "tandem"}
+    total = max((r for r in records if r["arm"] == "random"), key=lambda r: r["round"])["human_seconds"]
+    first = next((x for x in notes if x["calibration_sample"] >= min_n), None)
+    within = [x for x in notes if tandem[x["round"]]["human_seconds"] <= share * total]
+    last = max(within, key=lambda x: x["round"]) if within else None
+    return dict(
+        round=None if first is None else first["round"],
+        seconds=None if first is None else tandem[first["round"]]["human_seconds"],
+        share=None if first is None else tandem[first["round"]]["human_seconds"] / total,
+        sample=None if first is None else first["calibration_sample"],
+        errors=None if first is None else first["calibration_errors"],
+        within_round=None if last is None else last["round"],
+        within_sample=None if last is None else last["calibration_sample"],
+        within_errors=None if last is None else last["calibration_errors"],
+        within_top1=None if last is None else tandem[last["round"]]["test_map50"])
+
+
+def slice_bound(records: list[dict], notes: list[dict], min_n: int, spot_check: float = 0.05,
+                verify_seconds: float = 2.0) -> list[dict]:
+    """What the best-timed verification slice could have done, per round r, read off a finished run: instead of
+    round r's queue, a person verifies `min_n` random agreed pool tasks (all right is the only way they pass, at
+    `verify_seconds` each); if none is wrong, auto-accept takes the rest of the agreed pool in round r + 1 and a
+    `spot_check` share of it is verified. Its seconds are a floor (the retrain after it is assumed to reach
+    random's final at once, the queue's lost picks to cost no learning, the round to be chosen knowing the
+    outcome); `p_pass` is the chance a random slice of that pool holds no error."""
+    tandem = {r["round"]: r for r in records if r["arm"] == "tandem"}
+    total = max((r for r in records if r["arm"] == "random"), key=lambda r: r["round"])["human_seconds"]
+    out = []
+    for x in notes:
+        r = x["round"]
+        if x["agreed"] < min_n:
+            continue
+        rate = 1 - x["agreed_correct"] / x["agreed"]
+        seconds = (tandem[r - 1]["human_seconds"] + min_n * verify_seconds
+                   + math.ceil(spot_check * (x["agreed"] - min_n)) * verify_seconds)
+        out.append(dict(round=r, agreed=x["agreed"], error_rate=rate, p_pass=(1 - rate) ** min_n, seconds=seconds,
+                        share=seconds / total))
+    return out
 
 
 def horizon_shares(records: list[dict]) -> list[str]:
@@ -318,5 +384,5 @@ def horizon_shares(records: list[dict]) -> list[str]:
     return out
 
 
-__all__ = ["ClassifyConfig", "horizon_shares", "human_seconds_classify_seed", "random_arm", "second_opinion", "summarise_classify",
+__all__ = ["ClassifyConfig", "guarantee_reach", "horizon_shares", "slice_bound", "human_seconds_classify_seed", "random_arm", "second_opinion", "summarise_classify",
            "tandem_arm", "write_labels"]

@@ -17,7 +17,9 @@ import pytest
 from active_learning.effort import EffortModel
 from backend.demo_rounds import RoundRecord, savings
 from benchmarks.al_human_classify import (
+    guarantee_reach,
     horizon_shares,
+    slice_bound,
     human_seconds_classify_seed,
     second_opinion,
     summarise_classify,
@@ -161,3 +163,36 @@ def test_tandem_arm_goes_on_retraining_once_the_pool_is_labelled(tmp_path):
     assert note["pool_unlabelled"] == 0 and note["reviewed"] == 0 and note["auto_accepted"] == 0
     assert last.human_seconds == rows[-2][0].human_seconds  # nothing left to pay for
     assert last.auto_correct == last.auto_tasks  # the CNN is always right, so every agreed class is
+
+
+def test_guarantee_reach_finds_the_first_round_the_sample_could_pass():
+    def rec(arm, r, seconds, acc=0.9):
+        return dict(arm=arm, round=r, human_seconds=seconds, test_map50=acc)
+
+    def note(r, sample, wrong):
+        return dict(round=r, calibration_sample=sample, calibration_errors=wrong)
+
+    records = [rec("random", r, 100 * r) for r in range(5)] + [rec("tandem", r, 70 * r, 0.8 + r / 100)
+                                                               for r in range(5)]
+    notes = [note(1, 40, 1), note(2, 120, 2), note(3, 160, 2), note(4, 220, 2)]
+    g = guarantee_reach(records, notes, 149, share=0.30)
+    # random's final: 400 s, so 30% is 120 s; round 1 (70 s) is the last within it; the sample first holds 149 after
+    # round 3, at 210 s = 52% of 400
+    assert (g["round"], g["seconds"], g["sample"], g["errors"]) == (3, 210, 160, 2)
+    assert g["share"] == pytest.approx(210 / 400)
+    assert (g["within_round"], g["within_sample"], g["within_errors"]) == (1, 40, 1)
+    assert g["within_top1"] == pytest.approx(0.81)
+    assert guarantee_reach(records, notes, 500)["round"] is None
+
+
+def test_slice_bound_prices_a_slice_that_replaces_a_round():
+    def rec(arm, r, seconds):
+        return dict(arm=arm, round=r, human_seconds=seconds, test_map50=0.9)
+
+    records = [rec("random", r, 100 * r) for r in range(5)] + [rec("tandem", r, 70 * r) for r in range(5)]
+    notes = [dict(round=1, agreed=100, agreed_correct=90), dict(round=2, agreed=300, agreed_correct=297)]
+    (b,) = slice_bound(records, notes, 149, spot_check=0.05, verify_seconds=2.0)  # round 1: fewer than 149 agreed
+    # round 2: round 1's 70 s, 149 verifications (298 s), 5% of the other 151 spot-checked: ceil(7.55) = 8 (16 s)
+    assert (b["round"], b["seconds"]) == (2, 70 + 298 + 16)
+    assert b["share"] == pytest.approx(384 / 400)
+    assert b["error_rate"] == pytest.approx(0.01) and b["p_pass"] == pytest.approx(0.99 ** 149)
