@@ -103,3 +103,35 @@ def test_learned_versions_reads_the_registry(tmp_path):
     made = {v.version: v.created_at for v in registry.versions()}
     learned = learned_versions(str(tmp_path / "tandem.db"), 1)
     assert learned == {"ft-1": made["ft-1"], "ft-old": made["ft-old"]}
+
+
+RECT_CFG = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+            '<Label value="cat"/><Label value="dog"/></RectangleLabels></View>')
+
+
+def box(label: str, xyxy: tuple[float, float, float, float], score: float | None = None) -> dict:
+    x0, y0, x1, y1 = xyxy
+    out = {"from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": 200,
+           "original_height": 100, "value": {"x": x0 / 2, "y": y0, "width": (x1 - x0) / 2, "height": y1 - y0,
+                                             "rotation": 0, "rectanglelabels": [label]}}
+    if score is not None:
+        out["score"] = score
+    return out
+
+
+def test_the_report_counts_only_the_boxes_annotators_were_shown():
+    """The stored typed prediction keeps a faint candidate (0.2, below the serving threshold) that the item's
+    result, what Label Studio showed, does not: the person cannot have deleted it."""
+    control = parse_label_config(RECT_CFG).controls[0]
+    shown_box, faint_box = box("cat", (10, 10, 60, 60), 0.9), box("dog", (120, 20, 180, 80), 0.2)
+    typed = from_results([shown_box, faint_box], control)
+    stored = PredictionRow(1, OLD, "fp", 1, OLD, str(Role.PRE_ANNOTATION),
+                           {"result": [shown_box], "model_version": OLD}, {"label": typed})
+    when = "2023-11-14T22:13:30Z"
+    tasks = [{"id": 1, "data": {"image": "https://example.invalid/1.png"},
+              "annotations": [{"id": 7, "result": [box("cat", (10, 10, 60, 60))], "was_cancelled": False,
+                               "created_at": when, "updated_at": when}]}]
+    evidence = gather(tasks, RECT_CFG, [stored], 1)
+    assert len(evidence.tasks[0].pre[OLD].detections) == 2  # agreement and scoring still read both
+    (e,) = project_edits(evidence)
+    assert (e.counts.unchanged, e.counts.deleted, e.counts.missed) == (1, 0, 0)

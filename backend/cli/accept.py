@@ -34,6 +34,7 @@ class TaskEvidence:
     data: dict[str, Any]
     control_pick: bool = False
     pre: dict[str, Prediction] = field(default_factory=dict)  # model version -> its newest pre-annotation
+    shown: dict[str, Prediction] = field(default_factory=dict)  # the same, as annotators saw it (no faint boxes)
     pre_latest: Prediction | None = None
     pre_version: str | None = None
     second: Prediction | None = None
@@ -132,9 +133,25 @@ def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_
             ev.second = p
         else:
             ev.pre[r.model_version] = p
+            ev.shown[r.model_version] = as_shown(p, r.item, control)
             ev.pre_latest, ev.pre_version = p, r.model_version
             ev.size = _size(r.item) or ev.size
     return ProjectEvidence(project_id, control, list(by_task.values()))
+
+
+def as_shown(p: Prediction, item: Mapping[str, Any], control) -> Prediction:
+    """The regions annotators were shown: the stored item's result for this control. The typed prediction also
+    keeps the candidates below the serving threshold (scoring reads them), which no one saw, kept or deleted.
+    Choices are shown whole (the top choice), so their typed probabilities stand."""
+    from backend.convert.labelstudio import from_results
+    from backend.labeling.config import ControlKind
+
+    if control.kind == ControlKind.CHOICES or p.detections is None:
+        return p
+    try:
+        return from_results(item.get("result") or [], control)
+    except ValueError:  # a region without its image size (not one Tandem wrote): the typed prediction stands
+        return p
 
 
 @dataclass(frozen=True)

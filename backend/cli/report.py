@@ -15,14 +15,15 @@ from backend.cli.common import Home, app, console, load_settings, setup_logging,
 
 
 def project_edits(evidence) -> list:
-    """Every (model version's pre-annotation, final human annotation) pair of the project's reviewed tasks."""
+    """Every (model version's pre-annotation as shown, final human annotation) pair of the project's reviewed
+    tasks."""
     from active_learning.telemetry import edits
 
     out = []
     for ev in evidence.tasks:
         if ev.human is None:
             continue
-        for version, pred in ev.pre.items():
+        for version, pred in ev.shown.items():  # what the annotator saw, not the faint candidates kept for scoring
             out.append(edits(pred, ev.human, ev.task_id, version, ev.human_when))
     return out
 
