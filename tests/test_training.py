@@ -347,6 +347,38 @@ def test_train_with_server_follows_the_job_on_that_server_not_in_local_state(tmp
     assert "Traceback" not in gone.stderr
 
 
+def test_train_with_server_during_a_job_follows_its_own_follow_up(tmp_path, detect_adapter):
+    """A request the server folds into the active job's follow-up says so, and the CLI follows that job and
+    then the follow-up that runs its options, not only the job before it (which ran someone else's)."""
+    server_home = tmp_path / "server-home"
+    settings = Settings(home=server_home, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k")
+    app = create_app(settings, ModelHolder(detect_adapter), policy=TrainingPolicy(train_after=100))
+    store = app.state.training.store
+    # a job of another replica, running under its lease
+    other = store.create(5, "yolo", "local", "button", {"epochs": 3}, kind="train", holder="another-replica",
+                         lease_s=600)
+    assert store.start(other.id)
+    env = {**os.environ, "TANDEM_HOME": str(tmp_path / "cli-home"), "COLUMNS": "200"}
+    with ServerThread(app) as srv:
+        proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "train", "--project", "5", "--epochs", "2",
+                                 "--server", srv.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+        deadline = time.monotonic() + 120
+        while store.get(other.id).follow_up is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert store.get(other.id).follow_up == "tandem train"
+        assert store.heartbeat(other.id, "another-replica", lease_s=0.1)  # that replica dies: its lease runs out
+        out, err = proc.communicate(timeout=240)
+        jobs = store.list(5)
+    said = " ".join((out + err).split())
+    follow = next(j for j in jobs if j.id != other.id)
+    assert follow.reason == "coalesced: tandem train" and follow.params["epochs"] == 2
+    assert f"project 5 already has job {other.id} (running)" in said and "epochs=2" in said, said
+    assert f"job {other.id} failed" in said and f"your request runs as job {follow.id}" in said, said
+    assert f"job {follow.id} failed" in said.split(f"your request runs as job {follow.id}")[1], said  # followed
+    assert proc.returncode == 1 and "Traceback" not in said
+
+
 def test_the_cli_fails_a_job_whose_worker_died_with_no_server_running(tmp_path):
     """Else it showed 'running' for good and `tandem train` on its project answered 'already has job N'."""
     home = tmp_path / "home"

@@ -36,13 +36,22 @@ def train(
     settings, _, store = stores(home)
     defaults = settings.training_params() if model == "yolo" else {}  # YOLO's epochs are not LoRA's
     params = {**defaults, **{k: v for k, v in {"epochs": epochs, "imgsz": imgsz}.items() if v}}
+    follow_up = None
     if server:
-        job_id, read = _queue_on_server(server, settings.basic_auth, {
+        job_id, read, follow_up = _queue_on_server(server, settings.basic_auth, {
             "project": project, "runner": runner, "model": model, "params": params, "reason": "tandem train"})
     else:
         job_id, read = _start_here(settings, store, project, runner, model, params)
     if wait:
-        _follow(job_id, read)
+        job = _follow(job_id, read)
+        if follow_up is not None:
+            found = follow_up(job_id)
+            if found is None:
+                console.print(f"[red]error:[/] no follow-up job started after job {job_id} (cancelled jobs start none)")
+                raise typer.Exit(1)
+            console.print(f"your request runs as job {found[0]}")
+            job = _follow(*found)
+        _exit_with(job)
 
 
 def _start_here(settings, store, project: int, runner: str, model: str, params: dict) -> tuple[int, JobReader]:
@@ -51,7 +60,8 @@ def _start_here(settings, store, project: int, runner: str, model: str, params: 
 
     active = store.active(project, kind="train")
     if active:
-        console.print(f"project {project} already has job {active[0].id} ({active[0].status.value})")
+        console.print(f"project {project} already has job {active[0].id} ({active[0].status.value}); following it. "
+                      f"This run's options were not applied: run `tandem train` again once it ends")
         job_id = active[0].id
     else:
         if runner == "modal":
@@ -81,7 +91,7 @@ def _start_here(settings, store, project: int, runner: str, model: str, params: 
     return job_id, read
 
 
-def _queue_on_server(server: str, auth, body: dict) -> tuple[int, JobReader]:
+def _queue_on_server(server: str, auth, body: dict) -> tuple[int, JobReader, Callable | None]:
     """The job runs on that server, in its TANDEM_HOME: it is followed over HTTP, not in this machine's state."""
     import httpx
 
@@ -107,18 +117,44 @@ def _queue_on_server(server: str, auth, body: dict) -> tuple[int, JobReader]:
             raise typer.Exit(2)
         return r
 
-    job_id = call("POST", "/train", json=body).json()["id"]
-    console.print(f"queued job {job_id} on {base}")
+    def reader(jid: int) -> JobReader:
+        def read() -> tuple[dict | None, str]:
+            return call("GET", f"/jobs/{jid}").json(), call("GET", f"/jobs/{jid}/logs",
+                                                            params={"lines": 1_000_000}).text
+        return read
 
-    def read() -> tuple[dict | None, str]:
-        return call("GET", f"/jobs/{job_id}").json(), call("GET", f"/jobs/{job_id}/logs",
-                                                          params={"lines": 1_000_000}).text
+    answer = call("POST", "/train", json=body).json()
+    job_id = answer["id"]
+    if answer.get("follow_up") is None:
+        console.print(f"queued job {job_id} on {base}")
+        return job_id, reader(job_id), None
+    # the server folded this request into the follow-up of the project's active job: it runs after that one ends
+    options = ", ".join(f"{k}={v}" for k, v in sorted(body["params"].items())) or "the defaults"
+    console.print(f"project {body['project']} already has job {job_id} ({answer['status']}) on {base}; your request "
+                  f"({options}) runs after it as a follow-up job, on every correction by then. Following job {job_id} "
+                  "first.")
 
-    return job_id, read
+    def follow_up(after: int, timeout_s: float = 120.0) -> tuple[int, JobReader] | None:
+        """The job the server started for the folded-in request (reason "coalesced: ...") once `after` ended."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            later = [j for j in call("GET", "/jobs", params={"project": body["project"]}).json()
+                     if j["id"] > after and str(j.get("reason", "")).startswith("coalesced:")]
+            if later:
+                jid = min(j["id"] for j in later)
+                return jid, reader(jid)
+            if (call("GET", f"/jobs/{after}").json() or {}).get("status") == "cancelled":
+                return None
+            time.sleep(1.0)
+        return None
+
+    return job_id, reader(job_id), follow_up
 
 
-def _follow(job_id: int, read: JobReader, interval_s: float = 1.0) -> None:
-    """Print the log as it grows until the job ends; exit 0 only if it succeeded."""
+def _follow(job_id: int, read: JobReader, interval_s: float = 1.0) -> dict:
+    """Print the log as it grows until the job ends; returns the job as it ended."""
     import time
 
     from backend.training.jobs import JobStatus
@@ -142,4 +178,13 @@ def _follow(job_id: int, read: JobReader, interval_s: float = 1.0) -> None:
                   (f": {error.splitlines()[0]}" if error else ""))
     if job.get("version"):
         console.print(f"version {job['version']}: {'promoted' if job.get('promoted') else 'not promoted'}")
-    raise typer.Exit(0 if ok else 1)
+    skipped = (job.get("metrics") or {}).get("skipped")
+    if skipped:
+        console.print(f"not retrained: {skipped}")
+    return job
+
+
+def _exit_with(job: dict) -> None:
+    from backend.training.jobs import JobStatus
+
+    raise typer.Exit(0 if job["status"] == JobStatus.SUCCEEDED.value else 1)
