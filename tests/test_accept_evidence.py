@@ -135,3 +135,15 @@ def test_the_report_counts_only_the_boxes_annotators_were_shown():
     assert len(evidence.tasks[0].pre[OLD].detections) == 2  # agreement and scoring still read both
     (e,) = project_edits(evidence)
     assert (e.counts.unchanged, e.counts.deleted, e.counts.missed) == (1, 0, 0)
+
+
+def test_without_any_second_opinion_auto_accept_says_what_is_missing():
+    """No number of reviewed tasks turns auto-accept on without a second opinion: the refusal names that, not
+    '149 more needed'."""
+    from backend.cli.accept import no_second_opinion
+
+    only_cnn = [r for r in ROWS if r.role == str(Role.PRE_ANNOTATION)]
+    why = no_second_opinion(gather(TASKS, CFG, only_cnn, 1))
+    assert why is not None and "needs a second opinion" in why and "project 1" in why and "'label'" in why
+    assert "--second-opinion" in why
+    assert no_second_opinion(gather(TASKS, CFG, ROWS, 1)) is None

@@ -271,6 +271,25 @@ def _client(settings):
     return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
 
 
+def no_second_opinion(evidence: ProjectEvidence) -> str | None:
+    """Why auto-accept can never turn on, when no task of the project has a stored second opinion: no amount of
+    labelling helps then, so say what does."""
+    if any(ev.second is not None for ev in evidence.tasks):
+        return None
+    p = evidence.project_id
+    return (f"auto-accept needs a second opinion, and no task of project {p} has one stored for control "
+            f"'{evidence.control.name}': serve one (`tandem serve --second-opinion MODEL`, or `tandem models bind "
+            f"--project {p} --second-opinion MODEL`), then let it predict the tasks (`tandem select` or `tandem "
+            f"predict --project {p}`)")
+
+
+def refuse_without_second_opinion(evidence: ProjectEvidence) -> None:
+    why = no_second_opinion(evidence)
+    if why:
+        console.print(f"[red]refused:[/] {why}")
+        raise typer.Exit(1)
+
+
 def learned_versions(database_url: str, project: int) -> dict[str, float]:
     """Model version -> when Tandem made it from this project's labels (registered with a dataset; a version of
     no recorded project counts as this one's, to be safe)."""
@@ -373,6 +392,7 @@ def accept(
     if not 0 < target < 1 or not 0 < delta < 1:
         raise typer.BadParameter("--target and --delta must be between 0 and 1")
     queue, evidence = load_evidence(settings, project, control_name)
+    refuse_without_second_opinion(evidence)
     data = calibration_data(evidence, iou, min_verified(target, delta))
     cal = calibrate(data.scores, data.correct, target, delta)
     tasks = {e.task_id: e.data for e in evidence.tasks}

@@ -136,7 +136,7 @@ def report(
     from active_learning.calibration import calibrate, min_verified
     from active_learning.effort import EffortModel
     from active_learning.telemetry import summarise, total
-    from backend.cli.accept import calibration_data, load_evidence
+    from backend.cli.accept import calibration_data, load_evidence, no_second_opinion
 
     setup_logging("warning")
     settings = load_settings(home=home)
@@ -178,7 +178,8 @@ def report(
                   f"task-version pair{'s' * (everything.tasks != 1)}: [bold]{everything.saved_minutes:.1f} min saved[/] "
                   f"(effort model: draw {effort.draw_box:g} s, verify {effort.verify_box:g} s, modify "
                   f"{effort.modify_box:g} s, delete {effort.delete_box:g} s per box; TANDEM_EFFORT changes them)")
-    console.print(f"Auto-accept ({data.source}): {cal.reason}")
+    console.print(f"Auto-accept: {no_second_opinion(evidence)}" if no_second_opinion(evidence)
+                  else f"Auto-accept ({data.source}): {cal.reason}")
 
     folder = out or Path(f"tandem-report-{project}")
     files = write_plots(folder, summaries, items, data)
