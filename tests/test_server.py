@@ -14,6 +14,7 @@ from backend.registry import Registry
 from backend.server.app import create_app
 from backend.serving import ModelHolder
 from backend.settings import Settings
+from backend.storage.projects import ProjectRepo
 from tests.conftest import assert_matches_truth, region_boxes
 from tests.harness import ServerThread
 from tests.test_media import exif_rotated_jpeg_bytes
@@ -145,6 +146,8 @@ def test_unservable_configs_are_4xx_with_the_reason(tmp_path, samples, detect_ad
     with _serve(tmp_path, root, detect_adapter) as srv:
         r = httpx.post(f"{srv.url}/setup", json={"project": "1.1", "schema": unknown_labels})
         assert r.status_code == 422 and "square, circle, triangle" in r.json()["detail"]
+        # refused: Label Studio connects nothing, so the server records no project (it would warn about it later)
+        assert ProjectRepo(Settings(home=tmp_path / "home").database_url).get(1) is None
         r = httpx.post(f"{srv.url}/predict", json={"tasks": [task(0, f"{truth[0].name}.png")], "label_config": CHOICES})
         assert r.status_code == 422 and "cannot fill choices 'shape'" in r.json()["detail"]
         no_control = '<View><Image name="i" value="$image"/><TextArea name="t" toName="i"/></View>'

@@ -76,6 +76,10 @@ class ProjectRepo:
             conn.execute(stmt)
         return state
 
+    def delete(self, project_id: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(T.delete().where(T.c.project_id == project_id))
+
     def update(self, project_id: int, **changes: Any) -> ProjectState:
         """Read-modify-write of the fields given; other fields keep their stored values."""
         current = self.get(project_id) or ProjectState(project_id)

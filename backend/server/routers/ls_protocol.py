@@ -82,7 +82,7 @@ def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupR
     extra = extra_params(body.extra_params)
     label_map = {**settings.label_map, **extra_setting(extra, "label_map")}
     prompts = {**settings.vlm_prompts, **extra_setting(extra, "prompts")}
-    project = None
+    project = before = None
     if pid is not None:
         hostname = body.hostname if (body.hostname or "").startswith("http") else None
         changes: dict[str, Any] = {"hostname": hostname, "access_token": body.access_token,
@@ -106,7 +106,12 @@ def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupR
         last = state.registry.last_served(settings.pre_annotator)
         return SetupResponse(model_version=last.version if last else "loading")
     if body.schema_:
-        plan = plan_for(adapter, body.schema_, label_map, settings.case_sensitive_labels, prompts)  # parsed once, cached
+        try:
+            plan = plan_for(adapter, body.schema_, label_map, settings.case_sensitive_labels, prompts)  # cached
+        except ConfigError:
+            if pid is not None and before is None:  # refused: Label Studio connects nothing, so neither do we
+                state.projects.delete(pid)
+            raise
         if state.warn_once((pid, plan.fingerprint, None)):  # said once per project and config
             if left := plan.unserved_controls():
                 log.warning("project %s: %s fills %s only; left to the annotator: %s", pid, adapter.name,
