@@ -113,7 +113,9 @@ def test_other_hosts_refused_unless_allowed(served_dir):
     Image.new("RGB", (8, 8)).save(root / "ok.png")
     other = base.replace("127.0.0.1", "localhost")
     strict = MediaFetcher(MediaSettings(label_studio_url="http://127.0.0.1:1", api_key="k"))
-    with pytest.raises(MediaError, match="refusing to fetch localhost"):
+    port = other.rsplit(":", 1)[1]
+    with pytest.raises(MediaError, match=rf"refusing to fetch localhost:{port}: only the configured Label Studio "
+                                         rf"\(127.0.0.1:1\) is allowed \(add localhost:{port} to TANDEM_ALLOWED_HOSTS"):
         strict.load(f"{other}/ok.png")
     allowed = MediaFetcher(MediaSettings(label_studio_url="http://127.0.0.1:1", allowed_hosts=frozenset({"localhost"})))
     assert allowed.load(f"{other}/ok.png").size == (8, 8)

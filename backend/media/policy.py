@@ -209,8 +209,10 @@ class UrlPolicy:
             return self._pin(parsed, origin, label_studio=False, public_only=False)
         if self.allow_any or redirected_by_label_studio:
             return self._pin(parsed, origin, label_studio=False, public_only=True)
-        raise MediaError(f"refusing to fetch {origin.host}: only the configured Label Studio is allowed "
-                         "(add the host to TANDEM_ALLOWED_HOSTS to permit it)")
+        where = str(origin).split("://", 1)[1]  # host:port, an IPv6 host in brackets
+        ls = f" ({str(self.ls_origin).split('://', 1)[1]})" if self.ls_origin is not None else ""
+        raise MediaError(f"refusing to fetch {where}: only the configured Label Studio{ls} is allowed (add {where} "
+                         "to TANDEM_ALLOWED_HOSTS, where the server and the CLI both read it, to permit it)")
 
     def _pin(self, parsed: httpx.URL, origin: Origin, label_studio: bool, public_only: bool) -> Target:
         addresses = self.resolver(origin.host, origin.port)
