@@ -8,20 +8,20 @@ again under the lock, so exactly one process migrates and the others find the sc
 from __future__ import annotations
 
 import fcntl
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger(__name__)
 ADVISORY_LOCK_KEY = 0x7A4D_0E4D  # "Tandem" schema lock: one id for every Tandem database
 
 
-def _config(connection: Connection | None = None) -> Config:
+def _config(connection: Connection | None = None):
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     if connection is not None:
@@ -30,22 +30,42 @@ def _config(connection: Connection | None = None) -> Config:
 
 
 def head() -> str:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_config()).get_current_head()
 
 
 def current(connection: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(connection).get_current_revision()
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    target = head() if revision == "head" else revision
-    with engine.connect() as conn:
-        if current(conn) == target:
-            return
-    with _locked(engine) as conn:
-        if current(conn) != target:
-            command.upgrade(_config(conn), revision)
-            conn.commit()
+    with _quiet_alembic():  # its import-time plugin lines and per-connection context lines at INFO read as noise
+        from alembic import command
+
+        target = head() if revision == "head" else revision
+        with engine.connect() as conn:
+            if current(conn) == target:
+                return
+        with _locked(engine) as conn:
+            before = current(conn)
+            if before != target:
+                command.upgrade(_config(conn), revision)
+                conn.commit()
+                log.info("database schema migrated from %s to %s", before or "empty", target)
+
+
+@contextmanager
+def _quiet_alembic():
+    alembic_log = logging.getLogger("alembic")
+    level = alembic_log.level
+    alembic_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        alembic_log.setLevel(level)
 
 
 @contextmanager
