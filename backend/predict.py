@@ -28,7 +28,7 @@ from backend.errors import ConfigError, MediaError
 from backend.labeling.config import ControlSpec, LabelingConfig, parse_label_config
 from backend.labeling.label_map import LabelMap, build_label_map
 from backend.labeling.results import WRITERS, prediction_score
-from backend.media.fetch import LoadedImage, MediaFetcher
+from backend.media.fetch import INVALID_TASK_PREFIX, LoadedImage, MediaFetcher
 from backend.models.base import Capability, Model, ModelAdapter, ModelTask, Vocabulary, bind, is_promptable, tasks_of
 from backend.core.prediction import Prediction, Role
 from backend.storage.predictions import PredictionRepo, PredictionRow, fingerprint
@@ -154,7 +154,12 @@ def image_url(task: Mapping[str, Any], key: str) -> str | None:
     value = data.get(key)
     if value is None:
         value = data.get("$undefined$")  # file uploads before Label Studio renames the key
-    return value if isinstance(value, str) else None
+    if value is None:
+        return INVALID_TASK_PREFIX + (f"the task's data has no {key!r} field (the labeling config's image reads "
+                                      f"${key})")
+    if not isinstance(value, str):  # the fetcher says why, per task, instead of "no image URL"
+        return INVALID_TASK_PREFIX + f"the task's data.{key} must be an image URL (text), not {type(value).__name__}"
+    return value
 
 
 def still_computing(version: str, done: int, total: int) -> dict[str, Any]:

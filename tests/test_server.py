@@ -71,6 +71,7 @@ def test_predict_boxes_match_ground_truth_and_bad_tasks_do_not_spoil_the_batch(t
     tasks.insert(2, task(100, "corrupt.png"))
     tasks.insert(4, task(101, "missing.png"))
     tasks.insert(5, {"id": 102, "data": {"other": "x"}})
+    tasks.insert(6, {"id": 103, "data": {"image": 12345}})
     with _serve(tmp_path, root, detect_adapter) as srv:
         r = httpx.post(f"{srv.url}/predict", json={"tasks": tasks, "label_config": RECT, "project": "3.17"}, timeout=60)
     assert r.status_code == 200
@@ -79,7 +80,8 @@ def test_predict_boxes_match_ground_truth_and_bad_tasks_do_not_spoil_the_batch(t
     by_id = dict(zip([t["id"] for t in tasks], results, strict=True))
     assert "result" not in by_id[100] and "corrupt or not an image" in by_id[100]["error"]
     assert "result" not in by_id[101] and "not found" in by_id[101]["error"]
-    assert "result" not in by_id[102] and "no image URL" in by_id[102]["error"]
+    assert "result" not in by_id[102] and "the task's data has no 'image' field" in by_id[102]["error"]
+    assert "result" not in by_id[103] and "data.image must be an image URL (text), not int" in by_id[103]["error"]
     for i, sample in enumerate(truth):
         item = by_id[i]
         assert item["model_version"] == detect_adapter.version
