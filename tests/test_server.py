@@ -63,6 +63,10 @@ def test_health_setup_versions(tmp_path, samples, detect_adapter):
         registry.add_candidate("p3-job1-rejected", "p3-job1", "detect", "x.pt", detect_adapter.version, "d", {})
         registry.set_status("p3-job1-rejected", "rejected")
         assert httpx.get(f"{srv.url}/versions").json() == {"versions": [detect_adapter.version]}
+        # weights bound to one project (tandem models bind) serve it: listed
+        registry.add_candidate("bound-cls", "bound-cls", "classify", "cls.pt", None, "", {}, project_id=2)
+        registry.set_status("bound-cls", "bound")
+        assert set(httpx.get(f"{srv.url}/versions").json()["versions"]) == {detect_adapter.version, "bound-cls"}
 
 
 def test_predict_boxes_match_ground_truth_and_bad_tasks_do_not_spoil_the_batch(tmp_path, samples, detect_adapter):

@@ -179,5 +179,7 @@ def webhook(body: WebhookRequest, state: ServerState = Depends(get_state)) -> di
 
 @router.get("/versions", response_model=VersionsResponse)
 def versions(state: ServerState = Depends(get_state)) -> VersionsResponse:
-    # served or promoted (and so served within seconds): not candidates the gate rejected
-    return VersionsResponse(versions=[v.version for v in state.registry.versions() if v.served_at or v.promoted_at])
+    # served, promoted (and so served within seconds) or bound to a project (served to it): not candidates the
+    # gate rejected
+    return VersionsResponse(versions=[v.version for v in state.registry.versions()
+                                      if v.served_at or v.promoted_at or v.status == "bound"])
