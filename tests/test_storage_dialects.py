@@ -124,6 +124,8 @@ def test_job_lifecycle_transitions_are_conditional(db_url):
     done = store.get(other_kind.id)
     assert done.metrics == {"map50": 0.5} and done.promoted is True and done.finished_at is not None
     assert store.counts() == {"failed": 1, "cancelled": 1, "succeeded": 1}
+    assert store.counts(kind="train") == {"failed": 1, "cancelled": 1}  # /metrics' training gauge
+    assert store.counts(kind="predict") == {"succeeded": 1}
     assert store.get(2**63) is None and store.list(project_id=2**63) == []
 
 

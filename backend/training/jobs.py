@@ -210,10 +210,13 @@ class JobStore:
         """Terminal states are final: a cancelled job is not turned into a failed one by its dying process."""
         return self._set(job_id, _ACTIVE, status=status, error=error, finished_at=time.time(), **fields)
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, kind: str | None = None) -> dict[str, int]:
+        """Jobs per status, of one kind (train | predict) or all."""
+        query = select(jobs_table.c.status, func.count()).group_by(jobs_table.c.status)
+        if kind is not None:
+            query = query.where(jobs_table.c.kind == kind)
         with self.engine.connect() as conn:
-            rows = conn.execute(select(jobs_table.c.status, func.count()).group_by(jobs_table.c.status))
-            return {status: n for status, n in rows}
+            return {status: n for status, n in conn.execute(query)}
 
     def set_follow_up(self, job_id: int, reason: str, spec: dict[str, Any] | None = None,
                       keep_existing: bool = False) -> bool:

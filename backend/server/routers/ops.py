@@ -19,6 +19,7 @@ def prometheus(state: ServerState = Depends(get_state)) -> Response:
     metrics.pool_models.set(len(state.serving.pool.loaded()))
     metrics.pool_bytes.set(state.serving.pool.used_bytes)
     if state.training:
+        counts = state.training.store.counts(kind="train")  # predict jobs have their own gauge
         for status in ("queued", "running", "succeeded", "failed", "cancelled"):
-            metrics.jobs.labels(status).set(state.training.store.counts().get(status, 0))
+            metrics.jobs.labels(status).set(counts.get(status, 0))
     return metrics.render()
