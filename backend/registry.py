@@ -37,8 +37,11 @@ class ModelVersion:
 
     @property
     def kind(self) -> str:
-        """VLM versions are recorded with task "vlm:<tasks>" (e.g. vlm:classify+detect)."""
-        return "vlm" if self.task.startswith("vlm:") else "cnn"
+        """VLM versions are recorded with task "vlm:<tasks>" (e.g. vlm:classify+detect); YOLO weights served as
+        the second opinion with "second:<task>", so no promotion or rollback of the CNN ever picks them."""
+        if self.task.startswith("vlm:"):
+            return "vlm"
+        return "second" if self.task.startswith("second:") else "cnn"
 
 
 def _row(row) -> ModelVersion:
@@ -66,8 +69,9 @@ class Registry:
     def record_served(self, version: str, name: str, task: str, path: str | None) -> None:
         now = time.time()
         with self.engine.begin() as conn:
+            # the task too: weights first served as the second opinion and later as the CNN take the CNN's role
             conn.execute(_upsert(conn, dict(version=version, name=name, task=task, path=path, created_at=now,
-                                            served_at=now), ["served_at"]))
+                                            served_at=now), ["served_at", "task"]))
 
     def versions(self) -> list[ModelVersion]:
         return self._select()

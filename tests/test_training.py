@@ -324,6 +324,51 @@ def test_models_promote_and_rollback_handle_vlm_versions(tmp_path, tiny_vlm, det
     assert cnn.returncode == 2 and "has no parent" in cnn.stderr
 
 
+def test_a_yolo_second_opinion_is_never_the_cnn_a_promotion_swaps_in(tmp_path, detect_adapter, classify_adapter):
+    """Other YOLO weights served as the second opinion are recorded as such: the server's CNN stays the CNN when
+    anything is promoted (it used to become the second opinion, the most recently served YOLO)."""
+    settings = Settings(home=tmp_path / "home")
+    app = create_app(settings, ModelHolder(detect_adapter), training=False, vlm=ModelHolder(classify_adapter))
+    registry = app.state.registry
+    assert registry.get(classify_adapter.version).kind == "second"
+    assert registry.get(classify_adapter.version).task.startswith("second:")
+    assert registry.current("cnn").version == detect_adapter.version
+    assert registry.current("vlm") is None and registry.last_served("cnn").version == detect_adapter.version
+
+
+def test_promote_and_rollback_of_a_project_version_go_through_its_binding(tmp_path, detect_adapter,
+                                                                           detect_weights):
+    """A project's retrain is served to that project only: `models promote` puts it in the project's binding (the
+    server default stays), and `models rollback --project` binds the parent again."""
+    from backend.storage.projects import ProjectRepo
+
+    home = tmp_path / "home"
+    registry = Registry(Settings(home=home).database_url)
+    registry.record_served(detect_adapter.version, "start", "detect", str(detect_weights))
+    registry.add_candidate("p1-job1-aa", "p1-job1", "detect", str(detect_weights), detect_adapter.version, "snap",
+                           {}, project_id=1)
+    registry.set_status("p1-job1-aa", "rejected")
+    env = {**os.environ, "TANDEM_HOME": str(home), "COLUMNS": "200"}
+
+    def tandem(*args):
+        proc = subprocess.run([sys.executable, "-m", "backend.cli", "models", *args], capture_output=True, text=True,
+                              env=env, timeout=300)
+        return proc.returncode, " ".join((proc.stdout + proc.stderr).split())
+
+    projects = ProjectRepo(Settings(home=home).database_url)
+    rc, said = tandem("rollback", "--project", "1")
+    assert rc == 2 and "project 1 has no CNN version bound" in said, said
+    rc, said = tandem("promote", "p1-job1-aa")
+    assert rc == 0 and "p1-job1-aa promoted for project 1" in said, said
+    assert projects.get(1).model == "p1-job1-aa"
+    assert registry.current("cnn").version == detect_adapter.version  # the server's default is untouched
+    rc, said = tandem("list")
+    assert rc == 0 and "p1-job1-aa" in said
+    rc, said = tandem("rollback", "--project", "1")
+    assert rc == 0 and f"rolled back from p1-job1-aa to {detect_adapter.version} for project 1" in said, said
+    assert projects.get(1).model == detect_adapter.version and registry.get("p1-job1-aa").status == "rolled back"
+
+
 def test_train_with_server_follows_the_job_on_that_server_not_in_local_state(tmp_path, detect_adapter):
     """The job runs in the server's TANDEM_HOME; the CLI, with another home, follows it over HTTP to its end
     (here a failure: that server reaches no Label Studio) instead of waiting on a job its own state lacks."""

@@ -15,13 +15,15 @@ app.add_typer(models_app, name="models")
 
 @models_app.command("list")
 def models_list(home: Home = None) -> None:
-    """Every version: which one is served (▶), promoted or rejected, its score against its parent's."""
+    """Every version: the server's default CNN (▶), promoted or rejected, its score against its parent's; a
+    project's own versions name the project."""
     from rich.table import Table
 
     _, registry, _ = stores(home)
     current = registry.current()
     table = Table(title="Tandem model versions")
-    for col in ("", "version", "task", "status", "fitness", "serving fitness", "parent", "dataset", "created"):
+    for col in ("", "version", "task", "project", "status", "fitness", "serving fitness", "parent", "dataset",
+                "created"):
         table.add_column(col)
     import time as _t
 
@@ -32,7 +34,8 @@ def models_list(home: Home = None) -> None:
 
     for v in registry.versions():
         cand, serv = v.metrics.get("candidate", {}), v.metrics.get("serving", {})
-        table.add_row("▶" if current and v.version == current.version else "", v.version, v.task, v.status,
+        table.add_row("▶" if current and v.version == current.version else "", v.version, v.task,
+                      "" if v.project_id is None else str(v.project_id), v.status,
                       score(cand), score(serv),
                       v.parent or "", v.dataset or "", _t.strftime("%Y-%m-%d %H:%M", _t.localtime(v.created_at)))
     stdout_console().print(table)
@@ -68,29 +71,63 @@ def models_promote(version: str, home: Home = None) -> None:
     if found is None or not found.path:
         console.print(f"[red]error:[/] no version {version} (tandem models list shows them)")
         raise typer.Exit(2)
+    if found.kind == "second":
+        console.print(f"[red]error:[/] {version} is served as a second opinion, not a CNN or VLM version: serve it "
+                      "with tandem serve --model, or bind it to a project (tandem models bind)")
+        raise typer.Exit(2)
     _require_loadable(found, settings)
     registry.set_status(version, "promoted")
+    if found.project_id is not None:  # a project's retrain: into that project's binding, as the job's gate does
+        from backend.storage.projects import ProjectRepo
+
+        role = "second_opinion" if found.kind == "vlm" else "model"
+        ProjectRepo(settings.database_url).update(found.project_id, **{role: version})
+        console.print(f"{version} promoted for project {found.project_id} (its binding's {role.replace('_', ' ')}; "
+                      "other projects keep theirs)")
+        return
     console.print(f"{version} promoted")
 
 
 @models_app.command("rollback")
 def models_rollback(
     vlm: Annotated[bool, typer.Option("--vlm", help="Roll back the VLM (its LoRA versions) instead of the CNN.")] = False,
+    project: Annotated[int | None, typer.Option("--project", "-p", help="Roll back this project's binding (where "
+                                                "its retrains are promoted) instead of the server's default.")
+                       ] = None,
     home: Home = None,
 ) -> None:
     """Serve the parent of the current CNN version (or, with --vlm, of the current VLM version) again."""
     settings, registry, _ = stores(home)
     kind = "vlm" if vlm else "cnn"
-    current = registry.current(kind)
+    role = "second_opinion" if vlm else "model"
+    projects = None
+    if project is not None:
+        from backend.storage.projects import ProjectRepo
+
+        projects = ProjectRepo(settings.database_url)
+        state = projects.get(project)
+        spec = getattr(state, role, None) if state else None
+        current = registry.resolve(spec) if spec else None
+        if current is None:
+            console.print(f"[red]error:[/] project {project} has no {kind.upper()} version bound "
+                          f"({spec or 'it serves the defaults'}): nothing to roll back")
+            raise typer.Exit(2)
+    else:
+        current = registry.current(kind)
     parent = registry.get(current.parent) if current and current.parent else None
     if parent is None or not parent.path:
-        console.print(f"[red]error:[/] the current {kind.upper()} version "
+        where = f"project {project}'s" if project is not None else "the current"
+        console.print(f"[red]error:[/] {where} {kind.upper()} version "
                       f"{current.version if current else '(none)'} has no parent to roll back to")
         raise typer.Exit(2)
     _require_loadable(parent, settings)
-    registry.set_status(parent.version, "promoted")
+    if projects is not None:
+        projects.update(project, **{role: parent.version})
+    else:
+        registry.set_status(parent.version, "promoted")
     registry.set_status(current.version, "rolled back")  # not "rejected": the gate had promoted it
-    console.print(f"rolled back from {current.version} to {parent.version}")
+    console.print(f"rolled back from {current.version} to {parent.version}"
+                  + (f" for project {project}" if projects is not None else ""))
 
 
 @models_app.command("bind")

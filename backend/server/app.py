@@ -93,9 +93,12 @@ def create_app(
         log.warning("%s: %s", type(exc).__name__, exc)
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=exc.status_code)
 
-    def on_loaded(adapter) -> None:
+    def on_loaded(adapter, second: bool = False) -> None:
         path = getattr(adapter, "path", None) or getattr(adapter, "source", "")
-        registry.record_served(adapter.version, adapter.name, registry_task(adapter), str(path))
+        task = registry_task(adapter)
+        if second and not task.startswith("vlm:"):  # other YOLO weights as the second opinion: not a CNN version
+            task = f"second:{task}"
+        registry.record_served(adapter.version, adapter.name, task, str(path))
 
     def check_connected(adapter) -> None:
         """Projects on the default model: say which a newly served default can no longer fill."""
@@ -111,8 +114,9 @@ def create_app(
                             "backend's extra params {\"model\": ...} in Label Studio)", adapter.version,
                             project.project_id, exc, project.project_id)
 
-    for served in (holder, vlm):  # every default served, also one that finishes loading later, is registered
-        served.subscribe(on_loaded)
+    # every default served, also one that finishes loading later, is registered
+    holder.subscribe(on_loaded)
+    vlm.subscribe(lambda adapter: on_loaded(adapter, second=settings.pre_annotator == "cnn"))
     (holder if settings.pre_annotator == "cnn" else vlm).subscribe(check_connected)
 
     for router in (ls_protocol.router, jobs.router, ops.router):

@@ -133,7 +133,7 @@ def load_spec(settings: Settings, registry, spec: str, vlm_options: dict | None 
 
         path = localise(settings, path)
     kind = version.kind if version is not None else ("cnn" if is_cnn_spec(path) else "vlm")
-    if kind == "cnn":
+    if kind in ("cnn", "second"):  # "second": YOLO weights served as a second opinion
         return settings.load_cnn(path)
     from backend.models.vlm.loader import load_vlm
 
