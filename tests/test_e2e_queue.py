@@ -124,6 +124,32 @@ def test_cli_select_dry_run_writes_files_and_leaves_label_studio_alone(label_stu
     assert {t.id: dict(t.data) for t in client.tasks.list(project=pid, fields="all")} == before
 
 
+def test_cli_select_ranks_without_a_served_second_opinion_that_cannot_fill_the_config(
+        label_studio, project, detect_weights, classify_weights, tmp_path):
+    """The second opinion the server served the project (here a classifier, for boxes) is skipped by the server
+    for that project; `tandem select` warns and ranks without it instead of failing. Named with
+    --second-model, its refusal is the answer."""
+    from backend.storage.projects import ProjectRepo
+
+    _, pid, _ = project
+    home = tmp_path / "home"
+    ProjectRepo(Settings(home=home).database_url).update(pid, served_second_opinion=str(classify_weights))
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+           "TANDEM_HOME": str(home), "COLUMNS": "200"}
+    base = [sys.executable, "-m", "backend.cli", "select", "--project", str(pid), "--budget", "3", "--model",
+            str(detect_weights), "--dry-run", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 0, said
+    assert f"the second opinion {classify_weights} cannot fill project {pid}'s labeling config" in said, said
+    assert "ranking without it" in said
+    scores = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
+    assert scores and all(s["disagreement"] == "" for s in scores)
+    named = subprocess.run([*base, "--second-model", str(classify_weights)], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert named.returncode == 2 and "error:" in named.stderr and "Traceback" not in named.stderr
+
+
 def test_cli_select_unreachable_label_studio_is_a_clear_error(tmp_path, detect_weights):
     env = {**os.environ, "LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "x",
            "TANDEM_HOME": str(tmp_path)}

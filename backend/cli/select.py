@@ -94,6 +94,7 @@ def select(
             console.print("[red]error:[/] no --model given and this TANDEM_HOME has served none")
             raise typer.Exit(2)
         weights = localise(settings, last.path)
+    second_given = second_model is not None
     if second_model is None and bound is not None and (bound.second_opinion or bound.served_second_opinion):
         second_model = bound.second_opinion or bound.served_second_opinion
         console.print(f"second opinion: [bold]{second_model}[/] (as served to project {project}; --second-model "
@@ -118,7 +119,15 @@ def select(
                       f"the model this TANDEM_HOME served last ({last.version}, {last.task}), as no --model was given"
                       if last else f"the model served to project {project} ({weights})")
             raise ConfigError(f"{exc}. tandem select used {chosen}: pass --model WEIGHTS made for this project") from exc
-        second = _second_opinion(second_model, label_config, settings) if second_model else None
+        try:
+            second = _second_opinion(second_model, label_config, settings) if second_model else None
+        except ConfigError as exc:
+            if second_given:  # asked for by name: its refusal is the answer
+                raise
+            # the server's second opinion for the project cannot fill this config (it skips it too): rank without
+            console.print(f"[yellow]warning:[/] the second opinion {second_model} cannot fill project {project}'s "
+                          f"labeling config ({exc}); ranking without it")
+            second = second_model = None
     except TandemError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
@@ -194,7 +203,9 @@ def _second_opinion(source: str, label_config: str, settings):
     from backend.settings import CANDIDATE_CONF
 
     if Path(source).suffix in (".pt", ".onnx", ".torchscript", ".engine") or source.endswith("_openvino_model"):
-        return YoloAdapter(source, device=settings.device, conf=min(settings.conf, CANDIDATE_CONF))
+        yolo = YoloAdapter(source, device=settings.device, conf=min(settings.conf, CANDIDATE_CONF))
+        plan_for(yolo, label_config, settings.label_map, settings.case_sensitive_labels)  # ConfigError if it cannot
+        return yolo
     from backend.models.vlm.loader import load_vlm
 
     vlm = load_vlm(source, device=settings.device)
