@@ -114,6 +114,33 @@ def test_a_restart_without_model_serves_the_version_promoted_last(tmp_path, dete
     assert "starter" not in out and "p1-job9" not in out
 
 
+def test_other_yolo_weights_as_the_second_opinion_keep_the_cnn(tmp_path, detect_weights, segment_weights):
+    """`--second-opinion other.pt` without --model: the version promoted last (else the starter) pre-annotates and
+    the other YOLO is the second opinion (it used to become the only model, served as 'the vlm')."""
+    from backend.cli.serve import default_pre_annotator
+
+    assert default_pre_annotator(None, str(segment_weights)) is None
+    assert default_pre_annotator(None, "IDEA-Research/grounding-dino-tiny") == "vlm"
+    assert default_pre_annotator(str(detect_weights), "IDEA-Research/grounding-dino-tiny") is None
+    registry = Registry(Settings(home=tmp_path / "home").database_url)
+    good = tmp_path / "p1-job7.pt"
+    good.write_bytes(detect_weights.read_bytes())
+    registry.add_candidate("p1-job7-aaaa", "p1-job7", "detect", str(good), None, "d7", {})
+    registry.set_status("p1-job7-aaaa", "promoted")
+    port = free_port()
+    proc = subprocess.Popen([*TANDEM, "serve", "--port", str(port), "--engine", "torch", "--second-opinion",
+                             str(segment_weights)], env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        health = _wait_health(proc, port)
+        assert health["model_version"].startswith("p1-job7-") and health["pre_annotator"] == "cnn", health
+        assert health["second_opinion"] and health["second_opinion"] != health["model_version"], health
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0]
+    assert "receives the cnn's predictions, the other's are kept for disagreement" in " ".join(out.split()), out
+
+
 def test_failed_reload_keeps_serving_the_last_good_model(detect_adapter):
     holder = ModelHolder(detect_adapter)
 

@@ -69,7 +69,8 @@ def serve(
     pre_annotator: Annotated[
         str | None,
         typer.Option(help="Whose predictions Label Studio receives: cnn or vlm (the other's are kept for "
-                     "disagreement). Default: cnn, or vlm when only --vlm is given.", envvar="TANDEM_PRE_ANNOTATOR"),
+                     "disagreement). Default: cnn, or vlm when only a VLM is given (no --model).",
+                     envvar="TANDEM_PRE_ANNOTATOR"),
     ] = None,
     vlm_threshold: Annotated[float | None, typer.Option(help="Minimum box score of a zero-shot detector.")] = None,
     predict_budget: Annotated[
@@ -84,16 +85,16 @@ def serve(
 
     setup_logging(log_level)
     _require_free_port(host, port)  # before the heavy imports and minutes of model loading, not after
+    from backend.server.projects import is_cnn_spec
+
     settings = load_settings(home=home, model=model, device=device, conf=conf, vlm=vlm, engine=engine, imgsz=imgsz,
                              int8_calibration=calibration, predict_budget_s=predict_budget,
-                             pre_annotator=pre_annotator or ("vlm" if vlm and not model else None))
-    serves_cnn = bool(settings.model) or not settings.vlm  # no --model and no --vlm: the starter CNN
+                             pre_annotator=pre_annotator or default_pre_annotator(model, vlm))
+    serves_cnn = bool(settings.model) or not settings.vlm or is_cnn_spec(settings.vlm)
     if serves_cnn and settings.engine == "int8" and not (settings.int8_calibration and settings.int8_calibration.is_dir()):
         console.print("[red]error:[/] --engine int8 needs --calibration DIR: a folder of 16 or more images like "
                       f"the ones you serve (got {settings.int8_calibration or 'none'})")
         raise typer.Exit(2)
-    from backend.server.projects import is_cnn_spec
-
     second_is_cnn = bool(settings.vlm) and is_cnn_spec(settings.vlm)
     if settings.vlm and not second_is_cnn:  # before torch is imported: an unavailable checkpoint fails in under 1 s
         from backend.models.vlm.source import resolve_source
@@ -165,6 +166,14 @@ def serve(
         console.print("[yellow]LABEL_STUDIO_URL is not set:[/] images are fetched from the hostname Label Studio sends")
     app_ = create_app(settings, holder, vlm=vlm_holder)
     uvicorn.run(app_, host=host, port=port, log_level=log_level.lower())
+
+
+def default_pre_annotator(model: str | None, second: str | None) -> str | None:
+    """"vlm" when only a VLM is given (it pre-annotates alone); None (the settings' cnn) otherwise. Other YOLO
+    weights as the second opinion keep the starter, or the version promoted last, as the CNN beside them."""
+    from backend.server.projects import is_cnn_spec
+
+    return "vlm" if second and not model and not is_cnn_spec(second) else None
 
 
 def _resume_promoted(settings, task: str | None):
