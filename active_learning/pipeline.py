@@ -229,6 +229,10 @@ def _run_selection(tasks, label_config, fetcher, primary, config, second, progre
     from_store = len(found)
     # 3. what is missing is predicted, a chunk at a time, and stored like a /predict would
     todo = [tid for tid in keys1 if tid not in found]
+    # tasks whose CNN prediction is stored but whose second opinion is not (a new second model): said, not hidden
+    half = len(store.stored_keys([keys1[t] for t in todo])) if plan2 is not None and todo else 0
+    label = (f"predict {len(todo)} not stored ({from_store} from the store"
+             + (f"; {half} of them lack only the second opinion" if half else "") + ")")
     predictor = Predictor(fetcher, workers=min(8, max(chunk, 1)), store=store, max_chunk=chunk)
     done = 0
     for part in _chunks(todo, chunk):
@@ -244,7 +248,7 @@ def _run_selection(tasks, label_config, fetcher, primary, config, second, progre
                                 {t: keys2[t] for t in ok} if plan2 else None, names)
         found.update((s.task_id, s) for s in got)
         done += len(part)
-        progress(f"predict {len(todo)} not stored ({from_store} from the store)", done, len(todo))
+        progress(label, done, len(todo))
     predictor.close()
     skipped.update((t["id"], "no usable task id") for t in candidates if t.get("id") not in keys1)
 

@@ -245,11 +245,15 @@ def test_selection_from_stored_predictions_equals_the_decoded_prediction_path(tm
     # user sees ends full, and the prediction bar says how many came from the store
     reports: list[tuple[str, int, int]] = []
     more = tasks + [{"id": n + k, "data": {"image": f"/data/local-files/?d=gone/new{k}.png"}} for k in range(5)]
+    # one of them has the CNN's prediction stored, not the second opinion's (a new second model): the bar says so
+    store.put_many([PredictionRow(*task_key(more[n], plan1), 1, plan1.name, str(Role.PRE_ANNOTATION),
+                                  {"result": [], "model_version": plan1.version}, {"label": rows[0].controls["label"]})])
     outcome, _, ids = run_selection(more, RECT, fetcher, primary, config, second=second, store=store, scores=scores,
                                     project_id=1, progress=lambda *r: reports.append(r))
     assert ids == list(range(n)) and outcome.from_store == n and sorted(outcome.skipped) == list(range(n, n + 5))
     last = {stage: (done, total) for stage, done, total in reports}
-    assert last == {"looked up in the store": (n + 5, n + 5), f"predict 5 not stored ({n} from the store)": (5, 5)}
+    assert last == {"looked up in the store": (n + 5, n + 5),
+                    f"predict 5 not stored ({n} from the store; 1 of them lack only the second opinion)": (5, 5)}
     store.close()
 
 
