@@ -140,8 +140,10 @@ def plan_for(
         kind = "VLM" if is_promptable(adapter) else "YOLO"
         raise ConfigError(
             f"model {adapter.name} is a {kind} {describe(adapter)} model and cannot fill {wanted}; "
-            "serve a detect model for RectangleLabels, segment for PolygonLabels, classify for Choices (the starter: "
-            "tandem serve --starter-task segment or classify)"
+            "a project needs a detect model for RectangleLabels, segment for PolygonLabels, classify for Choices: "
+            "bind this project its own (tandem models bind --project ID --model WEIGHTS, or the backend's extra "
+            "params {\"model\": ...}; `tandem train-starter --task segment|classify` makes one), or serve one "
+            "by default (tandem serve --model WEIGHTS)"
         )
     fp = fingerprint(label_config, dict(label_map or {}), dict(prompts or {}), case_sensitive)
     return ServingPlan(config, tuple(planned), adapter.version, adapter.name, fp, min_confidence)

@@ -180,7 +180,8 @@ def test_cli_select_refuses_a_model_that_cannot_fill_the_project(label_studio, p
                            str(classify_weights), "--dry-run", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, env=env, timeout=120)
     said = " ".join(proc.stderr.split())  # rich wraps long lines
-    assert proc.returncode == 2 and "cannot fill rectanglelabels" in said and "--starter-task" in said, said
+    assert proc.returncode == 2 and "cannot fill rectanglelabels" in said, said
+    assert "tandem models bind --project ID --model WEIGHTS" in said and "tandem train-starter --task" in said, said
     assert f"tandem select used --model {classify_weights}: pass --model WEIGHTS made for this project" in said
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 

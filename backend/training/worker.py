@@ -146,9 +146,9 @@ def run(job_id: int, settings: Settings) -> None:
     needed = TASK_FOR_CONTROL[control.kind]
     if serving.task != needed:  # said before minutes of image downloads, not after
         raise TandemError(f"the serving model {serving.version} is a {serving.task} model, but project "
-                          f"{job.project_id}'s {control.kind} control '{control.name}' needs a {needed} model: serve "
-                          f"one for this project (tandem serve --model WEIGHTS, or --starter-task {needed}), with its "
-                          "own --port and TANDEM_HOME if other projects use this server")
+                          f"{job.project_id}'s {control.kind} control '{control.name}' needs a {needed} model: bind "
+                          f"one to this project (tandem models bind --project {job.project_id} --model WEIGHTS; "
+                          f"`tandem train-starter --task {needed}` makes one)")
     log(f"exporting {len(tasks)} annotated tasks")
     dataset = export_yolo_dataset(tasks, label_config, job.project_id, MediaFetcher(settings.media()),
                                   work / "dataset", val_percent=params["val_percent"],
