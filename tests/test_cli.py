@@ -245,3 +245,17 @@ def test_a_bad_option_value_is_one_line_before_any_model_loads(tmp_path):
         out = subprocess.run([*TANDEM, *args], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and out.stderr.startswith("error: invalid "), out.stderr
         assert "Traceback" not in out.stderr and not (tmp_path / "home" / "models").exists()
+
+
+def test_job_logs_keep_tandems_own_lines_ahead_of_the_tail():
+    """ultralytics' progress would push the export, split and replay lines out of the last N lines."""
+    from backend.cli.jobs import with_own_lines
+
+    log = "\n".join(["[tandem 10:00:00] exporting 26 annotated tasks", "Ultralytics 8.4", *(f"epoch {i}" for i in range(50)),
+                     "[tandem 10:00:09] dataset: 20 train / 6 frozen val", *(f"epoch {i}" for i in range(50, 60)),
+                     "[tandem 10:01:00] candidate 0.71 vs 0.69: promoted"])
+    out = with_own_lines(log, 3).splitlines()
+    assert out == ["[tandem 10:00:00] exporting 26 annotated tasks", "[tandem 10:00:09] dataset: 20 train / 6 frozen val",
+                   "… 59 lines of training output left out (--lines 0 shows the whole log)", "epoch 58", "epoch 59",
+                   "[tandem 10:01:00] candidate 0.71 vs 0.69: promoted"]
+    assert with_own_lines(log, 0) == log and with_own_lines(log, 1000) == log

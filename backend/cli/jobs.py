@@ -47,8 +47,14 @@ def jobs_show(job_id: int, home: Home = None) -> None:
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: int, lines: int = 200, home: Home = None) -> None:
-    """The last LINES lines of a job's log (ultralytics' epochs, the export, the promotion verdict)."""
+def jobs_logs(
+    job_id: int,
+    lines: Annotated[int, typer.Option(help="Lines from the end of the log (0: the whole log). Tandem's own lines "
+                                            "(export, split, replay, verdict) are always shown.")] = 200,
+    home: Home = None,
+) -> None:
+    """The end of a job's log (ultralytics' epochs, the export, the promotion verdict), with Tandem's own lines
+    from before it."""
     from backend.training.runner import job_log
 
     settings, _, store = stores(home)
@@ -56,7 +62,19 @@ def jobs_logs(job_id: int, lines: int = 200, home: Home = None) -> None:
         console.print(f"[red]error:[/] no job {job_id} in {settings.home} (database {settings.database_url}; set "
                       "TANDEM_HOME or --home to the server's state folder; tandem jobs list shows its jobs)")
         raise typer.Exit(2)
-    typer.echo(job_log(settings, job_id, lines))
+    typer.echo(with_own_lines(job_log(settings, job_id, 10**9), lines))
+
+
+def with_own_lines(log: str, lines: int) -> str:
+    """The last `lines` lines of a log, after Tandem's own lines ("[tandem …]") from before them: the export,
+    split and replay lines say what the job trained on, and ultralytics' progress would push them out."""
+    every = log.splitlines()
+    if lines <= 0 or len(every) <= lines:
+        return "\n".join(every)
+    before, end = every[:-lines], every[-lines:]
+    own = [line for line in before if line.startswith("[tandem ")]
+    skipped = len(before) - len(own)
+    return "\n".join([*own, f"… {skipped} lines of training output left out (--lines 0 shows the whole log)", *end])
 
 
 @jobs_app.command("cancel")
