@@ -132,9 +132,34 @@ def test_the_report_counts_only_the_boxes_annotators_were_shown():
               "annotations": [{"id": 7, "result": [box("cat", (10, 10, 60, 60))], "was_cancelled": False,
                                "created_at": when, "updated_at": when}]}]
     evidence = gather(tasks, RECT_CFG, [stored], 1)
-    assert len(evidence.tasks[0].pre[OLD].detections) == 2  # agreement and scoring still read both
+    assert len(evidence.tasks[0].pre[OLD].detections) == 2  # the typed prediction, as stored for scoring
+    assert len(evidence.tasks[0].pre_latest.detections) == 1  # what agreement and calibration compare
     (e,) = project_edits(evidence)
     assert (e.counts.unchanged, e.counts.deleted, e.counts.missed) == (1, 0, 0)
+
+
+def test_agreement_reads_the_shown_regions_and_coverage_counts_final_regions():
+    """Both models see a cat; only the CNN has a faint dog candidate (0.2, never shown), which must not make the
+    cat 'seen by one model only'. A person kept the cat and drew a bird: two final regions, one agreed."""
+    from active_learning.agreement import task_agreement
+
+    cfg = RECT_CFG.replace('<Label value="dog"/>', '<Label value="dog"/><Label value="bird"/>')
+    control = parse_label_config(cfg).controls[0]
+    cat, faint = box("cat", (10, 10, 60, 60), 0.9), box("dog", (120, 20, 180, 80), 0.2)
+    cnn = PredictionRow(1, OLD, "fp", 1, OLD, str(Role.PRE_ANNOTATION), {"result": [cat], "model_version": OLD},
+                        {"label": from_results([cat, faint], control)})
+    vlm = PredictionRow(1, VLM, "fp", 1, VLM, str(Role.SECOND_OPINION),
+                        {"result": [box("cat", (12, 10, 60, 60), 0.8)], "model_version": VLM},
+                        {"label": from_results([box("cat", (12, 10, 60, 60), 0.8)], control)})
+    when = "2023-11-14T22:13:30Z"
+    tasks = [{"id": 1, "data": {"image": "https://example.invalid/1.png"},
+              "annotations": [{"id": 7, "result": [box("cat", (10, 10, 60, 60)), box("bird", (100, 60, 140, 95))],
+                               "was_cancelled": False, "created_at": when, "updated_at": when}]}]
+    (ev,) = gather(tasks, cfg, [cnn, vlm], 1).tasks
+    assert task_agreement(ev.pre_latest, ev.second).candidate  # the faint dog would have blocked it
+    assert not task_agreement(ev.pre[OLD], ev.second).candidate
+    data = calibration_data(gather(tasks, cfg, [cnn, vlm], 1), min_items=1)
+    assert data.correct.tolist() == [True] and data.regions == 2  # the person's two final regions
 
 
 def test_without_any_second_opinion_auto_accept_says_what_is_missing():
@@ -147,3 +172,16 @@ def test_without_any_second_opinion_auto_accept_says_what_is_missing():
     assert why is not None and "needs a second opinion" in why and "project 1" in why and "'label'" in why
     assert "--second-opinion" in why
     assert no_second_opinion(gather(TASKS, CFG, ROWS, 1)) is None
+
+
+def test_the_per_class_table_of_a_choices_project_counts_choices():
+    """It used to print region columns, all 0, for a Choices control."""
+    from active_learning.effort import EffortModel
+    from active_learning.telemetry import summarise, total
+    from backend.cli.report import per_class_rows
+
+    edits = project_edits(gather(TASKS, CFG, ROWS, 1, learned_at=LEARNED))
+    everything = total(summarise(edits, EffortModel()))
+    # predicted cat on tasks 2 and 4 (old CNN), kept on 4; dog on task 1 (old) and 2 (retrained), kept on 2
+    assert per_class_rows(everything.per_class) == [("class", "predicted", "accepted"), ("cat", "2", "1 (50%)"),
+                                                    ("dog", "2", "1 (50%)")]

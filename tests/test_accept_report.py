@@ -305,4 +305,8 @@ def test_accept_refuses_then_accepts_exactly_the_agreed_tasks_undo_reverts_and_r
         assert [a["id"] for a in anns] == expected
     assert not any(k in t.data for t in p.tasks() for k in ("tandem_agreement", "tandem_auto", "tandem_bound"))
     assert p.view(AUTO_VIEW) is None
+    assert f"auto-accept fields cleared from {len(accepted)} tasks, view '{AUTO_VIEW}' removed" in said(undone)
+    again = tandem(label_studio, home, "accept", "--project", str(p.id), "--undo")  # nothing left to undo
+    assert again.returncode == 0 and "0 auto-accepted annotations deleted; 1 kept (changed by a person since); " \
+        f"auto-accept fields cleared from 0 tasks (there was no view '{AUTO_VIEW}')" in said(again), said(again)
     assert all(t.data.get("tandem_pick") == CONTROL_PICK for t in p.tasks() if t.id in p.ids["good"])

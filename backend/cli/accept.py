@@ -35,9 +35,9 @@ class TaskEvidence:
     control_pick: bool = False
     pre: dict[str, Prediction] = field(default_factory=dict)  # model version -> its newest pre-annotation
     shown: dict[str, Prediction] = field(default_factory=dict)  # the same, as annotators saw it (no faint boxes)
-    pre_latest: Prediction | None = None
+    pre_latest: Prediction | None = None  # the newest pre-annotation, as shown
     pre_version: str | None = None
-    second: Prediction | None = None
+    second: Prediction | None = None  # the newest second opinion, its regions at the serving threshold
     size: tuple[int, int] | None = None  # (width, height) as the stored regions give it
     human: Prediction | None = None  # the newest finished annotation not written by auto-accept
     human_when: float = 0.0
@@ -129,12 +129,15 @@ def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_
         made = learned_at.get(r.model_version)
         if made is not None and ev.human is not None and made >= ev.human_first:
             continue
+        # agreement, calibration and the report read what each model showed (its regions at the serving
+        # threshold): auto-accepting a task is accepting its pre-annotation unreviewed, and a faint candidate
+        # below the threshold is no region of it
         if r.role == Role.SECOND_OPINION:
-            ev.second = p
+            ev.second = as_shown(p, r.item, control)
         else:
             ev.pre[r.model_version] = p
             ev.shown[r.model_version] = as_shown(p, r.item, control)
-            ev.pre_latest, ev.pre_version = p, r.model_version
+            ev.pre_latest, ev.pre_version = ev.shown[r.model_version], r.model_version
             ev.size = _size(r.item) or ev.size
     return ProjectEvidence(project_id, control, list(by_task.values()))
 
@@ -177,7 +180,8 @@ def calibration_data(evidence: ProjectEvidence, iou: float = 0.5, min_items: int
                 continue
             v = verify(ev.pre_latest, ev.second, ev.human, iou)
             tasks += 1
-            regions += len(v.correct) + v.missed if v.verdict.kind != "choices" else 1
+            det = ev.human.detections
+            regions += 1 if v.verdict.kind == "choices" else (0 if det is None else len(det))
             if v.verdict.candidate:
                 candidates += 1
                 scores += [v.verdict.score] * len(v.correct)
@@ -325,9 +329,10 @@ def load_evidence(settings, project: int, control: str | None = None):
         raise typer.Exit(2) from exc
 
 
-def undo(queue, home: Path, project: int) -> tuple[int, int]:
+def undo(queue, home: Path, project: int) -> tuple[int, int, int, bool]:
     """Delete the annotations auto-accept created (recorded, and still marked), clear its fields and remove its
-    view. Returns (deleted, kept because a person has since changed them)."""
+    view. Returns (deleted, kept because a person has since changed them, tasks whose fields were cleared,
+    whether there was a view to remove)."""
     from label_studio_sdk.core.api_error import ApiError
 
     from active_learning.queue import is_auto_accepted
@@ -349,10 +354,10 @@ def undo(queue, home: Path, project: int) -> tuple[int, int]:
             kept += 1
             remaining[task_id] = annotation_id
     tasks = {t["id"]: t.get("data") or {} for t in queue.tasks()}
-    queue.write_accepted({}, tasks)
-    queue.remove_auto_view()
+    cleared = queue.write_accepted({}, tasks)["cleared"]
+    view = queue.remove_auto_view()
     write_record(home, project, {**record, "annotations": remaining, "undone_at": time.time()})
-    return deleted, kept
+    return deleted, kept, cleared, view
 
 
 @app.command()
@@ -384,10 +389,11 @@ def accept(
         from active_learning.queue import LabelStudioQueue
 
         queue = LabelStudioQueue(_client(settings), project)
-        deleted, kept = undo(queue, settings.home, project)
+        deleted, kept, cleared, view = undo(queue, settings.home, project)
         console.print(f"undone: {deleted} auto-accepted annotation{'s' * (deleted != 1)} deleted"
                       + (f"; {kept} kept (changed by a person since)" if kept else "")
-                      + f"; auto-accept fields cleared, view '{AUTO_VIEW}' removed")
+                      + f"; auto-accept fields cleared from {cleared} task{'s' * (cleared != 1)}"
+                      + (f", view '{AUTO_VIEW}' removed" if view else f" (there was no view '{AUTO_VIEW}')"))
         return
     if not 0 < target < 1 or not 0 < delta < 1:
         raise typer.BadParameter("--target and --delta must be between 0 and 1")

@@ -28,6 +28,21 @@ def project_edits(evidence) -> list:
     return out
 
 
+def per_class_rows(per_class) -> list[tuple[str, ...]]:
+    """The per-class table, header first: region edits, or for a Choices control the times each class was the
+    predicted choice and how often a person kept it."""
+    def pct(v: float) -> str:
+        return "—" if math.isnan(v) else f"{v:.0%}"
+
+    if any(c.choices for c in per_class.values()):
+        return [("class", "predicted", "accepted"), *(
+            (name, str(c.choices), f"{c.choices_accepted} ({pct(c.rate('choice_accept'))})")
+            for name, c in sorted(per_class.items()))]
+    return [("class", "unchanged", "moved", "relabelled", "deleted", "missed"), *(
+        (name, str(c.unchanged), str(c.moved), str(c.relabelled), str(c.deleted), str(c.missed))
+        for name, c in sorted(per_class.items()))]
+
+
 def summary_json(project: int, summaries, total, cal, data, effort) -> dict[str, Any]:
     def counts(c):
         return {"unchanged": c.unchanged, "moved": c.moved, "relabelled": c.relabelled, "deleted": c.deleted,
@@ -168,10 +183,11 @@ def report(
     stdout_console().print(table)
     if everything.per_class:
         per = Table(title="Per class (all versions)")
-        for col in ("class", "unchanged", "moved", "relabelled", "deleted", "missed"):
+        header, *rows = per_class_rows(everything.per_class)
+        for col in header:
             per.add_column(col, justify="right" if col != "class" else "left")
-        for name, c in sorted(everything.per_class.items()):
-            per.add_row(name, str(c.unchanged), str(c.moved), str(c.relabelled), str(c.deleted), str(c.missed))
+        for row in rows:
+            per.add_row(*row)
         stdout_console().print(per)
     console.print(f"Human time: {everything.assisted_seconds / 60:.1f} min with pre-annotations vs "
                   f"{everything.scratch_seconds / 60:.1f} min from scratch on {everything.tasks} reviewed "
@@ -191,4 +207,4 @@ def report(
     console.print("wrote " + ", ".join(str(f) for f in [*files, folder / "report.json"]))
 
 
-__all__ = ["project_edits", "reports_dir", "summary_json", "write_plots"]
+__all__ = ["per_class_rows", "project_edits", "reports_dir", "summary_json", "write_plots"]
