@@ -121,6 +121,9 @@ def _uncertainty_reason(boxes: BoxBatch, i: int, names: Sequence[str], model: st
     if parts:
         return f"{model} unsure: " + "; ".join(parts)
     if len(rows) == 0 and np.isfinite(peak):
+        if peak >= threshold:  # a confident candidate, yet no box: its class is one the project does not map
+            return (f"{model} sees none of the project's labels (its best candidate, {peak:.2f}, is of a class the "
+                    "labeling config or label map leaves out)")
         return f"{model} sees nothing (best candidate {peak:.2f})"
     return f"{model} boxes: {visible}"
 

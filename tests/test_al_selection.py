@@ -101,10 +101,13 @@ def test_detector_that_sees_nothing_still_ranks_its_near_misses():
                             class_id=np.zeros(n, int), data={"class_name": np.array(["cat"] * n, dtype=object)})
         return ModelOutput(detections=det, candidate_peak=peak)
 
-    table = score_outputs([out(0.2), out(0.01), out(None), out(0.95, [0.95])], ["cat"])
+    table = score_outputs([out(0.2), out(0.01), out(None), out(0.95, [0.95]), out(0.86)], ["cat"])
     assert table.uncertainty[0] > table.uncertainty[1] > table.uncertainty[2] == 0
     assert table.reasons[0] == "CNN sees nothing (best candidate 0.20)"
     assert table.reasons[2] == "CNN boxes: 0" and table.reasons[3] == "CNN boxes: 1"
+    # a confident candidate and no box: a class the project leaves out (a label map dropping it), not "nothing"
+    assert table.reasons[4] == ("CNN sees none of the project's labels (its best candidate, 0.86, is of a class the "
+                                "labeling config or label map leaves out)")
 
 
 @pytest.mark.parametrize("n", [10, 25, 40])
