@@ -267,3 +267,23 @@ def _setup(plan1, plan2):
 
     return ScoreSetup(plan1.version, plan2.version, plan1.fingerprint, plan1.controls[0].control.name,
                       SELECT_AGGREGATE, NEAR[0])
+
+
+def test_a_second_opinion_that_never_disagrees_is_flagged():
+    """Two identical models (a starter trained twice is bit-identical) give disagreement 0 everywhere: said."""
+    import supervision as sv
+
+    from backend.cli.select import same_opinion
+
+    def out(conf):
+        det = sv.Detections(xyxy=np.array([[10.0, 10, 50, 50]]), confidence=np.array([conf]),
+                            class_id=np.zeros(1, int), data={"class_name": np.array(["cat"], dtype=object)})
+        return ModelOutput(detections=det, candidate_peak=conf)
+
+    firsts = [out(0.3 + i / 100) for i in range(25)]
+    same = score_outputs(firsts, ["cat"], firsts, ["cat"])
+    assert "agreed exactly with the CNN on all 25 tasks" in same_opinion(same)
+    other = score_outputs(firsts, ["cat"], [out(0.9)] * 25, ["cat"])
+    assert other.disagreement.max() > 0 and same_opinion(other) is None
+    assert same_opinion(score_outputs(firsts[:5], ["cat"], firsts[:5], ["cat"])) is None  # too few to say
+    assert same_opinion(score_outputs(firsts, ["cat"])) is None  # no second model

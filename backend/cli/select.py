@@ -193,6 +193,25 @@ def select(
         console.print("wrote " + ", ".join(str(f) for f in outcome.files))
     if outcome.views:
         console.print("Label Studio views: " + ", ".join(f"{t} (#{i})" for t, i in outcome.views.items()))
+    if second is not None and (why := same_opinion(table)):
+        console.print(f"[yellow]warning:[/] {why}")
+
+
+def same_opinion(table, at_least: int = 20) -> str | None:
+    """A second opinion that never disagrees is no second opinion: the same weights under another file (a
+    starter trained twice is bit-identical), or a copy. Said when it agreed exactly on every one of `at_least`
+    or more tasks."""
+    import numpy as np
+
+    if table is None or table.disagreement is None:
+        return None
+    d = np.asarray(table.disagreement, float)
+    d = d[np.isfinite(d)]
+    if len(d) < at_least or d.max() > 0:
+        return None
+    return (f"the second opinion agreed exactly with the CNN on all {len(d)} tasks: is it the same model under "
+            "another file? Disagreement needs a model trained differently (other data, seed or architecture), "
+            "or a VLM")
 
 
 def _second_opinion(source: str, label_config: str, settings):
