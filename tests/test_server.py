@@ -69,6 +69,18 @@ def test_health_setup_versions(tmp_path, samples, detect_adapter):
         assert set(httpx.get(f"{srv.url}/versions").json()["versions"]) == {detect_adapter.version, "bound-cls"}
 
 
+def test_setup_records_what_serves_the_project(tmp_path, samples, detect_adapter, segment_adapter):
+    """`tandem select` ranks with what served the project; a restart with another default second opinion is
+    recorded at Label Studio's next /setup, not only at the next /predict (which may never come)."""
+    root, _, _ = samples
+    settings = Settings(home=tmp_path / "home", local_files_root=root)
+    app = create_app(settings, ModelHolder(detect_adapter), training=False, vlm=ModelHolder(segment_adapter))
+    with ServerThread(app) as srv:
+        assert httpx.post(f"{srv.url}/setup", json={"project": "7.1", "schema": RECT}).status_code == 200
+    state = ProjectRepo(settings.database_url).get(7)
+    assert state.served_model == str(detect_adapter.path) and state.served_second_opinion == str(segment_adapter.path)
+
+
 def test_predict_boxes_match_ground_truth_and_bad_tasks_do_not_spoil_the_batch(tmp_path, samples, detect_adapter):
     root, truth, _ = samples
     tasks = [task(i, f"{s.name}.png") for i, s in enumerate(truth)]

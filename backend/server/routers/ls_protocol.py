@@ -101,7 +101,8 @@ def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupR
             changes["label_config"] = body.schema_
         project = state.projects.update(pid, **changes)
         state.serving.prefetch(project)
-    adapter = state.serving.models(pid, project).lead
+    served = state.serving.models(pid, project)
+    adapter = served.lead
     if adapter is None:
         last = state.registry.last_served(settings.pre_annotator)
         return SetupResponse(model_version=last.version if last else "loading")
@@ -121,6 +122,8 @@ def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupR
                 log.warning("project %s: label(s) %s of '%s' match none of %s's classes (%s) and will not be "
                             "pre-annotated; map one with predicted_values=\"…\" on its <Label> or "
                             "TANDEM_LABEL_MAP", pid, ", ".join(labels), control, adapter.name, ", ".join(classes))
+    if pid is not None:  # what serves the project now (a restart may have changed the defaults): select reads it
+        state.serving.record_served(pid, served)
     state.schedule_sync(pid, adapter.version)
     return SetupResponse(model_version=adapter.version)
 
