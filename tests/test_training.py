@@ -360,6 +360,7 @@ def test_promote_and_rollback_of_a_project_version_go_through_its_binding(tmp_pa
     assert rc == 2 and "project 1 has no CNN version bound" in said, said
     rc, said = tandem("promote", "p1-job1-aa")
     assert rc == 0 and "p1-job1-aa promoted for project 1" in said, said
+    assert "note: the gate had rejected p1-job1-aa; promoting it anyway" in said, said
     assert projects.get(1).model == "p1-job1-aa"
     assert registry.current("cnn").version == detect_adapter.version  # the server's default is untouched
     rc, said = tandem("list")
@@ -436,3 +437,14 @@ def test_the_cli_fails_a_job_whose_worker_died_with_no_server_running(tmp_path):
                              env={**os.environ, "TANDEM_HOME": str(home)}, timeout=120)
     assert listing.returncode == 0 and "failed" in listing.stdout and "worker process disappeared" in listing.stdout
     assert store.get(job.id).status is JobStatus.FAILED and not store.active(1)
+
+
+def test_a_follow_up_with_other_options_on_the_same_data_is_not_skipped():
+    """`tandem train --epochs 2` folded behind a 1-epoch job used to stop at once as 'nothing new'."""
+    from backend.training.worker import DEFAULTS, other_options
+
+    earlier = {**DEFAULTS, "epochs": 1, "imgsz": 160}
+    assert other_options({"epochs": 2, "imgsz": None}, earlier) == {"epochs": 2}
+    assert other_options({"epochs": 1}, earlier) == {}  # the same request: nothing new
+    assert other_options({"epochs": 1, "imgsz": 160, "note": "x"}, earlier) == {}  # unknown keys are not options
+    assert other_options({"epochs": 5}, None) == {}  # a version from before options were recorded

@@ -76,6 +76,11 @@ def models_promote(version: str, home: Home = None) -> None:
                       "with tandem serve --model, or bind it to a project (tandem models bind)")
         raise typer.Exit(2)
     _require_loadable(found, settings)
+    if found.status == "rejected":  # allowed (the gate can be wrong, e.g. on a frozen split of accepted boxes): said
+        cand, serv = found.metrics.get("candidate", {}), found.metrics.get("serving", {})
+        scores = (f" (frozen split fitness {cand['fitness']:.4f} against the serving model's {serv['fitness']:.4f})"
+                  if "fitness" in cand and "fitness" in serv else "")
+        console.print(f"[yellow]note:[/] the gate had rejected {version}{scores}; promoting it anyway")
     registry.set_status(version, "promoted")
     if found.project_id is not None:  # a project's retrain: into that project's binding, as the job's gate does
         from backend.storage.projects import ProjectRepo

@@ -48,6 +48,15 @@ EVAL_CONF = 0.001
 FEW_VAL_IMAGES = 5  # below this the frozen split's mAP moves by a whole image's worth: say so in the log
 
 
+def other_options(asked: dict, earlier: dict | None) -> dict:
+    """The options a follow-up asked for (not None) that differ from those the version before it was trained
+    with: a request for other epochs on the same data is run, not skipped as "nothing new". Unknown earlier
+    options (a version from before they were recorded) count as the same."""
+    if not earlier:
+        return {}
+    return {k: v for k, v in (asked or {}).items() if v is not None and k in DEFAULTS and earlier.get(k) != v}
+
+
 def tiny_set_params(params: dict, train_images: int, task: str) -> dict:
     """The fine-tune schedule for this many training images: a detector's backbone stays frozen below FEW_IMAGES."""
     if params.get("freeze") is None and task != "classify" and train_images < FEW_IMAGES:
@@ -164,12 +173,16 @@ def run(job_id: int, settings: Settings) -> None:
                           f"{max(5, round(200 / max(params['val_percent'], 1)))} or more")
     if job.reason.startswith("coalesced"):  # a follow-up for corrections the job before it may already have had
         earlier = registry.trained_on(dataset.snapshot, serving.version)
-        if earlier is not None:
+        other = {} if earlier is None else other_options(job.params, earlier.metrics.get("params"))
+        if earlier is not None and not other:
             log(f"nothing new since {earlier.version} (made from {earlier.parent} on this same dataset, "
                 f"{dataset.snapshot}); not retrained")
             store.finish(job_id, JobStatus.SUCCEEDED, metrics={"skipped": f"same dataset as {earlier.version}",
                                                                 "dataset": dataset.snapshot})
             return
+        if other:
+            log(f"same dataset as {earlier.version}, other options ("
+                + ", ".join(f"{k}={v}" for k, v in sorted(other.items())) + "): retraining")
     if dataset.val < FEW_VAL_IMAGES:
         log(f"only {dataset.val} frozen validation images: the promotion verdict below is noisy — annotate more "
             "tasks before trusting it")
@@ -211,6 +224,7 @@ def run(job_id: int, settings: Settings) -> None:
     if resolution is not None:
         log(f"what the gate can resolve: {resolution.describe()}")
     metrics = {"candidate": new, "serving": old, "serving_version": serving.version, "dataset": dataset.snapshot,
+               "params": {k: params.get(k) for k in DEFAULTS},  # what a follow-up on the same data compares
                "train": dataset.train, "val": dataset.val, "replay": replayed, "dataset_root": str(dataset.root),
                "dataset_uri": dataset_uri,
                "gate_resolution": None if resolution is None else asdict(resolution)}
