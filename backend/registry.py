@@ -67,11 +67,20 @@ class Registry:
             return [_row(r) for r in conn.execute(query)]
 
     def record_served(self, version: str, name: str, task: str, path: str | None) -> None:
+        """A version started serving. `task` "second:<task>" marks YOLO weights served as the second opinion.
+        A CNN (or VLM) version also serving as a second opinion keeps its role and its served_at (what
+        `current` and a restart go by); weights first seen as a second opinion take the CNN's role once served as
+        the CNN."""
+        existing = self.get(version)
+        as_second = task.startswith("second:")
+        if existing is not None and as_second and existing.kind != "second":
+            return
         now = time.time()
+        update = ["served_at"] + (["task"] if existing is not None and existing.kind == "second" and not as_second
+                                  else [])
         with self.engine.begin() as conn:
-            # the task too: weights first served as the second opinion and later as the CNN take the CNN's role
             conn.execute(_upsert(conn, dict(version=version, name=name, task=task, path=path, created_at=now,
-                                            served_at=now), ["served_at", "task"]))
+                                            served_at=now), update))
 
     def versions(self) -> list[ModelVersion]:
         return self._select()

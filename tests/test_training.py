@@ -334,6 +334,16 @@ def test_a_yolo_second_opinion_is_never_the_cnn_a_promotion_swaps_in(tmp_path, d
     assert registry.get(classify_adapter.version).task.startswith("second:")
     assert registry.current("cnn").version == detect_adapter.version
     assert registry.current("vlm") is None and registry.last_served("cnn").version == detect_adapter.version
+    # the CNN's weights also served as a second opinion (say, to compare with a fine-tune): still the CNN, and
+    # serving it as the second opinion does not make it the newest CNN
+    before = registry.get(detect_adapter.version)
+    registry.record_served(detect_adapter.version, "start", f"second:{before.task}", before.path)
+    after = registry.get(detect_adapter.version)
+    assert after.kind == "cnn" and after.served_at == before.served_at
+    # weights first seen as a second opinion take the CNN's role once served as the CNN
+    second = registry.get(classify_adapter.version)
+    registry.record_served(second.version, second.name, "classify", second.path)
+    assert registry.get(second.version).kind == "cnn" and registry.current("cnn").version == second.version
 
 
 def test_promote_and_rollback_of_a_project_version_go_through_its_binding(tmp_path, detect_adapter,
@@ -368,6 +378,13 @@ def test_promote_and_rollback_of_a_project_version_go_through_its_binding(tmp_pa
     rc, said = tandem("rollback", "--project", "1")
     assert rc == 0 and f"rolled back from p1-job1-aa to {detect_adapter.version} for project 1" in said, said
     assert projects.get(1).model == detect_adapter.version and registry.get("p1-job1-aa").status == "rolled back"
+    # a project bound to a server-wide version: its rollback changes that project only, not the version's status
+    registry.add_candidate("srv-ft-cc", "srv-ft", "detect", str(detect_weights), detect_adapter.version, "snap2", {})
+    registry.set_status("srv-ft-cc", "promoted")
+    projects.update(2, model="srv-ft-cc")
+    rc, said = tandem("rollback", "--project", "2")
+    assert rc == 0 and f"rolled back from srv-ft-cc to {detect_adapter.version} for project 2" in said, said
+    assert projects.get(2).model == detect_adapter.version and registry.get("srv-ft-cc").status == "promoted"
 
 
 def test_train_with_server_follows_the_job_on_that_server_not_in_local_state(tmp_path, detect_adapter):
@@ -441,8 +458,12 @@ def test_the_cli_fails_a_job_whose_worker_died_with_no_server_running(tmp_path):
 
 def test_a_follow_up_with_other_options_on_the_same_data_is_not_skipped():
     """`tandem train --epochs 2` folded behind a 1-epoch job used to stop at once as 'nothing new'."""
-    from backend.training.worker import DEFAULTS, other_options
+    from backend.training.worker import DEFAULTS, asked_options, other_options
 
+    server = {"epochs": 30, "imgsz": None}  # Settings.training_params()
+    assert asked_options({"epochs": 30, "imgsz": None}, server) == {}  # an automatic follow-up asks for nothing
+    assert asked_options({"epochs": 2, "imgsz": None}, server) == {"epochs": 2}
+    assert other_options(asked_options({"epochs": 30, "imgsz": None}, server), {**DEFAULTS, "epochs": 2}) == {}
     earlier = {**DEFAULTS, "epochs": 1, "imgsz": 160}
     assert other_options({"epochs": 2, "imgsz": None}, earlier) == {"epochs": 2}
     assert other_options({"epochs": 1}, earlier) == {}  # the same request: nothing new

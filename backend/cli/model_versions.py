@@ -130,7 +130,8 @@ def models_rollback(
         projects.update(project, **{role: parent.version})
     else:
         registry.set_status(parent.version, "promoted")
-    registry.set_status(current.version, "rolled back")  # not "rejected": the gate had promoted it
+    if projects is None or current.project_id == project:  # a shared or default version stays as it is elsewhere
+        registry.set_status(current.version, "rolled back")  # not "rejected": the gate had promoted it
     console.print(f"rolled back from {current.version} to {parent.version}"
                   + (f" for project {project}" if projects is not None else ""))
 
