@@ -23,6 +23,7 @@ class ModelHolder:
         self._listeners: list[Callable[[ModelAdapter], None]] = []
         self._swap_lock = threading.Lock()
         self.error: str | None = None
+        self.loading = False  # a background load is under way (the adapter, if any, is the one before it)
         if adapter is not None:
             self._ready.set()
 
@@ -44,6 +45,8 @@ class ModelHolder:
         return self._adapter is not None
 
     def load_in_background(self, loader: Callable[[], ModelAdapter]) -> threading.Thread:
+        self.loading = True
+
         def run() -> None:
             try:
                 adapter = loader()
@@ -56,6 +59,7 @@ class ModelHolder:
             else:
                 self.swap(adapter)  # subscribers (the registry) hear of it
             finally:
+                self.loading = False
                 self._ready.set()
 
         thread = threading.Thread(target=run, name="tandem-model-load", daemon=True)

@@ -80,6 +80,22 @@ def test_setup_records_what_serves_the_project(tmp_path, samples, detect_adapter
     state = ProjectRepo(settings.database_url).get(7)
     assert state.served_model == str(detect_adapter.path) and state.served_second_opinion == str(segment_adapter.path)
 
+    # after a restart whose default second opinion is still loading, /setup keeps the recorded one (a select in
+    # that window ranks with it), and records the new one once it has loaded
+    import threading
+
+    release = threading.Event()
+    second = ModelHolder()
+    loaded = second.load_in_background(lambda: release.wait(60) and detect_adapter)
+    app = create_app(settings, ModelHolder(detect_adapter), training=False, vlm=second)
+    with ServerThread(app) as srv:
+        assert httpx.post(f"{srv.url}/setup", json={"project": "7", "schema": RECT}).status_code == 200
+        assert ProjectRepo(settings.database_url).get(7).served_second_opinion == str(segment_adapter.path)
+        release.set()
+        loaded.join(60)
+        assert httpx.post(f"{srv.url}/setup", json={"project": "7", "schema": RECT}).status_code == 200
+    assert ProjectRepo(settings.database_url).get(7).served_second_opinion == str(detect_adapter.path)
+
 
 def test_predict_boxes_match_ground_truth_and_bad_tasks_do_not_spoil_the_batch(tmp_path, samples, detect_adapter):
     root, truth, _ = samples

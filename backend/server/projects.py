@@ -121,7 +121,12 @@ class ProjectServing:
             if self._served.get(project_id) == pair:
                 return
             self._served[project_id] = pair
-        self.projects.update(project_id, served_model=pair[0], served_second_opinion=pair[1])
+        # a default still loading after a restart (a VLM takes minutes) is not "none": keep what was recorded
+        changes = {field: spec for field, spec, holder in (("served_model", pair[0], self.cnn),
+                                                           ("served_second_opinion", pair[1], self.second))
+                   if spec is not None or not holder.loading}
+        if changes:
+            self.projects.update(project_id, **changes)
 
 
 def load_spec(settings: Settings, registry, spec: str, vlm_options: dict | None = None) -> Any:
