@@ -48,6 +48,11 @@ EVAL_CONF = 0.001
 FEW_VAL_IMAGES = 5  # below this the frozen split's mAP moves by a whole image's worth: say so in the log
 
 
+def asked_options(params: dict, defaults: dict) -> dict:
+    """What a job asked for beyond the server's defaults (an automatic trigger asks for nothing)."""
+    return {k: v for k, v in (params or {}).items() if defaults.get(k, DEFAULTS.get(k)) != v}
+
+
 def other_options(asked: dict, earlier: dict | None) -> dict:
     """The options a follow-up asked for (not None) that differ from those the version before it was trained
     with: a request for other epochs on the same data is run, not skipped as "nothing new". Unknown earlier
@@ -173,7 +178,8 @@ def run(job_id: int, settings: Settings) -> None:
                           f"{max(5, round(200 / max(params['val_percent'], 1)))} or more")
     if job.reason.startswith("coalesced"):  # a follow-up for corrections the job before it may already have had
         earlier = registry.trained_on(dataset.snapshot, serving.version)
-        other = {} if earlier is None else other_options(job.params, earlier.metrics.get("params"))
+        asked = asked_options(job.params, settings.training_params())
+        other = {} if earlier is None else other_options(asked, earlier.metrics.get("params"))
         if earlier is not None and not other:
             log(f"nothing new since {earlier.version} (made from {earlier.parent} on this same dataset, "
                 f"{dataset.snapshot}); not retrained")
