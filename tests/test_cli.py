@@ -122,6 +122,7 @@ def test_other_yolo_weights_as_the_second_opinion_keep_the_cnn(tmp_path, detect_
     assert default_pre_annotator(None, str(segment_weights)) is None
     assert default_pre_annotator(None, "IDEA-Research/grounding-dino-tiny") == "vlm"
     assert default_pre_annotator(str(detect_weights), "IDEA-Research/grounding-dino-tiny") is None
+    assert default_pre_annotator(None, "yoloe-11s-seg.pt") == "vlm"  # open vocabulary: names any label
     registry = Registry(Settings(home=tmp_path / "home").database_url)
     good = tmp_path / "p1-job7.pt"
     good.write_bytes(detect_weights.read_bytes())

@@ -282,15 +282,20 @@ def no_second_opinion(evidence: ProjectEvidence) -> str | None:
         return None
     p = evidence.project_id
     return (f"auto-accept needs a second opinion, and no task of project {p} has one stored for control "
-            f"'{evidence.control.name}': serve one (`tandem serve --second-opinion MODEL`, or `tandem models bind "
+            f"'{evidence.control.name}' (on reviewed tasks, only one made before the review counts): serve one (`tandem serve --second-opinion MODEL`, or `tandem models bind "
             f"--project {p} --second-opinion MODEL`), then let it predict the tasks (`tandem select` or `tandem "
             f"predict --project {p}`)")
 
 
-def refuse_without_second_opinion(evidence: ProjectEvidence) -> None:
+def refuse_without_second_opinion(evidence: ProjectEvidence, queue) -> None:
+    """Refuse, clearing what an earlier run wrote (as any refusal does: a guarantee that no longer holds must not
+    stay on tasks)."""
     why = no_second_opinion(evidence)
     if why:
-        console.print(f"[red]refused:[/] {why}")
+        cleared = queue.write_accepted({}, {e.task_id: e.data for e in evidence.tasks})["cleared"]
+        queue.remove_auto_view()
+        console.print(f"[red]refused:[/] {why}"
+                      + (f". Auto-accept fields cleared from {cleared} task{'s' * (cleared != 1)}." if cleared else ""))
         raise typer.Exit(1)
 
 
@@ -398,7 +403,7 @@ def accept(
     if not 0 < target < 1 or not 0 < delta < 1:
         raise typer.BadParameter("--target and --delta must be between 0 and 1")
     queue, evidence = load_evidence(settings, project, control_name)
-    refuse_without_second_opinion(evidence)
+    refuse_without_second_opinion(evidence, queue)
     data = calibration_data(evidence, iou, min_verified(target, delta))
     cal = calibrate(data.scores, data.correct, target, delta)
     tasks = {e.task_id: e.data for e in evidence.tasks}

@@ -209,9 +209,9 @@ def same_opinion(table, at_least: int = 20) -> str | None:
     d = d[np.isfinite(d)]
     if len(d) < at_least or d.max() > 0:
         return None
-    return (f"the second opinion agreed exactly with the CNN on all {len(d)} tasks: is it the same model under "
-            "another file? Disagreement needs a model trained differently (other data, seed or architecture), "
-            "or a VLM")
+    return (f"the second opinion agreed exactly with the CNN on all {len(d)} tasks. If it is the same weights under "
+            "another file, it adds nothing to rank by: disagreement needs a model trained differently (other data, "
+            "seed or architecture), or a VLM")
 
 
 def _second_opinion(source: str, label_config: str, settings):

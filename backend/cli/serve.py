@@ -90,7 +90,7 @@ def serve(
     settings = load_settings(home=home, model=model, device=device, conf=conf, vlm=vlm, engine=engine, imgsz=imgsz,
                              int8_calibration=calibration, predict_budget_s=predict_budget,
                              pre_annotator=pre_annotator or default_pre_annotator(model, vlm))
-    serves_cnn = bool(settings.model) or not settings.vlm or is_cnn_spec(settings.vlm)
+    serves_cnn = bool(settings.model) or settings.pre_annotator == "cnn"  # else a VLM alone: no CNN is loaded
     if serves_cnn and settings.engine == "int8" and not (settings.int8_calibration and settings.int8_calibration.is_dir()):
         console.print("[red]error:[/] --engine int8 needs --calibration DIR: a folder of 16 or more images like "
                       f"the ones you serve (got {settings.int8_calibration or 'none'})")
@@ -169,11 +169,13 @@ def serve(
 
 
 def default_pre_annotator(model: str | None, second: str | None) -> str | None:
-    """"vlm" when only a VLM is given (it pre-annotates alone); None (the settings' cnn) otherwise. Other YOLO
-    weights as the second opinion keep the starter, or the version promoted last, as the CNN beside them."""
+    """"vlm" when only a VLM (or an open-vocabulary YOLOE / YOLO-World, which names any label) is given: it
+    pre-annotates alone. None (the settings' cnn) otherwise: other closed-set YOLO weights as the second opinion
+    keep the starter, or the version promoted last, as the CNN beside them."""
+    from backend.models.open_vocab import is_open_vocab
     from backend.server.projects import is_cnn_spec
 
-    return "vlm" if second and not model and not is_cnn_spec(second) else None
+    return "vlm" if second and not model and (not is_cnn_spec(second) or is_open_vocab(second)) else None
 
 
 def _resume_promoted(settings, task: str | None):
