@@ -47,7 +47,9 @@ def train(
         if follow_up is not None:
             found = follow_up(job_id)
             if found is None:
-                console.print(f"[red]error:[/] no follow-up job started after job {job_id} (cancelled jobs start none)")
+                console.print(f"[red]error:[/] no follow-up job started within 2 minutes after job {job_id} ended (a "
+                              "cancelled job starts none; otherwise the server's log says why): tandem jobs list "
+                              "shows the project's jobs")
                 raise typer.Exit(1)
             console.print(f"your request runs as job {found[0]}")
             job = _follow(*found)
