@@ -66,8 +66,8 @@ def by_id(evidence) -> dict:
 
 def test_a_model_made_after_the_annotation_is_not_evidence_for_it():
     ev = by_id(gather(TASKS, CFG, ROWS, 1, learned_at=LEARNED))
-    assert set(ev[1].pre) == {OLD} and ev[1].pre_version == OLD  # what the annotator was shown
-    assert set(ev[2].pre) == {OLD, TRAINED} and ev[2].pre_version == TRAINED  # made before the label existed
+    assert set(ev[1].shown) == {OLD} and ev[1].pre_version == OLD  # what the annotator was shown
+    assert set(ev[2].shown) == {OLD, TRAINED} and ev[2].pre_version == TRAINED  # made before the label existed
     assert ev[3].pre_version == TRAINED  # unlabelled: the newest model pre-annotates it
     assert ev[4].second is None  # the LoRA that learned task 4 is its only second opinion
     data = calibration_data(gather(TASKS, CFG, ROWS, 1, learned_at=LEARNED), min_items=1)
@@ -132,7 +132,7 @@ def test_the_report_counts_only_the_boxes_annotators_were_shown():
               "annotations": [{"id": 7, "result": [box("cat", (10, 10, 60, 60))], "was_cancelled": False,
                                "created_at": when, "updated_at": when}]}]
     evidence = gather(tasks, RECT_CFG, [stored], 1)
-    assert len(evidence.tasks[0].pre[OLD].detections) == 2  # the typed prediction, as stored for scoring
+    assert len(typed.detections) == 2  # the typed prediction, as stored for scoring
     assert len(evidence.tasks[0].pre_latest.detections) == 1  # what agreement and calibration compare
     (e,) = project_edits(evidence)
     assert (e.counts.unchanged, e.counts.deleted, e.counts.missed) == (1, 0, 0)
@@ -157,7 +157,7 @@ def test_agreement_reads_the_shown_regions_and_coverage_counts_final_regions():
                                "was_cancelled": False, "created_at": when, "updated_at": when}]}]
     (ev,) = gather(tasks, cfg, [cnn, vlm], 1).tasks
     assert task_agreement(ev.pre_latest, ev.second).candidate  # the faint dog would have blocked it
-    assert not task_agreement(ev.pre[OLD], ev.second).candidate
+    assert not task_agreement(cnn.controls["label"], ev.second).candidate
     data = calibration_data(gather(tasks, cfg, [cnn, vlm], 1), min_items=1)
     assert data.correct.tolist() == [True] and data.regions == 2  # the person's two final regions
 

@@ -33,8 +33,8 @@ class TaskEvidence:
     task_id: int
     data: dict[str, Any]
     control_pick: bool = False
-    pre: dict[str, Prediction] = field(default_factory=dict)  # model version -> its newest pre-annotation
-    shown: dict[str, Prediction] = field(default_factory=dict)  # the same, as annotators saw it (no faint boxes)
+    shown: dict[str, Prediction] = field(default_factory=dict)  # model version -> its newest pre-annotation, as
+    # annotators saw it (no faint boxes)
     pre_latest: Prediction | None = None  # the newest pre-annotation, as shown
     pre_version: str | None = None
     second: Prediction | None = None  # the newest second opinion, its regions at the serving threshold
@@ -135,7 +135,6 @@ def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_
         if r.role == Role.SECOND_OPINION:
             ev.second = as_shown(p, r.item, control)
         else:
-            ev.pre[r.model_version] = p
             ev.shown[r.model_version] = as_shown(p, r.item, control)
             ev.pre_latest, ev.pre_version = ev.shown[r.model_version], r.model_version
             ev.size = _size(r.item) or ev.size

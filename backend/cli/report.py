@@ -194,8 +194,8 @@ def report(
                   f"task-version pair{'s' * (everything.tasks != 1)}: [bold]{everything.saved_minutes:.1f} min saved[/] "
                   f"(effort model: draw {effort.draw_box:g} s, verify {effort.verify_box:g} s, modify "
                   f"{effort.modify_box:g} s, delete {effort.delete_box:g} s per box; TANDEM_EFFORT changes them)")
-    console.print(f"Auto-accept: {no_second_opinion(evidence)}" if no_second_opinion(evidence)
-                  else f"Auto-accept ({data.source}): {cal.reason}")
+    missing = no_second_opinion(evidence)
+    console.print(f"Auto-accept: {missing}" if missing else f"Auto-accept ({data.source}): {cal.reason}")
 
     folder = out or Path(f"tandem-report-{project}")
     files = write_plots(folder, summaries, items, data)
