@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -101,10 +103,19 @@ def print_rounds(rounds: list[dict], savings: dict) -> None:
 @app.command("train-starter")
 def train_starter(
     task: Annotated[str, typer.Option(help="detect, segment or classify.")] = "detect",
+    seed: Annotated[int, typer.Option(
+        min=0, help="Another seed draws other images and trains another model (its own file): an offline "
+                    "second opinion for `tandem serve --second-opinion`. 0 is the served starter.")] = 0,
     home: Home = None,
 ) -> None:
     """Train the offline starter model on the generated shapes dataset and print its path."""
-    from backend.models.starter import train_starter_model
+    from dataclasses import replace
 
+    from backend.models.starter import RECIPES, train_starter_model
+
+    if task not in RECIPES:
+        raise typer.BadParameter(f"{task!r}: choose one of {', '.join(RECIPES)}", param_hint="--task")
     settings = load_settings(home=home)
-    typer.echo(train_starter_model(settings.home, task))
+    with contextlib.redirect_stdout(sys.stderr):  # ultralytics' log and bars: stdout is the path, for $(...)
+        path = train_starter_model(settings.home, task, replace(RECIPES[task], seed=seed))
+    typer.echo(path)

@@ -47,12 +47,18 @@ def starter_weights_path(home: Path, task: str = "detect") -> Path:
     return Path(home) / "models" / "starter" / RECIPES[task].weights_name
 
 
+def starter_target(home: Path, recipe: StarterRecipe) -> Path:
+    """Where a recipe's weights live: another seed is another model (a second opinion), so another folder."""
+    folder = "starter" if recipe.seed == 0 else f"starter-seed{recipe.seed}"
+    return Path(home) / "models" / folder / recipe.weights_name
+
+
 def train_starter_model(home: Path, task: str = "detect", recipe: StarterRecipe | None = None) -> Path:
     """Train (once) and return the weights path; ultralytics prints its own per-epoch progress bars."""
     from ultralytics import YOLO
 
     recipe = recipe or RECIPES[task]
-    target = Path(home) / "models" / "starter" / recipe.weights_name
+    target = starter_target(home, recipe)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
