@@ -4,9 +4,11 @@ debounced trigger -> a real fine-tune in a separate process -> promotion on the 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -89,6 +91,7 @@ def test_corrections_retrain_promote_and_serve(label_studio, weak_weights, class
         assert "Epoch" in log or "epoch" in log  # ultralytics' progress is streamed to the job log
         new, old = job.metrics["candidate"]["fitness"], job.metrics["serving"]["fitness"]
         assert job.promoted and new > old, (new, old)
+        assert job.metrics["gate_metric"] == "map50_95"  # drawn corrections: not the serving model's own boxes
         assert len(store.list(project.id)) == 1  # 40 events, threshold 36: one job, no second
 
         health = f"{srv.url}/health?project={project.id}"
@@ -174,3 +177,45 @@ def test_a_retrain_that_cannot_start_says_why_in_one_line(label_studio, detect_w
         for leak in ("set-cookie", "sessionid", "headers:", "Traceback"):
             assert leak not in failed.error
         assert "Traceback" not in log_path(good.home, job.id).read_text()
+
+
+def test_a_split_of_pre_annotations_accepted_unchanged_is_judged_on_map50(label_studio, detect_weights, tmp_path):
+    """Annotators accept every pre-annotation unchanged, as Label Studio's editor saves them (origin "prediction"):
+    the frozen split is the serving model's own boxes, to the pixel, through Label Studio and the export. The job
+    says so and the gate compares mAP50, on which a right candidate is not beaten by pixel-exact copies."""
+    from backend.labeling.config import parse_label_config
+    from backend.training.evaluate import _label_space, copied_share, detections_on_val
+    from backend.training.export import ExportedDataset
+    from backend.training.worker import scoring_adapter
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="tandem e2e accepted unchanged", label_config=RECT)
+    items = generate_samples(20, seed=4242)
+    upload_images(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
+                        label_studio_api_key=label_studio.token, train_after=1000)
+    app = create_app(settings, ModelHolder(YoloAdapter(detect_weights, device="cpu")))
+    with ServerThread(app) as srv:
+        _connect(client, project.id, srv.url)
+        _retrieve_predictions(client, project.id)
+        for task in _tasks_by_name(client, project.id).values():
+            shown = client.predictions.list(task=task["id"])[0].result
+            client.annotations.create(id=task["id"], result=[{**r, "origin": "prediction"} for r in shown])
+        job = httpx.post(f"{srv.url}/train", json={"project": project.id, "params": {"epochs": 2, "imgsz": 160}}).json()
+        done = wait(app.state.training.store, job["id"], timeout=600)
+        log = httpx.get(f"{srv.url}/jobs/{job['id']}/logs").text
+    assert done.status is JobStatus.SUCCEEDED, f"{done.error}\n{log}"
+    m = done.metrics
+    assert m["gate_metric"] == "map50" and m["copied_share"] == 1.0 and m["unchanged_share"] == 1.0, m
+    assert m["serving"]["map50_95"] > 0.95 and m["serving"]["fitness"] == m["serving"]["map50"]
+    assert "100% of the frozen split's boxes are pre-annotations accepted unchanged (Label Studio marks them)" in log
+    assert "the gate compares mAP50" in log
+    assert "fitness (mAP50)" in log and "candidate − serving mAP50 " in log
+    # the copies survive Label Studio and the export to IoU 0.999 (what COPY_IOU's margin is measured against)
+    root = Path(m["dataset_root"])
+    ds = ExportedDataset(root=root, task="detect", data="", train=m["train"], val=m["val"],
+                         class_names=json.loads((root / "tandem_export.json").read_text())["classes"],
+                         control=parse_label_config(RECT).controls[0])
+    adapter = scoring_adapter(detect_weights, "cpu")
+    preds, targets = detections_on_val(adapter, ds, _label_space(adapter, ds, None, False))
+    assert sum(map(len, targets)) >= 5 and copied_share(preds, targets, iou=0.999) == 1.0

@@ -150,3 +150,23 @@ def test_auto_accepted_labels_train_only_when_asked_and_never_judge_the_gate(tmp
                                                                                           if not is_validation(7, t, 50)})
     assert not set(_label_files(tmp_path / "asked", "val")) & marked  # the gate judges on people's labels only
     assert (asked.auto_accepted, asked.auto_left_out) == (len(marked - in_val), len(in_val))
+
+
+def test_the_export_counts_frozen_regions_accepted_unchanged_from_a_pre_annotation(tmp_path, annotated):
+    """Label Studio's editor saves origin "prediction" on a region until someone moves or redraws it: the gate
+    reads the frozen split's share of them. Counted per control, on the frozen split only."""
+    from backend.training.export import is_validation
+
+    tasks, truth, fetcher = annotated
+    for task in tasks:  # every box region of task 1..3 accepted unchanged; the rest edited or drawn
+        for region in task["annotations"][0]["result"]:
+            region["origin"] = "prediction" if task["id"] <= 3 and region["from_name"] == "box" else (
+                "prediction-changed" if task["id"] == 4 else "manual")
+    out = export_yolo_dataset(tasks, CONFIG, 7, fetcher, tmp_path / "box", control_name="box", val_percent=50)
+    val = [t for t in tasks if is_validation(7, t["id"], 50)]
+    boxes = {t["id"]: sum(r["from_name"] == "box" for r in t["annotations"][0]["result"]) for t in val}
+    assert out.val_regions == sum(boxes.values()) > 0  # the Hexagon region counts: a region the person kept
+    assert out.val_unchanged == sum(n for t, n in boxes.items() if t <= 3)
+    assert 0 < out.unchanged_share < 1
+    poly = export_yolo_dataset(tasks, CONFIG, 7, fetcher, tmp_path / "poly", control_name="poly", val_percent=50)
+    assert poly.val_unchanged == 0 and poly.val_regions > 0

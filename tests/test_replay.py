@@ -249,3 +249,48 @@ def test_a_missing_dataset_archive_falls_back_to_pseudo_labels_and_says_why(tmp_
     _, plain = gather_replay(child, {"dataset_root": metrics["dataset_root"]}, "p3-job7", tmp_path / "home",
                              lambda: YoloAdapter(detect_weights, device="cpu"), unlabelled)
     assert plain.startswith("replaying 8 unlabelled tasks with p3-job7's own confident boxes")
+
+
+def test_copied_share_counts_boxes_that_are_the_models_own_on_hand_made_cases():
+    import supervision as sv
+
+    from backend.training.evaluate import copied_share
+
+    target = sv.Detections(xyxy=np.array([[0, 0, 100, 100], [200, 200, 300, 300], [0, 0, 50, 50]], float),
+                           class_id=np.array([0, 1, 0]))
+    pred = sv.Detections(xyxy=np.array([[0, 0, 100, 100],  # the first box, to the pixel
+                                        [202, 200, 300, 300],  # IoU 0.98 with the second: a copy
+                                        [0, 0, 50, 50]], float),  # the third's edges but another class
+                         class_id=np.array([0, 1, 1]), confidence=np.array([0.9, 0.8, 0.7]))
+    assert copied_share([pred], [target]) == pytest.approx(2 / 3)
+    assert copied_share([pred], [target], iou=0.99) == pytest.approx(1 / 3)
+    assert copied_share([sv.Detections.empty(), pred], [target, target]) == pytest.approx(2 / 6)
+    assert copied_share([], []) == 0.0
+
+
+def test_the_gate_compares_map50_on_a_split_of_the_serving_models_own_boxes(tmp_path, detect_weights):
+    """Labels a person accepted unchanged are the serving model's boxes to the pixel: mAP50-95 scores it near 1.0
+    there, so the gate compares mAP50. On drawn labels (the generator's exact boxes) it stays mAP50-95."""
+    from backend.training.evaluate import gate_scores
+
+    drawn = _dataset(tmp_path / "drawn", list(CLASS_NAMES), train=[1], val=[2, 3, 4, 5, 6, 7])
+    serving = YoloAdapter(detect_weights, device="cpu", conf=0.001)
+    shown = YoloAdapter(detect_weights, device="cpu", conf=0.25)  # what annotators saw and accepted unchanged
+    copies = _dataset(tmp_path / "copies", list(CLASS_NAMES), train=[1], val=[2, 3, 4, 5, 6, 7])
+    for f in sorted((copies.root / "images" / "val").glob("*.png")):
+        image = Image.open(f).convert("RGB")
+        det = shown.predict([image])[0].detections
+        lines = box_lines(det.xyxy, [CLASS_NAMES.index(shown.class_names[int(c)]) for c in det.class_id], image.size)
+        (copies.root / "labels" / "val" / f"{f.stem}.txt").write_text("\n".join(lines) + "\n")
+    strict = YoloAdapter(detect_weights, device="cpu", conf=0.9)  # a candidate that differs: its less sure boxes go
+    on_drawn = gate_scores(strict, serving, drawn, margin=0.01, resamples=20)
+    assert on_drawn.metric == "map50_95" and on_drawn.copied < 0.5 and on_drawn.describe_metric("v1") is None
+    assert on_drawn.serving["fitness"] == on_drawn.serving["map50_95"] < 0.95
+    assert on_drawn.resolution.metric == "map50_95" and "mAP50-95" in on_drawn.resolution.describe()
+    on_copies = gate_scores(strict, serving, copies, margin=0.01, resamples=20)
+    assert on_copies.copied == 1.0 and on_copies.metric == "map50"
+    assert on_copies.serving["map50_95"] > 0.95  # the bias: near-perfect on its own boxes
+    assert on_copies.serving["fitness"] == on_copies.serving["map50"]
+    assert on_copies.candidate["fitness"] == on_copies.candidate["map50"]
+    assert "100% of the frozen split's boxes are v1's own" in on_copies.describe_metric("v1")
+    assert "candidate − serving mAP50 " in on_copies.resolution.describe()

@@ -42,6 +42,12 @@ class ExportedDataset:
     auto_left_out: int = 0  # such tasks left out (not asked for, or in the frozen split: the gate judges on people)
     snapshot: str = ""  # sha256 over (task id, annotation id, image sha) of everything exported
     control: ControlSpec | None = None  # the control exported: the gate maps model classes onto its labels
+    val_regions: int = 0  # the frozen split's regions of the control
+    val_unchanged: int = 0  # of them, pre-annotations accepted unchanged (Label Studio's origin "prediction")
+
+    @property
+    def unchanged_share(self) -> float:
+        return self.val_unchanged / self.val_regions if self.val_regions else 0.0
 
 
 def is_validation(project_id: int, task_id: int, val_percent: int = 20) -> bool:
@@ -114,6 +120,10 @@ def export_yolo_dataset(
             (root / "labels" / split).mkdir(parents=True, exist_ok=True)
             loaded.image.save(root / "images" / split / f"{stem}.png")
             text = "\n".join(_lines(control, result, loaded.image.size))
+            if split == "val":  # the editor marks a region "prediction" until someone moves or redraws it
+                mine = [r for r in result if isinstance(r, Mapping) and r.get("from_name") == control.name]
+                out.val_regions += len(mine)
+                out.val_unchanged += sum(r.get("origin") == "prediction" for r in mine)
             (root / "labels" / split / f"{stem}.txt").write_text(text + ("\n" if text else ""))
         setattr(out, split, getattr(out, split) + 1)
         out.auto_accepted += auto
@@ -131,7 +141,8 @@ def export_yolo_dataset(
     (root / "tandem_export.json").write_text(json.dumps(
         {"project": project_id, "task": task_kind, "classes": names, "train": out.train, "val": out.val,
          "snapshot": out.snapshot, "skipped": out.skipped, "auto_accepted": out.auto_accepted,
-         "auto_left_out": out.auto_left_out}, indent=1))
+         "auto_left_out": out.auto_left_out, "val_regions": out.val_regions, "val_unchanged": out.val_unchanged},
+        indent=1))
     return out
 
 

@@ -28,7 +28,7 @@ from backend.models.yolo import YoloAdapter, default_device  # noqa: E402
 from backend.registry import Registry  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from backend.storage.projects import ProjectRepo  # noqa: E402
-from backend.training.evaluate import evaluate, paired_bootstrap  # noqa: E402
+from backend.training.evaluate import gate_scores  # noqa: E402
 from backend.training.export import TASK_FOR_CONTROL, add_replay, export_yolo_dataset  # noqa: E402
 from backend.training.jobs import JobStatus, JobStore  # noqa: E402
 from backend.storage.artifacts import ArtifactStore, localise  # noqa: E402
@@ -45,6 +45,7 @@ FEW_IMAGES, FROZEN_LAYERS = 24, 10
 # mAP integrates over every confidence, as ultralytics' own val does (conf 0.001): scored at the serving
 # threshold, a fine-tune whose confidences dropped below 0.25 scores 0 however well it localises
 EVAL_CONF = 0.001
+METRIC_NAMES = {"map50": "mAP50", "map50_95": "mAP50-95", "top1": "top-1"}
 FEW_VAL_IMAGES = 5  # below this the frozen split's mAP moves by a whole image's worth: say so in the log
 
 
@@ -223,13 +224,16 @@ def run(job_id: int, settings: Settings) -> None:
     candidate = scoring_adapter(target, settings.device, name=stem)  # a corrupt file fails here: never promoted
     # both through the project's label map, as they are served: else a parent mapped "square" -> "Box" scores 0
     scored = {"label_map": label_map, "case_sensitive": settings.case_sensitive_labels}
-    new = evaluate(candidate, dataset, **scored)
-    old = evaluate(scoring_adapter(parent_weights, settings.device), dataset, **scored)
-    resolution = paired_bootstrap(candidate, scoring_adapter(parent_weights, settings.device), dataset,
-                                  params["margin"], **scored)
+    scores = gate_scores(candidate, scoring_adapter(parent_weights, settings.device), dataset, params["margin"],
+                         **scored)
+    new, old, resolution = scores.candidate, scores.serving, scores.resolution
+    if said := scores.describe_metric(serving.version):
+        log(said)
     if resolution is not None:
         log(f"what the gate can resolve: {resolution.describe()}")
     metrics = {"candidate": new, "serving": old, "serving_version": serving.version, "dataset": dataset.snapshot,
+               "gate_metric": scores.metric, "copied_share": round(scores.copied, 4),
+               "unchanged_share": round(scores.unchanged, 4),
                "params": {k: params.get(k) for k in DEFAULTS},  # what a follow-up on the same data compares
                "train": dataset.train, "val": dataset.val, "replay": replayed, "dataset_root": str(dataset.root),
                "dataset_uri": dataset_uri,
@@ -241,7 +245,8 @@ def run(job_id: int, settings: Settings) -> None:
     registry.set_status(candidate.version, "promoted" if promote else "rejected")
     if promote:  # into this project's binding only: other projects keep their models
         ProjectRepo(settings.database_url).update(job.project_id, model=candidate.version)
-    log(f"{candidate.version}: fitness {new['fitness']:.4f} vs {old['fitness']:.4f} -> {verdict}")
+    log(f"{candidate.version}: fitness ({METRIC_NAMES[scores.metric]}) {new['fitness']:.4f} vs {old['fitness']:.4f} "
+        f"-> {verdict}")
     store.finish(job_id, JobStatus.SUCCEEDED, version=candidate.version, promoted=int(promote), metrics=metrics)
 
 
