@@ -294,3 +294,47 @@ def test_the_gate_compares_map50_on_a_split_of_the_serving_models_own_boxes(tmp_
     assert on_copies.candidate["fitness"] == on_copies.candidate["map50"]
     assert "100% of the frozen split's boxes are v1's own" in on_copies.describe_metric("v1")
     assert "candidate − serving mAP50 " in on_copies.resolution.describe()
+
+
+def _segment_dataset(root: Path, train: list[int], val: list[int], seed: int = 5) -> ExportedDataset:
+    """A segment export as the job writes it: the corrections are outlines."""
+    from backend.convert.yolo_txt import polygon_lines
+
+    samples = generate_samples(len(train) + len(val), seed=seed)
+    for split, ids in (("train", train), ("val", val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+    for task, split, (image, s) in zip(train + val, ["train"] * len(train) + ["val"] * len(val), samples, strict=True):
+        lines = polygon_lines([np.asarray(o.polygon, float) for o in s.objects],
+                              [CLASS_NAMES.index(o.label) for o in s.objects], image.size)
+        image.save(root / "images" / split / f"task{task}_abc.png")
+        (root / "labels" / split / f"task{task}_abc.txt").write_text("\n".join(lines) + "\n")
+    body = "\n".join(f"  {i}: {json.dumps(n)}" for i, n in enumerate(CLASS_NAMES))
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n{body}\n")
+    (root / "tandem_export.json").write_text(json.dumps({"classes": list(CLASS_NAMES)}))
+    return ExportedDataset(root=root, task="segment", class_names=list(CLASS_NAMES), data=str(root / "data.yaml"),
+                           train=len(train), val=len(val))
+
+
+def test_a_segment_projects_few_corrections_replay_outlines_and_fine_tune(tmp_path, segment_weights):
+    """A PolygonLabels project's first retrains replayed boxes beside its outlines, and ultralytics refused the
+    dataset ("Segment dataset requires equal numbers of boxes and segments"). Replay is outlines now, and the
+    fine-tune runs on it."""
+    from backend.training.yolo_finetune import fine_tune
+
+    ds = _segment_dataset(tmp_path / "ds", train=[1, 2, 3, 4, 5, 6], val=[7, 8])
+    unlabelled = [(f"task{100 + i}", img) for i, (img, _) in enumerate(generate_samples(12, seed=606))]
+    parent = YoloAdapter(segment_weights, device="cpu")
+    items, said = gather_replay(ds, {}, "shapes-yolov8n-segment", tmp_path / "home", lambda: parent,
+                                lambda exclude, count: unlabelled[:count])
+    assert items and "own confident outlines" in said
+    assert all(len(line.split()) > 5 and (len(line.split()) - 1) % 2 == 0 for i in items for line in i.lines)
+    assert sum(len(i.lines) for i in items) > 0
+    assert add_replay(ds, items) == len(items)
+    # a box line in a parent's segment dataset is not replayed into a segment child
+    parent_ds = _segment_dataset(tmp_path / "parent", train=[20, 21], val=[22])
+    (parent_ds.root / "labels" / "train" / "task21_abc.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    kept = dataset_replay(parent_ds.root, list(CLASS_NAMES), set(), count=5, segment=True)
+    assert [i.stem for i in kept] == ["dtask20_abc"]
+    result = fine_tune(str(segment_weights), ds.data, tmp_path / "run", {"epochs": 1, "imgsz": 64, "batch": 4}, "cpu")
+    assert Path(result["weights"]).is_file()

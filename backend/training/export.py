@@ -167,12 +167,16 @@ def add_replay(dataset: ExportedDataset, items: Iterable[tuple[str, Any, list[st
 
 
 def pseudo_labels(adapter, images: list[Any], class_ids: Mapping[str, int], conf: float = 0.5,
-                  label_map: Mapping[str, str] | None = None) -> list[list[str]]:
-    """The adapter's own boxes at or above `conf`, as YOLO lines in the dataset's class ids.
+                  label_map: Mapping[str, str] | None = None, segment: bool = False) -> list[list[str]]:
+    """The adapter's own boxes (outlines with `segment`) at or above `conf`, as YOLO lines in the dataset's ids.
 
     A model class is mapped through `label_map` (model name -> label), then matched to the dataset's labels
-    ignoring case ("square" serves as "Square"); boxes of classes the dataset lacks are dropped."""
-    from backend.convert.yolo_txt import box_lines
+    ignoring case ("square" serves as "Square"); boxes of classes the dataset lacks are dropped. A segment
+    dataset takes outlines only (ultralytics refuses one that mixes boxes in): an object without one is left
+    out, and so is the whole image (None) when that leaves out an object, since training on it would teach
+    that the object is background."""
+    from backend.convert.yolo_txt import box_lines, polygon_lines
+    from backend.core.prediction import POLYGON
 
     lookup = {str(k).lower(): v for k, v in class_ids.items()}
     mapped = {str(k).lower(): str(v).lower() for k, v in (label_map or {}).items()}
@@ -184,5 +188,11 @@ def pseudo_labels(adapter, images: list[Any], class_ids: Mapping[str, int], conf
             continue
         names = [mapped.get(n.lower(), n.lower()) for n in (str(adapter.class_names[int(c)]) for c in det.class_id)]
         keep = [i for i, n in enumerate(names) if det.confidence[i] >= conf and n in lookup]
-        out.append(box_lines(det.xyxy[keep], [lookup[names[i]] for i in keep], image.size))
+        ids = [lookup[names[i]] for i in keep]
+        if not segment:
+            out.append(box_lines(det.xyxy[keep], ids, image.size))
+            continue
+        outlines = det.data.get(POLYGON, [None] * len(det))
+        lines = polygon_lines([outlines[i] for i in keep], ids, image.size)
+        out.append(lines if len(lines) == len(keep) else None)
     return out

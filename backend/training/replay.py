@@ -126,7 +126,7 @@ def parent_dataset(metrics: Mapping[str, Any], name: str, home: Path) -> Path | 
 
 
 def dataset_replay(root: Path, class_names: Sequence[str], exclude_tasks: set[int], count: int,
-                   seed: int = 0) -> list[ReplayItem]:
+                   seed: int = 0, segment: bool = False) -> list[ReplayItem]:
     """Up to `count` of the parent's training images, class ids remapped by name onto `class_names`.
 
     Tasks the new dataset has (its newer labels win) are left out, and so is an image with a class the new
@@ -149,21 +149,25 @@ def dataset_replay(root: Path, class_names: Sequence[str], exclude_tasks: set[in
         rows = [ln.split() for ln in (label.read_text().splitlines() if label.is_file() else []) if ln.strip()]
         if any(int(r[0]) >= len(names) or names[int(r[0])] not in ids for r in rows):
             continue
+        if segment and any(len(r) <= 5 for r in rows):  # a box in a segment dataset: ultralytics refuses the lot
+            continue
         lines = [" ".join([str(ids[names[int(r[0])]]), *r[1:]]) for r in rows]
         out.append(ReplayItem(f"d{f.stem}", Image.open(f).convert("RGB"), lines))
     return out
 
 
 def pseudo_replay(adapter, images: Iterable[tuple[str, Any]], class_ids: Mapping[str, int], count: int,
-                  conf: float = PSEUDO_CONF, label_map: Mapping[str, str] | None = None) -> list[ReplayItem]:
-    """The parent's confident boxes on up to `count` images no human labelled, as replay."""
+                  conf: float = PSEUDO_CONF, label_map: Mapping[str, str] | None = None,
+                  segment: bool = False) -> list[ReplayItem]:
+    """The parent's confident boxes (outlines for a segment dataset) on up to `count` images no human labelled,
+    as replay; an image where an object has no outline is left out."""
     from backend.training.export import pseudo_labels
 
     chosen = list(images)[:count]
     if not chosen:
         return []
-    lines = pseudo_labels(adapter, [img for _, img in chosen], class_ids, conf, label_map)
-    return [ReplayItem(f"p{stem}", img, ln) for (stem, img), ln in zip(chosen, lines, strict=True)]
+    lines = pseudo_labels(adapter, [img for _, img in chosen], class_ids, conf, label_map, segment)
+    return [ReplayItem(f"p{stem}", img, ln) for (stem, img), ln in zip(chosen, lines, strict=True) if ln is not None]
 
 
 def existing_task_ids(root: Path) -> set[int]:
@@ -206,20 +210,22 @@ def gather_replay(dataset, parent_metrics: Mapping[str, Any], parent_name: str, 
     if dataset.task == "classify" or dataset.train >= FEW_IMAGES:
         return [], ""
     count = replay_count(dataset.train)
+    segment = dataset.task == "segment"  # outlines only: ultralytics refuses a segment dataset with boxes in it
     have = existing_task_ids(dataset.root)
     found = find_parent_dataset(parent_metrics, parent_name, home)
     if found.root is not None:
-        items = dataset_replay(found.root, dataset.class_names, have, count, seed)
+        items = dataset_replay(found.root, dataset.class_names, have, count, seed, segment)
         if items:
             return items, f"replaying {len(items)} images of {parent_name}'s own training data ({found.source})"
     said = f"{found.problem}; " if found.problem else ""
     images = unlabelled(have, count)
     ids = {n: i for i, n in enumerate(dataset.class_names)}
-    items = pseudo_replay(parent_adapter(), images, ids, count, label_map=label_map) if images else []
+    items = pseudo_replay(parent_adapter(), images, ids, count, label_map=label_map, segment=segment) if images else []
     if not items:
         return [], f"{said}nothing to replay: {parent_name}'s training data is not here and no task is left unlabelled"
     boxes = sum(len(i.lines) for i in items)
-    return items, (f"{said}replaying {len(items)} unlabelled tasks with {parent_name}'s own confident boxes "
+    return items, (f"{said}replaying {len(items)} unlabelled tasks with {parent_name}'s own confident "
+                   f"{'outlines' if segment else 'boxes'} "
                    f"({boxes} pseudo-labels at confidence ≥ {PSEUDO_CONF})")
 
 
