@@ -31,6 +31,7 @@ from backend.labeling.results import WRITERS, prediction_score
 from backend.media.fetch import INVALID_TASK_PREFIX, LoadedImage, MediaFetcher
 from backend.models.base import Capability, Model, ModelAdapter, ModelTask, Vocabulary, bind, is_promptable, tasks_of
 from backend.core.prediction import Prediction, Role
+from backend.storage.outage import OutageLog, is_unavailable
 from backend.storage.predictions import PredictionRepo, PredictionRow, fingerprint
 
 log = logging.getLogger("tandem.predict")
@@ -179,6 +180,7 @@ class Predictor:
                  max_chunk: int = 64, on_stored: Callable[[list[PredictionRow]], None] | None = None) -> None:
         self.fetcher = fetcher
         self.store = store
+        self._outage = OutageLog(log, "reading stored predictions (predicting instead)")
         self.max_chunk = max_chunk
         self.on_stored = on_stored  # called on the store's writer thread once rows are written (scoring)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tandem-fetch")
@@ -267,7 +269,7 @@ class Predictor:
         keys = self._keys(tasks, plan)
         items: list[dict[str, Any] | None] = [None] * len(tasks)
         if self.store is not None:
-            cached = self.store.get_items([k for k in keys if k is not None])
+            cached = self._stored([k for k in keys if k is not None])
             for i, key in enumerate(keys):
                 if key in cached:
                     items[i] = cached[key]
@@ -305,6 +307,18 @@ class Predictor:
             if on_overflow is not None:
                 on_overflow([tasks[i] for i in rest])
         return items  # type: ignore[return-value]
+
+    def _stored(self, keys: list) -> dict:
+        """Stored items by key; none while the database does not answer (the tasks are predicted instead)."""
+        try:
+            found = self.store.get_items(keys)
+        except Exception as exc:  # noqa: BLE001 - only an unavailable database is passed over
+            if not is_unavailable(exc):
+                raise
+            self._outage.failed(exc)
+            return {}
+        self._outage.ok()
+        return found
 
     def _save(self, pairs, plan: ServingPlan, project_id: int | None, role: str) -> None:
         if self.store is None:

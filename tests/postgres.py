@@ -112,8 +112,17 @@ class PostgresCluster:
         conf = self.data / "postgresql.conf"
         text = conf.read_text() + "".join(f"\n{k} = {v}" for k, v in settings.items()) + "\n"
         conf.write_text(text)  # as root: the file keeps its owner (postgres)
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server on its data (again, after `pause`)."""
         self._check(self._run(self.bin_dir / "pg_ctl", "start", "-w", "-t", str(START_TIMEOUT_S), "-D", self.data,
-                              "-l", self.log, "-o", f"-h 127.0.0.1 -p {self.port} -k {sockets}"), "start")
+                              "-l", self.log, "-o", f"-h 127.0.0.1 -p {self.port} -k {self.root / 'sockets'}"),
+                    "start")
+
+    def pause(self) -> None:
+        """Stop the server and keep its data: an outage a client must live through."""
+        self._check(self._run(self.bin_dir / "pg_ctl", "stop", "-m", "fast", "-w", "-D", self.data), "stop")
 
     def stop(self) -> None:
         if self.data.exists():

@@ -1,3 +1,3 @@
-from backend.cli import app
+from backend.cli import main
 
-app()
+main()

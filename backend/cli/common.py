@@ -24,6 +24,7 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,  # a traceback's locals would print API keys and database passwords
 )
 console = Console(stderr=True)
 # every command reads and writes the same state as the server it means

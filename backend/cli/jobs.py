@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from backend.cli.common import Home, app, console, stdout_console, stores
+from backend.storage.db import display_url
 
 jobs_app = typer.Typer(help="Training jobs: list, show, logs, cancel.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
@@ -59,7 +60,7 @@ def jobs_logs(
 
     settings, _, store = stores(home)
     if store.get(job_id) is None:
-        console.print(f"[red]error:[/] no job {job_id} in {settings.home} (database {settings.database_url}; set "
+        console.print(f"[red]error:[/] no job {job_id} in {settings.home} (database {display_url(settings.database_url)}; set "
                       "TANDEM_HOME or --home to the server's state folder; tandem jobs list shows its jobs)")
         raise typer.Exit(2)
     typer.echo(with_own_lines(job_log(settings, job_id, 10**9), lines))

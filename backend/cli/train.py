@@ -33,7 +33,12 @@ def train(
         raise typer.BadParameter("--runner must be local or modal")
     if model not in ("yolo", "vlm"):
         raise typer.BadParameter("--model must be yolo or vlm")
-    settings, _, store = stores(home)
+    if server:  # the server's database, not this shell's: none is opened here
+        from backend.cli.common import load_settings
+
+        settings, store = load_settings(home=home), None
+    else:
+        settings, _, store = stores(home)
     defaults = settings.training_params() if model == "yolo" else {}  # YOLO's epochs are not LoRA's
     params = {**defaults, **{k: v for k, v in {"epochs": epochs, "imgsz": imgsz}.items() if v}}
     follow_up = None

@@ -18,6 +18,7 @@ from label_studio_sdk import LabelStudio
 
 from backend.labelstudio.errors import describe
 from backend.registry import Registry
+from backend.storage.outage import is_unavailable
 
 log = logging.getLogger("tandem.sync")
 
@@ -43,7 +44,12 @@ class VersionSync:
 
     def schedule(self, request: SyncRequest) -> None:
         key = (request.project_id, request.version)
-        if self._registry.synced_version(request.project_id) == request.version:
+        try:
+            if self._registry.synced_version(request.project_id) == request.version:
+                return
+        except Exception as exc:  # noqa: BLE001 - the database does not answer: tried again on the next call
+            if not is_unavailable(exc):
+                raise
             return
         with self._lock:
             if key in self._pending:
@@ -76,7 +82,7 @@ class VersionSync:
         client = LabelStudio(base_url=req.url, api_key=req.api_key, timeout=10)
         for delay in (0.0, *self._delays):
             time.sleep(delay)
-            try:
+            try:  # record_synced needs the database: an outage is retried like Label Studio's 400
                 project = client.projects.get(id=req.project_id)
                 if project.model_version != req.version:
                     client.projects.update(id=req.project_id, model_version=req.version)

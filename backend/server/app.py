@@ -5,11 +5,13 @@ operations). Routes live in `backend.server.routers`; what they share is `Server
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from backend.errors import ConfigError, TandemError
 from backend.labelstudio.version_sync import VersionSync
@@ -26,12 +28,14 @@ from backend.server.scoring import ServeTimeScorer
 from backend.server.state import ServerState
 from backend.serving import ModelHolder
 from backend.settings import Settings
+from backend.storage.db import unavailable
 from backend.storage.predictions import PredictionRepo
 from backend.storage.projects import ProjectRepo
 from backend.storage.scores import ScoreRepo
 from backend.training.service import TrainingPolicy, TrainingService
 
 log = logging.getLogger("tandem.server")
+DATABASE_SAID_EVERY_S = 60.0
 
 def create_app(
     settings: Settings,
@@ -92,6 +96,19 @@ def create_app(
     async def tandem_error(_: Request, exc: TandemError) -> JSONResponse:
         log.warning("%s: %s", type(exc).__name__, exc)
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=exc.status_code)
+
+    said_at = [-DATABASE_SAID_EVERY_S]
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        """503 with one line (the password masked), not a 500 and a traceback per request."""
+        if time.monotonic() - said_at[0] >= DATABASE_SAID_EVERY_S:
+            said_at[0] = time.monotonic()
+            log.warning("%s answered 503: %s (said at most once a minute)", request.url.path,
+                        unavailable(exc, settings.database_url))
+        return JSONResponse({"detail": f"{request.url.path}: {unavailable(exc, settings.database_url)}",
+                             "error": "DatabaseUnavailable"}, status_code=503)
 
     def on_loaded(adapter, second: bool = False) -> None:
         path = getattr(adapter, "path", None) or getattr(adapter, "source", "")

@@ -21,9 +21,11 @@ from backend.models.vlm.base import OpenVocabularyModel
 from backend.server.pool import ModelPool
 from backend.serving import ModelHolder
 from backend.settings import Settings
+from backend.storage.outage import OutageLog, is_unavailable
 from backend.storage.projects import ProjectRepo, ProjectState
 
 log = logging.getLogger("tandem.projects")
+MAX_REMEMBERED = 10_000  # project states kept for an outage (the server serves at most TANDEM_MAX_PROJECTS)
 
 YOLO_SUFFIXES = (".pt", ".onnx", ".torchscript", ".engine", ".xml")
 
@@ -70,10 +72,31 @@ class ProjectServing:
         self.cnn, self.second = cnn, second
         self._last: dict[tuple[int, str], Any] = {}  # (project, role) -> the adapter it was served last
         self._served: dict[int, tuple[str | None, str | None]] = {}
+        self._states: dict[int, ProjectState] = {}  # the last state read per project, for a database outage
+        self._outage = OutageLog(log, "reading project state (serving from the last one read)")
         self._lock = threading.Lock()
 
     def state(self, project_id: int | None) -> ProjectState | None:
-        return self.projects.get(project_id) if project_id is not None else None
+        """The project's state; while the database does not answer, the last one read (serving goes on)."""
+        if project_id is None:
+            return None
+        try:
+            state = self.projects.get(project_id)
+        except Exception as exc:  # noqa: BLE001 - only an unavailable database falls back
+            if not is_unavailable(exc):
+                raise
+            self._outage.failed(exc)
+            with self._lock:
+                return self._states.get(project_id)
+        self._outage.ok()
+        with self._lock:
+            if state is None:
+                self._states.pop(project_id, None)
+            else:
+                self._states[project_id] = state
+                while len(self._states) > MAX_REMEMBERED:
+                    self._states.pop(next(iter(self._states)))
+        return state
 
     def models(self, project_id: int | None, state: ProjectState | None = None) -> ServedModels:
         """Non-blocking: bound models still loading are started, and meanwhile the last ones are used."""
@@ -126,7 +149,13 @@ class ProjectServing:
                                                            ("served_second_opinion", pair[1], self.second))
                    if spec is not None or not holder.loading}
         if changes:
-            self.projects.update(project_id, **changes)
+            try:
+                self.projects.update(project_id, **changes)
+            except Exception as exc:  # noqa: BLE001 - a record for `tandem select`: tried again on the next call
+                if not is_unavailable(exc):
+                    raise
+                with self._lock:
+                    self._served.pop(project_id, None)
 
 
 def load_spec(settings: Settings, registry, spec: str, vlm_options: dict | None = None) -> Any:

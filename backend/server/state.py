@@ -50,7 +50,7 @@ class ServerState:
     def credentials(self, project_id: int | None) -> tuple[str, str | None] | None:
         """Label Studio's URL and key for a project: the configured ones; without LABEL_STUDIO_URL, the hostname
         its /setup sent with the token that same /setup sent (never the configured key: see SECURITY.md)."""
-        state = self.projects.get(project_id) if project_id is not None else None
+        state = self.serving.state(project_id)  # the last one read while the database does not answer
         return setup_credentials(self.settings.label_studio_url, self.settings.label_studio_api_key,
                                  state.hostname if state else None, state.access_token if state else None)
 

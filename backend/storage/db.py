@@ -47,6 +47,23 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def display_url(url: str | Path) -> str:
+    """The URL as it may be shown in a message or a log: the password masked."""
+    try:
+        return make_url(normalise_url(url)).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: show nothing of it
+        return "(an unparseable database URL)"
+
+
+def unavailable(exc: BaseException, url: str | Path | None = None) -> str:
+    """One line for a database that did not answer (the driver's first line, never a traceback)."""
+    cause = getattr(exc, "orig", None) or exc
+    text = str(cause).strip()
+    first = text.splitlines()[0].strip() if text else type(cause).__name__
+    where = f" {display_url(url)}" if url else ""
+    return f"the database{where} did not answer: {first} (is it running? TANDEM_DATABASE_URL selects it)"
+
+
 def insert_for(dialect: str):
     """The dialect's own `insert` (its ON CONFLICT clauses differ from Core's): PostgreSQL's or SQLite's."""
     from sqlalchemy.dialects import postgresql, sqlite

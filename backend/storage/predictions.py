@@ -24,6 +24,7 @@ from sqlalchemy import delete, select
 
 from backend.core.prediction import Prediction
 from backend.storage.db import engine_for, insert_for
+from backend.storage.outage import OutageLog
 from backend.storage.tables import predictions as T
 
 log = logging.getLogger("tandem.store")
@@ -75,6 +76,7 @@ class PredictionRepo:
     def __init__(self, url: str) -> None:
         self.engine = engine_for(url)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tandem-store")
+        self._outage = OutageLog(log, "storing predictions (they are served all the same)")
         self._last_write: Future | None = None
         self._writer_ident: int | None = None
 
@@ -104,8 +106,9 @@ class PredictionRepo:
             self._writer_ident = threading.get_ident()
             try:
                 self.put_many(rows)
-            except Exception:
-                log.exception("could not store %d predictions", len(rows))
+                self._outage.ok()
+            except Exception as exc:  # noqa: BLE001 - a cache: serving goes on without it
+                self._outage.failed(exc)
                 return
             if then is not None:
                 try:

@@ -266,7 +266,9 @@ class JobStore:
         failed = []
         for job in map(_job, rows):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.lease_until or 0))
-            error = f"lease expired: {job.holder or 'its runner'} stopped heartbeating (lease ran out {when})"
+            error = (f"lease expired: {job.holder or 'its runner'} stopped heartbeating (lease ran out {when}): its "
+                     "server stopped, or could not reach the database for longer than the lease; "
+                     "`tandem train` starts it again")
             if self._set(job.id, jobs_table.c.status == JobStatus.RUNNING.value, jobs_table.c.lease_until < now,
                          jobs_table.c.holder == job.holder if job.holder else jobs_table.c.holder.is_(None),
                          status=JobStatus.FAILED, error=error, finished_at=now):

@@ -260,6 +260,9 @@ class LocalRunner:
             return list(self._queue)
 
     def _reap_loop(self) -> None:
+        from backend.storage.outage import OutageLog
+
+        outage = OutageLog(log, "job reaper")
         pause = 0.5
         while not self._stop.wait(pause):
             try:
@@ -275,9 +278,10 @@ class LocalRunner:
                     self._last_logs = time.monotonic()
                     self._publish_running_logs()
                 pause = 0.5
-            except Exception:  # noqa: BLE001 - the reaper outlives any error: a full disk, a locked database
+                outage.ok()
+            except Exception as exc:  # noqa: BLE001 - the reaper outlives any error: a full disk, a locked database
                 self.errors += 1
-                log.exception("job reaper: will retry")
+                outage.failed(exc)
                 pause = min(10.0, pause * 2)
 
     def reap(self) -> None:

@@ -131,11 +131,15 @@ class TrainingService:
         return self.registry.latest_promotion()
 
     def _watch(self, interval: float) -> None:
+        from backend.storage.outage import OutageLog
+
+        outage = OutageLog(log, "version watcher")
         while not self._stop.wait(interval):
             try:
                 self.check_promotions()
-            except Exception:  # noqa: BLE001 - the watcher must outlive any bad row or file
-                log.exception("version watcher")
+                outage.ok()
+            except Exception as exc:  # noqa: BLE001 - the watcher must outlive any bad row or file
+                outage.failed(exc)
 
     def check_promotions(self) -> threading.Thread | None:
         change = self._latest_change()

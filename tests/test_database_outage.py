@@ -1,0 +1,90 @@
+"""PostgreSQL stops while the server runs (a real cluster, stopped and started again): /predict goes on serving
+from the models in memory, what needs the database answers 503 in one line, the log says so once (no traceback
+per request or per second), and everything works again when the database is back, without a restart."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from backend.datasets.shapes import generate_samples
+from backend.server.app import create_app
+from backend.serving import ModelHolder
+from backend.settings import Settings
+from tests.harness import ServerThread
+from tests.postgres import PostgresUnavailable, start_cluster
+from tests.test_server import RECT, task
+
+
+@pytest.fixture
+def cluster():
+    try:
+        c = start_cluster()
+    except PostgresUnavailable as e:
+        pytest.skip(str(e))
+    yield c
+    c.stop()
+
+
+def test_the_server_lives_through_a_database_outage(cluster, detect_adapter, tmp_path, caplog):
+    root = tmp_path / "media"
+    root.mkdir()
+    names = []
+    for image, sample in generate_samples(4, seed=515):
+        image.save(root / f"{sample.name}.png")
+        names.append(f"{sample.name}.png")
+    url = cluster.create_database("outage")
+    settings = Settings(home=tmp_path / "home", local_files_root=root, db_url=url)
+    app = create_app(settings, ModelHolder(detect_adapter))
+    caplog.set_level(logging.INFO)
+    with ServerThread(app) as srv:
+        assert httpx.post(f"{srv.url}/setup", json={"project": "5.1", "schema": RECT}).status_code == 200
+        first = httpx.post(f"{srv.url}/predict", json={"project": "5.1", "label_config": RECT,
+                                                       "tasks": [task(1, names[0])]}, timeout=60)
+        assert first.status_code == 200 and first.json()["results"][0]["result"]
+
+        cluster.pause()
+        caplog.clear()
+        for i, name in enumerate(names, start=1):  # a task stored before the outage, and new ones
+            r = httpx.post(f"{srv.url}/predict", json={"project": "5.1", "label_config": RECT,
+                                                       "tasks": [task(i, name)]}, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["results"][0]["model_version"] == detect_adapter.version
+        health = httpx.get(f"{srv.url}/health?project=5").json()
+        assert health["ready"] and health["model_version"] == detect_adapter.version
+        hook = httpx.post(f"{srv.url}/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 5}})
+        assert hook.status_code == 503
+        detail = hook.json()["detail"]
+        assert "did not answer" in detail and "\n" not in detail and "TANDEM_DATABASE_URL" in detail
+        jobs = httpx.get(f"{srv.url}/jobs")
+        assert jobs.status_code == 503
+        text = caplog.text
+        assert "Traceback" not in text and not any(r.exc_info for r in caplog.records)
+        said = [r for r in caplog.records if "did not answer" in r.getMessage()]
+        assert 1 <= len(said) <= 6, [r.getMessage() for r in said]  # once per kind of work, not per request
+
+        cluster.resume()
+        r = httpx.post(f"{srv.url}/predict", json={"project": "5.1", "label_config": RECT,
+                                                   "tasks": [task(9, names[1])]}, timeout=60)
+        assert r.status_code == 200
+        hook = httpx.post(f"{srv.url}/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 5}})
+        assert hook.status_code == 200
+        app.state.store.flush()
+        assert app.state.store.count(project_id=5) >= 2  # stored again (task 1 before, task 9 after)
+
+
+def test_the_cli_says_the_database_is_down_in_one_line_without_its_password(tmp_path):
+    env = {**os.environ, "TANDEM_HOME": str(tmp_path / "home"),
+           "TANDEM_DATABASE_URL": "postgresql://tandem:s3cret-pw@127.0.0.1:9/tandem"}  # port 9: nothing listens
+    for command in (["jobs", "list"], ["models", "list"], ["jobs", "logs", "3"]):
+        proc = subprocess.run([sys.executable, "-m", "backend.cli", *command], capture_output=True, text=True,
+                              env=env, timeout=120)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2, out
+        assert "did not answer" in out and "127.0.0.1:9" in out and "Traceback" not in out
+        assert "s3cret-pw" not in out and len(out.strip().splitlines()) <= 4, out
