@@ -260,3 +260,22 @@ def test_job_logs_keep_tandems_own_lines_ahead_of_the_tail():
                    "… 59 lines of training output left out (--lines 0 shows the whole log)", "epoch 58", "epoch 59",
                    "[tandem 10:01:00] candidate 0.71 vs 0.69: promoted"]
     assert with_own_lines(log, 0) == log and with_own_lines(log, 1000) == log
+
+
+def test_models_bind_says_when_the_project_never_connected(tmp_path, detect_weights):
+    """Binding before connecting is allowed, but a mistyped id must not pass unnoticed."""
+    from backend.storage.projects import ProjectRepo
+
+    env = _env(tmp_path)
+    bind = [*TANDEM, "models", "bind", "--project", "99", "--model", str(detect_weights)]
+    proc = subprocess.run(bind, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "project 99 has not connected to a server with this database yet" in proc.stderr
+    assert f"project 99 bound: model={detect_weights.resolve()}" in proc.stderr
+    ProjectRepo(Settings(home=tmp_path / "home").database_url).update(7, label_config="<View/>")  # as /setup records
+    proc = subprocess.run([*TANDEM, "models", "bind", "--project", "7", "--pre-annotator", "cnn"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "has not connected" not in proc.stderr, proc.stderr
+    shown = subprocess.run([*TANDEM, "models", "bind", "--project", "98"], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert shown.returncode == 0 and "project 98 has not connected" in shown.stderr

@@ -175,3 +175,33 @@ def test_huge_images_are_refused_by_our_limit_in_our_words(side):
 
     with pytest.raises(MediaError, match="over the 80000000-pixel limit"):
         decode_image(_png_header(side, side), "big.png", 80_000_000)
+
+
+class _Refusing(SimpleHTTPRequestHandler):
+    """Answers 401 under /data/upload and 403 under /data/local-files, as Label Studio does."""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(401 if self.path.startswith("/data/upload") else 403)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_what_label_studio_refused_says_what_to_set():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(MediaError, match="it refused LABEL_STUDIO_API_KEY: set it to a personal access token"):
+            MediaFetcher(MediaSettings(label_studio_url=base, api_key="wrong")).load("/data/upload/1/a.png")
+        with pytest.raises(MediaError, match="it needs LABEL_STUDIO_API_KEY"):
+            MediaFetcher(MediaSettings(label_studio_url=base)).load("/data/upload/1/a.png")
+        with pytest.raises(MediaError, match=r"HTTP 403 \(a local file: give this server LOCAL_FILES_DOCUMENT_ROOT"):
+            MediaFetcher(MediaSettings(label_studio_url=base, api_key="k")).load("/data/local-files/?d=x/a.jpg")
+    finally:
+        server.shutdown()
+        server.server_close()
+    # nothing listens there any more: Label Studio is named as what did not answer
+    with pytest.raises(MediaError, match=rf"Label Studio at {base} did not answer: is it running\?"):
+        MediaFetcher(MediaSettings(label_studio_url=base, api_key="k")).load("/data/upload/1/a.png")

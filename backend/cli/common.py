@@ -26,7 +26,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,  # a traceback's locals would print API keys and database passwords
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a message piped to a file or a log stays one line
 # every command reads and writes the same state as the server it means
 Home = Annotated[Path | None, typer.Option(help="State folder: SQLite, models, jobs (env TANDEM_HOME, default "
                                                 "~/.tandem).", envvar="TANDEM_HOME")]

@@ -171,13 +171,19 @@ def models_bind(
         projects.update(project, model=None, second_opinion=None, pre_annotator=None)
         console.print(f"project {project}: binding removed; it gets the server's default models")
         return
+    current = projects.get(project)
     if not (model or second_opinion or pre_annotator):
-        current = projects.get(project)
+        if current is None:
+            console.print(f"project {project} has not connected to a server with this database (TANDEM_HOME "
+                          f"{settings.home}): no binding; it would get the server's default models")
+            return
         stdout_console().print(
-            f"project {project}: model={current.model if current else None} "
-            f"second_opinion={current.second_opinion if current else None} "
-            f"pre_annotator={current.pre_annotator if current else None}")
+            f"project {project}: model={current.model} second_opinion={current.second_opinion} "
+            f"pre_annotator={current.pre_annotator}")
         return
+    if current is None:  # allowed (bind before connecting), said: a wrong id would otherwise pass unnoticed
+        console.print(f"[yellow]note:[/] project {project} has not connected to a server with this database yet "
+                      f"(TANDEM_HOME {settings.home}); the binding applies once it does")
 
     def resolved(spec: str | None) -> str | None:
         return str(Path(spec).expanduser().resolve()) if spec and Path(spec).expanduser().exists() else spec

@@ -357,7 +357,9 @@ class MediaFetcher:
         try:
             resp = self._client.send(request, stream=True, auth=auth, follow_redirects=False)
         except httpx.HTTPError as exc:
-            raise MediaError(f"image {url[:200]} could not be downloaded: {type(exc).__name__}: {exc}") from exc
+            who = (f" (Label Studio at {self._base} did not answer: is it running?)"
+                   if target.label_studio and self._base and isinstance(exc, httpx.ConnectError) else "")
+            raise MediaError(f"image {url[:200]} could not be downloaded: {type(exc).__name__}: {exc}{who}") from exc
         try:
             if resp.is_redirect:
                 location = resp.headers.get("location")
@@ -365,12 +367,18 @@ class MediaFetcher:
                     raise MediaError(f"image {url[:200]}: HTTP {resp.status_code} without a Location")
                 return self.policy.join(target.url, location)
             if resp.status_code == 401:
+                what = ("refused LABEL_STUDIO_API_KEY: set it to" if self._auth is not None else
+                        "needs LABEL_STUDIO_API_KEY: set it to")
                 raise MediaError(
-                    f"Label Studio answered 401 for {url[:200]}: set LABEL_STUDIO_API_KEY to a personal access token "
-                    "(or a legacy token where the organisation allows them)"
+                    f"Label Studio answered 401 for {url[:200]}: it {what} a personal access token of this Label "
+                    "Studio (or a legacy token where the organisation allows them)"
                 )
             if resp.status_code >= 400:
-                raise MediaError(f"image {url[:200]} could not be downloaded: HTTP {resp.status_code}")
+                hint = ""
+                if resp.status_code in (403, 404) and "/data/local-files" in url:
+                    hint = (" (a local file: give this server LOCAL_FILES_DOCUMENT_ROOT, the folder Label Studio "
+                            "serves them from, and it reads them from disk; every replica needs it)")
+                raise MediaError(f"image {url[:200]} could not be downloaded: HTTP {resp.status_code}{hint}")
             try:
                 declared = int(resp.headers.get("content-length") or 0)
             except ValueError:
