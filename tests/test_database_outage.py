@@ -55,6 +55,8 @@ def test_the_server_lives_through_a_database_outage(cluster, detect_adapter, tmp
                                                        "tasks": [task(i, name)]}, timeout=60)
             assert r.status_code == 200, r.text
             assert r.json()["results"][0]["model_version"] == detect_adapter.version
+        setup = httpx.post(f"{srv.url}/setup", json={"project": "5.1", "schema": RECT})  # Label Studio calls it often
+        assert setup.status_code == 200 and setup.json()["model_version"] == detect_adapter.version
         health = httpx.get(f"{srv.url}/health?project=5").json()
         assert health["ready"] and health["model_version"] == detect_adapter.version
         hook = httpx.post(f"{srv.url}/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 5}})

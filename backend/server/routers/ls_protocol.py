@@ -32,6 +32,7 @@ from backend.server.protocol import (
 )
 from backend.server.state import ServerState, extra_params
 from backend.settings import extra_setting
+from backend.storage.outage import is_unavailable
 
 log = logging.getLogger("tandem.server")
 router = APIRouter(tags=["Label Studio protocol"])
@@ -74,6 +75,29 @@ def _binding(extra: dict[str, Any]) -> dict[str, str | None]:
     return found
 
 
+def _record_setup(state: ServerState, body: SetupRequest, pid: int, extra: dict[str, Any]):
+    """Record the project's /setup (config, credentials, binding); returns (the project now, the one before)."""
+    settings = state.settings
+    hostname = body.hostname if (body.hostname or "").startswith("http") else None
+    changes: dict[str, Any] = {"hostname": hostname, "access_token": body.access_token,
+                               "label_map": extra_setting(extra, "label_map"),
+                               "prompts": extra_setting(extra, "prompts")}
+    binding = _binding(extra)
+    before = state.projects.get(pid)
+    if before is None and state.projects.count() >= settings.max_projects:  # bounded: /setup names any id
+        raise HTTPException(422, f"this server already serves {settings.max_projects} projects "
+                                 f"(TANDEM_MAX_PROJECTS); project {pid} was not recorded")
+    # applied when the extra params change, not on every /setup: a retrain's promotion into the project's
+    # binding must not be undone by Label Studio re-sending the same extra params
+    if before is None or binding != before.extra_binding:
+        changes.update({k: binding.get(k) for k in BINDING_KEYS}, extra_binding=binding)
+    if body.schema_:
+        changes["label_config"] = body.schema_
+    project = state.projects.update(pid, **changes)
+    state.serving.prefetch(project)
+    return project, before
+
+
 @router.post("/setup", response_model=SetupResponse)
 def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupResponse:
     """Answers from what is loaded (Label Studio waits 3 s); a config the model cannot fill is a 422."""
@@ -84,23 +108,13 @@ def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupR
     prompts = {**settings.vlm_prompts, **extra_setting(extra, "prompts")}
     project = before = None
     if pid is not None:
-        hostname = body.hostname if (body.hostname or "").startswith("http") else None
-        changes: dict[str, Any] = {"hostname": hostname, "access_token": body.access_token,
-                                   "label_map": extra_setting(extra, "label_map"),
-                                   "prompts": extra_setting(extra, "prompts")}
-        binding = _binding(extra)
-        before = state.projects.get(pid)
-        if before is None and state.projects.count() >= settings.max_projects:  # bounded: /setup names any id
-            raise HTTPException(422, f"this server already serves {settings.max_projects} projects "
-                                     f"(TANDEM_MAX_PROJECTS); project {pid} was not recorded")
-        # applied when the extra params change, not on every /setup: a retrain's promotion into the project's
-        # binding must not be undone by Label Studio re-sending the same extra params
-        if before is None or binding != before.extra_binding:
-            changes.update({k: binding.get(k) for k in BINDING_KEYS}, extra_binding=binding)
-        if body.schema_:
-            changes["label_config"] = body.schema_
-        project = state.projects.update(pid, **changes)
-        state.serving.prefetch(project)
+        try:
+            project, before = _record_setup(state, body, pid, extra)
+        except Exception as exc:  # noqa: BLE001 - only an unavailable database: answer from what is loaded
+            if not is_unavailable(exc):
+                raise
+            # the last one read (reading it says the database is down, once per outage); recorded next time
+            project = before = state.serving.state(pid)
     served = state.serving.models(pid, project)
     adapter = served.lead
     if adapter is None:
