@@ -213,3 +213,37 @@ def test_a_detector_that_finds_nothing_returns_empty_detections(tiny_vlm, name):
     image, _, _ = scene()
     (out,) = model.bind(ModelTask.DETECT, Vocabulary.from_labels(LABELS)).predict([image])
     assert len(out.detections) == 0 and list(out.detections.data["class_name"]) == []
+
+
+def test_a_large_photo_goes_to_a_vlm_shrunk_and_its_boxes_come_back_in_whole_pixels(tiny_vlm):
+    """OWLv2's processor blurs whatever it is given in float: a 72 MP photo grew a server past 13 GB. Images over
+    MAX_INPUT_SIDE go in shrunk (as the model would see them anyway) and boxes are mapped back."""
+    from PIL import Image
+
+    from backend.models.base import ModelTask, Vocabulary
+    from backend.models.vlm.base import MAX_INPUT_SIDE, bounded_input
+    from backend.models.vlm.loader import load_vlm
+
+    small, scale = bounded_input(Image.new("RGB", (640, 480)))
+    assert small.size == (640, 480) and scale == (1.0, 1.0)
+    small, scale = bounded_input(Image.new("RGB", (9000, 8000)))
+    assert max(small.size) == MAX_INPUT_SIDE and small.size == (2048, 1820)
+    assert scale == (9000 / 2048, 8000 / 1820)
+
+    torch.manual_seed(0)
+    model = load_vlm(str(tiny_vlm("paligemma")), device="cpu", max_new_tokens=96)
+    image, boxes, labels = scene()
+    vocab = Vocabulary.from_labels(["square", "circle"])
+    teach(model, [(image, model.question(ModelTask.DETECT, vocab), model.grounding_answer(image, boxes, labels))])
+    seen, inner = [], model._predict
+
+    def watched(images, task, vocabulary):  # the family's own code, with the sizes it was handed noted
+        seen.extend(im.size for im in images)
+        return inner(images, task, vocabulary)
+
+    model._predict = watched
+    big = image.resize((3200, 2400), Image.Resampling.NEAREST)  # the taught scene as a 7.7 MP photo
+    det = model.bind(ModelTask.DETECT, vocab).predict([big])[0].detections
+    assert seen == [(2048, 1536)]
+    assert list(det.data["class_name"]) == labels
+    np.testing.assert_allclose(det.xyxy, np.array(boxes) * 10, atol=40.0)  # the whole photo's pixels

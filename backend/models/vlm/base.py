@@ -63,6 +63,22 @@ def checkpoint_version(path: Path, name: str, config: str = "config.json") -> st
     return f"{name}-{digest.hexdigest()[:8]}"
 
 
+# No open-vocabulary model here looks at more pixels than this (OWLv2 960, Grounding DINO 1333, Florence-2 768,
+# SmolVLM 1536 a side), but their processors resize whatever they are given, some slowly: OWLv2's blurs the
+# whole image in float first (a 4032x3024 photo: 68 s and 3.4 GB; a 72 MP one grew the server past 13 GB).
+MAX_INPUT_SIDE = 2048
+
+
+def bounded_input(image: Image.Image, side: int = MAX_INPUT_SIDE) -> tuple[Image.Image, tuple[float, float]]:
+    """The image shrunk to at most `side` pixels on its longer edge, and the (x, y) factors back to its pixels."""
+    w, h = image.size
+    if max(w, h) <= side:
+        return image, (1.0, 1.0)
+    k = side / max(w, h)
+    small = image.resize((max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return small, (w / small.width, h / small.height)
+
+
 class OpenVocabularyModel(ABC):
     """A promptable `Model`: the request's vocabulary is its classes. Loaded once; `predict_vocab` is
     serialised by a lock (transformers models are not re-entrant on GPU). What differs between families
@@ -111,12 +127,15 @@ class OpenVocabularyModel(ABC):
         return self.predict_vocab(images, request.task, request.vocabulary)
 
     def predict_vocab(self, images: list[Image.Image], task: ModelTask, vocabulary: Vocabulary) -> list[ModelOutput]:
+        """Images larger than MAX_INPUT_SIDE go in shrunk; their boxes and outlines come back in whole pixels."""
         if not images:
             return []
         import torch
 
+        bounded = [bounded_input(im) for im in images]
         with self._lock, torch.inference_mode():
-            return self._predict(images, task, vocabulary)
+            outs = self._predict([im for im, _ in bounded], task, vocabulary)
+        return [out if scale == (1.0, 1.0) else out.scaled(*scale) for out, (_, scale) in zip(outs, bounded, strict=True)]
 
     @abstractmethod
     def _predict(self, images: list[Image.Image], task: ModelTask, vocabulary: Vocabulary) -> list[ModelOutput]: ...
