@@ -123,6 +123,8 @@ def test_other_yolo_weights_as_the_second_opinion_keep_the_cnn(tmp_path, detect_
     assert default_pre_annotator(None, "IDEA-Research/grounding-dino-tiny") == "vlm"
     assert default_pre_annotator(str(detect_weights), "IDEA-Research/grounding-dino-tiny") is None
     assert default_pre_annotator(None, "yoloe-11s-seg.pt") == "vlm"  # open vocabulary: names any label
+    # an explicit starter task asks for the starter CNN beside the VLM (README: YOLO-seg pre-annotates, SAM 3 second)
+    assert default_pre_annotator(None, "facebook/sam3", "segment") is None
     registry = Registry(Settings(home=tmp_path / "home").database_url)
     good = tmp_path / "p1-job7.pt"
     good.write_bytes(detect_weights.read_bytes())

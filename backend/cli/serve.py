@@ -69,10 +69,13 @@ def serve(
     pre_annotator: Annotated[
         str | None,
         typer.Option(help="Whose predictions Label Studio receives: cnn or vlm (the other's are kept for "
-                     "disagreement). Default: cnn, or vlm when only a VLM is given (no --model).",
+                     "disagreement). Default: cnn, or vlm when only a VLM is given (no --model, no --starter-task).",
                      envvar="TANDEM_PRE_ANNOTATOR"),
     ] = None,
-    vlm_threshold: Annotated[float | None, typer.Option(help="Minimum box score of a zero-shot detector.")] = None,
+    vlm_threshold: Annotated[float | None, typer.Option(
+        help="Minimum score of the VLM's boxes or masks: a zero-shot detector's (default: its family's, e.g. "
+             "OWLv2 0.1) or SAM 3's (0.4). It applies to tasks predicted from now on: a task's stored prediction "
+             "is reused until the model's version changes.")] = None,
     predict_budget: Annotated[
         float | None, typer.Option(help="Seconds per /predict call before the rest go to the background (60).")
     ] = None,
@@ -89,7 +92,7 @@ def serve(
 
     settings = load_settings(home=home, model=model, device=device, conf=conf, vlm=vlm, engine=engine, imgsz=imgsz,
                              int8_calibration=calibration, predict_budget_s=predict_budget,
-                             pre_annotator=pre_annotator or default_pre_annotator(model, vlm))
+                             pre_annotator=pre_annotator or default_pre_annotator(model, vlm, starter_task))
     serves_cnn = bool(settings.model) or settings.pre_annotator == "cnn"  # else a VLM alone: no CNN is loaded
     if serves_cnn and settings.engine == "int8" and not (settings.int8_calibration and settings.int8_calibration.is_dir()):
         console.print("[red]error:[/] --engine int8 needs --calibration DIR: a folder of 16 or more images like "
@@ -168,14 +171,16 @@ def serve(
     uvicorn.run(app_, host=host, port=port, log_level=log_level.lower())
 
 
-def default_pre_annotator(model: str | None, second: str | None) -> str | None:
+def default_pre_annotator(model: str | None, second: str | None, starter_task: str | None = None) -> str | None:
     """"vlm" when only a VLM (or an open-vocabulary YOLOE / YOLO-World, which names any label) is given: it
     pre-annotates alone. None (the settings' cnn) otherwise: other closed-set YOLO weights as the second opinion
-    keep the starter, or the version promoted last, as the CNN beside them."""
+    keep the starter, or the version promoted last, as the CNN beside them; so does an explicit --starter-task
+    (`--starter-task segment --vlm sam3`: YOLO-seg pre-annotates, SAM 3 is the second opinion)."""
     from backend.models.open_vocab import is_open_vocab
     from backend.server.projects import is_cnn_spec
 
-    return "vlm" if second and not model and (not is_cnn_spec(second) or is_open_vocab(second)) else None
+    alone = second and not model and not starter_task
+    return "vlm" if alone and (not is_cnn_spec(second) or is_open_vocab(second)) else None
 
 
 def _resume_promoted(settings, task: str | None):
