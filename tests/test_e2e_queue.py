@@ -148,6 +148,9 @@ def test_cli_select_ranks_without_a_served_second_opinion_that_cannot_fill_the_c
     named = subprocess.run([*base, "--second-model", str(classify_weights)], capture_output=True, text=True,
                            env=env, timeout=300)
     assert named.returncode == 2 and "error:" in named.stderr and "Traceback" not in named.stderr
+    # uncertainty ranks without a second opinion: the served one is not even loaded (it once ran on every task)
+    alone = subprocess.run([*base, "--strategy", "uncertainty"], capture_output=True, text=True, env=env, timeout=300)
+    assert alone.returncode == 0 and str(classify_weights) not in alone.stderr, alone.stderr
 
 
 def test_cli_select_unreachable_label_studio_is_a_clear_error(tmp_path, detect_weights):

@@ -40,9 +40,17 @@ def stdout_console() -> Console:
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
-    )
+    """Rich on a terminal; one plain line per record when stderr is a file or a pipe (`nohup … > log`), so a
+    task's reason is one greppable line, not wrapped at 80 columns."""
+    import sys
+
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+        fmt = "%(message)s"
+    else:
+        handler, fmt = logging.StreamHandler(sys.stderr), "%(asctime)s %(levelname)-7s %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, handlers=[handler])
+    handler.setFormatter(logging.Formatter(fmt))
     if level.lower() != "debug":  # one line per HTTP request (every image download) drowns what matters
         logging.getLogger("httpx").setLevel(logging.WARNING)
 

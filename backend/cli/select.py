@@ -95,7 +95,9 @@ def select(
             raise typer.Exit(2)
         weights = localise(settings, last.path)
     second_given = second_model is not None
-    if second_model is None and bound is not None and (bound.second_opinion or bound.served_second_opinion):
+    needs_second = strategy in ("disagreement", "hybrid")  # random and uncertainty rank without it: never run it
+    if second_model is None and needs_second and bound is not None and (
+            bound.second_opinion or bound.served_second_opinion):
         second_model = bound.second_opinion or bound.served_second_opinion
         console.print(f"second opinion: [bold]{second_model}[/] (as served to project {project}; --second-model "
                       "picks another)")
