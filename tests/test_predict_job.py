@@ -239,3 +239,17 @@ def test_modal_runner_fans_chunks_out_over_the_volume(label_studio, detect_weigh
         name = task.data["image"].rsplit("-", 1)[-1]
         xyxy, labels = region_boxes(task.predictions[0].result, 320, 240)
         assert_matches_truth(xyxy, labels, truth[name])
+
+
+def test_a_job_on_a_project_that_does_not_exist_fails_in_one_line(label_studio, detect_weights, tmp_path):
+    """The job's stored error (GET /predict-jobs/N shows it) is Label Studio's answer, never the SDK's text with
+    the response headers and their session cookie; the CLI does not advise running it again."""
+    from backend.batch.records import PredictJobs
+
+    home = tmp_path / "home"
+    proc = subprocess.run(_predict_cmd(99999, detect_weights), env=_env(label_studio, home), capture_output=True,
+                          text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Label Studio answered 404" in out and "run it again" not in out, out
+    (job,) = PredictJobs(Settings(home=home).database_url).store.list(99999)
+    assert "404" in job.error and "set-cookie" not in job.error and "sessionid" not in job.error, job.error

@@ -172,7 +172,9 @@ def run_project(settings: Settings, project_id: int, *, model: str | None = None
         log.warning("predict job %s stopped: cancelled, or its lease was taken", job.id)
         return records.get(job.id), work.progress  # type: ignore[return-value]
     except BaseException as exc:
-        records.finish(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
+        from backend.labelstudio.errors import describe  # one line: an SDK error's text carries the session cookie
+
+        records.finish(job.id, "failed", error=describe(exc, settings.label_studio_url))
         raise
     finally:
         if store is not None:

@@ -70,8 +70,12 @@ def predict(
         except Exception as exc:  # Label Studio unreachable, wrong key, no such project
             from backend.labelstudio.errors import describe
 
+            from label_studio_sdk.core.api_error import ApiError
+
+            again = ("" if isinstance(exc, ApiError) and exc.status_code in (401, 403, 404) else
+                     "; run it again to continue (what is stored is kept)")
             console.print(f"[red]error:[/] predict on project {project} stopped: "
-                          f"{describe(exc, settings.label_studio_url)}; run it again to continue")
+                          f"{describe(exc, settings.label_studio_url)}{again}")
             raise typer.Exit(1) from exc
     console.print(f"predict job {record.id}: {record.status.value}; {result.done} of {result.total} tasks have a "
                   f"{result.model_version} prediction ({result.predicted} predicted now, {result.written} written to "
