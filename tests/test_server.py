@@ -317,5 +317,6 @@ def test_serving_a_model_a_connected_project_cannot_use_is_said(tmp_path, sample
         assert not [r for r in caplog.records if "cannot use" in r.getMessage()]
         holder.swap(classify_adapter)
         said = [r.getMessage() for r in caplog.records if "cannot use" in r.getMessage()]
-        assert len(said) == 1 and "project 6 (connected here)" in said[0] and classify_adapter.version in said[0]
-        assert "tandem models bind --project 6 --model" in said[0]
+        assert len(said) == 1 and "project 6 (connected to a server with this database)" in said[0]
+        assert classify_adapter.version in said[0] and "cannot fill" in said[0]
+        assert said[0].count("tandem models bind") == 1 and "tandem models bind --project 6 --model" in said[0]

@@ -9,7 +9,7 @@ import typer
 from backend.cli.common import Home, app, console, stdout_console, stores
 from backend.storage.db import display_url
 
-jobs_app = typer.Typer(help="Training jobs: list, show, logs, cancel.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Training and predict jobs: list, show, logs, cancel.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 
 

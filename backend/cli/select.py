@@ -15,7 +15,8 @@ def select(
     project: Annotated[int, typer.Option("--project", "-p", help="Label Studio project id.")],
     budget: Annotated[int, typer.Option("--budget", "-n", help="How many tasks to queue.")] = 20,
     strategy: Annotated[str, typer.Option(help="random, uncertainty, disagreement or hybrid.")] = "hybrid",
-    model: Annotated[str | None, typer.Option("--model", "-m", help="The CNN (YOLO weights); default: last served.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="The CNN (YOLO weights or a registry version); default: the project's binding, else what "
+                                                 "served it, else the model this TANDEM_HOME served last.")] = None,
     second_model: Annotated[
         str | None,
         typer.Option(help="The second opinion for disagreement: a VLM (hub id or save_pretrained folder) or YOLO weights."),

@@ -126,10 +126,11 @@ def create_app(
                 plan_for(adapter, project.label_config, {**settings.label_map, **project.label_map},
                          settings.case_sensitive_labels, {**settings.vlm_prompts, **project.prompts})
             except ConfigError as exc:
-                log.warning("now serving %s by default, which project %s (connected here) cannot use: %s — bind "
-                            "it a model of its own (tandem models bind --project %s --model WEIGHTS, or the "
-                            "backend's extra params {\"model\": ...} in Label Studio)", adapter.version,
-                            project.project_id, exc, project.project_id)
+                why = str(exc).split("; a project needs")[0]  # the advice is given once, below, for this project
+                log.warning("now serving %s by default, which project %s (connected to a server with this "
+                            "database) cannot use: %s — bind it a model of its own (tandem models bind --project %s "
+                            "--model WEIGHTS, or the backend's extra params {\"model\": ...} in Label Studio)",
+                            adapter.version, project.project_id, why, project.project_id)
 
     # every default served, also one that finishes loading later, is registered
     holder.subscribe(on_loaded)
