@@ -49,6 +49,7 @@ class SelectOutcome:
     files: list[Path] = field(default_factory=list)
     seconds: float = 0.0
     from_store: int = 0  # tasks ranked from stored scores or stored predictions
+    second_only: int = 0  # of the others, tasks whose CNN prediction was stored: only the second opinion ran
     predicted: int = 0  # tasks predicted now because nothing was stored for the current versions
 
 
@@ -230,7 +231,8 @@ def _run_selection(tasks, label_config, fetcher, primary, config, second, progre
     # 3. what is missing is predicted, a chunk at a time, and stored like a /predict would
     todo = [tid for tid in keys1 if tid not in found]
     # tasks whose CNN prediction is stored but whose second opinion is not (a new second model): said, not hidden
-    half = len(store.stored_keys([keys1[t] for t in todo])) if plan2 is not None and todo else 0
+    half_ids = {k[0] for k in store.stored_keys([keys1[t] for t in todo])} if plan2 is not None and todo else set()
+    half = len(half_ids)
     label = (f"predict {len(todo)} not stored ({from_store} from the store"
              + (f"; {half} of them lack only the second opinion" if half else "") + ")")
     predictor = Predictor(fetcher, workers=min(8, max(chunk, 1)), store=store, max_chunk=chunk)
@@ -254,7 +256,7 @@ def _run_selection(tasks, label_config, fetcher, primary, config, second, progre
 
     ids = [tid for tid in keys1 if tid in found]
     outcome = SelectOutcome([], "empty", len(ids), len(labeled), skipped, from_store=from_store,
-                            predicted=len(ids) - from_store)
+                            predicted=len(ids) - from_store, second_only=sum(t in found for t in half_ids))
     if not ids:
         outcome.seconds = time.perf_counter() - t0
         return outcome, None, ids

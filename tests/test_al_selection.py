@@ -254,6 +254,15 @@ def test_selection_from_stored_predictions_equals_the_decoded_prediction_path(tm
     outcome, _, ids = run_selection(more, RECT, fetcher, primary, config, second=second, store=store, scores=scores,
                                     project_id=1, progress=lambda *r: reports.append(r))
     assert ids == list(range(n)) and outcome.from_store == n and sorted(outcome.skipped) == list(range(n, n + 5))
+    assert outcome.second_only == 0  # its image is gone: it was not ranked, so the summary does not count it
+    # now its image is there: only the second opinion runs on it, and the summary says so
+    from backend.datasets.shapes import generate_samples
+
+    (tmp_path / "no-images" / "gone").mkdir(parents=True)
+    generate_samples(1, seed=3)[0][0].save(tmp_path / "no-images" / "gone" / "new0.png")
+    outcome, _, ids = run_selection(more, RECT, fetcher, primary, config, second=second, store=store, scores=scores,
+                                    project_id=1, progress=lambda *r: None)
+    assert n in ids and outcome.predicted == 1 and outcome.second_only == 1
     last = {stage: (done, total) for stage, done, total in reports}
     assert last == {"looked up in the store": (n + 5, n + 5),
                     f"predict 5 not stored ({n} from the store; 1 of them lack only the second opinion)": (5, 5)}

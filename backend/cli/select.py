@@ -188,7 +188,9 @@ def select(
         f"{len(outcome.entries)} {'selected (dry run: Label Studio untouched)' if dry_run else 'queued'} of "
         f"{outcome.candidates} unlabeled ({outcome.labeled} labeled) "
         f"in {outcome.seconds:.1f} s; {outcome.from_store} ranked from stored predictions, {outcome.predicted} "
-        "predicted now" + (f"; {len(outcome.skipped)} skipped (unreadable images)" if outcome.skipped else "")
+        "predicted now" + (f" ({outcome.second_only} of them by the second opinion only: their CNN predictions "
+                           "were stored)" if outcome.second_only else "")
+        + (f"; {len(outcome.skipped)} skipped (unreadable images)" if outcome.skipped else "")
     )
     for task_id, why in list(outcome.skipped.items())[:10]:
         console.print(f"  [yellow]skipped task {task_id}:[/] {why}")
