@@ -310,3 +310,20 @@ def test_accept_refuses_then_accepts_exactly_the_agreed_tasks_undo_reverts_and_r
     assert again.returncode == 0 and "0 auto-accepted annotations deleted; 1 kept (changed by a person since); " \
         f"auto-accept fields cleared from 0 tasks (there was no view '{AUTO_VIEW}')" in said(again), said(again)
     assert all(t.data.get("tandem_pick") == CONTROL_PICK for t in p.tasks() if t.id in p.ids["good"])
+
+
+def test_report_plots_with_nothing_reviewed_yet_are_written_and_say_why_they_are_empty(tmp_path):
+    """A new project: the three PNGs are still written (nothing crashes on empty arrays), each with a note."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from backend.cli.report import write_plots
+
+    data = SimpleNamespace(scores=np.zeros(0), correct=np.zeros(0, bool), regions=0, source="no verified tasks")
+    files = write_plots(tmp_path / "plots", {}, [], data)
+    assert [f.name for f in files] == ["edit_rates.png", "reliability.png", "precision_coverage.png"]
+    for f in files:
+        with Image.open(f) as im:
+            assert im.size[0] > 300 and len(set(im.convert("L").getdata())) > 2  # drawn, not a blank canvas

@@ -83,6 +83,9 @@ def write_plots(out: Path, summaries, items, data) -> list[Path]:
     x = range(len(versions))
     for k in kinds:
         ax.plot(x, [s.counts.rate(k) for s in versions], marker="o", label=k)
+    if not versions:
+        ax.text(0.5, 0.5, "no reviewed task with a stored pre-annotation yet", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9, color="grey")
     ax.set_xticks(list(x), [s.model_version for s in versions], rotation=20, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of predicted regions (missed: of final)")
@@ -105,6 +108,9 @@ def write_plots(out: Path, summaries, items, data) -> list[Path]:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.05)
     ax.set_title("Reliability: confidence vs acceptance")
+    if not ok.any():
+        ax.text(0.5, 0.5, "no reviewed pre-annotated region yet", ha="center", va="center", transform=ax.transAxes,
+                fontsize=9, color="grey")
     ax.legend()
     fig.tight_layout()
     files.append(out / "reliability.png")
@@ -115,6 +121,10 @@ def write_plots(out: Path, summaries, items, data) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     if len(coverage):
         ax.plot(coverage, precision, marker=".")
+    else:  # an empty frame reads as a bug: say why it is empty
+        ax.text(0.5, 0.5, "no verified task where both models answered yet:\nnothing to plot (tandem accept "
+                "says how many it needs)", ha="center", va="center", transform=ax.transAxes, fontsize=9,
+                color="grey")
     ax.set_xlabel("coverage (share of final regions auto-accepted)")
     ax.set_ylabel("precision of auto-accepted regions")
     ax.set_xlim(0, 1)
