@@ -185,3 +185,23 @@ def test_the_per_class_table_of_a_choices_project_counts_choices():
     # predicted cat on tasks 2 and 4 (old CNN), kept on 4; dog on task 1 (old) and 2 (retrained), kept on 2
     assert per_class_rows(everything.per_class) == [("class", "predicted", "accepted"), ("cat", "2", "1 (50%)"),
                                                     ("dog", "2", "1 (50%)")]
+
+
+def test_a_vlm_that_pre_annotated_before_a_cnn_was_bound_counts_as_the_second_opinion(tmp_path):
+    """CLIP pre-annotated project 2 alone (rows stored as "pre-annotation"); then a CNN was bound beside it and
+    CLIP became the second opinion. `tandem select` ranked with its stored rows; accept and report said there was
+    no second opinion. The project's second opinion now is read from its state and the registry."""
+    from backend.cli.accept import second_versions
+    from backend.storage.projects import ProjectRepo
+
+    rows = [row(5, VLM, Role.PRE_ANNOTATION, "dog"), row(5, OLD, Role.PRE_ANNOTATION, "dog")]
+    assert by_id(gather([task(5, "dog", 10)], CFG, rows, 2))[5].second is None  # by role alone: none
+    db = str(tmp_path / "tandem.db")
+    registry = Registry(db)
+    registry.record_served(VLM, "clip", "vlm:classify", "/models/clip")
+    registry.record_served(OLD, "cnn", "classify", "/models/cnn.pt")
+    assert second_versions(db, 2) == frozenset()  # no state for project 2 yet
+    ProjectRepo(db).update(2, model="/models/cnn.pt", served_second_opinion="/models/clip")
+    assert second_versions(db, 2) == {VLM}
+    ev = by_id(gather([task(5, "dog", 10)], CFG, rows, 2, second_versions=second_versions(db, 2)))[5]
+    assert ev.second is not None and set(ev.shown) == {OLD}

@@ -82,7 +82,8 @@ def _size(item: Mapping[str, Any]) -> tuple[int, int] | None:
 
 
 def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_id: int,
-           control_name: str | None = None, learned_at: Mapping[str, float] | None = None) -> ProjectEvidence:
+           control_name: str | None = None, learned_at: Mapping[str, float] | None = None,
+           second_versions: frozenset[str] = frozenset()) -> ProjectEvidence:
     """Label Studio tasks (with annotations) + stored rows -> the evidence per task, for one control.
 
     The control is `control_name`, else the first of the config that stored predictions fill. `learned_at` maps
@@ -90,6 +91,8 @@ def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_
     by then, such a version's prediction is left out. It may have learned that very annotation, so agreeing
     with it proves nothing (a calibration on it would promise a precision the models do not have), and no
     annotator was shown it. Versions not in `learned_at` (hub, starter or bound weights) always count.
+    `second_versions` are the project's second opinion now: their rows count as its, whatever role they were
+    stored under (a VLM that pre-annotated the project before a CNN was bound beside it).
     """
     from active_learning.queue import CONTROL_PICK, is_auto_accepted
     from backend.convert.labelstudio import from_results
@@ -132,7 +135,7 @@ def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_
         # agreement, calibration and the report read what each model showed (its regions at the serving
         # threshold): auto-accepting a task is accepting its pre-annotation unreviewed, and a faint candidate
         # below the threshold is no region of it
-        if r.role == Role.SECOND_OPINION:
+        if r.role == Role.SECOND_OPINION or r.model_version in second_versions:
             ev.second = as_shown(p, r.item, control)
         else:
             ev.shown[r.model_version] = as_shown(p, r.item, control)
@@ -282,8 +285,8 @@ def no_second_opinion(evidence: ProjectEvidence) -> str | None:
     p = evidence.project_id
     return (f"auto-accept needs a second opinion, and no task of project {p} has one stored for control "
             f"'{evidence.control.name}' (on reviewed tasks, only one made before the review counts): serve one (`tandem serve --second-opinion MODEL`, or `tandem models bind "
-            f"--project {p} --second-opinion MODEL`), then let it predict the tasks (`tandem select` or `tandem "
-            f"predict --project {p}`)")
+            f"--project {p} --second-opinion MODEL`), then let it predict the tasks (`tandem select --project {p}` "
+            "runs it on every task that lacks its prediction)")
 
 
 def refuse_without_second_opinion(evidence: ProjectEvidence, queue) -> None:
@@ -311,6 +314,22 @@ def learned_versions(database_url: str, project: int) -> dict[str, float]:
         registry.close()
 
 
+def second_versions(database_url: str, project: int) -> frozenset[str]:
+    """The versions of the model that is the project's second opinion now (its binding, else what served it)."""
+    from backend.registry import Registry
+    from backend.storage.projects import ProjectRepo
+
+    state = ProjectRepo(database_url).get(project)
+    spec = state and (state.second_opinion or state.served_second_opinion)
+    if not spec:
+        return frozenset()
+    registry = Registry(database_url)
+    try:
+        return frozenset(v.version for v in registry.versions() if spec in (v.version, v.path))
+    finally:
+        registry.close()
+
+
 def load_evidence(settings, project: int, control: str | None = None):
     """Read the project from Label Studio and the store; a failure is one clear line and exit 2."""
     from active_learning.queue import LabelStudioQueue
@@ -322,7 +341,8 @@ def load_evidence(settings, project: int, control: str | None = None):
         tasks = queue.tasks()
         config = queue.label_config()
         rows = PredictionRepo(settings.database_url).for_project(project)
-        return queue, gather(tasks, config, rows, project, control, learned_versions(settings.database_url, project))
+        return queue, gather(tasks, config, rows, project, control, learned_versions(settings.database_url, project),
+                             second_versions(settings.database_url, project))
     except TandemError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
