@@ -281,3 +281,14 @@ def test_models_bind_says_when_the_project_never_connected(tmp_path, detect_weig
     shown = subprocess.run([*TANDEM, "models", "bind", "--project", "98"], capture_output=True, text=True, env=env,
                            timeout=120)
     assert shown.returncode == 0 and "project 98 has not connected" in shown.stderr
+
+
+def test_logs_written_to_a_file_are_one_line_per_record():
+    """`nohup tandem serve > log 2>&1`: a task's reason must be one greppable line, not wrapped at 80 columns."""
+    code = ("import logging; from backend.cli.common import setup_logging; setup_logging('info'); "
+            "logging.getLogger('tandem.predict').warning('task 74: image /data/local-files/?d=hostile/bomb.png ' + "
+            "'is over the 80000000-pixel limit ' + 'x' * 120)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "WARNING" in lines[0] and lines[0].endswith("x" * 120), proc.stderr
+    assert "task 74: image /data/local-files/?d=hostile/bomb.png is over the 80000000-pixel limit" in lines[0]
