@@ -180,6 +180,7 @@ def test_unservable_configs_are_4xx_with_the_reason(tmp_path, samples, detect_ad
     with _serve(tmp_path, root, detect_adapter) as srv:
         r = httpx.post(f"{srv.url}/setup", json={"project": "1.1", "schema": unknown_labels})
         assert r.status_code == 422 and "square, circle, triangle" in r.json()["detail"]
+        assert "--pre-annotator vlm" in r.json()["detail"]  # the other way out: a model that names any label
         # refused: Label Studio connects nothing, so the server records no project (it would warn about it later)
         assert ProjectRepo(Settings(home=tmp_path / "home").database_url).get(1) is None
         r = httpx.post(f"{srv.url}/predict", json={"tasks": [task(0, f"{truth[0].name}.png")], "label_config": CHOICES})

@@ -87,7 +87,9 @@ class LabelSpace:
             raise ConfigError(
                 f"none of the model's classes ({', '.join(list(class_names)[:12])}) matches a label of control "
                 f"'{control.name}' ({', '.join(by_result)}); add predicted_values=\"...\" to the labels or set a "
-                "label_map (TANDEM_LABEL_MAP or the backend's extra_params)"
+                "label_map (TANDEM_LABEL_MAP or the backend's extra_params), or let an open-vocabulary model, "
+                "which names any label, pre-annotate the project (tandem models bind --project ID --second-opinion "
+                "VLM --pre-annotator vlm)"
             )
         return cls(control=control.name, by_class=mapping, class_names=tuple(class_names),
                    label_names=tuple(by_result))
