@@ -85,6 +85,7 @@ class ServingPlan:
     name: str
     fingerprint: str
     min_confidence: float = 0.0  # boxes below it are stored (for scoring) but not shown to annotators
+    made_with: str = ""  # the thresholds its items are made under: a stored item made under others is redone
 
     @property
     def image_keys(self) -> list[str]:
@@ -147,7 +148,23 @@ def plan_for(
             "by default (tandem serve --model WEIGHTS)"
         )
     fp = fingerprint(label_config, dict(label_map or {}), dict(prompts or {}), case_sensitive)
-    return ServingPlan(config, tuple(planned), adapter.version, adapter.name, fp, min_confidence)
+    return ServingPlan(config, tuple(planned), adapter.version, adapter.name, fp, min_confidence,
+                       made_with(adapter, min_confidence))
+
+
+def made_with(adapter: Model, min_confidence: float) -> str:
+    """A stamp of what shapes a model's items besides its weights: the serving threshold and a VLM's own
+    thresholds (a zero-shot detector's, SAM 3's). It is not part of the store's key, which the two models of a
+    task share by design (the scorer pairs them by it): the serving cache checks it instead."""
+    found: dict[str, Any] = {"min_confidence": min_confidence}
+    options = getattr(adapter, "options", None)
+    if options is not None and hasattr(options, "__dataclass_fields__"):
+        found.update({k: v for k, v in vars(options).items() if k != "batch_size" and isinstance(v, (int, float))})
+    for name in ("threshold", "text_threshold", "iou", "max_det"):
+        value = getattr(adapter, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[name] = value
+    return fingerprint(found)
 
 
 def image_url(task: Mapping[str, Any], key: str) -> str | None:
@@ -269,7 +286,7 @@ class Predictor:
         keys = self._keys(tasks, plan)
         items: list[dict[str, Any] | None] = [None] * len(tasks)
         if self.store is not None:
-            cached = self._stored([k for k in keys if k is not None])
+            cached = self._stored([k for k in keys if k is not None], plan.made_with or None)
             for i, key in enumerate(keys):
                 if key in cached:
                     items[i] = cached[key]
@@ -308,10 +325,10 @@ class Predictor:
                 on_overflow([tasks[i] for i in rest])
         return items  # type: ignore[return-value]
 
-    def _stored(self, keys: list) -> dict:
+    def _stored(self, keys: list, made_with: str | None = None) -> dict:
         """Stored items by key; none while the database does not answer (the tasks are predicted instead)."""
         try:
-            found = self.store.get_items(keys)
+            found = self.store.get_items(keys, made_with)
         except Exception as exc:  # noqa: BLE001 - only an unavailable database is passed over
             if not is_unavailable(exc):
                 raise
@@ -323,7 +340,8 @@ class Predictor:
     def _save(self, pairs, plan: ServingPlan, project_id: int | None, role: str) -> None:
         if self.store is None:
             return
-        rows = [PredictionRow(key[0], key[1], key[2], project_id, plan.name, str(role), item, controls)
+        rows = [PredictionRow(key[0], key[1], key[2], project_id, plan.name, str(role), item, controls,
+                              plan.made_with or None)
                 for key, (item, controls) in pairs if key is not None and "result" in item]
         if rows:
             self.store.put_many_later(rows, then=self.on_stored)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import subprocess
 import sys
 
@@ -65,12 +66,19 @@ def test_the_server_lives_through_a_database_outage(cluster, detect_adapter, tmp
         assert "did not answer" in detail and "\n" not in detail and "TANDEM_DATABASE_URL" in detail
         jobs = httpx.get(f"{srv.url}/jobs")
         assert jobs.status_code == 503
+        time.sleep(6)  # the job reaper and the version watcher go round every 0.5-2 s meanwhile
         text = caplog.text
         assert "Traceback" not in text and not any(r.exc_info for r in caplog.records)
         said = [r for r in caplog.records if "did not answer" in r.getMessage()]
         assert 1 <= len(said) <= 6, [r.getMessage() for r in said]  # once per kind of work, not per request
+        reaper = [r.getMessage() for r in caplog.records if r.getMessage().startswith("job reaper")]
+        assert len(reaper) <= 1 and "answers again" not in text, reaper  # no flapping while it is down
 
         cluster.resume()
+        deadline = time.monotonic() + 30
+        while "job reaper: the database answers again" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "job reaper: the database answers again" in caplog.text
         r = httpx.post(f"{srv.url}/predict", json={"project": "5.1", "label_config": RECT,
                                                    "tasks": [task(9, names[1])]}, timeout=60)
         assert r.status_code == 200

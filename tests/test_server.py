@@ -321,3 +321,38 @@ def test_serving_a_model_a_connected_project_cannot_use_is_said(tmp_path, sample
         assert len(said) == 1 and "project 6 (connected to a server with this database)" in said[0]
         assert classify_adapter.version in said[0] and "cannot fill" in said[0]
         assert said[0].count("tandem models bind") == 1 and "tandem models bind --project 6 --model" in said[0]
+
+
+def test_a_new_threshold_is_not_answered_from_items_made_under_the_old_one(tmp_path, samples, detect_adapter):
+    """The store's key is shared by a task's two models, so thresholds are not in it; the serving cache checks
+    the stamp they leave instead. A stored item made under another threshold is predicted again and overwritten;
+    one from before stamps existed is served as it is."""
+    from backend.media.fetch import MediaFetcher, MediaSettings
+    from backend.predict import Predictor, plan_for, task_key
+    from backend.storage.predictions import PredictionRepo
+
+    root, truth, _ = samples
+    store = PredictionRepo(f"sqlite:///{tmp_path / 'tandem.sqlite3'}")
+    predictor = Predictor(MediaFetcher(MediaSettings(local_files_root=root)), store=store)
+    one = task(1, f"{truth[0].name}.png")
+    shown_all = plan_for(detect_adapter, RECT, min_confidence=0.0)
+    strict = plan_for(detect_adapter, RECT, min_confidence=0.9999)
+    assert shown_all.fingerprint == strict.fingerprint and shown_all.made_with != strict.made_with
+    key = task_key(one, shown_all)
+    first = predictor.predict([one], shown_all, project_id=1)[0]
+    store.flush()
+    assert first["result"] and store.for_project(1)[0].made_with == shown_all.made_with
+    again = predictor.predict([one], strict, project_id=1)[0]  # not the stored item: made under 0.0
+    store.flush()
+    assert len(again["result"]) < len(first["result"])
+    (row,) = store.for_project(1)
+    assert row.key == key and row.made_with == strict.made_with  # overwritten in place
+    assert store.get_items([key], strict.made_with)[key]["result"] == again["result"]
+    assert store.get_items([key], shown_all.made_with) == {}
+    # a row from before stamps (NULL) is served whatever the thresholds
+    store.put_many([row.__class__(*[getattr(row, f) for f in ("task_id", "model_version", "fingerprint",
+                                                               "project_id", "model_name", "role", "item",
+                                                               "controls")])])
+    assert store.get_items([key], "any-stamp")[key]["result"] == again["result"]
+    predictor.close()
+    store.close()

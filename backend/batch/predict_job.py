@@ -218,7 +218,7 @@ class PredictJob:
                 continue
             key = task_key(task, self.plan)
             rows.append(PredictionRow(key[0], key[1], key[2], self.project_id, self.plan.name, str(self.options.role),
-                                      item, controls))
+                                      item, controls, self.plan.made_with or None))
             ok.append((task["id"], key))
         self.store.put_many(rows)  # the ledger first: a task stored is never predicted again
         self._add(done=len(ok), predicted=len(ok), failed=len(failures), failures=failures)

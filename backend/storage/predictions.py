@@ -24,7 +24,7 @@ from sqlalchemy import delete, select
 
 from backend.core.prediction import Prediction
 from backend.storage.db import engine_for, insert_for
-from backend.storage.outage import OutageLog
+from backend.storage.outage import OutageLog, is_unavailable
 from backend.storage.tables import predictions as T
 
 log = logging.getLogger("tandem.store")
@@ -47,6 +47,7 @@ class PredictionRow:
     role: str
     item: Mapping[str, Any]  # the Label Studio prediction: result, score, model_version
     controls: Mapping[str, Prediction] = field(default_factory=dict)  # control name -> prediction in its labels
+    made_with: str | None = None  # the thresholds it was made under (backend.predict.made_with)
 
     @property
     def key(self) -> Key:
@@ -68,7 +69,8 @@ def decode_controls(record: str | None, embedding: bool = True) -> dict[str, Pre
 def _upsert(dialect: str):
     """One statement executed for many rows (executemany): compiled once, not once per chunk of values."""
     stmt = insert_for(dialect)(T)
-    keep = {c: stmt.excluded[c] for c in ("project_id", "role", "model_name", "item", "record", "created_at")}
+    keep = {c: stmt.excluded[c] for c in ("project_id", "role", "model_name", "item", "record", "created_at",
+                                          "made_with")}
     return stmt.on_conflict_do_update(index_elements=["task_id", "model_version", "fingerprint"], set_=keep)
 
 
@@ -87,7 +89,7 @@ class PredictionRepo:
         values = [
             {"task_id": r.task_id, "model_version": r.model_version, "fingerprint": r.fingerprint,
              "project_id": r.project_id, "role": r.role, "model_name": r.model_name,
-             "item": json.dumps(r.item), "record": _record(r.controls), "created_at": now}
+             "item": json.dumps(r.item), "record": _record(r.controls), "created_at": now, "made_with": r.made_with}
             for r in rows
         ]
         if not values:
@@ -108,13 +110,19 @@ class PredictionRepo:
                 self.put_many(rows)
                 self._outage.ok()
             except Exception as exc:  # noqa: BLE001 - a cache: serving goes on without it
-                self._outage.failed(exc)
+                if is_unavailable(exc):  # one line per outage, not a traceback per write
+                    self._outage.failed(exc)
+                else:
+                    log.exception("could not store %d predictions", len(rows))
                 return
             if then is not None:
                 try:
                     then(rows)
-                except Exception:
-                    log.exception("after storing %d predictions", len(rows))
+                except Exception as exc:  # noqa: BLE001 - scoring them: done again from the store later
+                    if not is_unavailable(exc):
+                        log.exception("after storing %d predictions", len(rows))
+                    else:
+                        self._outage.failed(exc)
 
         self._last_write = self._writer.submit(write)
 
@@ -131,9 +139,13 @@ class PredictionRepo:
         self._writer.shutdown(wait=True)
 
     # -- reads ----------------------------------------------------------------------------------------
-    def get_items(self, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
-        """key -> the stored Label Studio item, for the keys that exist."""
-        return {k: json.loads(item) for k, item in self.get_item_texts(keys).items()}
+    def get_items(self, keys: Sequence[Key], made_with: str | None = None) -> dict[Key, dict[str, Any]]:
+        """key -> the stored Label Studio item, for the keys that exist; with `made_with`, only items made under
+        those thresholds (or before they were recorded): others are predicted again and overwritten."""
+        if made_with is None:
+            return {k: json.loads(item) for k, item in self.get_item_texts(keys).items()}
+        return {k: json.loads(item) for k, (item, stamp) in self._rows(keys, T.c.item, T.c.made_with)
+                if item and stamp in (None, made_with)}
 
     def stored_keys(self, keys: Sequence[Key]) -> set[Key]:
         """The keys that have a stored prediction, reading none of them (a job's ledger check)."""
@@ -154,11 +166,11 @@ class PredictionRepo:
         at once made Python's garbage collector, not the parsing, the cost)."""
         return {k: rec for k, rec in self._rows(keys, T.c.record) if rec}
 
-    def _rows(self, keys: Sequence[Key], column) -> Iterator[tuple[Key, str | None]]:
+    def _rows(self, keys: Sequence[Key], column, also=None) -> Iterator[tuple[Key, Any]]:
         """By version, then task ids through the primary key's index (a row-value IN makes SQLite scan the
-        table once per chunk); the fingerprint is checked here."""
+        table once per chunk); the fingerprint is checked here. With `also`, values are (column, also) pairs."""
         self.flush()
-        cols = [T.c.task_id, T.c.fingerprint, column]
+        cols = [T.c.task_id, T.c.fingerprint, column, *([also] if also is not None else [])]
         wanted: dict[str, dict[int, set[str]]] = {}
         for task_id, version, fp in keys:
             wanted.setdefault(version, {}).setdefault(task_id, set()).add(fp)
@@ -170,7 +182,7 @@ class PredictionRepo:
                                                 T.c.model_version == version)
                     for row in conn.execute(query):
                         if row[1] in tasks[row[0]]:
-                            yield (row[0], version, row[1]), row[2]
+                            yield (row[0], version, row[1]), (row[2] if also is None else (row[2], row[3]))
 
     def for_project(self, project_id: int, role: str | None = None, model_version: str | None = None
                     ) -> list[PredictionRow]:
@@ -184,7 +196,8 @@ class PredictionRepo:
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [PredictionRow(r["task_id"], r["model_version"], r["fingerprint"], r["project_id"], r["model_name"],
-                              r["role"], json.loads(r["item"]), decode_controls(r["record"])) for r in rows]
+                              r["role"], json.loads(r["item"]), decode_controls(r["record"]), r["made_with"])
+                for r in rows]
 
     def count(self, project_id: int | None = None) -> int:
         from sqlalchemy import func

@@ -27,6 +27,8 @@ predictions = Table(
     Column("item", Text, nullable=False),
     Column("record", Text, nullable=True),
     Column("created_at", Float, nullable=False),
+    # the thresholds it was made under (backend.predict.made_with); NULL: made before they were recorded
+    Column("made_with", String(32), nullable=True),
     Index("stored_predictions_by_project", "project_id", "model_version"),
 )
 

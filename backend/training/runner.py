@@ -267,10 +267,12 @@ class LocalRunner:
         while not self._stop.wait(pause):
             try:
                 self.reap()
+                asked = False  # whether this round asked the database anything: only then is it "back"
                 if time.monotonic() - self._last_adopt >= ADOPT_EVERY_S:
                     self._last_adopt = time.monotonic()
                     for job in reap_abandoned(self.store, skip=set(self.running())):
                         self._done(job)
+                    asked = True
                     if self.take_over:
                         self._take_over_queue()
                 self._start_queued()
@@ -278,7 +280,8 @@ class LocalRunner:
                     self._last_logs = time.monotonic()
                     self._publish_running_logs()
                 pause = 0.5
-                outage.ok()
+                if asked:
+                    outage.ok()
             except Exception as exc:  # noqa: BLE001 - the reaper outlives any error: a full disk, a locked database
                 self.errors += 1
                 outage.failed(exc)
