@@ -74,8 +74,8 @@ def serve(
     ] = None,
     vlm_threshold: Annotated[float | None, typer.Option(
         help="Minimum score of the VLM's boxes or masks: a zero-shot detector's (default: its family's, e.g. "
-             "OWLv2 0.1) or SAM 3's (0.4). It applies to tasks predicted from now on: a task's stored prediction "
-             "is reused until the model's version changes.")] = None,
+             "OWLv2 0.1) or SAM 3's (0.4). A task's stored prediction made under another threshold is predicted "
+             "again when Label Studio asks for it.")] = None,
     predict_budget: Annotated[
         float | None, typer.Option(help="Seconds per /predict call before the rest go to the background (60).")
     ] = None,
