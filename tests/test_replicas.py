@@ -201,13 +201,29 @@ def pair(postgres_cluster, label_studio, detect_weights, tmp_path_factory):
         dispose(database_url)
 
 
-def _project(label_studio, title: str, n: int, seed: int):
+def _project(label_studio, title: str, n: int, seed: int, both_splits: bool = False):
+    """A project of `n` generated tasks. `both_splits`: `n` tasks with at least one on each side of the frozen
+    validation split (a hash of project and task id), uploading more where needed; without it a job on a few
+    annotated tasks may find no validation task at all, depending on the ids Label Studio handed out."""
+    from backend.training.export import is_validation
+
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
     project = client.projects.create(title=title, label_config=RECT)
-    items = generate_samples(n, seed=seed)
-    upload_images(label_studio.url, label_studio.token, project.id,
-                  {f"{s.name}.png": png_bytes(img) for img, s in items})
-    return client, project, items, _tasks_by_name(client, project.id)
+    items, batch = [], 0
+    while True:
+        more = generate_samples(n, seed=seed + 1000 * batch)
+        upload_images(label_studio.url, label_studio.token, project.id,
+                      {f"{s.name}.png": png_bytes(img) for img, s in more})
+        items += more
+        tasks = _tasks_by_name(client, project.id)
+        split = {s.name: is_validation(project.id, tasks[f"{s.name}.png"]["id"]) for _, s in items}
+        if not both_splits or len(set(split.values())) == 2:
+            break
+        batch += 1
+    if both_splits:  # n of them: the first validation task and the first n - 1 training ones
+        val = [it for it in items if split[it[1].name]][:1]
+        items = val + [it for it in items if not split[it[1].name]][: n - 1]
+    return client, project, items, tasks
 
 
 def _annotate(client, tasks, items) -> None:
@@ -261,7 +277,8 @@ def test_webhooks_alternating_between_replicas_start_exactly_one_job(pair, label
 
 
 def test_a_promotion_through_one_replica_is_served_by_the_other_within_10_s(pair, label_studio):
-    client, project, items, tasks = _project(label_studio, "tandem replicas: promotion", 5, 4202)
+    client, project, items, tasks = _project(label_studio, "tandem replicas: promotion", 5, 4202,
+                                               both_splits=True)
     _annotate(client, tasks, items)  # before the backend is connected: no webhook counts these
     _connect(client, project.id, pair.url)
     old = httpx.get(f"{pair.b.url}/health", params={"project": project.id}).json()["model_version"]
@@ -304,7 +321,8 @@ def test_a_promotion_through_one_replica_is_served_by_the_other_within_10_s(pair
 
 def test_kill_9_of_the_replica_running_a_job(pair, label_studio):
     """Last in this module: replica A stays dead."""
-    client, project, items, tasks = _project(label_studio, "tandem replicas: kill -9", 5, 4303)
+    client, project, items, tasks = _project(label_studio, "tandem replicas: kill -9", 5, 4303,
+                                               both_splits=True)
     _annotate(client, tasks, items)
     queued = httpx.post(f"{pair.a.url}/train", json={"project": project.id, "reason": "to be orphaned",
                                                      "params": LONG_TRAINING}).json()
