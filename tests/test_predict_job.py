@@ -242,14 +242,27 @@ def test_modal_runner_fans_chunks_out_over_the_volume(label_studio, detect_weigh
 
 
 def test_a_job_on_a_project_that_does_not_exist_fails_in_one_line(label_studio, detect_weights, tmp_path):
-    """The job's stored error (GET /predict-jobs/N shows it) is Label Studio's answer, never the SDK's text with
-    the response headers and their session cookie; the CLI does not advise running it again."""
-    from backend.batch.records import PredictJobs
+    """`tandem predict` on a wrong project id says so in one line and leaves no failed job behind; a job that
+    was already open (the server's, or `--job N`) records the failure, and its stored error (GET
+    /predict-jobs/N shows it) is Label Studio's answer, never the SDK's text with the response headers and
+    their session cookie; the CLI does not advise running it again."""
+    from backend.batch.records import PredictJobs, new_holder_id
 
     home = tmp_path / "home"
     proc = subprocess.run(_predict_cmd(99999, detect_weights), env=_env(label_studio, home), capture_output=True,
                           text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Label Studio answered 404" in out and "run it again" not in out, out
-    (job,) = PredictJobs(Settings(home=home).database_url).store.list(99999)
+    records = PredictJobs(Settings(home=home).database_url)
+    assert records.store.list(99999) == []
+
+    handed_by = new_holder_id()  # as POST /predict-jobs opens one for the process it starts
+    opened = records.create(99999, "local", {"model": str(detect_weights)}, holder=handed_by)
+    proc = subprocess.run(_predict_cmd(99999, detect_weights, "--job", str(opened.id)),
+                          env={**_env(label_studio, home), "TANDEM_PREDICT_HANDED_BY": handed_by},
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Label Studio answered 404" in out and "run it again" not in out, out
+    (job,) = records.store.list(99999)
+    assert job.id == opened.id and job.status.value == "failed"
     assert "404" in job.error and "set-cookie" not in job.error and "sessionid" not in job.error, job.error

@@ -123,6 +123,10 @@ def run_project(settings: Settings, project_id: int, *, model: str | None = None
     records = PredictJobs(settings.database_url)
     params = {"model": model, "concurrency": options.concurrency, "batch": options.batch, "engine": engine}
     holder = new_holder_id()
+    # A job the caller did not name is opened only once the project and model are known to work: a wrong
+    # project id or an unreachable Label Studio leaves no failed record behind. A named job (the server's, or
+    # `--job`) exists already, so what stops it is recorded on it.
+    prepared = prepare(settings, project_id, model) if job_id is None else None
     job = open_job(records, project_id, runner, params, holder, job_id, handed_by)
     if on_job:
         on_job(job)
@@ -147,7 +151,7 @@ def run_project(settings: Settings, project_id: int, *, model: str | None = None
 
     store = pipeline = None
     try:
-        prepared = prepare(settings, project_id, model)
+        prepared = prepared or prepare(settings, project_id, model)
         client = LabelStudio(base_url=prepared.url, api_key=prepared.token)
         media = settings.media()
         media.label_studio_url, media.api_key = prepared.url, prepared.token
