@@ -283,6 +283,28 @@ def test_models_bind_says_when_the_project_never_connected(tmp_path, detect_weig
     assert shown.returncode == 0 and "project 98 has not connected" in shown.stderr
 
 
+def test_models_bind_refuses_weights_that_do_not_load(tmp_path, detect_weights):
+    """A 0-byte or foreign file, or a folder without a model, is refused with the loader's reason and binds
+    nothing; a server would otherwise fall back to its defaults in a log line nobody reads."""
+    from backend.storage.projects import ProjectRepo
+
+    env = _env(tmp_path)
+    empty, foreign, folder = tmp_path / "empty.pt", tmp_path / "notes.pt", tmp_path / "not-a-model"
+    empty.write_bytes(b"")
+    foreign.write_text("these are not weights\n")
+    folder.mkdir()
+    for option, spec, reason in (("--model", empty, "the file is empty"), ("--model", foreign, "cannot load YOLO"),
+                                 ("--second-opinion", folder, "has no config.json")):
+        proc = subprocess.run([*TANDEM, "models", "bind", "--project", "5", option, str(spec)], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert proc.returncode == 2 and "not bound" in proc.stderr and reason in proc.stderr, proc.stderr
+    assert ProjectRepo(Settings(home=tmp_path / "home").database_url).get(5) is None
+    proc = subprocess.run([*TANDEM, "models", "bind", "--project", "5", "--model", str(detect_weights)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and ProjectRepo(Settings(home=tmp_path / "home").database_url).get(5).model == \
+        str(detect_weights.resolve())
+
+
 def test_logs_written_to_a_file_are_one_line_per_record():
     """`nohup tandem serve > log 2>&1`: a task's reason must be one greppable line, not wrapped at 80 columns."""
     code = ("import logging; from backend.cli.common import setup_logging; setup_logging('info'); "

@@ -63,6 +63,25 @@ def _require_loadable(found, settings) -> None:
         raise typer.Exit(2) from exc
 
 
+def _require_spec_loads(spec: str, settings) -> None:
+    """A file or folder bound to a project loads here as the server would load it (on the CPU), or the binding
+    is refused: a server would otherwise fall back to its defaults at the project's next request, in a log line
+    nobody reads. Hub ids are not fetched here; registry versions were checked when they were made."""
+    from pathlib import Path
+
+    from backend.errors import TandemError
+    from backend.server.projects import load_spec
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        console.print(f"checking that {spec} loads…")
+    try:
+        load_spec(settings.model_copy(update={"device": "cpu"}), None, str(path))
+    except TandemError as exc:
+        console.print(f"[red]error:[/] not bound: {exc}")
+        raise typer.Exit(2) from exc
+
+
 @models_app.command("promote")
 def models_promote(version: str, home: Home = None) -> None:
     """Serve VERSION now, a CNN or a VLM version (a running server swaps within seconds)."""
@@ -166,6 +185,8 @@ def models_bind(
             console.print(f"[red]error:[/] {spec} is neither a registry version (tandem models list) nor a file or "
                           "folder here, nor a hub id")
             raise typer.Exit(2)
+        if spec and registry.get(spec) is None and Path(spec).expanduser().exists():
+            _require_spec_loads(spec, settings)
     projects = ProjectRepo(settings.database_url)
     if clear:
         projects.update(project, model=None, second_opinion=None, pre_annotator=None)
