@@ -156,6 +156,39 @@ def test_killed_job_resumes_and_predicts_no_task_twice(label_studio, detect_weig
     assert len(tasks) == n and all(t.total_predictions == 1 for t in tasks)  # none twice, none missing
 
 
+def test_a_new_threshold_makes_stored_predictions_again_and_replaces_them_in_label_studio(
+        label_studio, detect_weights, tmp_path):
+    """`TANDEM_CONF` changed: the job's ledger does not count items stored under the old threshold as done (as
+    /predict does not serve them); each is made again, and Label Studio ends with one prediction per task, the
+    new one, not two of the same version."""
+    n = 12
+    project = _project(label_studio, "predict job new threshold", n)
+    home = tmp_path / "home"
+    store, records = PredictionRepo(Settings(home=home).database_url), PredictJobs(Settings(home=home).database_url)
+    stamps: dict[str, str] = {}  # threshold -> the one stamp every stored row carries after a run under it
+    for conf, predicted, redone in (("0.6", n, 0), ("0.05", n, n), ("0.05", 0, 0)):
+        proc = subprocess.run(_predict_cmd(project, detect_weights, "--batch", "4"),
+                              env={**_env(label_studio, home), "TANDEM_CONF": conf}, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        job = max(records.list(project), key=lambda j: j.id)
+        assert (job.progress["predicted"], job.progress["redone"]) == (predicted, redone), job.progress
+        assert job.progress["done"] == n and job.progress["failed"] == 0
+        (stamp,) = {r.made_with for r in store.for_project(project)}
+        stamps[conf] = stamps.get(conf, stamp)
+        assert stamp == stamps[conf] and None not in stamps.values()
+        tasks = _ls_tasks(label_studio, project)
+        assert all(t.total_predictions == 1 for t in tasks), [t.total_predictions for t in tasks]
+        items = {r.task_id: r.item for r in store.for_project(project)}
+        for t in tasks:  # what Label Studio shows is what the store holds
+            assert len(t.predictions[0].result) == len(items[t.id]["result"])
+        if redone:
+            assert f"{n} of them were stored under other thresholds" in proc.stderr + proc.stdout
+    assert stamps["0.6"] != stamps["0.05"]
+    regions = [len(t.predictions[0].result) for t in _ls_tasks(label_studio, project)]
+    assert sum(regions) > 0
+
+
 def _photo(i: int) -> bytes:
     """A 4000x3000 JPEG with a few large shapes (about 200 KB; 36 MB once decoded)."""
     rng = np.random.default_rng(i)

@@ -53,6 +53,12 @@ class MemoryWriter:
             self.items[tid] = item
         return len(items)
 
+    def drop(self, task_ids: Sequence[int], model_version: str) -> int:
+        gone = [tid for tid in task_ids if tid in self.items and self.items[tid]["model_version"] == model_version]
+        for tid in gone:
+            del self.items[tid]
+        return len(gone)
+
 
 class CountingFetcher(MediaFetcher):
     """The real fetcher, counting which kind of load the job asked for."""

@@ -28,3 +28,14 @@ class LabelStudioWriter:
                                                              request_options={"timeout_in_seconds": 300})
             created += int(getattr(answer, "created", None) or len(part))
         return created
+
+    def drop(self, task_ids: Sequence[int], model_version: str) -> int:
+        """Deletes the tasks' predictions of `model_version` (made again under new thresholds, about to be
+        imported anew): two requests a task, for the few a threshold change touches."""
+        dropped = 0
+        for tid in task_ids:
+            for prediction in self.client.predictions.list(task=tid):
+                if prediction.model_version == model_version and prediction.id is not None:
+                    self.client.predictions.delete(prediction.id)
+                    dropped += 1
+        return dropped

@@ -51,6 +51,7 @@ class TaskSource(Protocol):
 
 class Writer(Protocol):
     def write(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> int: ...
+    def drop(self, task_ids: Sequence[int], model_version: str) -> int: ...
 
 
 class ImageLoader(Protocol):
@@ -126,6 +127,7 @@ class PredictJob:
         self._writes: deque[Future] = deque()
         self._unwritten: list[tuple[int, Key]] = []  # (task id, store key) stored, not yet handed to the writer
         self._handed = 0  # predictions handed to the writer so far
+        self._replacing: set[int] = set()  # tasks whose Label Studio prediction of this version is made again
         self.progress = Progress(model_version=plan.version)
 
     # -- the run ----------------------------------------------------------------------------------------
@@ -154,12 +156,17 @@ class PredictJob:
         return self.progress
 
     def _chunks_to_predict(self) -> Iterator[list[dict[str, Any]]]:
-        """Tasks with no stored prediction, in chunks; stored ones Label Studio lacks go to the writer on the way."""
+        """Tasks with no stored prediction, in chunks; stored ones Label Studio lacks go to the writer on the way.
+        A prediction stored under other thresholds (`made_with`) is made again, as /predict would make it, and
+        replaces the one Label Studio holds of this version."""
         pending: list[dict[str, Any]] = []
+        made_with = self.plan.made_with or None
         for page in self.source.pages():
             tasks = [ref.as_task() for ref in page]
             keys = [task_key(t, self.plan) for t in tasks]
-            stored = self.store.stored_keys([k for k in keys if k is not None])
+            present = [k for k in keys if k is not None]
+            stored = self.store.stored_keys(present, made_with)
+            stale = self.store.stored_keys(present) - stored if made_with else set()
             unwritten: list[tuple[int, Key]] = []
             already = 0
             for ref, task, key in zip(page, tasks, keys, strict=True):
@@ -169,6 +176,8 @@ class PredictJob:
                     else:
                         unwritten.append((ref.id, key))
                     continue
+                if key is not None and key in stale:
+                    self._redo(ref)
                 pending.append(task)
                 if len(pending) >= self.options.batch:
                     yield pending
@@ -182,6 +191,12 @@ class PredictJob:
                 self._cancel()
         if pending:
             yield pending
+
+    def _redo(self, ref: TaskRef) -> None:
+        with self._lock:
+            self.progress = replace(self.progress, redone=self.progress.redone + 1)
+            if self.plan.version in ref.versions:
+                self._replacing.add(ref.id)
 
     def _fetch(self, pool: ThreadPoolExecutor, chunk: list[dict[str, Any]]) -> dict:
         load = self.fetcher.load_bytes if self.encoded else self.fetcher.load  # type: ignore[attr-defined]
@@ -246,6 +261,11 @@ class PredictJob:
 
     def _write(self, ok: list[tuple[int, Key]]) -> None:
         """On the writer thread: the predictions back from the store (the ledger), one bulk import per part."""
+        with self._lock:
+            replaced = [tid for tid, _ in ok if tid in self._replacing]
+            self._replacing.difference_update(replaced)
+        if replaced:  # made again under new thresholds: the old item of this version goes, or a task shows two
+            self.writer.drop(replaced, self.plan.version)
         for part in self._request_parts(ok):
             self._add(written=self.writer.write(part))
 

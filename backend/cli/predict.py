@@ -80,6 +80,9 @@ def predict(
     console.print(f"predict job {record.id}: {record.status.value}; {result.done} of {result.total} tasks have a "
                   f"{result.model_version} prediction ({result.predicted} predicted now, {result.written} written to "
                   f"Label Studio), {result.failed} failed")
+    if result.redone:
+        console.print(f"{result.redone} of them were stored under other thresholds (TANDEM_CONF, --vlm-threshold): "
+                      "made again, replacing their earlier prediction of this version in Label Studio")
     for tid, why in list(result.failures.items())[:10]:
         console.print(f"  [yellow]task {tid}:[/] {why}")
     if record.status == "cancelled":

@@ -147,9 +147,12 @@ class PredictionRepo:
         return {k: json.loads(item) for k, (item, stamp) in self._rows(keys, T.c.item, T.c.made_with)
                 if item and stamp in (None, made_with)}
 
-    def stored_keys(self, keys: Sequence[Key]) -> set[Key]:
-        """The keys that have a stored prediction, reading none of them (a job's ledger check)."""
-        return {k for k, _ in self._rows(keys, T.c.created_at)}
+    def stored_keys(self, keys: Sequence[Key], made_with: str | None = None) -> set[Key]:
+        """The keys that have a stored prediction, reading none of them (a job's ledger check); with
+        `made_with`, only those made under those thresholds (or before they were recorded)."""
+        if made_with is None:
+            return {k for k, _ in self._rows(keys, T.c.created_at)}
+        return {k for k, stamp in self._rows(keys, T.c.made_with) if stamp in (None, made_with)}
 
     def get_item_texts(self, keys: Sequence[Key]) -> dict[Key, str]:
         """key -> the stored Label Studio item's JSON text, undecoded: what a bulk writer sizes its requests by."""
