@@ -82,8 +82,12 @@ def test_bindings_label_maps_and_prompts_survive_a_restart(tmp_path, samples, de
     # a new server on the same home: project 41 gets its bound detector and its label map, 42 the default
     with ServerThread(create_app(settings, ModelHolder(YoloAdapter(classify_weights, device="cpu")),
                                  training=False)) as srv:
-        health = _wait(lambda: (h := httpx.get(f"{srv.url}/health", params={"project": 41}).json())["ready"] and h)
-        assert health["model_version"] == detect_adapter.version and health["model_task"] == "detect"
+        polled = []
+        health = _wait(lambda: polled.append(h := httpx.get(f"{srv.url}/health", params={"project": 41}).json())
+                       or (h["ready"] and h))
+        for h in polled:  # not ready only while the bound detector loads, and then it says so
+            assert h["ready"] or h["loading"] == [str(detect_weights)], h
+        assert health["loading"] == [] and health["model_version"] == detect_adapter.version and health["model_task"] == "detect"
         task = {"id": 1, "data": {"image": f"/data/local-files/?d={samples[1][0].name}.png"}}
         r = httpx.post(f"{srv.url}/predict", json={"tasks": [task], "label_config": renamed, "project": "41.2"},
                        timeout=120)

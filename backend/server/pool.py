@@ -96,6 +96,11 @@ class ModelPool:
             error = entry.error if entry else None
         raise ModelLoadError(error or f"model {spec} is still loading after {timeout:.0f} s; try again")
 
+    def is_loading(self, spec: str) -> bool:
+        with self._lock:
+            entry = self._entries.get(spec)
+            return entry is not None and entry.adapter is None and entry.loading is not None
+
     def error(self, spec: str) -> str | None:
         with self._lock:
             entry = self._entries.get(spec)

@@ -127,6 +127,7 @@ class HealthResponse(BaseModel):
     pre_annotator: str | None = None  # cnn | vlm: whose predictions Label Studio receives
     second_opinion: str | None = None  # the other model's version, kept in TANDEM_HOME for disagreement
     deferred_pending: int = 0  # tasks still being predicted in the background
+    loading: list[str] = []  # ?project=ID: its bound models still loading (`ready` turns true once they are in)
 
 
 class VersionsResponse(BaseModel):

@@ -50,9 +50,8 @@ def health(project: int | None = None, state: ServerState = Depends(get_state)) 
     adapter, second = served.lead, served.other
     errors = [state.serving.cnn.error, state.serving.second.error]
     st = state.serving.state(project)
-    for spec in (st.model, st.second_opinion) if st else ():
-        if spec:
-            errors.append(state.serving.pool.error(spec))
+    bound = [spec for spec in ((st.model, st.second_opinion) if st else ()) if spec]
+    errors += [state.serving.pool.error(spec) for spec in bound]
     return HealthResponse(
         status="UP",
         ready=adapter is not None,
@@ -64,6 +63,7 @@ def health(project: int | None = None, state: ServerState = Depends(get_state)) 
         pre_annotator=served.pre_annotator,
         second_opinion=second.version if second else None,
         deferred_pending=state.deferred.pending,
+        loading=[spec for spec in bound if state.serving.pool.is_loading(spec)],
     )
 
 
