@@ -15,6 +15,7 @@ from backend.server.app import create_app
 from backend.server.pool import ModelPool, estimate_bytes
 from backend.serving import ModelHolder
 from backend.settings import Settings
+from backend.storage.predictions import PredictionRepo
 from backend.storage.projects import ProjectRepo
 from tests.harness import ServerThread
 from tests.test_server import CHOICES, RECT, samples  # noqa: F401 - the module fixture
@@ -108,4 +109,12 @@ def test_setup_records_a_bounded_number_of_projects(tmp_path, detect_adapter):
         refused = httpx.post(f"{srv.url}/setup", json={"project": "4.1", "schema": RECT})
         assert refused.status_code == 422 and "TANDEM_MAX_PROJECTS" in refused.text
         assert httpx.post(f"{srv.url}/setup", json={"project": "2.9", "schema": RECT}).status_code == 200  # known
+        # /predict names any id too, and would record what served it and store its predictions
+        task = {"id": 1, "data": {"image": "/data/local-files/?d=none.png"}}
+        refused = httpx.post(f"{srv.url}/predict", json={"tasks": [task], "label_config": RECT, "project": "5.1"})
+        assert refused.status_code == 422 and "TANDEM_MAX_PROJECTS" in refused.text and "never connected" in refused.text
+        known = httpx.post(f"{srv.url}/predict", json={"tasks": [task], "label_config": RECT, "project": "3.1"},
+                           timeout=60)
+        assert known.status_code == 200 and "error" in known.json()["results"][0]  # predicted: the image is missing
     assert ProjectRepo(settings.database_url).count() == 3
+    assert PredictionRepo(settings.database_url).count(5) == 0

@@ -142,6 +142,20 @@ def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupR
     return SetupResponse(model_version=adapter.version)
 
 
+def _require_room(state: ServerState, pid: int) -> None:
+    """A /predict naming a project that never connected records it (what served it, its stored predictions),
+    so it is bounded as /setup is; with the database down it is answered from memory and records nothing."""
+    try:
+        full = state.projects.count() >= state.settings.max_projects
+    except Exception as exc:  # noqa: BLE001 - only an unavailable database
+        if not is_unavailable(exc):
+            raise
+        return
+    if full:
+        raise HTTPException(422, f"this server already serves {state.settings.max_projects} projects "
+                                 f"(TANDEM_MAX_PROJECTS) and project {pid} never connected: not predicted")
+
+
 @router.post("/predict", response_model=PredictResponse)
 async def predict(body: PredictRequest, state: ServerState = Depends(get_state)) -> Response:
     """One item per task, in order, from the project's own models. The answer is built as JSON here:
@@ -152,6 +166,8 @@ async def predict(body: PredictRequest, state: ServerState = Depends(get_state))
         raise HTTPException(422, "label_config is required")
     pid = project_id(body.project)
     project = state.serving.state(pid)
+    if pid is not None and project is None:
+        _require_room(state, pid)
     adapter = state.serving.models(pid, project).lead or await run_in_threadpool(
         state.serving.wait_lead, pid, PREDICT_WAIT_FOR_MODEL_S)
     label_map = {**settings.label_map, **(project.label_map if project else {})}
