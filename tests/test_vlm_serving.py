@@ -3,6 +3,8 @@ the other's are kept in TANDEM_HOME; a time budget keeps /predict far from Label
 
 from __future__ import annotations
 
+import logging
+
 import time
 
 import httpx
@@ -84,6 +86,26 @@ def test_a_large_batch_finishes_in_the_background_within_the_budget(tmp_path, sa
         for a, b in zip(first, second, strict=True):
             if "result" in a:
                 assert a == b
+
+
+def test_stopping_with_queued_background_predictions_says_how_many_and_where_they_get_made(
+        tmp_path, samples, tiny_vlm, caplog):  # noqa: F811
+    root, truth, _ = samples
+    vlm = load_vlm(str(tiny_vlm("florence2")), device="cpu", max_new_tokens=48)
+    app = _app(tmp_path, root, None, vlm, pre_annotator="vlm", predict_budget_s=0.01)
+    tasks = [task(i + 1, f"{truth[i % len(truth)].name}.png") for i in range(40)]
+    with caplog.at_level(logging.WARNING, logger="tandem.deferred"):
+        with ServerThread(app) as srv:
+            httpx.post(f"{srv.url}/predict", json={"tasks": tasks, "label_config": RECT, "project": PROJECT},
+                       timeout=60)
+            queued = app.state.deferred.pending
+            assert queued > 20  # 36 deferred (4 measure the speed), of which the worker holds a chunk at most
+        said = [r.getMessage() for r in caplog.records if "not made" in r.getMessage()]
+    assert len(said) == 1 and "tandem select" in said[0], said
+    assert 0 < int(said[0].split()[2]) <= queued
+    t0 = time.perf_counter()
+    assert app.state.deferred.wait_idle(60) and app.state.deferred.pending == 0
+    assert time.perf_counter() - t0 < 20  # the chunk in hand at most, not the whole queue
 
 
 def test_a_changed_image_is_not_answered_from_the_store(tmp_path, samples, detect_adapter):  # noqa: F811

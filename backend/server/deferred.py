@@ -64,8 +64,27 @@ class DeferredPredictions:
                 with self._lock:
                     self._pending.difference_update((t.get("id"), job.plan.version, job.plan.fingerprint)
                                                     for t in job.tasks)
-                    if self._queue.empty() and not self._pending:
+                    if not self._pending:  # every queued job's tasks are pending (a stop's sentinel is not)
                         self._idle.set()
 
     def close(self) -> None:
+        """Stops after the batch in hand: the rest of the queue is dropped (a stopping server must not wait for a
+        VLM to get through a whole selection, nor write into a store being closed), and said, with where those
+        predictions get made later."""
+        with self._lock:
+            left = len(self._pending)
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    self._pending.difference_update((t.get("id"), job.plan.version, job.plan.fingerprint)
+                                                    for t in job.tasks)
+            if not self._pending:
+                self._idle.set()
+        if left:
+            log.warning("stopping with %d tasks' background predictions not made (second opinions, or tasks past "
+                        "the /predict time budget): `tandem select` makes the missing ones, and Label Studio asks "
+                        "again for a task it shows without a prediction", left)
         self._queue.put(None)
