@@ -157,20 +157,27 @@ def test_killed_job_resumes_and_predicts_no_task_twice(label_studio, detect_weig
 
 
 def test_a_new_threshold_makes_stored_predictions_again_and_replaces_them_in_label_studio(
-        label_studio, detect_weights, tmp_path):
+        label_studio, detect_weights, detect_adapter, tmp_path):
     """`TANDEM_CONF` changed: the job's ledger does not count items stored under the old threshold as done (as
     /predict does not serve them); each is made again, and Label Studio ends with one prediction per task, the
-    new one, not two of the same version."""
+    new one, not two of the same version. A job with the project's own model sets its `model_version`."""
     n = 12
     project = _project(label_studio, "predict job new threshold", n)
     home = tmp_path / "home"
     store, records = PredictionRepo(Settings(home=home).database_url), PredictJobs(Settings(home=home).database_url)
+    bind = [sys.executable, "-m", "backend.cli", "models", "bind", "--project", str(project), "--model",
+            str(detect_weights)]
+    assert subprocess.run(bind, env=_env(label_studio, home), cwd=REPO, capture_output=True, timeout=120).returncode == 0
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    assert client.projects.get(project).model_version != detect_adapter.version
     stamps: dict[str, str] = {}  # threshold -> the one stamp every stored row carries after a run under it
     for conf, predicted, redone in (("0.6", n, 0), ("0.05", n, n), ("0.05", 0, 0)):
-        proc = subprocess.run(_predict_cmd(project, detect_weights, "--batch", "4"),
-                              env={**_env(label_studio, home), "TANDEM_CONF": conf}, cwd=REPO, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "backend.cli", "predict", "--project", str(project), "--batch",
+                               "4"], env={**_env(label_studio, home), "TANDEM_CONF": conf}, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        # the project's model: its version is the one Label Studio's score column and sorting count
+        assert client.projects.get(project).model_version == detect_adapter.version
         job = max(records.list(project), key=lambda j: j.id)
         assert (job.progress["predicted"], job.progress["redone"]) == (predicted, redone), job.progress
         assert job.progress["done"] == n and job.progress["failed"] == 0

@@ -80,6 +80,23 @@ def prepare(settings: Settings, project_id: int, model: str | None = None, clien
     return Prepared(plan, adapter, spec, url, token)
 
 
+def _show_version(settings: Settings, client, project_id: int, result: Progress) -> None:
+    """A job run with what serves the project makes its version the project's `model_version` (Label Studio's
+    score column and sorting count only that version's predictions): the server would otherwise set it only
+    at the project's next /predict or /setup."""
+    if not result.done or not result.model_version:
+        return
+    from backend.labelstudio.errors import describe
+    from backend.labelstudio.version_sync import show_version
+    from backend.registry import Registry
+
+    try:
+        show_version(client, Registry(settings.database_url), project_id, result.model_version)
+    except Exception as exc:  # noqa: BLE001 - the predictions are in; the version follows at the next /predict
+        log.warning("project %s: could not set model_version to %s (%s); the server sets it at the project's next "
+                    "/predict", project_id, result.model_version, describe(exc, settings.label_studio_url))
+
+
 def open_job(records: PredictJobs, project_id: int, runner: str, params: dict[str, Any], holder: str,
              job_id: int | None = None, handed_by: str | None = None) -> Job:
     """The job to run, claimed under `holder`: `job_id`, else the project's job whose runner is gone (taken
@@ -172,6 +189,8 @@ def run_project(settings: Settings, project_id: int, *, model: str | None = None
                           encoded=encoded)
         result = work.run()
         fetcher.close()
+        if model is None:  # what serves the project, not a one-off `--model`
+            _show_version(settings, client, project_id, result)
     except Cancelled:
         log.warning("predict job %s stopped: cancelled, or its lease was taken", job.id)
         return records.get(job.id), work.progress  # type: ignore[return-value]

@@ -31,6 +31,15 @@ class SyncRequest:
     api_key: str
 
 
+def show_version(client: LabelStudio, registry: Registry, project_id: int, version: str) -> None:
+    """Set the project's `model_version` (Label Studio answers 400 until a prediction carrying it is stored)."""
+    project = client.projects.get(id=project_id)
+    if project.model_version != version:
+        client.projects.update(id=project_id, model_version=version)
+    registry.record_synced(project_id, version)
+    log.info("project %s now shows model_version %s", project_id, version)
+
+
 class VersionSync:
     def __init__(self, registry: Registry, delays: tuple[float, ...] = (0.5, 1, 2, 4, 8, 15)) -> None:
         self._registry = registry
@@ -83,11 +92,7 @@ class VersionSync:
         for delay in (0.0, *self._delays):
             time.sleep(delay)
             try:  # record_synced needs the database: an outage is retried like Label Studio's 400
-                project = client.projects.get(id=req.project_id)
-                if project.model_version != req.version:
-                    client.projects.update(id=req.project_id, model_version=req.version)
-                self._registry.record_synced(req.project_id, req.version)
-                log.info("project %s now shows model_version %s", req.project_id, req.version)
+                show_version(client, self._registry, req.project_id, req.version)
                 return
             except Exception as exc:  # 400 until a prediction with this version is stored; network errors
                 last = exc
