@@ -284,6 +284,8 @@ def test_classification_reasons_say_unsure_only_when_the_top_two_are_close():
     table = score_outputs(outputs, ["cat", "dog", "fox"])
     assert table.reasons == ["CNN confident: cat 0.98, then dog 0.01", "CNN unsure: dog 0.45, then cat 0.40"]
     assert table.uncertainty[1] > table.uncertainty[0]
+    between = score_outputs([ModelOutput(probabilities=np.array([0.19, 0.76, 0.05]))], ["cat", "dog", "fox"])
+    assert between.reasons == ["CNN leans: dog 0.76, then cat 0.19"]  # a margin of 0.57: neither sure nor unsure
 
     # with a second opinion the reason holds both halves, the one that weighs more first: an image ranked for
     # the CNN's doubt, on which the VLM agrees, must not read "both say dog" alone

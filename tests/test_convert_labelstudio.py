@@ -103,6 +103,19 @@ def test_choices_to_a_probability_vector():
     assert none.probabilities is None and to_results(none, CHOICE) == []
 
 
+def test_a_choice_the_model_places_outside_the_labels_is_not_pre_annotated():
+    """A square/star project, a circle/square/triangle classifier: on a circle its best label is Square at
+    0.16, which is no answer; on a square it answers Square with the class's own probability."""
+    control = parse_label_config("""<View><Image name="image" value="$image"/><Choices name="shape" toName="image">
+<Choice value="Square"/><Choice value="Star"/></Choices></View>""").controls[0]
+    classes = ("circle", "square", "triangle")
+    space = LabelSpace.build(control, classes)
+    circle, square = (Prediction(probabilities=np.array(p)) for p in ([0.84, 0.156, 0.004], [0.3, 0.6, 0.1]))
+    assert to_results(circle, control, labels=space, class_names=classes) == []
+    (region,) = to_results(square, control, labels=space, class_names=classes)
+    assert region["value"] == {"choices": ["Square"]} and region["score"] == pytest.approx(0.6)
+
+
 def _same(a, b):
     """Regions equal apart from their random ids."""
     assert [{k: v for k, v in r.items() if k != "id"} for r in a] == [{k: v for k, v in r.items() if k != "id"} for r in b]

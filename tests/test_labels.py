@@ -5,7 +5,7 @@ import pytest
 import supervision as sv
 
 from active_learning.label_view import in_labels, pooling_matrix
-from backend.core.labels import LabelSpace
+from backend.core.labels import LabelSpace, pool_choice
 from backend.core.prediction import CLASS_NAME, CLASS_SCORES, Prediction
 from backend.errors import ConfigError
 from backend.labeling.config import parse_label_config
@@ -113,12 +113,23 @@ def test_to_labels_without_class_names_reads_class_ids():
 
 def test_to_labels_probabilities_pool_and_renormalise():
     space = LabelSpace.build(CONTROL, ("bus", "chair", "truck", "person"))
-    seen, zero, empty = space.to_labels([Prediction(probabilities=np.array([0.2, 0.5, 0.1, 0.2])),
-                                         Prediction(probabilities=np.array([0.0, 1.0, 0.0, 0.0])),
-                                         Prediction(detections=sv.Detections.empty())])
-    np.testing.assert_allclose(seen.probabilities, [0.3 / 0.5, 0.2 / 0.5, 0.0])
-    np.testing.assert_allclose(zero.probabilities, [0, 0, 0])  # only an unmapped class: nothing to renormalise
+    seen, empty = space.to_labels([Prediction(probabilities=np.array([0.4, 0.3, 0.1, 0.2])),
+                                   Prediction(detections=sv.Detections.empty())])
+    np.testing.assert_allclose(seen.probabilities, [0.5 / 0.7, 0.2 / 0.7, 0.0])  # Car (bus + truck) beats chair
     assert len(empty.detections) == 0 and seen.class_names == empty.class_names == LABELS
+
+
+def test_to_labels_reads_an_answer_outside_the_labels_as_unsure():
+    """An unmapped class (chair 0.5) outweighs every label (Car 0.3): renormalising would call Car a sure 0.6;
+    the unmapped mass is spread evenly over the labels instead."""
+    space = LabelSpace.build(CONTROL, ("bus", "chair", "truck", "person"))
+    outside, only = space.to_labels([Prediction(probabilities=np.array([0.2, 0.5, 0.1, 0.2])),
+                                     Prediction(probabilities=np.array([0.0, 1.0, 0.0, 0.0]))])
+    np.testing.assert_allclose(outside.probabilities, [0.3 + 0.5 / 3, 0.2 + 0.5 / 3, 0.5 / 3])
+    np.testing.assert_allclose(only.probabilities, [1 / 3, 1 / 3, 1 / 3])
+    pooled, said = pool_choice(np.array([0.2, 0.5, 0.1, 0.2]), space.pooling_matrix())
+    assert said and np.allclose(pooled, outside.probabilities)
+    assert not pool_choice(np.array([0.4, 0.3, 0.1, 0.2]), space.pooling_matrix())[1]
 
 
 def test_in_labels_delegates():

@@ -287,7 +287,8 @@ class BrushLabelsWriter(ControlWriter):
 
 
 class ChoicesWriter(ControlWriter):
-    """The top choice, scored by the summed probability of the classes mapped onto it."""
+    """The top choice, scored by the summed probability of the classes mapped onto it; none when a class
+    mapped to no label outweighs every label (`pool_choice`: the model says "none of these")."""
 
     kind = ControlKind.CHOICES
     tasks = frozenset({ModelTask.CLASSIFY})
@@ -296,13 +297,18 @@ class ChoicesWriter(ControlWriter):
         if output.probabilities is None:
             return []
         totals: dict[str, float] = {}
+        unmapped = 0.0
         for name, p in zip(class_names, output.probabilities, strict=True):
             label = labels(name)
             if label is not None:
                 totals[label] = totals.get(label, 0.0) + float(p)
+            else:
+                unmapped = max(unmapped, float(p))
         if not totals:
             return []
         best = max(totals, key=totals.__getitem__)
+        if unmapped > totals[best]:
+            return []
         region = self._base(control, self.kind, None, totals[best])  # a choice is about the whole image: no size
         region["value"] = {"choices": [best]}
         return [region]

@@ -21,6 +21,32 @@ from backend.errors import ConfigError
 from backend.labeling.config import ControlSpec
 
 
+def pool_choice(probabilities: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A classifier's class probabilities pooled onto a control's labels (`pool`: a `pooling_matrix`), and
+    whether the model's answer lies outside them.
+
+    Classes that map to no label are dropped and the rest renormalised (an ImageNet model's "tabby" on a
+    cat/dog project reads as a sure cat) — unless one such class outweighs every label: then the model says
+    "none of these" (a circle on a square/star project). The labels then get no pre-annotation, and the
+    unmapped mass is spread evenly over them, so scoring reads the choice as unsure instead of a sure
+    "square" at 0.16 renormalised to 1.00.
+
+    Returns:
+        (probabilities over the labels summing to 1 (all zero when there is nothing to pool), out of
+        vocabulary)
+    """
+    p = np.clip(np.asarray(probabilities, dtype=float), 0, None)
+    pooled = p @ pool
+    total = float(pooled.sum())
+    unmapped = p[~pool.any(axis=1)] if pool.size else p
+    outside = bool(len(unmapped)) and float(unmapped.max()) > float(pooled.max(initial=0.0))
+    if outside and pooled.size:
+        rest = max(float(p.sum()) - total, 0.0)
+        spread = pooled + rest / pooled.size
+        return spread / max(float(spread.sum()), 1e-12), True
+    return (pooled / total if total > 0 else pooled), outside
+
+
 @dataclass(frozen=True)
 class LabelSpace:
     """A model's classes seen through one control's labels.
@@ -147,7 +173,8 @@ class LabelSpace:
         Returns:
             One prediction per input, `class_names` set to `label_names`: boxes of unmapped classes dropped,
             `class_id` the label's column, `data[CLASS_NAME]` the label, `data[CLASS_SCORES]` pooled to (N, L);
-            probabilities pooled onto the labels and renormalised to sum to 1 (left as pooled when all zero).
+            probabilities pooled onto the labels (`pool_choice`: renormalised, or read as unsure when a class
+            mapped to no label outweighs them all).
         """
         pool = self.pooling_matrix()
         ids = self.class_ids()
@@ -155,9 +182,7 @@ class LabelSpace:
         out = []
         for p in predictions:
             if p.probabilities is not None:
-                pooled = np.asarray(p.probabilities, dtype=float) @ pool
-                total = pooled.sum()
-                out.append(p.with_meta(probabilities=pooled / total if total > 0 else pooled, class_names=labels))
+                out.append(p.with_meta(probabilities=pool_choice(p.probabilities, pool)[0], class_names=labels))
                 continue
             det = p.detections
             if det is None or len(det) == 0:
