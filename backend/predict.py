@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from backend.errors import ConfigError, MediaError
-from backend.labeling.config import ControlSpec, LabelingConfig, parse_label_config
+from backend.labeling.config import ControlKind, ControlSpec, LabelingConfig, parse_label_config
 from backend.labeling.label_map import LabelMap, build_label_map
 from backend.labeling.results import WRITERS, prediction_score
 from backend.media.fetch import INVALID_TASK_PREFIX, LoadedImage, MediaFetcher
@@ -101,6 +101,17 @@ class ServingPlan:
         """Tags of the config this model leaves to the annotator: ones of another task, and ones Tandem never fills."""
         served = {planned.control.name for planned in self.controls}
         return [c.title for c in self.config.controls if c.name not in served] + list(self.config.ignored)
+
+    def unmapped_choice_classes(self) -> dict[str, list[str]]:
+        """{Choices control: the classifier's classes that map to none of its labels}: an image the model sees
+        as one of them gets no pre-annotation there (`pool_choice`)."""
+        out = {}
+        for planned in self.controls:
+            if planned.control.kind == ControlKind.CHOICES:
+                unmapped = [c for c in planned.adapter.class_names if planned.labels.label(c) is None]
+                if unmapped:
+                    out[planned.control.name] = unmapped
+        return out
 
     def unserved_labels(self) -> dict[str, tuple[list[str], list[str]]]:
         """{control: (its labels no model class maps to, the classes)}: labels annotators will always draw."""

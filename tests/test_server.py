@@ -292,6 +292,19 @@ def test_a_label_no_class_maps_to_is_said_once_at_setup(tmp_path, samples, detec
     assert len(said) == 1 and "Star of 'label'" in said[0] and "square, circle, triangle" in said[0]
 
 
+def test_classes_no_choice_maps_to_are_said_once_at_setup(tmp_path, samples, classify_adapter, caplog):
+    """A square/star project on the circle/square/triangle classifier: the circles and triangles it sees get
+    no pre-annotation, and the console says so (not only that Star matches no class)."""
+    root, _, _ = samples
+    partial = CHOICES.replace('<Choice value="Circle"/><Choice value="Triangle"/>', '<Choice value="Star"/>')
+    assert partial != CHOICES
+    with _serve(tmp_path, root, classify_adapter) as srv, caplog.at_level("WARNING", logger="tandem.server"):
+        for _ in range(2):
+            assert httpx.post(f"{srv.url}/setup", json={"project": "6.1", "schema": partial}).status_code == 200
+    said = [r.getMessage() for r in caplog.records if "map to no choice" in r.getMessage()]
+    assert len(said) == 1 and "circle, triangle map to no choice of 'shape'" in said[0], said
+
+
 def test_controls_the_model_leaves_to_the_annotator_are_said_once_at_setup(tmp_path, samples, detect_adapter, caplog):
     root, _, _ = samples
     both = RECT.replace("</View>", '<Choices name="shape" toName="image"><Choice value="Round"/></Choices>'

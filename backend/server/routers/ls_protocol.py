@@ -131,6 +131,11 @@ def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupR
             if left := plan.unserved_controls():
                 log.warning("project %s: %s fills %s only; left to the annotator: %s", pid, adapter.name,
                             ", ".join(c.control.title for c in plan.controls), ", ".join(left))
+        for control, classes in plan.unmapped_choice_classes().items():
+            if state.warn_once((pid, plan.fingerprint, control, "classes")):
+                log.warning("project %s: %s's class(es) %s map to no choice of '%s': an image it sees as one of "
+                            "them gets no pre-annotation there (map one with predicted_values=\"…\" on a <Choice> "
+                            "or TANDEM_LABEL_MAP)", pid, adapter.name, ", ".join(classes), control)
         for control, (labels, classes) in plan.unserved_labels().items():
             if state.warn_once((pid, plan.fingerprint, control)):  # Label Studio calls /setup often
                 log.warning("project %s: label(s) %s of '%s' match none of %s's classes (%s) and will not be "
