@@ -114,10 +114,20 @@ def calibrate(
     n = len(scores)
     off = dict(threshold=None, bound=None, coverage=0.0, n_verified=n, target=target, delta=delta)
     if n < min_n:
-        return Calibration(**off, needed=min_n - n,
-                           reason=f"auto-accept stays off: {n} verified item{'s' * (n != 1)}, "
-                                  f"{min_n - n} more needed (at least {min_n} with no errors for "
-                                  f"precision ≥ {target:g} at {1 - delta:.0%} confidence)")
+        wrong = int((~correct).sum())
+        if not wrong:
+            return Calibration(**off, needed=min_n - n,
+                               reason=f"auto-accept stays off: {n} verified item{'s' * (n != 1)}, "
+                                      f"{min_n - n} more needed (at least {min_n} with no errors for "
+                                      f"precision ≥ {target:g} at {1 - delta:.0%} confidence)")
+        # errors already seen: "N more needed" counted as if none would come would mislead
+        total = needed_at(wrong / n, target, delta)
+        then = (f"{max(total, min_n) - n} more needed at that error rate" if total is not None else
+                f"if the models keep erring at that rate, no number of verified items reaches precision ≥ "
+                f"{target:g} (at least {min_n - n} more are needed in any case)")
+        return Calibration(**off, needed=max(total or 0, min_n) - n,
+                           reason=f"auto-accept stays off: {n} verified item{'s' * (n != 1)}, {wrong} of them "
+                                  f"wrong (precision {1 - wrong / n:.2f}); {then}")
     thresholds, accepted, errors = by_threshold(scores, np.ones(n, int), ~correct)
     testable = accepted >= floor_n
     accepted, errors, thresholds = accepted[testable], errors[testable], thresholds[testable]

@@ -64,6 +64,18 @@ def test_too_few_verified_items_refuse_and_say_how_many_more():
     assert "49 more needed" in cal.reason and "100 verified items" in cal.reason
 
 
+def test_too_few_verified_items_with_errors_say_so():
+    """12 agreed, 5 of them wrong: not "137 more needed" as if the next 137 would all be right."""
+    correct = np.r_[np.ones(7, bool), np.zeros(5, bool)]
+    cal = calibrate(np.linspace(0.5, 1, 12), correct)
+    assert not cal.on and cal.needed == 137
+    assert "12 verified items, 5 of them wrong (precision 0.58)" in cal.reason
+    assert "no number of verified items reaches precision ≥ 0.98 (at least 137 more" in cal.reason
+    few = calibrate(np.linspace(0.5, 1, 100), np.r_[np.ones(99, bool), False])  # 1 % wrong: reachable
+    assert few.needed == needed_at(0.01, TARGET, DELTA) - 100 > 49
+    assert f"1 of them wrong (precision 0.99); {few.needed} more needed at that error rate" in few.reason
+
+
 def test_errors_at_the_strictest_threshold_refuse_with_a_count_at_that_rate():
     s = np.linspace(0, 1, 200)
     correct = np.ones(200, bool)
@@ -100,8 +112,10 @@ def test_whenever_it_accepts_the_stated_bound_is_below_the_allowed_rate(n, p, se
         assert cal.coverage == pytest.approx(accepted.mean())
     else:
         assert cal.threshold is None and cal.coverage == 0
-        if n < 149:
-            assert cal.needed == 149 - n
+        if n < 149:  # exactly the floor with no errors; with errors, what the observed rate needs, at least that
+            wrong = int((~correct).sum())
+            total = needed_at(wrong / n, TARGET, DELTA) if wrong else None
+            assert cal.needed == max(total or 0, 149) - n
 
 
 def test_bad_input_is_a_clear_error():
