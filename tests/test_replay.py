@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from backend.convert.yolo_txt import box_lines
-from backend.datasets.shapes import CLASS_NAMES, generate_samples
+from backend.datasets.shapes import CLASS_NAMES, generate_samples, write_yolo_dataset
 from backend.models.yolo import YoloAdapter
-from backend.training.evaluate import paired_bootstrap
+from backend.training.evaluate import evaluate, gate_scores, paired_bootstrap, top1_bootstrap
 from backend.training.export import ExportedDataset, add_replay, pseudo_labels
 from backend.training.replay import (
     FROZEN_LAYERS,
@@ -137,6 +137,27 @@ def test_the_gate_says_what_a_small_frozen_split_can_resolve(tmp_path, detect_we
     assert ("cannot tell differences smaller than" in text) == (not other.resolves_margin)
 
 
+def test_top1_bootstrap_hand_computed():
+    """Top-1 is a mean over images: the candidate right on 3 of 4, the serving model on 1 of the same 4."""
+    res = top1_bootstrap(np.array([1, 1, 1, 0], bool), np.array([1, 0, 0, 0], bool), margin=0.05, resamples=400)
+    assert res.images == 4 and res.difference == 0.5 and res.metric == "top1"
+    assert 0 <= res.low <= 0.5 <= res.high <= 1  # no image where the serving model alone is right: never below 0
+    assert not res.resolves_margin and "frozen split of 4 images: candidate − serving top-1 +0.500" in res.describe()
+    assert top1_bootstrap(np.zeros(0, bool), np.zeros(0, bool), margin=0.05) is None
+
+
+def test_the_gate_says_what_a_classify_frozen_split_can_resolve(tmp_path, classify_weights):
+    """A classify job's gate scores top-1 per image, so it can say what its split resolves, as a detect job's does."""
+    root = write_yolo_dataset(tmp_path / "cls", task="classify", train=2, val=12, size=(64, 64))
+    ds = ExportedDataset(root=root, task="classify", class_names=sorted(p.name for p in (root / "val").iterdir()),
+                         data=str(root), train=2, val=12)
+    model = YoloAdapter(classify_weights, device="cpu")
+    scores = gate_scores(model, model, ds, margin=0.01, resamples=50)
+    assert scores.metric == "top1" and scores.candidate == scores.serving == evaluate(model, ds)
+    assert scores.resolution.images == 12 and scores.resolution.difference == 0 == scores.resolution.low
+    assert "candidate − serving top-1 +0.000" in scores.resolution.describe()
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(1200)
 def test_a_job_on_a_few_corrections_replays_the_parents_boxes_and_says_what_the_gate_resolves(
@@ -183,6 +204,55 @@ def test_a_job_on_a_few_corrections_replays_the_parents_boxes_and_says_what_the_
     assert res["images"] == m["val"] and res["low"] <= res["high"]
     assert f"what the gate can resolve: frozen split of {m['val']} images" in log
     assert f"[{res['low']:+.3f}, {res['high']:+.3f}]" in log
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_a_classify_job_on_a_few_corrections_says_it_replays_nothing_and_what_the_gate_resolves(
+        label_studio, classify_weights, tmp_path):
+    """The Choices twin of the test above, through a real Label Studio: a classify fine-tune has no replay or
+    frozen backbone (the schedule is measured for boxes), and its log says so, and what its top-1 gate resolves."""
+    import httpx
+    from label_studio_sdk import LabelStudio
+
+    from backend.dev.local_label_studio import upload_images
+    from backend.server.app import create_app
+    from backend.serving import ModelHolder
+    from backend.settings import Settings
+    from backend.training.export import is_validation
+    from backend.training.jobs import JobStatus
+    from backend.training.runner import wait
+    from tests.harness import ServerThread, png_bytes
+    from tests.test_server import CHOICES
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project = client.projects.create(title="tandem classify retrain", label_config=CHOICES)
+    items = generate_samples(30, seed=7171, size=(96, 96), classification=True)
+    upload_images(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
+    label = {f"{s.name}.png": s.objects[0].label.capitalize() for _, s in items}
+    tasks = list(client.tasks.list(project=project.id))
+    val = [t for t in tasks if is_validation(project.id, t.id)][:3]
+    chosen = val + [t for t in tasks if not is_validation(project.id, t.id)][: 12 - len(val)]
+    assert val and len(chosen) == 12  # both sides of the frozen split (30 tasks: none on one side is ~0.1%)
+    for t in chosen:
+        choice = label[t.data["image"].rsplit("/", 1)[-1].split("-", 1)[-1]]
+        client.annotations.create(id=t.id, result=[{"from_name": "shape", "to_name": "image", "type": "choices",
+                                                    "value": {"choices": [choice]}}])
+    settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
+                        label_studio_api_key=label_studio.token, train_after=10_000, train_epochs=2, train_imgsz=64)
+    app = create_app(settings, ModelHolder(YoloAdapter(classify_weights, device="cpu")))
+    with ServerThread(app) as srv:
+        job = app.state.training.trigger(project.id, "test: 12 corrections")
+        job = wait(app.state.training.store, job.id, timeout=600)
+        log = httpx.get(f"{srv.url}/jobs/{job.id}/logs").text
+    assert job.status is JobStatus.SUCCEEDED, f"{job.error}\n{log}"
+    m = job.metrics
+    assert (m["train"], m["val"], m["replay"]) == (12 - len(val), len(val), 0) and m["gate_metric"] == "top1"
+    assert f"{m['train']} corrections: a classify fine-tune replays nothing and trains the whole network" in log
+    res = m["gate_resolution"]
+    assert res["images"] == m["val"] and res["metric"] == "top1" and res["low"] <= res["high"]
+    assert res["difference"] == pytest.approx(m["candidate"]["top1"] - m["serving"]["top1"])
+    assert f"what the gate can resolve: frozen split of {m['val']} images: candidate − serving top-1" in log
 
 
 def _no_pseudo_labels():

@@ -40,29 +40,34 @@ def evaluate(adapter: ModelAdapter, dataset: ExportedDataset, batch: int = 16,
              label_map: Mapping[str, str] | None = None, case_sensitive: bool = False) -> dict[str, float]:
     """{"fitness": …, plus map50/map50_95 or top1}; fitness is what the promotion gate compares."""
     space = _label_space(adapter, dataset, label_map, case_sensitive)
-    mapping = space.class_ids() if space is not None else {}
-    root = Path(dataset.root)
     if dataset.task == "classify":
-        files = sorted((root / "val").glob("*/*.png"))
-        if not files:
-            return {"fitness": 0.0, "top1": 0.0, "images": 0}
-        correct = 0
-        for start in range(0, len(files), batch):
-            part = files[start : start + batch]
-            outs = adapter.predict([Image.open(f).convert("RGB") for f in part])
-            for f, out in zip(part, outs, strict=True):
-                if adapter.task is not ModelTask.CLASSIFY or out.probabilities is None:
-                    continue
-                top = adapter.class_names[int(np.argmax(out.probabilities))]
-                correct += mapping.get(top) == dataset.class_names.index(f.parent.name)
-        top1 = correct / len(files)
-        return {"fitness": top1, "top1": top1, "images": len(files)}
+        hits = top1_hits(adapter, dataset, space, batch)
+        top1 = float(hits.mean()) if len(hits) else 0.0
+        return {"fitness": top1, "top1": top1, "images": len(hits)}
 
     preds, targets = detections_on_val(adapter, dataset, space, batch)
     if not targets:
         return {"fitness": 0.0, "map50": 0.0, "map50_95": 0.0, "images": 0}
     map50, map50_95 = _map(preds, targets)
     return {"fitness": map50_95, "map50": map50, "map50_95": map50_95, "images": len(targets)}
+
+
+def top1_hits(adapter: ModelAdapter, dataset: ExportedDataset, space: LabelSpace | None,
+              batch: int = 16) -> np.ndarray:
+    """Per frozen-validation image of a classify dataset (in file order): whether the model's top class maps
+    onto the image's corrected class."""
+    mapping = space.class_ids() if space is not None else {}
+    files = sorted((Path(dataset.root) / "val").glob("*/*.png"))
+    hits = np.zeros(len(files), dtype=bool)
+    for start in range(0, len(files), batch):
+        part = files[start : start + batch]
+        outs = adapter.predict([Image.open(f).convert("RGB") for f in part])
+        for i, (f, out) in enumerate(zip(part, outs, strict=True), start):
+            if adapter.task is not ModelTask.CLASSIFY or out.probabilities is None:
+                continue
+            top = adapter.class_names[int(np.argmax(out.probabilities))]
+            hits[i] = mapping.get(top) == dataset.class_names.index(f.parent.name)
+    return hits
 
 
 def detections_on_val(adapter: ModelAdapter, dataset: ExportedDataset, space: LabelSpace | None,
@@ -93,7 +98,8 @@ def _map(preds: list[sv.Detections], targets: list[sv.Detections]) -> tuple[floa
 
 @dataclass(frozen=True)
 class GateResolution:
-    """What the frozen split can tell apart: a paired bootstrap over its images of candidate − serving mAP50-95."""
+    """What the frozen split can tell apart: a paired bootstrap over its images of candidate − serving mAP50-95
+    (or the metric the gate compares: mAP50, top-1)."""
 
     images: int
     difference: float  # candidate − serving on the whole split
@@ -111,7 +117,7 @@ class GateResolution:
         verdict = ("it can tell a loss of the gate's margin from noise" if self.resolves_margin else
                    f"it cannot tell differences smaller than about {(self.high - self.low) / 2:.3f} from noise "
                    f"(the gate's margin is {self.margin}); annotate more tasks for a sharper verdict")
-        name = {"map50": "mAP50", "map50_95": "mAP50-95"}[self.metric]
+        name = {"map50": "mAP50", "map50_95": "mAP50-95", "top1": "top-1"}[self.metric]
         return (f"frozen split of {self.images} images: candidate − serving {name} {self.difference:+.3f}, "
                 f"95% bootstrap interval [{self.low:+.3f}, {self.high:+.3f}]: {verdict}")
 
@@ -145,6 +151,19 @@ def _bootstrap(pred_c: list[sv.Detections], pred_s: list[sv.Detections], targets
     low, high = np.percentile(draws, [2.5, 97.5])
     return GateResolution(images=n, difference=float(diff), low=float(low), high=float(high), margin=margin,
                           metric=metric)
+
+
+def top1_bootstrap(hits_c: np.ndarray, hits_s: np.ndarray, margin: float, resamples: int = 200,
+                   seed: int = 0) -> GateResolution | None:
+    """The paired bootstrap for top-1, a mean over images: every resample at once."""
+    n = len(hits_c)
+    if n == 0:
+        return None
+    diff = hits_c.astype(float) - hits_s.astype(float)
+    draws = diff[np.random.default_rng(seed).integers(0, n, (resamples, n))].mean(axis=1)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return GateResolution(images=n, difference=float(diff.mean()), low=float(low), high=float(high), margin=margin,
+                          metric="top1")
 
 
 METRICS = ("map50", "map50_95")  # the order _map returns them in
@@ -199,9 +218,15 @@ def gate_scores(candidate: ModelAdapter, serving: ModelAdapter, dataset: Exporte
     found two ways: Label Studio's editor marks them (origin "prediction", counted by the export), and
     labels made another way (an import, a script) are matched to the serving model's own boxes."""
     if dataset.task == "classify":
-        new, old = (evaluate(a, dataset, label_map=label_map, case_sensitive=case_sensitive)
-                    for a in (candidate, serving))
-        return GateScores(new, old, "top1", 0.0, 0.0, None)
+        hits_c, hits_s = (top1_hits(a, dataset, _label_space(a, dataset, label_map, case_sensitive))
+                          for a in (candidate, serving))
+
+        def top1(hits: np.ndarray) -> dict[str, float]:
+            value = float(hits.mean()) if len(hits) else 0.0
+            return {"fitness": value, "top1": value, "images": len(hits)}
+
+        return GateScores(top1(hits_c), top1(hits_s), "top1", 0.0, 0.0,
+                          top1_bootstrap(hits_c, hits_s, margin, resamples, seed))
     (pred_c, targets), (pred_s, _) = (
         detections_on_val(a, dataset, _label_space(a, dataset, label_map, case_sensitive)) for a in (candidate, serving))
     copied, unchanged = copied_share(pred_s, targets), dataset.unchanged_share

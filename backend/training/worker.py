@@ -205,6 +205,10 @@ def run(job_id: int, settings: Settings) -> None:
     replayed = add_replay(dataset, items) if items else 0
     if said:
         log(said)
+    elif dataset.task == "classify" and dataset.train < FEW_IMAGES:
+        log(f"{dataset.train} corrections: a classify fine-tune replays nothing and trains the whole network (the "
+            "few-corrections schedule is measured for boxes only: benchmarks/results/finetune_small.md); the gate "
+            "judges the result as always")
     schedule = choose_schedule(params, dataset.train, replayed, dataset.task)
     if schedule.reason:
         log(schedule.reason)
