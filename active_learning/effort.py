@@ -49,6 +49,18 @@ class EffortModel:
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
+    def describe(self, regions: bool = True, choices: bool = False, polygons: bool = False) -> str:
+        """The prices a report used, for the kinds of work it counted: a Choices project's report names the
+        choice prices, not the box prices."""
+        parts = []
+        if regions:
+            shape = "polygon" if polygons else "box"
+            parts.append(f"draw {self.draw(polygons):g} s, verify {self.verify_box:g} s, modify {self.modify_box:g} s, "
+                         f"delete {self.delete_box:g} s per {shape}")
+        if choices:
+            parts.append(f"choose {self.choose_class:g} s, confirm {self.verify_class:g} s per choice")
+        return "; ".join(parts) or "nothing counted"
+
     def draw(self, polygons: bool = False) -> float:
         return self.draw_polygon if polygons else self.draw_box
 

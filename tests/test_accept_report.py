@@ -241,6 +241,8 @@ def test_accept_refuses_then_accepts_exactly_the_agreed_tasks_undo_reverts_and_r
     out = tmp_path / "report"
     rep = tandem(label_studio, home, "report", "--project", str(p.id), "--out", str(out))
     assert rep.returncode == 0, said(rep)
+    assert "(effort model: draw 35 s, verify 7 s, modify 15 s, delete 3 s per box;" in said(rep)
+    assert "per choice" not in said(rep)  # a boxes project is priced in boxes only
     report = json.loads((out / "report.json").read_text())
     n = {g: GROUPS[g][0] for g in GROUPS}
     v2 = {"unchanged": 2 * n["good"] + n["bad"], "moved": n["moved"], "relabelled": n["relabel"],

@@ -68,3 +68,12 @@ def test_reliability_and_precision_coverage():
     cov, prec = precision_coverage(np.array([0.9, 0.9, 0.5, 0.1]), np.array([True, True, False, True]))
     np.testing.assert_allclose(cov, [0.5, 0.75, 1.0])
     np.testing.assert_allclose(prec, [1.0, 2 / 3, 0.75])
+
+
+def test_the_effort_model_names_the_prices_of_the_work_counted():
+    """A Choices project's report named box prices it never used (a new user's walk)."""
+    e = EffortModel()
+    assert e.describe(regions=False, choices=True) == "choose 5 s, confirm 2 s per choice"
+    assert e.describe() == "draw 35 s, verify 7 s, modify 15 s, delete 3 s per box"
+    assert e.describe(polygons=True).startswith("draw 80 s") and e.describe(polygons=True).endswith("per polygon")
+    assert e.describe(regions=True, choices=True).count(";") == 1

@@ -14,6 +14,13 @@ import typer
 from backend.cli.common import Home, app, console, load_settings, setup_logging, stdout_console
 
 
+def effort_used(effort, counts, items) -> str:
+    """The effort model's prices for what this report counted (boxes or polygons, choices)."""
+    polygons = any(e.polygons for e in items)
+    return effort.describe(regions=bool(counts.final or counts.predicted), choices=bool(counts.choices),
+                           polygons=polygons)
+
+
 def project_edits(evidence) -> list:
     """Every (model version's pre-annotation as shown, final human annotation) pair of the project's reviewed
     tasks."""
@@ -202,8 +209,7 @@ def report(
     console.print(f"Human time: {everything.assisted_seconds / 60:.1f} min with pre-annotations vs "
                   f"{everything.scratch_seconds / 60:.1f} min from scratch on {everything.tasks} reviewed "
                   f"task-version pair{'s' * (everything.tasks != 1)}: [bold]{everything.saved_minutes:.1f} min saved[/] "
-                  f"(effort model: draw {effort.draw_box:g} s, verify {effort.verify_box:g} s, modify "
-                  f"{effort.modify_box:g} s, delete {effort.delete_box:g} s per box; TANDEM_EFFORT changes them)")
+                  f"(effort model: {effort_used(effort, everything.counts, items)}; TANDEM_EFFORT changes them)")
     missing = no_second_opinion(evidence)
     console.print(f"Auto-accept: {missing}" if missing else f"Auto-accept ({data.source}): {cal.reason}")
 
