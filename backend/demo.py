@@ -25,7 +25,7 @@ from backend.convert.labelstudio import from_results, to_results
 from backend.core.labels import LabelSpace
 from backend.core.prediction import CLASS_NAME, Prediction
 from backend.datasets.shapes import CLASS_NAMES, ShapeSample, generate_samples, write_yolo_dataset
-from backend.dev.local_label_studio import start_label_studio, upload_images
+from backend.dev.local_label_studio import ADMIN_EMAIL, start_label_studio, upload_images
 from backend.dev.server_thread import ServerThread
 from backend.labeling.config import parse_label_config
 from backend.media.fetch import MediaFetcher, MediaSettings
@@ -112,8 +112,10 @@ class RoundsPlan:
 
 def run_demo(
     home: Path, out: Path, images: int = 60, budget: int = 20, epochs: int = 30, step=print, progress=lambda *_: None,
-    plan: RoundsPlan | None = RoundsPlan(), effort=None,
+    plan: RoundsPlan | None = RoundsPlan(), effort=None, label_studio_port: int | None = None,
+    port: int | None = None,
 ) -> DemoSummary:
+    """The demo end to end; `label_studio_port` and `port` (Tandem's) default to free ports on 127.0.0.1."""
     from label_studio_sdk import LabelStudio
 
     t_all = time.perf_counter()
@@ -126,7 +128,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     step("Starting a local Label Studio (installed once into its own uv tool environment)")
-    ls = start_label_studio(home / "label-studio")
+    ls = start_label_studio(home / "label-studio", port=label_studio_port)
     timed("label_studio_start", t0)
     try:
         t0 = time.perf_counter()
@@ -139,7 +141,8 @@ def run_demo(
         timed("models", t0)
 
         t0 = time.perf_counter()
-        step(f"Creating a project with {images} generated images and a held-out test set")
+        step(f"Creating a project with {images} generated images and a held-out test set (Label Studio at {ls.url}: "
+             f"log in as {ADMIN_EMAIL}, password {ls.password}, to watch it while the demo runs)")
         pool = generate_samples(images, seed=20261123)
         truth = {f"{s.name}.png": s for _, s in pool}
         test_root = home / "test-set"
@@ -155,9 +158,9 @@ def run_demo(
         settings = Settings(home=home / "tandem", label_studio_url=ls.url, label_studio_api_key=ls.token)
         app = create_app(settings, ModelHolder(cnn), policy=TrainingPolicy(
             train_after=10_000, params={"epochs": epochs, "imgsz": 160}))
-        with ServerThread(app) as srv:
+        with ServerThread(app, port=port) as srv:
             t0 = time.perf_counter()
-            step("Connecting Tandem as the project's ML backend and pre-annotating every task")
+            step(f"Connecting Tandem ({srv.url}) as the project's ML backend and pre-annotating every task")
             client.ml.create(project=project.id, url=srv.url, title="Tandem", is_interactive=False)
             client.actions.create(id="retrieve_tasks_predictions", project=project.id,
                                   selected_items={"all": True, "excluded": []})

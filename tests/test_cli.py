@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -303,6 +304,17 @@ def test_models_bind_refuses_weights_that_do_not_load(tmp_path, detect_weights):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and ProjectRepo(Settings(home=tmp_path / "home").database_url).get(5).model == \
         str(detect_weights.resolve())
+
+
+def test_demo_refuses_a_port_in_use_before_starting_anything(tmp_path):
+    env = _env(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        taken = busy.getsockname()[1]
+        proc = subprocess.run([*TANDEM, "demo", "--label-studio-port", str(taken)], capture_output=True, text=True,
+                              env=env, timeout=120)
+    assert proc.returncode == 2 and f"port {taken} on 127.0.0.1 is in use" in proc.stderr, proc.stderr
+    assert not (tmp_path / "home" / "demo").exists()
 
 
 def test_logs_written_to_a_file_are_one_line_per_record():

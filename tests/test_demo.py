@@ -11,6 +11,7 @@ from PIL import Image
 from backend.datasets.shapes import generate_samples
 from backend.demo import RoundsPlan, ground_truth_result, needs_correction, run_demo
 from backend.demo_rounds import RoundRecord, savings
+from backend.dev.local_label_studio import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
@@ -28,9 +29,15 @@ def test_needs_correction_judges_pre_annotations():
 
 def test_demo_runs_the_whole_loop(tmp_path):
     steps = []
+    ls_port, port = free_port(), free_port()
+    while port == ls_port:
+        port = free_port()
     s = run_demo(tmp_path / "home", tmp_path / "report", images=30, budget=10, epochs=4, step=steps.append,
-                 plan=RoundsPlan(rounds=1, images=24, budget=6, epochs=1, test_images=10))
+                 plan=RoundsPlan(rounds=1, images=24, budget=6, epochs=1, test_images=10),
+                 label_studio_port=ls_port, port=port)
     assert len(steps) >= 8 and s.cnn_version and s.second_version and s.new_version
+    said = "\n".join(steps)  # where to watch it, on the ports asked for
+    assert f"Label Studio at http://127.0.0.1:{ls_port}: log in as" in said and f"http://127.0.0.1:{port}" in said
     assert s.queued_active + s.queued_control == 10 and s.queued_control == 2
     assert 0 <= s.active_needed_correction <= s.queued_active
     assert len(s.disagreement_before) == 30 and len(s.disagreement_after) == 20  # queued tasks were annotated

@@ -12,6 +12,17 @@ import typer
 from backend.cli.common import Home, app, console, load_settings, setup_logging, stdout_console
 
 
+def port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @app.command()
 def demo(
     images: Annotated[int, typer.Option(help="Generated images in the demo project.")] = 60,
@@ -23,6 +34,10 @@ def demo(
     round_images: Annotated[int, typer.Option(help="Generated images the rounds label from.")] = 150,
     round_budget: Annotated[int, typer.Option(help="Tasks a human reviews per round, in each arm.")] = 20,
     round_epochs: Annotated[int, typer.Option(help="Fine-tune epochs per round.")] = 10,
+    label_studio_port: Annotated[int | None, typer.Option(help="Port of the demo's Label Studio on 127.0.0.1 "
+                                                                "(default: a free one).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port of the demo's Tandem server on 127.0.0.1 (default: a free "
+                                                  "one).")] = None,
 ) -> None:
     """The whole loop in one command, offline: Label Studio, pre-annotation, review queue, retrain, re-score; then
     rounds of auto-accept + queue + retrain beside random labelling, with the human seconds each arm cost."""
@@ -36,6 +51,10 @@ def demo(
     from backend.demo import RoundsPlan, run_demo
 
     setup_logging("warning")
+    for option, number in (("--label-studio-port", label_studio_port), ("--port", port)):
+        if number is not None and not port_is_free(number):
+            raise typer.BadParameter(f"port {number} on 127.0.0.1 is in use; pick another, or leave {option} out "
+                                     "for a free one")
     base = home or load_settings().home / "demo"
     started = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -56,7 +75,7 @@ def demo(
 
         plan = RoundsPlan(rounds=rounds, images=round_images, budget=round_budget, epochs=round_epochs)
         s = run_demo(base, out, images=images, budget=budget, epochs=epochs, step=step, progress=progress,
-                     plan=plan if rounds > 0 else None)
+                     plan=plan if rounds > 0 else None, label_studio_port=label_studio_port, port=port)
         bar.update(overall, completed=bar.tasks[0].total)
     table = Table(title="Tandem demo", show_header=False)
     table.add_column(style="bold")
