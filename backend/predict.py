@@ -86,6 +86,7 @@ class ServingPlan:
     fingerprint: str
     min_confidence: float = 0.0  # boxes below it are stored (for scoring) but not shown to annotators
     made_with: str = ""  # the thresholds its items are made under: a stored item made under others is redone
+    unmatched: tuple[str, ...] = ()  # controls of the model's task whose labels match none of its classes
 
     @property
     def image_keys(self) -> list[str]:
@@ -100,7 +101,8 @@ class ServingPlan:
     def unserved_controls(self) -> list[str]:
         """Tags of the config this model leaves to the annotator: ones of another task, and ones Tandem never fills."""
         served = {planned.control.name for planned in self.controls}
-        return [c.title for c in self.config.controls if c.name not in served] + list(self.config.ignored)
+        return [c.title + (" (none of its labels matches a model class)" if c.name in self.unmatched else "")
+                for c in self.config.controls if c.name not in served] + list(self.config.ignored)
 
     def unmapped_choice_classes(self) -> dict[str, list[str]]:
         """{Choices control: the classifier's classes that map to none of its labels}: an image the model sees
@@ -140,14 +142,21 @@ def plan_for(
     config = _cached_config(label_config)
     tasks = served_tasks(adapter)
     planned: list[PlannedControl] = []
+    unmatched: list[tuple[str, str]] = []  # (control, why): of the model's task, but no label matches a class
     for control in config.controls:
         task = next((t for t in TASK_PREFERENCE if t in tasks and t in WRITERS[control.kind].tasks), None)
         if task is None:
             continue
         vocabulary = Vocabulary.from_labels([lab.value for lab in control.labels], prompts)
         bound: ModelAdapter = bind(adapter, task, vocabulary)  # a promptable model asks about this control's labels
-        labels = build_label_map(control, bound.class_names, label_map, case_sensitive)
+        try:
+            labels = build_label_map(control, bound.class_names, label_map, case_sensitive)
+        except ConfigError as exc:  # another control may still be served: this one is left to the annotator
+            unmatched.append((control.name, str(exc)))
+            continue
         planned.append(PlannedControl(control, labels, bound))
+    if not planned and unmatched:
+        raise ConfigError(unmatched[0][1])
     if not planned:
         wanted = ", ".join(c.title for c in config.controls)
         kind = "VLM" if is_promptable(adapter) else "YOLO"
@@ -160,7 +169,7 @@ def plan_for(
         )
     fp = fingerprint(label_config, dict(label_map or {}), dict(prompts or {}), case_sensitive)
     return ServingPlan(config, tuple(planned), adapter.version, adapter.name, fp, min_confidence,
-                       made_with(adapter, min_confidence))
+                       made_with(adapter, min_confidence), tuple(name for name, _ in unmatched))
 
 
 def made_with(adapter: Model, min_confidence: float) -> str:

@@ -318,6 +318,26 @@ def test_controls_the_model_leaves_to_the_annotator_are_said_once_at_setup(tmp_p
     assert "choices 'shape'" in said[0] and "TextArea 'notes'" in said[0]
 
 
+def test_a_control_whose_labels_match_no_class_is_left_to_the_annotator_not_the_whole_project(
+        tmp_path, samples, classify_adapter, caplog):
+    """Two Choices on one image, the classifier's classes matching one: that one is pre-annotated, the other left
+    to the annotator and said; a config where no control matches is still a 422 with the reason."""
+    root, truth, _ = samples
+    two = CHOICES.replace("</View>", '<Choices name="quality" toName="image"><Choice value="Good"/>'
+                                     '<Choice value="Blurry"/></Choices></View>')
+    with _serve(tmp_path, root, classify_adapter) as srv, caplog.at_level("WARNING", logger="tandem.server"):
+        assert httpx.post(f"{srv.url}/setup", json={"project": "7.1", "schema": two}).status_code == 200
+        body = httpx.post(f"{srv.url}/predict", json={"tasks": [task(1, f"{truth[0].name}.png")], "label_config": two,
+                                                       "project": "7.1"}, timeout=60).json()
+        only = CHOICES.replace('value="Square"', 'value="Good"').replace('value="Circle"', 'value="Blurry"') \
+            .replace('value="Triangle"', 'value="Sharp"')
+        refused = httpx.post(f"{srv.url}/setup", json={"project": "8.1", "schema": only})
+    assert {r["from_name"] for r in body["results"][0]["result"]} == {"shape"}
+    said = [r.getMessage() for r in caplog.records if "left to the annotator" in r.getMessage()]
+    assert len(said) == 1 and "choices 'quality' (none of its labels matches a model class)" in said[0], said
+    assert refused.status_code == 422 and "none of the model's classes" in refused.text
+
+
 def test_serving_a_model_a_connected_project_cannot_use_is_said(tmp_path, samples, detect_adapter, classify_adapter,
                                                                  caplog):
     """A server-wide swap of the default model changes what every unbound project gets: say whom it leaves out,
