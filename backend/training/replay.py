@@ -36,7 +36,10 @@ import numpy as np
 # per the measurement: replay four times as many images as corrections, at most this many (the job stays
 # short): twice as many still let 10 corrections pull a parent that knew every class below the gate's margin
 REPLAY_PER_CORRECTION, MAX_REPLAY = 4, 64
-FEW_IMAGES, FROZEN_LAYERS = 24, 10  # below FEW_IMAGES without replay the backbone stays frozen
+# Below FEW_IMAGES without replay a detector's backbone (its first FROZEN_LAYERS layers) stays frozen: on 16
+# corrected images a full fine-tune collapsed (held-out mAP50 0.667 -> 0.168) while a frozen backbone held
+# (0.630-0.650); on 31 a full fine-tune taught a class the parent had never seen (mAP50-95 0.549 -> 0.786).
+FEW_IMAGES, FROZEN_LAYERS = 24, 10
 PSEUDO_CONF = 0.5  # the parent's boxes kept as pseudo-labels
 _TASK_STEM = re.compile(r"^task(\d+)_")
 

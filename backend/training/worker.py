@@ -33,15 +33,11 @@ from backend.training.export import TASK_FOR_CONTROL, add_replay, export_yolo_da
 from backend.training.jobs import JobStatus, JobStore  # noqa: E402
 from backend.storage.artifacts import ArtifactStore, localise  # noqa: E402
 from backend.training.lease import keep_worker_lease  # noqa: E402
-from backend.training.replay import choose_schedule, gather_replay, unlabelled_images  # noqa: E402
+from backend.training.replay import FEW_IMAGES, choose_schedule, gather_replay, unlabelled_images  # noqa: E402
 from backend.training.yolo_finetune import fine_tune  # noqa: E402
 
 # Fine-tuning on a few dozen corrections (see yolo_finetune.py): AdamW, no warm-up, a step every batch.
 DEFAULTS = {"epochs": 30, "imgsz": None, "batch": 16, "margin": 0.01, "val_percent": 20, "lr0": 0.001}
-# Below this many training images a detector's backbone is frozen (its first 10 layers). On 16 corrected
-# images a full fine-tune collapsed (held-out mAP50 0.667 -> 0.168) while a frozen backbone held (0.630-0.650);
-# on 31 a full fine-tune taught a class the parent had never seen (mAP50-95 0.549 -> 0.786).
-FEW_IMAGES, FROZEN_LAYERS = 24, 10
 # mAP integrates over every confidence, as ultralytics' own val does (conf 0.001): scored at the serving
 # threshold, a fine-tune whose confidences dropped below 0.25 scores 0 however well it localises
 EVAL_CONF = 0.001
@@ -61,13 +57,6 @@ def other_options(asked: dict, earlier: dict | None) -> dict:
     if not earlier:
         return {}
     return {k: v for k, v in (asked or {}).items() if v is not None and k in DEFAULTS and earlier.get(k) != v}
-
-
-def tiny_set_params(params: dict, train_images: int, task: str) -> dict:
-    """The fine-tune schedule for this many training images: a detector's backbone stays frozen below FEW_IMAGES."""
-    if params.get("freeze") is None and task != "classify" and train_images < FEW_IMAGES:
-        return {**params, "freeze": FROZEN_LAYERS}
-    return params
 
 
 def log(message: str) -> None:
