@@ -19,6 +19,7 @@ import numpy as np
 from active_learning.boxes import BoxBatch, ImageBoxes
 from active_learning.disagreement import classification_disagreement, detection_disagreement
 from active_learning.uncertainty import NEAR, detection_uncertainty, margin
+from backend.core.labels import OUTSIDE_LABELS
 from backend.core.prediction import CLASS_NAME, CLASS_SCORES, DetectionColumns, Prediction
 
 SELECT_AGGREGATE = "capped_sum"  # what `tandem select` ranks detections by: on digits it beat max (benchmarks/)
@@ -80,6 +81,10 @@ def _aligned_probs(outputs: Sequence[Prediction], names: Sequence[str], space: S
     for i, o in enumerate(outputs):
         out[i, ids] = o.probabilities
     return out
+
+
+def _outside(model: str, seen: str) -> str:
+    return f"{model} sees {seen}, which is none of the choices"
 
 
 def _classification_reasons(p: np.ndarray, names: Sequence[str], model: str) -> list[str]:
@@ -151,13 +156,19 @@ def score_outputs(
         p = _aligned_probs(primary, primary_names, space)
         uncertainty = margin(p)
         reasons = _classification_reasons(p, space.names, model_names[0])
+        # a top class that is none of the labels: the pooled numbers are no answer, so the reason names the class
+        outside = [o.extra.get(OUTSIDE_LABELS) for o in primary]
+        reasons = [_outside(model_names[0], seen) if seen else r for r, seen in zip(reasons, outside, strict=True)]
         disagreement = None
         if second is not None:
             q = _aligned_probs(second, second_names or primary_names, space)
             d = classification_disagreement(p, q)
             disagreement = d.score
+            other = [o.extra.get(OUTSIDE_LABELS) for o in second]
             reasons = [_both(reasons[i], d.reason(i, p, q, space.names, model_names), uncertainty[i], disagreement[i],
-                             model_names) for i in range(n)]
+                             model_names) if not (outside[i] or other[i]) else
+                       "; ".join([reasons[i], *([_outside(model_names[1], other[i])] if other[i] else [])])
+                       for i in range(n)]
         return ScoreTable(uncertainty, disagreement, reasons)
     if second is not None:  # two segmenters (masks, or outlines beside masks) compare by mask IoU
         from active_learning import masks

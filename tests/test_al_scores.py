@@ -295,6 +295,25 @@ def test_classification_reasons_say_unsure_only_when_the_top_two_are_close():
     assert both.reasons[1] == f"CNN unsure: dog 0.45, then cat 0.40; both say dog (JS {both.disagreement[1]:.2f})"
 
 
+def test_a_classifier_that_sees_none_of_the_choices_says_which_class_it_saw():
+    """A square/star project: the circle/square/triangle CNN sees a circle, the second opinion a triangle. The
+    pooled, spread numbers are no answer, and "both say Square" would be false."""
+    from backend.core.labels import LabelSpace
+    from backend.labeling.config import parse_label_config
+
+    control = parse_label_config("""<View><Image name="image" value="$image"/><Choices name="shape" toName="image">
+<Choice value="Square"/><Choice value="Star"/></Choices></View>""").controls[0]
+    classes = ("circle", "square", "triangle")
+    space = LabelSpace.build(control, classes)
+    cnn = space.to_labels([ModelOutput(probabilities=np.array(p)) for p in ([0.8, 0.15, 0.05], [0.1, 0.9, 0.0])])
+    other = space.to_labels([ModelOutput(probabilities=np.array(p)) for p in ([0.1, 0.2, 0.7], [0.0, 0.95, 0.05])])
+    table = score_outputs(cnn, ["Square", "Star"], other, ["Square", "Star"])
+    assert table.reasons[0] == "CNN sees circle, which is none of the choices; VLM sees triangle, which is none of the choices"
+    assert "none of the choices" not in table.reasons[1] and "Square" in table.reasons[1]
+    assert table.uncertainty[0] > table.uncertainty[1]
+
+
+
 def test_reasons_count_apart_the_unmatched_boxes_below_the_serving_threshold():
     a = [_img([[0, 0, 10, 10], [40, 40, 50, 50], [80, 80, 90, 90]], [0.9, 0.2, 0.1], [0, 1, 1])]
     b = [_img([[0, 0, 10, 10], [200, 200, 210, 210]], [0.9, 0.15], [0, 2])]

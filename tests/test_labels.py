@@ -127,6 +127,7 @@ def test_to_labels_reads_an_answer_outside_the_labels_as_unsure():
                                      Prediction(probabilities=np.array([0.0, 1.0, 0.0, 0.0]))])
     np.testing.assert_allclose(outside.probabilities, [0.3 + 0.5 / 3, 0.2 + 0.5 / 3, 0.5 / 3])
     np.testing.assert_allclose(only.probabilities, [1 / 3, 1 / 3, 1 / 3])
+    assert outside.extra["outside_labels"] == only.extra["outside_labels"] == "chair"  # what it saw, for reasons
     pooled, said = pool_choice(np.array([0.2, 0.5, 0.1, 0.2]), space.pooling_matrix())
     assert said and np.allclose(pooled, outside.probabilities)
     assert not pool_choice(np.array([0.4, 0.3, 0.1, 0.2]), space.pooling_matrix())[1]

@@ -21,6 +21,9 @@ from backend.errors import ConfigError
 from backend.labeling.config import ControlSpec
 
 
+OUTSIDE_LABELS = "outside_labels"  # `Prediction.extra` key: the class a classifier saw that is none of the labels
+
+
 def pool_choice(probabilities: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, bool]:
     """A classifier's class probabilities pooled onto a control's labels (`pool`: a `pooling_matrix`), and
     whether the model's answer lies outside them.
@@ -182,7 +185,13 @@ class LabelSpace:
         out = []
         for p in predictions:
             if p.probabilities is not None:
-                out.append(p.with_meta(probabilities=pool_choice(p.probabilities, pool)[0], class_names=labels))
+                pooled, outside = pool_choice(p.probabilities, pool)
+                extra = dict(p.extra)
+                if outside:  # the class it saw, for reasons: "sees circle, which is none of the choices"
+                    names = self.class_names or p.class_names
+                    top = int(np.argmax(p.probabilities))
+                    extra[OUTSIDE_LABELS] = str(names[top]) if top < len(names) else str(top)
+                out.append(p.with_meta(probabilities=pooled, class_names=labels, extra=extra))
                 continue
             det = p.detections
             if det is None or len(det) == 0:
