@@ -131,7 +131,8 @@ def test_the_gate_says_what_a_small_frozen_split_can_resolve(tmp_path, detect_we
     strict = YoloAdapter(detect_weights, device="cpu", conf=0.9)  # drops its less sure boxes: scores differ
     other = paired_bootstrap(model, strict, ds, margin=0.01, resamples=50)
     half = (other.high - other.low) / 2
-    assert other.resolves_margin == (half <= 0.01)
+    assert other.resolves_margin == (max(half, 1 / 3) <= 0.01) is False  # 3 images: no finer than a third
+    assert not same.resolves_margin and "cannot tell differences smaller than about 0.333" in same.describe()
     text = other.describe()
     assert f"[{other.low:+.3f}, {other.high:+.3f}]" in text
     assert ("cannot tell differences smaller than" in text) == (not other.resolves_margin)
@@ -144,6 +145,11 @@ def test_top1_bootstrap_hand_computed():
     assert 0 <= res.low <= 0.5 <= res.high <= 1  # no image where the serving model alone is right: never below 0
     assert not res.resolves_margin and "frozen split of 4 images: candidate − serving top-1 +0.500" in res.describe()
     assert top1_bootstrap(np.zeros(0, bool), np.zeros(0, bool), margin=0.05) is None
+    one = top1_bootstrap(np.array([True]), np.array([True]), margin=0.05)  # a zero-width interval from one image
+    assert one.low == one.high == 0 and not one.resolves_margin
+    assert "cannot tell differences smaller than about 1.000" in one.describe()
+    many = top1_bootstrap(np.ones(400, bool), np.ones(400, bool), margin=0.01)  # 400 images: 1/400 < the margin
+    assert many.resolves_margin
 
 
 def test_the_gate_says_what_a_classify_frozen_split_can_resolve(tmp_path, classify_weights):

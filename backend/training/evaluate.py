@@ -109,13 +109,20 @@ class GateResolution:
     metric: str = "map50_95"
 
     @property
+    def smallest(self) -> float:
+        """The smallest difference the split can tell from noise: the interval's half-width, but never below
+        one image's share (1/images). A split of one image, or of images both models get right, resamples to
+        a zero-width interval that says nothing about a loss the split has no image to show."""
+        return max((self.high - self.low) / 2, 1 / self.images)
+
+    @property
     def resolves_margin(self) -> bool:
-        """True when the interval is narrower than the margin on each side: the split can see a margin-sized loss."""
-        return (self.high - self.low) / 2 <= self.margin
+        """True when the split can see a margin-sized loss."""
+        return self.smallest <= self.margin
 
     def describe(self) -> str:
         verdict = ("it can tell a loss of the gate's margin from noise" if self.resolves_margin else
-                   f"it cannot tell differences smaller than about {(self.high - self.low) / 2:.3f} from noise "
+                   f"it cannot tell differences smaller than about {self.smallest:.3f} from noise "
                    f"(the gate's margin is {self.margin}); annotate more tasks for a sharper verdict")
         name = {"map50": "mAP50", "map50_95": "mAP50-95", "top1": "top-1"}[self.metric]
         return (f"frozen split of {self.images} images: candidate − serving {name} {self.difference:+.3f}, "
