@@ -14,7 +14,7 @@ from backend.server.app import create_app
 from backend.serving import ModelHolder
 from backend.settings import Settings
 from backend.training.jobs import JobStatus, JobStore
-from backend.training.runner import mark_orphans, wait
+from backend.training.runner import log_path, mark_orphans, wait
 from backend.training.service import TrainingPolicy, TrainingService
 from tests.harness import ServerThread
 
@@ -111,8 +111,12 @@ def test_cancel_and_orphans(tmp_path, detect_adapter):
     assert store.get(orphan.id).status is JobStatus.FAILED
     service = TrainingService(settings, ModelHolder(detect_adapter), Registry(settings.database_url))
     job = service.trigger(2, "to cancel")
+    assert store.set_follow_up(job.id, "3 new corrections")
     assert service.cancel(job.id)
     assert store.get(job.id).status is JobStatus.CANCELLED  # the dying worker cannot overwrite it
+    log = log_path(settings.home, job.id).read_text()  # the verdict a stopped worker cannot write, and what it drops
+    assert log.rstrip().endswith(f"job {job.id} cancelled: nothing from it is registered or served; its queued "
+                                 "follow-up (3 new corrections) is dropped too"), log
     time.sleep(1.5)
     assert store.get(job.id).status is JobStatus.CANCELLED and not service.cancel(job.id)
     service.close()

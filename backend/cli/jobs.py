@@ -83,9 +83,13 @@ def jobs_cancel(job_id: int, home: Home = None) -> None:
     """Stop a queued or running job (and its Modal call); the served model stays as it is."""
     from backend.training.runner import cancel_job
 
-    _, _, store = stores(home)
-    if not cancel_job(store, job_id):
+    settings, _, store = stores(home)
+    before = store.get(job_id)
+    if not cancel_job(store, job_id, home=settings.home):
         console.print(f"[red]error:[/] job {job_id} is not queued or running (tandem jobs list shows them)")
         raise typer.Exit(2)
     job = store.get(job_id)
     console.print(f"job {job_id} cancelled" + (f" — {job.error}" if job.error and job.error != "cancelled" else ""))
+    if before is not None and before.follow_up:
+        console.print(f"its queued follow-up ({before.follow_up}) is dropped too: run `tandem train --project "
+                      f"{before.project_id}` again for it")

@@ -44,20 +44,29 @@ def train(
     follow_up = None
     if server:
         job_id, read, follow_up = _queue_on_server(server, settings.basic_auth, {
-            "project": project, "runner": runner, "model": model, "params": params, "reason": "tandem train"})
+            "project": project, "runner": runner, "model": model, "params": params, "reason": "tandem train"}, wait)
     else:
         job_id, read = _start_here(settings, store, project, runner, model, params)
     if wait:
-        job = _follow(job_id, read)
-        if follow_up is not None:
-            found = follow_up(job_id)
-            if found is None:
-                console.print(f"[red]error:[/] no follow-up job started within 2 minutes after job {job_id} ended (a "
-                              "cancelled job starts none; otherwise the server's log says why): tandem jobs list "
-                              "shows the project's jobs")
-                raise typer.Exit(1)
-            console.print(f"your request runs as job {found[0]}")
-            job = _follow(*found)
+        following = job_id
+        try:
+            job = _follow(job_id, read)
+            if follow_up is not None:
+                found = follow_up(job_id)
+                if found is None:
+                    console.print(f"[red]error:[/] no follow-up job started within 2 minutes after job {job_id} ended "
+                                  "(a cancelled job starts none; otherwise the server's log says why): tandem jobs "
+                                  "list shows the project's jobs")
+                    raise typer.Exit(1)
+                console.print(f"your request runs as job {found[0]}")
+                following = found[0]
+                job = _follow(*found)
+        except KeyboardInterrupt:  # the job runs in its own process (or on the server): say so, and how to stop it
+            how = (f"`curl -X POST {server.rstrip('/')}/jobs/{following}/cancel` stops it" if server else
+                   f"`tandem jobs logs {following}` shows it, `tandem jobs cancel {following}` stops it")
+            console.print(f"stopped following job {following}; it keeps running{f' on {server}' if server else ''}: "
+                          f"{how}")
+            raise typer.Exit(130) from None
         _exit_with(job)
 
 
@@ -98,7 +107,7 @@ def _start_here(settings, store, project: int, runner: str, model: str, params: 
     return job_id, read
 
 
-def _queue_on_server(server: str, auth, body: dict) -> tuple[int, JobReader, Callable | None]:
+def _queue_on_server(server: str, auth, body: dict, wait: bool = True) -> tuple[int, JobReader, Callable | None]:
     """The job runs on that server, in its TANDEM_HOME: it is followed over HTTP, not in this machine's state."""
     import httpx
 
@@ -138,8 +147,8 @@ def _queue_on_server(server: str, auth, body: dict) -> tuple[int, JobReader, Cal
     # the server folded this request into the follow-up of the project's active job: it runs after that one ends
     options = ", ".join(f"{k}={v}" for k, v in sorted(body["params"].items())) or "the defaults"
     console.print(f"project {body['project']} already has job {job_id} ({answer['status']}) on {base}; your request "
-                  f"({options}) runs after it as a follow-up job, on every correction by then. Following job {job_id} "
-                  "first.")
+                  f"({options}) runs after it as a follow-up job, on every correction by then."
+                  + (f" Following job {job_id} first." if wait else ""))
 
     def follow_up(after: int, timeout_s: float = 120.0) -> tuple[int, JobReader] | None:
         """The job the server started for the folded-in request (reason "coalesced: ...") once `after` ended."""

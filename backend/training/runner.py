@@ -128,10 +128,10 @@ def _stop_worker(pid: int, job_id: int) -> None:
             pass
 
 
-def cancel_job(store: JobStore, job_id: int, pid: int | None = None) -> bool:
+def cancel_job(store: JobStore, job_id: int, pid: int | None = None, home: Path | None = None) -> bool:
     """Cancel a queued or running job from any process or replica: the status change is the cancel (the holder's
     next heartbeat is refused and it stops the worker). A worker on this host is stopped at once; for Modal, the
-    remote call too."""
+    remote call too. With `home`, the job's log ends with the verdict (a stopped worker cannot write it)."""
     job = store.get(job_id)
     if job is None or not job.status.active:
         return False
@@ -140,6 +140,13 @@ def cancel_job(store: JobStore, job_id: int, pid: int | None = None) -> bool:
     pid = pid or job.pid
     if pid and _on_this_host(job):
         _stop_worker(pid, job_id)
+    path = log_path(home, job_id) if home is not None else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)  # a job cancelled while queued has no log yet
+        dropped = f"; its queued follow-up ({job.follow_up}) is dropped too" if job.follow_up else ""
+        with open(path, "a") as out:
+            out.write(f"[tandem {time.strftime('%H:%M:%S')}] job {job_id} cancelled: nothing from it is registered or "
+                      f"served{dropped}\n")
     if job.runner == "modal" and job.remote_id:
         try:
             from infra.modal_runner import cancel_remote
@@ -253,7 +260,7 @@ class LocalRunner:
             proc = self._procs.get(job_id)
             if job_id in self._queue:
                 self._queue.remove(job_id)
-        return cancel_job(self.store, job_id, pid=proc.pid if proc else None)
+        return cancel_job(self.store, job_id, pid=proc.pid if proc else None, home=self.home)
 
     def queued(self) -> list[int]:
         with self._lock:
