@@ -72,6 +72,9 @@ def test_http_job_writes_in_bulk_counts_failures_and_retrieve_answers_from_the_s
         job_id = started.json()["id"]
         again = httpx.post(f"{srv.url}/predict-jobs", json={"project": project, "model": str(detect_weights)})
         assert again.status_code == 409 and str(job_id) in again.json()["detail"]  # one job per project
+        missing = httpx.post(f"{srv.url}/predict-jobs", json={"project": 99999, "model": str(detect_weights)})
+        assert missing.status_code == 404 and "has no project 99999" in missing.text  # refused, not a failed job
+        assert httpx.get(f"{srv.url}/predict-jobs", params={"project": 99999}).json() == []
         seen, deadline = [], time.monotonic() + 300
         while time.monotonic() < deadline:
             job = httpx.get(f"{srv.url}/predict-jobs/{job_id}").json()

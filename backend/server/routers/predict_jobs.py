@@ -77,6 +77,23 @@ def _spawn(state: ServerState, job_id: int, body: PredictJobRequest, handed_by: 
     threading.Thread(target=reap, name=f"tandem-predict-job-{job_id}", daemon=True).start()
 
 
+def _require_project(pair: tuple[str, str], project: int) -> None:
+    """A project Label Studio does not have is refused now, not recorded as a job that fails a second later."""
+    from label_studio_sdk import LabelStudio
+    from label_studio_sdk.core.api_error import ApiError
+
+    from backend.labelstudio.errors import describe
+
+    try:
+        LabelStudio(base_url=pair[0], api_key=pair[1], timeout=10).projects.get(project)
+    except ApiError as exc:
+        if exc.status_code == 404:
+            raise HTTPException(404, f"Label Studio at {pair[0]} has no project {project}") from exc
+        raise HTTPException(422, f"could not check project {project} in Label Studio: {describe(exc, pair[0])}") from exc
+    except Exception as exc:  # noqa: BLE001 - Label Studio unreachable: said now, in one line
+        raise HTTPException(422, f"could not check project {project} in Label Studio: {describe(exc, pair[0])}") from exc
+
+
 @router.post("/predict-jobs")
 def start(body: PredictJobRequest, state: ServerState = Depends(get_state)) -> dict[str, Any]:
     """Pre-annotate every task of the project lacking a prediction for the current version, in a process of
@@ -93,6 +110,7 @@ def start(body: PredictJobRequest, state: ServerState = Depends(get_state)) -> d
     from backend.batch.runner import model_spec
 
     model_spec(state.settings, body.project, body.model)  # a ConfigError (422) when nothing serves the project
+    _require_project(pair, body.project)
     records = _records(state)
     handed_by: str | None = new_holder_id()  # the job is born held: no other replica starts it meanwhile
     try:
