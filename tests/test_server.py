@@ -303,6 +303,8 @@ def test_classes_no_choice_maps_to_are_said_once_at_setup(tmp_path, samples, cla
             assert httpx.post(f"{srv.url}/setup", json={"project": "6.1", "schema": partial}).status_code == 200
     said = [r.getMessage() for r in caplog.records if "map to no choice" in r.getMessage()]
     assert len(said) == 1 and "circle, triangle map to no choice of 'shape'" in said[0], said
+    star = [r.getMessage() for r in caplog.records if "will not be pre-annotated" in r.getMessage()]
+    assert len(star) == 1 and "Star of 'shape'" in star[0] and 'on its <Choice>' in star[0], star
 
 
 def test_controls_the_model_leaves_to_the_annotator_are_said_once_at_setup(tmp_path, samples, detect_adapter, caplog):

@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from backend.errors import ConfigError
+from backend.labeling.config import ControlKind
 from backend.predict import describe, plan_for
 from backend.server.deps import get_state
 from backend.server.protocol import (
@@ -136,11 +137,13 @@ def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupR
                 log.warning("project %s: %s's class(es) %s map to no choice of '%s': an image it sees as one of "
                             "them gets no pre-annotation there (map one with predicted_values=\"…\" on a <Choice> "
                             "or TANDEM_LABEL_MAP)", pid, adapter.name, ", ".join(classes), control)
+        choices = {p.control.name for p in plan.controls if p.control.kind == ControlKind.CHOICES}
         for control, (labels, classes) in plan.unserved_labels().items():
             if state.warn_once((pid, plan.fingerprint, control)):  # Label Studio calls /setup often
                 log.warning("project %s: label(s) %s of '%s' match none of %s's classes (%s) and will not be "
-                            "pre-annotated; map one with predicted_values=\"…\" on its <Label> or "
-                            "TANDEM_LABEL_MAP", pid, ", ".join(labels), control, adapter.name, ", ".join(classes))
+                            "pre-annotated; map one with predicted_values=\"…\" on its %s or TANDEM_LABEL_MAP", pid,
+                            ", ".join(labels), control, adapter.name, ", ".join(classes),
+                            "<Choice>" if control in choices else "<Label>")
     if pid is not None:  # what serves the project now (a restart may have changed the defaults): select reads it
         state.serving.record_served(pid, served)
     state.schedule_sync(pid, adapter.version)
