@@ -164,9 +164,9 @@ class PredictJob:
         for page in self.source.pages():
             tasks = [ref.as_task() for ref in page]
             keys = [task_key(t, self.plan) for t in tasks]
-            present = [k for k in keys if k is not None]
-            stored = self.store.stored_keys(present, made_with)
-            stale = self.store.stored_keys(present) - stored if made_with else set()
+            stamps = self.store.stored_stamps([k for k in keys if k is not None])  # one read a page
+            stored = {k for k, stamp in stamps.items() if made_with is None or stamp in (None, made_with)}
+            stale = stamps.keys() - stored
             unwritten: list[tuple[int, Key]] = []
             already = 0
             for ref, task, key in zip(page, tasks, keys, strict=True):

@@ -150,9 +150,12 @@ class PredictionRepo:
     def stored_keys(self, keys: Sequence[Key], made_with: str | None = None) -> set[Key]:
         """The keys that have a stored prediction, reading none of them (a job's ledger check); with
         `made_with`, only those made under those thresholds (or before they were recorded)."""
-        if made_with is None:
-            return {k for k, _ in self._rows(keys, T.c.created_at)}
-        return {k for k, stamp in self._rows(keys, T.c.made_with) if stamp in (None, made_with)}
+        stamps = self.stored_stamps(keys)
+        return {k for k, stamp in stamps.items() if made_with is None or stamp in (None, made_with)}
+
+    def stored_stamps(self, keys: Sequence[Key]) -> dict[Key, str | None]:
+        """key -> the `made_with` stamp, for the keys that have a stored prediction (one read per call)."""
+        return dict(self._rows(keys, T.c.made_with))
 
     def get_item_texts(self, keys: Sequence[Key]) -> dict[Key, str]:
         """key -> the stored Label Studio item's JSON text, undecoded: what a bulk writer sizes its requests by."""
