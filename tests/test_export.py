@@ -10,7 +10,7 @@ from backend.convert.yolo_txt import read_detections
 from backend.datasets.shapes import generate_samples
 from backend.labeling.config import parse_label_config
 from backend.media.fetch import MediaFetcher, MediaSettings
-from backend.training.export import _lines, export_yolo_dataset
+from backend.training.export import _lines, export_yolo_dataset, is_validation
 from backend.training.vlm_examples import collect_annotations
 
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -112,6 +112,10 @@ def test_classify_targets_are_class_folders(tmp_path, annotated):
     for task_id, sample in truth.items():
         (png,) = (tmp_path / "cls").glob(f"*/*/task{task_id}_*.png")
         assert png.parent.name == sample.objects[0].label.capitalize()
+    # the classes the frozen split has images of, by hand from the split rule (every label has a folder there)
+    by_hand = {truth[t["id"]].objects[0].label.capitalize() for t in tasks if is_validation(7, t["id"], 50)}
+    assert out.val > 0 and set(out.val_classes()) == by_hand and len(by_hand) < len(NAMES)  # one class has none
+    assert all((tmp_path / "cls" / "val" / n).is_dir() for n in out.class_names)
 
 
 def test_vlm_examples_read_boxes_in_pixels_and_the_choice(annotated):

@@ -49,6 +49,14 @@ class ExportedDataset:
     def unchanged_share(self) -> float:
         return self.val_unchanged / self.val_regions if self.val_regions else 0.0
 
+    def val_classes(self) -> list[str]:
+        """A classify dataset's classes with at least one frozen-validation image (class folders are made for
+        every label, so ultralytics counts them against the full list)."""
+        if self.task != "classify":
+            return []
+        return [n for n in self.class_names
+                if (self.root / "val" / n).is_dir() and any((self.root / "val" / n).iterdir())]
+
 
 def is_validation(project_id: int, task_id: int, val_percent: int = 20) -> bool:
     digest = hashlib.sha256(f"tandem-val:{project_id}:{task_id}".encode()).digest()

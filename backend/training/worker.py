@@ -182,6 +182,11 @@ def run(job_id: int, settings: Settings) -> None:
     if dataset.val < FEW_VAL_IMAGES:
         log(f"only {dataset.val} frozen validation images: the promotion verdict below is noisy — annotate more "
             "tasks before trusting it")
+    if dataset.task == "classify" and len(present := dataset.val_classes()) < len(dataset.class_names):
+        log(f"the frozen split has images of {len(present)} of the {len(dataset.class_names)} classes "
+            f"({', '.join(present) or 'none'}): ultralytics' dataset check below logs this as an ERROR "
+            f"(\"requires {len(dataset.class_names)} classes\"); it does not stop the job, and the gate scores "
+            "top-1 on the images there are")
     # the export as it is (before any replay), where every replica can replay it from as this version's data
     dataset_uri = artifacts.put_dataset(dataset.root, job.project_id, dataset.snapshot)
     log(f"dataset stored at {dataset_uri}")
