@@ -246,11 +246,15 @@ def test_a_classify_job_on_a_few_corrections_says_it_replays_nothing_and_what_th
     upload_images(label_studio.url, label_studio.token, project.id, {f"{s.name}.png": png_bytes(img) for img, s in items})
     label = {f"{s.name}.png": s.objects[0].label.capitalize() for _, s in items}
     tasks = list(client.tasks.list(project=project.id))
-    val = [t for t in tasks if is_validation(project.id, t.id)][:3]
+    def choice_of(t):
+        return label[t.data["image"].rsplit("/", 1)[-1].split("-", 1)[-1]]
+
+    val = [t for t in tasks if is_validation(project.id, t.id)]
+    val = [t for t in val if choice_of(t) == choice_of(val[0])][:3]  # one class, as a small project may draw
     chosen = val + [t for t in tasks if not is_validation(project.id, t.id)][: 12 - len(val)]
     assert val and len(chosen) == 12  # both sides of the frozen split (30 tasks: none on one side is ~0.1%)
     for t in chosen:
-        choice = label[t.data["image"].rsplit("/", 1)[-1].split("-", 1)[-1]]
+        choice = choice_of(t)
         client.annotations.create(id=t.id, result=[{"from_name": "shape", "to_name": "image", "type": "choices",
                                                     "value": {"choices": [choice]}}])
     settings = Settings(home=tmp_path / "home", label_studio_url=label_studio.url,
@@ -264,6 +268,8 @@ def test_a_classify_job_on_a_few_corrections_says_it_replays_nothing_and_what_th
     m = job.metrics
     assert (m["train"], m["val"], m["replay"]) == (12 - len(val), len(val), 0) and m["gate_metric"] == "top1"
     assert f"{m['train']} corrections: a classify fine-tune replays nothing and trains the whole network" in log
+    ours = log.index(f"the frozen split has images of 1 of the 3 classes ({choice_of(val[0])}): ultralytics'")
+    assert ours < log.index("requires 3 classes, not 1")  # said before ultralytics' own ERROR line
     res = m["gate_resolution"]
     assert res["images"] == m["val"] and res["metric"] == "top1" and res["low"] <= res["high"]
     assert res["difference"] == pytest.approx(m["candidate"]["top1"] - m["serving"]["top1"])
