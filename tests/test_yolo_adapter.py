@@ -22,8 +22,14 @@ def test_missing_file_and_offline_hub_name_fail_fast(tmp_path, monkeypatch):
 def test_corrupt_weights_are_a_load_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"definitely not a checkpoint")
-    with pytest.raises(ModelLoadError, match="cannot load YOLO weights"):
+    with pytest.raises(ModelLoadError, match="cannot load YOLO weights") as err:
         YoloAdapter(bad)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ModelLoadError) as empty:
+        YoloAdapter(tmp_path / "empty.pt")
+    for said in (str(err.value), str(empty.value)):  # one line, without ultralytics' advice to run its hub models
+        assert "\n" not in said and "ERROR" not in said and "yolo predict" not in said, said
+    assert "the file is empty, truncated or corrupted" in str(empty.value)
 
 
 def test_version_is_content_addressed(tmp_path, classify_weights):

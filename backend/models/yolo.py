@@ -111,6 +111,17 @@ def _hub_reachable(host: str = "github.com", timeout: float = 1.0) -> bool:
         return False
 
 
+def load_error(weights: object, exc: Exception) -> ModelLoadError:
+    """A failed `YOLO(...)` in one line: ultralytics' own message (without its "ERROR ❌" prefix and its advice
+    to run its hub models, which this machine may not reach) or, for anything else, the exception's type."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if first.startswith("ERROR"):
+        first = first.removeprefix("ERROR").lstrip(" ❌️\ufe0f").strip()
+        return ModelLoadError(f"cannot load YOLO weights {weights}: {first.replace(f'{weights} is ', 'it is ', 1)}")
+    return ModelLoadError(f"cannot load YOLO weights {weights}: {type(exc).__name__}: {first}")
+
+
 def _resolve_weights(spec: str) -> str:
     """A path is used as is; a bare ultralytics name ("yolov8n.pt") downloads only when the hub answers."""
     path = Path(spec).expanduser()
@@ -156,7 +167,7 @@ class YoloAdapter:
         try:
             self._model = YOLO(resolved)
         except Exception as exc:  # corrupt files raise anything from pickle errors to KeyError
-            raise ModelLoadError(f"cannot load YOLO weights {weights}: {type(exc).__name__}: {exc}") from exc
+            raise load_error(weights, exc) from exc
         if self._model.task not in {t.value for t in ModelTask}:
             raise ModelLoadError(f"unsupported YOLO task '{self._model.task}' in {weights}")
         self.task = ModelTask(self._model.task)

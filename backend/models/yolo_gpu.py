@@ -278,13 +278,13 @@ class GpuYoloPipeline:
         from ultralytics import YOLO
         from ultralytics.nn.autobackend import AutoBackend
 
-        from backend.models.yolo import _resolve_weights, default_device, file_digest
+        from backend.models.yolo import _resolve_weights, default_device, file_digest, load_error
 
         resolved = _resolve_weights(str(weights))
         try:
             yolo = YOLO(resolved)
         except Exception as exc:  # noqa: BLE001 - corrupt files raise anything
-            raise ModelLoadError(f"cannot load YOLO weights {weights}: {type(exc).__name__}: {exc}") from exc
+            raise load_error(weights, exc) from exc
         if yolo.task not in (ModelTask.DETECT.value, ModelTask.SEGMENT.value):
             raise ModelLoadError(f"the GPU pipeline serves detect and segment models, not {yolo.task} ({weights})")
         self.task = ModelTask(yolo.task)
