@@ -107,3 +107,38 @@ def test_openvino_engine_matches_pytorch(task_fixture, request, tmp_path):
         assert b.detections.data["class_scores"].shape == (len(b.detections), 3)
     again = YoloAdapter(weights, device="cpu", engine="openvino", cache_dir=tmp_path)  # cached: no re-export
     assert again.engine == "openvino"
+
+
+def test_models_loading_one_version_at_once_share_one_export(detect_weights, tmp_path):
+    """Two projects bound to one model load it in parallel (as the server's pool does, or replicas sharing a
+    home): each exports in a folder of its own and publishes it whole, so none reads or rewrites the others'
+    half-written files (a model file rewritten under a process that mapped it kills it with SIGBUS)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backend.models.openvino_engine import publish
+
+    with ThreadPoolExecutor(3) as pool:
+        adapters = list(pool.map(lambda _: YoloAdapter(detect_weights, device="cpu", engine="openvino",
+                                                       cache_dir=tmp_path), range(3)))
+    assert {a.engine for a in adapters} == {"openvino"}
+    (export,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # one export, no partial folders
+    assert export.name == f"{adapters[0].version}_openvino_model" and not list(tmp_path.glob(".*partial"))
+    image = [generate_samples(1, seed=5)[0][0]]
+    first = adapters[0].predict(image)[0].detections
+    for other in adapters[1:]:
+        np.testing.assert_array_equal(other.predict(image)[0].detections.xyxy, first.xyxy)
+
+    kept = {p.name: p.read_bytes() for p in export.iterdir()}
+    late = tmp_path / ".late.partial"  # a copy finished after the winner's is dropped, the winner kept
+    late.mkdir()
+    (late / "model.xml").write_text("late")
+    assert publish(late, export) == export and not late.exists()
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == kept
+    broken = tmp_path / "v0_openvino_model"  # a crashed export's leftover without a model is replaced
+    broken.mkdir()
+    (broken / "half.bin").write_bytes(b"")
+    fresh = tmp_path / ".fresh.partial"
+    fresh.mkdir()
+    (fresh / "m.xml").write_text("whole")
+    assert publish(fresh, broken) == broken and (broken / "m.xml").read_text() == "whole"
+    assert not (broken / "half.bin").exists()

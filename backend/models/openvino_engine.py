@@ -12,7 +12,9 @@ decoding at the end of the head stays in floating point, as ultralytics' own INT
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,25 +90,42 @@ def check_agreement(reference: list[ModelOutput], candidate: list[ModelOutput], 
 
 
 def export_openvino(weights: Path, version: str, task: str, imgsz: int, cache_dir: Path) -> Path:
-    """The folder of the OpenVINO export of `weights`, exported on first use."""
+    """The folder of the OpenVINO export of `weights`, exported on first use (in a folder of its own, then
+    published whole: two processes loading one version never see each other's half-written files)."""
+    import tempfile
+
     from ultralytics import YOLO
 
     target = cache_dir / f"{version}_openvino_model"
     if (target / MARKER).is_file() or any(target.glob("*.xml")):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    staged = cache_dir / f"{version}.pt"
-    shutil.copyfile(weights, staged)
+    work = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".partial", dir=cache_dir))
     try:
-        exported = Path(YOLO(str(staged)).export(format="openvino", imgsz=imgsz, dynamic=task != "classify",
-                                                 half=False, verbose=False))
-    except Exception as exc:  # noqa: BLE001 - any exporter failure means: serve with PyTorch
-        raise ModelLoadError(f"OpenVINO export failed: {type(exc).__name__}: {exc}") from exc
+        staged = work / f"{version}.pt"
+        shutil.copyfile(weights, staged)
+        try:
+            exported = Path(YOLO(str(staged)).export(format="openvino", imgsz=imgsz, dynamic=task != "classify",
+                                                     half=False, verbose=False))
+        except Exception as exc:  # noqa: BLE001 - any exporter failure means: serve with PyTorch
+            raise ModelLoadError(f"OpenVINO export failed: {type(exc).__name__}: {exc}") from exc
+        return publish(exported, target)
     finally:
-        staged.unlink(missing_ok=True)
-    if exported.resolve() != target.resolve():
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.move(str(exported), target)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def publish(staged: Path, target: Path) -> Path:
+    """Move a finished export into place in one rename. Readers map the model's weights file, and a file
+    rewritten under a process that has mapped it kills that process (SIGBUS), so nothing is ever written in
+    place. Whoever renames first wins; a later copy of the same version is dropped."""
+    if target.is_dir() and not any(target.glob("*.xml")):
+        shutil.rmtree(target, ignore_errors=True)  # a half-written leftover of a crashed export
+    try:
+        staged.rename(target)
+    except OSError:
+        if not any(target.glob("*.xml")):
+            raise
+        shutil.rmtree(staged, ignore_errors=True)
     return target
 
 
@@ -195,8 +214,7 @@ def quantize_openvino(fp32: Path, key: str, files: list[Path], imgsz: int, strid
         ov.save_model(quantized, staged / "model.xml", compress_to_fp16=False)
         for extra in fp32.glob("*.yaml"):  # ultralytics' metadata: names, stride, task
             shutil.copyfile(extra, staged / extra.name)
-        shutil.rmtree(target, ignore_errors=True)
-        staged.rename(target)
+        publish(staged, target)
     except Exception as exc:  # noqa: BLE001 - a failed quantization means: serve the fp32 export
         raise ModelLoadError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
     return target
@@ -215,5 +233,7 @@ def verify_once(target: Path, reference: Runner, candidate: Runner, imgsz: int, 
     ref = [reference([image], conf)[0] for image in images]
     got = [candidate([image], conf)[0] for image in images]
     report = {"imgsz": imgsz, "conf": conf, **check(ref, got)}
-    marker.write_text(json.dumps(report))
+    partial = marker.with_name(f".{MARKER}.{os.getpid()}.{threading.get_ident()}")
+    partial.write_text(json.dumps(report))
+    partial.replace(marker)  # whole or not at all: another process may be reading it
     return report
