@@ -296,6 +296,7 @@ def test_a_job_on_a_project_that_does_not_exist_fails_in_one_line(label_studio, 
                           text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Label Studio answered 404" in out and "run it again" not in out, out
+    assert "failed 0" not in out  # no progress bar is drawn for a job that was never opened
     records = PredictJobs(Settings(home=home).database_url)
     assert records.store.list(99999) == []
 

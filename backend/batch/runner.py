@@ -71,9 +71,9 @@ def prepare(settings: Settings, project_id: int, model: str | None = None, clien
                           "once, so its /setup credentials are known)")
     url, token = pair
     client = client or LabelStudio(base_url=url, api_key=token)
+    label_config = client.projects.get(project_id).label_config  # a wrong id fails here, before a model loads
     spec = model_spec(settings, project_id, model)
     adapter = load_spec(settings, Registry(settings.database_url), spec)
-    label_config = client.projects.get(project_id).label_config
     plan = plan_for(adapter, label_config, {**settings.label_map, **(state.label_map if state else {})},
                     settings.case_sensitive_labels, {**settings.vlm_prompts, **(state.prompts if state else {})},
                     min_confidence=settings.conf)

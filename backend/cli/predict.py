@@ -50,15 +50,16 @@ def predict(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=quiet) as bar:
-        bar_id = bar.add_task(f"project {project}", total=None, failed=0)
+        bar_ids: list = []  # the bar appears once a job is open: a wrong project draws none
 
         def on_job(record) -> None:
-            bar.update(bar_id, description=f"predict job {record.id} · project {project}")
+            bar_ids.append(bar.add_task(f"predict job {record.id} · project {project}", total=None, failed=0))
             if quiet:
                 console.print(f"predict job {record.id} on project {project}")
 
         def on_progress(p) -> None:
-            bar.update(bar_id, total=p.total or None, completed=p.done + p.failed, failed=p.failed)
+            if bar_ids:
+                bar.update(bar_ids[0], total=p.total or None, completed=p.done + p.failed, failed=p.failed)
 
         try:
             record, result = run_project(settings, project, model=model, options=options, runner=runner, job_id=job,
