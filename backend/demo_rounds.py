@@ -37,7 +37,7 @@ from backend.convert.yolo_txt import box_lines
 from backend.core.prediction import CLASS_NAME, Prediction
 from backend.models.yolo import YoloAdapter
 from backend.training.evaluate import evaluate
-from backend.training.export import ExportedDataset, is_validation
+from backend.training.export import ExportedDataset, frozen_split
 
 CORRECT_IOU = 0.5  # a shown or accepted box is right when it matches a true box of its class at this IoU (VOC)
 UNCHANGED_IOU = 0.75  # ... and a human leaves it as it is above this; between the two it is moved (modified)
@@ -159,8 +159,9 @@ def _write_dataset(root: Path, pool: Pool, labels: dict[int, Prediction], human:
         (root / "images" / split).mkdir(parents=True)
         (root / "labels" / split).mkdir(parents=True)
     ids = {n: i for i, n in enumerate(pool.class_names)}
+    frozen = frozen_split(0, human & set(labels))
     for task, pred in labels.items():
-        split = "val" if task in human and is_validation(0, task) else "train"
+        split = "val" if task in frozen else "train"
         det, image = pred.detections, pool.images[task]
         names = _names(pred)
         lines = box_lines(det.xyxy if det is not None else np.zeros((0, 4)), [ids[n] for n in names], image.size)

@@ -4,8 +4,9 @@ A new project's first retrain has 10-20 corrected images. This measures candidat
 generated shapes (the demo's world) through Tandem's own fine-tune (`backend.training.yolo_finetune`),
 replay (`backend.training.export.add_replay` / `pseudo_labels`) and gate metric (`evaluate`,
 `paired_bootstrap`): per seed, n corrections of a fresh project (all three shapes), split into train and a
-frozen validation split as the job splits them (`is_validation`), a fine-tune per schedule, then held-out
-mAP50-95 on 100 other images and the gate's verdict with its bootstrap interval.
+frozen validation split by the hash rule (`is_validation`: measured before the job topped a split of fewer
+than 2 up to 2 from 10 tasks on, which changes only seeds the hash left with fewer), a fine-tune per
+schedule, then held-out mAP50-95 on 100 other images and the gate's verdict with its bootstrap interval.
 
 Parents: `blind` is the demo's CNN (never shown a triangle, 8 epochs) — there is something to learn;
 `full` is the starter model (all three shapes, 20 epochs) — the corrections mostly must not hurt.

@@ -174,3 +174,61 @@ def test_the_export_counts_frozen_regions_accepted_unchanged_from_a_pre_annotati
     assert 0 < out.unchanged_share < 1
     poly = export_yolo_dataset(tasks, CONFIG, 7, fetcher, tmp_path / "poly", control_name="poly", val_percent=50)
     assert poly.val_unchanged == 0 and poly.val_regions > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(project=st.integers(1, 10_000), ids=st.lists(st.integers(1, 10**6), min_size=1, max_size=60, unique=True),
+       cut=st.integers(1, 60))
+def test_the_frozen_split_keeps_two_tasks_from_ten_on_and_never_moves_a_training_task_into_it(project, ids, cut):
+    """The hash rule alone leaves 10 annotated tasks without a validation task 11% of the time. Topped up to 2
+    from 10 tasks on, with the lowest-hash others; as annotations are added (a prefix grows to the whole list),
+    a task once trained on never enters the split, and a task the hash rule puts in stays there."""
+    from backend.training.export import MIN_VAL_TASKS, TOP_UP_FROM, frozen_split
+
+    before, after = ids[: min(cut, len(ids))], ids
+    val_before, val_after = frozen_split(project, before), frozen_split(project, after)
+    hashed = {t for t in after if is_validation(project, t)}
+    assert hashed <= val_after <= set(after)
+    if len(after) >= TOP_UP_FROM:
+        assert len(val_after) >= min(MIN_VAL_TASKS, len(after)) and (len(val_after) == len(hashed) or
+                                                                      len(val_after) == MIN_VAL_TASKS)
+    else:
+        assert val_after == hashed
+    if len(before) >= TOP_UP_FROM:  # a job on the smaller set trained on before − val_before
+        assert not (val_after & (set(before) - val_before))
+
+
+def test_the_frozen_split_tops_up_a_project_the_hash_left_without_one():
+    from backend.training.export import frozen_split
+
+    project = next(p for p in range(1, 10_000) if not any(is_validation(p, t) for t in range(1, 11)))
+    val = frozen_split(project, range(1, 11))
+    assert len(val) == 2 and frozen_split(project, range(1, 10)) == set()  # below 10 tasks: the hash alone
+    assert frozen_split(project, range(1, 11), val_percent=0) == set()  # asked for no split: none
+
+
+def test_the_export_tops_up_the_split_from_people_s_tasks_only(tmp_path):
+    """Auto-accepted tasks never judge the gate, so they are not drawn to top the split up either."""
+    from active_learning.queue import AUTO_MARKER
+    from backend.training.export import frozen_split
+
+    media = tmp_path / "media"
+    media.mkdir()
+    items = generate_samples(14, seed=3)
+    project = next(p for p in range(1, 10_000) if not any(is_validation(p, t) for t in range(1, 15)))
+    tasks = []
+    for i, (image, sample) in enumerate(items, start=1):
+        image.save(media / f"{sample.name}.png")
+        w, h = sample.width, sample.height
+        o = sample.objects[0]
+        region = rect(o.box[0] / w * 100, o.box[1] / h * 100, (o.box[2] - o.box[0]) / w * 100,
+                      (o.box[3] - o.box[1]) / h * 100, o.label.capitalize())
+        if i <= 4:
+            region["meta"] = {"text": [AUTO_MARKER]}
+        tasks.append({"id": i, "data": {"image": f"/data/local-files/?d={sample.name}.png"},
+                      "annotations": [{"id": 100 + i, "result": [region], "was_cancelled": False}]})
+    fetcher = MediaFetcher(MediaSettings(local_files_root=media))
+    out = export_yolo_dataset(tasks, CONFIG, project, fetcher, tmp_path / "ds", control_name="box")
+    expected = frozen_split(project, range(5, 15))
+    assert out.val == 2 and sorted(_label_files(tmp_path / "ds", "val")) == sorted(expected)
+    assert out.train == 8 and out.auto_left_out == 4

@@ -58,9 +58,31 @@ class ExportedDataset:
                 if (self.root / "val" / n).is_dir() and any((self.root / "val" / n).iterdir())]
 
 
+MIN_VAL_TASKS = 2  # the frozen split a project of TOP_UP_FROM or more annotated tasks always has
+TOP_UP_FROM = 10
+
+
+def _task_key(project_id: int, task_id: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"tandem-val:{project_id}:{task_id}".encode()).digest()[:4], "big")
+
+
 def is_validation(project_id: int, task_id: int, val_percent: int = 20) -> bool:
-    digest = hashlib.sha256(f"tandem-val:{project_id}:{task_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") % 100 < val_percent
+    """The hash rule: a fixed ~`val_percent`% of a project's tasks, whatever else is annotated."""
+    return _task_key(project_id, task_id) % 100 < val_percent
+
+
+def frozen_split(project_id: int, task_ids: Iterable[int], val_percent: int = 20) -> set[int]:
+    """The frozen validation split of these annotated tasks: the hash rule, topped up to MIN_VAL_TASKS on
+    projects of TOP_UP_FROM or more tasks (the hash alone leaves 10 tasks without one 11% of the time) by the
+    other tasks of lowest hash. Of a larger set, the k lowest are among the k lowest of a smaller one or new,
+    so as annotations are added no task moves from training into validation: the gate never scores the serving
+    model on a task it trained on (unless annotations are deleted, or a job ran on fewer than TOP_UP_FROM)."""
+    ids = sorted(set(task_ids))
+    val = {t for t in ids if is_validation(project_id, t, val_percent)}
+    if len(ids) >= TOP_UP_FROM and len(val) < MIN_VAL_TASKS and val_percent > 0:
+        rest = sorted((t for t in ids if t not in val), key=lambda t: _task_key(project_id, t))
+        val.update(rest[: MIN_VAL_TASKS - len(val)])
+    return val
 
 
 def latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -98,11 +120,16 @@ def export_yolo_dataset(
     root.mkdir(parents=True, exist_ok=True)  # a project with nothing annotated still gets a (empty) dataset
     out = ExportedDataset(root=root, task=task_kind, class_names=names, data="", control=control)
     snapshot = hashlib.sha256()
+    tasks = list(tasks)
+    human = [t["id"] for t in tasks if (a := latest_annotation(t)) is not None and not is_auto_accepted(a)]
+    # an auto-accepted task the hash rule puts in the split is left out below (it may be reviewed later)
+    validation = frozen_split(project_id, human, val_percent) | {
+        t["id"] for t in tasks if is_validation(project_id, t["id"], val_percent)}
     for task in sorted(tasks, key=lambda t: t["id"]):
         annotation = latest_annotation(task)
         if annotation is None:
             continue
-        split = "val" if is_validation(project_id, task["id"], val_percent) else "train"
+        split = "val" if task["id"] in validation else "train"
         auto = is_auto_accepted(annotation)
         if auto and (split == "val" or not auto_accepted):
             out.auto_left_out += 1

@@ -27,7 +27,7 @@ from backend.models.base import ModelTask
 from backend.models.vlm.base import Vocabulary
 from backend.models.vlm.generative import GenerativeVlm
 from backend.predict import image_url
-from backend.training.export import is_validation, latest_annotation
+from backend.training.export import frozen_split, latest_annotation
 
 Example = tuple[Image.Image, str, str]
 MANIFEST = "annotations.json"
@@ -95,11 +95,13 @@ def collect_annotations(
     config = parse_label_config(label_config)
     out = AnnotatedSet()
     snapshot = hashlib.sha256()
-    for task in sorted(tasks, key=lambda t: t["id"]):
+    tasks = sorted(tasks, key=lambda t: t["id"])
+    frozen = frozen_split(project_id, [t["id"] for t in tasks if latest_annotation(t) is not None], val_percent)
+    for task in tasks:
         annotation = latest_annotation(task)
         if annotation is None:
             continue
-        validation = is_validation(project_id, task["id"], val_percent)
+        validation = task["id"] in frozen
         result = annotation.get("result") or []
         for control in config.controls:
             if control.kind not in (ControlKind.CHOICES, ControlKind.RECTANGLE):

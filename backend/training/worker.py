@@ -29,7 +29,13 @@ from backend.registry import Registry  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from backend.storage.projects import ProjectRepo  # noqa: E402
 from backend.training.evaluate import gate_scores  # noqa: E402
-from backend.training.export import TASK_FOR_CONTROL, add_replay, export_yolo_dataset  # noqa: E402
+from backend.training.export import (  # noqa: E402
+    MIN_VAL_TASKS,
+    TASK_FOR_CONTROL,
+    TOP_UP_FROM,
+    add_replay,
+    export_yolo_dataset,
+)
 from backend.training.jobs import JobStatus, JobStore  # noqa: E402
 from backend.storage.artifacts import ArtifactStore, localise  # noqa: E402
 from backend.training.lease import keep_worker_lease  # noqa: E402
@@ -164,8 +170,8 @@ def run(job_id: int, settings: Settings) -> None:
     if dataset.train == 0 or dataset.val == 0:
         raise TandemError(f"project {job.project_id} has {dataset.train + dataset.val} usable annotated tasks "
                           f"({dataset.train} train, {dataset.val} validation): a retrain needs at least one of each. "
-                          f"The validation split is a fixed ~{params['val_percent']}% of tasks, so annotate about "
-                          f"{max(5, round(200 / max(params['val_percent'], 1)))} or more")
+                          f"The frozen validation split is a fixed ~{params['val_percent']}% of tasks, and at least "
+                          f"{MIN_VAL_TASKS} once {TOP_UP_FROM} tasks are annotated: annotate that many or more")
     if job.reason.startswith("coalesced"):  # a follow-up for corrections the job before it may already have had
         earlier = registry.trained_on(dataset.snapshot, serving.version)
         asked = asked_options(job.params, settings.training_params())
