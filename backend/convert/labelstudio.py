@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import supervision as sv
 
-from backend.core.labels import LabelSpace
+from backend.core.labels import LabelSpace, pool_choice
 from backend.core.prediction import CLASS_NAME, POLYGON, Prediction
 from backend.labeling.config import ControlKind, ControlSpec
 from backend.labeling.geometry import (
@@ -296,21 +296,14 @@ class ChoicesWriter(ControlWriter):
     def regions(self, control, labels, output, class_names, size):
         if output.probabilities is None:
             return []
-        totals: dict[str, float] = {}
-        unmapped = 0.0
-        for name, p in zip(class_names, output.probabilities, strict=True):
-            label = labels(name)
-            if label is not None:
-                totals[label] = totals.get(label, 0.0) + float(p)
-            else:
-                unmapped = max(unmapped, float(p))
-        if not totals:
+        pool = labels.over(class_names, [label.result_value for label in control.labels]).pooling_matrix()
+        _, outside = pool_choice(output.probabilities, pool)
+        if outside or not pool.any():
             return []
-        best = max(totals, key=totals.__getitem__)
-        if unmapped > totals[best]:
-            return []
-        region = self._base(control, self.kind, None, totals[best])  # a choice is about the whole image: no size
-        region["value"] = {"choices": [best]}
+        summed = np.clip(np.asarray(output.probabilities, dtype=float), 0, None) @ pool  # the score: not renormalised
+        best = int(np.argmax(summed))
+        region = self._base(control, self.kind, None, float(summed[best]))  # a choice is about the whole image: no size
+        region["value"] = {"choices": [control.labels[best].result_value]}
         return [region]
 
 
