@@ -185,7 +185,7 @@ def test_a_split_of_pre_annotations_accepted_unchanged_is_judged_on_map50(label_
     says so and the gate compares mAP50, on which a right candidate is not beaten by pixel-exact copies."""
     from backend.labeling.config import parse_label_config
     from backend.training.evaluate import _label_space, copied_share, detections_on_val
-    from backend.training.export import ExportedDataset
+    from backend.training.export import ExportedDataset, frozen_split
     from backend.training.worker import scoring_adapter
 
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
@@ -198,9 +198,10 @@ def test_a_split_of_pre_annotations_accepted_unchanged_is_judged_on_map50(label_
     with ServerThread(app) as srv:
         _connect(client, project.id, srv.url)
         _retrieve_predictions(client, project.id)
+        shown = {}
         for task in _tasks_by_name(client, project.id).values():
-            shown = client.predictions.list(task=task["id"])[0].result
-            client.annotations.create(id=task["id"], result=[{**r, "origin": "prediction"} for r in shown])
+            shown[task["id"]] = client.predictions.list(task=task["id"])[0].result
+            client.annotations.create(id=task["id"], result=[{**r, "origin": "prediction"} for r in shown[task["id"]]])
         job = httpx.post(f"{srv.url}/train", json={"project": project.id, "params": {"epochs": 2, "imgsz": 160}}).json()
         done = wait(app.state.training.store, job["id"], timeout=600)
         log = httpx.get(f"{srv.url}/jobs/{job['id']}/logs").text
@@ -218,4 +219,6 @@ def test_a_split_of_pre_annotations_accepted_unchanged_is_judged_on_map50(label_
                          control=parse_label_config(RECT).controls[0])
     adapter = scoring_adapter(detect_weights, "cpu")
     preds, targets = detections_on_val(adapter, ds, _label_space(adapter, ds, None, False))
-    assert sum(map(len, targets)) >= 5 and copied_share(preds, targets, iou=0.999) == 1.0
+    frozen = frozen_split(project.id, shown)  # every box of the frozen split's tasks, each a copy
+    assert sum(map(len, targets)) == sum(len(shown[t]) for t in frozen) > 0
+    assert copied_share(preds, targets, iou=0.999) == 1.0
