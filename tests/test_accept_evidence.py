@@ -93,6 +93,24 @@ def test_the_report_counts_only_what_an_annotator_was_shown():
     assert (1, TRAINED) in everything
 
 
+def test_the_totals_count_each_task_once_with_the_version_shown_when_first_annotated():
+    """Every promotion re-predicts every task, so a reviewed task carries several versions' pre-annotations;
+    the per-version rows keep them all, the totals take the one stored last before the person first
+    annotated, or the oldest where every one was stored later (and say how many)."""
+    from dataclasses import replace
+
+    from backend.cli.report import seen_edits
+
+    stored_at = {OLD: T0 + 5, VLM: T0 + 5, VLM_LORA: T0 + 25, TRAINED: T0 + 25}
+    rows = [replace(r, created_at=stored_at[r.model_version]) for r in ROWS]
+    seen, before = seen_edits(gather(TASKS, CFG, rows, 1, learned_at=LEARNED))
+    # task 2 (annotated at T0+30) saw TRAINED, stored at T0+25; tasks 1 and 4 (T0+10) saw OLD
+    assert sorted((e.task_id, e.model_version) for e in seen) == [(1, OLD), (2, TRAINED), (4, OLD)] and before == 0
+    late = [replace(r, created_at=T0 + 40 + i) for i, r in enumerate(ROWS)]  # all stored after every annotation
+    seen, before = seen_edits(gather(TASKS, CFG, late, 1, learned_at=LEARNED))
+    assert sorted((e.task_id, e.model_version) for e in seen) == [(1, OLD), (2, OLD), (4, OLD)] and before == 3
+
+
 def test_learned_versions_reads_the_registry(tmp_path):
     registry = Registry(tmp_path / "tandem.db")
     registry.record_served("yolov8n-hub", "yolov8n", "detect", "yolov8n.pt")  # not trained here

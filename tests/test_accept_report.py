@@ -269,8 +269,18 @@ def test_accept_refuses_then_accepts_exactly_the_agreed_tasks_undo_reverts_and_r
         assert (got["scratch_seconds"], got["assisted_seconds"]) == pytest.approx((scratch, assisted))
         assert got["saved_minutes"] == pytest.approx((scratch - assisted) / 60)
         assert got["rates"]["unchanged"] == pytest.approx(c["unchanged"] / (c["unchanged"] + modified + c["deleted"]))
-    assert report["total"]["saved_minutes"] == pytest.approx(sum(report["versions"][v]["saved_minutes"]
-                                                                 for v in (CNN1, CNN2)))
+    # the total counts each reviewed task once: the annotations came with the tasks, before any row was stored,
+    # so each with its oldest pre-annotation (CNN1 on the first good tasks, where CNN2 kept 2 boxes each)
+    shown = {k: v1[k] + v2[k] for k in v2}
+    shown["unchanged"] -= 2 * FIRST_GOOD
+    tot = report["total"]
+    assert tot["counts"] == shown and tot["tasks"] == report["versions"][CNN2]["tasks"]
+    assert tot["annotated_before_pre_annotation"] == tot["tasks"]
+    modified = shown["moved"] + shown["relabelled"]
+    assert tot["scratch_seconds"] == pytest.approx((shown["unchanged"] + modified + shown["missed"]) * e.draw_box)
+    assert tot["saved_minutes"] < sum(report["versions"][v]["saved_minutes"] for v in (CNN1, CNN2))
+    assert (f"on {tot['tasks']} reviewed tasks, each counted once with the version shown when first annotated; "
+            f"{tot['tasks']} of them annotated before any pre-annotation was stored") in said(rep)
     auto = report["auto_accept"]
     assert auto["threshold"] == pytest.approx(0.9) and auto["bound"] == pytest.approx(bound, abs=1e-9)
     assert auto["coverage"] == pytest.approx(good_regions / (good_regions + bad_regions))

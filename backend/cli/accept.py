@@ -35,6 +35,7 @@ class TaskEvidence:
     control_pick: bool = False
     shown: dict[str, Prediction] = field(default_factory=dict)  # model version -> its newest pre-annotation, as
     # annotators saw it (no faint boxes)
+    shown_at: dict[str, float] = field(default_factory=dict)  # model version -> when that pre-annotation was stored
     pre_latest: Prediction | None = None  # the newest pre-annotation, as shown
     pre_version: str | None = None
     second: Prediction | None = None  # the newest second opinion, its regions at the serving threshold
@@ -139,6 +140,7 @@ def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_
             ev.second = as_shown(p, r.item, control)
         else:
             ev.shown[r.model_version] = as_shown(p, r.item, control)
+            ev.shown_at[r.model_version] = r.created_at
             ev.pre_latest, ev.pre_version = ev.shown[r.model_version], r.model_version
             ev.size = _size(r.item) or ev.size
     return ProjectEvidence(project_id, control, list(by_task.values()))

@@ -35,6 +35,27 @@ def project_edits(evidence) -> list:
     return out
 
 
+def seen_edits(evidence) -> tuple[list, int]:
+    """One pair per reviewed task, for the totals: the pre-annotation the person was shown when first
+    annotating it (the newest stored before that), since every promotion re-predicts every task and counting
+    each version's pair would count one person's work once per version. A task annotated before any
+    pre-annotation was stored is counted with its oldest one (what it would have saved); how many such tasks
+    there are is returned with the pairs."""
+    from active_learning.telemetry import edits
+
+    out, before = [], 0
+    for ev in evidence.tasks:
+        if ev.human is None or not ev.shown:
+            continue
+        earlier = [v for v in ev.shown if ev.shown_at.get(v, 0.0) <= ev.human_first]
+        if earlier:
+            version = max(earlier, key=lambda v: ev.shown_at.get(v, 0.0))
+        else:
+            version, before = min(ev.shown, key=lambda v: ev.shown_at.get(v, 0.0)), before + 1
+        out.append(edits(ev.shown[version], ev.human, ev.task_id, version, ev.human_when))
+    return out, before
+
+
 def per_class_rows(per_class) -> list[tuple[str, ...]]:
     """The per-class table, header first: region edits, or for a Choices control the times each class was the
     predicted choice and how often a person kept it."""
@@ -50,7 +71,9 @@ def per_class_rows(per_class) -> list[tuple[str, ...]]:
         for name, c in sorted(per_class.items()))]
 
 
-def summary_json(project: int, summaries, total, cal, data, effort) -> dict[str, Any]:
+def summary_json(project: int, summaries, total, cal, data, effort, annotated_first: int = 0) -> dict[str, Any]:
+    """`versions`: every reviewed task each version pre-annotated; `total`: each task once, with the version
+    shown when it was first annotated (`annotated_first` of them had none stored before: their oldest)."""
     def counts(c):
         return {"unchanged": c.unchanged, "moved": c.moved, "relabelled": c.relabelled, "deleted": c.deleted,
                 "missed": c.missed, "choices": c.choices, "choices_accepted": c.choices_accepted}
@@ -67,7 +90,8 @@ def summary_json(project: int, summaries, total, cal, data, effort) -> dict[str,
                 "saved_minutes": s.saved_minutes}
 
     return {"project": project, "at": time.time(), "effort": effort.as_dict(),
-            "versions": {v: one(s) for v, s in summaries.items()}, "total": one(total),
+            "versions": {v: one(s) for v, s in summaries.items()},
+            "total": {**one(total), "annotated_before_pre_annotation": annotated_first},
             "auto_accept": {"threshold": cal.threshold, "bound": cal.bound, "coverage": cal.coverage,
                             "n_verified": cal.n_verified, "needed": cal.needed, "reason": cal.reason,
                             "source": data.source}}
@@ -180,17 +204,21 @@ def report(
     _, evidence = load_evidence(settings, project, control_name)
     items = project_edits(evidence)
     summaries = summarise(items, effort)
-    everything = total(summaries)
+    seen, annotated_first = seen_edits(evidence)
+    everything = total(summarise(seen, effort))
     data = calibration_data(evidence, iou, min_verified(target, delta))
     cal = calibrate(data.scores, data.correct, target, delta)
 
     def pct(v: float) -> str:
         return "—" if math.isnan(v) else f"{v:.0%}"
 
-    table = Table(title=f"Pre-annotation quality — project {project}, control '{evidence.control.name}'")
+    table = Table(title=f"Pre-annotation quality — project {project}, control '{evidence.control.name}'",
+                  caption="a version's row: every reviewed task it pre-annotated, shown or not (a promotion "
+                          "re-predicts every task); the total: each task once, with the version shown")
     for col in ("model version", "tasks", "regions shown", "unchanged", "modified (moved/relabelled)", "deleted",
                 "missed", "choices accepted", "minutes saved"):
         table.add_column(col, justify="right" if col != "model version" else "left")
+    everything.model_version = "total (as shown)"
     for s in [*sorted(summaries.values(), key=lambda s: s.first), everything]:
         c = s.counts
         table.add_row(s.model_version, str(s.tasks), str(c.predicted), f"{c.unchanged} ({pct(c.rate('unchanged'))})",
@@ -199,23 +227,26 @@ def report(
                       f"{c.choices_accepted} of {c.choices}" if c.choices else "—", f"{s.saved_minutes:.1f}")
     stdout_console().print(table)
     if everything.per_class:
-        per = Table(title="Per class (all versions)")
+        per = Table(title="Per class (each task once, as shown)")
         header, *rows = per_class_rows(everything.per_class)
         for col in header:
             per.add_column(col, justify="right" if col != "class" else "left")
         for row in rows:
             per.add_row(*row)
         stdout_console().print(per)
+    before = (f"; {annotated_first} of them annotated before any pre-annotation was stored, counted with their "
+              "oldest: what it would have saved" if annotated_first else "")
     console.print(f"Human time: {everything.assisted_seconds / 60:.1f} min with pre-annotations vs "
                   f"{everything.scratch_seconds / 60:.1f} min from scratch on {everything.tasks} reviewed "
-                  f"task-version pair{'s' * (everything.tasks != 1)}: [bold]{everything.saved_minutes:.1f} min saved[/] "
-                  f"(effort model: {effort_used(effort, everything.counts, items)}; TANDEM_EFFORT changes them)")
+                  f"task{'s' * (everything.tasks != 1)}, each counted once with the version shown when first "
+                  f"annotated{before}: [bold]{everything.saved_minutes:.1f} min saved[/] "
+                  f"(effort model: {effort_used(effort, everything.counts, seen)}; TANDEM_EFFORT changes them)")
     missing = no_second_opinion(evidence)
     console.print(f"Auto-accept: {missing}" if missing else f"Auto-accept ({data.source}): {cal.reason}")
 
     folder = out or Path(f"tandem-report-{project}")
     files = write_plots(folder, summaries, items, data)
-    payload = summary_json(project, summaries, everything, cal, data, effort)
+    payload = summary_json(project, summaries, everything, cal, data, effort, annotated_first)
     (folder / "report.json").write_text(json.dumps(payload, indent=2))
     reports = reports_dir(settings.home)
     reports.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ class PredictionRow:
     item: Mapping[str, Any]  # the Label Studio prediction: result, score, model_version
     controls: Mapping[str, Prediction] = field(default_factory=dict)  # control name -> prediction in its labels
     made_with: str | None = None  # the thresholds it was made under (backend.predict.made_with)
+    created_at: float = 0.0  # when it was stored (epoch seconds; set on rows read back, ignored on writes)
 
     @property
     def key(self) -> Key:
@@ -202,7 +203,8 @@ class PredictionRepo:
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [PredictionRow(r["task_id"], r["model_version"], r["fingerprint"], r["project_id"], r["model_name"],
-                              r["role"], json.loads(r["item"]), decode_controls(r["record"]), r["made_with"])
+                              r["role"], json.loads(r["item"]), decode_controls(r["record"]), r["made_with"],
+                              r["created_at"])
                 for r in rows]
 
     def count(self, project_id: int | None = None) -> int:
