@@ -473,3 +473,30 @@ def test_a_follow_up_with_other_options_on_the_same_data_is_not_skipped():
     assert other_options({"epochs": 1}, earlier) == {}  # the same request: nothing new
     assert other_options({"epochs": 1, "imgsz": 160, "note": "x"}, earlier) == {}  # unknown keys are not options
     assert other_options({"epochs": 5}, None) == {}  # a version from before options were recorded
+
+
+def test_a_version_promoted_into_a_project_starts_loading_before_the_project_asks(tmp_path, detect_adapter,
+                                                                               segment_weights):
+    """A retrain promotes into the project's binding; the server starts loading it at once (the watcher sees
+    the promotion, then the binding a job writes right after it), so the project's next "Retrieve predictions"
+    is answered by the new version rather than the old one while it loads."""
+    from backend.storage.projects import ProjectRepo
+
+    settings = Settings(home=tmp_path / "home")
+    app = create_app(settings, ModelHolder(detect_adapter))
+    registry, pool = app.state.registry, app.state.tandem.serving.pool
+    projects = ProjectRepo(settings.database_url)
+    projects.update(7, model=str(segment_weights) + "#never-loaded")  # bound before, never asked for
+    try:
+        registry.add_candidate("p7-job1", "p7-job1", "segment", str(segment_weights), None, "snap", {},
+                               project_id=7)
+        registry.set_status("p7-job1", "promoted")  # as the worker: the promotion first ...
+        time.sleep(1.5)
+        projects.update(7, model="p7-job1")  # ... then the binding
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and "p7-job1" not in pool.loaded():
+            time.sleep(0.2)
+        assert pool.loaded()["p7-job1"].version.startswith("shapes-yolov8n-segment")  # no request was made
+        assert not any(spec.endswith("#never-loaded") for spec in pool.loaded())  # only the promoted binding
+    finally:
+        app.state.training.close()

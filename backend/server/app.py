@@ -64,6 +64,13 @@ def create_app(
         policy = policy or TrainingPolicy(train_after=settings.train_after, interval_s=settings.train_interval_s,
                                           params=settings.training_params())
         training = TrainingService(settings, holder, registry, policy, vlm_holder=vlm)
+    if training:
+        def load_promoted(project_id: int) -> None:
+            project = serving.state(project_id)
+            if project is not None:
+                serving.prefetch(project)
+
+        training.on_project_promotion = load_promoted
     state = ServerState(
         settings=settings, registry=registry, predictions=predictions, scores=scores, projects=projects,
         serving=serving, predictor=predictor, deferred=DeferredPredictions(), sync=VersionSync(registry),

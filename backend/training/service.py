@@ -8,13 +8,15 @@
   records itself as that job's follow-up (in the job's row), and whoever sees the job end queues it once.
 - A watcher polls the registry for newly promoted (or rolled-back-to) versions — made by this replica or
   any other — loads their weights through the artifact store in the background and swaps them in; a failed
-  load keeps the current model.
+  load keeps the current model. A version promoted into a project's binding starts loading into the model
+  pool at once; the project is served it from its first request after the load.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +29,7 @@ from backend.training.runner import LocalRunner, reap_abandoned
 
 log = logging.getLogger("tandem.training")
 
+PROMOTED_BINDING_POLL_S = 5.0
 ANNOTATION_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"}
 
 
@@ -58,6 +61,10 @@ class TrainingService:
         self.runner = LocalRunner(settings, self.store, on_done=self._on_done,
                                   max_concurrent=getattr(settings, "max_training_jobs", None))
         self._loader = loader
+        # called with a project id when a version was promoted into its binding (or rolled back), so the
+        # server starts loading it now rather than at the project's next request (set by create_app)
+        self.on_project_promotion: Callable[[int], None] | None = None
+        self._promoted_projects: dict[int, float] = {}  # project id -> until when its binding is looked at
         self._lock = threading.Lock()
         self._seen_change = self._latest_change()
         self._stop = threading.Event()
@@ -143,9 +150,17 @@ class TrainingService:
 
     def check_promotions(self) -> threading.Thread | None:
         change = self._latest_change()
+        self._load_promoted_bindings()
         if change <= self._seen_change:
             return None
-        self._seen_change = change
+        previous, self._seen_change = self._seen_change, change
+        if self.on_project_promotion is not None:
+            now = time.monotonic()
+            for v in self.registry.versions():
+                if v.project_id is not None and (v.promoted_at or 0) > previous:
+                    # a job records the promotion, then the binding: asked again for a few polls
+                    self._promoted_projects[v.project_id] = now + PROMOTED_BINDING_POLL_S
+            self._load_promoted_bindings()
         started = None
         for kind, holder in (("vlm", self.vlm_holder), ("cnn", self.holder)):
             target = self.registry.current(kind)
@@ -157,6 +172,20 @@ class TrainingService:
             loader = self._vlm_loader if kind == "vlm" else (self._loader or self._default_loader)
             started = holder.load_in_background(lambda t=target, f=loader: f(str(self.artifacts.local_path(t.path))))
         return started
+
+    def _load_promoted_bindings(self) -> None:
+        if self.on_project_promotion is None:
+            return
+        now = time.monotonic()
+        for project_id, until in list(self._promoted_projects.items()):
+            if now > until:
+                self._promoted_projects.pop(project_id, None)
+                continue
+            try:
+                self.on_project_promotion(project_id)  # a no-op once the bound version is loaded or loading
+            except Exception as exc:  # noqa: BLE001 - the next request for the project loads it anyway
+                self._promoted_projects.pop(project_id, None)
+                log.warning("project %s: could not start loading its promoted version (%s)", project_id, exc)
 
     def _vlm_loader(self, path: str):
         from backend.models.vlm.loader import load_vlm
