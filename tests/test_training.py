@@ -500,3 +500,31 @@ def test_a_version_promoted_into_a_project_starts_loading_before_the_project_ask
         assert not any(spec.endswith("#never-loaded") for spec in pool.loaded())  # only the promoted binding
     finally:
         app.state.training.close()
+
+
+def test_tandem_accept_s_own_annotations_are_no_corrections_unless_training_uses_them(tmp_path, detect_adapter):
+    """`tandem accept --create-annotations` makes Label Studio send ANNOTATION_CREATED for each task it writes;
+    those are no correction, and a job they started would find nothing new to learn (the export leaves them
+    out unless TANDEM_TRAIN_AUTO_ACCEPTED is set, and then they count)."""
+    from active_learning.queue import AUTO_MARKER
+
+    def event(i: int, marked: bool) -> dict:
+        region = {"from_name": "label", "to_name": "image", "type": "rectanglelabels",
+                  "value": {"x": 1, "y": 1, "width": 5, "height": 5, "rectanglelabels": ["Square"]}}
+        if marked:
+            region["meta"] = {"text": [AUTO_MARKER]}
+        return {"action": "ANNOTATION_CREATED", "project": {"id": 7},
+                "annotation": {"id": i, "updated_at": "2026-12-07T10:00:00Z", "result": [region]}}
+
+    for trains_on_them, expected in ((False, []), (True, ["2 new corrections"])):
+        settings = Settings(home=tmp_path / f"home-{trains_on_them}", train_auto_accepted=trains_on_them)
+        app = create_app(settings, ModelHolder(detect_adapter), policy=TrainingPolicy(train_after=2))
+        with ServerThread(app) as srv, httpx.Client() as http:
+            answers = [http.post(f"{srv.url}/webhook", json=event(i, marked=True)).json() for i in range(2)]
+            assert [j.reason for j in app.state.training.store.list(7)] == expected
+            assert all(a.get("counted", True) is trains_on_them for a in answers)
+            if not trains_on_them:  # a person's annotations still count
+                for i in (10, 11):
+                    http.post(f"{srv.url}/webhook", json=event(i, marked=False))
+                assert [j.reason for j in app.state.training.store.list(7)] == ["2 new corrections"]
+        app.state.training.close()

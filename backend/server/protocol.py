@@ -107,6 +107,17 @@ class WebhookRequest(_Open):
         return f"{self.action}:{','.join(sorted(str(p)[:80] for p in parts))}"[:200] if parts else None
 
 
+    def only_auto_accepted(self) -> bool:
+        """Whether every annotation the payload carries was written by `tandem accept` (its marker on every
+        region): no person corrected anything."""
+        from active_learning.queue import is_auto_accepted
+
+        extra = self.model_extra or {}
+        annotations = extra.get("annotations") if isinstance(extra.get("annotations"), list) else [extra.get("annotation")]
+        found = [a for a in annotations if isinstance(a, dict)]
+        return bool(found) and all(is_auto_accepted(a) for a in found)
+
+
 class TrainRequest(BaseModel):
     project: Id
     runner: str = Field(default="local", pattern="^(local|modal)$")

@@ -214,6 +214,8 @@ def webhook(body: WebhookRequest, state: ServerState = Depends(get_state)) -> di
     """Label Studio gives annotation webhooks 1 s and ignores the answer: record and queue, never train here."""
     pid = project_id(body.project)
     state.registry.record_event(pid, body.action)
+    if body.only_auto_accepted() and not state.settings.train_auto_accepted:  # `tandem accept`'s own writes are no
+        return {"status": "ok", "action": body.action, "counted": False}  # correction: no job would learn from them
     job = state.training.on_webhook(body.action, pid, key=body.event_key()) if state.training else None
     return {"status": "ok", "action": body.action, **({"job": job.id} if job else {})}
 
