@@ -64,19 +64,26 @@ def min_verified(target: float = 0.98, delta: float = 0.05) -> int:
     return int(math.ceil(math.log(delta) / math.log(target)))
 
 
-def needed_at(rate: float, target: float, delta: float, limit: int = 10**6) -> int | None:
-    """Fewest items at an observed error `rate` whose upper bound is ≤ 1 − target (None: the rate is too high)."""
+def _errors(rate: float, n: int) -> int:
+    """Errors among n items at `rate`; 3/49·49 is 2.9999999999999996 in floats, and 3 errors are 3."""
+    return math.floor(rate * n + 1e-9)
+
+
+def needed_at(rate: float, target: float, delta: float, limit: int = 10**6, start: int = 0) -> int | None:
+    """Fewest items at an observed error `rate` whose upper bound is ≤ 1 − target (None: the rate is too high).
+    `start`: the items the rate was observed on; no fewer are counted, so the errors already seen are never
+    rounded away (1 error in 15 was read as floor(14 / 15) = 0 errors in 14, hence "1 more")."""
     alpha = 1 - target
     if rate >= alpha:
         return None
-    lo, hi = min_verified(target, delta), min_verified(target, delta)
-    while upper_bound(math.floor(rate * hi), hi, delta) > alpha:
+    lo = hi = max(min_verified(target, delta), start)
+    while upper_bound(_errors(rate, hi), hi, delta) > alpha:
         lo, hi = hi, hi * 2
         if hi > limit:
             return None
     while lo < hi:  # the bound is not monotone in n through floor(); the smallest passing power-of-2 bracket is enough
         mid = (lo + hi) // 2
-        if upper_bound(math.floor(rate * mid), mid, delta) <= alpha:
+        if upper_bound(_errors(rate, mid), mid, delta) <= alpha:
             hi = mid
         else:
             lo = mid + 1
@@ -121,7 +128,7 @@ def calibrate(
                                       f"{min_n - n} more needed (at least {min_n} with no errors for "
                                       f"precision ≥ {target:g} at {1 - delta:.0%} confidence)")
         # errors already seen: "N more needed" counted as if none would come would mislead
-        total = needed_at(wrong / n, target, delta)
+        total = needed_at(wrong / n, target, delta, start=n)
         then = (f"{max(total, min_n) - n} more needed at that error rate" if total is not None else
                 f"if the models keep erring at that rate, no number of verified items reaches precision ≥ "
                 f"{target:g} (at least {min_n - n} more are needed in any case)")
@@ -137,7 +144,7 @@ def calibrate(
     k = int(fails[0]) if len(fails) else len(passed)  # tests 0..k-1 pass in sequence
     if k == 0:
         rate = errors[0] / accepted[0]
-        more = needed_at(rate, target, delta)
+        more = needed_at(rate, target, delta, start=int(accepted[0]))
         need = None if more is None else max(more - int(accepted[0]), 1)
         why = (f"{need} more verified items at the observed error rate" if need is not None
                else "the models' agreement is not precise enough at any threshold")

@@ -114,8 +114,37 @@ def test_whenever_it_accepts_the_stated_bound_is_below_the_allowed_rate(n, p, se
         assert cal.threshold is None and cal.coverage == 0
         if n < 149:  # exactly the floor with no errors; with errors, what the observed rate needs, at least that
             wrong = int((~correct).sum())
-            total = needed_at(wrong / n, TARGET, DELTA) if wrong else None
+            total = needed_at(wrong / n, TARGET, DELTA, start=n) if wrong else None
             assert cal.needed == max(total or 0, 149) - n
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 400), wrong=st.integers(1, 20), target=st.sampled_from([0.6, 0.7, 0.8, 0.9, 0.95, 0.98]))
+def test_the_items_needed_at_the_observed_rate_really_pass_and_no_fewer_do(n, wrong, target):
+    """`needed_at(k/n, start=n)` is an N ≥ n at which floor(k/n·N) errors pass the bound (checked against
+    scipy's beta directly); it never counts the errors already seen away, as 1 of 15 at target 0.8 once read
+    as "1 more" (16 items with 1 error still bound 0.264 > 0.2). (The bound is not monotone in N through the
+    floor, so the search takes the smallest passing N of the first doubling bracket that has one.)"""
+    from scipy.stats import beta
+
+    if wrong >= n:
+        return
+    got = needed_at(wrong / n, target, DELTA, start=n)
+    if got is None:
+        return
+
+    def passes(m: int) -> bool:
+        k = (wrong * m) // n  # exact integers
+        return k >= wrong and beta.ppf(1 - DELTA, k + 1, m - k) <= 1 - target
+
+    assert got >= n and passes(got)
+    assert got == max(n, min_verified(target, DELTA)) or not passes(got - 1)  # the first of its passing run
+
+
+def test_one_error_in_fifteen_at_target_08_needs_more_than_one_item():
+    cal = calibrate(np.full(15, 0.9), np.arange(15) != 0, target=0.8)
+    assert not cal.on and cal.needed == needed_at(1 / 15, 0.8, DELTA, start=15) - 15 > 1
+    assert f"{cal.needed} more verified items at the observed error rate" in cal.reason
 
 
 def test_bad_input_is_a_clear_error():
