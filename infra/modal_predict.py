@@ -87,7 +87,7 @@ def modal_chunk_predictor(plan, spec: str, job_id: int, batch: int | None = None
     from backend.predict import Predictor, image_url
     from infra.modal_runner import require_modal_credentials
 
-    require_modal_credentials()
+    require_modal_credentials("infra/modal_predict.py")
     batch = batch or SUB_CHUNK
     if any(is_promptable(c.adapter) for c in plan.controls) or not Path(spec).is_file():
         raise ConfigError(f"--runner modal pre-annotates with YOLO weights (a .pt file); {spec} is not one")

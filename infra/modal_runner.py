@@ -28,7 +28,8 @@ class ModalUnavailable(TandemError):
     status_code = 400
 
 
-def require_modal_credentials() -> None:
+def require_modal_credentials(app_file: str = "infra/modal_app.py") -> None:
+    """Refuse before any call to Modal; `app_file` is the app the caller runs (deploy it once)."""
     if os.environ.get("MODAL_TOKEN_ID") and os.environ.get("MODAL_TOKEN_SECRET"):
         return
     try:
@@ -40,7 +41,7 @@ def require_modal_credentials() -> None:
         pass
     raise ModalUnavailable(
         "Modal credentials are missing: run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET), "
-        "then `modal deploy infra/modal_app.py`; or use --runner local"
+        f"then `modal deploy {app_file}`; or use --runner local"
     )
 
 

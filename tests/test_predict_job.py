@@ -284,6 +284,26 @@ def test_modal_runner_fans_chunks_out_over_the_volume(label_studio, detect_weigh
         assert_matches_truth(xyxy, labels, truth[name])
 
 
+def test_the_modal_runner_without_credentials_is_refused_before_anything_loads(detect_weights, tmp_path):
+    """No job is opened, no model loaded, and the fix names the app this runner uses."""
+    import time as _time
+
+    from backend.batch.records import PredictJobs
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODAL_")}
+    env.update(TANDEM_HOME=str(home), LABEL_STUDIO_URL="http://127.0.0.1:9", LABEL_STUDIO_API_KEY="k",
+               MODAL_CONFIG_PATH=str(tmp_path / "no-modal.toml"))
+    t0 = _time.perf_counter()
+    proc = subprocess.run(_predict_cmd(3, detect_weights, "--runner", "modal"), env=env, capture_output=True,
+                          text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Modal credentials are missing" in out and "infra/modal_predict.py" in out, out
+    assert "failed 0" not in out and "Traceback" not in out
+    assert PredictJobs(Settings(home=home).database_url).store.list(3) == []
+    assert _time.perf_counter() - t0 < 60  # no model load, no Label Studio call (its address answers nothing)
+
+
 def test_a_job_on_a_project_that_does_not_exist_fails_in_one_line(label_studio, detect_weights, tmp_path):
     """`tandem predict` on a wrong project id says so in one line and leaves no failed job behind; a job that
     was already open (the server's, or `--job N`) records the failure, and its stored error (GET

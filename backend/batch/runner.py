@@ -137,6 +137,10 @@ def run_project(settings: Settings, project_id: int, *, model: str | None = None
 
     if engine not in ENGINES:
         raise ConfigError(f"unknown predict engine {engine!r}: {', '.join(ENGINES)}")
+    if runner == "modal":  # refused before a model loads or a job opens
+        from infra.modal_runner import require_modal_credentials
+
+        require_modal_credentials("infra/modal_predict.py")
     records = PredictJobs(settings.database_url)
     params = {"model": model, "concurrency": options.concurrency, "batch": options.batch, "engine": engine}
     holder = new_holder_id()
