@@ -528,3 +528,20 @@ def test_tandem_accept_s_own_annotations_are_no_corrections_unless_training_uses
                     http.post(f"{srv.url}/webhook", json=event(i, marked=False))
                 assert [j.reason for j in app.state.training.store.list(7)] == ["2 new corrections"]
         app.state.training.close()
+
+
+def test_a_lora_job_with_no_vlm_to_adapt_is_refused_before_a_job_opens(tmp_path, detect_adapter):
+    settings = Settings(home=tmp_path / "home")
+    app = create_app(settings, ModelHolder(detect_adapter))
+    with ServerThread(app) as srv:
+        r = httpx.post(f"{srv.url}/train", json={"project": 4, "model": "vlm"})
+        assert r.status_code == 422 and "no VLM serves it" in r.json()["detail"], r.text
+        assert app.state.training.store.list(4) == []
+    app.state.training.close()
+    env = {**os.environ, "TANDEM_HOME": str(settings.home)}
+    env.pop("TANDEM_VLM", None)
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", "train", "--project", "4", "--model", "vlm"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "no VLM serves it" in out and "started" not in out, out
+    assert JobStore(settings.database_url).list(4) == []

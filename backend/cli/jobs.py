@@ -16,7 +16,8 @@ app.add_typer(jobs_app, name="jobs")
 @jobs_app.command("list")
 def jobs_list(project: Annotated[int | None, typer.Option("--project", "-p", help="Only this project's jobs.")] = None,
               home: Home = None) -> None:
-    """Every training job (or one project's): status, the version it made, whether it was promoted, why it failed."""
+    """Every training and predict job (or one project's): status, the version it made, whether it was promoted,
+    why it failed."""
     from rich.table import Table
 
     _, _, store = stores(home)

@@ -88,6 +88,16 @@ def _start_here(settings, store, project: int, runner: str, model: str, params: 
             except ModalUnavailable as exc:
                 console.print(f"[red]error:[/] {exc}")
                 raise typer.Exit(2) from exc
+        if model == "vlm":
+            from backend.errors import ConfigError
+            from backend.registry import Registry
+            from backend.training.worker import vlm_base
+
+            try:
+                vlm_base(settings, Registry(settings.database_url), project)
+            except ConfigError as exc:
+                console.print(f"[red]error:[/] {exc}")
+                raise typer.Exit(2) from exc
         local = LocalRunner(settings, store)
         try:  # born held by this runner: no server's runner takes it over meanwhile
             job = store.create(project, model, runner, "tandem train", params, holder=local.holder,

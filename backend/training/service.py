@@ -98,6 +98,10 @@ class TrainingService:
             from infra.modal_runner import require_modal_credentials
 
             require_modal_credentials()  # a clear error now, not a job that fails a minute later
+        if model_kind == "vlm":
+            from backend.training.worker import vlm_base
+
+            vlm_base(self.settings, self.registry, project_id)  # likewise: nothing to adapt
         defaults = (self.policy.params or {}) if model_kind == "yolo" else {}  # YOLO's epochs are not LoRA's
         try:
             job = self.store.create(project_id, model_kind, runner, reason, {**defaults, **(params or {})},
@@ -119,7 +123,8 @@ class TrainingService:
         return self.runner.cancel(job_id)
 
     def _on_done(self, job: Job) -> None:
-        log.info("job %s %s%s", job.id, job.status.value, f": {job.error.splitlines()[0]}" if job.error else "")
+        said = job.error.splitlines()[0] if job.error else ""
+        log.info("job %s %s%s", job.id, job.status.value, f": {said}" if said and said != job.status.value else "")
         # `job` was read after it ended (the reaper, reap_abandoned): its follow-up spec can no longer change
         follow_up = self.store.take_follow_up(job.id)  # once, whichever replica saw it end
         if follow_up and job.status is not JobStatus.CANCELLED:

@@ -130,6 +130,20 @@ def project_parent(settings: Settings, registry: Registry, project_id: int, kind
     return registry.current(kind)
 
 
+def vlm_base(settings: Settings, registry: Registry, project_id: int):
+    """(the registry version, the weights) a LoRA job on this project adapts; a ConfigError when there is no
+    VLM to adapt (checked before a job is opened, and again by the job)."""
+    from backend.errors import ConfigError
+
+    serving = project_parent(settings, registry, project_id, "vlm")
+    base = localise(settings, serving.path) if serving and serving.path else settings.vlm
+    if not base:
+        raise ConfigError(f"nothing to fine-tune with --model vlm on project {project_id}: no VLM serves it; serve "
+                          "one (tandem serve --vlm ID_OR_PATH, or tandem models bind --project ID --second-opinion "
+                          "VLM) or set TANDEM_VLM")
+    return serving, base
+
+
 def run(job_id: int, settings: Settings) -> None:
     store, registry = JobStore(settings.database_url), Registry(settings.database_url)
     job = store.get(job_id)
@@ -266,10 +280,7 @@ def run_vlm(job, settings: Settings, store: JobStore, registry: Registry, work: 
     known = {*LORA_DEFAULTS, "margin", "val_percent"}
     params = {**LORA_DEFAULTS, "margin": 0.0, "val_percent": 20,
               **{k: v for k, v in job.params.items() if k in known and v is not None}}
-    serving = project_parent(settings, registry, job.project_id, "vlm")
-    base = localise(settings, serving.path) if serving and serving.path else settings.vlm
-    if not base:
-        raise TandemError("nothing to fine-tune: serve a VLM first (tandem serve --vlm ID_OR_PATH) or set TANDEM_VLM")
+    serving, base = vlm_base(settings, registry, job.project_id)
     log(f"job {job.id}: project {job.project_id}, LoRA on {serving.version if serving else base} ({job.reason})")
     tasks, label_config, _ = fetch_annotated_tasks(settings, job.project_id)
     annotated = collect_annotations(tasks, label_config, job.project_id, MediaFetcher(settings.media()),
