@@ -326,3 +326,16 @@ def test_logs_written_to_a_file_are_one_line_per_record():
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "WARNING" in lines[0] and lines[0].endswith("x" * 120), proc.stderr
     assert "task 74: image /data/local-files/?d=hostile/bomb.png is over the 80000000-pixel limit" in lines[0]
+
+
+def test_a_progress_bar_in_a_log_file_keeps_its_whole_text():
+    """Piped to a file (a server's log, CI), the console is not cut at 80 columns: a stage's text reads whole."""
+    text = "predict 30 not stored (0 from the store; 30 of them lack only the second opinion) and what follows"
+    code = ("from rich.progress import BarColumn, Progress, TextColumn\n"
+            "from backend.cli.common import console\n"
+            "with Progress(TextColumn('{task.description}'), BarColumn(), console=console) as p:\n"
+            f"    p.add_task({text!r}, total=3, completed=3)\n")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert text in proc.stderr, proc.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,18 +17,22 @@ app = typer.Typer(
     help=(
         "Tandem: a Label Studio ML backend with an active-learning loop.\n\n"
         "Serves pre-annotations from YOLOv8 and/or a vision-language model to Label Studio (RectangleLabels, "
-        "PolygonLabels, Choices), queues the tasks most worth a review (`tandem select`) and retrains on the "
+        "PolygonLabels, BrushLabels, Choices), queues the tasks most worth a review (`tandem select`) and retrains on the "
         "corrections (`tandem train`, `tandem jobs`, `tandem models`). Run `tandem serve` and add "
         "http://HOST:PORT as the project's model under Settings → Model; `tandem demo` shows the whole loop.\n\n"
         "Environment: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (personal access token or legacy token), "
         "TANDEM_HOME (state, default ~/.tandem), BASIC_AUTH_USER/BASIC_AUTH_PASS, TANDEM_ALLOWED_HOSTS, "
-        "TANDEM_LABEL_MAP (JSON {model class: label}), LOCAL_FILES_DOCUMENT_ROOT."
+        "TANDEM_LABEL_MAP (JSON {model class: label}), TANDEM_CONF (serving threshold), TANDEM_DATABASE_URL "
+        "(PostgreSQL for replicas; default SQLite in TANDEM_HOME), LOCAL_FILES_DOCUMENT_ROOT; the README lists "
+        "the rest."
     ),
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,  # a traceback's locals would print API keys and database passwords
 )
-console = Console(stderr=True, soft_wrap=True)  # a message piped to a file or a log stays one line
+# a message piped to a file or a log stays one line, and a progress bar's text is not cut at 80 columns there
+console = Console(stderr=True, soft_wrap=True,
+                  width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 220)
 # every command reads and writes the same state as the server it means
 Home = Annotated[Path | None, typer.Option(help="State folder: SQLite, models, jobs (env TANDEM_HOME, default "
                                                 "~/.tandem).", envvar="TANDEM_HOME")]
