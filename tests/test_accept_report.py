@@ -339,3 +339,32 @@ def test_report_plots_with_nothing_reviewed_yet_are_written_and_say_why_they_are
     for f in files:
         with Image.open(f) as im:
             assert im.size[0] > 300 and len(set(im.convert("L").getdata())) > 2  # drawn, not a blank canvas
+
+
+def test_the_precision_coverage_plot_marks_the_chosen_threshold_only_when_auto_accept_is_on(tmp_path):
+    """The target precision is drawn as a line and the threshold `calibrate` chose as a red point; with
+    auto-accept off there is no point (and the plot says why)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from active_learning.calibration import calibrate
+    from backend.cli.report import _tick, write_plots
+
+    rng = np.random.default_rng(0)
+    scores = rng.random(400)
+    correct = (scores > 0.3) | (rng.random(400) < 0.5)  # errors only below 0.3
+    data = SimpleNamespace(scores=scores, correct=correct, regions=400, source="control picks")
+
+    def red_pixels(cal) -> int:
+        (path,) = [f for f in write_plots(tmp_path / str(cal.on), {}, [], data, cal, 0.98)
+                   if f.name == "precision_coverage.png"]
+        with Image.open(path) as im:
+            px = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
+        return int((np.abs(px - [214, 39, 40]).sum(axis=1) < 30).sum())  # matplotlib's tab:red
+
+    on, off = calibrate(scores, correct, 0.98, 0.05), calibrate(scores[:50], correct[:50], 0.98, 0.05)
+    assert on.on and not off.on
+    assert red_pixels(on) > 20 and red_pixels(off) == 0
+    assert _tick("shapes-yolov8n-detect-23cddc8e") == "shapes-yolov8n-detect\n23cddc8e" and _tick("v1") == "v1"

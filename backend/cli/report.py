@@ -97,9 +97,18 @@ def summary_json(project: int, summaries, total, cal, data, effort, annotated_fi
                             "source": data.source}}
 
 
-def write_plots(out: Path, summaries, items, data) -> list[Path]:
-    """Edit rates by model version (in the order they served), a reliability diagram, precision vs coverage."""
+def _tick(version: str) -> str:
+    """A version name on two lines at its last dash ("shapes-yolov8n-detect" / "23cddc8e"): a long name under
+    a tick otherwise runs into its neighbours or the axis label."""
+    head, _, tail = version.rpartition("-")
+    return f"{head}\n{tail}" if head and len(version) > 14 else version
+
+
+def write_plots(out: Path, summaries, items, data, cal=None, target: float | None = None) -> list[Path]:
+    """Edit rates by model version (in the order they served), a reliability diagram, precision vs coverage
+    (with the target precision and, when auto-accept is on, the threshold it chose)."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -109,7 +118,7 @@ def write_plots(out: Path, summaries, items, data) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = []
     versions = sorted(summaries.values(), key=lambda s: s.first)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(versions) + 2), 4.5))
     kinds = ("unchanged", "modified", "deleted", "missed")
     x = range(len(versions))
     for k in kinds:
@@ -117,7 +126,7 @@ def write_plots(out: Path, summaries, items, data) -> list[Path]:
     if not versions:
         ax.text(0.5, 0.5, "no reviewed task with a stored pre-annotation yet", ha="center", va="center",
                 transform=ax.transAxes, fontsize=9, color="grey")
-    ax.set_xticks(list(x), [s.model_version for s in versions], rotation=20, ha="right")
+    ax.set_xticks(list(x), [_tick(s.model_version) for s in versions], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of predicted regions (missed: of final)")
     ax.set_title("Edit rates by model version (oldest first)")
@@ -150,8 +159,20 @@ def write_plots(out: Path, summaries, items, data) -> list[Path]:
 
     coverage, precision = precision_coverage(data.scores, data.correct, max(data.regions, len(data.scores)))
     fig, ax = plt.subplots(figsize=(6, 4))
+    if target is not None:
+        ax.axhline(target, ls="--", color="grey", lw=1, label=f"target precision {target:g}")
     if len(coverage):
-        ax.plot(coverage, precision, marker=".")
+        ax.plot(coverage, precision, marker=".", label="realised on verified regions")
+        if cal is not None and cal.threshold is not None:
+            scores, correct = np.asarray(data.scores, float), np.asarray(data.correct, bool)
+            kept = scores >= cal.threshold
+            at = (kept.sum() / max(data.regions, len(scores)), correct[kept].mean() if kept.any() else 0.0)
+            ax.plot(*at, "o", color="tab:red", ms=8,
+                    label=f"chosen: agreement ≥ {cal.threshold:.3g} (precision ≥ {1 - cal.bound:.3f} at {1 - cal.delta:.0%})")
+        elif cal is not None:
+            ax.text(0.5, 0.08, "auto-accept is off: " + ("too few verified regions" if cal.needed else
+                                                         "no threshold meets the target"),
+                    ha="center", transform=ax.transAxes, fontsize=9, color="grey")
     else:  # an empty frame reads as a bug: say why it is empty
         ax.text(0.5, 0.5, "no verified task where both models answered yet:\nnothing to plot (tandem accept "
                 "says how many it needs)", ha="center", va="center", transform=ax.transAxes, fontsize=9,
@@ -159,7 +180,9 @@ def write_plots(out: Path, summaries, items, data) -> list[Path]:
     ax.set_xlabel("coverage (share of final regions auto-accepted)")
     ax.set_ylabel("precision of auto-accepted regions")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(0, 1.08)  # a curve at precision 1.0 stays off the frame
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower left")
     ax.set_title(f"Auto-accept on verified tasks ({data.source})")
     fig.tight_layout()
     files.append(out / "precision_coverage.png")
@@ -245,7 +268,7 @@ def report(
     console.print(f"Auto-accept: {missing}" if missing else f"Auto-accept ({data.source}): {cal.reason}")
 
     folder = out or Path(f"tandem-report-{project}")
-    files = write_plots(folder, summaries, items, data)
+    files = write_plots(folder, summaries, items, data, cal, target)
     payload = summary_json(project, summaries, everything, cal, data, effort, annotated_first)
     (folder / "report.json").write_text(json.dumps(payload, indent=2))
     reports = reports_dir(settings.home)
