@@ -126,6 +126,13 @@ def test_http_job_writes_in_bulk_counts_failures_and_retrieve_answers_from_the_s
     last = PredictJobs(settings.database_url).list(project)[0]
     assert last.id != job_id and last.progress["predicted"] == 0 and last.progress["done"] == n  # nothing again
     assert sum(t.total_predictions for t in _ls_tasks(label_studio, project)) == n
+    # a job run from a shell leaves its own lines for `tandem jobs logs N` (its progress bar stays in the shell)
+    logs = subprocess.run([sys.executable, "-m", "backend.cli", "jobs", "logs", str(last.id)],
+                          env=_env(label_studio, tmp_path / "home"), capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert f"predict job {last.id} on project {project} started by `tandem predict` in a shell" in logs.stdout
+    assert f"predict job {last.id}: succeeded; {n} of {n + 2} tasks have a" in logs.stdout, logs.stdout + logs.stderr
+    assert "is corrupt or not an image" in logs.stdout and "[red]" not in logs.stdout  # the failures too, plain
 
 
 def test_killed_job_resumes_and_predicts_no_task_twice(label_studio, detect_weights, tmp_path):

@@ -49,13 +49,35 @@ def predict(
     options = JobOptions(concurrency=concurrency, batch=batch)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    opened: list[int] = []
+
+    def say(text: str) -> None:
+        """To the terminal and, run from a shell, to the job's log (`tandem jobs logs N`): a server-started
+        job (--quiet) has its whole output there already."""
+        console.print(text)
+        if not quiet and opened:
+            import time
+
+            from rich.text import Text
+
+            from backend.training.runner import log_path
+
+            path = log_path(settings.home, opened[0])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as out:
+                out.write(f"[tandem {time.strftime('%H:%M:%S')}] {Text.from_markup(text).plain}\n")
+
     with Progress(*columns, console=console, disable=quiet) as bar:
         bar_ids: list = []  # the bar appears once a job is open: a wrong project draws none
 
         def on_job(record) -> None:
+            opened.append(record.id)
             bar_ids.append(bar.add_task(f"predict job {record.id} · project {project}", total=None, failed=0))
             if quiet:
                 console.print(f"predict job {record.id} on project {project}")
+            else:
+                say(f"predict job {record.id} on project {project} started by `tandem predict` in a shell (its "
+                    "progress bar is shown there)")
 
         def on_progress(p) -> None:
             if bar_ids:
@@ -66,7 +88,7 @@ def predict(
                                          on_progress=on_progress, on_job=on_job, handed_by=handed_by,
                                          engine=engine)
         except TandemError as exc:
-            console.print(f"[red]error:[/] {exc}")
+            say(f"[red]error:[/] {exc}")
             raise typer.Exit(2) from exc
         except Exception as exc:  # Label Studio unreachable, wrong key, no such project
             from backend.labelstudio.errors import describe
@@ -75,16 +97,16 @@ def predict(
 
             again = ("" if isinstance(exc, ApiError) and exc.status_code in (401, 403, 404) else
                      "; run it again to continue (what is stored is kept)")
-            console.print(f"[red]error:[/] predict on project {project} stopped: "
-                          f"{describe(exc, settings.label_studio_url)}{again}")
+            say(f"[red]error:[/] predict on project {project} stopped: {describe(exc, settings.label_studio_url)}"
+                f"{again}")
             raise typer.Exit(1) from exc
-    console.print(f"predict job {record.id}: {record.status.value}; {result.done} of {result.total} tasks have a "
-                  f"{result.model_version} prediction ({result.predicted} predicted now, {result.written} written to "
-                  f"Label Studio), {result.failed} failed")
+    say(f"predict job {record.id}: {record.status.value}; {result.done} of {result.total} tasks have a "
+        f"{result.model_version} prediction ({result.predicted} predicted now, {result.written} written to "
+        f"Label Studio), {result.failed} failed")
     if result.redone:
-        console.print(f"{result.redone} of them were stored under other thresholds (TANDEM_CONF, --vlm-threshold): "
-                      "made again, replacing their earlier prediction of this version in Label Studio")
+        say(f"{result.redone} of them were stored under other thresholds (TANDEM_CONF, --vlm-threshold): made "
+            "again, replacing their earlier prediction of this version in Label Studio")
     for tid, why in list(result.failures.items())[:10]:
-        console.print(f"  [yellow]task {tid}:[/] {why}")
+        say(f"  [yellow]task {tid}:[/] {why}")
     if record.status == "cancelled":
         raise typer.Exit(1)
