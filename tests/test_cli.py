@@ -282,6 +282,9 @@ def test_models_bind_says_when_the_project_never_connected(tmp_path, detect_weig
     shown = subprocess.run([*TANDEM, "models", "bind", "--project", "98"], capture_output=True, text=True, env=env,
                            timeout=120)
     assert shown.returncode == 0 and "project 98 has not connected" in shown.stderr
+    shown = subprocess.run([*TANDEM, "models", "bind", "--project", "7"], capture_output=True, text=True, env=env,
+                           timeout=120)  # shown as binding said it: no "None" where the server's default applies
+    assert "project 7: model=server default second_opinion=server default pre_annotator=cnn" in shown.stdout
 
 
 def test_models_bind_refuses_weights_that_do_not_load(tmp_path, detect_weights):

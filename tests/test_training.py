@@ -254,10 +254,16 @@ def test_models_list_shows_yolo_fitness_and_vlm_loss_side_by_side(tmp_path):
                            {"candidate": {"fitness": 0.61}, "serving": {"fitness": 0.55}})
     registry.add_candidate("p1-job2", "lora", "vlm-generative", "adapter", None, "s",
                            {"candidate": {"val_loss": 0.42}, "serving": {"val_loss": 0.7}})
+    from backend.storage.projects import ProjectRepo
+
+    registry.add_candidate("p1-job3", "yolo", "detect", "y.pt", "p1-job1", "s", {}, project_id=1)
+    ProjectRepo(settings.database_url).update(1, model="p1-job3")  # what a promotion into project 1 writes
     proc = subprocess.run([sys.executable, "-m", "backend.cli", "models", "list"], capture_output=True, text=True,
                           env={**os.environ, "TANDEM_HOME": str(settings.home)}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "0.6100" in proc.stdout and "loss 0.4200" in proc.stdout and "loss 0.7000" in proc.stdout
+    marked = [line for line in proc.stdout.splitlines() if "▷" in line]
+    assert len(marked) == 2 and "p1-job3" in marked[0] and "bound to its project" in marked[1]  # + the key
 
 
 def test_the_gate_promotes_not_worse_but_never_a_candidate_that_scores_nothing():

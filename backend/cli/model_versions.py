@@ -16,11 +16,14 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list(home: Home = None) -> None:
     """Every version: the server's default CNN (▶), promoted or rejected, its score against its parent's; a
-    project's own versions name the project."""
+    project's own versions name the project, and the one bound to it (what serves it) is marked ▷."""
     from rich.table import Table
 
-    _, registry, _ = stores(home)
+    from backend.storage.projects import ProjectRepo
+
+    settings, registry, _ = stores(home)
     current = registry.current()
+    bound = {(s.project_id, s.model) for s in ProjectRepo(settings.database_url).all() if s.model}
     table = Table(title="Tandem model versions")
     for col in ("", "version", "task", "project", "status", "fitness", "serving fitness", "parent", "dataset",
                 "created"):
@@ -34,11 +37,15 @@ def models_list(home: Home = None) -> None:
 
     for v in registry.versions():
         cand, serv = v.metrics.get("candidate", {}), v.metrics.get("serving", {})
-        table.add_row("▶" if current and v.version == current.version else "", v.version, v.task,
+        mark = "▶" if current and v.version == current.version else (
+            "▷" if (v.project_id, v.version) in bound else "")
+        table.add_row(mark, v.version, v.task,
                       "" if v.project_id is None else str(v.project_id), v.status,
                       score(cand), score(serv),
                       v.parent or "", v.dataset or "", _t.strftime("%Y-%m-%d %H:%M", _t.localtime(v.created_at)))
     stdout_console().print(table)
+    if bound:
+        stdout_console().print("▶ the server's default CNN; ▷ bound to its project (what serves it)")
 
 
 def _require_loadable(found, settings) -> None:
@@ -199,8 +206,9 @@ def models_bind(
                           f"{settings.home}): no binding; it would get the server's default models")
             return
         stdout_console().print(
-            f"project {project}: model={current.model} second_opinion={current.second_opinion} "
-            f"pre_annotator={current.pre_annotator}")
+            f"project {project}: model={current.model or 'server default'} "
+            f"second_opinion={current.second_opinion or 'server default'} "
+            f"pre_annotator={current.pre_annotator or 'server default'}")
         return
     if current is None:  # allowed (bind before connecting), said: a wrong id would otherwise pass unnoticed
         console.print(f"[yellow]note:[/] project {project} has not connected to a server with this database yet "
@@ -212,5 +220,6 @@ def models_bind(
     changes = {k: v for k, v in (("model", resolved(model)), ("second_opinion", resolved(second_opinion)),
                                  ("pre_annotator", pre_annotator)) if v is not None}
     state = projects.update(project, **changes)
-    console.print(f"project {project} bound: model={state.model} second_opinion={state.second_opinion} "
+    console.print(f"project {project} bound: model={state.model or 'server default'} "
+                  f"second_opinion={state.second_opinion or 'server default'} "
                   f"pre_annotator={state.pre_annotator or 'server default'}")
