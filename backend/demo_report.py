@@ -52,11 +52,14 @@ def _examples(out: Path, examples, cnn, second) -> Path:
     axes = axes if hasattr(axes, "__len__") else [axes]
     for ax, (truth, image) in zip(axes, examples, strict=False):
         ax.imshow(image)
-        for color, model in (("red", cnn), ("deepskyblue", second)):
+        for color, model, above in (("red", cnn, True), ("deepskyblue", second, False)):
             det = model.predict([image])[0].detections
             for (x1, y1, x2, y2), name, conf in zip(det.xyxy, det.data[CLASS_NAME], det.confidence, strict=True):
                 ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=color, linewidth=1.6))
-                ax.text(x1, y1 - 2, f"{name} {conf:.2f}", color=color, fontsize=6)
+                # the CNN's label above its box, the second opinion's below: boxes that agree do not overprint
+                ax.text(x1, y1 - 2 if above else y2 + 2, f"{name} {conf:.2f}", color=color, fontsize=7,
+                        va="bottom" if above else "top",
+                        bbox={"facecolor": "white", "alpha": 0.7, "pad": 0.5, "linewidth": 0})
         for obj in truth.objects:
             x1, y1, x2, y2 = obj.box
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", linewidth=1, linestyle="--"))
