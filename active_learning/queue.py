@@ -70,10 +70,33 @@ def strip_fields(data: Mapping[str, Any], fields: tuple[str, ...] | None = None)
     return {k: v for k, v in data.items() if k not in fields}
 
 
+TOUCHED_AFTER_S = 1.0  # an annotation updated this long after it was created was saved again by someone
+
+
+def _seconds(value: Any) -> float | None:
+    """Label Studio's timestamps: ISO text in exports and webhooks, datetimes from the SDK."""
+    from datetime import datetime
+
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str) and value:
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
 def is_auto_accepted(annotation: Mapping[str, Any]) -> bool:
-    """Whether an annotation was written by `tandem accept` (every region carries the marker in its meta)."""
+    """Whether an annotation is `tandem accept`'s, untouched: every region carries the marker in its meta, and
+    nobody has saved it since it was written. A person who moves a box in the editor keeps the region's meta
+    (and so the marker); the later `updated_at` is what says the annotation is now theirs — trained on,
+    evidence, never deleted by `--undo`."""
     result = annotation.get("result") or []
-    return bool(result) and all(AUTO_MARKER in ((r.get("meta") or {}).get("text") or []) for r in result)
+    if not (bool(result) and all(AUTO_MARKER in ((r.get("meta") or {}).get("text") or []) for r in result)):
+        return False
+    created, updated = _seconds(annotation.get("created_at")), _seconds(annotation.get("updated_at"))
+    return created is None or updated is None or updated - created <= TOUCHED_AFTER_S
 
 
 def hidden_columns(data_keys: Iterable[str] = (), shown: Iterable[str] = ()) -> dict[str, list[str]]:

@@ -8,6 +8,7 @@ annotations are imported into Label Studio. Every expected number below is count
 from __future__ import annotations
 
 import json
+import time
 import math
 import os
 import subprocess
@@ -304,22 +305,28 @@ def test_accept_refuses_then_accepts_exactly_the_agreed_tasks_undo_reverts_and_r
         assert f'tandem_minutes_saved{{model_version="{version}",project="{p.id}"}} {minutes}' in metrics
     assert f'tandem_auto_accept{{project="{p.id}",value="threshold"}} 0.9' in metrics
 
-    # -- a person changes one auto-accepted annotation; --undo removes exactly the others
-    changed_task = min(accepted)
-    changed = after[changed_task][0]
+    # -- a person changes one auto-accepted annotation, and moves a box of another in the editor (which keeps
+    # the region's meta, marker and all): --undo removes exactly the others
+    changed_task, moved_task = sorted(accepted)[:2]
+    changed, moved = after[changed_task][0], after[moved_task][0]
     p.client.annotations.update(id=changed["id"], result=results([("Square", A)]))
+    # (saved again seconds after `accept` wrote it, as any edit in the editor is)
+    shifted = [{**r, "value": {**r["value"], "x": r["value"]["x"] + 2}} for r in moved["result"]]
+    assert all(AUTO_MARKER in r["meta"]["text"] for r in shifted)
+    p.client.annotations.update(id=moved["id"], result=shifted)
     undone = tandem(label_studio, home, "accept", "--project", str(p.id), "--undo")
     assert undone.returncode == 0, said(undone)
-    assert f"{len(accepted) - 1} auto-accepted annotations deleted; 1 kept (changed by a person since)" in said(undone)
+    assert f"{len(accepted) - 2} auto-accepted annotations deleted; 2 kept (changed by a person since)" in said(undone)
     final = p.annotations()
     for tid, anns in final.items():
-        expected = [changed["id"]] if tid == changed_task else [a["id"] for a in before[tid]]
+        expected = ([changed["id"]] if tid == changed_task else [moved["id"]] if tid == moved_task
+                    else [a["id"] for a in before[tid]])
         assert [a["id"] for a in anns] == expected
     assert not any(k in t.data for t in p.tasks() for k in ("tandem_agreement", "tandem_auto", "tandem_bound"))
     assert p.view(AUTO_VIEW) is None
     assert f"auto-accept fields cleared from {len(accepted)} tasks, view '{AUTO_VIEW}' removed" in said(undone)
     again = tandem(label_studio, home, "accept", "--project", str(p.id), "--undo")  # nothing left to undo
-    assert again.returncode == 0 and "0 auto-accepted annotations deleted; 1 kept (changed by a person since); " \
+    assert again.returncode == 0 and "0 auto-accepted annotations deleted; 2 kept (changed by a person since); " \
         f"auto-accept fields cleared from 0 tasks (there was no view '{AUTO_VIEW}')" in said(again), said(again)
     assert all(t.data.get("tandem_pick") == CONTROL_PICK for t in p.tasks() if t.id in p.ids["good"])
 

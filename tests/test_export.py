@@ -207,6 +207,24 @@ def test_the_frozen_split_tops_up_a_project_the_hash_left_without_one():
     assert frozen_split(project, range(1, 11), val_percent=0) == set()  # asked for no split: none
 
 
+def test_an_auto_accepted_annotation_saved_again_by_a_person_is_theirs():
+    """The editor keeps a moved region's meta, marker and all: what says the annotation is now a person's is
+    that it was saved again after `tandem accept` wrote it."""
+    from datetime import UTC, datetime
+
+    from active_learning.queue import AUTO_MARKER, is_auto_accepted
+
+    region = rect(10, 10, 20, 20, "Square")
+    region["meta"] = {"text": [AUTO_MARKER]}
+    written = {"result": [region], "created_at": "2026-12-07T10:00:00.100000Z", "updated_at": "2026-12-07T10:00:00.300000Z"}
+    assert is_auto_accepted(written) and is_auto_accepted({"result": [region]})  # no times: the marker decides
+    assert not is_auto_accepted({**written, "updated_at": "2026-12-07T10:03:00Z"})
+    sdk = {"result": [region], "created_at": datetime(2026, 12, 7, 10, 0, tzinfo=UTC),  # the SDK's datetimes
+           "updated_at": datetime(2026, 12, 7, 10, 3, tzinfo=UTC)}
+    assert not is_auto_accepted(sdk)
+    assert not is_auto_accepted({"result": [rect(10, 10, 20, 20, "Square")]})  # no marker
+
+
 def test_the_export_tops_up_the_split_from_people_s_tasks_only(tmp_path):
     """Auto-accepted tasks never judge the gate, so they are not drawn to top the split up either."""
     from active_learning.queue import AUTO_MARKER

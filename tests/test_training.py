@@ -551,3 +551,22 @@ def test_a_lora_job_with_no_vlm_to_adapt_is_refused_before_a_job_opens(tmp_path,
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "no VLM serves it" in out and "started" not in out, out
     assert JobStore(settings.database_url).list(4) == []
+
+
+def test_a_person_s_edit_of_an_auto_accepted_annotation_counts_as_a_correction(tmp_path, detect_adapter):
+    """The editor keeps a moved region's meta (the marker): an ANNOTATION_UPDATED saved later than the
+    annotation was written is a person's correction, and counts."""
+    from active_learning.queue import AUTO_MARKER
+
+    region = {"from_name": "label", "to_name": "image", "type": "rectanglelabels", "meta": {"text": [AUTO_MARKER]},
+              "value": {"x": 3, "y": 1, "width": 5, "height": 5, "rectanglelabels": ["Square"]}}
+    app = create_app(Settings(home=tmp_path / "home"), ModelHolder(detect_adapter), policy=TrainingPolicy(train_after=2))
+    with ServerThread(app) as srv, httpx.Client() as http:
+        for i in range(2):
+            r = http.post(f"{srv.url}/webhook", json={
+                "action": "ANNOTATION_UPDATED", "project": {"id": 8},
+                "annotation": {"id": i, "result": [region], "created_at": "2026-12-07T10:00:00.000000Z",
+                               "updated_at": "2026-12-07T10:05:30.250000Z"}})
+            assert r.json().get("counted", True)
+        assert [j.reason for j in app.state.training.store.list(8)] == ["2 new corrections"]
+    app.state.training.close()
