@@ -134,7 +134,7 @@ def calibrate(
                 f"{target:g} (at least {min_n - n} more are needed in any case)")
         return Calibration(**off, needed=max(total or 0, min_n) - n,
                            reason=f"auto-accept stays off: {n} verified item{'s' * (n != 1)}, {wrong} of them "
-                                  f"wrong (precision {1 - wrong / n:.2f}); {then}")
+                                  f"wrong (observed precision {1 - wrong / n:.3f}); {then}")
     thresholds, accepted, errors = by_threshold(scores, np.ones(n, int), ~correct)
     testable = accepted >= floor_n
     accepted, errors, thresholds = accepted[testable], errors[testable], thresholds[testable]
@@ -158,7 +158,8 @@ def calibrate(
                        accepted=int(accepted[i]),
                        reason=f"auto-accept at agreement ≥ {thresholds[i]:.3g}: {int(errors[i])} of {int(accepted[i])} "
                               f"verified items wrong, false-accept rate ≤ {bounds[i]:.3f} at {1 - delta:.0%} "
-                              f"confidence (precision ≥ {1 - bounds[i]:.3f}), coverage {accepted[i] / n:.0%}")
+                              f"confidence (precision ≥ {1 - bounds[i]:.3f}), coverage {accepted[i] / n:.0%} of the agreed "
+                              "verified items")
 
 
 __all__ = ["Calibration", "by_threshold", "calibrate", "min_verified", "needed_at", "upper_bound"]

@@ -287,6 +287,18 @@ def test_accept_refuses_then_accepts_exactly_the_agreed_tasks_undo_reverts_and_r
     assert auto["coverage"] == pytest.approx(good_regions / (good_regions + bad_regions))
     assert auto["source"] == "control picks" and auto["n_verified"] == good_regions + bad_regions
     assert f"{report['total']['saved_minutes']:.1f} min saved" in said(rep)
+    assert "target precision 0.98 at 95% confidence, as `tandem accept` last ran" in said(rep)
+    # judged as auto-accept last ran: a run at another target is what the report then reads by default
+    from backend.cli.accept import read_record, write_record
+
+    record = read_record(home, p.id)
+    write_record(home, p.id, {**record, "calibration": {**record["calibration"], "target": 0.9}})
+    rep9 = tandem(label_studio, home, "report", "--project", str(p.id), "--out", str(tmp_path / "report9"))
+    assert "target precision 0.9 at 95% confidence, as `tandem accept` last ran" in said(rep9), said(rep9)
+    asked = tandem(label_studio, home, "report", "--project", str(p.id), "--out", str(tmp_path / "report98"),
+                   "--target", "0.98")
+    assert "target precision 0.98 at 95% confidence):" in said(asked), said(asked)  # asked for: not the last run's
+    write_record(home, p.id, record)
     for name in ("edit_rates.png", "reliability.png", "precision_coverage.png"):
         with Image.open(out / name) as img:
             assert img.format == "PNG" and img.width > 300 and img.height > 300

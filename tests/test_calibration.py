@@ -69,11 +69,11 @@ def test_too_few_verified_items_with_errors_say_so():
     correct = np.r_[np.ones(7, bool), np.zeros(5, bool)]
     cal = calibrate(np.linspace(0.5, 1, 12), correct)
     assert not cal.on and cal.needed == 137
-    assert "12 verified items, 5 of them wrong (precision 0.58)" in cal.reason
+    assert "12 verified items, 5 of them wrong (observed precision 0.583)" in cal.reason
     assert "no number of verified items reaches precision ≥ 0.98 (at least 137 more" in cal.reason
     few = calibrate(np.linspace(0.5, 1, 100), np.r_[np.ones(99, bool), False])  # 1 % wrong: reachable
     assert few.needed == needed_at(0.01, TARGET, DELTA) - 100 > 49
-    assert f"1 of them wrong (precision 0.99); {few.needed} more needed at that error rate" in few.reason
+    assert f"1 of them wrong (observed precision 0.990); {few.needed} more needed at that error rate" in few.reason
 
 
 def test_errors_at_the_strictest_threshold_refuse_with_a_count_at_that_rate():

@@ -570,3 +570,29 @@ def test_a_person_s_edit_of_an_auto_accepted_annotation_counts_as_a_correction(t
             assert r.json().get("counted", True)
         assert [j.reason for j in app.state.training.store.list(8)] == ["2 new corrections"]
     app.state.training.close()
+
+
+def test_a_project_served_by_the_default_keeps_it_while_its_first_bound_version_loads(tmp_path, detect_adapter,
+                                                                                      detect_weights):
+    """A first promotion into a project that the server's default served: until the new version has loaded,
+    the project is served the default it had, not nothing (`/health` read model_version null meanwhile)."""
+    from backend.storage.projects import ProjectRepo
+
+    settings = Settings(home=tmp_path / "home")
+    app = create_app(settings, ModelHolder(detect_adapter), training=False)
+    serving = app.state.tandem.serving
+    before = serving.models(9)
+    assert before.cnn is detect_adapter
+    serving.record_served(9, before)  # what /predict records
+    copy = tmp_path / "p9-job1.pt"
+    copy.write_bytes(detect_weights.read_bytes() + b"\0")  # another version: loaded afresh
+    ProjectRepo(settings.database_url).update(9, model=str(copy))
+    now = serving.models(9)  # the load has only started
+    assert serving.pool.is_loading(str(copy)) and now.cnn is detect_adapter and now.cnn_spec == str(copy)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and serving.models(9).cnn is detect_adapter:
+        time.sleep(0.2)
+    assert serving.models(9).cnn.version != detect_adapter.version  # then the bound version
+    other = serving.models(10)  # a project never served: bound first, it waits for its own model
+    ProjectRepo(settings.database_url).update(11, model=str(tmp_path / "missing.pt"))
+    assert other.cnn is detect_adapter and serving.models(11).cnn is None

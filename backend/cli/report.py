@@ -169,20 +169,18 @@ def write_plots(out: Path, summaries, items, data, cal=None, target: float | Non
             at = (kept.sum() / max(data.regions, len(scores)), correct[kept].mean() if kept.any() else 0.0)
             ax.plot(*at, "o", color="tab:red", ms=8,
                     label=f"chosen: agreement ≥ {cal.threshold:.3g} (precision ≥ {1 - cal.bound:.3f} at {1 - cal.delta:.0%})")
-        elif cal is not None:
-            ax.text(0.5, 0.08, "auto-accept is off: " + ("too few verified regions" if cal.needed else
-                                                         "no threshold meets the target"),
-                    ha="center", transform=ax.transAxes, fontsize=9, color="grey")
     else:  # an empty frame reads as a bug: say why it is empty
         ax.text(0.5, 0.5, "no verified task where both models answered yet:\nnothing to plot (tandem accept "
                 "says how many it needs)", ha="center", va="center", transform=ax.transAxes, fontsize=9,
                 color="grey")
+    off = (None if cal is None or cal.threshold is not None or not len(coverage) else
+           "auto-accept is off: " + ("too few verified regions" if cal.needed else "no threshold meets the target"))
     ax.set_xlabel("coverage (share of final regions auto-accepted)")
     ax.set_ylabel("precision of auto-accepted regions")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.08)  # a curve at precision 1.0 stays off the frame
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="lower left", title=off, title_fontsize=8)  # the note in the legend: never under it
     ax.set_title(f"Auto-accept on verified tasks ({data.source})")
     fig.tight_layout()
     files.append(out / "precision_coverage.png")
@@ -203,8 +201,10 @@ def report(
     project: Annotated[int, typer.Option("--project", "-p", help="Label Studio project id.")],
     out: Annotated[Path | None, typer.Option(help="Folder for the PNGs and report.json "
                                                   "(default tandem-report-PROJECT).")] = None,
-    target: Annotated[float, typer.Option(help="Auto-accept precision target (as tandem accept).")] = 0.98,
-    delta: Annotated[float, typer.Option(help="Auto-accept confidence 1 - delta (as tandem accept).")] = 0.05,
+    target: Annotated[float | None, typer.Option(help="Auto-accept precision target (default: the last `tandem "
+                                                     "accept` run's on this project, else 0.98).")] = None,
+    delta: Annotated[float | None, typer.Option(help="Auto-accept confidence 1 - delta (default: the last `tandem "
+                                                    "accept` run's, else 0.05).")] = None,
     iou: Annotated[float, typer.Option(help="IoU at which two regions are the same region.")] = 0.5,
     control_name: Annotated[str | None, typer.Option("--control", help="The control to report on.")] = None,
     home: Home = None,
@@ -219,6 +219,11 @@ def report(
 
     setup_logging("warning")
     settings = load_settings(home=home)
+    from backend.cli.accept import read_record
+
+    last = read_record(settings.home, project).get("calibration") or {}  # judged as auto-accept was last run
+    target = target if target is not None else float(last.get("target") or 0.98)
+    delta = delta if delta is not None else float(last.get("delta") or 0.05)
     try:
         effort = EffortModel.from_env()
     except ValueError as exc:
@@ -265,7 +270,10 @@ def report(
                   f"annotated{before}: [bold]{everything.saved_minutes:.1f} min saved[/] "
                   f"(effort model: {effort_used(effort, everything.counts, seen)}; TANDEM_EFFORT changes them)")
     missing = no_second_opinion(evidence)
-    console.print(f"Auto-accept: {missing}" if missing else f"Auto-accept ({data.source}): {cal.reason}")
+    judged = (f"target precision {target:g} at {1 - delta:.0%} confidence"
+              + (", as `tandem accept` last ran" if last.get("target") == target and last.get("delta") == delta
+                 else ""))
+    console.print(f"Auto-accept: {missing}" if missing else f"Auto-accept ({data.source}; {judged}): {cal.reason}")
 
     folder = out or Path(f"tandem-report-{project}")
     files = write_plots(folder, summaries, items, data, cal, target)

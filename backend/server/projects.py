@@ -117,6 +117,10 @@ class ProjectServing:
                 self._last[key] = adapter
             else:
                 adapter = self._last.get(key)
+                served = self._served.get(project_id or 0)
+                if adapter is None and served is not None and default.adapter is not None and \
+                        served[0 if role == "cnn" else 1] == spec_of(default.adapter):
+                    adapter = default.adapter  # bound only now (a first promotion): the default served it until now
         return adapter, spec
 
     def wait_lead(self, project_id: int | None, timeout: float) -> Any:
