@@ -433,3 +433,18 @@ def test_a_segment_projects_few_corrections_replay_outlines_and_fine_tune(tmp_pa
     assert [i.stem for i in kept] == ["dtask20_abc"]
     result = fine_tune(str(segment_weights), ds.data, tmp_path / "run", {"epochs": 1, "imgsz": 64, "batch": 4}, "cpu")
     assert Path(result["weights"]).is_file()
+
+
+def test_nothing_to_replay_says_why(tmp_path):
+    """A parent whose every training image is in the child's export already is not 'not here'; and with
+    nothing unlabelled left the log says that too."""
+    parent = _dataset(tmp_path / "parent", ["circle", "square", "triangle"], train=[1, 2, 3], val=[4])
+    child = _dataset(tmp_path / "child", ["circle", "square", "triangle"], train=[1, 2, 3, 5], val=[4])
+    items, said = gather_replay(child, {"dataset_root": str(parent.root)}, "p3-job7", tmp_path / "home",
+                                _no_pseudo_labels, lambda exclude, count: [])
+    assert items == [] and said == ("nothing to replay: every image of p3-job7's training data is in this export "
+                                    "already, and no task is left unlabelled")
+    items, said = gather_replay(child, {}, "p3-job7", tmp_path / "home", _no_pseudo_labels,
+                                lambda exclude, count: [])
+    assert items == [] and said.endswith("nothing to replay: p3-job7's training data is not here, and no task is "
+                                         "left unlabelled")

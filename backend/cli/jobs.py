@@ -25,7 +25,8 @@ def jobs_list(project: Annotated[int | None, typer.Option("--project", "-p", hel
     for col in ("id", "project", "status", "runner", "reason", "version", "promoted", "error"):
         table.add_column(col)
     for j in store.list(project):
-        table.add_row(str(j.id), str(j.project_id), j.status.value, j.runner, j.reason, j.version or "",
+        version = j.version or (j.progress or {}).get("model_version") or ""  # a predict job: the version it ran
+        table.add_row(str(j.id), str(j.project_id), j.status.value, j.runner, j.reason, version,
                       "" if j.promoted is None else str(j.promoted), (j.error or "").splitlines()[0] if j.error else "")
     stdout_console().print(table)
 

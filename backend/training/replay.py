@@ -216,16 +216,20 @@ def gather_replay(dataset, parent_metrics: Mapping[str, Any], parent_name: str, 
     segment = dataset.task == "segment"  # outlines only: ultralytics refuses a segment dataset with boxes in it
     have = existing_task_ids(dataset.root)
     found = find_parent_dataset(parent_metrics, parent_name, home)
+    parent_data = f"{parent_name}'s training data is not here"
     if found.root is not None:
         items = dataset_replay(found.root, dataset.class_names, have, count, seed, segment)
         if items:
             return items, f"replaying {len(items)} images of {parent_name}'s own training data ({found.source})"
+        parent_data = f"every image of {parent_name}'s training data is in this export already"
     said = f"{found.problem}; " if found.problem else ""
     images = unlabelled(have, count)
     ids = {n: i for i, n in enumerate(dataset.class_names)}
     items = pseudo_replay(parent_adapter(), images, ids, count, label_map=label_map, segment=segment) if images else []
     if not items:
-        return [], f"{said}nothing to replay: {parent_name}'s training data is not here and no task is left unlabelled"
+        left = ("no task is left unlabelled" if not images else
+                f"it is confident on none of the {len(images)} unlabelled tasks looked at")
+        return [], f"{said}nothing to replay: {parent_data}, and {left}"
     boxes = sum(len(i.lines) for i in items)
     return items, (f"{said}replaying {len(items)} unlabelled tasks with {parent_name}'s own confident "
                    f"{'outlines' if segment else 'boxes'} "
