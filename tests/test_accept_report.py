@@ -8,7 +8,6 @@ annotations are imported into Label Studio. Every expected number below is count
 from __future__ import annotations
 
 import json
-import time
 import math
 import os
 import subprocess

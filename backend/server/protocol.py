@@ -106,7 +106,6 @@ class WebhookRequest(_Open):
                  if isinstance(a, dict) and a.get("id") is not None]
         return f"{self.action}:{','.join(sorted(str(p)[:80] for p in parts))}"[:200] if parts else None
 
-
     def only_auto_accepted(self) -> bool:
         """Whether every annotation the payload carries was written by `tandem accept` (its marker on every
         region): no person corrected anything."""
