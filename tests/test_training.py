@@ -68,7 +68,7 @@ def test_triggers_during_a_job_coalesce_into_one_follow_up(tmp_path, detect_adap
 def test_the_follow_up_runs_the_trigger_folded_in_not_the_job_before_it(tmp_path, detect_adapter):
     """A LoRA trigger folded into a running YOLO job's follow-up runs as LoRA with its own params (it used to
     run as YOLO with the ended job's params). With no Label Studio configured every job fails at once."""
-    settings = Settings(home=tmp_path / "home")
+    settings = Settings(home=tmp_path / "home", vlm=str(tmp_path / "some-vlm"))  # a VLM to adapt, or no LoRA job
     service = TrainingService(settings, ModelHolder(detect_adapter), Registry(settings.database_url))
     first = service.trigger(5, "button", params={"epochs": 7})
     assert first.model_kind == "yolo" and first.params["epochs"] == 7
@@ -178,7 +178,7 @@ def test_fine_tune_skips_ultralytics_own_validation(tmp_path, detect_weights):
 
 def test_vlm_jobs_do_not_inherit_the_yolo_epochs(tmp_path, detect_adapter):
     """TANDEM_TRAIN_EPOCHS (30) is for YOLO; a LoRA job keeps its own default (3) unless given one."""
-    app = create_app(Settings(home=tmp_path / "home"), ModelHolder(detect_adapter))
+    app = create_app(Settings(home=tmp_path / "home", vlm=str(tmp_path / "some-vlm")), ModelHolder(detect_adapter))
     with ServerThread(app) as srv:
         vlm_job = httpx.post(f"{srv.url}/train", json={"project": 1, "model": "vlm"}).json()
         yolo_job = httpx.post(f"{srv.url}/train", json={"project": 2}).json()
