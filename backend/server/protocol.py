@@ -97,13 +97,16 @@ class WebhookRequest(_Open):
     action: str = Field(max_length=MAX_ACTION_CHARS, pattern=r"^[A-Za-z0-9_.:-]+$")
     project: Any = None
 
+    def annotations(self) -> list[dict]:
+        """The annotation(s) the payload carries (`annotation`, or `annotations` for a bulk delete)."""
+        extra = self.model_extra or {}
+        found = extra.get("annotations") if isinstance(extra.get("annotations"), list) else [extra.get("annotation")]
+        return [a for a in found if isinstance(a, dict)]
+
     def event_key(self) -> str | None:
         """What names this delivery (the action, the annotation(s) and their update time), so that a repeated
         delivery is counted once toward auto-retrain; None when the payload names no annotation."""
-        extra = self.model_extra or {}
-        annotations = extra.get("annotations") if isinstance(extra.get("annotations"), list) else [extra.get("annotation")]
-        parts = [f"{a.get('id')}@{a.get('updated_at')}" for a in annotations[:100]
-                 if isinstance(a, dict) and a.get("id") is not None]
+        parts = [f"{a.get('id')}@{a.get('updated_at')}" for a in self.annotations()[:100] if a.get("id") is not None]
         return f"{self.action}:{','.join(sorted(str(p)[:80] for p in parts))}"[:200] if parts else None
 
     def only_auto_accepted(self) -> bool:
@@ -111,9 +114,7 @@ class WebhookRequest(_Open):
         region): no person corrected anything."""
         from active_learning.queue import is_auto_accepted
 
-        extra = self.model_extra or {}
-        annotations = extra.get("annotations") if isinstance(extra.get("annotations"), list) else [extra.get("annotation")]
-        found = [a for a in annotations if isinstance(a, dict)]
+        found = self.annotations()
         return bool(found) and all(is_auto_accepted(a) for a in found)
 
 
