@@ -155,17 +155,16 @@ class TrainingService:
 
     def check_promotions(self) -> threading.Thread | None:
         change = self._latest_change()
-        self._load_promoted_bindings()
-        if change <= self._seen_change:
-            return None
-        previous, self._seen_change = self._seen_change, change
-        if self.on_project_promotion is not None:
+        previous, self._seen_change = self._seen_change, max(change, self._seen_change)
+        if change > previous and self.on_project_promotion is not None:
             now = time.monotonic()
             for v in self.registry.versions():
                 if v.project_id is not None and (v.promoted_at or 0) > previous:
                     # a job records the promotion, then the binding: asked again for a few polls
                     self._promoted_projects[v.project_id] = now + PROMOTED_BINDING_POLL_S
-            self._load_promoted_bindings()
+        self._load_promoted_bindings()
+        if change <= previous:
+            return None
         started = None
         for kind, holder in (("vlm", self.vlm_holder), ("cnn", self.holder)):
             target = self.registry.current(kind)
