@@ -257,13 +257,23 @@ def test_models_list_shows_yolo_fitness_and_vlm_loss_side_by_side(tmp_path):
     from backend.storage.projects import ProjectRepo
 
     registry.add_candidate("p1-job3", "yolo", "detect", "y.pt", "p1-job1", "s", {}, project_id=1)
-    ProjectRepo(settings.database_url).update(1, model="p1-job3")  # what a promotion into project 1 writes
+    projects = ProjectRepo(settings.database_url)
+    projects.update(1, model="p1-job3")  # what a promotion into project 1 writes
+    projects.update(2, second_opinion="p1-job2")  # a LoRA version bound as a project's second opinion
+    other = tmp_path / "other-yolo.pt"  # a YOLO second opinion bound by path: no registry version
+    projects.update(3, second_opinion=str(other), pre_annotator="cnn")
     proc = subprocess.run([sys.executable, "-m", "backend.cli", "models", "list"], capture_output=True, text=True,
-                          env={**os.environ, "TANDEM_HOME": str(settings.home)}, timeout=120)
+                          env={**os.environ, "TANDEM_HOME": str(settings.home), "COLUMNS": "400"}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "0.6100" in proc.stdout and "loss 0.4200" in proc.stdout and "loss 0.7000" in proc.stdout
     marked = [line for line in proc.stdout.splitlines() if "▷" in line]
-    assert len(marked) == 2 and "p1-job3" in marked[0] and "bound to its project" in marked[1]  # + the key
+    assert len(marked) == 3 and "bound to a project" in marked[2]  # two versions, then the key
+    assert {"p1-job2", "p1-job3"} == {line.split()[3] for line in marked[:2]}  # the LoRA as well as the CNN
+    rows = proc.stdout.split("Project bindings")[1].splitlines()
+    row = {int(line.split()[1]): line for line in rows if line.strip().startswith("│ ")
+           and line.split()[1].isdigit()}
+    assert set(row) == {1, 2, 3}
+    assert "p1-job3" in row[1] and "p1-job2" in row[2] and str(other) in row[3] and "cnn" in row[3]
 
 
 def test_the_gate_promotes_not_worse_but_never_a_candidate_that_scores_nothing():
@@ -395,6 +405,17 @@ def test_promote_and_rollback_of_a_project_version_go_through_its_binding(tmp_pa
     rc, said = tandem("rollback", "--project", "2")
     assert rc == 0 and f"rolled back from srv-ft-cc to {detect_adapter.version} for project 2" in said, said
     assert projects.get(2).model == detect_adapter.version and registry.get("srv-ft-cc").status == "promoted"
+    # --project: a server-wide candidate served to one project; it does not become the server's default
+    registry.add_candidate("srv-ft-dd", "srv-ft", "detect", str(detect_weights), detect_adapter.version, "snap3", {})
+    projects.update(3, label_config="<View/>")
+    default = registry.current("cnn").version
+    rc, said = tandem("promote", "srv-ft-dd", "--project", "3")
+    assert rc == 0 and "srv-ft-dd promoted for project 3 (its binding's model" in said, said
+    assert projects.get(3).model == "srv-ft-dd" and registry.get("srv-ft-dd").status == "candidate"
+    assert registry.current("cnn").version == default != "srv-ft-dd" and projects.get(2).model != "srv-ft-dd"
+    rc, said = tandem("promote", "p1-job1-aa", "--project", "4")  # another project's retrain: allowed, said
+    assert rc == 0 and "p1-job1-aa was trained for project 1; serving it to project 4 too" in said, said
+    assert "project 4 has not connected" in said and projects.get(4).model == "p1-job1-aa"
 
 
 def test_train_with_server_follows_the_job_on_that_server_not_in_local_state(tmp_path, detect_adapter):

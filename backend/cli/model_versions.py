@@ -15,15 +15,22 @@ app.add_typer(models_app, name="models")
 
 @models_app.command("list")
 def models_list(home: Home = None) -> None:
-    """Every version: the server's default CNN (▶), promoted or rejected, its score against its parent's; a
-    project's own versions name the project, and the one bound to it (what serves it) is marked ▷."""
+    """Every version: the server's default CNN and VLM (▶), promoted or rejected, its score against its parent's;
+    a project's own versions name the project, and a version bound to a project (what serves it) is marked ▷.
+    Below, each project's binding, files and hub ids included (they are not registry versions)."""
     from rich.table import Table
 
     from backend.storage.projects import ProjectRepo
 
     settings, registry, _ = stores(home)
-    current = registry.current()
-    bound = {(s.project_id, s.model) for s in ProjectRepo(settings.database_url).all() if s.model}
+    defaults = {v.version for v in (registry.current("cnn"), registry.current("vlm")) if v}
+    states = [s for s in ProjectRepo(settings.database_url).all() if s.model or s.second_opinion]
+    bound: dict[str, list[str]] = {}  # version -> "project N" for each project whose binding names it
+    for s in states:
+        for spec in (s.model, s.second_opinion):
+            found = registry.resolve(spec)
+            if found:
+                bound.setdefault(found.version, []).append(f"project {s.project_id}")
     table = Table(title="Tandem model versions")
     for col in ("", "version", "task", "project", "status", "fitness", "serving fitness", "parent", "dataset",
                 "created"):
@@ -37,15 +44,28 @@ def models_list(home: Home = None) -> None:
 
     for v in registry.versions():
         cand, serv = v.metrics.get("candidate", {}), v.metrics.get("serving", {})
-        mark = "▶" if current and v.version == current.version else (
-            "▷" if (v.project_id, v.version) in bound else "")
+        mark = "▶" if v.version in defaults else ("▷" if v.version in bound else "")
         table.add_row(mark, v.version, v.task,
                       "" if v.project_id is None else str(v.project_id), v.status,
                       score(cand), score(serv),
                       v.parent or "", v.dataset or "", _t.strftime("%Y-%m-%d %H:%M", _t.localtime(v.created_at)))
-    stdout_console().print(table)
-    if bound:
-        stdout_console().print("▶ the server's default CNN; ▷ bound to its project (what serves it)")
+    out = stdout_console()
+    out.print(table)
+    if not states:
+        return
+    out.print("▶ the server's default CNN / VLM; ▷ bound to a project (what serves it)")
+
+    def shown(spec: str | None) -> str:  # a registry version by name; a file or hub id as it is bound
+        found = registry.resolve(spec)
+        return found.version if found else (spec or "server default")
+
+    bindings = Table(title="Project bindings (tandem models bind)")
+    for col in ("project", "model", "second opinion", "pre-annotator"):
+        bindings.add_column(col)
+    for s in sorted(states, key=lambda s: s.project_id):
+        bindings.add_row(str(s.project_id), shown(s.model), shown(s.second_opinion),
+                         s.pre_annotator or "server default")
+    out.print(bindings)
 
 
 def _require_loadable(found, settings) -> None:
@@ -90,33 +110,50 @@ def _require_spec_loads(spec: str, settings) -> None:
 
 
 @models_app.command("promote")
-def models_promote(version: str, home: Home = None) -> None:
-    """Serve VERSION now, a CNN or a VLM version (a running server swaps within seconds)."""
+def models_promote(
+    version: str,
+    project: Annotated[int | None, typer.Option("--project", "-p", help="Serve VERSION to this project only (its "
+                                                "binding), not as the server's default.")] = None,
+    home: Home = None,
+) -> None:
+    """Serve VERSION now, a CNN or a VLM version (a running server swaps within seconds). A project's own
+    retrain goes into that project's binding; --project puts any version into one project's binding."""
     settings, registry, _ = stores(home)
     found = registry.get(version)
     if found is None or not found.path:
         console.print(f"[red]error:[/] no version {version} (tandem models list shows them)")
         raise typer.Exit(2)
-    if found.kind == "second":
+    if found.kind == "second" and project is None:
         console.print(f"[red]error:[/] {version} is served as a second opinion, not a CNN or VLM version: serve it "
-                      "with tandem serve --model, or bind it to a project (tandem models bind)")
+                      "with tandem serve --model, or bind it to a project (tandem models promote --project, or "
+                      "tandem models bind)")
         raise typer.Exit(2)
+    target = found.project_id if project is None else project
+    if project is not None and found.project_id not in (None, project):
+        console.print(f"[yellow]note:[/] {version} was trained for project {found.project_id}; serving it to "
+                      f"project {project} too")
     _require_loadable(found, settings)
     if found.status == "rejected":  # allowed (the gate can be wrong, e.g. on a frozen split of accepted boxes): said
         cand, serv = found.metrics.get("candidate", {}), found.metrics.get("serving", {})
         scores = (f" (frozen split fitness {cand['fitness']:.4f} against the serving model's {serv['fitness']:.4f})"
                   if "fitness" in cand and "fitness" in serv else "")
         console.print(f"[yellow]note:[/] the gate had rejected {version}{scores}; promoting it anyway")
-    registry.set_status(version, "promoted")
-    if found.project_id is not None:  # a project's retrain: into that project's binding, as the job's gate does
-        from backend.storage.projects import ProjectRepo
-
-        role = "second_opinion" if found.kind == "vlm" else "model"
-        ProjectRepo(settings.database_url).update(found.project_id, **{role: version})
-        console.print(f"{version} promoted for project {found.project_id} (its binding's {role.replace('_', ' ')}; "
-                      "other projects keep theirs)")
+    if target is None:
+        registry.set_status(version, "promoted")
+        console.print(f"{version} promoted")
         return
-    console.print(f"{version} promoted")
+    from backend.storage.projects import ProjectRepo
+
+    projects = ProjectRepo(settings.database_url)
+    if projects.get(target) is None:  # allowed (bind before connecting), said: a wrong id would pass unnoticed
+        console.print(f"[yellow]note:[/] project {target} has not connected to a server with this database yet "
+                      f"(TANDEM_HOME {settings.home}); the binding applies once it does")
+    if found.project_id == target:  # a server-wide version's status would make it every project's default
+        registry.set_status(version, "promoted")
+    role = "model" if found.kind == "cnn" else "second_opinion"  # a VLM (LoRA) or YOLO second opinion
+    projects.update(target, **{role: version})
+    console.print(f"{version} promoted for project {target} (its binding's {role.replace('_', ' ')}; "
+                  "other projects keep theirs)")
 
 
 @models_app.command("rollback")
