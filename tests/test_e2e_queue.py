@@ -159,6 +159,11 @@ def test_cli_select_unreachable_label_studio_is_a_clear_error(tmp_path, detect_w
     proc = subprocess.run([sys.executable, "-m", "backend.cli", "select", "--project", "1", "--model", str(detect_weights)],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "cannot read project 1" in proc.stderr
+    for command in ("accept", "report"):  # the same one line from the commands that read the project's evidence
+        proc = subprocess.run([sys.executable, "-m", "backend.cli", command, "--project", "1"], capture_output=True,
+                              text=True, env=env, timeout=120)
+        said = " ".join(proc.stderr.split())
+        assert proc.returncode == 2 and "cannot read project 1" in said and "Traceback" not in said, said
 
 
 def test_cli_select_wrong_key_and_missing_second_opinion_are_clear(label_studio, project, tmp_path, detect_weights):

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from backend.cli.common import Home, app, console, load_settings, setup_logging, stdout_console
+from backend.cli.common import Home, app, console, load_settings, reading_project, setup_logging, stdout_console
 from backend.core.prediction import Prediction, Role
 
 
@@ -335,24 +335,15 @@ def second_versions(database_url: str, project: int) -> frozenset[str]:
 def load_evidence(settings, project: int, control: str | None = None):
     """Read the project from Label Studio and the store; a failure is one clear line and exit 2."""
     from active_learning.queue import LabelStudioQueue
-    from backend.errors import TandemError
     from backend.storage.predictions import PredictionRepo
 
     queue = LabelStudioQueue(_client(settings), project)
-    try:
+    with reading_project(settings, project):
         tasks = queue.tasks()
         config = queue.label_config()
         rows = PredictionRepo(settings.database_url).for_project(project)
         return queue, gather(tasks, config, rows, project, control, learned_versions(settings.database_url, project),
                              second_versions(settings.database_url, project))
-    except TandemError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
-    except Exception as exc:  # HTTP errors from the SDK: unreachable Label Studio, wrong key, no such project
-        from backend.labelstudio.errors import describe
-
-        console.print(f"[red]error:[/] cannot read project {project}: {describe(exc, settings.label_studio_url)}")
-        raise typer.Exit(2) from exc
 
 
 def undo(queue, home: Path, project: int) -> tuple[int, int, int, bool]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -82,3 +84,21 @@ def stores(home: Path | None):
     jobs = JobStore(settings.database_url)
     reap_abandoned(jobs)  # a job whose worker died (or whose lease ran out) would otherwise show 'running' for good
     return settings, Registry(settings.database_url), jobs
+
+
+@contextmanager
+def reading_project(settings, project: int) -> Iterator[None]:
+    """A command's reading of a Label Studio project: Tandem's own errors print as they are, the SDK's HTTP
+    errors (an unreachable Label Studio, a wrong key, no such project) as one line naming the project; exit 2."""
+    from backend.errors import TandemError
+
+    try:
+        yield
+    except TandemError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    except Exception as exc:  # noqa: BLE001 - anything else from the SDK or httpx, said in one line
+        from backend.labelstudio.errors import describe
+
+        console.print(f"[red]error:[/] cannot read project {project}: {describe(exc, settings.label_studio_url)}")
+        raise typer.Exit(2) from exc

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from backend.cli.common import Home, app, console, load_settings, setup_logging, stdout_console
+from backend.cli.common import Home, app, console, load_settings, reading_project, setup_logging, stdout_console
 
 
 @app.command()
@@ -104,7 +104,7 @@ def select(
                       "picks another)")
     if registry_version := Registry(settings.database_url).get(str(weights)):
         weights = localise(settings, registry_version.path) if registry_version.path else weights
-    try:
+    with reading_project(settings, project):
         primary = YoloAdapter(weights, device=settings.device, conf=min(settings.conf, CANDIDATE_CONF))
         queue = LabelStudioQueue(LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key),
                                  project)
@@ -131,14 +131,6 @@ def select(
             console.print(f"[yellow]warning:[/] the second opinion {second_model} cannot fill project {project}'s "
                           f"labeling config ({exc}); ranking without it")
             second = second_model = None
-    except TandemError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
-    except Exception as exc:  # HTTP errors from the SDK: unreachable Label Studio, wrong key, no such project
-        from backend.labelstudio.errors import describe
-
-        console.print(f"[red]error:[/] cannot read project {project}: {describe(exc, settings.label_studio_url)}")
-        raise typer.Exit(2) from exc
 
     if strategy == "hybrid" and not second_model:  # said once the project is read: not before a fatal error
         console.print("[yellow]warning:[/] no --second-model: hybrid ranks by uncertainty alone (no disagreement "
