@@ -223,3 +223,19 @@ def test_a_vlm_that_pre_annotated_before_a_cnn_was_bound_counts_as_the_second_op
     assert second_versions(db, 2) == {VLM}
     ev = by_id(gather([task(5, "dog", 10)], CFG, rows, 2, second_versions=second_versions(db, 2)))[5]
     assert ev.second is not None and set(ev.shown) == {OLD}
+
+
+def test_a_task_annotated_with_a_label_renamed_since_is_left_out_and_said():
+    """A label renamed in Label Studio after annotating ("cat" -> "kitty"): the old regions are not the new
+    label's, so reading them would count the shown "cat" as deleted and no region as kept. The task is left out
+    of the telemetry and the calibration, and the note names the label."""
+    renamed_cfg = CFG.replace('"cat"', '"kitty"')
+    evidence = gather(TASKS, renamed_cfg, ROWS, 1, learned_at=LEARNED)
+    assert evidence.renamed == {1: ["cat"], 4: ["cat"]}
+    assert by_id(evidence)[1].human is None and by_id(evidence)[4].human is None
+    assert by_id(evidence)[2].human is not None  # "dog" is still a label
+    assert {e.task_id for e in project_edits(evidence)} == {2}
+    assert calibration_data(evidence, min_items=1).tasks == 1
+    note = evidence.renamed_note()
+    assert note.startswith("2 reviewed tasks left out: their annotations use \"cat\", which control 'label' no")
+    assert gather(TASKS, CFG, ROWS, 1).renamed_note() == ""

@@ -70,8 +70,8 @@ def annotated(tmp_path):
             result.append({"from_name": "poly", "to_name": "image", "type": "polygonlabels",
                            "value": {"points": [[x / w * 100, y / h * 100] for x, y in o.polygon],
                                      "polygonlabels": [label]}})
-        result.append({"from_name": "box", "to_name": "image", "type": "rectanglelabels",  # not a config label
-                       "value": {"x": 1, "y": 1, "width": 5, "height": 5, "rectanglelabels": ["Hexagon"]}})
+        result.append({"from_name": "other", "to_name": "image", "type": "rectanglelabels",  # no such control
+                       "value": {"x": 1, "y": 1, "width": 5, "height": 5, "rectanglelabels": ["Square"]}})
         result.append({"from_name": "main", "to_name": "image", "type": "choices",
                        "value": {"choices": [sample.objects[0].label.capitalize()]}})
         tasks.append({"id": i, "data": {"image": f"/data/local-files/?d={sample.name}.png"},
@@ -95,7 +95,7 @@ def test_detect_and_segment_targets_are_the_ground_truth(tmp_path, annotated, co
     for task_id, path in files.items():
         sample = truth[task_id]
         lines = path.read_text().splitlines()
-        assert len(lines) == len(sample.objects)  # the Hexagon box is not a target
+        assert len(lines) == len(sample.objects)  # the other control's box is not a target
         det = read_detections(path, (sample.width, sample.height))
         # six decimals of a normalised coordinate; the generator rounds its outlines to 2 decimals of a pixel
         np.testing.assert_allclose(det.xyxy, [o.box for o in sample.objects], atol=1e-3 if control == "box" else 1e-2)
@@ -103,6 +103,28 @@ def test_detect_and_segment_targets_are_the_ground_truth(tmp_path, annotated, co
         if control == "poly":  # outlines, normalised
             first = np.array(lines[0].split()[1:], dtype=float).reshape(-1, 2) * [sample.width, sample.height]
             np.testing.assert_allclose(first, sample.objects[0].polygon, atol=1e-3)
+
+
+@pytest.mark.parametrize("control", ["box", "poly", "main"])
+def test_a_task_with_a_label_the_config_no_longer_has_is_left_out_not_trained_as_background(tmp_path, annotated,
+                                                                                             control):
+    """A label renamed in Label Studio after annotating: its regions would be dropped and their objects trained
+    as background. The task is left out, and the reason names the label."""
+    import copy
+
+    tasks, truth, fetcher = annotated
+    tasks = copy.deepcopy(tasks)
+    kind = {"box": "rectanglelabels", "poly": "polygonlabels", "main": "choices"}[control]
+    renamed = next(r for r in tasks[1]["annotations"][0]["result"] if r["from_name"] == control)
+    renamed["value"][kind] = ["Red, Square"]  # a label with a comma: quoted in the reason
+    out = export_yolo_dataset(tasks, CONFIG, 7, fetcher, tmp_path / control, control_name=control, val_percent=50)
+    assert out.train + out.val == len(tasks) - 1 and list(out.skipped) == [tasks[1]["id"]]
+    assert '"Red, Square", which the labeling config no longer has' in out.skipped[tasks[1]["id"]]
+    assert not list((tmp_path / control).rglob(f"task{tasks[1]['id']}_*"))
+    vlm = collect_annotations(tasks, CONFIG, 7, fetcher, val_percent=50)
+    if control != "poly":  # the VLM examples read boxes and choices
+        assert tasks[1]["id"] in vlm.skipped and "Red, Square" in vlm.skipped[tasks[1]["id"]]
+        assert not any(i.task_id == tasks[1]["id"] and i.kind == kind for i in vlm.items)
 
 
 def test_classify_targets_are_class_folders(tmp_path, annotated):

@@ -64,6 +64,22 @@ class ProjectEvidence:
     project_id: int
     control: Any  # ControlSpec
     tasks: list[TaskEvidence]
+    # reviewed tasks left out of the evidence: their annotation uses labels the config no longer has (task -> labels)
+    renamed: dict[int, list[str]] = field(default_factory=dict)
+
+    def renamed_note(self) -> str:
+        """A line for the console, or "": the reviewed tasks left out for a label renamed since."""
+        if not self.renamed:
+            return ""
+        import json
+
+        labels = dict.fromkeys(label for found in self.renamed.values() for label in found)
+        quoted = ", ".join(json.dumps(label, ensure_ascii=False) for label in labels)
+        n = len(self.renamed)
+        uses = "their annotations use" if n != 1 else "its annotation uses"
+        return (f"{n} reviewed task{'s' * (n != 1)} left out: {uses} {quoted}, which control "
+                f"'{self.control.name}' no longer has (renamed or removed since); relabel those regions in Label "
+                "Studio to count them")
 
 
 def _when(value: Any) -> float:
@@ -96,7 +112,7 @@ def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_
     stored under (a VLM that pre-annotated the project before a CNN was bound beside it).
     """
     from active_learning.queue import CONTROL_PICK, is_auto_accepted
-    from backend.convert.labelstudio import from_results
+    from backend.convert.labelstudio import from_results, unknown_labels
     from backend.errors import ConfigError
     from backend.labeling.config import parse_label_config
 
@@ -113,6 +129,7 @@ def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_
         raise ConfigError(f"project {project_id}'s labeling config has no control Tandem fills")
     control = picked[0]
     by_task: dict[int, TaskEvidence] = {}
+    renamed: dict[int, list[str]] = {}
     for t in tasks:
         data = dict(t.get("data") or {})
         ev = TaskEvidence(int(t["id"]), data, data.get("tandem_pick") == CONTROL_PICK,
@@ -120,6 +137,10 @@ def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_
         human = [a for a in ev.annotations if not a.get("was_cancelled") and not is_auto_accepted(a)]
         if human:
             last = max(human, key=lambda a: (_when(a.get("updated_at") or a.get("created_at")), a.get("id") or 0))
+            if gone := unknown_labels(last.get("result") or [], control):  # its objects would read as "missed"
+                renamed[ev.task_id] = gone
+                by_task[ev.task_id] = ev
+                continue
             ev.human = from_results(last.get("result") or [], control)
             ev.human_when = _when(last.get("updated_at") or last.get("created_at"))
             ev.human_first = min(_when(a.get("created_at") or a.get("updated_at")) for a in human)
@@ -143,7 +164,7 @@ def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_
             ev.shown_at[r.model_version] = r.created_at
             ev.pre_latest, ev.pre_version = ev.shown[r.model_version], r.model_version
             ev.size = _size(r.item) or ev.size
-    return ProjectEvidence(project_id, control, list(by_task.values()))
+    return ProjectEvidence(project_id, control, list(by_task.values()), renamed)
 
 
 def as_shown(p: Prediction, item: Mapping[str, Any], control) -> Prediction:
@@ -415,6 +436,8 @@ def accept(
     if not 0 < target < 1 or not 0 < delta < 1:
         raise typer.BadParameter("--target and --delta must be between 0 and 1")
     queue, evidence = load_evidence(settings, project, control_name)
+    if note := evidence.renamed_note():
+        console.print(f"[yellow]note:[/] {note}")
     refuse_without_second_opinion(evidence, queue)
     data = calibration_data(evidence, iou, min_verified(target, delta))
     cal = calibrate(data.scores, data.correct, target, delta)

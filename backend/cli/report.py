@@ -262,6 +262,8 @@ def report(
         for row in rows:
             per.add_row(*row)
         stdout_console().print(per)
+    if note := evidence.renamed_note():
+        console.print(f"[yellow]note:[/] {note}")
     before = (f"; {annotated_first} of them annotated before any pre-annotation was stored, counted with their "
               "oldest: what it would have saved" if annotated_first else "")
     console.print(f"Human time: {everything.assisted_seconds / 60:.1f} min with pre-annotations vs "
@@ -278,6 +280,7 @@ def report(
     folder = out or Path(f"tandem-report-{project}")
     files = write_plots(folder, summaries, items, data, cal, target)
     payload = summary_json(project, summaries, everything, cal, data, effort, annotated_first)
+    payload["total"]["left_out_renamed_labels"] = len(evidence.renamed)
     (folder / "report.json").write_text(json.dumps(payload, indent=2))
     reports = reports_dir(settings.home)
     reports.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,21 @@ def from_results(
     return Prediction(detections=_polygons(picked, sizes, names), class_names=names)
 
 
+def unknown_labels(results: Sequence[Mapping[str, Any]], control: ControlSpec) -> list[str]:
+    """The labels `control`'s regions carry that its config does not have (renamed or removed since they were
+    saved), each once, in order. `from_results` skips such regions; a training export must not, or the object
+    they outline would be trained as background."""
+    known = {lab.result_value for lab in control.labels}
+    key = control.kind.value
+    found: dict[str, None] = {}
+    for region in results:
+        if region.get("type") == key and region.get("from_name") == control.name:
+            for label in (region.get("value") or {}).get(key) or []:
+                if label not in known:
+                    found[str(label)] = None
+    return list(found)
+
+
 def _size_of(region: Mapping[str, Any], size: tuple[int, int] | None) -> tuple[float, float]:
     if size is not None:
         return float(size[0]), float(size[1])
@@ -359,4 +374,5 @@ __all__ = [
     "from_results",
     "prediction_score",
     "to_results",
+    "unknown_labels",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from backend.convert.labelstudio import from_results
+from backend.convert.labelstudio import from_results, unknown_labels
 from backend.convert.yolo_txt import to_lines
 from backend.errors import ConfigError, MediaError
 from backend.labeling.config import ControlKind, ControlSpec, parse_label_config
@@ -85,6 +85,13 @@ def frozen_split(project_id: int, task_ids: Iterable[int], val_percent: int = 20
     return val
 
 
+def renamed_labels(labels: Iterable[str]) -> str:
+    """Why a task whose annotation uses labels the config no longer has is left out of a training set."""
+    quoted = ", ".join(json.dumps(label, ensure_ascii=False) for label in labels)
+    return (f"its annotation uses {quoted}, which the labeling config no longer has (renamed or removed since): "
+            "left out rather than trained as background; relabel those regions in Label Studio")
+
+
 def latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
     done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
     return max(done, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0)) if done else None
@@ -134,6 +141,10 @@ def export_yolo_dataset(
         if auto and (split == "val" or not auto_accepted):
             out.auto_left_out += 1
             continue
+        result = annotation.get("result") or []
+        if gone := unknown_labels(result, control):  # a renamed label: its objects would be trained as background
+            out.skipped[task["id"]] = renamed_labels(gone)
+            continue
         try:
             loaded = fetcher.load(image_url(task, control.image_key) or "", task_id=task["id"])
         except MediaError as exc:
@@ -142,7 +153,6 @@ def export_yolo_dataset(
         pixels = loaded.image.tobytes()
         digest = hashlib.sha256(pixels).hexdigest()[:16]
         stem = f"task{task['id']}_{digest}"
-        result = annotation.get("result") or []
         if task_kind == "classify":
             chosen = from_results(result, control).probabilities
             if chosen is None:

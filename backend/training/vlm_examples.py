@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from backend.convert.labelstudio import from_results
+from backend.convert.labelstudio import from_results, unknown_labels
 from backend.core.prediction import CLASS_NAME
 from backend.errors import MediaError
 from backend.labeling.config import ControlKind, parse_label_config
@@ -27,7 +27,7 @@ from backend.models.base import ModelTask
 from backend.models.vlm.base import Vocabulary
 from backend.models.vlm.generative import GenerativeVlm
 from backend.predict import image_url
-from backend.training.export import frozen_split, latest_annotation
+from backend.training.export import frozen_split, latest_annotation, renamed_labels
 
 Example = tuple[Image.Image, str, str]
 MANIFEST = "annotations.json"
@@ -109,6 +109,9 @@ def collect_annotations(
             regions = [r for r in result if r.get("from_name") == control.name and r.get("type") == control.kind.value]
             if not regions:
                 continue
+            if gone := unknown_labels(regions, control):  # trained as "not there" otherwise
+                out.skipped[task["id"]] = renamed_labels(gone)
+                break
             try:
                 image = fetcher.load(image_url(task, control.image_key) or "", task_id=task["id"]).image
             except MediaError as exc:

@@ -51,6 +51,14 @@ METRIC_NAMES = {"map50": "mAP50", "map50_95": "mAP50-95", "top1": "top-1"}
 FEW_VAL_IMAGES = 5  # below this the frozen split's mAP moves by a whole image's worth: say so in the log
 
 
+
+def log_skipped(log, skipped: dict[int, str], most: int = 5) -> None:
+    """Which annotated tasks a job left out and why (an unreadable image, a renamed label), the first few."""
+    for task_id, why in list(skipped.items())[:most]:
+        log(f"  task {task_id} skipped: {why}")
+    if len(skipped) > most:
+        log(f"  … and {len(skipped) - most} more (tandem_export.json in the job's dataset lists them all)")
+
 def asked_options(params: dict, defaults: dict) -> dict:
     """What a job asked for beyond the server's defaults (an automatic trigger asks for nothing)."""
     return {k: v for k, v in (params or {}).items() if defaults.get(k, DEFAULTS.get(k)) != v}
@@ -178,6 +186,7 @@ def run(job_id: int, settings: Settings) -> None:
                                   work / "dataset", val_percent=params["val_percent"],
                                   auto_accepted=bool(params.get("auto_accepted", settings.train_auto_accepted)))
     log(f"dataset {dataset.snapshot}: {dataset.train} train / {dataset.val} frozen val, {len(dataset.skipped)} skipped")
+    log_skipped(log, dataset.skipped)
     if dataset.auto_accepted or dataset.auto_left_out:
         log(f"auto-accepted tasks: {dataset.auto_accepted} in training, {dataset.auto_left_out} left out (never in the "
             "frozen split; TANDEM_TRAIN_AUTO_ACCEPTED=1 trains on them)")
@@ -288,6 +297,7 @@ def run_vlm(job, settings: Settings, store: JobStore, registry: Registry, work: 
     n_val = sum(item.validation for item in annotated.items)
     log(f"annotations {annotated.snapshot}: {len(annotated.items) - n_val} train / {n_val} frozen val, "
         f"{len(annotated.skipped)} skipped")
+    log_skipped(log, annotated.skipped)
     if n_val == 0 or n_val == len(annotated.items):
         raise TandemError(f"too few annotations: {len(annotated.items) - n_val} train and {n_val} validation images "
                           "(the validation split is a fixed ~20% of tasks)")
