@@ -76,6 +76,20 @@ class Settings(BaseModel):
     lease_seconds: float = Field(default=30.0, gt=0)  # a job whose runner stops heartbeating this long fails
     model_memory_gb: float = Field(default=8.0, gt=0)  # the model pool's budget before it evicts
     max_projects: int = Field(default=10_000, ge=1)  # projects /setup may record; a new one past it is refused
+    model_roots: list[Path] = Field(default_factory=list)  # TANDEM_MODEL_ROOTS: more folders callers may name
+
+    def model_spec_refusal(self, spec: str) -> str | None:
+        """Why a caller over HTTP (a project's extra params, `POST /predict-jobs`) may not name this model, or
+        None. A file or folder must lie under TANDEM_HOME, the server's working folder or a TANDEM_MODEL_ROOTS
+        folder: loading a checkpoint unpickles it, and whether an arbitrary path loads says what is on the
+        host. Registry versions and hub ids are names, read relative to the working folder, so they pass."""
+        path = Path(os.path.realpath(Path(spec).expanduser()))
+        roots = [self.home, Path.cwd(), *self.model_roots]
+        if any(path.is_relative_to(os.path.realpath(root)) for root in roots):
+            return None
+        return (f"model {spec!r} is outside the folders a project may name (TANDEM_HOME, the server's working "
+                "folder, TANDEM_MODEL_ROOTS): bind it with `tandem models bind`, or add its folder to "
+                "TANDEM_MODEL_ROOTS")
 
     @field_validator("int8_calibration")
     @classmethod
@@ -156,6 +170,7 @@ class Settings(BaseModel):
             "lease_seconds": float(_env("TANDEM_LEASE_SECONDS") or 30),
             "model_memory_gb": float(_env("TANDEM_MODEL_MEMORY_GB") or 8),
             "max_projects": int(_env("TANDEM_MAX_PROJECTS") or 10_000),
+            "model_roots": [Path(p).expanduser() for p in (_env("TANDEM_MODEL_ROOTS") or "").split(os.pathsep) if p],
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -196,6 +211,7 @@ class Settings(BaseModel):
             "TANDEM_LEASE_SECONDS": str(self.lease_seconds),
             "TANDEM_TRAIN_AUTO_ACCEPTED": "1" if self.train_auto_accepted else None,
             "TANDEM_REDUCED_DECODE": None if self.reduced_decode else "0",
+            "TANDEM_MODEL_ROOTS": os.pathsep.join(str(p) for p in self.model_roots) or None,
         }
         return {k: v for k, v in pairs.items() if v is not None}
 

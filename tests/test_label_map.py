@@ -29,9 +29,16 @@ def test_explicit_mapping_wins():
     assert m("car") == "Dog" and m("puppy") == "Dog"
 
 
-def test_explicit_mapping_to_unknown_label_is_an_error():
+def test_explicit_mapping_to_unknown_label_is_left_out_and_said_or_an_error_when_nothing_maps():
+    """A label renamed since the map was written: the other classes still map, and the entry is named."""
+    m = build_label_map(CONTROL, ["car", "cow"], explicit={"cow": "Horse"})
+    assert m("car") == "Car" and m("cow") is None
+    assert m.ignored == ("label mapping 'cow' -> 'Horse': control 'label' has no label 'Horse' "
+                         "(labels: 'Car', 'P', 'Dog')",)
     with pytest.raises(ConfigError, match="has no label 'Horse'"):
-        build_label_map(CONTROL, ["car"], explicit={"car": "Horse"})
+        build_label_map(CONTROL, ["cow"], explicit={"cow": "Horse"})
+    with pytest.raises(ConfigError, match=r"the label map's key\(s\) 'sqaure' are not classes of the model\. So none"):
+        build_label_map(CONTROL, ["square"], explicit={"sqaure": "Dog"})  # a typo in the key
 
 
 def test_no_overlap_is_an_error_that_names_both_sides():

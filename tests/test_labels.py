@@ -39,9 +39,9 @@ def test_case_sensitive_compares_exactly():
 
 
 def test_errors_keep_their_messages():
-    with pytest.raises(ConfigError, match=r"label mapping 'car' -> 'Horse': control 'label' has no label 'Horse' "
-                                          r"\(labels: Car, P, Dog\)"):
-        LabelSpace.build(CONTROL, ["car"], explicit={"car": "Horse"})
+    with pytest.raises(ConfigError, match=r"label mapping 'cow' -> 'Horse': control 'label' has no label 'Horse' "
+                                          r"\(labels: 'Car', 'P', 'Dog'\)\. So none of the model's classes \(cow\)"):
+        LabelSpace.build(CONTROL, ["cow"], explicit={"cow": "Horse"})
     with pytest.raises(ConfigError, match=r"none of the model's classes \(square, circle\) matches a label of "
                                           r"control 'label' \(Car, P, Dog\)"):
         LabelSpace.build(CONTROL, ["square", "circle"])

@@ -53,11 +53,13 @@ def test_health_setup_versions(tmp_path, samples, detect_adapter):
         health = httpx.get(f"{srv.url}/health").json()
         assert health == {**health, "status": "UP", "ready": True, "device": "cpu", "model_task": "detect"}
         assert health["model_version"] == detect_adapter.version and health["engine"] == detect_adapter.engine
-        for extra in ({"conf": 0.3}, None, [1, 2], "x"):
+        for extra in ({"conf": 0.3}, None, [1, 2], "", '{"conf": 0.3}'):
             t0 = time.perf_counter()
             r = httpx.post(f"{srv.url}/setup", json={"project": "3.1700000000", "schema": RECT, "extra_params": extra})
             assert r.status_code == 200 and time.perf_counter() - t0 < 1.0
             assert r.json() == {"model_version": detect_adapter.version}
+        r = httpx.post(f"{srv.url}/setup", json={"project": "3.1700000000", "schema": RECT, "extra_params": "x"})
+        assert r.status_code == 422 and "not valid JSON" in r.text  # text that is not JSON is said, not ignored
         assert httpx.get(f"{srv.url}/versions").json() == {"versions": [detect_adapter.version]}
         registry = Registry(tmp_path / "home" / "tandem.sqlite3")  # a candidate the gate rejected was never served
         registry.add_candidate("p3-job1-rejected", "p3-job1", "detect", "x.pt", detect_adapter.version, "d", {})

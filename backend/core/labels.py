@@ -63,6 +63,7 @@ class LabelSpace:
     by_class: Mapping[str, str]  # model class name -> result value
     class_names: tuple[str, ...] = ()
     label_names: tuple[str, ...] = field(default=())
+    ignored: tuple[str, ...] = ()  # label map entries that name no label of the control: why each was left out
 
     @classmethod
     def build(
@@ -83,9 +84,12 @@ class LabelSpace:
         Returns:
             The label space; its `label_names` are the control's result values in config order.
 
+        An explicit entry whose target is not a label of the control (a label renamed since the map was
+        written) is left out and said in `ignored`; the other classes still map.
+
         Raises:
-            ConfigError: an explicit target is not a label of the control, or no class reaches any label
-                (every prediction would be empty).
+            ConfigError: no class reaches any label (every prediction would be empty); the message names the
+                label map's entries that did not apply, and its keys that are not classes of the model.
         """
 
         def norm(s: str) -> str:
@@ -102,26 +106,31 @@ class LabelSpace:
                 lookup[norm(name)] = label.result_value
 
         by_value = {norm(label.value): label.result_value for label in control.labels}
+        ignored: list[str] = []
         for model_name, target in dict(explicit or {}).items():
             resolved = target if target in by_result else by_value.get(norm(target))
             if resolved is None:
-                raise ConfigError(
-                    f"label mapping {model_name!r} -> {target!r}: control '{control.name}' has no label {target!r} "
-                    f"(labels: {', '.join(by_result)})"
-                )
+                ignored.append(f"label mapping {model_name!r} -> {target!r}: control '{control.name}' has no label "
+                               f"{target!r} (labels: {', '.join(map(repr, by_result))})")
+                continue
             lookup[norm(model_name)] = resolved
 
         mapping = {name: lookup[norm(name)] for name in class_names if norm(name) in lookup}
         if not mapping:
+            classes = {norm(c) for c in class_names}
+            strangers = [k for k in dict(explicit or {}) if norm(k) not in classes]
+            why = [*ignored, *([f"the label map's key(s) {', '.join(map(repr, strangers))} are not classes of the "
+                                "model"] if strangers else [])]
             raise ConfigError(
-                f"none of the model's classes ({', '.join(list(class_names)[:12])}) matches a label of control "
+                ("; ".join(why) + ". So " if why else "")
+                + f"none of the model's classes ({', '.join(list(class_names)[:12])}) matches a label of control "
                 f"'{control.name}' ({', '.join(by_result)}); add predicted_values=\"...\" to the labels or set a "
                 "label_map (TANDEM_LABEL_MAP or the backend's extra_params), or let an open-vocabulary model, "
                 "which names any label, pre-annotate the project (tandem models bind --project ID --second-opinion "
                 "VLM --pre-annotator vlm)"
             )
         return cls(control=control.name, by_class=mapping, class_names=tuple(class_names),
-                   label_names=tuple(by_result))
+                   label_names=tuple(by_result), ignored=tuple(ignored))
 
     @classmethod
     def of_control(cls, control: ControlSpec) -> LabelSpace:

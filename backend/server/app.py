@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -103,6 +105,16 @@ def create_app(
     async def tandem_error(_: Request, exc: TandemError) -> JSONResponse:
         log.warning("%s: %s", type(exc).__name__, exc)
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422, with each offending input cut short: a 1 MB labeling config is not echoed back whole."""
+        def short(value):
+            text = repr(value)
+            return value if len(text) <= 200 else text[:200] + f"… ({len(text)} characters)"
+
+        errors = [{k: (short(v) if k == "input" else v) for k, v in e.items() if k != "ctx"} for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
     said_at = [-DATABASE_SAID_EVERY_S]
 

@@ -40,6 +40,9 @@ router = APIRouter(tags=["Label Studio protocol"])
 
 PREDICT_WAIT_FOR_MODEL_S = 60.0
 BINDING_KEYS = ("model", "second_opinion", "pre_annotator")
+# what a refused /setup put back (Label Studio keeps a backend's old settings when the new ones are refused)
+RESTORED_ON_REFUSAL = ("hostname", "access_token", "label_config", "label_map", "prompts", *BINDING_KEYS,
+                       "extra_binding")
 
 
 @router.get("/", response_model=HealthResponse, include_in_schema=False)
@@ -68,11 +71,15 @@ def health(project: int | None = None, state: ServerState = Depends(get_state)) 
     )
 
 
-def _binding(extra: dict[str, Any]) -> dict[str, str | None]:
-    """model / second_opinion / pre_annotator from the backend's extra params; a wrong role is a 422."""
+def _binding(extra: dict[str, Any], settings) -> dict[str, str | None]:
+    """model / second_opinion / pre_annotator from the backend's extra params; a wrong role, or a model file
+    outside the folders a project may name, is a 422."""
     found = {k: str(extra[k]) for k in BINDING_KEYS if isinstance(extra.get(k), (str, int)) and str(extra[k]).strip()}
     if found.get("pre_annotator") not in (None, "cnn", "vlm"):
         raise HTTPException(422, f"extra params: pre_annotator must be \"cnn\" or \"vlm\" (got {found['pre_annotator']!r})")
+    for key in ("model", "second_opinion"):
+        if key in found and (why := settings.model_spec_refusal(found[key])):
+            raise HTTPException(422, f"extra params: {why}")
     return found
 
 
@@ -83,7 +90,7 @@ def _record_setup(state: ServerState, body: SetupRequest, pid: int, extra: dict[
     changes: dict[str, Any] = {"hostname": hostname, "access_token": body.access_token,
                                "label_map": extra_setting(extra, "label_map"),
                                "prompts": extra_setting(extra, "prompts")}
-    binding = _binding(extra)
+    binding = _binding(extra, settings)
     before = state.projects.get(pid)
     if before is None and state.projects.count() >= settings.max_projects:  # bounded: /setup names any id
         raise HTTPException(422, f"this server already serves {settings.max_projects} projects "
@@ -104,7 +111,20 @@ def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupR
     """Answers from what is loaded (Label Studio waits 3 s); a config the model cannot fill is a 422."""
     settings = state.settings
     pid = project_id(body.project)
+    if pid is None and body.project is not None:  # Label Studio sends "12.1795428881"; nothing else is recorded
+        raise HTTPException(422, f"project {str(body.project)[:40]!r} is not a Label Studio project id (an integer "
+                                 "from 0 to 2^63-1, as \"12\" or \"12.1795428881\")")
+    if isinstance(body.extra_params, str) and body.extra_params.strip():
+        try:  # Label Studio passes the "Extra params" box on as text when it is not JSON: refused, not ignored
+            json.loads(body.extra_params)
+        except ValueError as exc:
+            raise HTTPException(422, f"the ML backend's extra params are not valid JSON ({exc}); fix them in the "
+                                     "project's Model settings") from exc
     extra = extra_params(body.extra_params)
+    for key in ("label_map", "prompts"):
+        if key in extra and not isinstance(extra[key], dict):
+            raise HTTPException(422, f"extra params: {key} must be an object of names (got "
+                                     f"{type(extra[key]).__name__})")
     label_map = {**settings.label_map, **extra_setting(extra, "label_map")}
     prompts = {**settings.vlm_prompts, **extra_setting(extra, "prompts")}
     project = before = None
@@ -127,11 +147,17 @@ def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupR
         except ConfigError:
             if pid is not None and before is None:  # refused: Label Studio connects nothing, so neither do we
                 state.projects.delete(pid)
+            elif pid is not None and project is not before:  # nor does it keep refused settings: the last stand
+                state.projects.update(pid, **{k: getattr(before, k) for k in RESTORED_ON_REFUSAL})
             raise
         if state.warn_once((pid, plan.fingerprint, None)):  # said once per project and config
             if left := plan.unserved_controls():
                 log.warning("project %s: %s fills %s only; left to the annotator: %s", pid, adapter.name,
                             ", ".join(c.control.title for c in plan.controls), ", ".join(left))
+        for planned in plan.controls:
+            if planned.labels.ignored and state.warn_once((pid, plan.fingerprint, planned.control.name, "map")):
+                log.warning("project %s: %s: left out, the other classes still map (fix the label_map in the "
+                            "backend's extra params or TANDEM_LABEL_MAP)", pid, "; ".join(planned.labels.ignored))
         for control, classes in plan.unmapped_choice_classes().items():
             if state.warn_once((pid, plan.fingerprint, control, "classes")):
                 log.warning("project %s: %s's class(es) %s map to no choice of '%s': an image it sees as one of "

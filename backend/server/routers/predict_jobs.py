@@ -103,6 +103,8 @@ def start(body: PredictJobRequest, state: ServerState = Depends(get_state)) -> d
         from infra.modal_runner import require_modal_credentials
 
         require_modal_credentials("infra/modal_predict.py")
+    if body.model and (why := state.settings.model_spec_refusal(body.model)):
+        raise HTTPException(422, why)
     pair = state.credentials(body.project)
     if pair is None or not pair[1]:  # said now, not by a process that fails a second later
         raise HTTPException(422, f"no Label Studio credentials for project {body.project}: set LABEL_STUDIO_URL and "
