@@ -56,11 +56,38 @@ def test_pool_loads_each_spec_once_shares_it_and_evicts_the_least_recently_used(
 def test_a_failed_load_says_why_and_is_retried(tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    pool = ModelPool(lambda spec: YoloAdapter(spec, device="cpu"), budget_bytes=10**9)
+    pool = ModelPool(lambda spec: YoloAdapter(spec, device="cpu"), budget_bytes=10**9, retry_after_s=2.0)
     with pytest.raises(ModelLoadError, match="cannot load YOLO weights"):
         pool.get(str(broken), timeout=60)
     assert "cannot load YOLO weights" in pool.error(str(broken))
+    # until the retry is due the error stands: a poll of /health must not restart the load and show "loading"
+    assert pool.ensure(str(broken)) is None and not pool.is_loading(str(broken)) and pool.error(str(broken))
+    time.sleep(2.1)
     assert pool.ensure(str(broken)) is None  # a new try is started, not the failure cached forever
+    assert pool.is_loading(str(broken)) or "cannot load YOLO weights" in pool.error(str(broken))
+
+
+def test_a_file_that_is_not_weights_is_an_error_once_not_loading_forever(tmp_path, caplog):
+    """A path that exists but holds text is a one-line load error (ultralytics' TypeError once escaped as a
+    crash); a loader that crashes the same way again logs one line, not another traceback."""
+    text = tmp_path / "hostname"
+    text.write_text("a-host\n")
+    pool = ModelPool(lambda spec: YoloAdapter(spec, device="cpu"), budget_bytes=10**9, retry_after_s=60.0)
+    with pytest.raises(ModelLoadError, match="it is not a supported model format") as caught:
+        pool.get(str(text), timeout=60)
+    assert str(text) in str(caught.value) and len(str(caught.value)) < 300
+    assert not pool.is_loading(str(text)) and pool.error(str(text)) == str(caught.value)
+
+    def crash(spec):
+        raise RuntimeError(f"no such thing as {spec}")
+
+    crashing = ModelPool(crash, budget_bytes=10**9, retry_after_s=0.0)
+    with caplog.at_level("ERROR", logger="tandem.pool"):
+        for _ in range(3):
+            with pytest.raises(ModelLoadError, match="could not load x: RuntimeError: no such thing as x"):
+                crashing.get("x", timeout=60)
+    mine = [r for r in caplog.records if r.name == "tandem.pool" and " x" in r.getMessage()]
+    assert len(mine) == 3 and [bool(r.exc_info) for r in mine] == [True, False, False]
 
 
 def test_bindings_label_maps_and_prompts_survive_a_restart(tmp_path, samples, detect_adapter,  # noqa: F811

@@ -119,6 +119,9 @@ def load_error(weights: object, exc: Exception) -> ModelLoadError:
     if first.startswith("ERROR"):
         first = first.removeprefix("ERROR").lstrip(" ❌️\ufe0f").strip()
         return ModelLoadError(f"cannot load YOLO weights {weights}: {first.replace(f'{weights} is ', 'it is ', 1)}")
+    if "is not a supported model format" in first:  # ultralytics goes on to list two dozen formats
+        return ModelLoadError(f"cannot load YOLO weights {weights}: it is not a supported model format (a YOLO "
+                              ".pt checkpoint, or a folder or file ultralytics exported)")
     return ModelLoadError(f"cannot load YOLO weights {weights}: {type(exc).__name__}: {first}")
 
 
@@ -166,13 +169,13 @@ class YoloAdapter:
         resolved = _resolve_weights(str(weights))
         try:
             self._model = YOLO(resolved)
+            names = self._model.names  # a file of another format is only opened (and refused) here
         except Exception as exc:  # corrupt files raise anything from pickle errors to KeyError
             raise load_error(weights, exc) from exc
         if self._model.task not in {t.value for t in ModelTask}:
             raise ModelLoadError(f"unsupported YOLO task '{self._model.task}' in {weights}")
         self.task = ModelTask(self._model.task)
         self.capabilities = frozenset({TASK_CAPABILITY[self.task], Capability.EMBED})
-        names = self._model.names
         self.class_names = tuple(names[i] for i in sorted(names))
         self.device = device or default_device()
         self.conf, self.iou, self.batch = conf, iou, batch

@@ -5,7 +5,9 @@ folder. The pool loads each spec once (so two projects bound to one version shar
 the request path (`/setup` must answer within Label Studio's 3 s), and when the estimated size of what
 is loaded passes the memory budget (`TANDEM_MODEL_MEMORY_GB`) drops the least recently used model that
 no request holds. A failed load is remembered with its error; the project keeps being served what it
-had, and the next `ensure` retries.
+had, and an `ensure` after `retry_after_s` retries (a file fixed or copied in meanwhile is picked up).
+Before then the error stands, so `/health` shows it rather than a "loading" every poll restarts, and a
+load that keeps failing the same way is logged with its traceback once.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class _Entry:
     loading: threading.Event | None = None
     size: int = 0
     used_at: float = 0.0
+    failed_at: float = 0.0  # when the last load failed (monotonic); 0: it did not
+    last_error: str | None = None  # the last load's error, kept across retries (`error` is cleared by one)
 
 
 def estimate_bytes(adapter: Any) -> int:
@@ -55,9 +59,11 @@ def estimate_bytes(adapter: Any) -> int:
 
 
 class ModelPool:
-    def __init__(self, loader: Loader, budget_bytes: int, on_loaded: Callable[[Any], None] | None = None) -> None:
+    def __init__(self, loader: Loader, budget_bytes: int, on_loaded: Callable[[Any], None] | None = None,
+                 retry_after_s: float = 30.0) -> None:
         self._loader = loader
         self.budget_bytes = budget_bytes
+        self.retry_after_s = retry_after_s
         self._on_loaded = on_loaded
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
@@ -72,10 +78,12 @@ class ModelPool:
                 return entry.adapter
             if entry is not None and entry.loading is not None:
                 return None
+            if entry is not None and entry.error and time.monotonic() - entry.failed_at < self.retry_after_s:
+                return None  # failed a moment ago: the error stands until the retry is due
             entry = entry or _Entry()
             entry.loading, entry.error = threading.Event(), None
             self._entries[spec] = entry
-        threading.Thread(target=self._load, args=(spec, entry), name=f"tandem-pool-load", daemon=True).start()
+        threading.Thread(target=self._load, args=(spec, entry), name="tandem-pool-load", daemon=True).start()
         return None
 
     def get(self, spec: str, timeout: float) -> Any:
@@ -124,20 +132,25 @@ class ModelPool:
 
     def _load(self, spec: str, entry: _Entry) -> None:
         started = time.monotonic()
+        before = entry.last_error
         try:
             adapter = self._loader(spec)
         except TandemError as exc:
             error = str(exc)
-            log.error("could not load %s: %s", spec, error)
+            log.error("%s", error if spec in error else f"could not load {spec}: {error}")
             adapter = None
         except Exception as exc:  # noqa: BLE001 - a loader crash must not kill the server
-            error = f"{type(exc).__name__}: {exc}"
-            log.exception("loading %s crashed", spec)
+            error = f"could not load {spec}: {type(exc).__name__}: {exc}"
+            if error == before:  # the same failure again: its traceback was logged the first time
+                log.error("%s", error)
+            else:
+                log.exception("loading %s crashed", spec)
             adapter = None
         else:
             error = None
         with self._lock:
-            entry.adapter, entry.error = adapter, error
+            entry.adapter, entry.error, entry.last_error = adapter, error, error
+            entry.failed_at = time.monotonic() if error else 0.0
             if adapter is not None:
                 entry.size, entry.used_at = estimate_bytes(adapter), time.monotonic()
                 self._entries.move_to_end(spec)
