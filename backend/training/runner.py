@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -109,10 +110,16 @@ def publish_log(artifacts: ArtifactStore, path: Path, job_id: int, published: di
         published[job_id] = size
 
 
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 def tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a job's log as plain text: colours dropped, a progress bar's line as it last stood."""
     if not path.exists():
         return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    text = ANSI.sub("", path.read_text(errors="replace"))
+    plain = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return "\n".join([line for line in plain if line.strip()][-lines:])
 
 
 def _on_this_host(job: Job) -> bool:
@@ -228,6 +235,13 @@ class LocalRunner:
             proc = self._procs.get(job_id)
             if job_id in self._queue:
                 self._queue.remove(job_id)
+        job = self.store.get(job_id)
+        if proc is not None and job is not None and job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+            try:  # the worker recorded its own end and is exiting: not a cancel (a reaper's "failed" is, below)
+                proc.wait(timeout=5)
+                return
+            except subprocess.TimeoutExpired:
+                pass
         if proc is not None and proc.poll() is None:
             log.info("job %s: lease refused (cancelled or taken over), stopping its worker", job_id)
             try:
@@ -342,8 +356,15 @@ class LocalRunner:
             return list(self._procs) + list(self._exited)
 
     def close(self) -> None:
+        """The server stops; its workers do not (a fine-tune is not thrown away by a restart). Each heartbeats its
+        own job, finishes, and records its verdict and any promotion, which the next server serves."""
         self._stop.set()
         self.leases.close()
+        with self._lock:
+            running = {jid: proc.pid for jid, proc in self._procs.items() if proc.poll() is None}
+        for jid, pid in running.items():
+            log.warning("job %s keeps running in its worker (pid %s) after this server stops: it records its "
+                        "verdict (and a promotion) itself; `tandem jobs cancel %s` stops it", jid, pid, jid)
 
 
 def mark_orphans(store: JobStore, skip: set[int] | None = None) -> int:
