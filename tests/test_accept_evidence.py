@@ -106,6 +106,15 @@ def test_the_totals_count_each_task_once_with_the_version_shown_when_first_annot
     seen, before = seen_edits(gather(TASKS, CFG, rows, 1, learned_at=LEARNED))
     # task 2 (annotated at T0+30) saw TRAINED, stored at T0+25; tasks 1 and 4 (T0+10) saw OLD
     assert sorted((e.task_id, e.model_version) for e in seen) == [(1, OLD), (2, TRAINED), (4, OLD)] and before == 0
+    # Label Studio's own list wins: TRAINED was stored before task 2's annotation by `tandem select` only, so
+    # Label Studio held OLD's prediction alone when the person annotated
+    from datetime import UTC, datetime
+
+    in_ls = [{**t, "predictions": [{"model_version": OLD, "created_at": datetime.fromtimestamp(T0 + 6, UTC)},
+                                   {"model_version": TRAINED, "created_at": (datetime.fromtimestamp(T0 + 35, UTC)
+                                                                             .isoformat())}]} for t in TASKS]
+    seen, before = seen_edits(gather(in_ls, CFG, rows, 1, learned_at=LEARNED))
+    assert sorted((e.task_id, e.model_version) for e in seen) == [(1, OLD), (2, OLD), (4, OLD)] and before == 0
     late = [replace(r, created_at=T0 + 40 + i) for i, r in enumerate(ROWS)]  # all stored after every annotation
     seen, before = seen_edits(gather(TASKS, CFG, late, 1, learned_at=LEARNED))
     assert sorted((e.task_id, e.model_version) for e in seen) == [(1, OLD), (2, OLD), (4, OLD)] and before == 3

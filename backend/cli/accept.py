@@ -36,6 +36,9 @@ class TaskEvidence:
     shown: dict[str, Prediction] = field(default_factory=dict)  # model version -> its newest pre-annotation, as
     # annotators saw it (no faint boxes)
     shown_at: dict[str, float] = field(default_factory=dict)  # model version -> when that pre-annotation was stored
+    # model version -> when Label Studio received its prediction for the task (what annotators can be shown;
+    # `tandem select` stores predictions Label Studio never gets)
+    in_label_studio: dict[str, float] = field(default_factory=dict)
     pre_latest: Prediction | None = None  # the newest pre-annotation, as shown
     pre_version: str | None = None
     second: Prediction | None = None  # the newest second opinion, its regions at the serving threshold
@@ -134,6 +137,12 @@ def gather(tasks: Sequence[Mapping[str, Any]], label_config: str, rows, project_
         data = dict(t.get("data") or {})
         ev = TaskEvidence(int(t["id"]), data, data.get("tandem_pick") == CONTROL_PICK,
                           annotations=list(t.get("annotations") or []))
+        for p in t.get("predictions") or []:
+            if isinstance(p, Mapping) and p.get("model_version"):
+                made = p.get("created_at")
+                at = made.timestamp() if isinstance(made, datetime) else _when(made)
+                ev.in_label_studio[str(p["model_version"])] = min(at, ev.in_label_studio.get(
+                    str(p["model_version"]), at))
         human = [a for a in ev.annotations if not a.get("was_cancelled") and not is_auto_accepted(a)]
         if human:
             last = max(human, key=lambda a: (_when(a.get("updated_at") or a.get("created_at")), a.get("id") or 0))
@@ -367,13 +376,15 @@ def load_evidence(settings, project: int, control: str | None = None):
                              second_versions(settings.database_url, project))
 
 
-def undo(queue, home: Path, project: int) -> tuple[int, int, int, bool]:
+def undo(queue, home: Path, project: int, jobs=None) -> tuple[int, int, int, bool]:
     """Delete the annotations auto-accept created (recorded, and still marked), clear its fields and remove its
     view. Returns (deleted, kept because a person has since changed them, tasks whose fields were cleared,
-    whether there was a view to remove)."""
+    whether there was a view to remove). `jobs` (a JobStore): each deletion's webhook is expected there, so no
+    server counts it as a person's correction."""
     from label_studio_sdk.core.api_error import ApiError
 
     from active_learning.queue import is_auto_accepted
+    from backend.server.protocol import WebhookRequest
 
     record = read_record(home, project)
     deleted = kept = 0
@@ -386,6 +397,9 @@ def undo(queue, home: Path, project: int) -> tuple[int, int, int, bool]:
                 continue
             raise
         if is_auto_accepted(annotation):
+            if jobs is not None:  # the key Label Studio's ANNOTATIONS_DELETED delivery will carry
+                jobs.expect_delivery(WebhookRequest(action="ANNOTATIONS_DELETED", project=project,
+                                                    annotations=[{"id": int(annotation_id)}]).event_key())
             queue.client.annotations.delete(id=int(annotation_id))
             deleted += 1
         else:
@@ -427,7 +441,9 @@ def accept(
         from active_learning.queue import LabelStudioQueue
 
         queue = LabelStudioQueue(_client(settings), project)
-        deleted, kept, cleared, view = undo(queue, settings.home, project)
+        from backend.training.jobs import JobStore
+
+        deleted, kept, cleared, view = undo(queue, settings.home, project, JobStore(settings.database_url))
         console.print(f"undone: {deleted} auto-accepted annotation{'s' * (deleted != 1)} deleted"
                       + (f"; {kept} kept (changed by a person since)" if kept else "")
                       + f"; auto-accept fields cleared from {cleared} task{'s' * (cleared != 1)}"

@@ -37,7 +37,7 @@ def project_edits(evidence) -> list:
 
 def seen_edits(evidence) -> tuple[list, int]:
     """One pair per reviewed task, for the totals: the pre-annotation the person was shown when first
-    annotating it (the newest stored before that), since every promotion re-predicts every task and counting
+    annotating it (the newest Label Studio had by then; else the newest stored before then), since every promotion re-predicts every task and counting
     each version's pair would count one person's work once per version. A task annotated before any
     pre-annotation was stored is counted with its oldest one (what it would have saved); how many such tasks
     there are is returned with the pairs."""
@@ -47,8 +47,13 @@ def seen_edits(evidence) -> tuple[list, int]:
     for ev in evidence.tasks:
         if ev.human is None or not ev.shown:
             continue
-        earlier = [v for v in ev.shown if ev.shown_at.get(v, 0.0) <= ev.human_first]
-        if earlier:
+        # what Label Studio had when the person annotated (a prediction only `tandem select` stored was never
+        # shown); where Label Studio's list says nothing, what Tandem stored before then
+        had = [v for v in ev.shown if ev.in_label_studio.get(v, float("inf")) <= ev.human_first]
+        earlier = [] if ev.in_label_studio else [v for v in ev.shown if ev.shown_at.get(v, 0.0) <= ev.human_first]
+        if had:
+            version = max(had, key=lambda v: ev.in_label_studio[v])
+        elif earlier:
             version = max(earlier, key=lambda v: ev.shown_at.get(v, 0.0))
         else:
             version, before = min(ev.shown, key=lambda v: ev.shown_at.get(v, 0.0)), before + 1

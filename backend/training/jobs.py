@@ -306,6 +306,12 @@ class JobStore:
                 conn.execute(delete(correction_events).where(correction_events.c.key.in_(oldest)))
             return conn.execute(select(corrections.c.count).where(corrections.c.project_id == project_id)).scalar_one()
 
+    def expect_delivery(self, key: str) -> None:
+        """A webhook delivery Tandem causes itself (`tandem accept --undo` deleting its own annotations): recorded
+        as if counted, so that when Label Studio delivers it, it is not counted as a person's correction."""
+        with self.engine.begin() as conn:
+            conn.execute(_insert_ignore(conn, correction_events, {"key": key[:200], "at": time.time()}))
+
     def corrections(self, project_id: int) -> int:
         with self.engine.connect() as conn:
             return conn.execute(select(corrections.c.count).where(corrections.c.project_id == project_id)).scalar() or 0

@@ -240,3 +240,25 @@ def test_the_correction_counter_survives_a_restart_and_counts_a_delivery_once(tm
         assert again.store.projects_with_corrections() == [5]
     finally:
         again.close()
+
+
+def test_a_deletion_tandem_accept_undo_expects_is_not_counted_as_a_correction(tmp_path):
+    """`tandem accept --undo` deletes its own annotations; Label Studio's ANNOTATIONS_DELETED webhooks for them
+    carry only ids. Their keys are recorded before each delete, so the deliveries are not a person's work."""
+    from backend.server.protocol import WebhookRequest
+
+    settings = Settings(home=tmp_path / "home")
+    service = TrainingService(settings, ModelHolder(), Registry(settings.database_url), TrainingPolicy(train_after=100))
+    try:
+        def delivery(annotation_id):  # the payload Label Studio 1.23 sends for DELETE /api/annotations/{id}
+            return WebhookRequest(**{"action": "ANNOTATIONS_DELETED", "project": {"id": 5, "title": "p"},
+                                     "annotations": [{"id": annotation_id}]})
+
+        service.store.expect_delivery(WebhookRequest(action="ANNOTATIONS_DELETED", project=5,
+                                                     annotations=[{"id": 42}]).event_key())
+        service.on_webhook("ANNOTATIONS_DELETED", 5, key=delivery(42).event_key())
+        assert service.store.corrections(5) == 0
+        service.on_webhook("ANNOTATIONS_DELETED", 5, key=delivery(43).event_key())  # a person's deletion counts
+        assert service.store.corrections(5) == 1
+    finally:
+        service.close()
