@@ -204,6 +204,17 @@ def test_a_new_threshold_makes_stored_predictions_again_and_replaces_them_in_lab
     assert stamps["0.6"] != stamps["0.05"]
     regions = [len(t.predictions[0].result) for t in _ls_tasks(label_studio, project)]
     assert sum(regions) > 0
+    # a label map set since (same version, a new serving plan): every task is predicted again, and its new
+    # prediction replaces the old one of this version instead of showing beside it
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", "predict", "--project", str(project), "--batch", "4"],
+                          env={**_env(label_studio, home), "TANDEM_CONF": "0.05",
+                               "TANDEM_LABEL_MAP": '{"square": "Square", "circle": "Circle"}'},
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = max(records.list(project), key=lambda j: j.id)
+    assert job.progress["predicted"] == n, job.progress
+    tasks = _ls_tasks(label_studio, project)
+    assert all(t.total_predictions == 1 for t in tasks), [t.total_predictions for t in tasks]
 
 
 def _photo(i: int) -> bytes:

@@ -158,7 +158,8 @@ class PredictJob:
     def _chunks_to_predict(self) -> Iterator[list[dict[str, Any]]]:
         """Tasks with no stored prediction, in chunks; stored ones Label Studio lacks go to the writer on the way.
         A prediction stored under other thresholds (`made_with`) is made again, as /predict would make it, and
-        replaces the one Label Studio holds of this version."""
+        replaces the one Label Studio holds of this version; so does one made for a task whose config or label
+        map changed since Label Studio got this version's prediction."""
         pending: list[dict[str, Any]] = []
         made_with = self.plan.made_with or None
         for page in self.source.pages():
@@ -178,6 +179,9 @@ class PredictJob:
                     continue
                 if key is not None and key in stale:
                     self._redo(ref)
+                elif self.plan.version in ref.versions:  # made for another config or label map (a new key): the
+                    with self._lock:  # new item replaces this version's old one, or the task shows both
+                        self._replacing.add(ref.id)
                 pending.append(task)
                 if len(pending) >= self.options.batch:
                     yield pending
