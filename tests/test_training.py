@@ -269,6 +269,8 @@ def test_models_list_shows_yolo_fitness_and_vlm_loss_side_by_side(tmp_path):
     marked = [line for line in proc.stdout.splitlines() if "▷" in line]
     assert len(marked) == 3 and "bound to a project" in marked[2]  # two versions, then the key
     assert {"p1-job2", "p1-job3"} == {line.split()[3] for line in marked[:2]}  # the LoRA as well as the CNN
+    assert any("p1-job3" in line and "project 1" in line for line in marked)  # "serves now"
+    assert any("p1-job2" in line and "project 2" in line for line in marked)
     rows = proc.stdout.split("Project bindings")[1].splitlines()
     row = {int(line.split()[1]): line for line in rows if line.strip().startswith("│ ")
            and line.split()[1].isdigit()}

@@ -16,7 +16,8 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list(home: Home = None) -> None:
     """Every version: the server's default CNN and VLM (▶), promoted or rejected, its score against its parent's;
-    a project's own versions name the project, and a version bound to a project (what serves it) is marked ▷.
+    a project's own versions name the project, and a version bound to a project (what serves it) is marked ▷;
+    "serves now" says whom ("promoted" is the gate's verdict, kept after a later version replaced it).
     Below, each project's binding, files and hub ids included (they are not registry versions)."""
     from rich.table import Table
 
@@ -32,8 +33,8 @@ def models_list(home: Home = None) -> None:
             if found:
                 bound.setdefault(found.version, []).append(f"project {s.project_id}")
     table = Table(title="Tandem model versions")
-    for col in ("", "version", "task", "project", "status", "fitness", "serving fitness", "parent", "dataset",
-                "created"):
+    for col in ("", "version", "task", "project", "status", "serves now", "fitness", "serving fitness", "parent",
+                "dataset", "created"):
         table.add_column(col)
     import time as _t
 
@@ -45,8 +46,9 @@ def models_list(home: Home = None) -> None:
     for v in registry.versions():
         cand, serv = v.metrics.get("candidate", {}), v.metrics.get("serving", {})
         mark = "▶" if v.version in defaults else ("▷" if v.version in bound else "")
+        serves = ", ".join([*(["default"] if v.version in defaults else []), *bound.get(v.version, [])])
         table.add_row(mark, v.version, v.task,
-                      "" if v.project_id is None else str(v.project_id), v.status,
+                      "" if v.project_id is None else str(v.project_id), v.status, serves,
                       score(cand), score(serv),
                       v.parent or "", v.dataset or "", _t.strftime("%Y-%m-%d %H:%M", _t.localtime(v.created_at)))
     out = stdout_console()
