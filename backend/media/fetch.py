@@ -578,7 +578,8 @@ def decode_sized(
     except MediaError:
         raise
     except Image.DecompressionBombError as exc:  # over twice PIL's limit: refused before our check could run
-        raise MediaError(f"image {url} is over the {max_pixels}-pixel limit ({exc})") from exc
+        raise MediaError(f"image {url} is over the {max_pixels}-pixel limit (its header claims more than "
+                         "twice PIL's own limit, so not even its size was read)") from exc
     except UnidentifiedImageError as exc:  # its message names a BytesIO object, which says nothing
         raise MediaError(f"image {url} is corrupt or not an image (no image format recognises its "
                          f"{len(data)} bytes; Tandem reads {', '.join(IMAGE_FORMATS)})") from exc

@@ -50,7 +50,7 @@ def read_task(task: Any) -> dict[str, Any]:
     if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid <= MAX_ID):
         return _invalid(None, f"the task id {str(tid)[:40]!r} is not an integer from 0 to 2^63-1")
     if not isinstance(task.get("data"), dict):
-        return _invalid(tid, f"task {tid}: its data is a {type(task.get('data')).__name__}, not an object")
+        return _invalid(tid, f"its data is a {type(task.get('data')).__name__}, not an object")
     return task
 
 
