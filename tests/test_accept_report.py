@@ -315,6 +315,8 @@ def test_accept_refuses_then_accepts_exactly_the_agreed_tasks_undo_reverts_and_r
         minutes = report["versions"][version]["saved_minutes"]
         assert f'tandem_minutes_saved{{model_version="{version}",project="{p.id}"}} {minutes}' in metrics
     assert f'tandem_auto_accept{{project="{p.id}",value="threshold"}} 0.9' in metrics
+    # the project's total counts each task once (the versions' series share tasks)
+    assert f'tandem_project_minutes_saved{{project="{p.id}"}} {report["total"]["saved_minutes"]}' in metrics
 
     # -- a person changes one auto-accepted annotation, and moves a box of another in the editor (which keeps
     # the region's meta, marker and all): --undo removes exactly the others

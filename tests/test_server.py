@@ -69,6 +69,10 @@ def test_health_setup_versions(tmp_path, samples, detect_adapter):
         registry.add_candidate("bound-cls", "bound-cls", "classify", "cls.pt", None, "", {}, project_id=2)
         registry.set_status("bound-cls", "bound")
         assert set(httpx.get(f"{srv.url}/versions").json()["versions"]) == {detect_adapter.version, "bound-cls"}
+        # ?project=: that project's own and the server-wide ones, not another project's
+        assert set(httpx.get(f"{srv.url}/versions", params={"project": 2}).json()["versions"]) == {
+            detect_adapter.version, "bound-cls"}
+        assert httpx.get(f"{srv.url}/versions", params={"project": 3}).json() == {"versions": [detect_adapter.version]}
 
 
 def test_setup_records_what_serves_the_project(tmp_path, samples, detect_adapter, segment_adapter):

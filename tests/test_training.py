@@ -281,7 +281,9 @@ def test_models_list_shows_yolo_fitness_and_vlm_loss_side_by_side(tmp_path):
 def test_the_gate_promotes_not_worse_but_never_a_candidate_that_scores_nothing():
     from backend.training.worker import gate
 
-    assert gate(0.50, 0.50, 0.0, "v1") == (True, "promoted")  # not worse: a tie promotes
+    assert gate(0.50, 0.50, 0.0, "v1") == (True, "promoted (not worse than v1 on the frozen split; on a tie the "
+                                                  "newer model, which learned the latest corrections, serves)")
+    assert gate(0.51, 0.50, 0.0, "v1") == (True, "promoted")
     assert gate(0.49, 0.50, 0.02, "v1")[0]  # within the margin
     promote, why = gate(0.40, 0.50, 0.02, "v1")
     assert not promote and "worse than v1 by more than 0.02" in why

@@ -119,7 +119,12 @@ class ReportCollector:
         regions = GaugeMetricFamily("tandem_preannotation_regions", "Pre-annotated regions by what the human did",
                                     labels=["project", "model_version", "kind"])
         saved = GaugeMetricFamily("tandem_minutes_saved", "Estimated human minutes saved against labelling from "
-                                  "scratch (effort model)", labels=["project", "model_version"])
+                                  "scratch (effort model), per model version on every reviewed task it "
+                                  "pre-annotated: versions share tasks, so do not sum them (see "
+                                  "tandem_project_minutes_saved)", labels=["project", "model_version"])
+        total = GaugeMetricFamily("tandem_project_minutes_saved", "Estimated human minutes saved on the project, "
+                                  "each reviewed task counted once with the version shown (tandem report's total)",
+                                  labels=["project"])
         auto = GaugeMetricFamily("tandem_auto_accept", "Auto-accept calibration: threshold, bound on the false-accept "
                                  "rate, coverage (absent while off)", labels=["project", "value"])
         for project, report in self._reports():
@@ -131,8 +136,11 @@ class ReportCollector:
                 for kind in self.COUNTS:
                     regions.add_metric([project, version, kind], float((s.get("counts") or {}).get(kind, 0)))
                 saved.add_metric([project, version], float(s.get("saved_minutes", 0.0)))
-            for name in ("threshold", "bound", "coverage"):
-                value = (report.get("auto_accept") or {}).get(name)
-                if value is not None:
-                    auto.add_metric([project, name], float(value))
-        yield from (rates, regions, saved, auto)
+            if "saved_minutes" in (report.get("total") or {}):
+                total.add_metric([project], float(report["total"]["saved_minutes"]))
+            calibration = report.get("auto_accept") or {}
+            if calibration.get("threshold") is not None:  # off: no threshold, and its bound and coverage mean nothing
+                for name in ("threshold", "bound", "coverage"):
+                    if calibration.get(name) is not None:
+                        auto.add_metric([project, name], float(calibration[name]))
+        yield from (rates, regions, saved, total, auto)

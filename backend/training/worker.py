@@ -109,6 +109,9 @@ def gate(new: float, old: float, margin: float, serving: str) -> tuple[bool, str
         return False, "rejected (it scores 0 on the frozen split: none of its predictions match the corrections)"
     if new < old - margin:
         return False, f"rejected (worse than {serving} by more than {margin})"
+    if new <= old:  # said: next to "cannot tell differences … from noise" a bare "promoted" reads as a contradiction
+        return True, (f"promoted (not worse than {serving} on the frozen split; on a tie the newer model, which "
+                      "learned the latest corrections, serves)")
     return True, "promoted"
 
 

@@ -247,8 +247,14 @@ def webhook(body: WebhookRequest, state: ServerState = Depends(get_state)) -> di
 
 
 @router.get("/versions", response_model=VersionsResponse)
-def versions(state: ServerState = Depends(get_state)) -> VersionsResponse:
-    # served, promoted (and so served within seconds) or bound to a project (served to it): not candidates the
-    # gate rejected
-    return VersionsResponse(versions=[v.version for v in state.registry.versions()
-                                      if v.served_at or v.promoted_at or v.status == "bound"])
+def versions(project: int | None = None, state: ServerState = Depends(get_state)) -> VersionsResponse:
+    """Versions served, promoted (and so served within seconds) or bound to a project (served to it), not
+    candidates the gate rejected; `?project=ID`: those of that project (its own retrains and what is bound
+    to it) and the server-wide ones."""
+    found = [v for v in state.registry.versions() if v.served_at or v.promoted_at or v.status == "bound"]
+    if project is not None:
+        st = state.serving.state(project)
+        bound = {state.registry.resolve(spec).version for spec in ((st.model, st.second_opinion) if st else ())
+                 if spec and state.registry.resolve(spec)}
+        found = [v for v in found if v.project_id in (None, project) or v.version in bound]
+    return VersionsResponse(versions=[v.version for v in found])
