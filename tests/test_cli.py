@@ -277,7 +277,8 @@ def test_models_bind_says_when_the_project_never_connected(tmp_path, detect_weig
     assert proc.returncode == 0, proc.stderr
     assert "project 99 has not connected to a server with this database yet" in proc.stderr
     assert f"project 99 bound: model={detect_weights.resolve()}" in proc.stderr
-    ProjectRepo(Settings(home=tmp_path / "home").database_url).update(7, label_config="<View/>")  # as /setup records
+    ProjectRepo(Settings(home=tmp_path / "home").database_url).update(  # as /setup records it
+        7, label_config="<View/>", label_map={"square": "Würfel, rot"})
     proc = subprocess.run([*TANDEM, "models", "bind", "--project", "7", "--pre-annotator", "cnn"], capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 0 and "has not connected" not in proc.stderr, proc.stderr
@@ -287,6 +288,7 @@ def test_models_bind_says_when_the_project_never_connected(tmp_path, detect_weig
     shown = subprocess.run([*TANDEM, "models", "bind", "--project", "7"], capture_output=True, text=True, env=env,
                            timeout=120)  # shown as binding said it: no "None" where the server's default applies
     assert "project 7: model=server default second_opinion=server default pre_annotator=cnn" in shown.stdout
+    assert 'label_map (extra params): {"square": "Würfel, rot"}' in shown.stdout  # the other half of what it serves
 
 
 def test_models_bind_refuses_weights_that_do_not_load(tmp_path, detect_weights):

@@ -244,10 +244,15 @@ def models_bind(
             console.print(f"project {project} has not connected to a server with this database (TANDEM_HOME "
                           f"{settings.home}): no binding; it would get the server's default models")
             return
+        import json
+
         stdout_console().print(
             f"project {project}: model={current.model or 'server default'} "
             f"second_opinion={current.second_opinion or 'server default'} "
             f"pre_annotator={current.pre_annotator or 'server default'}")
+        for name, value in (("label_map", current.label_map), ("prompts", current.prompts)):
+            if value:  # from the ML backend's extra params, as Label Studio last sent them
+                stdout_console().print(f"  {name} (extra params): {json.dumps(value, ensure_ascii=False)}")
         return
     if current is None:  # allowed (bind before connecting), said: a wrong id would otherwise pass unnoticed
         console.print(f"[yellow]note:[/] project {project} has not connected to a server with this database yet "

@@ -121,7 +121,9 @@ def select(
             chosen = (f"--model {weights}" if model else
                       f"the model this TANDEM_HOME served last ({last.version}, {last.task}), as no --model was given"
                       if last else f"the model served to project {project} ({weights})")
-            raise ConfigError(f"{exc}. tandem select used {chosen}: pass --model WEIGHTS made for this project") from exc
+            fix = ("fix the label_map (the ML backend's extra params, or TANDEM_LABEL_MAP), or pass --model WEIGHTS made "
+                   "for this project" if settings.label_map else "pass --model WEIGHTS made for this project")
+            raise ConfigError(f"{exc}. tandem select used {chosen}: {fix}") from exc
         try:
             second = _second_opinion(second_model, label_config, settings) if second_model else None
         except ConfigError as exc:
