@@ -202,6 +202,13 @@ def image_url(task: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def not_queued(version: str, project_id: int | None) -> dict[str, Any]:
+    """A task past the time budget that the full background queue could not take: nothing computes it."""
+    where = f" --project {project_id}" if project_id is not None else ""
+    return {"error": "not predicted: past the time budget, and Tandem's background queue is full; `tandem "
+                     f"predict{where}` predicts a whole project as a job", "model_version": version}
+
+
 def still_computing(version: str, done: int, total: int) -> dict[str, Any]:
     return {
         "error": f"Tandem is still computing this prediction ({done} of {total} finished within the time budget); "
@@ -297,12 +304,13 @@ class Predictor:
         tasks: Sequence[Mapping[str, Any]],
         plan: ServingPlan,
         deadline: float | None = None,
-        on_overflow: Callable[[list[Mapping[str, Any]]], None] | None = None,
+        on_overflow: Callable[[list[Mapping[str, Any]]], Sequence[Mapping[str, Any]] | None] | None = None,
         project_id: int | None = None,
         role: str = "pre-annotation",
         embed: bool = False,
     ) -> list[dict[str, Any]]:
-        """One item per task. `deadline` is a time.monotonic() value; tasks past it go to `on_overflow`."""
+        """One item per task. `deadline` is a time.monotonic() value; tasks past it go to `on_overflow`, which
+        returns those it could not take."""
         keys = self._keys(tasks, plan)
         items: list[dict[str, Any] | None] = [None] * len(tasks)
         if self.store is not None:
@@ -342,7 +350,10 @@ class Predictor:
             for i in rest:
                 items[i] = still_computing(plan.version, len(tasks) - len(rest), len(tasks))
             if on_overflow is not None:
-                on_overflow([tasks[i] for i in rest])
+                refused = {id(t) for t in on_overflow([tasks[i] for i in rest]) or ()}
+                for i in rest:
+                    if id(tasks[i]) in refused:
+                        items[i] = not_queued(plan.version, project_id)
         return items  # type: ignore[return-value]
 
     def _stored(self, keys: list, made_with: str | None = None) -> dict:

@@ -29,9 +29,10 @@ def test_the_queue_is_bounded_says_what_it_left_out_and_counts_down_slice_by_sli
     recorder = Recorder()
     try:
         with caplog.at_level("WARNING", logger="tandem.deferred"):
-            assert queue.submit(recorder, [{"id": i} for i in range(80)], plan, 7, "pre-annotation") == 80
-            # 80 more, 20 of them queued already: room for 20 of the 60 new ones
-            assert queue.submit(recorder, [{"id": i} for i in range(60, 140)], plan, 7, "pre-annotation") == 20
+            assert queue.submit(recorder, [{"id": i} for i in range(80)], plan, 7, "pre-annotation") == []
+            # 80 more, 20 of them queued already: room for 20 of the 60 new ones; the other 40 are returned
+            left = queue.submit(recorder, [{"id": i} for i in range(60, 140)], plan, 7, "pre-annotation")
+            assert [t["id"] for t in left] == list(range(100, 140))
         said = [r.getMessage() for r in caplog.records]
         assert len(said) == 1 and "40 pre-annotation task(s) of project 7 not queued" in said[0]
         assert "tandem predict --project 7" in said[0] and queue.pending == 100

@@ -73,6 +73,11 @@ def test_health_setup_versions(tmp_path, samples, detect_adapter):
         assert set(httpx.get(f"{srv.url}/versions", params={"project": 2}).json()["versions"]) == {
             detect_adapter.version, "bound-cls"}
         assert httpx.get(f"{srv.url}/versions", params={"project": 3}).json() == {"versions": [detect_adapter.version]}
+        # a version the gate rejected, then promoted into project 3 by hand, serves it: listed for it alone
+        ProjectRepo(tmp_path / "home" / "tandem.sqlite3").update(3, model="p3-job1-rejected")
+        assert set(httpx.get(f"{srv.url}/versions", params={"project": 3}).json()["versions"]) == {
+            detect_adapter.version, "p3-job1-rejected"}
+        assert "p3-job1-rejected" not in httpx.get(f"{srv.url}/versions").json()["versions"]
 
 
 def test_setup_records_what_serves_the_project(tmp_path, samples, detect_adapter, segment_adapter):
@@ -397,3 +402,31 @@ def test_a_new_threshold_is_not_answered_from_items_made_under_the_old_one(tmp_p
     assert store.get_items([key], "any-stamp")[key]["result"] == again["result"]
     predictor.close()
     store.close()
+
+
+def test_tasks_past_the_budget_that_the_full_background_queue_refuses_say_so(tmp_path, samples, detect_adapter):
+    """Past the time budget, tasks go to the background queue; those a full queue cannot take are not
+    "still computing" (nothing computes them), and their item names `tandem predict`."""
+    import time as _time
+
+    from backend.media.fetch import MediaFetcher, MediaSettings
+    from backend.predict import Predictor, plan_for
+    from backend.server.deferred import DeferredPredictions
+
+    root, truth, _ = samples
+    predictor = Predictor(MediaFetcher(MediaSettings(local_files_root=root)), max_chunk=1)
+    queue = DeferredPredictions(max_pending=2)
+    plan = plan_for(detect_adapter, RECT)
+    tasks = [task(i, f"{truth[i % len(truth)].name}.png") for i in range(6)]
+    try:
+        items = predictor.predict(tasks, plan, deadline=_time.monotonic() - 1, project_id=4,  # the budget is spent
+                                  on_overflow=lambda rest: queue.submit(predictor, rest, plan, 4, "pre-annotation"))
+        said = [item.get("error", "") for item in items]
+        done = sum("result" in item for item in items)  # the first chunk is predicted whatever the budget
+        assert done >= 1 and sum("still computing" in e for e in said) == 2, said  # the queue's room
+        refused = sum("background queue is full" in e and "tandem predict --project 4" in e for e in said)
+        assert refused == len(tasks) - done - 2, said
+        assert queue.wait_idle(120)
+    finally:
+        queue.close()
+        predictor.close()

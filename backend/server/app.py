@@ -11,9 +11,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.errors import ConfigError, TandemError
 from backend.labelstudio.version_sync import VersionSync
@@ -105,6 +107,14 @@ def create_app(
     async def tandem_error(_: Request, exc: TandemError) -> JSONResponse:
         log.warning("%s: %s", type(exc).__name__, exc)
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=exc.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """A refusal Label Studio shows as "check the ML backend server console logs": its reason is there."""
+        if exc.status_code in (409, 422):
+            log.warning("%s %s refused (%s): %s", request.method, request.url.path, exc.status_code,
+                        str(exc.detail)[:500])
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

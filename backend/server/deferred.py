@@ -43,22 +43,22 @@ class DeferredPredictions:
         self._thread.start()
 
     def submit(self, predictor: Predictor, tasks: Sequence[Mapping[str, Any]], plan: ServingPlan,
-               project_id: int | None, role: str) -> int:
-        """Queue the tasks not queued already, up to `max_pending` in all; returns how many were queued."""
+               project_id: int | None, role: str) -> list[Mapping[str, Any]]:
+        """Queue the tasks not queued already, up to `max_pending` in all; returns the tasks left out for lack
+        of room (their items must not say "still computing")."""
         with self._lock:
             fresh = [t for t in tasks if (t.get("id"), plan.version, plan.fingerprint) not in self._pending]
             room = max(0, self.max_pending - len(self._pending))
-            left_out = len(fresh) - room
-            fresh = fresh[:room]
+            fresh, left = fresh[:room], fresh[room:]
             self._pending.update((t.get("id"), plan.version, plan.fingerprint) for t in fresh)
             if fresh:
                 self._idle.clear()
                 self._queue.put(DeferredJob(predictor, tuple(fresh), plan, project_id, role))
-        if left_out > 0:
+        if left:
             log.warning("the background queue is full (%d tasks): %d %s task(s) of project %s not queued; "
                         "`tandem predict --project %s` predicts a whole project as a job", self.max_pending,
-                        left_out, role, project_id, project_id)
-        return len(fresh)
+                        len(left), role, project_id, project_id)
+        return left
 
     @property
     def pending(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backend.media.fetch import INVALID_TASK_PREFIX
 
@@ -119,11 +119,23 @@ class WebhookRequest(_Open):
 
 
 class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     project: Id
     runner: str = Field(default="local", pattern="^(local|modal)$")
     model: str = Field(default="yolo", pattern="^(yolo|vlm)$")
     reason: str = Field(default="POST /train", max_length=200)
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_keys(self) -> TrainRequest:
+        """Label Studio's legacy /train also sends the tasks and the config (not used: the job exports them);
+        any other key is a mistake said, not a default silently used (`{"epochs": 30}` belongs in params)."""
+        unknown = sorted(set(self.model_extra or {}) - {"annotations", "label_config"})
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}: training options go under params, e.g. "
+                             f'{{"project": {self.project}, "params": {{"{unknown[0]}": …}}}}')
+        return self
 
 
 class HealthResponse(BaseModel):

@@ -97,6 +97,14 @@ def test_train_requests_need_a_64_bit_project(project):
         TrainRequest(project=project)
 
 
+def test_train_requests_say_a_key_that_is_not_theirs():
+    """`{"epochs": 30}` beside the project ran the default epochs without a word; Label Studio's legacy /train
+    payload (tasks and config) still passes."""
+    with pytest.raises(ValidationError, match=r'unknown field\(s\) epochs: training options go under params'):
+        TrainRequest(project=1, epochs=30)
+    assert TrainRequest(project=1, annotations=[], label_config="<View/>", params={"epochs": 3}).params == {"epochs": 3}
+
+
 def test_setup_fields_are_bounded():
     for field in ({"schema": "x" * (MAX_LABEL_CONFIG_CHARS + 1)}, {"hostname": "h" * 5000},
                   {"access_token": "t" * 10_000}, {"project": "1" * 100}):

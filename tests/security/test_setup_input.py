@@ -74,8 +74,12 @@ def test_malformed_extra_params_are_said_and_a_refused_setup_keeps_the_last_sett
         assert setup({"label_map": {"square": "Box"}}).status_code == 200
         for bad, said in (('{"label_map": {"square": "Box",}}', "not valid JSON"), ("{not json", "not valid JSON"),
                           ({"label_map": ["square", "Box"]}, "label_map must be an object")):
-            r = setup(bad)
+            with caplog.at_level("WARNING", logger="tandem.server"):
+                r = setup(bad)
             assert r.status_code == 422 and said in r.text, r.text
+            # Label Studio shows only "check the ML backend server console logs": the reason is there
+            assert any(m.getMessage().startswith("POST /setup refused (422): ") and said in m.getMessage()
+                       for m in caplog.records), [m.getMessage() for m in caplog.records]
         assert repo.get(7).label_map == {"square": "Box"}
         # a config nothing maps onto is refused, and the project keeps what it had (Label Studio keeps it too)
         nothing = RECT.replace("Square", "A").replace("Circle", "B").replace("Triangle", "C")

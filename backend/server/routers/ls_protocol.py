@@ -211,8 +211,8 @@ async def predict(body: PredictRequest, state: ServerState = Depends(get_state))
                                    prompts, min_confidence=settings.conf)
     chosen = state.predictor_for(pid)
 
-    def overflow(rest) -> None:
-        state.deferred.submit(chosen, rest, plan, pid, "pre-annotation")
+    def overflow(rest):
+        return state.deferred.submit(chosen, rest, plan, pid, "pre-annotation")  # the tasks it had no room for
 
     results = await asyncio.get_running_loop().run_in_executor(
         state.predict_pool, chosen.predict, body.tasks, plan, deadline, overflow, pid)
@@ -251,10 +251,13 @@ def versions(project: int | None = None, state: ServerState = Depends(get_state)
     """Versions served, promoted (and so served within seconds) or bound to a project (served to it), not
     candidates the gate rejected; `?project=ID`: those of that project (its own retrains and what is bound
     to it) and the server-wide ones."""
-    found = [v for v in state.registry.versions() if v.served_at or v.promoted_at or v.status == "bound"]
+    every = state.registry.versions()
+    found = [v for v in every if v.served_at or v.promoted_at or v.status == "bound"]
     if project is not None:
         st = state.serving.state(project)
-        bound = {state.registry.resolve(spec).version for spec in ((st.model, st.second_opinion) if st else ())
-                 if spec and state.registry.resolve(spec)}
-        found = [v for v in found if v.project_id in (None, project) or v.version in bound]
+        bound = {found_.version for spec in ((st.model, st.second_opinion) if st else ())
+                 if spec and (found_ := state.registry.resolve(spec))}
+        # what serves it is listed whatever its status (a version the gate rejected, promoted by hand)
+        listed = {v.version for v in found}
+        found = [v for v in every if v.version in bound or (v.version in listed and v.project_id in (None, project))]
     return VersionsResponse(versions=[v.version for v in found])
