@@ -80,11 +80,13 @@ class Settings(BaseModel):
 
     def model_spec_refusal(self, spec: str) -> str | None:
         """Why a caller over HTTP (a project's extra params, `POST /predict-jobs`) may not name this model, or
-        None. A file or folder must lie under TANDEM_HOME, the server's working folder or a TANDEM_MODEL_ROOTS
-        folder: loading a checkpoint unpickles it, and whether an arbitrary path loads says what is on the
+        None. A file or folder must lie under TANDEM_HOME, a local TANDEM_ARTIFACTS, the server's working folder
+        or a TANDEM_MODEL_ROOTS folder: loading a checkpoint unpickles it, and whether an arbitrary path loads says what is on the
         host. Registry versions and hub ids are names, read relative to the working folder, so they pass."""
         path = Path(os.path.realpath(Path(spec).expanduser()))
         roots = [self.home, Path.cwd(), *self.model_roots]
+        if self.artifacts and "://" not in self.artifacts:  # a local artifact store: where retrains' weights are
+            roots.append(Path(self.artifacts).expanduser())
         if any(path.is_relative_to(os.path.realpath(root)) for root in roots):
             return None
         return (f"model {spec!r} is outside the folders a project may name (TANDEM_HOME, the server's working "

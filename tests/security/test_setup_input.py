@@ -33,6 +33,11 @@ def test_model_paths_outside_the_allowed_folders_are_refused(tmp_path, monkeypat
     for spec in (str(home / "weights.pt"), "weights.pt", "google/owlv2-base-patch16", "p3-job4-1a2b3c4d",
                  str(extra_root / "sub" / "best.pt"), "~" if Path.home() == home else str(home)):
         assert settings.model_spec_refusal(spec) is None, spec
+    # a local artifact store (retrains' weights) is allowed as well; an fsspec URL store adds no folder
+    store = tmp_path / "artifacts"
+    assert settings.model_spec_refusal(str(store / "p1" / "best.pt"))
+    assert Settings(home=home, artifacts=str(store)).model_spec_refusal(str(store / "p1" / "best.pt")) is None
+    assert Settings(home=home, artifacts="s3://bucket/x").model_spec_refusal(str(outside / "x.pt"))
 
 
 def test_setup_refuses_a_model_outside_the_folders_and_records_nothing(tmp_path, samples,  # noqa: F811
