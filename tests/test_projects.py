@@ -125,6 +125,9 @@ def test_bindings_label_maps_and_prompts_survive_a_restart(tmp_path, samples, de
         assert labels and "Square" not in labels and labels <= {"Box", "Circle", "Triangle"}
         default = httpx.get(f"{srv.url}/health", params={"project": 42}).json()
         assert default["model_task"] == "classify"
+        metrics = httpx.get(f"{srv.url}/metrics").text  # which project's bound model is up, per project
+        assert 'tandem_project_model_loaded{project="41",role="model"} 1.0' in metrics
+        assert 'project="42"' not in metrics  # served by the defaults: tandem_model_ready covers it
 
 
 def test_setup_records_a_bounded_number_of_projects(tmp_path, detect_adapter):

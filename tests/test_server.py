@@ -15,6 +15,7 @@ from backend.server.app import create_app
 from backend.serving import ModelHolder
 from backend.settings import Settings
 from backend.storage.projects import ProjectRepo
+from backend.training.jobs import JobStatus
 from tests.conftest import assert_matches_truth, region_boxes
 from tests.harness import ServerThread
 from tests.test_media import exif_rotated_jpeg_bytes
@@ -289,6 +290,24 @@ def test_50_concurrent_predicts_and_metrics(tmp_path, samples, detect_adapter):
     assert 'tandem_http_requests_total{method="POST",route="/predict",status="200"} 50.0' in text
     assert "tandem_model_ready 1.0" in text and 'tandem_training_jobs{status="queued"} 0.0' in text
     assert "tandem_deferred_predictions 0.0" in text
+
+
+def test_metrics_count_training_jobs_per_project(tmp_path, samples, detect_adapter):
+    """Which project's retrains pile up or fail: the per-status total alone cannot say."""
+    root, _, _ = samples
+    app = create_app(Settings(home=tmp_path / "home", local_files_root=root), ModelHolder(detect_adapter))
+    store = app.state.training.store
+    def held(project):  # by another runner for an hour: it stays queued, nobody here runs it
+        return store.create(project, "yolo", "local", "test", holder="elsewhere:1:ab", lease_s=3600)
+
+    assert store.finish(held(7).id, JobStatus.FAILED, error="boom")
+    held(7), held(8)
+    with ServerThread(app) as srv:
+        text = httpx.get(f"{srv.url}/metrics").text
+    assert 'tandem_project_training_jobs{project="7",status="failed"} 1.0' in text
+    assert 'tandem_project_training_jobs{project="7",status="queued"} 1.0' in text
+    assert 'tandem_project_training_jobs{project="8",status="queued"} 1.0' in text
+    assert 'tandem_training_jobs{status="queued"} 2.0' in text
 
 
 def test_a_label_no_class_maps_to_is_said_once_at_setup(tmp_path, samples, detect_adapter, caplog):

@@ -435,7 +435,7 @@ def test_train_with_server_follows_the_job_on_that_server_not_in_local_state(tmp
         job = app.state.training.store.list(5)[0]
     err = " ".join(proc.stderr.split())
     assert proc.returncode == 1, err
-    assert f"queued job {job.id} on {srv.url}" in err and f"job {job.id} failed" in err
+    assert f"queued job {job.id} through {srv.url}" in err and f"job {job.id} failed" in err
     assert job.status is JobStatus.FAILED and job.error.split()[0] in err  # the server's verdict, as it recorded it
     assert not JobStore(Settings(home=tmp_path / "cli-home").database_url).list(5)  # nothing ran here
 
@@ -621,3 +621,15 @@ def test_a_project_served_by_the_default_keeps_it_while_its_first_bound_version_
     other = serving.models(10)  # a project never served: bound first, it waits for its own model
     ProjectRepo(settings.database_url).update(11, model=str(tmp_path / "missing.pt"))
     assert other.cnn is detect_adapter and serving.models(11).cnn is None
+
+
+def test_a_stopped_follow_names_the_runner_that_holds_the_job_not_the_server_asked():
+    """With replicas, the server `--server` named queued the job, but any replica's runner may hold it."""
+    from backend.cli.train import _where
+
+    assert _where(lambda: ({"holder": "replica-b:4242:9f3a1c2e"}, "")) == " (runner replica-b:4242)"
+    assert _where(lambda: ({"holder": None}, "")) == ""  # still queued: held by nobody yet
+
+    def down():
+        raise OSError("connection refused")
+    assert _where(down) == ""  # a goodbye line never fails on the hint

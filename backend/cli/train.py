@@ -48,7 +48,7 @@ def train(
     else:
         job_id, read = _start_here(settings, store, project, runner, model, params)
     if wait:
-        following = job_id
+        following, reading = job_id, read
         try:
             job = _follow(job_id, read)
             if follow_up is not None:
@@ -59,12 +59,12 @@ def train(
                                   "list shows the project's jobs")
                     raise typer.Exit(1)
                 console.print(f"your request runs as job {found[0]}")
-                following = found[0]
+                following, reading = found
                 job = _follow(*found)
         except KeyboardInterrupt:  # the job runs in its own process (or on the server): say so, and how to stop it
             how = (f"`curl -X POST {server.rstrip('/')}/jobs/{following}/cancel` stops it" if server else
                    f"`tandem jobs logs {following}` shows it, `tandem jobs cancel {following}` stops it")
-            console.print(f"stopped following job {following}; it keeps running{f' on {server}' if server else ''}: "
+            console.print(f"stopped following job {following}; it keeps running{_where(reading)}: "
                           f"{how}")
             raise typer.Exit(130) from None
         _exit_with(job)
@@ -152,7 +152,8 @@ def _queue_on_server(server: str, auth, body: dict, wait: bool = True) -> tuple[
     answer = call("POST", "/train", json=body).json()
     job_id = answer["id"]
     if answer.get("follow_up") is None:
-        console.print(f"queued job {job_id} on {base}")
+        console.print(f"queued job {job_id} through {base} (replicas sharing its database: whichever runner "
+                      "claims it runs it)")
         return job_id, reader(job_id), None
     # the server folded this request into the follow-up of the project's active job: it runs after that one ends
     options = ", ".join(f"{k}={v}" for k, v in sorted(body["params"].items())) or "the defaults"
@@ -208,6 +209,16 @@ def _follow(job_id: int, read: JobReader, interval_s: float = 1.0) -> dict:
     if skipped:
         console.print(f"not retrained: {skipped}")
     return job
+
+
+def _where(read: JobReader) -> str:
+    """Which runner holds the job ("host:pid"): with replicas the server asked is not always the one running it."""
+    try:
+        job, _ = read()
+    except (Exception, typer.Exit):  # noqa: BLE001 - only a hint in a goodbye line
+        return ""
+    holder = (job or {}).get("holder")
+    return f" (runner {holder.rsplit(':', 1)[0]})" if holder else ""
 
 
 def _exit_with(job: dict) -> None:

@@ -1,5 +1,5 @@
 """Prometheus metrics on GET /metrics: requests, latencies, predictions by model version, training jobs by
-state (the training queue is `status="queued"`), background predictions waiting (the prediction queue), predict
+state (the training queue is `status="queued"`) and by project, project-bound models loaded or not, background predictions waiting (the prediction queue), predict
 jobs' counts, and each project's latest `tandem report` (edit rates, minutes saved, auto-accept)."""
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ class Metrics:
         self.predictions = Counter("tandem_predictions_total", "Task predictions returned", ["model_version", "outcome"],
                                    registry=self.registry)
         self.jobs = Gauge("tandem_training_jobs", "Training jobs by state", ["status"], registry=self.registry)
+        self.project_jobs = Gauge("tandem_project_training_jobs", "Training jobs by project and state",
+                                  ["project", "status"], registry=self.registry)
         self.ready = Gauge("tandem_model_ready", "1 when a model is loaded", registry=self.registry)
+        self.project_loaded = Gauge("tandem_project_model_loaded", "1 when a model bound to the project is loaded "
+                                    "(0 while it loads, or when it failed to load: /health?project= says why)",
+                                    ["project", "role"], registry=self.registry)
         self.deferred = Gauge("tandem_deferred_predictions", "Tasks waiting for a background prediction",
                               registry=self.registry)
         self.pool_models = Gauge("tandem_pool_models", "Project-bound models loaded in the model pool",

@@ -104,12 +104,12 @@ class ServerState:
 
 
 def extra_params(extra: Any) -> dict[str, Any]:
-    """The backend's extra params as a dict (Label Studio sends a dict, or its JSON text)."""
+    """The backend's extra params as a dict (Label Studio sends a dict, or its JSON text).
+
+    Text that is not JSON raises ValueError: Label Studio passes its "Extra params" box on as typed, and a typo
+    there must be refused, not read as "no settings"."""
     import json
 
     if isinstance(extra, str):
-        try:
-            extra = json.loads(extra)
-        except ValueError:
-            return {}
+        extra = json.loads(extra) if extra.strip() else {}
     return extra if isinstance(extra, dict) else {}

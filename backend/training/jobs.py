@@ -218,6 +218,15 @@ class JobStore:
         with self.engine.connect() as conn:
             return {status: n for status, n in conn.execute(query)}
 
+    def counts_by_project(self, kind: str | None = None) -> dict[tuple[int, str], int]:
+        """Jobs per (project, status), of one kind or all: which project's retrains queue or fail."""
+        query = select(jobs_table.c.project_id, jobs_table.c.status, func.count()).group_by(
+            jobs_table.c.project_id, jobs_table.c.status)
+        if kind is not None:
+            query = query.where(jobs_table.c.kind == kind)
+        with self.engine.connect() as conn:
+            return {(pid, status): n for pid, status, n in conn.execute(query)}
+
     def set_follow_up(self, job_id: int, reason: str, spec: dict[str, Any] | None = None,
                       keep_existing: bool = False) -> bool:
         """Fold a trigger into the successor of an active job (run when it ends, unless it was cancelled); True

@@ -114,13 +114,11 @@ def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupR
     if pid is None and body.project is not None:  # Label Studio sends "12.1795428881"; nothing else is recorded
         raise HTTPException(422, f"project {str(body.project)[:40]!r} is not a Label Studio project id (an integer "
                                  "from 0 to 2^63-1, as \"12\" or \"12.1795428881\")")
-    if isinstance(body.extra_params, str) and body.extra_params.strip():
-        try:  # Label Studio passes the "Extra params" box on as text when it is not JSON: refused, not ignored
-            json.loads(body.extra_params)
-        except ValueError as exc:
-            raise HTTPException(422, f"the ML backend's extra params are not valid JSON ({exc}); fix them in the "
-                                     "project's Model settings") from exc
-    extra = extra_params(body.extra_params)
+    try:
+        extra = extra_params(body.extra_params)
+    except ValueError as exc:
+        raise HTTPException(422, f"the ML backend's extra params are not valid JSON ({exc}); fix them in the "
+                                 "project's Model settings") from exc
     for key in ("label_map", "prompts"):
         if key in extra and not isinstance(extra[key], dict):
             raise HTTPException(422, f"extra params: {key} must be an object of names (got "
