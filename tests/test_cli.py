@@ -346,3 +346,35 @@ def test_a_progress_bar_in_a_log_file_keeps_its_whole_text():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert text in proc.stderr, proc.stderr
+
+
+def test_projects_list_and_forget_a_project_deleted_in_label_studio(tmp_path):
+    """Label Studio says nothing when a project is deleted: its record stays until someone forgets it here,
+    and forgetting removes that project's record only (its stored predictions stay)."""
+    from backend.storage.predictions import PredictionRepo, PredictionRow
+    from backend.storage.projects import ProjectRepo
+
+    env = _env(tmp_path)
+    url = Settings(home=tmp_path / "home").database_url
+    repo = ProjectRepo(url)
+    rect = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+            '<Label value="Square"/><Label value="Circle"/></RectangleLabels></View>')
+    repo.update(3, label_config=rect, hostname="http://ls.example:8080", label_map={"square": "Square"})
+    repo.update(4, label_config="<View><Text name='t' value='$t'/></View>", model="/weights/best.pt")
+    PredictionRepo(url).put_many([PredictionRow(11, "v1", "fp", 3, "cnn", "pre-annotation",
+                                                {"result": [], "model_version": "v1"})])
+    before = PredictionRepo(url).count(3)
+    assert before == 1
+
+    listed = subprocess.run([*TANDEM, "projects", "list"], capture_output=True, text=True, env=env, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split("│")[1].strip(): line for line in listed.stdout.splitlines() if line.count("│") > 3}
+    assert set(rows) >= {"3", "4"} and "2 of at most" in listed.stdout
+    assert "rectanglelabels 'label' (2 labels)" in rows["3"] and "http://ls.example:8080" in rows["3"]
+    assert "unservable config" in rows["4"] and "/weights/best.pt" in rows["4"]
+
+    gone = subprocess.run([*TANDEM, "projects", "forget", "3"], capture_output=True, text=True, env=env, timeout=120)
+    assert gone.returncode == 0 and "project 3 forgotten" in " ".join(gone.stderr.split()), gone.stderr
+    assert repo.get(3) is None and repo.get(4) is not None and PredictionRepo(url).count(3) == before
+    again = subprocess.run([*TANDEM, "projects", "forget", "3"], capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 2 and "project 3 is not recorded" in " ".join(again.stderr.split())

@@ -94,7 +94,8 @@ def _record_setup(state: ServerState, body: SetupRequest, pid: int, extra: dict[
     before = state.projects.get(pid)
     if before is None and state.projects.count() >= settings.max_projects:  # bounded: /setup names any id
         raise HTTPException(422, f"this server already serves {settings.max_projects} projects "
-                                 f"(TANDEM_MAX_PROJECTS); project {pid} was not recorded")
+                                 f"(TANDEM_MAX_PROJECTS); project {pid} was not recorded. `tandem projects forget ID` "
+                                 "frees the place of a project deleted in Label Studio")
     # applied when the extra params change, not on every /setup: a retrain's promotion into the project's
     # binding must not be undone by Label Studio re-sending the same extra params
     if before is None or binding != before.extra_binding:
@@ -185,7 +186,8 @@ def _require_room(state: ServerState, pid: int) -> None:
         return
     if full:
         raise HTTPException(422, f"this server already serves {state.settings.max_projects} projects "
-                                 f"(TANDEM_MAX_PROJECTS) and project {pid} never connected: not predicted")
+                                 f"(TANDEM_MAX_PROJECTS) and project {pid} never connected: not predicted. `tandem projects "
+                                 "forget ID` frees the place of a project deleted in Label Studio")
 
 
 @router.post("/predict", response_model=PredictResponse)
