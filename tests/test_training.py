@@ -633,3 +633,48 @@ def test_a_stopped_follow_names_the_runner_that_holds_the_job_not_the_server_ask
     def down():
         raise OSError("connection refused")
     assert _where(down) == ""  # a goodbye line never fails on the hint
+
+
+def test_a_label_studio_that_hangs_in_the_export_is_said_while_the_job_waits(tmp_path, monkeypatch, capsys):
+    """A job's log silent for two minutes looks hung: it says whom it asked, that it still waits, and then
+    that the export failed (here a server that accepts the connection and never answers)."""
+    import socket
+    import threading
+
+    import pytest
+
+    from backend.errors import TandemError
+    from backend.training import worker
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:  # take connections, read nothing, answer nothing
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setattr(worker, "EXPORT_TIMEOUT_S", 2)
+    monkeypatch.setattr(worker, "WAIT_LINE_S", 0.5)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with pytest.raises(TandemError, match="cannot export project 7"):
+            worker.fetch_annotated_tasks(Settings(home=tmp_path, label_studio_url=url, label_studio_api_key="k"), 7)
+    finally:
+        stop.set()
+        for conn in held:
+            conn.close()
+        listener.close()
+    out = capsys.readouterr().out
+    assert f"asking Label Studio ({url}) for project 7's annotations" in out
+    waits = [line for line in out.splitlines() if "still waiting for Label Studio's export of project 7" in line]
+    assert len(waits) >= 2 and "each request gives up after 2 s" in waits[0], out
+    time.sleep(1.0)  # the ticker stopped with the call: nothing more is printed afterwards
+    assert "still waiting" not in capsys.readouterr().out

@@ -13,8 +13,10 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -77,6 +79,29 @@ def log(message: str) -> None:
     print(f"[tandem {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+EXPORT_TIMEOUT_S = 120  # per request to Label Studio; a big project's export is one request
+WAIT_LINE_S = 30.0  # how often a job's log says it is still waiting for Label Studio
+
+
+@contextmanager
+def still_waiting(what: str, limit_s: float, every_s: float | None = None):
+    """A line every `every_s` while a call blocks: a job's log that says nothing for two minutes looks hung."""
+    done = threading.Event()
+    start, every_s = time.monotonic(), every_s or WAIT_LINE_S
+
+    def tick() -> None:
+        while not done.wait(every_s):
+            log(f"{what} ({time.monotonic() - start:.0f} s; each request gives up after {limit_s:.0f} s)")
+
+    ticker = threading.Thread(target=tick, name="still-waiting", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+
+
 def fetch_annotated_tasks(settings: Settings, project_id: int) -> tuple[list[dict], str, dict[str, str]]:
     """The project's annotated tasks, its labeling config, and its label map as /setup is given it."""
     from label_studio_sdk import LabelStudio
@@ -85,12 +110,15 @@ def fetch_annotated_tasks(settings: Settings, project_id: int) -> tuple[list[dic
 
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise TandemError("training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to export annotations")
-    client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key, timeout=120)
+    client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key,
+                         timeout=EXPORT_TIMEOUT_S)
+    log(f"asking Label Studio ({settings.label_studio_url}) for project {project_id}'s annotations")
     try:
-        label_config = client.projects.get(id=project_id).label_config
-        raw = b"".join(client.projects.exports.download_sync(
-            project_id, export_type="JSON", download_all_tasks=False, download_resources=False))
-        label_map = {**settings.label_map, **project_extra(client, project_id, "label_map")}
+        with still_waiting(f"still waiting for Label Studio's export of project {project_id}", EXPORT_TIMEOUT_S):
+            label_config = client.projects.get(id=project_id).label_config
+            raw = b"".join(client.projects.exports.download_sync(
+                project_id, export_type="JSON", download_all_tasks=False, download_resources=False))
+            label_map = {**settings.label_map, **project_extra(client, project_id, "label_map")}
     except Exception as exc:  # the SDK's errors: unreachable, wrong key, no such project
         from backend.labelstudio.errors import describe
 
