@@ -31,6 +31,7 @@ from backend.labeling.results import WRITERS, prediction_score
 from backend.media.fetch import INVALID_TASK_PREFIX, LoadedImage, MediaFetcher
 from backend.models.base import Capability, Model, ModelAdapter, ModelTask, Vocabulary, bind, is_promptable, tasks_of
 from backend.core.prediction import Prediction, Role
+from backend.core.text import clip
 from backend.storage.outage import OutageLog, is_unavailable
 from backend.storage.predictions import PredictionRepo, PredictionRow, fingerprint
 
@@ -284,8 +285,9 @@ class Predictor:
         for i, task in enumerate(tasks):
             errors = [str(loaded[(i, k)]) for k in keys if isinstance(loaded[(i, k)], MediaError)]
             if errors:
-                log.warning("task %s: %s", task.get("id") if isinstance(task, Mapping) else None, "; ".join(errors))
-                items.append(({"error": "; ".join(errors), "model_version": plan.version}, {}))
+                said = clip("; ".join(errors), 500)  # a data: URI or a huge URL is not repeated whole
+                log.warning("task %s: %s", task.get("id") if isinstance(task, Mapping) else None, said)
+                items.append(({"error": said, "model_version": plan.version}, {}))
                 continue
             regions = []
             for c_idx, planned in enumerate(plan.controls):

@@ -156,3 +156,25 @@ def test_vocabulary_agrees_with_the_vlm_vocabulary(prompts):
     labels = ["Square", "circle", "Triangle"]
     vocab = Vocabulary.from_labels(labels, prompts)
     assert LabelSpace.vocabulary(labels, prompts) == (vocab.names, vocab.prompts)
+
+
+def test_a_config_with_thousands_of_labels_gives_a_message_a_person_can_read():
+    """A 5,000-label config that matches no class: the refusal names a few labels and counts the rest, instead
+    of a line of tens of kilobytes in Label Studio's error panel and the server's log."""
+    from backend.core.text import clip, shortlist
+    from backend.labeling.config import parse_label_config
+
+    labels = "".join(f'<Label value="Species {i:04d}"/>' for i in range(5000))
+    control = parse_label_config(f'<View><Image name="image" value="$image"/><RectangleLabels name="label" '
+                                 f'toName="image">{labels}</RectangleLabels></View>').controls[0]
+    with pytest.raises(ConfigError) as refused:
+        LabelSpace.build(control, [f"class{i}" for i in range(80)],
+                         explicit={f"class{i}": f"Nope {i}" for i in range(40)})
+    said = str(refused.value)
+    assert len(said) < 3000, len(said)
+    assert "'Species 0000', 'Species 0001'" in said and "… and 4988 more" in said  # 12 shown, the rest counted
+    assert "class0, class1" in said and "… and 68 more" in said  # the model's 80 classes
+    assert "label mapping 'class0' -> 'Nope 0'" in said and "… and 37 more" in said  # 3 of 40 stale entries
+
+    assert shortlist(["a", "b", "c"], 2) == "a, b, … and 1 more" and shortlist(["a", "b"], 2) == "a, b"
+    assert clip("x" * 10, 4) == "xxxx… (10 characters)" and clip("short", 10) == "short"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from backend.core.prediction import CLASS_NAME, CLASS_SCORES, Prediction
+from backend.core.text import shortlist
 from backend.errors import ConfigError
 from backend.labeling.config import ControlSpec
 
@@ -111,7 +112,7 @@ class LabelSpace:
             resolved = target if target in by_result else by_value.get(norm(target))
             if resolved is None:
                 ignored.append(f"label mapping {model_name!r} -> {target!r}: control '{control.name}' has no label "
-                               f"{target!r} (labels: {', '.join(map(repr, by_result))})")
+                               f"{target!r} (labels: {shortlist(map(repr, by_result))})")
                 continue
             lookup[norm(model_name)] = resolved
 
@@ -119,12 +120,12 @@ class LabelSpace:
         if not mapping:
             classes = {norm(c) for c in class_names}
             strangers = [k for k in dict(explicit or {}) if norm(k) not in classes]
-            why = [*ignored, *([f"the label map's key(s) {', '.join(map(repr, strangers))} are not classes of the "
+            why = [*([shortlist(ignored, 3, "; ")] if ignored else []), *([f"the label map's key(s) {shortlist(map(repr, strangers))} are not classes of the "
                                 "model"] if strangers else [])]
             raise ConfigError(
                 ("; ".join(why) + ". So " if why else "")
-                + f"none of the model's classes ({', '.join(list(class_names)[:12])}) matches a label of control "
-                f"'{control.name}' ({', '.join(by_result)}); add predicted_values=\"...\" to the labels or set a "
+                + f"none of the model's classes ({shortlist(class_names)}) matches a label of control "
+                f"'{control.name}' ({shortlist(by_result)}); add predicted_values=\"...\" to the labels or set a "
                 "label_map (TANDEM_LABEL_MAP or the backend's extra_params), or let an open-vocabulary model, "
                 "which names any label, pre-annotate the project (tandem models bind --project ID --second-opinion "
                 "VLM --pre-annotator vlm)"

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from backend.core.text import shortlist
 from backend.errors import ConfigError
 from backend.labeling.config import ControlKind
 from backend.predict import describe, plan_for
@@ -152,22 +153,22 @@ def setup(body: SetupRequest, state: ServerState = Depends(get_state)) -> SetupR
         if state.warn_once((pid, plan.fingerprint, None)):  # said once per project and config
             if left := plan.unserved_controls():
                 log.warning("project %s: %s fills %s only; left to the annotator: %s", pid, adapter.name,
-                            ", ".join(c.control.title for c in plan.controls), ", ".join(left))
+                            shortlist(c.control.title for c in plan.controls), shortlist(left))
         for planned in plan.controls:
             if planned.labels.ignored and state.warn_once((pid, plan.fingerprint, planned.control.name, "map")):
                 log.warning("project %s: %s: left out, the other classes still map (fix the label_map in the "
-                            "backend's extra params or TANDEM_LABEL_MAP)", pid, "; ".join(planned.labels.ignored))
+                            "backend's extra params or TANDEM_LABEL_MAP)", pid, shortlist(planned.labels.ignored, 3, "; "))
         for control, classes in plan.unmapped_choice_classes().items():
             if state.warn_once((pid, plan.fingerprint, control, "classes")):
                 log.warning("project %s: %s's class(es) %s map to no choice of '%s': an image it sees as one of "
                             "them gets no pre-annotation there (map one with predicted_values=\"…\" on a <Choice> "
-                            "or TANDEM_LABEL_MAP)", pid, adapter.name, ", ".join(classes), control)
+                            "or TANDEM_LABEL_MAP)", pid, adapter.name, shortlist(classes), control)
         choices = {p.control.name for p in plan.controls if p.control.kind == ControlKind.CHOICES}
         for control, (labels, classes) in plan.unserved_labels().items():
             if state.warn_once((pid, plan.fingerprint, control)):  # Label Studio calls /setup often
                 log.warning("project %s: label(s) %s of '%s' match none of %s's classes (%s) and will not be "
                             "pre-annotated; map one with predicted_values=\"…\" on its %s or TANDEM_LABEL_MAP", pid,
-                            ", ".join(labels), control, adapter.name, ", ".join(classes),
+                            shortlist(labels), control, adapter.name, shortlist(classes),
                             "<Choice>" if control in choices else "<Label>")
     if pid is not None:  # what serves the project now (a restart may have changed the defaults): select reads it
         state.serving.record_served(pid, served)
