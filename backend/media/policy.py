@@ -9,6 +9,9 @@ Rules, in the order they are checked (SECURITY.md states them for users):
    `//x/…` or `/\\x/…` stay on Label Studio.
 3. Label Studio credentials go only to the Label Studio origin: scheme, host and port all equal to
    LABEL_STUDIO_URL's. A hostname that merely looks alike (`127.1`, a trailing dot, another port) gets none.
+   Nor do they go to Label Studio's own API (`LABEL_STUDIO_URL/api/…`): images are served under `/data/`,
+   `/storage-data/` and `/tasks/…/resolve/`, and a task whose "image" names an API endpoint (an export, a
+   listing of every project) would otherwise make Tandem call it with its key.
 4. Any other host must be named in TANDEM_ALLOWED_HOSTS (`host` or `host:port`), or allowed by `*`, or be the
    target of a redirect that Label Studio itself issued (its presigned cloud-storage URLs). Under `*` and for
    Label Studio's redirects, every address the host resolves to must be public (not private, loopback,
@@ -204,6 +207,7 @@ class UrlPolicy:
     def check(self, url: str, redirected_by_label_studio: bool = False) -> Target:
         parsed, origin = parse(url)
         if self.ls_origin is not None and origin == self.ls_origin:
+            self._refuse_api(parsed)
             return self._pin(parsed, origin, label_studio=True, public_only=False)
         if self._named(origin):
             return self._pin(parsed, origin, label_studio=False, public_only=False)
@@ -213,6 +217,25 @@ class UrlPolicy:
         ls = f" ({str(self.ls_origin).split('://', 1)[1]})" if self.ls_origin is not None else ""
         raise MediaError(f"refusing to fetch {where}: only the configured Label Studio{ls} is allowed (add {where} "
                          "to TANDEM_ALLOWED_HOSTS, where the server and the CLI both read it, to permit it)")
+
+    def _refuse_api(self, parsed: httpx.URL) -> None:
+        """Rule 3's second half: Label Studio's API is not an image, and is never called with the key for a task."""
+        base = self.base.path.rstrip("/") if self.base is not None else ""
+        path = parsed.path
+        if path.startswith(base + "/"):
+            path = path[len(base):]
+        # the same normalisation a server applies: "//api", "/./api" and "/x/../api" reach the API too
+        parts: list[str] = []
+        for part in path.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                parts and parts.pop()
+                continue
+            parts.append(part)
+        if parts and parts[0].lower() == "api":
+            raise MediaError(f"{_short(str(parsed))} is Label Studio's API, not an image: refused (task images are "
+                             "under /data/upload/, /data/local-files/, /storage-data/ or cloud storage)")
 
     def _pin(self, parsed: httpx.URL, origin: Origin, label_studio: bool, public_only: bool) -> Target:
         addresses = self.resolver(origin.host, origin.port)

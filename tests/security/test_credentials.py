@@ -75,6 +75,23 @@ def test_a_redirect_never_carries_credentials_off_label_studio(servers):
     assert ls.with_auth() == ["/data/upload/1/r.png", "/data/upload/1/rel.png"]
 
 
+def test_label_studio_s_own_api_is_never_called_for_a_task(servers):
+    """Images live under /data/, /storage-data/ and /tasks/…/resolve/: a task whose image names an API endpoint
+    (an export, every user) would have Tandem call it with its key. Refused before any request, however spelt,
+    and when Label Studio itself redirects there."""
+    ls, _, _ = servers
+    ls.redirect("/data/upload/1/to-api.png", f"{ls.url}/api/users/")
+    fetcher = _fetcher(ls)
+    for url in ["/api/projects/", "/api/projects/1/export?exportType=JSON", "//api/users/", "/./api/users/",
+                "/data/upload/../../api/users/", f"{ls.url}/api/current-user/whoami", f"{ls.url}/%61pi/users/",
+                "/data/upload/1/to-api.png"]:
+        with pytest.raises(MediaError, match="is Label Studio's API, not an image"):
+            fetcher.load(url, task_id=1)
+    assert [p for p, _ in ls.requests] == ["/data/upload/1/to-api.png"]  # only the redirecting image was asked
+    assert fetcher.load("/data/upload/1/a.png", task_id=1).size == (8, 8)  # images still come with the key
+    assert ls.with_auth() == ["/data/upload/1/to-api.png", "/data/upload/1/a.png"]
+
+
 def test_label_studio_redirects_to_a_private_host_are_refused_unless_named(servers):
     """Label Studio's presigned cloud redirects may lead to public hosts; a private one must be named."""
     ls, other, _ = servers
