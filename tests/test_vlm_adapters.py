@@ -207,9 +207,17 @@ def test_one_prefill_scores_every_label_exactly_like_k_full_sequences(tiny_vlm, 
 
 
 @pytest.mark.parametrize("name", ["grounding_dino", "owlv2"])
-def test_a_detector_that_finds_nothing_returns_empty_detections(tiny_vlm, name):
+def test_a_detector_that_finds_nothing_returns_empty_detections(tiny_vlm, name, caplog):
     """Grounding DINO returns text_labels [''] beside zero boxes when nothing passes the threshold."""
-    model = load_vlm(str(tiny_vlm(name)), device="cpu", threshold=1.01)
+    with caplog.at_level("INFO", logger="tandem.vlm"):
+        model = load_vlm(str(tiny_vlm(name)), device="cpu", threshold=1.01)
+    sdpa = [r.getMessage() for r in caplog.records if "SDPA" in r.getMessage()]
+    if name == "grounding_dino":  # no SDPA kernel for its deformable attention: one short line, not a paragraph
+        assert len(sdpa) == 1 and sdpa[0].endswith("GroundingDinoForObjectDetection has no SDPA attention; "
+                                                   "loading it with its own"), sdpa
+        assert "github.com" not in sdpa[0]
+    else:
+        assert sdpa == []
     image, _, _ = scene()
     (out,) = model.bind(ModelTask.DETECT, Vocabulary.from_labels(LABELS)).predict([image])
     assert len(out.detections) == 0 and list(out.detections.data["class_name"]) == []

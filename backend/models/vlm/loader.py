@@ -78,7 +78,8 @@ def _from_pretrained(auto, path: Path, dtype):
     except ValueError as exc:
         if "sdpa" not in str(exc).lower() and "scaled_dot_product" not in str(exc).lower():
             raise
-        log.info("%s: no SDPA attention (%s); loading with its default", path, exc)
+        # transformers' reason is a paragraph (an issue link, an example for another model): its class is enough
+        log.info("%s: %s has no SDPA attention; loading it with its own", path, str(exc).split(" ", 1)[0])
         return auto.from_pretrained(path, dtype=dtype, local_files_only=True)
 
 
