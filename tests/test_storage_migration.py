@@ -22,7 +22,7 @@ from sqlalchemy import inspect
 from backend.registry import Registry
 from backend.settings import Settings
 from backend.storage import migrate
-from backend.storage.db import engine_for
+from backend.storage.db import dispose, engine_for
 from backend.storage.predictions import PredictionRepo
 from backend.storage.projects import ProjectRepo
 from backend.storage.scores import ScoreRepo, ScoreSetup
@@ -291,3 +291,48 @@ def test_the_migration_keeps_row_counts(tmp_path, table):
     engine_for(Settings(home=home).database_url)
     after = sqlite3.connect(home / "tandem.sqlite3").execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
     assert before == after > 0
+
+
+def test_an_upgrade_is_said_wherever_it_runs_and_tightens_an_old_sqlite_file(tmp_path):
+    """A CLI command may be the first to open an upgraded release's database: it says it migrated it (replicas
+    still on the older release stop working), and a file an older release left readable by others is made
+    the owner's alone (it holds Label Studio tokens)."""
+    weights = tmp_path / "v1.pt"
+    weights.write_bytes(b"weights")
+    home = _old_home(tmp_path / "home", weights)
+    (home / "tandem.sqlite3").chmod(0o644)
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", "jobs", "list", "--home", str(home)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert f"database schema migrated from before migrations to {migrate.head()}" in said, said
+    assert "servers and workers still on an older Tandem cannot use it" in said and "docs/upgrading.md" in said
+    assert "now the owner's alone" in said and (home / "tandem.sqlite3").stat().st_mode & 0o777 == 0o600
+    again = subprocess.run([sys.executable, "-m", "backend.cli", "jobs", "list", "--home", str(home)],
+                           capture_output=True, text=True, timeout=120)
+    assert "migrated" not in again.stderr and "owner's alone" not in again.stderr  # said once, when it happened
+
+
+def test_a_database_a_newer_release_migrated_is_refused_in_one_line_and_left_alone(tmp_path):
+    """An older replica (or an old CLI) pointed at a database a newer Tandem migrated must not touch it, and
+    must say why in one line instead of alembic's 300-line traceback."""
+    home = tmp_path / "home"
+    url = Settings(home=home).database_url
+    JobStore(url).create(3, "yolo", "local", "before")
+    dispose(url)  # as a process that ends: the next open migrates (or refuses) again
+    conn = sqlite3.connect(home / "tandem.sqlite3")
+    conn.execute("UPDATE alembic_version SET version_num = '0999'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(migrate.SchemaTooNew, match=f"revision 0999, which this Tandem does not know .it knows up "
+                                                   f"to {migrate.head()}."):
+        engine_for(url)
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", "jobs", "list", "--home", str(home)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(" ".join(lines)) < 400 and "a newer Tandem migrated it" in proc.stderr, proc.stderr
+    conn = sqlite3.connect(home / "tandem.sqlite3")
+    assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0999"
+    assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+    conn.close()

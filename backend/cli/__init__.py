@@ -13,8 +13,13 @@ def main() -> None:
 
     from backend.storage.db import unavailable
 
+    from backend.storage.migrate import SchemaTooNew
+
     try:
         app()
+    except SchemaTooNew as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
     except (OperationalError, InterfaceError) as exc:
         from rich.markup import escape
 

@@ -33,15 +33,20 @@ def _uv() -> str:
     return os.environ.get("UV") or shutil.which("uv") or "uv"
 
 
+# Label Studio 1.23.2 does not bound sentry-sdk: 3.x (2026-12) refuses its `send_default_pii` option and it
+# crashes at start. Installed with 2.x, and started with Sentry off either way (an install made without the pin).
+SENTRY_PIN = "sentry-sdk<3"
+
+
 def label_studio_executable(version: str = LABEL_STUDIO_VERSION) -> Path:
-    """`uv tool install label-studio==VERSION` unless that version is already installed."""
+    """`uv tool install label-studio==VERSION --with 'sentry-sdk<3'` unless that version is already installed."""
     bin_dir = Path(subprocess.run([_uv(), "tool", "dir", "--bin"], capture_output=True, text=True,
                                   check=True).stdout.strip())
     exe = bin_dir / "label-studio"
     listed = subprocess.run([_uv(), "tool", "list"], capture_output=True, text=True).stdout
     if not exe.exists() or f"label-studio v{version}" not in listed:
-        subprocess.run([_uv(), "tool", "install", "--force", f"label-studio=={version}"], check=True,
-                       capture_output=True)
+        subprocess.run([_uv(), "tool", "install", "--force", f"label-studio=={version}", "--with", SENTRY_PIN],
+                       check=True, capture_output=True)
     return exe
 
 
@@ -82,6 +87,8 @@ def start_label_studio(data_dir: Path, port: int | None = None, timeout: float =
         "ML_BLOCK_LOCAL_IP": "false",
         "SSRF_PROTECTION_ENABLED": "false",
         "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+        "SENTRY_DSN": "",  # no error reports from a local test server (and no crash under sentry-sdk 3.x)
+        "FRONTEND_SENTRY_DSN": "",
     }
     for leak in ("VIRTUAL_ENV", "PYTHONPATH", "UV_PROJECT_ENVIRONMENT"):
         env.pop(leak, None)

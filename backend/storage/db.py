@@ -7,6 +7,8 @@ the CLI share it), or PostgreSQL (`postgresql://…`, through psycopg 3) for sev
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from pathlib import Path
 
@@ -93,6 +95,8 @@ def _create(url: str) -> Engine:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():  # it keeps Label Studio tokens (projects.access_token): the owner's alone
             path.touch(mode=0o600)
+        else:
+            _owners_alone(path)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S})
 
     @event.listens_for(engine, "connect")
@@ -104,6 +108,18 @@ def _create(url: str) -> Engine:
         cur.close()
 
     return engine
+
+
+def _owners_alone(path: Path) -> None:
+    """A file made by a release before 0600 (or copied in) is tightened, and said once: it holds tokens."""
+    import stat
+
+    info = path.stat()
+    if info.st_mode & 0o077 and info.st_uid == os.getuid():
+        path.chmod(stat.S_IMODE(info.st_mode) & 0o600)
+        logging.getLogger("tandem.storage").warning(
+            "%s was readable by other users (mode %o); it holds Label Studio tokens, so it is now the owner's "
+            "alone (0600)", path, stat.S_IMODE(info.st_mode))
 
 
 def dispose(url: str | Path) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, text
 
+from backend.errors import TandemError
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 log = logging.getLogger(__name__)
 ADVISORY_LOCK_KEY = 0x7A4D_0E4D  # "Tandem" schema lock: one id for every Tandem database
@@ -41,20 +43,48 @@ def current(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+class SchemaTooNew(TandemError):
+    """The database was migrated by a newer Tandem: this release must not read or write it."""
+
+
+def known() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    return {script.revision for script in ScriptDirectory.from_config(_config()).walk_revisions()}
+
+
+def _require_known(revision: str | None) -> None:
+    if revision is not None and revision not in known():
+        raise SchemaTooNew(f"this database's schema is at revision {revision}, which this Tandem does not know (it "
+                           f"knows up to {head()}): a newer Tandem migrated it. Run one release on every server, "
+                           "worker and command that shares the database (docs/upgrading.md)")
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     with _quiet_alembic():  # its import-time plugin lines and per-connection context lines at INFO read as noise
         from alembic import command
 
         target = head() if revision == "head" else revision
         with engine.connect() as conn:
-            if current(conn) == target:
+            now = current(conn)
+            if now == target:
                 return
+            _require_known(now)
         with _locked(engine) as conn:
             before = current(conn)
+            _require_known(before)
             if before != target:
+                from sqlalchemy import inspect
+
+                empty = not inspect(conn).get_table_names()
                 command.upgrade(_config(conn), revision)
                 conn.commit()
-                log.info("database schema migrated from %s to %s", before or "empty", target)
+                if empty:  # a new database: nothing else used it
+                    log.info("database schema created at %s", target)
+                else:  # said wherever it ran (a CLI command too): replicas on the older release stop working
+                    log.warning("database schema migrated from %s to %s; servers and workers still on an older "
+                                "Tandem cannot use it until they are upgraded too (docs/upgrading.md)",
+                                before or "before migrations", target)
 
 
 @contextmanager

@@ -40,6 +40,7 @@ from backend.training.export import (  # noqa: E402
 )
 from backend.training.jobs import JobStatus, JobStore  # noqa: E402
 from backend.storage.artifacts import ArtifactStore, localise  # noqa: E402
+from backend.storage.migrate import SchemaTooNew  # noqa: E402
 from backend.training.lease import keep_worker_lease  # noqa: E402
 from backend.training.replay import FEW_IMAGES, choose_schedule, gather_replay, unlabelled_images  # noqa: E402
 from backend.training.yolo_finetune import fine_tune  # noqa: E402
@@ -377,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except TandemError as exc:  # expected (no labels, Label Studio down...): one line, no traceback
         print(f"error: {exc}", flush=True)
+        if isinstance(exc, SchemaTooNew):  # this release cannot write the job: the lease expiry fails it
+            return 1
         JobStore(settings.database_url).finish(job_id, JobStatus.FAILED, error=str(exc))
         return 1
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
