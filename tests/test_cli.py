@@ -243,6 +243,24 @@ def test_logs_of_a_job_that_does_not_exist_is_an_error(tmp_path):
     assert proc.returncode == 2 and "no job 99" in proc.stderr
 
 
+def test_logs_of_a_job_that_never_wrote_one_say_so(tmp_path):
+    """A queued job, or one another replica ran before logs were stored: not a blank line and exit 0 in silence."""
+    from backend.training.jobs import JobStore
+
+    home = tmp_path / "home"
+    store = JobStore(Settings(home=home).database_url)
+    job = store.create(4, "detect", "local", "test", kind="predict", holder="elsewhere:1:ab", lease_s=60)
+    proc = subprocess.run([*TANDEM, "jobs", "logs", str(job.id)], capture_output=True, text=True,
+                          env=_env(tmp_path), timeout=120)
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 0 and f"job {job.id} has no log here" in said and "artifact store" in said, said
+    assert f"tandem jobs show {job.id}" in said and proc.stdout.strip() == ""
+    # and when its lease runs out, the advice is the predict job's own command, not `tandem train`
+    assert store.claim(job.id, "elsewhere:1:ab", lease_s=60) and store.start(job.id)
+    (expired,) = store.expire_leases(now=time.time() + 120)
+    assert "`tandem predict --project 4` goes on where it stopped" in expired.error and "tandem train" not in expired.error
+
+
 def test_a_bad_option_value_is_one_line_before_any_model_loads(tmp_path):
     port = str(free_port())
     for args in (["serve", "--engine", "bogus", "--port", port], ["serve", "--conf", "2", "--port", port],
@@ -311,6 +329,15 @@ def test_models_bind_refuses_weights_that_do_not_load(tmp_path, detect_weights):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and ProjectRepo(Settings(home=tmp_path / "home").database_url).get(5).model == \
         str(detect_weights.resolve())
+    # a registry version whose weights were damaged since it was registered: refused the same way
+    damaged = tmp_path / "p5-job1.pt"
+    damaged.write_bytes(detect_weights.read_bytes()[:1000])
+    Registry(Settings(home=tmp_path / "home").database_url).add_candidate(
+        "p5-job1-0badf00d", "yolo", "detect", str(damaged), "x", "ds", {}, project_id=5)
+    proc = subprocess.run([*TANDEM, "models", "bind", "--project", "6", "--model", "p5-job1-0badf00d"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "p5-job1-0badf00d" in proc.stderr and "cannot load YOLO" in proc.stderr, proc.stderr
+    assert ProjectRepo(Settings(home=tmp_path / "home").database_url).get(6) is None
 
 
 def test_demo_refuses_a_port_in_use_before_starting_anything(tmp_path):

@@ -111,6 +111,7 @@ def test_job_lifecycle_transitions_are_conditional(db_url):
     expired = store.expire_leases(now=time.time() + 120)
     assert [j.id for j in expired] == [job.id] and expired[0].status == JobStatus.FAILED
     assert "host-a:1:aa stopped heartbeating" in expired[0].error
+    assert f"`tandem train --project {BIG_ID}` starts it again" in expired[0].error
     assert store.expire_leases(now=time.time() + 120) == []  # failed once
     assert not store.heartbeat(job.id, "host-a:1:aa")  # the runner learns it must stop
     assert not store.finish(job.id, JobStatus.SUCCEEDED, version="v2")  # terminal states are final

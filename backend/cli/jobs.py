@@ -58,14 +58,22 @@ def jobs_logs(
 ) -> None:
     """The end of a job's log (ultralytics' epochs, the export, the promotion verdict), with Tandem's own lines
     from before it."""
-    from backend.training.runner import job_log
+    from backend.storage.artifacts import ArtifactStore
+    from backend.training.runner import job_log, log_path
 
     settings, _, store = stores(home)
     if store.get(job_id) is None:
         console.print(f"[red]error:[/] no job {job_id} in {settings.home} (database {display_url(settings.database_url)}; set "
                       "TANDEM_HOME or --home to the server's state folder; tandem jobs list shows its jobs)")
         raise typer.Exit(2)
-    typer.echo(with_own_lines(job_log(settings, job_id, 10**9), lines))
+    text = job_log(settings, job_id, 10**9)
+    if not text.strip():  # a job that never started a worker here, or ran elsewhere before logs were stored
+        console.print(f"job {job_id} has no log here ({log_path(settings.home, job_id)}) nor in the artifact store "
+                      f"({ArtifactStore.from_settings(settings).uri('jobs', job_id, 'log.txt')}): its worker never "
+                      "started, or ran on a host whose log was not copied there; `tandem jobs show "
+                      f"{job_id}` has its status and error")
+        return
+    typer.echo(with_own_lines(text, lines))
 
 
 def with_own_lines(log: str, lines: int) -> str:

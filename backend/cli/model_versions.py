@@ -233,6 +233,8 @@ def models_bind(
             raise typer.Exit(2)
         if spec and registry.get(spec) is None and Path(spec).expanduser().exists():
             _require_spec_loads(spec, settings)
+        if spec and (found := registry.get(spec)) is not None:  # its weights may be gone or damaged since
+            _require_loadable(found, settings)
     projects = ProjectRepo(settings.database_url)
     if clear:
         projects.update(project, model=None, second_opinion=None, pre_annotator=None)

@@ -275,9 +275,10 @@ class JobStore:
         failed = []
         for job in map(_job, rows):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.lease_until or 0))
+            again = (f"`tandem predict --project {job.project_id}` goes on where it stopped" if job.kind == "predict"
+                     else f"`tandem train --project {job.project_id}` starts it again")
             error = (f"lease expired: {job.holder or 'its runner'} stopped heartbeating (lease ran out {when}): its "
-                     "server stopped, or could not reach the database for longer than the lease; "
-                     "`tandem train` starts it again")
+                     f"server stopped, or could not reach the database for longer than the lease; {again}")
             if self._set(job.id, jobs_table.c.status == JobStatus.RUNNING.value, jobs_table.c.lease_until < now,
                          jobs_table.c.holder == job.holder if job.holder else jobs_table.c.holder.is_(None),
                          status=JobStatus.FAILED, error=error, finished_at=now):
