@@ -405,3 +405,31 @@ def test_projects_list_and_forget_a_project_deleted_in_label_studio(tmp_path):
     assert repo.get(3) is None and repo.get(4) is not None and PredictionRepo(url).count(3) == before
     again = subprocess.run([*TANDEM, "projects", "forget", "3"], capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 2 and "project 3 is not recorded" in " ".join(again.stderr.split())
+
+
+def test_a_damaged_sqlite_file_is_one_line_that_names_it_and_says_what_to_do(tmp_path):
+    """Not a 468-line traceback ending in "file is not a database", and not "is it running?" either."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "tandem.sqlite3").write_bytes(os.urandom(8192))
+    (home / "tandem.sqlite3").chmod(0o600)
+    for command in (["jobs", "list"], ["models", "list"]):
+        proc = subprocess.run([*TANDEM, *command], capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+        said = " ".join(proc.stderr.split())
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(said) < 400, proc.stderr
+        assert f"{home / 'tandem.sqlite3'} is damaged: restore it from a backup, or move it aside" in said, said
+        assert "is it running" not in said
+
+
+def test_database_advice_fits_the_driver_s_reason():
+    from sqlalchemy.exc import OperationalError
+
+    from backend.storage.db import unavailable
+
+    def said(reason: str) -> str:
+        return unavailable(OperationalError("SELECT 1", {}, Exception(reason)), "sqlite:////srv/t.sqlite3")
+
+    assert "is not writable: check the permissions" in said("attempt to write a readonly database")
+    assert "its folder exists and is writable" in said("unable to open database file")
+    assert "check free disk space" in said("disk I/O error")
+    assert "did not answer: connection refused (is it running?" in said("connection refused")

@@ -57,12 +57,30 @@ def display_url(url: str | Path) -> str:
         return "(an unparseable database URL)"
 
 
+# what the driver's words mean for the person who must act, first match wins: "is it running?" is wrong advice
+# for a file that is damaged, read-only or on a full disk
+_ADVICE = (
+    (("file is not a database", "malformed", "not a database"),
+     "damaged: restore it from a backup, or move it aside and Tandem starts an empty one"),
+    (("readonly", "read-only"), "not writable: check the permissions of the file and of its folder"),
+    (("unable to open database file",), "cannot be opened: check that its folder exists and is writable (SQLite "
+                                        "also writes -wal and -shm files beside it)"),
+    (("disk i/o error", "disk is full", "no space left", "file too large"),
+     "a write failed: check free disk space and file-size limits"),
+)
+
+
 def unavailable(exc: BaseException, url: str | Path | None = None) -> str:
-    """One line for a database that did not answer (the driver's first line, never a traceback)."""
+    """One line for a database that did not answer or cannot be used (the driver's first line, never a
+    traceback), with the advice that fits the driver's reason."""
     cause = getattr(exc, "orig", None) or exc
     text = str(cause).strip()
     first = text.splitlines()[0].strip() if text else type(cause).__name__
     where = f" {display_url(url)}" if url else ""
+    lowered = first.lower()
+    for words, advice in _ADVICE:
+        if any(w in lowered for w in words):
+            return f"the database{where} is {advice} ({first}; TANDEM_DATABASE_URL selects it)"
     return f"the database{where} did not answer: {first} (is it running? TANDEM_DATABASE_URL selects it)"
 
 
