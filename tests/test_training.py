@@ -678,3 +678,20 @@ def test_a_label_studio_that_hangs_in_the_export_is_said_while_the_job_waits(tmp
     assert len(waits) >= 2 and "each request gives up after 2 s" in waits[0], out
     time.sleep(1.0)  # the ticker stopped with the call: nothing more is printed afterwards
     assert "still waiting" not in capsys.readouterr().out
+
+
+def test_annotation_webhooks_that_name_no_annotation_are_not_counted(tmp_path, detect_adapter):
+    """Label Studio's annotation deliveries always carry their annotation(s); a body without one (a script, a
+    replay, a forgery) counted every time and, ten of them, started a retrain for a project nobody corrected."""
+    app = create_app(Settings(home=tmp_path / "home"), ModelHolder(detect_adapter),
+                     policy=TrainingPolicy(train_after=3))
+    store = app.state.training.store
+    with ServerThread(app) as srv:
+        for _ in range(10):
+            r = httpx.post(f"{srv.url}/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1031}})
+            assert r.status_code == 200
+        assert store.list(1031) == []
+        for i in range(3):  # three real corrections do start one
+            httpx.post(f"{srv.url}/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1031},
+                                                   "annotation": {"id": i, "updated_at": "t"}})
+        assert [j.reason for j in store.list(1031)] == ["3 new corrections"]

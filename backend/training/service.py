@@ -83,6 +83,9 @@ class TrainingService:
         if action == "START_TRAINING":
             return self.trigger(project_id, "Train button (START_TRAINING)")
         if action in ANNOTATION_EVENTS:
+            if key is None:  # Label Studio's deliveries always name their annotation(s): not a correction
+                log.info("project %s: %s webhook names no annotation: not counted", project_id, action)
+                return None
             self.store.add_correction(project_id, key)  # in the database: restarts and replicas share it
             if self.store.take_corrections(project_id, self.policy.train_after):  # true for one caller only
                 return self.trigger(project_id, f"{self.policy.train_after} new corrections", automatic=True)
