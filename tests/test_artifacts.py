@@ -48,6 +48,25 @@ def test_a_local_root_keeps_plain_paths_and_writes_whole_files(tmp_path):
         store.put(tmp_path / "missing.pt", "models", "x.pt")
 
 
+def test_a_copy_that_fails_half_way_leaves_no_partial_file(tmp_path):
+    """A full disk (here a file-size limit, as `ulimit -f`) fails the put, and the half copy is removed: the
+    store's disk does not stay full of it."""
+    import subprocess
+
+    src = tmp_path / "big.pt"
+    src.write_bytes(b"w" * 200_000)
+    code = ("import resource, signal, sys; from pathlib import Path; "
+            "from backend.settings import Settings; from backend.storage.artifacts import ArtifactStore; "
+            "store = ArtifactStore.from_settings(Settings(home=Path(sys.argv[1]))); "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000)); "
+            "store.put(Path(sys.argv[2]), 'models', 'versions', 'p1-job16.pt')")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "home"), str(src)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr
+    folder = tmp_path / "home" / "artifacts" / "models" / "versions"
+    assert folder.is_dir() and list(folder.iterdir()) == []  # neither the half copy nor a half file in place
+
+
 def test_a_remote_root_gives_urls_fetched_once_into_a_local_cache(tmp_path, memory_root):
     settings = Settings(home=tmp_path / "home", artifacts=memory_root)
     store = ArtifactStore.from_settings(settings)

@@ -86,8 +86,12 @@ class ArtifactStore:
                 shutil.copytree(local, target, dirs_exist_ok=True)
             else:
                 partial = target.with_name(f"{target.name}.part-{os.getpid()}")
-                shutil.copyfile(local, partial)
-                os.replace(partial, target)
+                try:
+                    shutil.copyfile(local, partial)
+                    os.replace(partial, target)
+                except BaseException:  # a full disk must not stay full of the half copy
+                    partial.unlink(missing_ok=True)
+                    raise
             return uri
         fs, path = fsspec.core.url_to_fs(uri)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
