@@ -56,6 +56,34 @@ def test_setup_refuses_a_model_outside_the_folders_and_records_nothing(tmp_path,
         assert r.status_code == 422 and "outside the folders" in r.text, r.text
 
 
+def test_a_binding_stored_before_the_folder_rule_keeps_connecting(tmp_path, samples, detect_adapter,  # noqa: F811
+                                                                  detect_weights, caplog):
+    """A release before the rule accepted extra params naming a file anywhere, and the project is bound to it:
+    refusing the same extra params after the upgrade only broke Label Studio's connection (the stored binding
+    served on). The same file is kept, and said once; any other outside file is still refused."""
+    import shutil
+
+    root, _, _ = samples
+    outside = tmp_path / "elsewhere" / "custom.pt"
+    outside.parent.mkdir()
+    shutil.copyfile(detect_weights, outside)
+    settings = Settings(home=tmp_path / "home", local_files_root=root)
+    ProjectRepo(settings.database_url).update(12, model=str(outside), label_config=RECT)  # as the old release left it
+    other = tmp_path / "elsewhere" / "other.pt"
+    shutil.copyfile(detect_weights, other)
+    with ServerThread(create_app(settings, ModelHolder(detect_adapter), training=False)) as srv, \
+            caplog.at_level("WARNING", logger="tandem.server"):
+        for _ in range(3):
+            r = httpx.post(f"{srv.url}/setup", json={"project": "12.1", "schema": RECT,
+                                                     "extra_params": {"model": str(outside)}})
+            assert r.status_code == 200, r.text
+        r = httpx.post(f"{srv.url}/setup", json={"project": "12.1", "schema": RECT, "extra_params": {"model": str(other)}})
+        assert r.status_code == 422 and "outside the folders a project may name" in r.text, r.text
+    kept = [m.getMessage() for m in caplog.records if "kept, because the project was bound to it" in m.getMessage()]
+    assert len(kept) == 1 and str(outside) in kept[0] and "TANDEM_MODEL_ROOTS" in kept[0], kept
+    assert ProjectRepo(settings.database_url).get(12).model == str(outside)
+
+
 @pytest.mark.parametrize("project", ["-3.1", "99999999999999999999999.1", "../../etc", "abc"])
 def test_setup_refuses_what_is_not_a_project_id(tmp_path, detect_adapter, project):
     settings = Settings(home=tmp_path / "home")

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -72,14 +73,21 @@ def health(project: int | None = None, state: ServerState = Depends(get_state)) 
     )
 
 
-def _binding(extra: dict[str, Any], settings) -> dict[str, str | None]:
+def _binding(extra: dict[str, Any], settings, before=None, kept: Callable[[str], None] | None = None
+             ) -> dict[str, str | None]:
     """model / second_opinion / pre_annotator from the backend's extra params; a wrong role, or a model file
-    outside the folders a project may name, is a 422."""
+    outside the folders a project may name, is a 422 — unless the project is already bound to that very file
+    (a release before the folder rule accepted it: refusing it now only breaks Label Studio's connection, while
+    the stored binding serves on)."""
     found = {k: str(extra[k]) for k in BINDING_KEYS if isinstance(extra.get(k), (str, int)) and str(extra[k]).strip()}
     if found.get("pre_annotator") not in (None, "cnn", "vlm"):
         raise HTTPException(422, f"extra params: pre_annotator must be \"cnn\" or \"vlm\" (got {found['pre_annotator']!r})")
     for key in ("model", "second_opinion"):
         if key in found and (why := settings.model_spec_refusal(found[key])):
+            if before is not None and found[key] in (before.extra_binding.get(key), getattr(before, key)):
+                if kept is not None:
+                    kept(why)
+                continue
             raise HTTPException(422, f"extra params: {why}")
     return found
 
@@ -91,8 +99,12 @@ def _record_setup(state: ServerState, body: SetupRequest, pid: int, extra: dict[
     changes: dict[str, Any] = {"hostname": hostname, "access_token": body.access_token,
                                "label_map": extra_setting(extra, "label_map"),
                                "prompts": extra_setting(extra, "prompts")}
-    binding = _binding(extra, settings)
     before = state.projects.get(pid)
+    def kept(why: str) -> None:  # said once per project and file, not at each of Label Studio's frequent /setup
+        if state.warn_once((pid, "kept-binding", why)):
+            log.warning("project %s: %s; kept, because the project was bound to it before this rule", pid, why)
+
+    binding = _binding(extra, settings, before, kept)
     if before is None and state.projects.count() >= settings.max_projects:  # bounded: /setup names any id
         raise HTTPException(422, f"this server already serves {settings.max_projects} projects "
                                  f"(TANDEM_MAX_PROJECTS); project {pid} was not recorded. `tandem projects forget ID` "
