@@ -204,6 +204,25 @@ def test_a_new_threshold_makes_stored_predictions_again_and_replaces_them_in_lab
     assert stamps["0.6"] != stamps["0.05"]
     regions = [len(t.predictions[0].result) for t in _ls_tasks(label_studio, project)]
     assert sum(regions) > 0
+    # rows an older Tandem stored (before migration 0004: no stamp) are kept as they are, and said; a run with
+    # --redo-unstamped makes them again under today's threshold
+    from backend.storage.db import engine_for
+    from backend.storage.tables import predictions as stored_rows
+
+    with engine_for(Settings(home=home).database_url).begin() as conn:
+        conn.execute(stored_rows.update().where(stored_rows.c.project_id == project).values(made_with=None))
+    for redo, predicted in ((False, 0), (True, n)):
+        proc = subprocess.run([sys.executable, "-m", "backend.cli", "predict", "--project", str(project), "--batch",
+                               "4", *(["--redo-unstamped"] if redo else [])],
+                              env={**_env(label_studio, home), "TANDEM_CONF": "0.05"}, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        job = max(records.list(project), key=lambda j: j.id)
+        said = " ".join((proc.stderr + proc.stdout).split())
+        assert (job.progress["predicted"], job.progress["unstamped"]) == (predicted, 0 if redo else n), job.progress
+        assert (f"{n} of them were stored by an older Tandem" in said) is not redo, said
+        assert ({r.made_with for r in store.for_project(project)} == {stamps["0.05"]}) is redo
+        assert all(t.total_predictions == 1 for t in _ls_tasks(label_studio, project))  # replaced, not added
     # a label map set since (same version, a new serving plan): every task is predicted again, and its new
     # prediction replaces the old one of this version instead of showing beside it
     proc = subprocess.run([sys.executable, "-m", "backend.cli", "predict", "--project", str(project), "--batch", "4"],

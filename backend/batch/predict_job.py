@@ -73,6 +73,7 @@ class JobOptions:
     max_write_batch: int = 16384  # ... up to this many a write (read back from the store when sent)
     max_request_bytes: int = 32 * 2**20  # a write's JSON past this goes in several requests (masks, many regions)
     role: str = "pre-annotation"
+    redo_unstamped: bool = False  # predict again what an older Tandem stored without its thresholds (before 0004)
 
 
 class Cancelled(Exception):
@@ -166,8 +167,13 @@ class PredictJob:
             tasks = [ref.as_task() for ref in page]
             keys = [task_key(t, self.plan) for t in tasks]
             stamps = self.store.stored_stamps([k for k in keys if k is not None])  # one read a page
-            stored = {k for k, stamp in stamps.items() if made_with is None or stamp in (None, made_with)}
+            unstamped = {k for k, stamp in stamps.items() if stamp is None and made_with is not None}
+            stored = {k for k, stamp in stamps.items() if made_with is None or stamp == made_with or
+                      (k in unstamped and not self.options.redo_unstamped)}
             stale = stamps.keys() - stored
+            if unstamped and not self.options.redo_unstamped:  # kept as they are, and counted so the CLI says so
+                with self._lock:
+                    self.progress = replace(self.progress, unstamped=self.progress.unstamped + len(unstamped))
             unwritten: list[tuple[int, Key]] = []
             already = 0
             for ref, task, key in zip(page, tasks, keys, strict=True):

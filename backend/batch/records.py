@@ -40,6 +40,7 @@ class Progress:
     predicted: int = 0  # predicted by this run (done also counts what an earlier run or /predict stored)
     written: int = 0  # predictions this run wrote into Label Studio
     redone: int = 0  # of `predicted`: stored under other thresholds (TANDEM_CONF, --vlm-threshold), made again
+    unstamped: int = 0  # of `done`: stored by a Tandem before thresholds were recorded (0004), kept as they are
     failures: dict[str, str] = field(default_factory=dict)  # task id -> reason (the first 100)
     model_version: str | None = None
 

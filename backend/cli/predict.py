@@ -27,6 +27,9 @@ def predict(
                                              "/predict serves it), or auto: pipeline on CUDA where it serves "
                                              "the model, else adapter.")] = "auto",
     home: Home = None,
+    redo_unstamped: Annotated[bool, typer.Option(
+        help="Predict again the predictions an older Tandem stored without the thresholds they were made under "
+             "(kept as they are by default; after an upgrade and a new TANDEM_CONF, this redoes them).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar (the server's worker).")] = False,
     handed_by: Annotated[str | None, typer.Option(hidden=True, envvar="TANDEM_PREDICT_HANDED_BY",
                                                   help="The server's lease this process takes over.")] = None,
@@ -46,7 +49,7 @@ def predict(
     if engine not in ("auto", "pipeline", "adapter"):
         raise typer.BadParameter("--engine must be auto, pipeline or adapter")
     settings = load_settings(home=home, device=device)
-    options = JobOptions(concurrency=concurrency, batch=batch)
+    options = JobOptions(concurrency=concurrency, batch=batch, redo_unstamped=redo_unstamped)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(), TimeRemainingColumn())
     opened: list[int] = []
@@ -103,6 +106,9 @@ def predict(
     say(f"predict job {record.id}: {record.status.value}; {result.done} of {result.total} tasks have a "
         f"{result.model_version} prediction ({result.predicted} predicted now, {result.written} written to "
         f"Label Studio), {result.failed} failed")
+    if result.unstamped:
+        say(f"{result.unstamped} of them were stored by an older Tandem, before it recorded the thresholds a "
+            "prediction was made under, and are kept as they are: `--redo-unstamped` predicts them again")
     if result.redone:
         say(f"{result.redone} of them were stored under other thresholds (TANDEM_CONF, --vlm-threshold): made "
             "again, replacing their earlier prediction of this version in Label Studio")
