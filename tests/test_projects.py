@@ -148,3 +148,32 @@ def test_setup_records_a_bounded_number_of_projects(tmp_path, detect_adapter):
         assert known.status_code == 200 and "error" in known.json()["results"][0]  # predicted: the image is missing
     assert ProjectRepo(settings.database_url).count() == 3
     assert PredictionRepo(settings.database_url).count(5) == 0
+
+
+def test_a_project_whose_bound_model_no_longer_loads_is_served_by_the_default_after_a_restart(
+        tmp_path, samples, detect_adapter, detect_weights, caplog):  # noqa: F811
+    """Its weights truncated (a full disk, a bad copy) and the server restarted: no last good model of the
+    project is in memory, so the server's default serves it, said once, with the fix; /health?project= names
+    the error. Before, every /predict of the project was a 503 while plain /health said ready."""
+    import shutil
+
+    root, _, _ = samples
+    damaged = tmp_path / "p1-job1.pt"
+    shutil.copyfile(detect_weights, damaged)
+    settings = Settings(home=tmp_path / "home", local_files_root=root)
+    ProjectRepo(settings.database_url).update(51, model=str(damaged), label_config=RECT)
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    task = {"id": 1, "data": {"image": f"/data/local-files/?d={samples[1][0].name}.png"}}
+    with ServerThread(create_app(settings, ModelHolder(detect_adapter), training=False)) as srv, \
+            caplog.at_level("WARNING", logger="tandem.projects"):
+        for _ in range(3):
+            r = httpx.post(f"{srv.url}/predict", json={"tasks": [task], "label_config": RECT, "project": "51.1"},
+                           timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["results"][0]["model_version"] == detect_adapter.version
+            assert r.json()["results"][0]["result"]
+        health = httpx.get(f"{srv.url}/health", params={"project": 51}).json()
+        assert health["ready"] and health["model_version"] == detect_adapter.version
+        assert "cannot load YOLO weights" in health["error"] and str(damaged) in health["error"]
+    said = [r.getMessage() for r in caplog.records if "serves it until it does" in r.getMessage()]
+    assert len(said) == 1 and str(damaged) in said[0] and "tandem models rollback --project 51" in said[0], said

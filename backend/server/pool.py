@@ -114,6 +114,12 @@ class ModelPool:
             entry = self._entries.get(spec)
             return entry.error if entry else None
 
+    def last_error(self, spec: str) -> str | None:
+        """Why the last load of `spec` failed, also while a retry runs (None once one succeeded)."""
+        with self._lock:
+            entry = self._entries.get(spec)
+            return entry.last_error if entry and entry.adapter is None else None
+
     def put(self, spec: str, adapter: Any) -> None:
         """An adapter loaded elsewhere (the server's defaults, a hot swap)."""
         with self._lock:

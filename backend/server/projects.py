@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from backend.errors import ModelLoadError
 from backend.models.vlm.base import OpenVocabularyModel
 from backend.server.pool import ModelPool
 from backend.serving import ModelHolder
@@ -74,6 +75,7 @@ class ProjectServing:
         self._served: dict[int, tuple[str | None, str | None]] = {}
         self._states: dict[int, ProjectState] = {}  # the last state read per project, for a database outage
         self._outage = OutageLog(log, "reading project state (serving from the last one read)")
+        self._fell_back: set[tuple[int | None, str]] = set()  # (project, bound spec) already said to fall back
         self._lock = threading.Lock()
 
     def state(self, project_id: int | None) -> ProjectState | None:
@@ -121,6 +123,21 @@ class ProjectServing:
                 if adapter is None and served is not None and default.adapter is not None and \
                         served[0 if role == "cnn" else 1] == spec_of(default.adapter):
                     adapter = default.adapter  # bound only now (a first promotion): the default served it until now
+        if adapter is None and default.adapter is not None and (error := self.pool.last_error(spec)):
+            # nothing of this project's loaded since the start, and its bound model cannot load (its file gone or
+            # damaged): the server's default serves it meanwhile, rather than a 503 on every request
+            fallback = spec_of(default.adapter)
+            with self._lock:
+                first = (project_id, spec) not in self._fell_back
+                if len(self._fell_back) >= MAX_REMEMBERED:
+                    self._fell_back.clear()
+                self._fell_back.add((project_id, spec))
+            if first:
+                log.warning("project %s: its %s %s does not load (%s); the server's default %s serves it until it "
+                            "does (tandem models bind --project %s, or tandem models rollback --project %s)",
+                            project_id, "model" if role == "cnn" else "second opinion", spec, error,
+                            getattr(default.adapter, "version", fallback), project_id, project_id)
+            return default.adapter, fallback
         return adapter, spec
 
     def wait_lead(self, project_id: int | None, timeout: float) -> Any:
@@ -131,7 +148,13 @@ class ProjectServing:
         state = self.state(project_id)
         role_spec = (state.model if served.pre_annotator == "cnn" else state.second_opinion) if state else None
         if role_spec:
-            return self.pool.get(role_spec, timeout)
+            try:
+                return self.pool.get(role_spec, timeout)
+            except ModelLoadError:  # it failed while we waited: the default serves, as `models` says
+                fallback = self.models(project_id).lead
+                if fallback is None:
+                    raise
+                return fallback
         holder = self.cnn if served.pre_annotator == "cnn" else self.second
         return holder.wait(timeout)
 
