@@ -236,3 +236,22 @@ def test_a_running_jobs_log_reaches_another_replica_while_it_runs(tmp_path, memo
         assert runner.cancel(job.id)
     finally:
         runner.close()
+
+
+def test_a_worker_that_cannot_start_fails_its_job_with_the_reason(tmp_path):
+    """Its folder cannot be made (here TANDEM_HOME/jobs is a file; a read-only or full disk does the same): the
+    job fails saying why, instead of staying queued under a lease its runner renewed for good."""
+    settings = Settings(home=tmp_path / "home")
+    store = JobStore(settings.database_url)
+    (settings.home / "jobs").write_text("not a folder")
+    runner = LocalRunner(settings, store, worker_argv=[sys.executable, "-c", "raise SystemExit(0)"])
+    try:
+        job = store.create(1, "yolo", "local", "test")
+        assert runner.start(job) is None
+        failed = store.get(job.id)
+        assert failed.status is JobStatus.FAILED and "its worker could not start" in failed.error
+        assert str(settings.home) in failed.error
+        again = store.create(1, "yolo", "local", "after")  # the project's slot is free for the next job
+        assert again.status is JobStatus.QUEUED
+    finally:
+        runner.close()

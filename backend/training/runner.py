@@ -209,14 +209,23 @@ class LocalRunner:
                 return None
             return self._spawn(job)
 
-    def _spawn(self, job: Job) -> subprocess.Popen:
+    def _spawn(self, job: Job) -> subprocess.Popen | None:
+        """The job's worker, or None when it cannot start (its folder not writable, a full disk, no processes
+        left): then the job fails with the reason, instead of staying queued under a lease renewed for good."""
         path = log_path(self.home, job.id)
-        path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1", "TANDEM_JOB_HOLDER": self.holder,
                "TANDEM_LEASE_SECONDS": str(self.lease_s)}
-        with open(path, "ab") as out:
-            proc = subprocess.Popen([*self.worker_argv, str(job.id)], env=env,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as out:
+                proc = subprocess.Popen([*self.worker_argv, str(job.id)], env=env,
+                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            why = f"its worker could not start: {type(exc).__name__}: {exc} (is {self.home} writable, with room?)"
+            log.error("job %s: %s", job.id, why)
+            self.leases.drop(job.id)
+            self.store.finish(job.id, JobStatus.FAILED, error=why)
+            return None
         with self._lock:
             self._procs[job.id] = proc
         self.store.update(job.id, pid=proc.pid)

@@ -24,6 +24,7 @@ from backend.registry import Registry
 from backend.serving import ModelHolder
 from backend.settings import Settings
 from backend.storage.artifacts import ArtifactStore
+from backend.storage.outage import is_unavailable
 from backend.training.jobs import ActiveJobExists, Job, JobStatus, JobStore
 from backend.training.runner import LocalRunner, reap_abandoned
 
@@ -117,8 +118,15 @@ class TrainingService:
                          reason)
                 return self.store.get(active.id) or active
             return self.trigger(project_id, reason, runner, model_kind, params, automatic)  # it ended meanwhile
-        self.store.reset_corrections(project_id)
-        self.runner.start(job)  # a local process either way; for "modal" it drives the remote H100
+        try:
+            self.store.reset_corrections(project_id)
+            self.runner.start(job)  # a local process either way; for "modal" it drives the remote H100
+        except Exception as exc:  # noqa: BLE001 - only an unavailable database: the job exists, say so
+            if not is_unavailable(exc):
+                raise
+            log.warning("project %s: job %s was created, but the database stopped answering before it started; a "
+                        "runner takes it over once its lease runs out", project_id, job.id)
+            return job
         log.info("project %s: job %s queued (%s, %s runner)", project_id, job.id, reason, runner)
         return job
 
