@@ -92,7 +92,8 @@ def test_a_killed_worker_is_collected_and_failed(tmp_path):
         assert _until(lambda: store.get(job.id).status is JobStatus.FAILED)
         assert "signal 9" in store.get(job.id).error  # at once, by its runner: not a lease later
         assert _until(lambda: not Path(f"/proc/{proc.pid}").exists())  # collected: no zombie left
-        assert store.get(job.id).holder is None and runner.leases.held() == set()  # the lease was given back
+        # the lease is given back right after the failure is recorded (a moment later on a loaded machine)
+        assert _until(lambda: store.get(job.id).holder is None and runner.leases.held() == set())
     finally:
         runner.close()
 
