@@ -25,7 +25,7 @@ def models_list(home: Home = None) -> None:
 
     settings, registry, _ = stores(home)
     defaults = {v.version for v in (registry.current("cnn"), registry.current("vlm")) if v}
-    states = [s for s in ProjectRepo(settings.database_url).all() if s.model or s.second_opinion]
+    states = ProjectRepo(settings.database_url).bound()
     bound: dict[str, list[str]] = {}  # version -> "project N" for each project whose binding names it
     for s in states:
         for spec in (s.model, s.second_opinion):

@@ -25,6 +25,7 @@ Rules, in the order they are checked (SECURITY.md states them for users):
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -224,16 +225,9 @@ class UrlPolicy:
         path = parsed.path
         if path.startswith(base + "/"):
             path = path[len(base):]
-        # the same normalisation a server applies: "//api", "/./api" and "/x/../api" reach the API too
-        parts: list[str] = []
-        for part in path.split("/"):
-            if part in ("", "."):
-                continue
-            if part == "..":
-                parts and parts.pop()
-                continue
-            parts.append(part)
-        if parts and parts[0].lower() == "api":
+        # as a server resolves it: "//api", "/./api" and "/x/../api" reach the API too
+        first = posixpath.normpath("/" + path.lstrip("/")).lstrip("/").split("/")[0]
+        if first.lower() == "api":
             raise MediaError(f"{_short(str(parsed))} is Label Studio's API, not an image: refused (task images are "
                              "under /data/upload/, /data/local-files/, /storage-data/ or cloud storage)")
 

@@ -63,6 +63,13 @@ class ProjectRepo:
             rows = conn.execute(select(T).order_by(T.c.project_id)).mappings().all()
         return [_state(r) for r in rows]
 
+    def bound(self) -> list[ProjectState]:
+        """The projects bound to a model or a second opinion of their own."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(T).where(T.c.model.is_not(None) | T.c.second_opinion.is_not(None))
+                                .order_by(T.c.project_id)).mappings().all()
+        return [_state(r) for r in rows]
+
     def save(self, state: ProjectState) -> ProjectState:
         values = {"project_id": state.project_id, **{f: getattr(state, f) for f in _FIELDS},
                   "label_map": json.dumps(state.label_map), "prompts": json.dumps(state.prompts),

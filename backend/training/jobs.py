@@ -109,6 +109,14 @@ _JSON = ("params", "metrics", "progress")
 _ACTIVE = jobs_table.c.status.in_(ACTIVE_STATUSES)
 
 
+def totals_by_status(per_project: dict[tuple[int, str], int]) -> dict[str, int]:
+    """`counts_by_project`'s counts summed over projects."""
+    totals: dict[str, int] = {}
+    for (_, status), n in per_project.items():
+        totals[status] = totals.get(status, 0) + n
+    return totals
+
+
 def new_holder_id() -> str:
     """Who holds a lease: readable (host and pid) and unique (a pid is reused; a random part is not)."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -212,11 +220,7 @@ class JobStore:
 
     def counts(self, kind: str | None = None) -> dict[str, int]:
         """Jobs per status, of one kind (train | predict) or all."""
-        query = select(jobs_table.c.status, func.count()).group_by(jobs_table.c.status)
-        if kind is not None:
-            query = query.where(jobs_table.c.kind == kind)
-        with self.engine.connect() as conn:
-            return {status: n for status, n in conn.execute(query)}
+        return totals_by_status(self.counts_by_project(kind))
 
     def counts_by_project(self, kind: str | None = None) -> dict[tuple[int, str], int]:
         """Jobs per (project, status), of one kind or all: which project's retrains queue or fail."""
