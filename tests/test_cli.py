@@ -60,8 +60,8 @@ def test_an_unavailable_vlm_fails_at_start_in_seconds(tmp_path):
     assert proc.returncode == 2 and "no such model folder" in proc.stderr
 
 
-def _wait_health(proc, port: int) -> dict:
-    deadline = time.monotonic() + 90
+def _wait_health(proc, port: int, deadline_s: float = 90) -> dict:
+    deadline = time.monotonic() + deadline_s
     while True:
         try:
             return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
@@ -433,3 +433,27 @@ def test_database_advice_fits_the_driver_s_reason():
     assert "its folder exists and is writable" in said("unable to open database file")
     assert "check free disk space" in said("disk I/O error")
     assert "did not answer: connection refused (is it running?" in said("connection refused")
+
+
+def test_a_starter_that_no_longer_loads_is_moved_aside_and_trained_again(tmp_path):
+    """The starter is Tandem's own file: a truncated one (a copy cut short, a full disk) used to stop `tandem
+    serve` with exit 2; it is now kept as `.damaged` and made again from its recipe."""
+    from backend.models.starter import starter_weights_path
+
+    stored = starter_weights_path(tmp_path / "home", "classify")
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(b"\x80\x02 truncated checkpoint")
+    port = free_port()
+    proc = subprocess.Popen([*TANDEM, "serve", "--starter-task", "classify", "--engine", "torch", "--port", str(port)],
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        health = _wait_health(proc, port, deadline_s=600)
+        assert health["ready"] and health["model_version"].startswith("shapes-yolov8n-classify-")
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0]
+    aside = stored.with_name(stored.name + ".damaged")
+    assert aside.read_bytes() == b"\x80\x02 truncated checkpoint"  # kept, not deleted
+    assert stored.stat().st_size > 100_000
+    said = " ".join(out.split())
+    assert f"{stored} does not load" in said and f"moved to {aside.name}" in said, out

@@ -150,6 +150,11 @@ def serve(
                 console.print("Training it once — about 3–5 minutes on 2 CPU cores; later starts reuse it. "
                               "Serve your own weights with --model.")
             weights = str(train_starter_model(settings.home, starter_task))
+            try:
+                adapter = _load_starter(settings, starter_task, Path(weights))
+            except TandemError as exc:
+                console.print(f"[red]error:[/] {exc}")
+                raise typer.Exit(2) from exc
     if adapter is None and weights is not None:
         # Fail at start, in under a second, on a missing file or an offline hub name.
         try:
@@ -181,6 +186,22 @@ def default_pre_annotator(model: str | None, second: str | None, starter_task: s
 
     alone = second and not model and not starter_task
     return "vlm" if alone and (not is_cnn_spec(second) or is_open_vocab(second)) else None
+
+
+def _load_starter(settings, task: str, weights: Path):
+    """The starter is Tandem's own file, made from a recipe: one that no longer loads (a copy cut short, a full
+    disk) is moved aside to `<name>.damaged` and trained again, instead of stopping the server."""
+    from backend.errors import TandemError
+    from backend.models.starter import train_starter_model
+
+    try:
+        return settings.load_cnn(str(weights))
+    except TandemError as exc:
+        aside = weights.with_name(weights.name + ".damaged")
+        weights.replace(aside)
+        console.print(f"[yellow]warning:[/] the starter model {weights} does not load ({exc}); it was moved to "
+                      f"{aside.name} and is trained again — about 3–5 minutes on 2 CPU cores")
+    return settings.load_cnn(str(train_starter_model(settings.home, task)))
 
 
 def _resume_promoted(settings, task: str | None):
