@@ -78,8 +78,11 @@ def test_a_remote_root_gives_urls_fetched_once_into_a_local_cache(tmp_path, memo
     fetched = store.local_path(uri)
     assert fetched.read_bytes() == b"remote-weights" and fetched.is_relative_to(tmp_path / "home" / "cache")
     assert localise(settings, uri) == str(fetched)
+    fetched.write_bytes(b"remote-wei")  # cut short in the cache (a full disk, a copy killed): fetched again
+    assert store.local_path(uri) == fetched and fetched.read_bytes() == b"remote-weights"
     fsspec.filesystem("memory").rm(uri[len("memory://"):])
     assert not exists(uri) and store.local_path(uri) == fetched  # cached: not fetched again
+    assert fetched.read_bytes() == b"remote-weights"  # a store that cannot answer leaves the cached copy in use
     assert localise(settings, str(src)) == str(src) and localise(settings, "yolov8n.pt") == "yolov8n.pt"
 
     folder = tmp_path / "adapter"

@@ -149,6 +149,16 @@ def dataset_digest(root: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def _same_size(fs, path: str, cached: Path) -> bool:
+    """A cached file agrees with the store's size. True when the store cannot be asked (offline, a replica cut
+    off from it): the cached copy is then the only one there is, and it was written whole once."""
+    try:
+        size = fs.size(path)
+    except Exception:  # noqa: BLE001 — any driver's "cannot ask" (network, permissions, gone) means "use the cache"
+        return True
+    return size is None or int(size) == cached.stat().st_size
+
+
 def fetch_dataset(uri: str, cache: Path) -> Path:
     """The dataset archive at `uri` unpacked on this machine (under `cache`, once per address).
 
@@ -211,10 +221,12 @@ def local_path(uri: str, cache_dir: Path) -> Path:
         return local
     name = Path(urlparse(uri).path).name
     target = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24] / name
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     fs, path = fsspec.core.url_to_fs(uri)
+    if target.is_dir() or (target.is_file() and _same_size(fs, path, target)):
+        return target
+    if target.is_file():  # cut short or damaged since it was cached: fetched again, not loaded as it is
+        target.unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + f".part-{os.getpid()}")
     fs.get(path, str(partial), recursive=fs.isdir(path))
     os.replace(partial, target)
