@@ -211,3 +211,38 @@ def test_agreement_check_refuses_a_model_that_sees_other_things():
         check_agreement(ref, [out([]), out([[100, 100, 120, 120]])], ("a",))
     with pytest.raises(ModelLoadError, match="no box"):  # nothing compared is no evidence
         check_agreement([out([])], [out([])], ("a",))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "replaced"])
+def test_a_damaged_cached_export_is_set_aside_and_exported_again(detect_weights, tmp_path, caplog, damage):
+    """A cut-short weights file fails to load; one of the right size but other bytes would load and serve wrong
+    boxes, so its size is checked against the parity report. Either is exported again instead of falling back
+    to PyTorch for good; old leftovers of killed exports are swept when the next export starts."""
+    import os
+    import time
+
+    cache = tmp_path / "ov"
+    first = YoloAdapter(detect_weights, device="cpu", engine="auto", cache_dir=cache)
+    assert first.engine == "openvino"
+    folder = cache / f"{first.version}_openvino_model"
+    assert json.loads((folder / "tandem_parity.json").read_text())["files"]
+    weights = next(folder.glob("*.bin"))
+    data = weights.read_bytes()
+    swap = weights.with_name("swap")  # a new file renamed over it: the first adapter keeps its mapping (a file
+    swap.write_bytes(data[: len(data) // 2] if damage == "truncated" else data + b"\0" * 64)  # rewritten in
+    swap.replace(weights)  # place under a reader kills that process with SIGBUS, as publish() says)
+    old, young = cache / ".v1.abcd.partial", cache / ".v2.efgh.partial"  # a killed export's; one still running
+    for leftover in (old, young):
+        leftover.mkdir()
+        (leftover / "x.bin").write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    with caplog.at_level("WARNING", logger="tandem.models"):
+        again = YoloAdapter(detect_weights, device="cpu", engine="auto", cache_dir=cache)
+    assert again.engine == "openvino", caplog.text
+    assert "does not load" in caplog.text and "exporting it again" in caplog.text
+    assert next(folder.glob("*.bin")).read_bytes() == data  # a whole export again
+    assert len(list(cache.glob(f".{folder.name}.damaged-*"))) == 1  # set aside, not deleted under a reader
+    assert not old.exists() and young.exists()
+    image = [img for img, _ in generate_samples(1, seed=9)]
+    served, reference = again.predict(image)[0], first.predict(image)[0]
+    assert len(served.detections) == len(reference.detections) > 0

@@ -100,6 +100,7 @@ def export_openvino(weights: Path, version: str, task: str, imgsz: int, cache_di
     if (target / MARKER).is_file() or any(target.glob("*.xml")):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(cache_dir)
     work = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".partial", dir=cache_dir))
     try:
         staged = work / f"{version}.pt"
@@ -112,6 +113,39 @@ def export_openvino(weights: Path, version: str, task: str, imgsz: int, cache_di
         return publish(exported, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+class DamagedExport(ModelLoadError):
+    """A cached export whose files are not the ones its parity check saw (cut short, overwritten)."""
+
+
+def sweep_leftovers(cache_dir: Path, max_age_s: float = 3600.0) -> None:
+    """Remove what killed exports left: `.partial` folders and set-aside damaged exports older than `max_age_s`
+    (a live export in another process is younger; nothing is removed that a process may still be writing)."""
+    import time
+
+    now = time.time()
+    for leftover in [*cache_dir.glob("*.partial"), *cache_dir.glob(".*.partial"), *cache_dir.glob(".*.damaged-*")]:
+        try:
+            if leftover.is_dir() and now - leftover.stat().st_mtime > max_age_s:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:  # another process removed it first
+            continue
+
+
+def set_aside(target: Path) -> Path:
+    """Move a damaged export out of the way in one rename, so it is exported again. Not deleted in place: a
+    process serving it has its weights mapped, and `sweep_leftovers` removes it later."""
+    import time
+
+    aside = target.with_name(f".{target.name}.damaged-{os.getpid()}-{int(time.time())}")
+    target.rename(aside)
+    return aside
+
+
+def file_sizes(target: Path) -> dict[str, int]:
+    """The export's model files and their sizes, as its parity report records them."""
+    return {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.suffix in (".xml", ".bin")}
 
 
 def publish(staged: Path, target: Path) -> Path:
@@ -210,6 +244,7 @@ def quantize_openvino(fp32: Path, key: str, files: list[Path], imgsz: int, strid
         quantized = nncf.quantize(model, nncf.Dataset(images, to_input), preset=nncf.QuantizationPreset.MIXED,
                                   subset_size=len(images), ignored_scope=ignored)
         cache_dir.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(cache_dir)
         staged = Path(tempfile.mkdtemp(prefix=f"{key}.", suffix=".partial", dir=cache_dir))
         ov.save_model(quantized, staged / "model.xml", compress_to_fp16=False)
         for extra in fp32.glob("*.yaml"):  # ultralytics' metadata: names, stride, task
@@ -226,13 +261,18 @@ def verify_once(target: Path, reference: Runner, candidate: Runner, imgsz: int, 
     """Run the parity check the first time an export is served; its report is kept beside the model."""
     marker = target / MARKER
     if marker.is_file():
-        return json.loads(marker.read_text())
+        report = json.loads(marker.read_text())
+        seen = report.get("files")  # older reports have none: nothing to compare
+        if seen is not None and seen != file_sizes(target):
+            raise DamagedExport(f"the cached export {target.name} is not the one its parity check passed "
+                                f"(files {file_sizes(target)}, checked {seen})")
+        return report
     images = check_images()  # a callable, so a model checked before reads nothing
     # one image per call: ultralytics pads a batch of mixed sizes to the full square but a single image only
     # to the stride, and a weak model's scores move with the padding, which is not what is being checked
     ref = [reference([image], conf)[0] for image in images]
     got = [candidate([image], conf)[0] for image in images]
-    report = {"imgsz": imgsz, "conf": conf, **check(ref, got)}
+    report = {"imgsz": imgsz, "conf": conf, **check(ref, got), "files": file_sizes(target)}
     partial = marker.with_name(f".{MARKER}.{os.getpid()}.{threading.get_ident()}")
     partial.write_text(json.dumps(report))
     partial.replace(marker)  # whole or not at all: another process may be reading it

@@ -214,7 +214,7 @@ class YoloAdapter:
         cannot be made or fails its check gives way to the fp32 export."""
         import logging
 
-        from backend.models.openvino_engine import export_openvino, verify_once
+        from backend.models.openvino_engine import MARKER, DamagedExport, set_aside
 
         log = logging.getLogger("tandem.models")
         try:
@@ -223,25 +223,40 @@ class YoloAdapter:
             if self.device != "cpu":
                 raise ModelLoadError(f"the OpenVINO engine runs on the CPU, not {self.device}")
             cache = cache_dir or self.path.parent / ".tandem-openvino"
-            target = export_openvino(self.path, self.version, self.task.value, self.imgsz, cache)
-            if calibration is not None:
-                try:
-                    self._run, self.engine = self._int8_runner(target, calibration, cache), "openvino-int8"
-                    return
-                except (ModelLoadError, RuntimeError, OSError) as exc:  # compile or inference errors too
-                    log.warning("serving OpenVINO fp32, not INT8: %s", exc)
-            if self.task is ModelTask.DETECT:
-                run: Runner = self._detector_runner(target)
-            else:
-                from ultralytics import YOLO
-
-                run = partial(self._run_ultralytics, YOLO(str(target), task=self.task.value))
-            verify_once(target, self._run, run, self.imgsz)
-            self._run, self.engine = run, "openvino"
+            try:
+                self._serve_export(cache, calibration, log)
+            except (ModelLoadError, RuntimeError) as exc:
+                target = cache / f"{self.version}_openvino_model"
+                if not (isinstance(exc, DamagedExport) or (target / MARKER).is_file()):
+                    raise  # a fresh export that fails is not a damaged cache: exporting again would fail the same
+                log.warning("the cached OpenVINO export of %s does not load (%s): exporting it again",
+                            self.version, exc)
+                set_aside(target)
+                self._serve_export(cache, calibration, log)
         except (ModelLoadError, ImportError, RuntimeError) as exc:
             if required:
                 raise ModelLoadError(str(exc)) from exc
             log.warning("serving with PyTorch: %s", exc)
+
+    def _serve_export(self, cache: Path, calibration: Path | None, log) -> None:
+        """Export once (cached per version), then serve INT8 (when asked) or fp32 once it passed its check."""
+        from backend.models.openvino_engine import export_openvino, verify_once
+
+        target = export_openvino(self.path, self.version, self.task.value, self.imgsz, cache)
+        if calibration is not None:
+            try:
+                self._run, self.engine = self._int8_runner(target, calibration, cache), "openvino-int8"
+                return
+            except (ModelLoadError, RuntimeError, OSError) as exc:  # compile or inference errors too
+                log.warning("serving OpenVINO fp32, not INT8: %s", exc)
+        if self.task is ModelTask.DETECT:
+            run: Runner = self._detector_runner(target)
+        else:
+            from ultralytics import YOLO
+
+            run = partial(self._run_ultralytics, YOLO(str(target), task=self.task.value))
+        verify_once(target, self._run, run, self.imgsz)
+        self._run, self.engine = run, "openvino"
 
     def _detector_runner(self, target: Path) -> Runner:
         from backend.models.openvino_detector import OpenVinoDetector
