@@ -115,6 +115,12 @@ def test_the_totals_count_each_task_once_with_the_version_shown_when_first_annot
                                                                              .isoformat())}]} for t in TASKS]
     seen, before = seen_edits(gather(in_ls, CFG, rows, 1, learned_at=LEARNED))
     assert sorted((e.task_id, e.model_version) for e in seen) == [(1, OLD), (2, OLD), (4, OLD)] and before == 0
+    # re-predicted after every annotation (a promotion, `tandem predict`): Label Studio's list holds only the new
+    # copies, which say nothing of what was shown then; what Tandem stored before each annotation does
+    again = [{**t, "predictions": [{"model_version": v, "created_at": datetime.fromtimestamp(T0 + 50, UTC)}
+                                   for v in (OLD, TRAINED)]} for t in TASKS]
+    seen, before = seen_edits(gather(again, CFG, rows, 1, learned_at=LEARNED))
+    assert sorted((e.task_id, e.model_version) for e in seen) == [(1, OLD), (2, TRAINED), (4, OLD)] and before == 0
     late = [replace(r, created_at=T0 + 40 + i) for i, r in enumerate(ROWS)]  # all stored after every annotation
     seen, before = seen_edits(gather(TASKS, CFG, late, 1, learned_at=LEARNED))
     assert sorted((e.task_id, e.model_version) for e in seen) == [(1, OLD), (2, OLD), (4, OLD)] and before == 3

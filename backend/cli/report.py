@@ -48,9 +48,10 @@ def seen_edits(evidence) -> tuple[list, int]:
         if ev.human is None or not ev.shown:
             continue
         # what Label Studio had when the person annotated (a prediction only `tandem select` stored was never
-        # shown); where Label Studio's list says nothing, what Tandem stored before then
+        # shown); where Label Studio's list says nothing of then (none, or only predictions made again after the
+        # annotation, which replaced the ones shown), what Tandem stored before then
         had = [v for v in ev.shown if ev.in_label_studio.get(v, float("inf")) <= ev.human_first]
-        earlier = [] if ev.in_label_studio else [v for v in ev.shown if ev.shown_at.get(v, 0.0) <= ev.human_first]
+        earlier = [v for v in ev.shown if ev.shown_at.get(v, 0.0) <= ev.human_first]
         if had:
             version = max(had, key=lambda v: ev.in_label_studio[v])
         elif earlier:
