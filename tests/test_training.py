@@ -276,6 +276,30 @@ def test_models_list_shows_yolo_fitness_and_vlm_loss_side_by_side(tmp_path):
            and line.split()[1].isdigit()}
     assert set(row) == {1, 2, 3}
     assert "p1-job3" in row[1] and "p1-job2" in row[2] and str(other) in row[3] and "cnn" in row[3]
+    assert "weights" not in proc.stdout  # relative names (hub ids) are not looked for on disk
+
+
+def test_models_list_flags_versions_whose_weights_are_gone(tmp_path, detect_weights):
+    """A version whose file was deleted or emptied (a cleaned disk, a full one) is marked, and counted below the
+    table; one whose file is there, and hub names, are not."""
+    settings = Settings(home=tmp_path / "home")
+    registry = Registry(settings.database_url)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    registry.add_candidate("p1-job1", "yolo", "detect", str(detect_weights), None, "s", {})
+    registry.add_candidate("p1-job2", "yolo", "detect", str(tmp_path / "deleted.pt"), None, "s", {})
+    registry.add_candidate("p1-job3", "yolo", "detect", f"file://{empty}", None, "s", {})
+    registry.record_served("yolov8n-hub", "yolov8n", "detect", "yolov8n.pt")
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", "models", "list"], capture_output=True, text=True,
+                          env={**os.environ, "TANDEM_HOME": str(settings.home), "COLUMNS": "400"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = {v: next(x for x in proc.stdout.splitlines() if f" {v} " in x)
+            for v in ("p1-job1", "p1-job2", "p1-job3", "yolov8n-hub")}
+    assert "weights missing" in line["p1-job2"] and "weights empty" in line["p1-job3"]
+    assert "weights" not in line["p1-job1"] and "weights" not in line["yolov8n-hub"]
+    said = " ".join(proc.stdout.split())
+    assert any(f"2 version(s) cannot be served from this machine ({a}, {b})" in said
+               for a, b in (("p1-job2", "p1-job3"), ("p1-job3", "p1-job2")))
 
 
 def test_the_gate_promotes_not_worse_but_never_a_candidate_that_scores_nothing():

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from backend.cli.common import Home, app, console, stdout_console, stores
+from backend.core.text import shortlist
 
 models_app = typer.Typer(help="Model versions: list, promote, rollback; bind a project to its own models.",
                         no_args_is_help=True)
@@ -43,16 +44,24 @@ def models_list(home: Home = None) -> None:
             return f"{metrics['fitness']:.4f}"
         return f"loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
 
+    gone = []
     for v in registry.versions():
         cand, serv = v.metrics.get("candidate", {}), v.metrics.get("serving", {})
         mark = "▶" if v.version in defaults else ("▷" if v.version in bound else "")
         serves = ", ".join([*(["default"] if v.version in defaults else []), *bound.get(v.version, [])])
-        table.add_row(mark, v.version, v.task,
-                      "" if v.project_id is None else str(v.project_id), v.status, serves,
+        damage = weights_damage(v.path)
+        if damage:
+            gone.append(v.version)
+        table.add_row(mark, v.version, v.task, "" if v.project_id is None else str(v.project_id),
+                      v.status + (f" [red]({damage})[/]" if damage else ""), serves,
                       score(cand), score(serv),
                       v.parent or "", v.dataset or "", _t.strftime("%Y-%m-%d %H:%M", _t.localtime(v.created_at)))
     out = stdout_console()
     out.print(table)
+    if gone:
+        out.print(f"[red]{len(gone)} version(s) cannot be served from this machine[/] ({shortlist(gone)}): their "
+                  "weights are missing or empty here; `tandem models promote` and `bind` refuse them, and a "
+                  "server that served one falls back to the promotion before it or its default")
     if not states:
         return
     out.print("▶ the server's default CNN / VLM; ▷ bound to a project (what serves it)")
@@ -68,6 +77,25 @@ def models_list(home: Home = None) -> None:
         bindings.add_row(str(s.project_id), shown(s.model), shown(s.second_opinion),
                          s.pre_annotator or "server default")
     out.print(bindings)
+
+
+def weights_damage(path: str | None) -> str | None:
+    """Why a version's weights cannot load here, where that is cheap to know: an absolute path (what the local
+    artifact store records) that is gone or empty. Hub names and remote URLs are not fetched to find out."""
+    from pathlib import Path
+
+    from backend.storage.artifacts import is_uri
+
+    if not path or (is_uri(path) and not path.startswith("file://")):
+        return None
+    local = Path(path[len("file://"):] if path.startswith("file://") else path)
+    if not local.is_absolute():
+        return None  # a hub name such as yolov8n.pt
+    if not local.exists():
+        return "weights missing"
+    if local.is_file() and local.stat().st_size == 0:
+        return "weights empty"
+    return None
 
 
 def _require_loadable(found, settings) -> None:
