@@ -719,3 +719,35 @@ def test_annotation_webhooks_that_name_no_annotation_are_not_counted(tmp_path, d
             httpx.post(f"{srv.url}/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1031},
                                                    "annotation": {"id": i, "updated_at": "t"}})
         assert [j.reason for j in store.list(1031)] == ["3 new corrections"]
+
+
+def test_a_write_the_disk_refuses_fails_the_job_in_one_line(tmp_path):
+    """torch.save and plain writes cut off by the disk (here a file-size limit, as `ulimit -f` or a full disk)
+    are named in one line with what to do, not a traceback; other errors are not mistaken for them."""
+    import errno
+
+    from backend.training.worker import disk_failure
+
+    code = ("import resource, signal, sys, torch; from pathlib import Path; "
+            "from backend.training.worker import disk_failure; "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "for write in (lambda p: torch.save(torch.zeros(100_000), p), lambda p: Path(p).write_bytes(b'w' * 9000)):\n"
+            "    try:\n"
+            "        write(sys.argv[1])\n"
+            "    except Exception as exc:\n"
+            "        print(disk_failure(exc, Path('/srv/tandem')))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "last.pt")], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.splitlines()
+    assert len(out) == 2 and all("under /srv/tandem (TANDEM_HOME) and retrain" in line for line in out), out
+    assert "writing the model failed" in out[0] and "File too large" in out[1] and "ulimit -f" in out[1]
+    full = OSError(errno.ENOSPC, "No space left on device", "/srv/tandem/jobs/3/best.pt")
+    try:
+        try:
+            raise full
+        except OSError as inner:
+            raise RuntimeError("ultralytics could not save") from inner
+    except RuntimeError as wrapped:
+        line = disk_failure(wrapped, tmp_path)
+    assert line.startswith("No space left on device (/srv/tandem/jobs/3/best.pt): free space under")
+    assert disk_failure(ValueError("bad label"), tmp_path) is None
+    assert disk_failure(OSError(errno.ECONNREFUSED, "Connection refused"), tmp_path) is None

@@ -9,6 +9,7 @@ worse than the serving version by more than the margin.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -383,9 +384,40 @@ def main(argv: list[str] | None = None) -> int:
         JobStore(settings.database_url).finish(job_id, JobStatus.FAILED, error=str(exc))
         return 1
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
-        traceback.print_exc()
-        JobStore(settings.database_url).finish(job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+        line = disk_failure(exc, settings.home)
+        if line:  # a full or read-only disk is the operator's to fix, not a bug: one line, no traceback
+            print(f"error: {line}", flush=True)
+        else:
+            traceback.print_exc()
+        JobStore(settings.database_url).finish(job_id, JobStatus.FAILED, error=line or f"{type(exc).__name__}: {exc}")
         return 1
+
+
+_DISK = {errno.ENOSPC: "free space", errno.EDQUOT: "free space (a quota is full)", errno.EFBIG: "raise the file-size "
+         "limit (ulimit -f)", errno.EROFS: "make it writable", errno.EACCES: "fix its permissions",
+         errno.EPERM: "fix its permissions"}
+
+
+# torch.save's writer reports a refused write only as its own assertion ("file write failed" on a full disk,
+# "unexpected pos" past a file-size limit)
+_TORCH_WRITER = ("file write failed", "inline_container.cc", "PytorchStreamWriter")
+
+
+def disk_failure(exc: BaseException, home: Path) -> str | None:
+    """One line for a write the disk refused (full, read-only, no permission), found anywhere in the chain of
+    causes, torch.save's included. None for anything else (that keeps its traceback)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK:
+            where = f" ({seen.filename})" if seen.filename else ""
+            return (f"{seen.strerror or os.strerror(seen.errno)}{where}: {_DISK[seen.errno]} under {home} "
+                    "(TANDEM_HOME) and retrain; the server keeps serving the model it had")
+        if isinstance(seen, RuntimeError) and any(w in str(seen) for w in _TORCH_WRITER):
+            return (f"writing the model failed ({str(seen).splitlines()[0].strip()[:200]}): check free space and "
+                    f"file-size limits under {home} (TANDEM_HOME) and retrain; the server keeps serving the model "
+                    "it had")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 if __name__ == "__main__":
