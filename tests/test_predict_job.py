@@ -25,6 +25,7 @@ from backend.server.app import create_app
 from backend.serving import ModelHolder
 from backend.settings import Settings
 from backend.storage.predictions import PredictionRepo
+from backend.training.runner import log_path
 from tests.harness import ServerThread, png_bytes, until
 from tests.test_server import RECT
 
@@ -133,6 +134,11 @@ def test_http_job_writes_in_bulk_counts_failures_and_retrieve_answers_from_the_s
     assert f"predict job {last.id} on project {project} started by `tandem predict` in a shell" in logs.stdout
     assert f"predict job {last.id}: succeeded; {n} of {n + 2} tasks have a" in logs.stdout, logs.stdout + logs.stderr
     assert "is corrupt or not an image" in logs.stdout and "[red]" not in logs.stdout  # the failures too, plain
+    # and copied into the artifact store, where a replica with another home reads it (`GET /jobs/N/logs`)
+    from backend.storage.artifacts import ArtifactStore, read_text
+
+    stored = read_text(ArtifactStore.from_settings(settings).uri("jobs", last.id, "log.txt"))
+    assert stored == log_path(settings.home, last.id).read_text() and f"predict job {last.id}: succeeded" in stored
 
 
 def test_killed_job_resumes_and_predicts_no_task_twice(label_studio, detect_weights, tmp_path):

@@ -70,49 +70,56 @@ def predict(
             with open(path, "a") as out:
                 out.write(f"[tandem {time.strftime('%H:%M:%S')}] {Text.from_markup(text).plain}\n")
 
-    with Progress(*columns, console=console, disable=quiet) as bar:
-        bar_ids: list = []  # the bar appears once a job is open: a wrong project draws none
+    try:
+        with Progress(*columns, console=console, disable=quiet) as bar:
+            bar_ids: list = []  # the bar appears once a job is open: a wrong project draws none
 
-        def on_job(record) -> None:
-            opened.append(record.id)
-            bar_ids.append(bar.add_task(f"predict job {record.id} · project {project}", total=None, failed=0))
-            if quiet:
-                console.print(f"predict job {record.id} on project {project}")
-            else:
-                say(f"predict job {record.id} on project {project} started by `tandem predict` in a shell (its "
-                    "progress bar is shown there)")
+            def on_job(record) -> None:
+                opened.append(record.id)
+                bar_ids.append(bar.add_task(f"predict job {record.id} · project {project}", total=None, failed=0))
+                if quiet:
+                    console.print(f"predict job {record.id} on project {project}")
+                else:
+                    say(f"predict job {record.id} on project {project} started by `tandem predict` in a shell (its "
+                        "progress bar is shown there)")
 
-        def on_progress(p) -> None:
-            if bar_ids:
-                bar.update(bar_ids[0], total=p.total or None, completed=p.done + p.failed, failed=p.failed)
+            def on_progress(p) -> None:
+                if bar_ids:
+                    bar.update(bar_ids[0], total=p.total or None, completed=p.done + p.failed, failed=p.failed)
 
-        try:
-            record, result = run_project(settings, project, model=model, options=options, runner=runner, job_id=job,
-                                         on_progress=on_progress, on_job=on_job, handed_by=handed_by,
-                                         engine=engine)
-        except TandemError as exc:
-            say(f"[red]error:[/] {exc}")
-            raise typer.Exit(2) from exc
-        except Exception as exc:  # Label Studio unreachable, wrong key, no such project
-            from backend.labelstudio.errors import describe
+            try:
+                record, result = run_project(settings, project, model=model, options=options, runner=runner, job_id=job,
+                                             on_progress=on_progress, on_job=on_job, handed_by=handed_by,
+                                             engine=engine)
+            except TandemError as exc:
+                say(f"[red]error:[/] {exc}")
+                raise typer.Exit(2) from exc
+            except Exception as exc:  # Label Studio unreachable, wrong key, no such project
+                from backend.labelstudio.errors import describe
 
-            from label_studio_sdk.core.api_error import ApiError
+                from label_studio_sdk.core.api_error import ApiError
 
-            again = ("" if isinstance(exc, ApiError) and exc.status_code in (401, 403, 404) else
-                     "; run it again to continue (what is stored is kept)")
-            say(f"[red]error:[/] predict on project {project} stopped: {describe(exc, settings.label_studio_url)}"
-                f"{again}")
-            raise typer.Exit(1) from exc
-    say(f"predict job {record.id}: {record.status.value}; {result.done} of {result.total} tasks have a "
-        f"{result.model_version} prediction ({result.predicted} predicted now, {result.written} written to "
-        f"Label Studio), {result.failed} failed")
-    if result.unstamped:
-        say(f"{result.unstamped} of them were stored by an older Tandem, before it recorded the thresholds a "
-            "prediction was made under, and are kept as they are: `--redo-unstamped` predicts them again")
-    if result.redone:
-        say(f"{result.redone} of them were stored under other thresholds (TANDEM_CONF, --vlm-threshold): made "
-            "again, replacing their earlier prediction of this version in Label Studio")
-    for tid, why in list(result.failures.items())[:10]:
-        say(f"  [yellow]task {tid}:[/] {why}")
-    if record.status == "cancelled":
-        raise typer.Exit(1)
+                again = ("" if isinstance(exc, ApiError) and exc.status_code in (401, 403, 404) else
+                         "; run it again to continue (what is stored is kept)")
+                say(f"[red]error:[/] predict on project {project} stopped: {describe(exc, settings.label_studio_url)}"
+                    f"{again}")
+                raise typer.Exit(1) from exc
+        say(f"predict job {record.id}: {record.status.value}; {result.done} of {result.total} tasks have a "
+            f"{result.model_version} prediction ({result.predicted} predicted now, {result.written} written to "
+            f"Label Studio), {result.failed} failed")
+        if result.unstamped:
+            say(f"{result.unstamped} of them were stored by an older Tandem, before it recorded the thresholds a "
+                "prediction was made under, and are kept as they are: `--redo-unstamped` predicts them again")
+        if result.redone:
+            say(f"{result.redone} of them were stored under other thresholds (TANDEM_CONF, --vlm-threshold): made "
+                "again, replacing their earlier prediction of this version in Label Studio")
+        for tid, why in list(result.failures.items())[:10]:
+            say(f"  [yellow]task {tid}:[/] {why}")
+        if record.status == "cancelled":
+            raise typer.Exit(1)
+    finally:
+        if not quiet and opened:  # where `tandem jobs logs N` on another replica (another home) reads it
+            from backend.storage.artifacts import ArtifactStore
+            from backend.training.runner import log_path, publish_log
+
+            publish_log(ArtifactStore.from_settings(settings), log_path(settings.home, opened[0]), opened[0])
