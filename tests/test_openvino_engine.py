@@ -170,6 +170,16 @@ def test_int8_engine_is_quantized_checked_and_close_to_pytorch(detect_weights, e
     # a second start reuses the quantized model (same version, same calibration images)
     again = YoloAdapter(detect_weights, device="cpu", engine="int8", cache_dir=cache, calibration=tmp_path / "calib")
     assert again.engine == "openvino-int8" and len([p for p in cache.glob("*_int8-*_openvino_model")]) == 1
+    # its weights cut short (a new file renamed over them; never rewritten under a reader): quantized again,
+    # not served as fp32 from then on
+    weights = next(folder.glob("*.bin"))
+    whole = weights.read_bytes()
+    cut = weights.with_name("cut")
+    cut.write_bytes(whole[: len(whole) // 2])
+    cut.replace(weights)
+    mended = YoloAdapter(detect_weights, device="cpu", engine="int8", cache_dir=cache, calibration=tmp_path / "calib")
+    assert mended.engine == "openvino-int8" and len(next(folder.glob("*.bin")).read_bytes()) == len(whole)
+    assert len(list(cache.glob(f".{folder.name}.damaged-*"))) == 1
 
 
 def test_int8_without_enough_calibration_images_serves_fp32_openvino(detect_weights, tmp_path, caplog):

@@ -119,6 +119,13 @@ class DamagedExport(ModelLoadError):
     """A cached export whose files are not the ones its parity check saw (cut short, overwritten)."""
 
 
+def damaged_cache(exc: BaseException, target: Path) -> bool:
+    """Whether a load failure is the cache's fault: its files differ from what the check saw, or an export that
+    passed its check once (its report is there) no longer loads. A fresh export that fails is not: making it
+    again would fail the same way."""
+    return isinstance(exc, DamagedExport) or (target / MARKER).is_file()
+
+
 def sweep_leftovers(cache_dir: Path, max_age_s: float = 3600.0) -> None:
     """Remove what killed exports left: `.partial` folders and set-aside damaged exports older than `max_age_s`
     (a live export in another process is younger; nothing is removed that a process may still be writing)."""

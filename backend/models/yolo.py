@@ -214,7 +214,7 @@ class YoloAdapter:
         cannot be made or fails its check gives way to the fp32 export."""
         import logging
 
-        from backend.models.openvino_engine import MARKER, DamagedExport, set_aside
+        from backend.models.openvino_engine import damaged_cache, set_aside
 
         log = logging.getLogger("tandem.models")
         try:
@@ -227,7 +227,7 @@ class YoloAdapter:
                 self._serve_export(cache, calibration, log)
             except (ModelLoadError, RuntimeError) as exc:
                 target = cache / f"{self.version}_openvino_model"
-                if not (isinstance(exc, DamagedExport) or (target / MARKER).is_file()):
+                if not damaged_cache(exc, target):
                     raise  # a fresh export that fails is not a damaged cache: exporting again would fail the same
                 log.warning("the cached OpenVINO export of %s does not load (%s): exporting it again",
                             self.version, exc)
@@ -266,26 +266,44 @@ class YoloAdapter:
 
     def _int8_runner(self, fp32: Path, calibration: Path, cache: Path) -> Runner:
         """Quantize once per version and calibration set; checked against PyTorch at the serving threshold."""
+        import logging
+
         from backend.models.openvino_engine import (
             calibration_set,
             check_agreement,
+            damaged_cache,
             load_images,
             parity_images,
             quantize_openvino,
+            set_aside,
             verify_once,
         )
 
         if self.task is not ModelTask.DETECT:
             raise ModelLoadError(f"INT8 is built for detection models, not {self.task.value}")
         cal = calibration_set(calibration, self.imgsz, self.conf)
-        target = quantize_openvino(fp32, f"{self.version}_int8-{cal.digest}", cal.calibrate, self.imgsz,
-                                   int(max(self._model.stride)), len(self._model.model.model) - 1, cache)
-        run = self._detector_runner(target)
-        # checked on the parity images and on the held-out calibration images (the model's own domain)
-        verify_once(target, self._run, run, self.imgsz, conf=self.conf,
-                    check=partial(check_agreement, class_names=self.class_names),
-                    check_images=lambda: parity_images() + load_images(cal.check, self.imgsz))
-        return run
+        key = f"{self.version}_int8-{cal.digest}"
+
+        def quantized() -> Runner:
+            target = quantize_openvino(fp32, key, cal.calibrate, self.imgsz, int(max(self._model.stride)),
+                                       len(self._model.model.model) - 1, cache)
+            run = self._detector_runner(target)
+            # checked on the parity images and on the held-out calibration images (the model's own domain)
+            verify_once(target, self._run, run, self.imgsz, conf=self.conf,
+                        check=partial(check_agreement, class_names=self.class_names),
+                        check_images=lambda: parity_images() + load_images(cal.check, self.imgsz))
+            return run
+
+        try:
+            return quantized()
+        except (ModelLoadError, RuntimeError) as exc:
+            target = cache / f"{key}_openvino_model"
+            if not damaged_cache(exc, target):
+                raise  # a fresh quantization that fails its check would fail the same again
+            logging.getLogger("tandem.models").warning("the cached INT8 model of %s does not load (%s): "
+                                                       "quantizing it again", self.version, exc)
+            set_aside(target)
+            return quantized()
 
     def predict(self, images: list[Image.Image], request: ModelRequest | None = None) -> list[ModelOutput]:
         """Its own task and classes: a request's vocabulary is ignored (the labels are mapped afterwards)."""
