@@ -98,3 +98,32 @@ def test_the_cli_says_the_database_is_down_in_one_line_without_its_password(tmp_
         assert proc.returncode == 2, out
         assert "did not answer" in out and "127.0.0.1:9" in out and "Traceback" not in out
         assert "s3cret-pw" not in out and len(out.strip().splitlines()) <= 4, out
+
+
+def test_a_sqlite_file_made_writable_again_is_written_without_a_restart(tmp_path):
+    """A server started on a file it may not write (restored with the wrong owner, an immutable flag) opens it
+    read-only, and SQLite keeps such connections read-only: once the file is mended, the next write reopens it
+    instead of failing until a restart. chattr +i stands in for the permission (root ignores file modes)."""
+    import shutil
+
+    import backend.storage.db as db
+    from backend.training.jobs import JobStore
+
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed")
+    path = tmp_path / "tandem.sqlite3"
+    url = f"sqlite:///{path}"
+    JobStore(url).counts()  # the schema, made while writable
+    db._engines.pop(db.normalise_url(url)).dispose()  # as a server started afterwards
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not permitted here")
+    try:
+        store = JobStore(url)
+        with pytest.raises(Exception, match="readonly database") as refused:
+            store.create(1, "cnn", "local", "webhook")
+        assert "is not writable: check the permissions" in db.unavailable(refused.value, url)  # what a 503 says
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    job = store.create(1, "cnn", "local", "webhook")  # the same store, the same process: no restart
+    assert store.get(job.id).reason == "webhook"
+    db._engines.pop(db.normalise_url(url)).dispose()

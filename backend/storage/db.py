@@ -125,6 +125,14 @@ def _create(url: str) -> Engine:
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
         cur.close()
 
+    @event.listens_for(engine, "handle_error")
+    def _reopen_when_readonly(context) -> None:
+        # SQLite opens a file it may not write read-only, and such a connection stays so: treated as a lost
+        # connection, the pool is emptied and the next statement opens the file again (writable once the
+        # operator has mended it), instead of refusing writes until a restart
+        if "readonly database" in str(context.original_exception):
+            context.is_disconnect = True
+
     return engine
 
 
