@@ -457,3 +457,23 @@ def test_a_starter_that_no_longer_loads_is_moved_aside_and_trained_again(tmp_pat
     assert stored.stat().st_size > 100_000
     said = " ".join(out.split())
     assert f"{stored} does not load" in said and f"moved to {aside.name}" in said, out
+
+
+def test_a_starter_that_loads_is_kept_when_only_the_engine_fails(tmp_path, classify_weights):
+    """The engine (an OpenVINO that cannot load, an export that fails) is not the file's fault: the
+    starter is not renamed .damaged nor trained again for minutes, and the error is the engine's, at once."""
+    from backend.models.starter import starter_weights_path
+
+    stored = starter_weights_path(tmp_path / "home", "classify")
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(classify_weights.read_bytes())
+    broken = tmp_path / "site" / "openvino"  # an OpenVINO that cannot be imported (a wheel broken for this CPU)
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('openvino is broken here')\n")
+    env = {**_env(tmp_path), "PYTHONPATH": str(broken.parent)}
+    proc = subprocess.run([*TANDEM, "serve", "--starter-task", "classify", "--engine", "openvino", "--port",
+                           str(free_port())], env=env, capture_output=True, text=True, timeout=300)
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 2 and "openvino is broken here" in said, said
+    assert stored.read_bytes() == classify_weights.read_bytes() and not list(stored.parent.glob("*.damaged"))
+    assert "trained again" not in said

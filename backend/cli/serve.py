@@ -197,8 +197,17 @@ def _load_starter(settings, task: str, weights: Path):
     try:
         return settings.load_cnn(str(weights))
     except TandemError as exc:
+        try:  # the engine (an OpenVINO export, a device) may be what failed: the file is judged on its own
+            settings.load_cnn(str(weights), engine="torch", device="cpu")
+        except TandemError:
+            pass
+        else:
+            raise exc from None
         aside = weights.with_name(weights.name + ".damaged")
-        weights.replace(aside)
+        try:
+            weights.replace(aside)
+        except FileNotFoundError:  # another server on this home moved it first, and trains it
+            pass
         console.print(f"[yellow]warning:[/] the starter model {weights} does not load ({exc}); it was moved to "
                       f"{aside.name} and is trained again — about 3–5 minutes on 2 CPU cores")
     return settings.load_cnn(str(train_starter_model(settings.home, task)))
