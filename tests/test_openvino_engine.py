@@ -225,9 +225,10 @@ def test_agreement_check_refuses_a_model_that_sees_other_things():
 
 @pytest.mark.parametrize("damage", ["truncated", "replaced"])
 def test_a_damaged_cached_export_is_set_aside_and_exported_again(detect_weights, tmp_path, caplog, damage):
-    """A cut-short weights file fails to load; one of the right size but other bytes would load and serve wrong
-    boxes, so its size is checked against the parity report. Either is exported again instead of falling back
-    to PyTorch for good; old leftovers of killed exports are swept when the next export starts."""
+    """A cut-short weights file, or one replaced by a file of another size, no longer matches the sizes its
+    parity report recorded. Either is exported again instead of falling back to PyTorch for good. The damaged
+    export is set aside, not deleted under a reader, and kept for an hour even when it was cached long ago;
+    older leftovers of killed exports are swept when the next export starts."""
     import os
     import time
 
@@ -236,6 +237,9 @@ def test_a_damaged_cached_export_is_set_aside_and_exported_again(detect_weights,
     assert first.engine == "openvino"
     folder = cache / f"{first.version}_openvino_model"
     assert json.loads((folder / "tandem_parity.json").read_text())["files"]
+    day_old = time.time() - 86400  # cached yesterday: a rename keeps this time, and the sweep reads it
+    for path in (*folder.iterdir(), folder):
+        os.utime(path, (day_old, day_old))
     weights = next(folder.glob("*.bin"))
     data = weights.read_bytes()
     swap = weights.with_name("swap")  # a new file renamed over it: the first adapter keeps its mapping (a file
@@ -249,7 +253,8 @@ def test_a_damaged_cached_export_is_set_aside_and_exported_again(detect_weights,
     with caplog.at_level("WARNING", logger="tandem.models"):
         again = YoloAdapter(detect_weights, device="cpu", engine="auto", cache_dir=cache)
     assert again.engine == "openvino", caplog.text
-    assert "does not load" in caplog.text and "exporting it again" in caplog.text
+    assert "cannot be used (its files differ from the ones its parity check saw" in caplog.text
+    assert "exporting it again" in caplog.text
     assert next(folder.glob("*.bin")).read_bytes() == data  # a whole export again
     assert len(list(cache.glob(f".{folder.name}.damaged-*"))) == 1  # set aside, not deleted under a reader
     assert not old.exists() and young.exists()

@@ -98,7 +98,7 @@ def export_openvino(weights: Path, version: str, task: str, imgsz: int, cache_di
 
     target = cache_dir / f"{version}_openvino_model"
     if (target / MARKER).is_file() or any(target.glob("*.xml")):
-        return target
+        return require_intact(target)
     cache_dir.mkdir(parents=True, exist_ok=True)
     sweep_leftovers(cache_dir)
     work = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".partial", dir=cache_dir))
@@ -140,14 +140,48 @@ def sweep_leftovers(cache_dir: Path, max_age_s: float = 3600.0) -> None:
             continue
 
 
-def set_aside(target: Path) -> Path:
+def set_aside(target: Path, inode: int | None = None) -> Path | None:
     """Move a damaged export out of the way in one rename, so it is exported again. Not deleted in place: a
-    process serving it has its weights mapped, and `sweep_leftovers` removes it later."""
+    process serving it has its weights mapped; `sweep_leftovers` removes it an hour later. None when another
+    loader got there first: the folder is gone, or is no longer the one that failed (`inode`, read before)."""
+    import threading
     import time
 
-    aside = target.with_name(f".{target.name}.damaged-{os.getpid()}-{int(time.time())}")
-    target.rename(aside)
+    try:
+        if inode is not None and target.stat().st_ino != inode:
+            return None  # already replaced by a fresh export: that one is used
+        aside = target.with_name(f".{target.name}.damaged-{os.getpid()}-{threading.get_ident()}-{time.time_ns()}")
+        target.rename(aside)
+        os.utime(aside)  # a rename keeps the folder's time: the hour before the sweep starts now
+    except OSError:
+        return None
     return aside
+
+
+def require_intact(target: Path) -> Path:
+    """A cached export whose model files are the ones its parity check saw (by size), before anything maps
+    them; raises DamagedExport otherwise. Exports checked by an older release (no sizes recorded) pass."""
+    try:
+        seen = json.loads((target / MARKER).read_text()).get("files")
+    except (OSError, ValueError):
+        return target  # not checked yet: the check runs when it is served
+    if seen is not None and seen != file_sizes(target):
+        raise DamagedExport(f"its files differ from the ones its parity check saw (sizes "
+                            f"{sorted(file_sizes(target).values())}, checked {sorted(seen.values())})")
+    return target
+
+
+def first_line(exc: BaseException) -> str:
+    """OpenVINO's errors run to many lines of C++ source positions: the first says what failed."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def inode_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 def file_sizes(target: Path) -> dict[str, int]:
@@ -227,7 +261,7 @@ def quantize_openvino(fp32: Path, key: str, files: list[Path], imgsz: int, strid
 
     target = cache_dir / f"{key}_openvino_model"
     if any(target.glob("*.xml")):
-        return target
+        return require_intact(target)
     images = load_images(files, imgsz)
     if len(images) < MIN_CALIBRATION_READ:
         raise ModelLoadError(f"INT8 calibration needs at least {MIN_CALIBRATION_READ} readable images besides "
@@ -268,12 +302,7 @@ def verify_once(target: Path, reference: Runner, candidate: Runner, imgsz: int, 
     """Run the parity check the first time an export is served; its report is kept beside the model."""
     marker = target / MARKER
     if marker.is_file():
-        report = json.loads(marker.read_text())
-        seen = report.get("files")  # older reports have none: nothing to compare
-        if seen is not None and seen != file_sizes(target):
-            raise DamagedExport(f"the cached export {target.name} is not the one its parity check passed "
-                                f"(files {file_sizes(target)}, checked {seen})")
-        return report
+        return json.loads(marker.read_text())
     images = check_images()  # a callable, so a model checked before reads nothing
     # one image per call: ultralytics pads a batch of mixed sizes to the full square but a single image only
     # to the stride, and a weak model's scores move with the padding, which is not what is being checked

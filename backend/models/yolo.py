@@ -214,7 +214,7 @@ class YoloAdapter:
         cannot be made or fails its check gives way to the fp32 export."""
         import logging
 
-        from backend.models.openvino_engine import damaged_cache, set_aside
+        from backend.models.openvino_engine import damaged_cache, first_line, inode_of, set_aside
 
         log = logging.getLogger("tandem.models")
         try:
@@ -223,17 +223,18 @@ class YoloAdapter:
             if self.device != "cpu":
                 raise ModelLoadError(f"the OpenVINO engine runs on the CPU, not {self.device}")
             cache = cache_dir or self.path.parent / ".tandem-openvino"
+            target = cache / f"{self.version}_openvino_model"
+            before = inode_of(target)
             try:
                 self._serve_export(cache, calibration, log)
             except (ModelLoadError, RuntimeError) as exc:
-                target = cache / f"{self.version}_openvino_model"
                 if not damaged_cache(exc, target):
                     raise  # a fresh export that fails is not a damaged cache: exporting again would fail the same
-                log.warning("the cached OpenVINO export of %s does not load (%s): exporting it again",
-                            self.version, exc)
-                set_aside(target)
+                log.warning("the cached OpenVINO export of %s cannot be used (%s): exporting it again",
+                            self.version, first_line(exc))
+                set_aside(target, before)
                 self._serve_export(cache, calibration, log)
-        except (ModelLoadError, ImportError, RuntimeError) as exc:
+        except (ModelLoadError, ImportError, RuntimeError, OSError) as exc:
             if required:
                 raise ModelLoadError(str(exc)) from exc
             log.warning("serving with PyTorch: %s", exc)
@@ -272,6 +273,8 @@ class YoloAdapter:
             calibration_set,
             check_agreement,
             damaged_cache,
+            first_line,
+            inode_of,
             load_images,
             parity_images,
             quantize_openvino,
@@ -294,15 +297,16 @@ class YoloAdapter:
                         check_images=lambda: parity_images() + load_images(cal.check, self.imgsz))
             return run
 
+        target = cache / f"{key}_openvino_model"
+        before = inode_of(target)
         try:
             return quantized()
         except (ModelLoadError, RuntimeError) as exc:
-            target = cache / f"{key}_openvino_model"
             if not damaged_cache(exc, target):
                 raise  # a fresh quantization that fails its check would fail the same again
-            logging.getLogger("tandem.models").warning("the cached INT8 model of %s does not load (%s): "
-                                                       "quantizing it again", self.version, exc)
-            set_aside(target)
+            logging.getLogger("tandem.models").warning("the cached INT8 model of %s cannot be used (%s): "
+                                                       "quantizing it again", self.version, first_line(exc))
+            set_aside(target, before)
             return quantized()
 
     def predict(self, images: list[Image.Image], request: ModelRequest | None = None) -> list[ModelOutput]:
