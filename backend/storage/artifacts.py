@@ -149,14 +149,17 @@ def dataset_digest(root: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def _same_size(fs, path: str, cached: Path) -> bool:
-    """A cached file agrees with the store's size. True when the store cannot be asked (offline, a replica cut
-    off from it): the cached copy is then the only one there is, and it was written whole once."""
+def _size_file(target: Path) -> Path:
+    return target.with_name(target.name + ".size")
+
+
+def _whole(cached: Path) -> bool:
+    """A cached file is as long as it was when it was downloaded (its size is kept beside it): one cut short or
+    damaged since is fetched again, not loaded as it is. Files cached by an older release have no size kept."""
     try:
-        size = fs.size(path)
-    except Exception:  # noqa: BLE001 — any driver's "cannot ask" (network, permissions, gone) means "use the cache"
+        return int(_size_file(cached).read_text()) == cached.stat().st_size
+    except (OSError, ValueError):
         return True
-    return size is None or int(size) == cached.stat().st_size
 
 
 def fetch_dataset(uri: str, cache: Path) -> Path:
@@ -221,13 +224,13 @@ def local_path(uri: str, cache_dir: Path) -> Path:
         return local
     name = Path(urlparse(uri).path).name
     target = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24] / name
-    fs, path = fsspec.core.url_to_fs(uri)
-    if target.is_dir() or (target.is_file() and _same_size(fs, path, target)):
-        return target
-    if target.is_file():  # cut short or damaged since it was cached: fetched again, not loaded as it is
-        target.unlink()
+    if target.is_dir() or (target.is_file() and _whole(target)):
+        return target  # no call to the store: a replica cut off from it goes on with what it has
     target.parent.mkdir(parents=True, exist_ok=True)
+    fs, path = fsspec.core.url_to_fs(uri)
     partial = target.with_name(target.name + f".part-{os.getpid()}")
     fs.get(path, str(partial), recursive=fs.isdir(path))
+    if partial.is_file():
+        _size_file(target).write_text(str(partial.stat().st_size))
     os.replace(partial, target)
     return target
