@@ -121,6 +121,11 @@ def test_the_totals_count_each_task_once_with_the_version_shown_when_first_annot
                                    for v in (OLD, TRAINED)]} for t in TASKS]
     seen, before = seen_edits(gather(again, CFG, rows, 1, learned_at=LEARNED))
     assert sorted((e.task_id, e.model_version) for e in seen) == [(1, OLD), (2, TRAINED), (4, OLD)] and before == 0
+    # ... but never a version Label Studio does not list at all (stored by `tandem select` only)
+    only_old = [{**t, "predictions": [{"model_version": OLD, "created_at": datetime.fromtimestamp(T0 + 50, UTC)}]}
+                for t in TASKS]
+    seen, before = seen_edits(gather(only_old, CFG, rows, 1, learned_at=LEARNED))
+    assert sorted((e.task_id, e.model_version) for e in seen) == [(1, OLD), (2, OLD), (4, OLD)] and before == 0
     late = [replace(r, created_at=T0 + 40 + i) for i, r in enumerate(ROWS)]  # all stored after every annotation
     seen, before = seen_edits(gather(TASKS, CFG, late, 1, learned_at=LEARNED))
     assert sorted((e.task_id, e.model_version) for e in seen) == [(1, OLD), (2, OLD), (4, OLD)] and before == 3

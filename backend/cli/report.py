@@ -51,7 +51,8 @@ def seen_edits(evidence) -> tuple[list, int]:
         # shown); where Label Studio's list says nothing of then (none, or only predictions made again after the
         # annotation, which replaced the ones shown), what Tandem stored before then
         had = [v for v in ev.shown if ev.in_label_studio.get(v, float("inf")) <= ev.human_first]
-        earlier = [v for v in ev.shown if ev.shown_at.get(v, 0.0) <= ev.human_first]
+        earlier = [v for v in ev.shown if ev.shown_at.get(v, 0.0) <= ev.human_first
+                   and (not ev.in_label_studio or v in ev.in_label_studio)]  # never one only `select` stored
         if had:
             version = max(had, key=lambda v: ev.in_label_studio[v])
         elif earlier:
