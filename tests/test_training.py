@@ -8,6 +8,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from backend.registry import Registry
 from backend.server.app import create_app
@@ -738,8 +739,10 @@ def test_a_write_the_disk_refuses_fails_the_job_in_one_line(tmp_path):
             "        print(disk_failure(exc, Path('/srv/tandem')))\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "last.pt")], capture_output=True, text=True,
                          timeout=120, check=True).stdout.splitlines()
-    assert len(out) == 2 and all("under /srv/tandem (TANDEM_HOME) and retrain" in line for line in out), out
-    assert "writing the model failed" in out[0] and "File too large" in out[1] and "ulimit -f" in out[1]
+    assert len(out) == 2, out
+    assert "writing the model failed" in out[0] and "under /srv/tandem (TANDEM_HOME) and retrain" in out[0]
+    assert "File too large" in out[1] and "ulimit -f" in out[1] and "under /srv/tandem (TANDEM_HOME)" in out[1]  # a
+    # write() names no file
     full = OSError(errno.ENOSPC, "No space left on device", "/srv/tandem/jobs/3/best.pt")
     try:
         try:
@@ -748,6 +751,37 @@ def test_a_write_the_disk_refuses_fails_the_job_in_one_line(tmp_path):
             raise RuntimeError("ultralytics could not save") from inner
     except RuntimeError as wrapped:
         line = disk_failure(wrapped, tmp_path)
-    assert line.startswith("No space left on device (/srv/tandem/jobs/3/best.pt): free space under")
+    assert line.startswith("No space left on device (/srv/tandem/jobs/3/best.pt): free space under /srv/tandem/jobs/3")
     assert disk_failure(ValueError("bad label"), tmp_path) is None
     assert disk_failure(OSError(errno.ECONNREFUSED, "Connection refused"), tmp_path) is None
+    assert disk_failure(PermissionError(errno.EPERM, "Operation not permitted"), tmp_path) is None  # os.kill's
+    assert disk_failure(RuntimeError("PytorchStreamReader failed reading zip archive"), tmp_path) is None  # a read
+    looped = RuntimeError("a")
+    looped.__context__ = ValueError("b")
+    looped.__context__.__context__ = looped  # a cycle in the chain ends the walk
+    assert disk_failure(looped, tmp_path) is None
+
+
+def test_a_job_whose_folder_cannot_be_written_fails_in_one_line(tmp_path):
+    """Through the worker's own entry point: the job is failed with the one line (no traceback in its log).
+    chattr +i stands in for a folder the job may not write (root ignores file modes)."""
+    import shutil
+
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed")
+    home = tmp_path / "home"
+    store = JobStore(Settings(home=home).database_url)
+    job = store.create(1, "cnn", "local", "webhook")
+    (home / "jobs").mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(home / "jobs")], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not permitted here")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "backend.training.worker", str(job.id)], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "TANDEM_HOME": str(home)})
+    finally:
+        subprocess.run(["chattr", "-i", str(home / "jobs")], check=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert f"error: Operation not permitted ({home / 'jobs' / str(job.id)}): fix its permissions under {home / 'jobs'}" \
+        in proc.stdout
+    done = store.get(job.id)
+    assert done.status is JobStatus.FAILED and done.error.startswith("Operation not permitted (")

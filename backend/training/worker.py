@@ -389,30 +389,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", flush=True)
         else:
             traceback.print_exc()
-        JobStore(settings.database_url).finish(job_id, JobStatus.FAILED, error=line or f"{type(exc).__name__}: {exc}")
+        try:
+            JobStore(settings.database_url).finish(job_id, JobStatus.FAILED,
+                                                   error=line or f"{type(exc).__name__}: {exc}")
+        except Exception as db_exc:  # noqa: BLE001 - the same full disk may refuse the database: the lease expiry
+            print(f"error: the job could not be marked failed ({db_exc}); it is failed when its lease runs out",
+                  flush=True)  # fails it (every runner reaps expired leases)
         return 1
 
 
+# what a refused write means for the operator; EACCES, EPERM and EROFS only with a file named (sockets and
+# signals raise them too)
 _DISK = {errno.ENOSPC: "free space", errno.EDQUOT: "free space (a quota is full)", errno.EFBIG: "raise the file-size "
          "limit (ulimit -f)", errno.EROFS: "make it writable", errno.EACCES: "fix its permissions",
          errno.EPERM: "fix its permissions"}
-
-
+_NEEDS_FILE = {errno.EROFS, errno.EACCES, errno.EPERM}
 # torch.save's writer reports a refused write only as its own assertion ("file write failed" on a full disk,
 # "unexpected pos" past a file-size limit)
-_TORCH_WRITER = ("file write failed", "inline_container.cc", "PytorchStreamWriter")
+_TORCH_WRITER = ("file write failed", "unexpected pos")
 
 
 def disk_failure(exc: BaseException, home: Path) -> str | None:
     """One line for a write the disk refused (full, read-only, no permission), found anywhere in the chain of
-    causes, torch.save's included. None for anything else (that keeps its traceback)."""
+    causes, torch.save's included; it names the folder of the file when there is one, else TANDEM_HOME. None
+    for anything else (that keeps its traceback)."""
     seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _DISK:
-            where = f" ({seen.filename})" if seen.filename else ""
-            return (f"{seen.strerror or os.strerror(seen.errno)}{where}: {_DISK[seen.errno]} under {home} "
-                    "(TANDEM_HOME) and retrain; the server keeps serving the model it had")
-        if isinstance(seen, RuntimeError) and any(w in str(seen) for w in _TORCH_WRITER):
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        if isinstance(seen, OSError) and seen.errno in _DISK and (seen.filename or seen.errno not in _NEEDS_FILE):
+            where = Path(seen.filename).parent if seen.filename else f"{home} (TANDEM_HOME)"
+            named = f" ({seen.filename})" if seen.filename else ""
+            return (f"{seen.strerror or os.strerror(seen.errno)}{named}: {_DISK[seen.errno]} under {where} and "
+                    "retrain; the server keeps serving the model it had")
+        if isinstance(seen, RuntimeError) and "PytorchStreamReader" not in str(seen) \
+                and any(w in str(seen) for w in _TORCH_WRITER):
             return (f"writing the model failed ({str(seen).splitlines()[0].strip()[:200]}): check free space and "
                     f"file-size limits under {home} (TANDEM_HOME) and retrain; the server keeps serving the model "
                     "it had")
