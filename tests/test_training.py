@@ -287,6 +287,12 @@ def test_models_list_flags_versions_whose_weights_are_gone(tmp_path, detect_weig
     registry = Registry(settings.database_url)
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
+    spaced = tmp_path / "my models" / "w.pt"  # a file:// URL percent-encodes the space
+    spaced.parent.mkdir()
+    spaced.write_bytes(detect_weights.read_bytes())
+    (tmp_path / "cleaned-lora").mkdir()  # an adapter folder whose files were deleted
+    registry.add_candidate("p1-job4", "lora", "vlm-generative", str(tmp_path / "cleaned-lora"), None, "s", {})
+    registry.add_candidate("p1-job5", "yolo", "detect", spaced.as_uri(), None, "s", {})
     registry.add_candidate("p1-job1", "yolo", "detect", str(detect_weights), None, "s", {})
     registry.add_candidate("p1-job2", "yolo", "detect", str(tmp_path / "deleted.pt"), None, "s", {})
     registry.add_candidate("p1-job3", "yolo", "detect", f"file://{empty}", None, "s", {})
@@ -295,12 +301,14 @@ def test_models_list_flags_versions_whose_weights_are_gone(tmp_path, detect_weig
                           env={**os.environ, "TANDEM_HOME": str(settings.home), "COLUMNS": "400"}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     line = {v: next(x for x in proc.stdout.splitlines() if f" {v} " in x)
-            for v in ("p1-job1", "p1-job2", "p1-job3", "yolov8n-hub")}
+            for v in ("p1-job1", "p1-job2", "p1-job3", "p1-job4", "p1-job5", "yolov8n-hub")}
     assert "weights missing" in line["p1-job2"] and "weights empty" in line["p1-job3"]
-    assert "weights" not in line["p1-job1"] and "weights" not in line["yolov8n-hub"]
+    assert "weights empty" in line["p1-job4"]
+    assert all("weights" not in line[v] for v in ("p1-job1", "p1-job5", "yolov8n-hub"))
     said = " ".join(proc.stdout.split())
-    assert any(f"2 version(s) cannot be served from this machine ({a}, {b})" in said
-               for a, b in (("p1-job2", "p1-job3"), ("p1-job3", "p1-job2")))
+    assert "3 version(s) cannot be served from this machine (" in said
+    assert all(v in said.split("cannot be served from this machine (")[1].split(")")[0]
+               for v in ("p1-job2", "p1-job3", "p1-job4"))
 
 
 def test_the_gate_promotes_not_worse_but_never_a_candidate_that_scores_nothing():

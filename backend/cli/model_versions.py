@@ -83,17 +83,18 @@ def weights_damage(path: str | None) -> str | None:
     """Why a version's weights cannot load here, where that is cheap to know: an absolute path (what the local
     artifact store records) that is gone or empty. Hub names and remote URLs are not fetched to find out."""
     from pathlib import Path
+    from urllib.parse import unquote, urlparse
 
     from backend.storage.artifacts import is_uri
 
     if not path or (is_uri(path) and not path.startswith("file://")):
         return None
-    local = Path(path[len("file://"):] if path.startswith("file://") else path)
+    local = Path(unquote(urlparse(path).path) if path.startswith("file://") else path)
     if not local.is_absolute():
         return None  # a hub name such as yolov8n.pt
     if not local.exists():
         return "weights missing"
-    if local.is_file() and local.stat().st_size == 0:
+    if (local.is_file() and local.stat().st_size == 0) or (local.is_dir() and not any(local.iterdir())):
         return "weights empty"
     return None
 

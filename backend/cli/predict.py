@@ -119,7 +119,17 @@ def predict(
             raise typer.Exit(1)
     finally:
         if not quiet and opened:  # where `tandem jobs logs N` on another replica (another home) reads it
-            from backend.storage.artifacts import ArtifactStore
-            from backend.training.runner import log_path, publish_log
+            _publish_log(settings, opened[0])
 
-            publish_log(ArtifactStore.from_settings(settings), log_path(settings.home, opened[0]), opened[0])
+
+def _publish_log(settings, job_id: int) -> None:
+    """Copy the job's log into the artifact store; a store that cannot take it costs one yellow line, never the
+    job's own result or error."""
+    from backend.storage.artifacts import ArtifactStore
+    from backend.training.runner import log_path
+
+    try:
+        ArtifactStore.from_settings(settings).put(log_path(settings.home, job_id), "jobs", job_id, "log.txt")
+    except Exception as exc:  # noqa: BLE001 - the log stays in this home; `tandem jobs logs` reads it here
+        console.print(f"[yellow]warning:[/] predict job {job_id}'s log stays in {settings.home} (the artifact store "
+                      f"did not take it: {type(exc).__name__}: {exc})")
