@@ -48,6 +48,17 @@ def test_a_local_root_keeps_plain_paths_and_writes_whole_files(tmp_path):
         store.put(tmp_path / "missing.pt", "models", "x.pt")
 
 
+def test_a_home_with_a_space_keeps_its_artifacts_inside_it(tmp_path):
+    """The local root is kept as a file:// URL, which spells a space %20: read back as it is, the store wrote
+    beside the home, into a new folder literally named "my%20home"."""
+    home = tmp_path / "my home"
+    store = ArtifactStore.from_settings(Settings(home=home))
+    uri = store.write_text("line\n", "jobs", 3, "log.txt")
+    assert uri == str(home.resolve() / "artifacts" / "jobs" / "3" / "log.txt") and read_text(uri) == "line\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my home"]
+    assert localise(Settings(home=home), (home / "w.pt").as_uri()) == str(home / "w.pt")
+
+
 def test_a_copy_that_fails_half_way_leaves_no_partial_file(tmp_path):
     """A full disk (here a file-size limit, as `ulimit -f`) fails the put, and the half copy is removed: the
     store's disk does not stay full of it."""

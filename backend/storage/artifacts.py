@@ -21,7 +21,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import fsspec
 
@@ -34,8 +34,8 @@ def _local(uri: str) -> Path | None:
     """The local path a `file://` URI or a plain path names; None for remote URIs."""
     if not is_uri(uri):
         return Path(uri)
-    parsed = urlparse(uri)
-    return Path(parsed.path) if parsed.scheme in ("file", "local") else None
+    parsed = urlparse(uri)  # a file:// URL percent-encodes what a path spells out ("my%20home" is "my home")
+    return Path(unquote(parsed.path)) if parsed.scheme in ("file", "local") else None
 
 
 def exists(uri: str) -> bool:
