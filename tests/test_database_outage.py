@@ -127,3 +127,39 @@ def test_a_sqlite_file_made_writable_again_is_written_without_a_restart(tmp_path
     job = store.create(1, "cnn", "local", "webhook")  # the same store, the same process: no restart
     assert store.get(job.id).reason == "webhook"
     db._engines.pop(db.normalise_url(url)).dispose()
+
+
+def test_a_server_starts_on_an_sqlite_file_it_may_not_write_and_records_its_model_once_it_can(
+        tmp_path, detect_adapter, caplog):
+    """The served version is registered at start; a read-only file (restored with the wrong owner, an
+    immutable flag) used to stop `tandem serve` there. It serves, says so, and registers the version once the
+    file is mended, without a restart."""
+    import shutil
+
+    from backend.registry import Registry
+
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed")
+    import backend.storage.db as db
+
+    settings = Settings(home=tmp_path / "home")
+    registry = Registry(settings.database_url)
+    assert registry.versions() == []
+    db._engines.pop(db.normalise_url(settings.database_url)).dispose()  # as a server started afterwards
+    db_file = tmp_path / "home" / "tandem.sqlite3"
+    if subprocess.run(["chattr", "+i", str(db_file)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not permitted here")
+    try:
+        with caplog.at_level("WARNING", logger="tandem"):
+            app = create_app(settings, ModelHolder(detect_adapter))
+        assert app is not None
+        said = " ".join(caplog.text.split())
+        assert f"serving {detect_adapter.version}, but the database does not record it yet" in said
+        assert "not writable" in said
+    finally:
+        subprocess.run(["chattr", "-i", str(db_file)], check=True)
+    deadline = time.monotonic() + 30
+    while not registry.versions():
+        assert time.monotonic() < deadline, "the served version was never recorded"
+        time.sleep(0.5)
+    assert [v.version for v in registry.versions()] == [detect_adapter.version]

@@ -5,6 +5,7 @@ operations). Routes live in `backend.server.routers`; what they share is `Server
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -40,6 +41,7 @@ from backend.training.service import TrainingPolicy, TrainingService
 
 log = logging.getLogger("tandem.server")
 DATABASE_SAID_EVERY_S = 60.0
+RECORD_RETRY_S = 10.0  # a served version the database refused to record is tried again this often
 
 def create_app(
     settings: Settings,
@@ -139,12 +141,37 @@ def create_app(
         return JSONResponse({"detail": f"{request.url.path}: {unavailable(exc, settings.database_url)}",
                              "error": "DatabaseUnavailable"}, status_code=503)
 
+    unrecorded: dict[str, tuple[str, str, str, str]] = {}  # version -> its row, while the database refuses it
+
+    def record(version: str, name: str, task: str, path: str) -> None:
+        """Register a served version; a database that refuses the write (down, a read-only file) does not stop
+        the serving: the row is written again every RECORD_RETRY_S until it is taken."""
+        try:
+            registry.record_served(version, name, task, path)
+        except (OperationalError, InterfaceError) as exc:
+            first = not unrecorded
+            if version not in unrecorded:
+                log.warning("serving %s, but the database does not record it yet: %s (tried again every %.0f s)",
+                            version, unavailable(exc, settings.database_url), RECORD_RETRY_S)
+            unrecorded[version] = (version, name, task, path)
+            if first:  # one retrying thread, for as long as anything is left to record
+                threading.Thread(target=retry_records, name="tandem-record-served", daemon=True).start()
+            return
+        if unrecorded.pop(version, None):
+            log.info("the database records %s now", version)
+
+    def retry_records() -> None:
+        while unrecorded:
+            time.sleep(RECORD_RETRY_S)
+            for row in list(unrecorded.values()):
+                record(*row)
+
     def on_loaded(adapter, second: bool = False) -> None:
         path = getattr(adapter, "path", None) or getattr(adapter, "source", "")
         task = registry_task(adapter)
         if second and not task.startswith("vlm:"):  # other YOLO weights as the second opinion: not a CNN version
             task = f"second:{task}"
-        registry.record_served(adapter.version, adapter.name, task, str(path))
+        record(adapter.version, adapter.name, task, str(path))
 
     def check_connected(adapter) -> None:
         """Projects on the default model: say which a newly served default can no longer fill."""
