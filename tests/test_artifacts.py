@@ -272,3 +272,21 @@ def test_a_worker_that_cannot_start_fails_its_job_with_the_reason(tmp_path):
         assert again.status is JobStatus.QUEUED
     finally:
         runner.close()
+
+
+def test_a_store_that_refuses_a_log_is_said_once_per_job_without_a_traceback(tmp_path, caplog):
+    """The log is copied every few seconds while a job runs: a store that refuses it (full, read-only) was a
+    traceback at ERROR each time."""
+    from backend.training.runner import publish_log
+
+    blocked = tmp_path / "root"
+    blocked.write_text("a file where the store's folder should be")
+    store = ArtifactStore(blocked, tmp_path / "cache")
+    log = tmp_path / "log.txt"
+    with caplog.at_level("WARNING", logger="tandem"):
+        for line in range(3):
+            log.write_text(f"epoch {line}\n" * (line + 1))
+            publish_log(store, log, 41, {})
+    said = [r for r in caplog.records if "job 41" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING" and said[0].exc_info is None
+    assert f"its log stays on this host, {log}" in said[0].getMessage()

@@ -103,11 +103,18 @@ def publish_log(artifacts: ArtifactStore, path: Path, job_id: int, published: di
         return
     try:
         artifacts.put(path, "jobs", job_id, "log.txt")
-    except Exception:  # noqa: BLE001 - the log stays on this host; the job itself is unaffected
-        log.exception("job %s: copying its log into the artifact store", job_id)
+    except Exception as exc:  # noqa: BLE001 - the log stays on this host; the job itself is unaffected
+        if job_id not in _refused:  # one line per job, not a traceback every few seconds
+            _refused.add(job_id)
+            log.warning("job %s: its log stays on this host, %s (the artifact store did not take it: %s: %s)",
+                        job_id, path, type(exc).__name__, exc)
         return
+    _refused.discard(job_id)
     if published is not None:
         published[job_id] = size
+
+
+_refused: set[int] = set()  # jobs whose log the store refused, said once each
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
