@@ -261,3 +261,34 @@ def test_a_damaged_cached_export_is_set_aside_and_exported_again(detect_weights,
     image = [img for img, _ in generate_samples(1, seed=9)]
     served, reference = again.predict(image)[0], first.predict(image)[0]
     assert len(served.detections) == len(reference.detections) > 0
+
+
+def test_a_cached_classify_export_with_an_openvino_that_cannot_load_is_served_by_pytorch(classify_weights,
+                                                                                           tmp_path):
+    """Ultralytics loads a classify (or segment) export lazily, on the first predict: with the export cached
+    and OpenVINO broken (a wheel that does not import on this CPU), the server used to report ready on the
+    OpenVINO engine and answer every request with a 500."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "ov"
+    assert YoloAdapter(classify_weights, device="cpu", engine="auto", cache_dir=cache).engine == "openvino"
+    broken = tmp_path / "site" / "openvino"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('openvino is broken here')\n")
+    code = ("import sys; from pathlib import Path; from PIL import Image; from backend.models.yolo import YoloAdapter\n"
+            "for engine in ('auto', 'openvino'):\n"
+            "    try:\n"
+            "        a = YoloAdapter(sys.argv[1], device='cpu', engine=engine, cache_dir=Path(sys.argv[2]))\n"
+            "        out = a.predict([Image.new('RGB', (64, 64), 'red')])[0]\n"
+            "        print(engine, a.engine, len(out.probabilities))\n"
+            "    except Exception as exc:\n"
+            "        print(engine, 'refused:', exc)\n")
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", code, str(classify_weights), str(cache)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(broken.parent)})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("auto ", "openvino "))]
+    assert lines[0].startswith("auto torch ") and int(lines[0].split()[-1]) > 1, proc.stdout + proc.stderr
+    assert lines[1].startswith("openvino refused: ") and "openvino is broken here" in lines[1]
+    assert "OpenVINO" in lines[1]  # named, whichever step failed

@@ -236,7 +236,8 @@ class YoloAdapter:
                 self._serve_export(cache, calibration, log)
         except (ModelLoadError, ImportError, RuntimeError, OSError) as exc:
             if required:
-                raise ModelLoadError(str(exc)) from exc
+                said = str(exc) if "OpenVINO" in str(exc) else f"the OpenVINO engine cannot be used: {exc}"
+                raise ModelLoadError(said) from exc
             log.warning("serving with PyTorch: %s", exc)
 
     def _serve_export(self, cache: Path, calibration: Path | None, log) -> None:
@@ -256,6 +257,9 @@ class YoloAdapter:
             from ultralytics import YOLO
 
             run = partial(self._run_ultralytics, YOLO(str(target), task=self.task.value))
+            # ultralytics loads an export on its first predict: an OpenVINO that cannot load fails here, at the
+            # start (served by PyTorch instead), not in every request afterwards
+            run([np.zeros((32, 32, 3), np.uint8)], 0.99)
         verify_once(target, self._run, run, self.imgsz)
         self._run, self.engine = run, "openvino"
 
