@@ -66,7 +66,8 @@ _ADVICE = (
     (("unable to open database file",), "cannot be opened: check that its folder exists and is writable (SQLite "
                                         "also writes -wal and -shm files beside it)"),
     (("disk i/o error", "disk is full", "no space left", "file too large"),
-     "a write failed: check free disk space and file-size limits"),
+     "refusing writes: check free disk space, file-size limits, and that the file (and its -wal and -shm "
+     "files beside it) may be written"),
 )
 
 
