@@ -295,6 +295,8 @@ def test_models_bind_says_when_the_project_never_connected(tmp_path, detect_weig
     assert proc.returncode == 0, proc.stderr
     assert "project 99 has not connected to a server with this database yet" in proc.stderr
     assert f"project 99 bound: model={detect_weights.resolve()}" in proc.stderr
+    # the file was checked with PyTorch: no OpenVINO export (its cache, its screens of output) just to check it
+    assert not (tmp_path / "home" / "cache" / "openvino").exists() and "OpenVINO" not in proc.stdout + proc.stderr
     ProjectRepo(Settings(home=tmp_path / "home").database_url).update(  # as /setup records it
         7, label_config="<View/>", label_map={"square": "Würfel, rot"})
     proc = subprocess.run([*TANDEM, "models", "bind", "--project", "7", "--pre-annotator", "cnn"], capture_output=True,
