@@ -253,7 +253,7 @@ def test_a_damaged_cached_export_is_set_aside_and_exported_again(detect_weights,
     with caplog.at_level("WARNING", logger="tandem.models"):
         again = YoloAdapter(detect_weights, device="cpu", engine="auto", cache_dir=cache)
     assert again.engine == "openvino", caplog.text
-    assert "cannot be used (its files differ from the ones its parity check saw" in caplog.text
+    assert "cannot be used (its files differ from the ones its parity check saw: sizes [" in caplog.text
     assert "exporting it again" in caplog.text
     assert next(folder.glob("*.bin")).read_bytes() == data  # a whole export again
     assert len(list(cache.glob(f".{folder.name}.damaged-*"))) == 1  # set aside, not deleted under a reader
@@ -292,3 +292,14 @@ def test_a_cached_classify_export_with_an_openvino_that_cannot_load_is_served_by
     assert lines[0].startswith("auto torch ") and int(lines[0].split()[-1]) > 1, proc.stdout + proc.stderr
     assert lines[1].startswith("openvino refused: ") and "openvino is broken here" in lines[1]
     assert "OpenVINO" in lines[1]  # named, whichever step failed
+
+
+def test_openvino_errors_are_said_by_their_first_meaningful_line():
+    from backend.models.openvino_engine import first_line
+
+    raw = RuntimeError("Exception from src/inference/src/cpp/core.cpp:84:\n"
+                       "Check 'is_valid_weights_range(size, offset)' failed at src/core/xml_util.cpp:900:\n"
+                       "Incorrect weights in bin file!\n")
+    assert first_line(raw) == "Check 'is_valid_weights_range(size, offset)' failed at src/core/xml_util.cpp:900:"
+    assert first_line(RuntimeError("Exception from src/x.cpp:1:")) == "Exception from src/x.cpp:1:"
+    assert first_line(RuntimeError("")) == "RuntimeError" and first_line(ValueError("x" * 500)).endswith("…")

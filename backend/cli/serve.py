@@ -147,8 +147,8 @@ def serve(
             console.print(f"[bold]No --model given:[/] using the starter YOLOv8n {starter_task} model in "
                           f"{settings.home} (generated shapes {', '.join(recipe.classes)}, {recipe.imgsz} px)")
             if not stored.is_file():
-                console.print("Training it once — about 3–5 minutes on 2 CPU cores; later starts reuse it. "
-                              "Serve your own weights with --model.")
+                console.print(f"Training it once — {TRAINING_TIME[starter_task]} on 2 CPU cores; later starts reuse "
+                              "it. Serve your own weights with --model.")
             weights = str(train_starter_model(settings.home, starter_task))
             try:
                 adapter = _load_starter(settings, starter_task, Path(weights))
@@ -188,6 +188,9 @@ def default_pre_annotator(model: str | None, second: str | None, starter_task: s
     return "vlm" if alone and (not is_cnn_spec(second) or is_open_vocab(second)) else None
 
 
+TRAINING_TIME = {"detect": "about 3–5 minutes", "segment": "about 4–7 minutes", "classify": "under a minute"}
+
+
 def _load_starter(settings, task: str, weights: Path):
     """The starter is Tandem's own file, made from a recipe: one that no longer loads (a copy cut short, a full
     disk) is moved aside to `<name>.damaged` and trained again, instead of stopping the server."""
@@ -208,8 +211,9 @@ def _load_starter(settings, task: str, weights: Path):
             weights.replace(aside)
         except FileNotFoundError:  # another server on this home moved it first, and trains it
             pass
-        console.print(f"[yellow]warning:[/] the starter model {weights} does not load ({exc}); it was moved to "
-                      f"{aside.name} and is trained again — about 3–5 minutes on 2 CPU cores")
+        why = str(exc).removeprefix(f"cannot load YOLO weights {weights}: ").splitlines()[0].split(" (")[0][:160]
+        console.print(f"[yellow]warning:[/] the starter model {weights} does not load ({why}); it is kept as "
+                      f"{aside.name} and trained again — {TRAINING_TIME[task]} on 2 CPU cores")
     return settings.load_cnn(str(train_starter_model(settings.home, task)))
 
 

@@ -166,15 +166,17 @@ def require_intact(target: Path) -> Path:
     except (OSError, ValueError):
         return target  # not checked yet: the check runs when it is served
     if seen is not None and seen != file_sizes(target):
-        raise DamagedExport(f"its files differ from the ones its parity check saw (sizes "
-                            f"{sorted(file_sizes(target).values())}, checked {sorted(seen.values())})")
+        raise DamagedExport(f"its files differ from the ones its parity check saw: sizes "
+                            f"{sorted(file_sizes(target).values())}, checked {sorted(seen.values())}")
     return target
 
 
-def first_line(exc: BaseException) -> str:
-    """OpenVINO's errors run to many lines of C++ source positions: the first says what failed."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """OpenVINO's errors run to many lines of C++ source positions ("Exception from src/…/core.cpp:84:"):
+    the first line that is not one says what failed."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    said = next((ln for ln in lines if not ln.startswith("Exception from ")), lines[0] if lines else "")
+    return (said[:limit] + "…" if len(said) > limit else said) or type(exc).__name__
 
 
 def inode_of(path: Path) -> int | None:
