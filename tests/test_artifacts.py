@@ -8,7 +8,9 @@ hot-swaps them; it reads the log of a job another replica ran.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -267,11 +269,15 @@ def test_a_worker_that_cannot_start_fails_its_job_with_the_reason(tmp_path):
         assert runner.start(job) is None
         failed = store.get(job.id)
         assert failed.status is JobStatus.FAILED and "its worker could not start" in failed.error
-        assert str(settings.home) in failed.error
+        assert f"(is {settings.home / 'jobs'} writable, with room?)" in failed.error  # the folder that refused
         again = store.create(1, "yolo", "local", "after")  # the project's slot is free for the next job
         assert again.status is JobStatus.QUEUED
     finally:
         runner.close()
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", "train", "--project", "2"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "TANDEM_HOME": str(settings.home)})
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0 and "could not start (local)" in said and "started (local)" not in said, said
 
 
 def test_a_store_that_refuses_a_log_is_said_once_per_job_without_a_traceback(tmp_path, caplog):

@@ -71,7 +71,7 @@ def train(
 
 
 def _start_here(settings, store, project: int, runner: str, model: str, params: dict) -> tuple[int, JobReader]:
-    from backend.training.jobs import ActiveJobExists
+    from backend.training.jobs import ActiveJobExists, JobStatus
     from backend.training.runner import LocalRunner, log_path
 
     active = store.active(project, kind="train")
@@ -104,7 +104,11 @@ def _start_here(settings, store, project: int, runner: str, model: str, params: 
                                lease_s=local.lease_s)
             job_id = job.id
             local.start(job)
-            console.print(f"job {job_id} started ({runner})")
+            failed = store.get(job_id)
+            if failed is not None and failed.status is JobStatus.FAILED:  # its worker could not start: said below
+                console.print(f"job {job_id} could not start ({runner})")
+            else:
+                console.print(f"job {job_id} started ({runner})")
         except ActiveJobExists as exists:  # another process created one since the look above
             console.print(f"project {project} already has job {exists.active.id} ({exists.active.status.value})")
             job_id = exists.active.id

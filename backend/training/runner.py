@@ -228,7 +228,7 @@ class LocalRunner:
                 proc = subprocess.Popen([*self.worker_argv, str(job.id)], env=env,
                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
-            why = f"its worker could not start: {type(exc).__name__}: {exc} (is {self.home} writable, with room?)"
+            why = f"its worker could not start: {type(exc).__name__}: {exc} (is {path.parent.parent} writable, with room?)"
             log.error("job %s: %s", job.id, why)
             self.leases.drop(job.id)
             self.store.finish(job.id, JobStatus.FAILED, error=why)
