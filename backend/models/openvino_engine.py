@@ -17,6 +17,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from backend.models.base import ModelOutput
 
 Runner = Callable[[list[np.ndarray], float], list[ModelOutput]]  # RGB uint8 images, confidence -> outputs
 MARKER = "tandem_parity.json"
+T = TypeVar("T")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MIN_CALIBRATION = 16
 MIN_CALIBRATION_READ = MIN_CALIBRATION * 3 // 4  # readable, besides the quarter held out for the check
@@ -124,6 +126,24 @@ def damaged_cache(exc: BaseException, target: Path) -> bool:
     passed its check once (its report is there) no longer loads. A fresh export that fails is not: making it
     again would fail the same way."""
     return isinstance(exc, DamagedExport) or (target / MARKER).is_file()
+
+
+def remade_once(make: Callable[[], T], target: Path, what: str, again: str) -> T:
+    """`make()` (an export or quantization into `target`, and serving it); when it fails because the cached copy
+    is damaged, that copy is set aside and `make()` runs once more. The inode is read first, so a copy another
+    loader has already made again is not set aside a second time."""
+    import logging
+
+    before = inode_of(target)
+    try:
+        return make()
+    except (ModelLoadError, RuntimeError) as exc:
+        if not damaged_cache(exc, target):
+            raise  # a fresh export that fails is not a damaged cache: making it again would fail the same way
+        logging.getLogger("tandem.models").warning("the cached %s cannot be used (%s): %s", what, first_line(exc),
+                                                   again)
+        set_aside(target, before)
+        return make()
 
 
 def sweep_leftovers(cache_dir: Path, max_age_s: float = 3600.0) -> None:

@@ -214,7 +214,7 @@ class YoloAdapter:
         cannot be made or fails its check gives way to the fp32 export."""
         import logging
 
-        from backend.models.openvino_engine import damaged_cache, first_line, inode_of, set_aside
+        from backend.models.openvino_engine import remade_once
 
         log = logging.getLogger("tandem.models")
         try:
@@ -223,17 +223,8 @@ class YoloAdapter:
             if self.device != "cpu":
                 raise ModelLoadError(f"the OpenVINO engine runs on the CPU, not {self.device}")
             cache = cache_dir or self.path.parent / ".tandem-openvino"
-            target = cache / f"{self.version}_openvino_model"
-            before = inode_of(target)
-            try:
-                self._serve_export(cache, calibration, log)
-            except (ModelLoadError, RuntimeError) as exc:
-                if not damaged_cache(exc, target):
-                    raise  # a fresh export that fails is not a damaged cache: exporting again would fail the same
-                log.warning("the cached OpenVINO export of %s cannot be used (%s): exporting it again",
-                            self.version, first_line(exc))
-                set_aside(target, before)
-                self._serve_export(cache, calibration, log)
+            remade_once(lambda: self._serve_export(cache, calibration, log), cache / f"{self.version}_openvino_model",
+                        f"OpenVINO export of {self.version}", "exporting it again")
         except (ModelLoadError, ImportError, RuntimeError, OSError) as exc:
             if required:
                 said = str(exc) if "OpenVINO" in str(exc) else f"the OpenVINO engine cannot be used: {exc}"
@@ -271,18 +262,13 @@ class YoloAdapter:
 
     def _int8_runner(self, fp32: Path, calibration: Path, cache: Path) -> Runner:
         """Quantize once per version and calibration set; checked against PyTorch at the serving threshold."""
-        import logging
-
         from backend.models.openvino_engine import (
             calibration_set,
             check_agreement,
-            damaged_cache,
-            first_line,
-            inode_of,
             load_images,
             parity_images,
             quantize_openvino,
-            set_aside,
+            remade_once,
             verify_once,
         )
 
@@ -301,17 +287,8 @@ class YoloAdapter:
                         check_images=lambda: parity_images() + load_images(cal.check, self.imgsz))
             return run
 
-        target = cache / f"{key}_openvino_model"
-        before = inode_of(target)
-        try:
-            return quantized()
-        except (ModelLoadError, RuntimeError) as exc:
-            if not damaged_cache(exc, target):
-                raise  # a fresh quantization that fails its check would fail the same again
-            logging.getLogger("tandem.models").warning("the cached INT8 model of %s cannot be used (%s): "
-                                                       "quantizing it again", self.version, first_line(exc))
-            set_aside(target, before)
-            return quantized()
+        return remade_once(quantized, cache / f"{key}_openvino_model", f"INT8 model of {self.version}",
+                           "quantizing it again")
 
     def predict(self, images: list[Image.Image], request: ModelRequest | None = None) -> list[ModelOutput]:
         """Its own task and classes: a request's vocabulary is ignored (the labels are mapped afterwards)."""
