@@ -82,15 +82,10 @@ def models_list(home: Home = None) -> None:
 def weights_damage(path: str | None) -> str | None:
     """Why a version's weights cannot load here, where that is cheap to know: an absolute path (what the local
     artifact store records) that is gone or empty. Hub names and remote URLs are not fetched to find out."""
-    from pathlib import Path
-    from urllib.parse import unquote, urlparse
+    from backend.storage.artifacts import local_file
 
-    from backend.storage.artifacts import is_uri
-
-    if not path or (is_uri(path) and not path.startswith("file://")):
-        return None
-    local = Path(unquote(urlparse(path).path) if path.startswith("file://") else path)
-    if not local.is_absolute():
+    local = local_file(path) if path else None  # None for remote URLs
+    if local is None or not local.is_absolute():
         return None  # a hub name such as yolov8n.pt
     if not local.exists():
         return "weights missing"

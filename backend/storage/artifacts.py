@@ -30,7 +30,7 @@ def is_uri(value: str) -> bool:
     return "://" in str(value)
 
 
-def _local(uri: str) -> Path | None:
+def local_file(uri: str) -> Path | None:
     """The local path a `file://` URI or a plain path names; None for remote URIs."""
     if not is_uri(uri):
         return Path(uri)
@@ -39,7 +39,7 @@ def _local(uri: str) -> Path | None:
 
 
 def exists(uri: str) -> bool:
-    local = _local(uri)
+    local = local_file(uri)
     if local is not None:
         return local.exists()
     fs, path = fsspec.core.url_to_fs(uri)
@@ -61,7 +61,7 @@ class ArtifactStore:
     @property
     def local_root(self) -> Path | None:
         """The root folder where it is on this machine's file system (None for remote roots)."""
-        return _local(self.root)
+        return local_file(self.root)
 
     def uri(self, *parts: str | int) -> str:
         """The address of an artifact under the root: `uri("jobs", 7, "log.txt")` (a plain path if local)."""
@@ -77,7 +77,7 @@ class ArtifactStore:
         uri, local = self.uri(*parts), Path(local)
         if not local.exists():
             raise FileNotFoundError(f"no file to store as an artifact: {local}")
-        target = _local(uri)
+        target = local_file(uri)
         if target is not None:
             if target.resolve() == local.resolve():
                 return uri
@@ -103,7 +103,7 @@ class ArtifactStore:
 
     def write_text(self, text: str, *parts: str | int) -> str:
         uri = self.uri(*parts)
-        target = _local(uri)
+        target = local_file(uri)
         if target is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
@@ -192,7 +192,7 @@ def fetch_dataset(uri: str, cache: Path) -> Path:
 
 
 def open_uri(uri: str, mode: str = "rb"):
-    local = _local(uri)
+    local = local_file(uri)
     if local is not None:
         return open(local, mode)
     return fsspec.open(uri, mode).open()
@@ -212,14 +212,14 @@ def cache_dir(settings) -> Path:
 def localise(settings, spec: str) -> str:
     """A weights spec as a loader takes it: an artifact URL is fetched into this machine's cache; a local path,
     a hub id or a registry version is returned as it is."""
-    if not is_uri(spec) or _local(spec) is not None:
-        return str(_local(spec)) if is_uri(spec) else spec
+    if not is_uri(spec) or local_file(spec) is not None:
+        return str(local_file(spec)) if is_uri(spec) else spec
     return str(local_path(spec, cache_dir(settings)))
 
 
 def local_path(uri: str, cache_dir: Path) -> Path:
     """A file on this machine holding the artifact (the file itself where it is local)."""
-    local = _local(uri)
+    local = local_file(uri)
     if local is not None:
         return local
     name = Path(urlparse(uri).path).name
