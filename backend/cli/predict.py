@@ -123,13 +123,15 @@ def predict(
 
 
 def _publish_log(settings, job_id: int) -> None:
-    """Copy the job's log into the artifact store; a store that cannot take it costs one yellow line, never the
-    job's own result or error."""
+    """Copy the job's log into the artifact store, as the server's runner does; a store that cannot take it
+    (or cannot be opened) costs one line, never the job's own result or error."""
     from backend.storage.artifacts import ArtifactStore
-    from backend.training.runner import log_path
+    from backend.training.runner import log_path, publish_log
 
     try:
-        ArtifactStore.from_settings(settings).put(log_path(settings.home, job_id), "jobs", job_id, "log.txt")
-    except Exception as exc:  # noqa: BLE001 - the log stays in this home; `tandem jobs logs` reads it here
+        store = ArtifactStore.from_settings(settings)
+    except Exception as exc:  # noqa: BLE001 - a root no driver can open: the log stays in this home
         console.print(f"[yellow]warning:[/] predict job {job_id}'s log stays in {settings.home} (the artifact store "
-                      f"did not take it: {type(exc).__name__}: {exc})")
+                      f"cannot be opened: {type(exc).__name__}: {exc})")
+        return
+    publish_log(store, log_path(settings.home, job_id), job_id)
