@@ -34,6 +34,7 @@ from backend.server.state import ServerState
 from backend.serving import ModelHolder
 from backend.settings import Settings
 from backend.storage.db import unavailable
+from backend.storage.outage import OutageLog
 from backend.storage.predictions import PredictionRepo
 from backend.storage.projects import ProjectRepo
 from backend.storage.scores import ScoreRepo
@@ -142,23 +143,24 @@ def create_app(
                              "error": "DatabaseUnavailable"}, status_code=503)
 
     unrecorded: dict[str, tuple[str, str, str, str]] = {}  # version -> its row, while the database refuses it
+    outages: dict[str, OutageLog] = {}  # per version: said once when refused, once when recorded
 
     def record(version: str, name: str, task: str, path: str) -> None:
         """Register a served version; a database that refuses the write (down, a read-only file) does not stop
         the serving: the row is written again every RECORD_RETRY_S until it is taken."""
+        said = outages.setdefault(version, OutageLog(log, f"serving {version}, but the database does not record "
+                                                          "it yet", f"tried again every {RECORD_RETRY_S:.0f} s"))
         try:
             registry.record_served(version, name, task, path)
         except (OperationalError, InterfaceError) as exc:
             first = not unrecorded
-            if version not in unrecorded:
-                log.warning("serving %s, but the database does not record it yet: %s (tried again every %.0f s)",
-                            version, unavailable(exc, settings.database_url), RECORD_RETRY_S)
+            said.failed(exc)
             unrecorded[version] = (version, name, task, path)
             if first:  # one retrying thread, for as long as anything is left to record
                 threading.Thread(target=retry_records, name="tandem-record-served", daemon=True).start()
             return
-        if unrecorded.pop(version, None):
-            log.info("the database records %s now", version)
+        unrecorded.pop(version, None)
+        said.ok()
 
     def retry_records() -> None:
         while unrecorded:
